@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test lint demo tiny-chat bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned here (not in the package) to the release whose CPU build installs quickly.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/safegeom demo --out runs/demo
+
+tiny-chat: $(STAMP)
+	$(PY) -m safegeom.train.tinychat.build --out safegeom/assets/tiny-chat
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_capture.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

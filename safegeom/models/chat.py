@@ -1,0 +1,184 @@
+"""Chat formatting and exact token positions.
+
+Prompts are rendered with the tokenizer's own chat template (optional system prompt, generation
+prompt on) and tokenized as transformers' ``apply_chat_template(tokenize=True)`` does: without
+adding special tokens, since the template writes them. For every prompt we then know:
+
+- ``t_inst``: the last token of the user's instruction, found from the instruction's character
+  span in the rendered text and the tokenizer's offset mapping (a token that straddles the end of
+  the instruction counts as instruction);
+- ``t_post``: the template tokens after the instruction, through the last prompt token;
+- ``last``: the last prompt token.
+
+Batches are left-padded; position ids are recomputed from the attention mask, so a prompt gives
+the same activations alone and inside a padded batch (also for absolute position embeddings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+__all__ = ["ChatBatch", "EncodedPrompt", "collate_left", "encode_prompts", "render_prompts"]
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """One tokenized chat prompt, unpadded."""
+
+    input_ids: tuple[int, ...]
+    t_inst: int
+    """Index of the last instruction token."""
+    inst_start: int
+    """Index of the first instruction token."""
+
+    @property
+    def n_post(self) -> int:
+        """Number of template tokens after the instruction (the ``t_post`` tokens)."""
+        return len(self.input_ids) - 1 - self.t_inst
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class ChatBatch:
+    """A left-padded batch of encoded prompts, with positions in padded coordinates."""
+
+    input_ids: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    position_ids: Int[Tensor, "batch seq"]
+    t_inst: Int[Tensor, " batch"]
+    """Padded index of each prompt's last instruction token."""
+    lengths: Int[Tensor, " batch"]
+    """Unpadded length of each prompt."""
+
+    @property
+    def seq_len(self) -> int:
+        """Padded sequence length."""
+        return int(self.input_ids.shape[1])
+
+    def to(self, device: torch.device | str) -> ChatBatch:
+        """Return the batch on ``device``."""
+        return ChatBatch(*(t.to(device) for t in self.as_tuple()))
+
+    def as_tuple(self) -> tuple[Tensor, ...]:
+        """The tensors, in field order."""
+        return (self.input_ids, self.attention_mask, self.position_ids, self.t_inst, self.lengths)
+
+
+def _template(tokenizer, chat_template: str | None) -> str:
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        name = getattr(tokenizer, "name_or_path", "this tokenizer")
+        raise ValueError(
+            f"{name} has no chat template; pass chat_template=... (--chat-template FILE on the "
+            "command line)"
+        )
+    return template
+
+
+def _messages(instruction: str, system: str | None) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": instruction}]
+
+
+def render_prompts(
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    chat_template: str | None = None,
+) -> list[str]:
+    """Render each instruction with the chat template, ending with the generation prompt.
+
+    Returns:
+        One rendered string per prompt.
+    """
+    template = _template(tokenizer, chat_template)
+    return [
+        tokenizer.apply_chat_template(
+            _messages(p, system),
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for p in prompts
+    ]
+
+
+def encode_prompts(
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    system: str | None = None,
+    chat_template: str | None = None,
+) -> list[EncodedPrompt]:
+    """Tokenize chat prompts and locate the instruction in each.
+
+    Returns:
+        One :class:`EncodedPrompt` per prompt, in input order.
+
+    Raises:
+        ValueError: an empty prompt set or prompt, a tokenizer without a chat template (and no
+            ``chat_template``), a template that does not insert the instruction verbatim, or a
+            tokenizer without offset mappings (a slow tokenizer).
+    """
+    if len(prompts) == 0:
+        raise ValueError("empty prompt set: pass at least one prompt")
+    rendered = render_prompts(tokenizer, prompts, system=system, chat_template=chat_template)
+    encoded = []
+    for prompt, text in zip(prompts, rendered, strict=True):
+        encoded.append(_locate(tokenizer, prompt, text))
+    return encoded
+
+
+def _locate(tokenizer, prompt: str, text: str) -> EncodedPrompt:
+    if not prompt.strip():
+        raise ValueError("empty prompt: every instruction needs text")
+    start = text.rfind(prompt)
+    needle = prompt
+    if start < 0:  # templates such as Gemma's trim the content
+        needle = prompt.strip()
+        start = text.rfind(needle)
+    if start < 0:
+        raise ValueError(
+            "the chat template does not insert the instruction verbatim, so t_inst cannot be "
+            f"located; instruction starts {prompt[:40]!r}"
+        )
+    end = start + len(needle)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ValueError(
+            "positions need a fast tokenizer (offset mappings); use_fast=True"
+        ) from None
+    offsets = enc["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    if not inside:
+        raise ValueError(f"no token covers the instruction {prompt[:40]!r}")
+    return EncodedPrompt(input_ids=tuple(enc["input_ids"]), t_inst=inside[-1], inst_start=inside[0])
+
+
+def collate_left(encoded: Sequence[EncodedPrompt], pad_token_id: int) -> ChatBatch:
+    """Left-pad a list of encoded prompts into a :class:`ChatBatch` (on CPU).
+
+    Position ids count real tokens only (``cumsum(mask) - 1``, padding at 0), matching how the
+    model sees each prompt alone.
+    """
+    if not encoded:
+        raise ValueError("empty prompt set: pass at least one prompt")
+    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
+    seq = int(lengths.max())
+    ids = torch.full((len(encoded), seq), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), seq), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, seq - len(e) :] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[row, seq - len(e) :] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    t_inst = torch.tensor([e.t_inst for e in encoded], dtype=torch.long) + (seq - lengths)
+    return ChatBatch(ids, mask, position_ids, t_inst, lengths)

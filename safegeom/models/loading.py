@@ -1,0 +1,250 @@
+"""Load a causal LM and its tokenizer the same way whatever its family or form.
+
+``MODEL`` may be the embedded ``tiny-chat``, a local directory holding a full checkpoint, a local
+PEFT adapter directory (its base comes from ``adapter_config.json``), or a Hugging Face hub id
+(fetched only when a user names one; nothing in the tests, the demo or CI downloads).
+
+Offline-first and safe by default: weights load from safetensors unless ``allow_pickle=True``,
+and ``trust_remote_code`` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from safegeom.models.layout import ArchLayout, layout_for, resolve
+
+__all__ = ["TINY_CHAT", "LoadedModel", "load_model", "tiny_chat_path", "weight_hash"]
+
+TINY_CHAT = "tiny-chat"
+"""Name of the embedded safety-aligned model that ships inside the package."""
+
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+_HASH_FULL_LIMIT = 100_000_000
+"""Models with at most this many parameters are hashed in full; larger ones are fingerprinted."""
+
+
+def tiny_chat_path() -> Path:
+    """Return the directory of the embedded ``tiny-chat`` checkpoint.
+
+    Raises:
+        FileNotFoundError: the weights are not in this installation (rebuild with ``make tiny-chat``).
+    """
+    path = _ASSETS / TINY_CHAT
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"tiny-chat weights are missing from {path}; rebuild them with `make tiny-chat`"
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM with its tokenizer, its block layout and where it came from.
+
+    The model is in eval mode. ``name`` is what the caller asked for (``tiny-chat``, a path, a hub
+    id); ``source`` is the resolved location; ``adapter`` is the PEFT adapter directory, if any.
+    """
+
+    model: PreTrainedModel | nn.Module
+    tokenizer: Any
+    name: str
+    source: str
+    layout: ArchLayout
+    adapter: str | None = None
+    merged: bool = False
+    chat_template: str | None = field(default=None, repr=False)
+    """A chat template the caller supplied, used instead of the tokenizer's own."""
+
+    @property
+    def base(self) -> nn.Module:
+        """The underlying transformers model (unwrapped from a PEFT wrapper when applied)."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) and self.adapter and not self.merged else self.model
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder blocks, in order."""
+        return resolve(self.base, self.layout.blocks)  # type: ignore[return-value]
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder blocks."""
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+        return int(resolve(self.base, self.layout.embed).weight.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the first floating-point parameter."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
+    @property
+    def model_type(self) -> str:
+        """``config.model_type`` of the base model."""
+        return str(self.base.config.model_type)
+
+    @cached_property
+    def weight_hash(self) -> str:
+        """A sha256 of the weights (see :func:`weight_hash`), computed once on first use."""
+        return weight_hash(self.model)
+
+
+def weight_hash(model: nn.Module) -> str:
+    """Return a hex sha256 identifying a model's weights.
+
+    Models with at most 10⁸ parameters are hashed in full (names, shapes, dtypes and every byte).
+    Larger models are fingerprinted: names, shapes, dtypes and a fixed strided sample of 4,096
+    elements per tensor; the result is prefixed ``fp:`` to say so. Any fine-tuning step changes
+    the sampled elements, so checkpoints along a trajectory still get distinct hashes.
+    """
+    state = model.state_dict()
+    total = sum(t.numel() for t in state.values())
+    full = total <= _HASH_FULL_LIMIT
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        flat = tensor.reshape(-1)
+        if not full and flat.numel() > 4096:
+            step = flat.numel() // 4096
+            flat = flat[:: max(step, 1)][:4096]
+        digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return ("" if full else "fp:") + digest.hexdigest()
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | str:
+    if dtype is None:
+        return torch.float32 if device == "cpu" else "auto"
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    resolved = getattr(torch, aliases.get(dtype, dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
+    return resolved
+
+
+def _resolve_source(spec: str | Path) -> tuple[str, str]:
+    """Return (kind, location) where kind is 'full', 'adapter' or 'hub'."""
+    text = str(spec)
+    if text == TINY_CHAT:
+        return "full", str(tiny_chat_path())
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return "adapter", str(path)
+        if (path / "config.json").is_file():
+            return "full", str(path)
+        raise ValueError(
+            f"{path} is not a model checkpoint: it has neither config.json nor adapter_config.json"
+        )
+    looks_local = text.startswith((".", "/", "~")) or path.suffix or text.count("/") > 1
+    if looks_local or path.exists():
+        raise ValueError(f"no model directory at {text}; pass tiny-chat, a directory or a hub id")
+    return "hub", text
+
+
+def load_model(
+    spec: str | Path = TINY_CHAT,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    merge_adapter: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    layout: ArchLayout | dict[str, Any] | None = None,
+    chat_template: str | None = None,
+) -> LoadedModel:
+    """Load a model and tokenizer, ready for capture, interventions and evaluation.
+
+    Args:
+        spec: ``tiny-chat``, a local checkpoint or PEFT adapter directory, or a hub id.
+        dtype: ``float32``/``bfloat16``/``float16``/``auto`` or a torch dtype. Default: float32 on
+            CPU, the checkpoint's own dtype elsewhere.
+        device: where to put the model (default: CUDA when available, else CPU).
+        merge_adapter: for an adapter directory, fold the adapter into the base weights.
+        allow_pickle: permit pickled ``.bin`` weights (off: safetensors only).
+        trust_remote_code: run code shipped with a hub checkpoint (off by default).
+        revision: hub revision, for hub ids.
+        layout: override of the architecture layout (required for unknown architectures).
+        chat_template: a Jinja chat template to use instead of the tokenizer's own.
+
+    Returns:
+        A :class:`LoadedModel` in eval mode, tokenizer padded on the left.
+    """
+    kind, location = _resolve_source(spec)
+    device_str = str(device) if device is not None else _default_device()
+    torch_dtype = _parse_dtype(dtype if not isinstance(dtype, str) else dtype.lower(), device_str)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None:
+        common["revision"] = revision
+
+    adapter_dir: str | None = None
+    base_location = location
+    if kind == "adapter":
+        adapter_dir = location
+        config = json.loads((Path(location) / "adapter_config.json").read_text())
+        base_spec = config.get("base_model_name_or_path")
+        if not base_spec:
+            raise ValueError(f"{location}/adapter_config.json names no base_model_name_or_path")
+        _, base_location = _resolve_source(base_spec)
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base_location, dtype=torch_dtype, use_safetensors=not allow_pickle, **common
+    )
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    model.to(device_str)
+    model.eval()
+
+    tok_location = adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base_location
+    tokenizer = AutoTokenizer.from_pretrained(tok_location, **common)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    base = model.get_base_model() if adapter_dir and not merge_adapter else model
+    arch = layout_for(base.config.model_type, layout)
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=str(spec),
+        source=location,
+        layout=arch,
+        adapter=adapter_dir,
+        merged=bool(adapter_dir and merge_adapter),
+        chat_template=chat_template,
+    )
+    resolve(loaded.base, arch.blocks)  # fail early on a wrong override
+    return loaded
+
+
+def _has_tokenizer(directory: str) -> bool:
+    return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))

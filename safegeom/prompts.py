@@ -1,0 +1,514 @@
+"""Prompt sets: bundled datasets by name, user CSV/JSON/JSONL files, deterministic splits.
+
+Everything downstream (capture, carriers, evaluation, training) takes a :class:`PromptSet`, a frozen,
+hashable value holding the instruction texts and, where the data has them, aligned reference
+completions and categories. :func:`load_prompts` turns a *spec* into one:
+
+- a bundled name, optionally with a split: ``"advbench"``, ``"advbench:test"``, ``"gsm8k:train"``;
+- a path to a user ``.csv``, ``.json`` or ``.jsonl`` file (``column=`` picks the prompt field);
+- a list of strings (named ``"inline"``) or an existing :class:`PromptSet` (returned unchanged).
+
+Bundled sets (files under ``safegeom/data/``, see its README for provenance and licences):
+
+================  =========================================  ===========  ==============  ==========
+name              file                                       prompt       completion      category
+================  =========================================  ===========  ==============  ==========
+advbench          advbench/harmful_behaviors.csv             goal         target          --
+jbb-harmful       jailbreakbench/harmful-behaviors.csv       Goal         Target          Category
+jbb-benign        jailbreakbench/benign-behaviors.csv        Goal         Target          Category
+xstest-safe       xstest/xstest_prompts.csv, label=safe      prompt       --              type
+xstest-unsafe     xstest/xstest_prompts.csv, label=unsafe    prompt       --              type
+directharm4       directharm4/directharm4.jsonl              instruction  --              category
+alpaca            alpaca/alpaca.json                         instruction  --              --
+gsm8k             gsm8k/test.jsonl (train: train_first1000)  question     answer          --
+================  =========================================  ===========  ==============  ==========
+
+Texts are returned exactly as stored in the files (no stripping or normalisation).
+
+Split rule (fixed; changing it would silently change every published number):
+
+1. The pool is the whole bundled set in file order.
+2. Items are ordered by ``sha256(f"{name}\\x00{text}".encode("utf-8")).hexdigest()`` (ties, which the
+   bundled data does not have, broken by file position), where ``name`` is the bundled name, e.g.
+   ``"xstest-safe"``.
+3. With ``n`` items: train is the first ``floor(0.6 n)``, val the next ``floor(0.2 n)``, test the rest.
+   Within each split the items keep that hash order.
+
+This uses only ``hashlib``, so it does not depend on numpy, ``random`` or Python versions.
+``gsm8k`` is the exception: its ``train`` split is the whole of ``train_first1000.jsonl`` (the first
+1,000 GSM8K training problems, file order), and its ``val``/``test`` splits divide the 1,319-problem
+GSM8K test file by the same hash order, half each (``val = floor(n / 2)``, test the rest). GSM8K's own
+train/test separation is thus kept. The split-less name ``gsm8k`` is the full test file.
+
+A split-less name returns the whole set in file order. The resulting sizes (:func:`split_counts`):
+
+=============  =====  =====  ===  ====
+name           whole  train  val  test
+=============  =====  =====  ===  ====
+advbench         520    312  104   104
+jbb-harmful      100     60   20    20
+jbb-benign       100     60   20    20
+xstest-safe      250    150   50    50
+xstest-unsafe    200    120   40    40
+directharm4      400    240   80    80
+alpaca         31323  18793 6264  6266
+gsm8k           1319   1000  659   660
+=============  =====  =====  ===  ====
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import overload
+
+__all__ = ["BUNDLED", "SPLITS", "PromptSet", "load_prompts", "split_counts"]
+
+BUNDLED: tuple[str, ...] = (
+    "advbench",
+    "jbb-harmful",
+    "jbb-benign",
+    "xstest-safe",
+    "xstest-unsafe",
+    "directharm4",
+    "alpaca",
+    "gsm8k",
+)
+"""Names of the bundled prompt sets accepted by :func:`load_prompts`."""
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+"""Split names accepted after a colon in a bundled spec (``"advbench:test"``)."""
+
+DATA_DIR: Path = Path(__file__).resolve().parent / "data"
+"""Directory of the bundled data files (shipped as package data)."""
+
+DEFAULT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "goal", "question")
+"""Prompt fields tried, in order and case-insensitively, when a user file is loaded without ``column``."""
+
+_SUFFIXES: tuple[str, ...] = (".csv", ".json", ".jsonl")
+
+# A parsed record: column name -> value (None where a JSON field is null).
+_Record = Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """An ordered, immutable set of prompts with optional aligned completions and categories.
+
+    Attributes:
+        name: Human-readable identifier, e.g. ``"advbench:train"`` or a file path.
+        prompts: The instruction texts.
+        completions: Reference responses aligned with ``prompts`` where the data has them
+            (AdvBench/JBB ``target``, GSM8K ``answer``), else ``None``.
+        categories: Per-prompt categories where the data has them (JBB ``Category``, DirectHarm4
+            ``category``, XSTest ``type``), else ``None``.
+        source: Where the prompts came from: ``safegeom/data/<file>`` for bundled sets, else the
+            user path or ``"inline"``.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``None`` for a whole set.
+    """
+
+    name: str
+    prompts: tuple[str, ...]
+    completions: tuple[str, ...] | None = None
+    categories: tuple[str, ...] | None = None
+    source: str = ""
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        """Coerce sequences to tuples and check that aligned fields have matching lengths."""
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not all(isinstance(p, str) for p in self.prompts):
+            raise ValueError(f"prompt set {self.name!r}: every prompt must be a str")
+        for field in ("completions", "categories"):
+            values = getattr(self, field)
+            if values is None:
+                continue
+            values = tuple(values)
+            object.__setattr__(self, field, values)
+            if len(values) != len(self.prompts):
+                raise ValueError(
+                    f"prompt set {self.name!r}: {len(values)} {field} for "
+                    f"{len(self.prompts)} prompts; they must be aligned"
+                )
+        if self.split is not None and self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; use one of {', '.join(SPLITS)}")
+
+    def __len__(self) -> int:
+        """Return the number of prompts."""
+        return len(self.prompts)
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over the prompt texts."""
+        return iter(self.prompts)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> PromptSet: ...
+
+    def __getitem__(self, i: int | slice) -> str | PromptSet:
+        """Return the prompt at index ``i``, or a :class:`PromptSet` for a slice (fields aligned)."""
+        if isinstance(i, slice):
+            return self._select(range(len(self))[i])
+        return self.prompts[i]
+
+    @property
+    def content_hash(self) -> str:
+        """Return a sha256 hex digest of the prompts (and completions, if present).
+
+        The hash is order-sensitive and independent of ``name``, ``source``, ``split`` and
+        ``categories``; it changes whenever any prompt or completion text changes.
+        """
+        h = hashlib.sha256(b"safegeom.PromptSet.v1\x00")
+        _hash_texts(h, b"prompts", self.prompts)
+        if self.completions is not None:
+            _hash_texts(h, b"completions", self.completions)
+        return h.hexdigest()
+
+    def take(self, n: int) -> PromptSet:
+        """Return a :class:`PromptSet` of the first ``n`` prompts (all of them if fewer)."""
+        if n < 0:
+            raise ValueError(f"take(n) needs n >= 0, got {n}")
+        return self._select(range(min(n, len(self))))
+
+    def sample(self, n: int, seed: int = 0) -> PromptSet:
+        """Return a deterministic sample of ``n`` prompts, kept in their original order.
+
+        Items are ranked by ``sha256(f"{seed}\\x00{index}\\x00{text}")`` and the first ``n`` kept, so
+        the result depends only on ``seed`` and the content, never on numpy or ``random``.
+        """
+        if not 0 <= n <= len(self):
+            raise ValueError(
+                f"sample(n) needs 0 <= n <= {len(self)} (size of {self.name!r}), got {n}"
+            )
+        ranked = sorted(
+            range(len(self)), key=lambda i: _digest(f"{seed}\x00{i}\x00{self.prompts[i]}")
+        )
+        return self._select(sorted(ranked[:n]))
+
+    def _select(self, indices: Sequence[int]) -> PromptSet:
+        """Return a copy holding only ``indices`` (in that order), with aligned fields kept."""
+        return PromptSet(
+            name=self.name,
+            prompts=tuple(self.prompts[i] for i in indices),
+            completions=_pick(self.completions, indices),
+            categories=_pick(self.categories, indices),
+            source=self.source,
+            split=self.split,
+        )
+
+
+def load_prompts(
+    spec: str | PromptSet | Sequence[str],
+    *,
+    column: str | None = None,
+    completion_column: str | None = None,
+    n: int | None = None,
+) -> PromptSet:
+    """Load a prompt set from a bundled name, a file path, a list of strings or a PromptSet.
+
+    Args:
+        spec: A bundled name (see :data:`BUNDLED`) with an optional ``:train``/``:val``/``:test``
+            split; a path to a ``.csv``, ``.json`` (array of objects or strings) or ``.jsonl`` file;
+            a sequence of strings (named ``"inline"``); or a :class:`PromptSet` (passed through).
+        column: For files, the prompt field (case-insensitive). Default: the first of ``prompt``,
+            ``instruction``, ``goal``, ``question`` present.
+        completion_column: For files, an optional field of reference completions.
+        n: If given, keep only the first ``n`` prompts.
+
+    Returns:
+        The :class:`PromptSet`; its prompts are never empty.
+
+    Raises:
+        ValueError: unknown name or split, missing file or column, unsupported extension, empty set.
+    """
+    if n is not None and n < 1:
+        raise ValueError(f"n must be a positive number of prompts, got {n}")
+    if isinstance(spec, PromptSet):
+        result = spec
+    elif isinstance(spec, (str, Path)):
+        result = _load_spec(str(spec), column=column, completion_column=completion_column)
+    elif isinstance(spec, Sequence) and all(isinstance(p, str) for p in spec):
+        result = PromptSet(name="inline", prompts=tuple(spec), source="inline")
+    else:
+        raise ValueError(
+            f"cannot load prompts from {type(spec).__name__}; pass a bundled name, a file path, "
+            "a list of strings or a PromptSet"
+        )
+    if len(result) == 0:
+        raise ValueError(f"prompt set {result.name!r} is empty; give at least one prompt")
+    return result if n is None else result.take(n)
+
+
+def split_counts(name: str) -> dict[str, int]:
+    """Return the sizes of the ``train``, ``val`` and ``test`` splits of a bundled set.
+
+    Args:
+        name: A bundled name from :data:`BUNDLED` (without a split suffix).
+
+    Returns:
+        ``{"train": int, "val": int, "test": int}``.
+    """
+    _check_name(name)
+    return {split: len(_split_indices(name, split)) for split in SPLITS}
+
+
+# --- bundled sets -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Bundled:
+    """How to read one bundled set: file(s), fields and an optional row filter."""
+
+    file: str
+    prompt: str
+    completion: str | None = None
+    category: str | None = None
+    where: tuple[str, str] | None = None  # (field, value) rows must match
+    train_file: str | None = None  # separate train pool (gsm8k)
+
+
+_BUNDLED_SPECS: dict[str, _Bundled] = {
+    "advbench": _Bundled("advbench/harmful_behaviors.csv", "goal", completion="target"),
+    "jbb-harmful": _Bundled(
+        "jailbreakbench/harmful-behaviors.csv", "Goal", completion="Target", category="Category"
+    ),
+    "jbb-benign": _Bundled(
+        "jailbreakbench/benign-behaviors.csv", "Goal", completion="Target", category="Category"
+    ),
+    "xstest-safe": _Bundled(
+        "xstest/xstest_prompts.csv", "prompt", category="type", where=("label", "safe")
+    ),
+    "xstest-unsafe": _Bundled(
+        "xstest/xstest_prompts.csv", "prompt", category="type", where=("label", "unsafe")
+    ),
+    "directharm4": _Bundled("directharm4/directharm4.jsonl", "instruction", category="category"),
+    "alpaca": _Bundled("alpaca/alpaca.json", "instruction"),
+    "gsm8k": _Bundled(
+        "gsm8k/test.jsonl",
+        "question",
+        completion="answer",
+        train_file="gsm8k/train_first1000.jsonl",
+    ),
+}
+assert tuple(_BUNDLED_SPECS) == BUNDLED
+
+
+def _load_spec(spec: str, *, column: str | None, completion_column: str | None) -> PromptSet:
+    """Resolve a string spec to a bundled set (with optional split) or a user file."""
+    base, sep, split = spec.partition(":")
+    if base in BUNDLED:
+        if not sep:
+            return _load_bundled(base, None)
+        if split not in SPLITS:
+            raise ValueError(
+                f"unknown split {split!r} in {spec!r}; use {base}:train, {base}:val or {base}:test"
+            )
+        return _load_bundled(base, split)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() in _SUFFIXES or path.exists() or "/" in spec or "\\" in spec:
+        return _load_file(path, column=column, completion_column=completion_column)
+    raise ValueError(
+        f"unknown prompt set {spec!r}; known names: {', '.join(BUNDLED)} "
+        "(optionally :train/:val/:test), or give a path to a .csv/.json/.jsonl file"
+    )
+
+
+def _check_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is a bundled set name."""
+    if name not in BUNDLED:
+        raise ValueError(f"unknown bundled prompt set {name!r}; known names: {', '.join(BUNDLED)}")
+
+
+@functools.cache
+def _bundled_rows(name: str, train: bool = False) -> tuple[tuple[str, str | None, str | None], ...]:
+    """Return the (prompt, completion, category) rows of a bundled set, in file order (cached)."""
+    spec = _BUNDLED_SPECS[name]
+    rel = spec.train_file if train and spec.train_file else spec.file
+    records = _read_records(DATA_DIR / rel)
+    if spec.where is not None:
+        key, value = spec.where
+        records = tuple(r for r in records if r.get(key) == value)
+    return tuple(
+        (
+            _text(r, spec.prompt, rel, i),
+            _text(r, spec.completion, rel, i) if spec.completion else None,
+            _text(r, spec.category, rel, i) if spec.category else None,
+        )
+        for i, r in enumerate(records)
+    )
+
+
+@functools.cache
+def _split_indices(name: str, split: str) -> tuple[int, ...]:
+    """Return the row indices of ``split`` of bundled set ``name``, in hash order (cached)."""
+    spec = _BUNDLED_SPECS[name]
+    if spec.train_file is not None and split == "train":
+        return tuple(range(len(_bundled_rows(name, train=True))))
+    rows = _bundled_rows(name)
+    order = sorted(range(len(rows)), key=lambda i: (_digest(f"{name}\x00{rows[i][0]}"), i))
+    n = len(order)
+    if spec.train_file is not None:  # pool is val + test only: half each
+        bounds = {"val": (0, n // 2), "test": (n // 2, n)}
+    else:
+        n_train, n_val = n * 3 // 5, n // 5
+        bounds = {
+            "train": (0, n_train),
+            "val": (n_train, n_train + n_val),
+            "test": (n_train + n_val, n),
+        }
+    lo, hi = bounds[split]
+    return tuple(order[lo:hi])
+
+
+def _load_bundled(name: str, split: str | None) -> PromptSet:
+    """Build the PromptSet for a bundled set, whole (file order) or one split."""
+    spec = _BUNDLED_SPECS[name]
+    train_pool = split == "train" and spec.train_file is not None
+    rows = _bundled_rows(name, train=train_pool)
+    indices = range(len(rows)) if split is None else _split_indices(name, split)
+    picked = [rows[i] for i in indices]
+    rel = spec.train_file if train_pool and spec.train_file else spec.file
+    return PromptSet(
+        name=name if split is None else f"{name}:{split}",
+        prompts=tuple(r[0] for r in picked),
+        completions=tuple(str(r[1]) for r in picked) if spec.completion else None,
+        categories=tuple(str(r[2]) for r in picked) if spec.category else None,
+        source=f"safegeom/data/{rel}",
+        split=split,
+    )
+
+
+# --- user files -------------------------------------------------------------------------------------
+
+
+def _load_file(path: Path, *, column: str | None, completion_column: str | None) -> PromptSet:
+    """Load a user CSV/JSON/JSONL file into a PromptSet."""
+    if path.suffix.lower() not in _SUFFIXES:
+        raise ValueError(
+            f"unsupported prompt file type {path.suffix or '(none)'!r} for {str(path)!r}; "
+            "use .csv, .json or .jsonl"
+        )
+    if not path.is_file():
+        raise ValueError(f"prompt file {str(path)!r} does not exist")
+    stat = path.stat()
+    records = _read_records_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if not records:
+        raise ValueError(f"prompt file {str(path)!r} is empty; give at least one prompt")
+    names = _columns(records)
+    prompt_col = _find_column(names, column, DEFAULT_COLUMNS, path, option="column")
+    comp_col = (
+        _find_column(names, completion_column, (), path, option="completion_column")
+        if completion_column is not None
+        else None
+    )
+    return PromptSet(
+        name=str(path),
+        prompts=tuple(_text(r, prompt_col, str(path), i) for i, r in enumerate(records)),
+        completions=(
+            tuple(_text(r, comp_col, str(path), i) for i, r in enumerate(records))
+            if comp_col is not None
+            else None
+        ),
+        source=str(path),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _read_records_cached(path: str, mtime_ns: int, size: int) -> tuple[_Record, ...]:
+    """Read a user file; keyed on modification time and size so edits are picked up."""
+    del mtime_ns, size  # part of the cache key only
+    return _read_records(Path(path))
+
+
+def _read_records(path: Path) -> tuple[_Record, ...]:
+    """Parse a CSV, JSON (array) or JSONL file into a tuple of records (dicts).
+
+    A JSON/JSONL item that is a bare string becomes ``{"prompt": item}``.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return tuple(dict(row) for row in csv.DictReader(f))
+    with path.open(encoding="utf-8") as f:
+        try:
+            if suffix == ".jsonl":
+                items = [json.loads(line) for line in f if line.strip()]
+            else:
+                items = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cannot parse {str(path)!r} as {suffix[1:].upper()}: {err}") from err
+    if suffix == ".json" and not isinstance(items, list):
+        raise ValueError(f"{str(path)!r} must hold a JSON array of objects or strings")
+    records: list[_Record] = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            records.append({"prompt": item})
+        elif isinstance(item, dict):
+            records.append(item)
+        else:
+            raise ValueError(
+                f"{str(path)!r} item {i} is {type(item).__name__}; expected an object or a string"
+            )
+    return tuple(records)
+
+
+def _columns(records: Sequence[_Record]) -> list[str]:
+    """Return the column names present in ``records``, in first-seen order."""
+    seen: dict[str, None] = {}
+    for r in records:
+        seen.update(dict.fromkeys(r))
+    return [c for c in seen if c is not None]
+
+
+def _find_column(
+    names: Sequence[str], wanted: str | None, defaults: Sequence[str], path: Path, *, option: str
+) -> str:
+    """Return the actual column name matching ``wanted`` (or the first default), case-insensitively."""
+    candidates = [wanted] if wanted is not None else list(defaults)
+    for cand in candidates:
+        if cand in names:
+            return cand
+        folded = [c for c in names if c.casefold() == cand.casefold()]
+        if folded:
+            return folded[0]
+    asked = f"no column {wanted!r}" if wanted is not None else f"none of {', '.join(defaults)}"
+    raise ValueError(
+        f"{str(path)!r} has {asked}; its columns are {', '.join(map(repr, names)) or '(none)'}; "
+        f"pick one with the {option}= option"
+    )
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def _text(record: _Record, key: str, where: str, i: int) -> str:
+    """Return ``record[key]`` as a non-empty str, or raise a ValueError naming the row."""
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where!r} row {i}: column {key!r} is missing or empty")
+    return value
+
+
+def _pick(values: tuple[str, ...] | None, indices: Sequence[int]) -> tuple[str, ...] | None:
+    """Return ``values`` restricted to ``indices``, or None if there are none."""
+    return None if values is None else tuple(values[i] for i in indices)
+
+
+def _digest(text: str) -> str:
+    """Return the sha256 hex digest of ``text`` encoded as UTF-8."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _hash_texts(h: hashlib._Hash, label: bytes, texts: Sequence[str]) -> None:
+    """Feed a labelled, length-prefixed sequence of texts into ``h`` (unambiguous framing)."""
+    h.update(label + b"\x00" + len(texts).to_bytes(8, "big"))
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "big") + b)

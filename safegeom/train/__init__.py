@@ -1,0 +1,1 @@
+"""Training: supervised and LoRA fine-tuning, safety-preserving regularisers, and the tiny-chat build."""

@@ -1,0 +1,325 @@
+"""Deterministic training of the embedded ``tiny-chat`` model.
+
+``build_tiny_chat(out_dir)`` trains the BPE tokenizer on the training corpus, trains a small
+``LlamaForCausalLM`` on single-turn conversations (loss on the assistant response and its end-of-turn
+token only), and saves model, tokenizer, chat template and generation config to ``out_dir``.
+
+Determinism: the seed fixes the model initialisation, the corpus (responses, prompt framings, order)
+and the batch order; ``torch.use_deterministic_algorithms(True)`` and a fixed thread count make two
+runs with the same seed give bit-identical weights on the same machine and library versions.
+
+Command line::
+
+    python -m safegeom.train.tinychat.build --out DIR [--steps N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from safegeom.train.tinychat.corpus import Example, build_corpus, iter_texts
+from safegeom.train.tinychat.tokenizer import ASSISTANT, END, SYSTEM, USER, train_tokenizer
+
+__all__ = ["TinyChatConfig", "build_tiny_chat", "main"]
+
+
+@dataclass(frozen=True)
+class TinyChatConfig:
+    """Architecture and training recipe of ``tiny-chat``.
+
+    Attributes:
+        vocab_size: BPE vocabulary size (special tokens included).
+        hidden_size: Residual-stream width d.
+        num_layers: Number of decoder layers.
+        num_heads: Attention heads (head dim = hidden_size / num_heads).
+        intermediate_size: SwiGLU MLP width.
+        max_len: Maximum training sequence length in tokens (longer responses are truncated).
+        steps: Optimiser steps.
+        batch_size: Conversations per step.
+        lr: Peak AdamW learning rate (linear warm-up, then cosine decay to ``lr * min_lr_ratio``).
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        warmup_steps: Linear warm-up steps.
+        weight_decay: AdamW weight decay (not applied to norms).
+        grad_clip: Global gradient-norm clip.
+        harmful_fraction: Fraction of refused (harmful) conversations in each epoch.
+        p_wrap: Probability that a prompt of either class gets a request framing.
+        bucket_batches: Batches per length-bucketing window (sort by length inside a window of
+            ``bucket_batches * batch_size`` examples, then shuffle the batches), to limit padding.
+        num_threads: Torch intra-op threads (fixed for reproducibility).
+        save_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: the dtype of the stored weights.
+    """
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    intermediate_size: int = 688
+    max_len: int = 160
+    steps: int = 1500
+    batch_size: int = 48
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 60
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    harmful_fraction: float = 0.42
+    p_wrap: float = 0.25
+    bucket_batches: int = 32
+    num_threads: int = 2
+    save_dtype: str = "float16"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def llama_config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+        """Return the ``LlamaConfig`` of this architecture for ``tokenizer``."""
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            attention_dropout=0.0,
+            initializer_range=0.02,
+        )
+
+
+def _set_determinism(seed: int, num_threads: int) -> None:
+    """Seed every RNG and force deterministic kernels with a fixed thread count."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(num_threads)
+
+
+def _encode(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerFast, max_len: int
+) -> list[tuple[list[int], int]]:
+    """Tokenize conversations as ``(ids, n_prompt)``: prompt tokens from the chat template, then the
+    response tokenized on its own plus ``<|end|>`` (what the model generates), truncated to
+    ``max_len``."""
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    rendered = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": ex.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        for ex in examples
+    ]
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer([ex.response for ex in examples], add_special_tokens=False)[
+        "input_ids"
+    ]
+    out: list[tuple[list[int], int]] = []
+    for p, r in zip(prompt_ids, response_ids, strict=True):
+        ids = (list(p) + list(r) + [end_id])[:max_len]
+        out.append((ids, len(p)))
+    return out
+
+
+def _batches(
+    cfg: TinyChatConfig, tokenizer: PreTrainedTokenizerFast, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(input_ids, attention_mask, labels)`` batches forever, epoch after epoch.
+
+    Within each epoch, examples are grouped into length buckets (sorted inside windows of
+    ``bucket_batches`` batches) and the batches are shuffled, all from ``seed``.
+    """
+    pad_id = tokenizer.pad_token_id
+    epoch = 0
+    while True:
+        examples = build_corpus(
+            seed, epoch=epoch, harmful_fraction=cfg.harmful_fraction, p_wrap=cfg.p_wrap
+        )
+        encoded = _encode(examples, tokenizer, cfg.max_len)
+        rng = random.Random(f"tinychat-batches/{seed}/{epoch}")
+        window = cfg.bucket_batches * cfg.batch_size
+        batches: list[list[tuple[list[int], int]]] = []
+        for start in range(0, len(encoded) - cfg.batch_size + 1, window):
+            chunk = sorted(encoded[start : start + window], key=lambda e: len(e[0]))
+            for b in range(0, len(chunk) - cfg.batch_size + 1, cfg.batch_size):
+                batches.append(chunk[b : b + cfg.batch_size])
+        rng.shuffle(batches)
+        for batch in batches:
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for i, (ids, n_prompt) in enumerate(batch):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                mask[i, : len(ids)] = 1
+                labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+            yield input_ids, mask, labels
+        epoch += 1
+
+
+def _lr_at(step: int, cfg: TinyChatConfig) -> float:
+    """Learning rate at ``step``: linear warm-up then cosine decay to ``lr * min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _loss(
+    model: LlamaForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+):
+    """Next-token cross-entropy on response positions only (the LM head runs on those rows only)."""
+    hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+
+
+def train_model(
+    cfg: TinyChatConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> LlamaForCausalLM:
+    """Initialise and train the model of ``cfg`` on the corpus of ``seed`` (deterministic).
+
+    Args:
+        cfg: Architecture and recipe.
+        tokenizer: The trained tokenizer (its chat template renders the prompts).
+        seed: Seed of initialisation, corpus and batch order.
+        progress: Show a tqdm progress bar with the running loss.
+
+    Returns:
+        The trained model in float32, in eval mode.
+    """
+    _set_determinism(seed, cfg.num_threads)
+    model = LlamaForCausalLM(cfg.llama_config(tokenizer))
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
+    )
+    batches = _batches(cfg, tokenizer, seed)
+    bar = tqdm(range(cfg.steps), desc="tiny-chat", disable=not progress, mininterval=2.0)
+    ema: float | None = None
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        input_ids, mask, labels = next(batches)
+        loss = _loss(model, input_ids, mask, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+    model.eval()
+    return model
+
+
+def save_tiny_chat(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    out_dir: Path,
+    cfg: TinyChatConfig,
+    seed: int,
+) -> Path:
+    """Save weights (in ``cfg.save_dtype``), tokenizer, chat template and generation config.
+
+    The config records ``dtype: float32``, so ``from_pretrained`` loads the stored half-precision
+    weights upcast to float32 by default.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, cfg.save_dtype)
+    to_save = LlamaForCausalLM(model.config)
+    to_save.load_state_dict(model.state_dict())
+    to_save.to(dtype)
+    to_save.config.dtype = "float32"
+    to_save.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=64,
+    )
+    to_save.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    recipe = {"seed": seed, **{k: v for k, v in asdict(cfg).items() if k != "extra"}}
+    recipe["special_tokens"] = {"user": USER, "assistant": ASSISTANT, "system": SYSTEM, "end": END}
+    (out_dir / "training_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    return out_dir
+
+
+def build_tiny_chat(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: bool = True,
+    config: TinyChatConfig | None = None,
+) -> Path:
+    """Build ``tiny-chat`` from the bundled prompt data (train splits only) into ``out_dir``.
+
+    Args:
+        out_dir: Destination folder (created if needed).
+        seed: Seed of tokenizer corpus, initialisation, corpus and batch order.
+        steps: Optimiser steps (overrides ``config.steps``).
+        progress: Show a progress bar.
+        config: Architecture and recipe; :class:`TinyChatConfig` defaults if ``None``.
+
+    Returns:
+        The output folder.
+    """
+    cfg = config or TinyChatConfig()
+    if steps is not None:
+        cfg = TinyChatConfig(**{**asdict(cfg), "steps": steps})
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
+    corpus = build_corpus(seed, epoch=0, harmful_fraction=cfg.harmful_fraction, p_wrap=cfg.p_wrap)
+    tokenizer = train_tokenizer(iter_texts(corpus), vocab_size=cfg.vocab_size)
+    model = train_model(cfg, tokenizer, seed=seed, progress=progress)
+    return save_tiny_chat(model, tokenizer, Path(out_dir), cfg, seed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: ``python -m safegeom.train.tinychat.build --out DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m safegeom.train.tinychat.build",
+        description="Train the embedded tiny-chat model deterministically from the bundled data.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    out = build_tiny_chat(args.out, seed=args.seed, steps=args.steps, progress=not args.no_progress)
+    print(f"saved tiny-chat to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,329 @@
+"""Checkpoint trajectories: the ``trajectory.json`` manifest of a fine-tuning run.
+
+A run folder holds::
+
+    DIR/trajectory.json                 the manifest (written atomically: temp file + rename)
+    DIR/checkpoints/step-000000/        each loadable with safegeom.models.load_model(path)
+    DIR/checkpoints/step-000000/trainer_state/   optimizer, scheduler, RNG and data position
+    ...
+
+The manifest holds ``format``, ``base_model`` (the MODEL spec as given), ``base_hash`` (its weight
+hash), ``config`` (method, task, task size, seed, lr, batch size, steps, LoRA settings ...),
+``checkpoints`` (``{step, loss, path, weight_hash}`` each, ``path`` relative to DIR), ``complete``
+and ``versions``. Any trainer that writes this format (SFT, LoRA, RefusalGuard, adaptive) can be read
+back with :func:`load_trajectory`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "TRAINER_STATE",
+    "CheckpointRecord",
+    "Trajectory",
+    "checkpoint_dirname",
+    "load_trainer_state",
+    "load_trajectory",
+    "save_trainer_state",
+    "write_json_atomic",
+    "write_trajectory",
+]
+
+FORMAT = "safegeom.trajectory/1"
+"""Format tag written into every manifest."""
+MANIFEST = "trajectory.json"
+"""File name of the manifest inside a run folder."""
+TRAINER_STATE = "trainer_state"
+"""Sub-folder of a checkpoint holding what resuming needs (``load_model`` ignores it)."""
+
+
+def checkpoint_dirname(step: int) -> str:
+    """Return the relative folder of the checkpoint at ``step`` (``checkpoints/step-000042``)."""
+    return f"checkpoints/step-{step:06d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One checkpoint of a trajectory.
+
+    Attributes:
+        step: Optimizer steps taken before this checkpoint (0: the starting model).
+        loss: Mean training loss over the steps since the previous checkpoint; at step 0, the loss
+            of the first batch before any update. ``None`` where unknown.
+        path: Folder of the checkpoint, relative to the run folder.
+        weight_hash: sha256 of the trained weights at save time (full model, or PEFT-wrapped model).
+    """
+
+    step: int
+    loss: float | None
+    path: str
+    weight_hash: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form of the record."""
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "path": self.path,
+            "weight_hash": self.weight_hash,
+        }
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A fine-tuning run read from (or about to be written to) its manifest.
+
+    Attributes:
+        root: The run folder.
+        base_model: The MODEL spec training started from, as given (``tiny-chat``, a path, a hub id).
+        base_hash: Weight hash of that starting model.
+        config: The run's settings (read-only mapping): ``method``, ``task``, ``task_size``,
+            ``seed``, ``lr``, ``batch_size``, ``steps``, ``save_every``, ``lora`` ...
+        checkpoints: The checkpoints saved so far, by increasing step (step 0 first).
+        complete: Whether the run reached its final step.
+        versions: Package versions the run used.
+    """
+
+    root: Path
+    base_model: str
+    base_hash: str
+    config: Mapping[str, Any]
+    checkpoints: tuple[CheckpointRecord, ...] = ()
+    complete: bool = False
+    versions: Mapping[str, str] = MappingProxyType({})
+
+    def __post_init__(self) -> None:
+        """Freeze the mappings and sort checkpoints by step."""
+        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
+        object.__setattr__(self, "versions", MappingProxyType(dict(self.versions)))
+        object.__setattr__(
+            self, "checkpoints", tuple(sorted(self.checkpoints, key=lambda c: c.step))
+        )
+
+    @property
+    def method(self) -> str:
+        """The training method (``sft``, ``lora``, ...)."""
+        return str(self.config.get("method", ""))
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """Steps of the saved checkpoints, increasing."""
+        return tuple(c.step for c in self.checkpoints)
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Absolute folders of the saved checkpoints, by step; each loads with ``load_model``."""
+        return tuple(self.root / c.path for c in self.checkpoints)
+
+    @property
+    def losses(self) -> tuple[float | None, ...]:
+        """Recorded losses of the saved checkpoints, by step."""
+        return tuple(c.loss for c in self.checkpoints)
+
+    @property
+    def last(self) -> CheckpointRecord:
+        """The latest checkpoint record."""
+        if not self.checkpoints:
+            raise ValueError(f"trajectory in {self.root} has no checkpoints yet")
+        return self.checkpoints[-1]
+
+    def path(self, step: int) -> Path:
+        """Return the absolute folder of the checkpoint at ``step``."""
+        for c in self.checkpoints:
+            if c.step == step:
+                return self.root / c.path
+        raise ValueError(f"no checkpoint at step {step} in {self.root}; saved steps: {self.steps}")
+
+    def with_checkpoint(self, record: CheckpointRecord, *, complete: bool = False) -> Trajectory:
+        """Return a copy with ``record`` added (replacing one at the same step)."""
+        kept = tuple(c for c in self.checkpoints if c.step != record.step)
+        return Trajectory(
+            root=self.root,
+            base_model=self.base_model,
+            base_hash=self.base_hash,
+            config=self.config,
+            checkpoints=(*kept, record),
+            complete=complete,
+            versions=self.versions,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form of the manifest."""
+        return {
+            "format": FORMAT,
+            "base_model": self.base_model,
+            "base_hash": self.base_hash,
+            "config": dict(self.config),
+            "checkpoints": [c.to_dict() for c in self.checkpoints],
+            "complete": self.complete,
+            "versions": dict(self.versions),
+        }
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """Write ``payload`` as JSON to ``path`` via a temp file in the same folder and a rename.
+
+    Returns:
+        The path written.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def write_trajectory(trajectory: Trajectory) -> Path:
+    """Write the manifest of ``trajectory`` atomically to ``root/trajectory.json``.
+
+    Returns:
+        The manifest path.
+    """
+    return write_json_atomic(trajectory.root / MANIFEST, trajectory.to_dict())
+
+
+def load_trajectory(root: str | Path) -> Trajectory:
+    """Read the manifest of the run in ``root``.
+
+    Returns:
+        The :class:`Trajectory` (checkpoint paths resolved against ``root``).
+
+    Raises:
+        ValueError: no manifest in ``root``, or not a safegeom trajectory manifest.
+    """
+    folder = Path(root)
+    file = folder / MANIFEST
+    if not file.is_file():
+        raise ValueError(f"{folder} holds no training run: {MANIFEST} is missing")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON ({err.msg})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{file} is not a safegeom trajectory manifest (format {FORMAT!r})")
+    records = tuple(
+        CheckpointRecord(
+            step=int(c["step"]),
+            loss=None if c.get("loss") is None else float(c["loss"]),
+            path=str(c["path"]),
+            weight_hash=c.get("weight_hash"),
+        )
+        for c in data.get("checkpoints", [])
+    )
+    return Trajectory(
+        root=folder,
+        base_model=str(data["base_model"]),
+        base_hash=str(data["base_hash"]),
+        config=data.get("config", {}),
+        checkpoints=records,
+        complete=bool(data.get("complete", False)),
+        versions=data.get("versions", {}),
+    )
+
+
+def save_trainer_state(
+    folder: str | Path,
+    *,
+    optimizer_state: Mapping[str, Any],
+    scheduler_state: Mapping[str, Any],
+    extra: Mapping[str, Any],
+) -> Path:
+    """Save optimizer, scheduler and RNG state plus ``extra`` (step, data position ...).
+
+    Tensors go to ``state.safetensors`` (no pickles), the rest to ``state.json``. The RNG states
+    saved are the current ones of ``random``, numpy, torch and, where present, CUDA.
+
+    Returns:
+        The folder written.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    plain_state: dict[str, dict[str, Any]] = {}
+    for pid, values in optimizer_state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain_state.setdefault(str(pid), {})[key] = value
+    np_state = np.random.get_state()
+    meta = {
+        "optimizer_param_groups": list(optimizer_state["param_groups"]),
+        "optimizer_plain_state": plain_state,
+        "scheduler": dict(scheduler_state),
+        "rng_python": list(random.getstate()),
+        "rng_numpy": [np_state[0], np_state[1].tolist(), *[x for x in np_state[2:]]],
+        **extra,
+    }
+    save_file(tensors, str(out / "state.safetensors"))
+    write_json_atomic(out / "state.json", meta)
+    return out
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def load_trainer_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Read what :func:`save_trainer_state` wrote and restore the RNG states it saved.
+
+    Returns:
+        ``(optimizer_state, scheduler_state, meta)``: the first two ready for ``load_state_dict``;
+        ``meta`` holds the ``extra`` entries.
+
+    Raises:
+        ValueError: the folder holds no trainer state.
+    """
+    src = Path(folder)
+    if not (src / "state.json").is_file() or not (src / "state.safetensors").is_file():
+        raise ValueError(f"{src} holds no trainer state; the checkpoint cannot be resumed")
+    meta = json.loads((src / "state.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(src / "state.safetensors"))
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        kind, _, rest = name.partition(".")
+        if kind == "optimizer":
+            pid, _, key = rest.partition(".")
+            state.setdefault(int(pid), {})[key] = tensor
+    for pid, values in meta.pop("optimizer_plain_state").items():
+        state.setdefault(int(pid), {}).update(values)
+    groups = []
+    for group in meta.pop("optimizer_param_groups"):
+        groups.append({k: v if k == "params" else _tuples(v) for k, v in group.items()})
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_tuples(meta.pop("rng_python")))
+    kind, keys, *rest_np = meta.pop("rng_numpy")
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest_np))
+    scheduler = meta.pop("scheduler")
+    return {"state": state, "param_groups": groups}, scheduler, meta
