@@ -1,4 +1,7 @@
-"""Percentile bootstrap confidence intervals, and the :class:`Metric` value that carries one.
+"""Percentile bootstrap confidence intervals, and the result values that carry them.
+
+:class:`Metric` is one number with its interval; :class:`EvalResult` is a behavioural evaluation
+(:func:`safegeom.evaluate.evaluate`): completions, judgements, scores, metrics and provenance.
 
 Plain numpy, deterministic by seed: the same values, statistic, ``n_resamples``, ``confidence``
 and ``seed`` always give the same interval. Items (rows of ``values``) are resampled with
@@ -10,14 +13,21 @@ Edge cases: one item, or all items equal, give a zero-width interval at the stat
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["Metric", "bootstrap_ci", "bootstrap_diff_ci"]
+__all__ = ["FORMAT", "EvalResult", "Metric", "bootstrap_ci", "bootstrap_diff_ci"]
+
+FORMAT = "safegeom.eval/1"
+"""Format tag of saved :class:`EvalResult` JSON files."""
 
 Statistic = Callable[..., Any]
 """Maps an array of items (resampled along axis 0) to a float."""
@@ -207,3 +217,102 @@ class Metric:
             judge=data.get("judge"),
             detail=dict(data.get("detail") or {}),
         )
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What :func:`safegeom.evaluate.evaluate` found for one model on one prompt set.
+
+    ``refused[i]`` is the judge's verdict on ``completions[i]`` (``True`` = refused); ``scores``
+    the refusal scores (log-odds, nats; ``None`` if not computed). ``metrics`` holds at least
+    ``refusal_rate`` and ``asr`` (fractions), and ``mean_refusal_score`` when scores exist.
+    ``provenance``: model name, weight hash, prompt set name and content hash, judge, settings.
+    """
+
+    prompts: tuple[str, ...]
+    completions: tuple[str, ...]
+    refused: tuple[bool, ...]
+    scores: tuple[float, ...] | None
+    judge: str
+    metrics: Mapping[str, Metric]
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        """Number of prompts."""
+        return len(self.prompts)
+
+    @property
+    def refusal_rate(self) -> Metric:
+        """Fraction of completions judged refusals."""
+        return self.metrics["refusal_rate"]
+
+    @property
+    def asr(self) -> Metric:
+        """Attack success rate: fraction not refused."""
+        return self.metrics["asr"]
+
+    @property
+    def mean_refusal_score(self) -> Metric | None:
+        """Mean refusal score (log-odds, nats), if scores were computed."""
+        return self.metrics.get("mean_refusal_score")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: headline values and ``[low, high]`` CIs at the top level (``refusal_rate``,
+        ``refusal_rate_ci``, ``asr``, ``asr_ci``, ``mean_refusal_score``, ...), then every metric
+        in full, the per-prompt data and the provenance."""
+        out: dict[str, Any] = {"format": FORMAT, "n": self.n, "judge": self.judge}
+        for name in ("refusal_rate", "asr", "mean_refusal_score"):
+            metric = self.metrics.get(name)
+            out[name] = None if metric is None else metric.value
+            out[f"{name}_ci"] = None if metric is None else [metric.ci_low, metric.ci_high]
+        out["metrics"] = {name: m.to_dict() for name, m in self.metrics.items()}
+        out["prompts"] = list(self.prompts)
+        out["completions"] = list(self.completions)
+        out["refused"] = list(self.refused)
+        out["scores"] = None if self.scores is None else list(self.scores)
+        out["provenance"] = dict(self.provenance)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
+        """Rebuild from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: the mapping is not a saved evaluation.
+        """
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a safegeom evaluation (format {data.get('format')!r})")
+        scores = data.get("scores")
+        return cls(
+            prompts=tuple(data["prompts"]),
+            completions=tuple(data["completions"]),
+            refused=tuple(bool(r) for r in data["refused"]),
+            scores=None if scores is None else tuple(float(s) for s in scores),
+            judge=str(data["judge"]),
+            metrics={k: Metric.from_dict(v) for k, v in data["metrics"].items()},
+            provenance=dict(data.get("provenance") or {}),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON atomically (temporary file + rename). Returns the path written."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            ValueError: the file is not JSON or not a saved evaluation.
+        """
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not JSON: {err}") from None
+        return cls.from_dict(data)

@@ -21,7 +21,7 @@ import os
 import random
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -105,7 +105,7 @@ class Trajectory:
     config: Mapping[str, Any]
     checkpoints: tuple[CheckpointRecord, ...] = ()
     complete: bool = False
-    versions: Mapping[str, str] = MappingProxyType({})
+    versions: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Freeze the mappings and sort checkpoints by step."""
