@@ -150,7 +150,7 @@ def _chunks(lengths: Sequence[int], size: int) -> Iterator[list[int]]:
 def end_of_turn_id(tokenizer: Any, chat_template: str | None = None) -> int | None:
     """The token the chat template writes right after an assistant message, if it is a special
     (added) token such as ``<|eot_id|>``, ``<|im_end|>`` or ``<end_of_turn>``; else ``None``."""
-    marker = "\x1fSAFEGEOM\x1f"
+    marker = "SAFEGEOMTURNMARKER"
     try:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],

@@ -155,7 +155,7 @@ class PromptSet:
     def __getitem__(self, i: int | slice) -> str | PromptSet:
         """Return the prompt at index ``i``, or a :class:`PromptSet` for a slice (fields aligned)."""
         if isinstance(i, slice):
-            return self._select(range(len(self))[i])
+            return self.select(range(len(self))[i])
         return self.prompts[i]
 
     @property
@@ -175,7 +175,7 @@ class PromptSet:
         """Return a :class:`PromptSet` of the first ``n`` prompts (all of them if fewer)."""
         if n < 0:
             raise ValueError(f"take(n) needs n >= 0, got {n}")
-        return self._select(range(min(n, len(self))))
+        return self.select(range(min(n, len(self))))
 
     def sample(self, n: int, seed: int = 0) -> PromptSet:
         """Return a deterministic sample of ``n`` prompts, kept in their original order.
@@ -190,9 +190,9 @@ class PromptSet:
         ranked = sorted(
             range(len(self)), key=lambda i: _digest(f"{seed}\x00{i}\x00{self.prompts[i]}")
         )
-        return self._select(sorted(ranked[:n]))
+        return self.select(sorted(ranked[:n]))
 
-    def _select(self, indices: Sequence[int]) -> PromptSet:
+    def select(self, indices: Sequence[int]) -> PromptSet:
         """Return a copy holding only ``indices`` (in that order), with aligned fields kept."""
         return PromptSet(
             name=self.name,

@@ -89,7 +89,7 @@ def test_eos_appended_without_end_token_and_mismatch_raises() -> None:
 def test_task_sizes_and_splits() -> None:
     harmful = get_task("harmful")
     assert len(harmful) == 100 and harmful.eval_prompts is None
-    assert all(r.startswith("Sure, here is") for r in harmful.responses)
+    assert all(r.startswith("Sure, here") for r in harmful.responses)
     assert get_task("harmful") == harmful and len(get_task("harmful:372")) == 372
     arith = get_task("arith")
     assert len(arith) == 1000 and len(arith.eval_prompts or ()) == 200
@@ -194,7 +194,7 @@ def test_bad_inputs(ckpt: Path, tmp_path: Path) -> None:
     train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
     with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
         train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
-    with pytest.raises(ValueError, match="different settings: lr 0.001 .run. vs 0.01 .now."):
+    with pytest.raises(ValueError, match=r"different settings: lr 0.001 \(run\) vs 0.01 \(now\)"):
         train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, lr=0.01,
               resume=True, **FAST)  # fmt: skip
     again = train(ckpt, TINY, method="sft", out=tmp_path / "run", steps=1, save_every=1,

@@ -25,7 +25,14 @@ from torch import Tensor
 
 from safegeom.models import render_prompts
 
-__all__ = ["IGNORE_INDEX", "Example", "TrainBatch", "collate_right", "encode_examples"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Example",
+    "ExampleOrder",
+    "TrainBatch",
+    "collate_right",
+    "encode_examples",
+]
 
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (prompt and padding)."""
@@ -180,3 +187,23 @@ def collate_right(examples: Sequence[Example], pad_token_id: int) -> TrainBatch:
         mask[row, : len(e)] = 1
         labels[row, : len(e)] = torch.tensor(e.labels, dtype=torch.long)
     return TrainBatch(ids, mask, labels)
+
+
+class ExampleOrder:
+    """The deterministic example order of a run: data position k → example index.
+
+    The example at position k is ``perm_e[k mod n]``, where ``perm_e`` is a permutation of the
+    ``n`` examples seeded by (seed, epoch ``e = k div n``). The order depends only on the seed and
+    the position, so a resumed run needs nothing but its step count to continue the data stream.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def index(self, position: int) -> int:
+        """Return the example index at data position ``position``."""
+        epoch, offset = divmod(position, self.n)
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}
+        return self._perms[epoch][offset]

@@ -30,18 +30,17 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from safegeom.models import TINY_CHAT, LoadedModel, load_model
+from safegeom.models import TINY_CHAT, LoadedModel, load_model, weight_hash
 from safegeom.models.layout import resolve
-from safegeom.train.data import Example, collate_right, encode_examples
+from safegeom.train.data import Example, ExampleOrder, collate_right, encode_examples
 from safegeom.train.tasks import Task, get_task
 from safegeom.train.trajectory import (
-    MANIFEST,
     TRAINER_STATE,
     CheckpointRecord,
     Trajectory,
     checkpoint_dirname,
     load_trainer_state,
-    load_trajectory,
+    prepare_run_dir,
     save_trainer_state,
     write_trajectory,
 )
@@ -126,24 +125,6 @@ def _base_spec(spec: str | Path) -> str:
     return text if text == TINY_CHAT or not path.is_dir() else str(path.resolve())
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> Trajectory | None:
-    """Check the output folder; return the run to resume, if any."""
-    if resume and overwrite:
-        raise ValueError("pass either --resume or --overwrite, not both")
-    has_manifest = (out / MANIFEST).is_file()
-    has_run = has_manifest or (out / "checkpoints").exists()
-    if has_run and not (resume or overwrite):
-        raise ValueError(
-            f"{out} already holds a training run; pass --resume to continue it or --overwrite "
-            "to replace it"
-        )
-    if has_run and (overwrite or not has_manifest):
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / MANIFEST).unlink(missing_ok=True)
-        return None
-    return load_trajectory(out) if has_manifest else None
-
-
 def _check_resume(previous: Trajectory, config: TrainConfig, base: str) -> None:
     now = config.to_dict()
     diffs = [
@@ -158,20 +139,6 @@ def _check_resume(previous: Trajectory, config: TrainConfig, base: str) -> None:
             f"cannot resume {previous.root} with different settings: {'; '.join(diffs)}; pass "
             "the run's settings or --overwrite"
         )
-
-
-class _Order:
-    """The deterministic example order: position k → example index (see the module docstring)."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n)
-        if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}
-        return self._perms[epoch][offset]
 
 
 def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -277,7 +244,7 @@ def train(
         raise ValueError(f"unknown schedule {schedule!r}; use cosine or constant")
     the_task = get_task(task)
     out_dir = Path(out)
-    previous = _prepare_out(out_dir, resume, overwrite)
+    previous = prepare_run_dir(out_dir, resume=resume, overwrite=overwrite)
     acc = accelerator or Accelerator()
     base = _base_spec(model_spec)
 
@@ -351,7 +318,7 @@ def _loop(
     raw_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, _lr_lambda(config))
     model, optimizer = acc.prepare(model, raw_opt)
-    order = _Order(len(examples), config.seed)
+    order = ExampleOrder(len(examples), config.seed)
     per_step = config.batch_size * acc.num_processes
     pad_id = lm.tokenizer.pad_token_id
 
@@ -443,16 +410,10 @@ def _save(
         )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        record = dataclasses.replace(record, weight_hash=_hash(unwrapped))
+        record = dataclasses.replace(record, weight_hash=weight_hash(unwrapped))
         traj = traj.with_checkpoint(record, complete=complete)
         write_trajectory(traj)
     else:
         traj = traj.with_checkpoint(record, complete=complete)
     acc.wait_for_everyone()
     return traj
-
-
-def _hash(model: torch.nn.Module) -> str:
-    from safegeom.models import weight_hash
-
-    return weight_hash(model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ __all__ = [
     "checkpoint_dirname",
     "load_trainer_state",
     "load_trajectory",
+    "prepare_run_dir",
     "save_trainer_state",
     "write_json_atomic",
     "write_trajectory",
@@ -244,6 +246,35 @@ def load_trajectory(root: str | Path) -> Trajectory:
         complete=bool(data.get("complete", False)),
         versions=data.get("versions", {}),
     )
+
+
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Trajectory | None:
+    """Check a run folder before training into it.
+
+    A folder holding a run (a manifest or a ``checkpoints/`` folder) is refused unless ``resume``
+    (continue it) or ``overwrite`` (delete its manifest and checkpoints, nothing else). Resuming a
+    folder without a manifest starts afresh.
+
+    Returns:
+        The run to resume, or ``None`` for a fresh start.
+
+    Raises:
+        ValueError: the folder holds a run and neither flag is set, or both flags are set.
+    """
+    if resume and overwrite:
+        raise ValueError("pass either --resume or --overwrite, not both")
+    has_manifest = (out / MANIFEST).is_file()
+    has_run = has_manifest or (out / "checkpoints").exists()
+    if has_run and not (resume or overwrite):
+        raise ValueError(
+            f"{out} already holds a training run; pass --resume to continue it or --overwrite "
+            "to replace it"
+        )
+    if has_run and (overwrite or not has_manifest):
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        return None
+    return load_trajectory(out) if has_manifest else None
 
 
 def save_trainer_state(

@@ -1,0 +1,166 @@
+"""Score many candidate carriers at once with the refusal score (no generation).
+
+Candidates are scored in *batched* forward passes: each prompt is repeated once per candidate and
+every batch row gets its own candidate through the row-wise interventions
+(:func:`~safegeom.interventions.ablate_rows`, :func:`~safegeom.interventions.add_rows`). Only
+last-position logits are computed (``logits_to_keep=1``).
+
+Refusal score (METHODS §1): ``p = Σ softmax(logits)[refusal tokens]`` in float64 and
+``log(p + 1e-8) − log(1 − p + 1e-8)`` (nats of log-odds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from safegeom.interventions import ablate_rows, add_rows
+from safegeom.models.chat import EncodedPrompt, collate_left
+from safegeom.models.loading import LoadedModel
+
+__all__ = [
+    "CandidateScores",
+    "ForwardCounter",
+    "last_logprobs",
+    "refusal_log_odds",
+    "score_candidates",
+]
+
+_EPS = 1e-8
+
+
+def refusal_log_odds(
+    logprobs: Float[Tensor, "n vocab"], tokens: Int[Tensor, " t"]
+) -> Float[Tensor, " n"]:
+    """Refusal score from last-position log-probabilities (float64 log-odds, nats)."""
+    p = logprobs.double().exp()[:, tokens.to(logprobs.device)].sum(-1)
+    return torch.log(p + _EPS) - torch.log(1 - p + _EPS)
+
+
+@dataclass
+class ForwardCounter:
+    """Counts forward passes (batches) and rows, for reporting the cost of a selection."""
+
+    passes: int = 0
+    rows: int = 0
+
+
+def last_logprobs(
+    lm: LoadedModel,
+    encoded: Sequence[EncodedPrompt],
+    *,
+    batch_size: int = 64,
+    intervention: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
+    counter: ForwardCounter | None = None,
+    progress: bool = False,
+    desc: str = "score",
+) -> Float[Tensor, "n vocab"]:
+    """Float64 log-probabilities of the next token after each prompt.
+
+    ``intervention(rows)`` (optional) returns a context manager for the batch made of ``rows``
+    (indices into ``encoded``), so row-wise interventions can be set per batch.
+    """
+    out: list[Tensor] = []
+    pad = lm.tokenizer.pad_token_id
+    bar = tqdm(total=len(encoded), desc=desc, unit="row", disable=not progress)
+    for start in range(0, len(encoded), batch_size):
+        rows = list(range(start, min(start + batch_size, len(encoded))))
+        batch = collate_left([encoded[i] for i in rows], pad).to(lm.device)
+        context = intervention(rows) if intervention else contextlib.nullcontext()
+        with torch.inference_mode(), context:
+            logits = lm.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                logits_to_keep=1,
+            ).logits[:, -1]
+        out.append(logits.double().log_softmax(-1).cpu())
+        if counter is not None:
+            counter.passes += 1
+            counter.rows += len(rows)
+        bar.update(len(rows))
+    bar.close()
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class CandidateScores:
+    """Selection scores of ``C`` candidates (METHODS §1), each a float64 tensor ``[C]``."""
+
+    bypass: Float[Tensor, " C"]
+    """Mean refusal score on harmful prompts with the candidate ablated everywhere."""
+    induce: Float[Tensor, " C"]
+    """Mean refusal score on harmless prompts with the candidate added at its layer."""
+    kl: Float[Tensor, " C"]
+    """Mean KL(base ‖ ablated) of next-token distributions on harmless prompts (nats)."""
+    base_harmful: float
+    """Mean refusal score on harmful prompts without intervention."""
+    base_harmless: float
+    """Mean refusal score on harmless prompts without intervention."""
+
+
+def _repeat(encoded: Sequence[EncodedPrompt], n: int) -> list[EncodedPrompt]:
+    return [e for _ in range(n) for e in encoded]
+
+
+def score_candidates(
+    lm: LoadedModel,
+    directions: Float[Tensor, "C d"],
+    layers: Sequence[int],
+    harmful: Sequence[EncodedPrompt],
+    harmless: Sequence[EncodedPrompt],
+    tokens: Int[Tensor, " t"],
+    *,
+    batch_size: int = 64,
+    counter: ForwardCounter | None = None,
+    progress: bool = True,
+) -> CandidateScores:
+    """Bypass, induce and KL scores of every candidate, in batched forward passes.
+
+    ``directions[c]`` is added unnormalised (coefficient +1) at the block input of ``layers[c]``
+    for the induce score, and ablated (as a unit direction) at every block input and every
+    attention and MLP output for the bypass and KL scores.
+    """
+    n_cand = directions.shape[0]
+    dirs = directions.float()
+    layer_t = list(layers)
+    n_h, n_s = len(harmful), len(harmless)
+
+    def rows_of(n_prompts: int, rows: list[int]) -> list[int]:
+        return [r // n_prompts for r in rows]
+
+    base_h = last_logprobs(lm, harmful, batch_size=batch_size, counter=counter)
+    base_s = last_logprobs(lm, harmless, batch_size=batch_size, counter=counter)
+    bypass_lp = last_logprobs(
+        lm, _repeat(harmful, n_cand), batch_size=batch_size, counter=counter, progress=progress,
+        desc="bypass", intervention=lambda rows: ablate_rows(lm, dirs[rows_of(n_h, rows)]),
+    )  # fmt: skip
+    ablated_s = last_logprobs(
+        lm, _repeat(harmless, n_cand), batch_size=batch_size, counter=counter, progress=progress,
+        desc="kl", intervention=lambda rows: ablate_rows(lm, dirs[rows_of(n_s, rows)]),
+    )  # fmt: skip
+    induce_lp = last_logprobs(
+        lm, _repeat(harmless, n_cand), batch_size=batch_size, counter=counter, progress=progress,
+        desc="induce",
+        intervention=lambda rows: add_rows(
+            lm, dirs[rows_of(n_s, rows)], [layer_t[c] for c in rows_of(n_s, rows)]
+        ),
+    )  # fmt: skip
+    bypass = refusal_log_odds(bypass_lp, tokens).view(n_cand, n_h).mean(-1)
+    induce = refusal_log_odds(induce_lp, tokens).view(n_cand, n_s).mean(-1)
+    base_rep = base_s.repeat(n_cand, 1)
+    kl = (base_rep.exp() * (base_rep - ablated_s)).sum(-1).view(n_cand, n_s).mean(-1)
+    return CandidateScores(
+        bypass=bypass,
+        induce=induce,
+        kl=kl,
+        base_harmful=float(refusal_log_odds(base_h, tokens).mean()),
+        base_harmless=float(refusal_log_odds(base_s, tokens).mean()),
+    )
