@@ -191,7 +191,7 @@ def _greedy(
         result = model(
             input_ids=step_ids,
             attention_mask=mask,
-            position_ids=pos,
+            position_ids=None,
             past_key_values=past,
             use_cache=True,
             **keep,

@@ -211,23 +211,31 @@ def _check_vector(vector: Tensor, d_model: int) -> Tensor:
 
 @contextmanager
 def ablate_rows(
-    lm: LoadedModel, directions: Float[Tensor, "batch d"], *, sites: Sequence[str] = ABLATION_SITES
+    lm: LoadedModel,
+    directions: Float[Tensor, "batch d"],
+    *,
+    sites: Sequence[str] = ABLATION_SITES,
+    layers: str | Sequence[int] | None = "all",
+    strength: Float[Tensor, " batch"] | float = 1.0,
 ) -> Iterator[None]:
-    """Ablate a *different* unit direction from each batch row, at every layer and site.
+    """Ablate a *different* unit direction from each batch row, at ``layers`` and ``sites``.
 
-    Used to score many candidate directions in one batched forward pass: repeat the prompts
-    once per candidate and give each copy its candidate's direction.
+    ``h ← h − s_b (h·u_b) u_b`` with ``s_b = strength[b]`` (1 removes the component, 0 does
+    nothing). Used to score many candidates in one batched forward pass: repeat the prompts once
+    per candidate and give each copy its candidate's direction.
     """
     units = directions.to(lm.device, torch.float32)
     units = units / units.norm(dim=-1, keepdim=True)
+    scale = torch.as_tensor(strength, dtype=torch.float32, device=lm.device).expand(units.shape[0])
+    scaled = units * scale[:, None]
 
     def fn(hidden: Tensor) -> Tensor:
         u = units.to(hidden.dtype)[:, None, :]
-        return hidden - (hidden * u).sum(-1, keepdim=True) * u
+        return hidden - (hidden * u).sum(-1, keepdim=True) * scaled.to(hidden.dtype)[:, None, :]
 
     hooks = [
         Hook(*site_hook_point(lm, site, layer), fn)
-        for layer in range(lm.n_layers)
+        for layer in parse_layers(layers, lm.n_layers)
         for site in sites
     ]
     with attach(hooks):

@@ -70,7 +70,7 @@ class TinyChatConfig:
     num_heads: int = 8
     intermediate_size: int = 688
     max_len: int = 160
-    steps: int = 1500
+    steps: int = 900
     batch_size: int = 48
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.05

@@ -1,0 +1,267 @@
+"""Refusal cones without gradients: the *cheap cone* (METHODS §3 proposal), and cone scoring.
+
+Wollschläger et al. 2025 find multi-dimensional refusal *cones* by gradient descent (see
+:mod:`safegeom.carriers.rdo`). The cheap cone is **our proposal**, the default when no gradients
+are wanted: at one layer, orthonormalise (greedy Gram–Schmidt, i.e. QR with rank skipping)
+
+1. the diff-in-means vectors of several sources, either every ``t_post`` position (last first,
+   ``source="positions"``) or every harm category of the harmful set after the overall
+   diff-in-means (``source="categories"``, from ``PromptSet.categories``), then
+2. the top ``n_svd`` right singular vectors of the per-prompt differences
+   ``h_i − mean_harmless`` at ``t_post[-1]``, scaled by ``σ/√n`` (activation units),
+
+and keep the first ``k`` independent directions. Every choice here is configurable.
+
+:func:`score_cone` scores a cone as the paper does: each basis vector and random positive-orthant
+combinations ``normalise(sᵀB)``, ``s = |N(0, I_k)|``, must ablate (bypass) and induce refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from safegeom.capture import capture
+from safegeom.carriers.carrier import Carrier
+from safegeom.carriers.harmfulness import Prompts, default_layer, prompt_provenance
+from safegeom.carriers.scoring import score_candidates
+from safegeom.geometry import effective_rank
+from safegeom.models.chat import encode_prompts
+from safegeom.models.loading import LoadedModel
+from safegeom.prompts import PromptSet, load_prompts
+
+__all__ = ["check_k", "cheap_cone", "cone_directions", "gram_schmidt", "score_cone"]
+
+
+def check_k(k: int, upper: int, what: str = "cone dimension k") -> int:
+    """Return ``k`` when ``1 ≤ k ≤ upper``; else raise ValueError naming the valid range."""
+    if not isinstance(k, int) or not 1 <= k <= upper:
+        raise ValueError(f"{what} must be between 1 and {upper}, got {k}")
+    return k
+
+
+def gram_schmidt(
+    vectors: Float[Tensor, "m d"], k: int, *, rel_tol: float = 1e-6
+) -> Float[Tensor, "k d"]:
+    """The first ``k`` orthonormal rows obtained from ``vectors`` in order (float64), skipping
+    vectors whose residual is below ``rel_tol`` of their norm (dependent on earlier ones).
+
+    Raises:
+        ValueError: the vectors span fewer than ``k`` dimensions.
+    """
+    rows: list[Tensor] = []
+    for v in vectors.double():
+        r = v.clone()
+        for _ in range(2):  # re-orthogonalise once for numerical safety
+            for b in rows:
+                r = r - (r @ b) * b
+        if r.norm() > rel_tol * max(float(v.norm()), 1e-300):
+            rows.append(r / r.norm())
+        if len(rows) == k:
+            return torch.stack(rows)
+    raise ValueError(
+        f"the cone's source vectors span only {len(rows)} dimensions, fewer than k={k}; "
+        "lower k, raise n_svd or use more positions/categories"
+    )
+
+
+def cone_directions(
+    basis: Float[Tensor, "k d"], n_combinations: int, *, seed: int = 0
+) -> Float[Tensor, "m d"]:
+    """Unit directions of a cone: its ``k`` basis rows, then ``n_combinations`` random
+    positive-orthant combinations ``normalise(sᵀB)``, ``s = |N(0, I_k)|`` (seeded)."""
+    b = basis.double()
+    b = b / b.norm(dim=-1, keepdim=True)
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(n_combinations, b.shape[0], generator=gen, dtype=torch.float64).abs()
+    combos = s @ b
+    return torch.cat([b, combos / combos.norm(dim=-1, keepdim=True)])
+
+
+def score_cone(
+    lm: LoadedModel,
+    basis: Float[Tensor, "k d"],
+    alpha: float,
+    layer: int,
+    harmful: Prompts,
+    harmless: Prompts,
+    *,
+    n_combinations: int = 8,
+    seed: int = 0,
+    batch_size: int = 64,
+    tokens: Sequence[int] | None = None,
+    system: str | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Bypass, induce and KL scores of every basis vector and of random cone combinations.
+
+    Each unit direction ``u`` is ablated at every layer and site (bypass: mean refusal score on
+    ``harmful``; KL: mean KL(base ‖ ablated) on ``harmless``, nats) and ``alpha·u`` is added at
+    ``layer`` on ``harmless`` (induce). Scores are refusal log-odds (nats), batched through
+    :func:`~safegeom.carriers.scoring.score_candidates`.
+
+    Returns:
+        ``bypass_j``, ``induce_j``, ``kl_j`` per basis vector ``j``; ``comb_bypass_mean``,
+        ``comb_bypass_max`` (worst), ``comb_induce_mean``, ``comb_induce_min`` (worst),
+        ``comb_kl_mean`` over the combinations; ``base_harmful``, ``base_harmless``.
+    """
+    from safegeom.evaluate import refusal_tokens
+
+    ids = torch.tensor(list(tokens) if tokens else refusal_tokens(lm.tokenizer))
+    enc = [
+        encode_prompts(
+            lm.tokenizer, load_prompts(p).prompts, system=system, chat_template=lm.chat_template
+        )
+        for p in (harmful, harmless)
+    ]
+    k = basis.shape[0]
+    dirs = cone_directions(basis, n_combinations, seed=seed) * alpha
+    s = score_candidates(
+        lm, dirs.float(), [layer] * len(dirs), enc[0], enc[1], ids, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip
+    out: dict[str, float] = {}
+    for j in range(k):
+        out |= {
+            f"bypass_{j}": float(s.bypass[j]),
+            f"induce_{j}": float(s.induce[j]),
+            f"kl_{j}": float(s.kl[j]),
+        }
+    if n_combinations:
+        out |= {
+            "comb_bypass_mean": float(s.bypass[k:].mean()),
+            "comb_bypass_max": float(s.bypass[k:].max()),
+            "comb_induce_mean": float(s.induce[k:].mean()),
+            "comb_induce_min": float(s.induce[k:].min()),
+            "comb_kl_mean": float(s.kl[k:].mean()),
+        }
+    return out | {"base_harmful": s.base_harmful, "base_harmless": s.base_harmless}
+
+
+def _category_means(
+    acts: Float[Tensor, "n d"], prompts: PromptSet
+) -> tuple[list[str], list[Tensor]]:
+    if prompts.categories is None:
+        raise ValueError(
+            f"prompt set {prompts.name!r} has no categories; use source='positions' or a set "
+            "with categories (directharm4, jbb-harmful)"
+        )
+    names = sorted(set(prompts.categories), key=lambda c: (-prompts.categories.count(c), c))
+    means = []
+    for name in names:
+        rows = [i for i, c in enumerate(prompts.categories) if c == name]
+        means.append(acts[rows].mean(0))
+    return names, means
+
+
+def cheap_cone(
+    lm: LoadedModel,
+    harmful: Prompts,
+    harmless: Prompts,
+    *,
+    k: int = 3,
+    layer: int | None = None,
+    refusal: Carrier | None = None,
+    source: Literal["positions", "categories"] = "positions",
+    n_svd: int | None = None,
+    score: bool = True,
+    harmful_val: Prompts | None = None,
+    harmless_val: Prompts | None = None,
+    n_combinations: int = 8,
+    seed: int = 0,
+    kind: str = "refusal",
+    batch_size: int = 64,
+    system: str | None = None,
+    progress: bool = False,
+) -> Carrier:
+    """The cheap refusal cone (our proposal, METHODS §3): ``k`` orthonormal directions at one layer.
+
+    Args:
+        lm: the model.
+        harmful, harmless: prompt sets for the means (``harmful`` needs ``categories`` for
+            ``source="categories"``).
+        k: cone dimension, 1 ≤ k ≤ d (the papers use 2–5).
+        layer: the layer; default the layer of ``refusal`` when given, else the middle layer.
+        refusal: an optional refusal carrier whose layer is reused.
+        source: ``positions`` (diff-in-means at every ``t_post`` token) or ``categories``
+            (the overall diff-in-means at ``t_post[-1]``, then one per harm category).
+        n_svd: number of singular vectors of the per-prompt differences appended (default ``k``).
+        score: score the basis and ``n_combinations`` random combinations (:func:`score_cone`)
+            on ``harmful_val``/``harmless_val`` (default: the fitting prompts).
+        seed: seed of the combinations.
+        kind: what the cone carries (stored on the carrier).
+
+    Returns:
+        A :class:`Carrier` with ``k`` orthonormal rows (``method="cone-cheap"``), the first along
+        the diff-in-means at ``t_post[-1]``. ``scores``: ``alpha`` (norm of that diff-in-means,
+        activation units, used as the addition scale), ``effective_rank`` of the stacked raw
+        source vectors (:func:`safegeom.geometry.effective_rank`), ``n_raw`` and, when scored,
+        those of :func:`score_cone`.
+
+    Raises:
+        ValueError: an empty prompt set, a layer or ``k`` out of range, an unknown source, a set
+            without categories, or sources spanning fewer than ``k`` dimensions.
+    """
+    h_set, s_set = load_prompts(harmful), load_prompts(harmless)
+    check_k(k, lm.d_model)
+    at = default_layer(lm, layer, refusal)
+    if source not in ("positions", "categories"):
+        raise ValueError(f"unknown cone source {source!r}: use positions or categories")
+    n_svd = k if n_svd is None else n_svd
+    if n_svd < 0:
+        raise ValueError(f"n_svd must be ≥ 0, got {n_svd}")
+    acts = [
+        capture(
+            lm, p, layers=[at], positions="t_post", dtype=torch.float32, system=system,
+            progress=progress,
+        )
+        for p in (h_set, s_set)
+    ]  # fmt: skip
+    if acts[0].positions != acts[1].positions:
+        raise ValueError("harmful and harmless prompts have different post-instruction positions")
+    h, s = (a["resid_pre"][:, 0].double() for a in acts)  # [n, pos, d]
+    dim = h.mean(0) - s.mean(0)  # [pos, d]
+    if source == "positions":
+        raw = list(dim.flip(0))  # t_post[-1] first
+        names = list(reversed(acts[0].positions))
+    else:
+        cats, means = _category_means(h[:, -1], h_set)
+        raw = [dim[-1], *(m - s[:, -1].mean(0) for m in means)]
+        names = ["all", *cats]
+    if n_svd:
+        diffs = h[:, -1] - s[:, -1].mean(0)
+        _, sv, vh = torch.linalg.svd(diffs, full_matrices=False)
+        top = min(n_svd, len(sv))
+        raw += list(vh[:top] * (sv[:top, None] / len(diffs) ** 0.5))
+        names += [f"svd{j}" for j in range(top)]
+    stacked = torch.stack(raw)
+    basis = gram_schmidt(stacked, k)
+    alpha = float(dim[-1].norm())
+    scores = {"alpha": alpha, "effective_rank": effective_rank(stacked), "n_raw": float(len(raw))}
+    if score:
+        scores |= score_cone(
+            lm, basis, alpha, at, harmful_val if harmful_val is not None else h_set,
+            harmless_val if harmless_val is not None else s_set, n_combinations=n_combinations,
+            seed=seed, batch_size=batch_size, system=system, progress=progress,
+        )  # fmt: skip
+    return Carrier(
+        vectors=basis,
+        kind=kind,
+        method="cone-cheap",
+        site="resid_pre",
+        layer=at,
+        position="t_post" if source == "positions" else "t_post[-1]",
+        scores=scores,
+        provenance={
+            **prompt_provenance(lm, h_set, s_set),
+            "source": source,
+            "raw_vectors": names,
+            "n_svd": n_svd,
+            "seed": seed,
+            "system": system,
+        },
+    )

@@ -1,0 +1,108 @@
+"""The harmfulness carrier (Zhao et al. 2025, "LLMs Encode Harmfulness and Refusal Separately").
+
+Harmfulness is read at **t_inst**, the last token of the user's instruction, before the chat
+template's post-instruction tokens, where the refusal carrier lives (``t_post[-1]``). The carrier is
+the float64 diff-in-means ``mean_harmful − mean_harmless`` of ``resid_pre`` at one layer; in
+aligned models it is nearly orthogonal to the refusal direction (METHODS §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from safegeom.capture import capture_stats
+from safegeom.carriers.carrier import Carrier
+from safegeom.models.loading import LoadedModel
+from safegeom.models.positions import parse_layers
+from safegeom.prompts import PromptSet, load_prompts
+
+__all__ = ["default_layer", "harmfulness_direction", "prompt_provenance"]
+
+Prompts = PromptSet | str | Sequence[str]
+
+
+def prompt_provenance(lm: LoadedModel, harmful: PromptSet, harmless: PromptSet) -> dict[str, Any]:
+    """Provenance shared by carriers: model name and weight hash, prompt-set names, hashes and n."""
+    return {
+        "model": lm.name,
+        "weight_hash": lm.weight_hash,
+        "harmful": harmful.name,
+        "harmful_hash": harmful.content_hash,
+        "harmless": harmless.name,
+        "harmless_hash": harmless.content_hash,
+        "n_harmful": len(harmful),
+        "n_harmless": len(harmless),
+    }
+
+
+def default_layer(lm: LoadedModel, layer: int | None, refusal: Carrier | None = None) -> int:
+    """The layer a carrier is extracted at: ``layer`` when given (negative counts from the end),
+    else the layer of ``refusal``, else the middle layer ``n_layers // 2``.
+
+    Raises:
+        ValueError: the layer is out of range, or ``refusal`` was found on a model of another
+            hidden size.
+    """
+    if layer is None and refusal is not None:
+        refusal.check_model(lm.d_model)
+        layer = refusal.layer
+    if layer is None:
+        layer = lm.n_layers // 2
+    return parse_layers(int(layer), lm.n_layers)[0]
+
+
+def harmfulness_direction(
+    lm: LoadedModel,
+    harmful: Prompts,
+    harmless: Prompts,
+    *,
+    layer: int | None = None,
+    refusal: Carrier | None = None,
+    site: str = "resid_pre",
+    system: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> Carrier:
+    """Diff-in-means harmfulness direction at ``t_inst`` (METHODS §2).
+
+    Args:
+        lm: the model.
+        harmful, harmless: prompt sets (a :class:`PromptSet`, a spec such as ``advbench:train``,
+            or strings).
+        layer: the layer to read; default the layer of ``refusal`` when given, else the middle.
+        refusal: an optional refusal carrier whose layer is reused (so the two are comparable).
+        site: the hook site (default ``resid_pre``, the block input).
+        system: optional system prompt.
+        batch_size: prompts per capture pass (default: automatic).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`Carrier` (``kind="harmfulness"``, ``method="dim"``, ``position="t_inst"``) whose
+        single vector is the raw float64-accumulated difference of means, in activation units
+        (its norm is meaningful for activation addition). ``scores`` holds ``norm``.
+
+    Raises:
+        ValueError: an empty prompt set, a layer out of range, a hidden-size mismatch with
+            ``refusal``.
+    """
+    h_set, s_set = load_prompts(harmful), load_prompts(harmless)
+    at = default_layer(lm, layer, refusal)
+    means = [
+        capture_stats(
+            lm, p, sites=site, layers=[at], positions="t_inst", system=system,
+            batch_size=batch_size, progress=progress,
+        ).mean(site)[0, 0]
+        for p in (h_set, s_set)
+    ]  # fmt: skip
+    diff = means[0] - means[1]  # float64 [d]
+    return Carrier(
+        vectors=diff,
+        kind="harmfulness",
+        method="dim",
+        site=site,
+        layer=at,
+        position="t_inst",
+        scores={"norm": float(diff.norm())},
+        provenance={**prompt_provenance(lm, h_set, s_set), "system": system},
+    )

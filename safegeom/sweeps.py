@@ -1,0 +1,287 @@
+"""Causal sweeps: layer × strength × carrier, for ablation and addition, against matched controls.
+
+Every cell (carrier, op, layer, strength, population) is compared with ``n_random`` (≥ 20)
+random unit directions at the same layer, the same positions and the same norm (METHODS §4):
+
+- ``ablate``: ``h ← h − s (h·r̂) r̂`` at the block inputs and attention/MLP outputs of the cell's
+  layers (``all`` by default, as in Arditi et al.), ``s`` = strength (1 removes the component);
+- ``add``: ``h ← h + α r`` at the block input of one layer, all positions, ``α`` = strength in
+  multiples of the carrier (``r`` keeps the diff-in-means norm; controls are random unit vectors
+  scaled to ``‖r‖``). The METHODS §4 proposal sweeps α ∈ [−2, 2].
+
+The fast metric is the refusal score (last-position log-odds of refusal tokens, no generation).
+All rows of a cell (prompts × [carrier + controls]) run in batched forward passes with
+row-wise hooks. With ``generate=True`` each cell also generates greedy completions
+for the carrier and every control and reports the substring judge's refusal rate.
+
+Output: a tidy table with, per cell, ``effect`` (mean change of the metric against no
+intervention), ``control_mean``/``control_std`` (over the random directions),
+``effect_minus_control`` and its paired bootstrap CI over prompts, and ``control_rank`` (fraction
+of controls whose effect is at least as large in magnitude: a permutation-style p-value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from safegeom.bootstrap import bootstrap_diff_ci
+from safegeom.carriers.carrier import Carrier
+from safegeom.carriers.scoring import last_logprobs, refusal_log_odds
+from safegeom.interventions import ablate_rows, add_rows
+from safegeom.models.chat import EncodedPrompt, encode_prompts
+from safegeom.models.loading import LoadedModel
+from safegeom.models.positions import parse_layers
+from safegeom.prompts import PromptSet, load_prompts
+
+__all__ = ["SweepConfig", "causal_sweep", "random_controls"]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Grid and controls of a causal sweep."""
+
+    ops: tuple[str, ...] = ("ablate", "add")
+    """Interventions to sweep."""
+    add_layers: str = "all"
+    """Layers for addition (a layer spec: ``all``, ``2:5``, ``1,3``)."""
+    add_strengths: tuple[float, ...] = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+    """Addition coefficients, in multiples of the carrier vector."""
+    ablate_layers: tuple[str, ...] = ("all",)
+    """Layer specs at which to ablate; each is one cell."""
+    ablate_strengths: tuple[float, ...] = (1.0,)
+    """Fraction of the component removed."""
+    n_random: int = 20
+    """Matched random unit directions per cell."""
+    n_prompts: int = 32
+    """Prompts per population."""
+    seed: int = 0
+    """Seed of the random controls and of the bootstrap."""
+    batch_size: int = 128
+    generate: bool = False
+    """Also generate and judge refusals (slower)."""
+    max_new_tokens: int = 24
+    n_resamples: int = 1000
+
+
+def random_controls(
+    d_model: int, n: int, *, seed: int, exclude: Tensor | None = None
+) -> Float[Tensor, "n d"]:
+    """``n`` random unit directions (seeded); if ``exclude`` is given, they are made orthogonal to
+    it so no control is the carrier itself."""
+    gen = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n, d_model, generator=gen, dtype=torch.float64)
+    if exclude is not None:
+        e = (exclude / exclude.norm()).double()
+        dirs = dirs - (dirs @ e)[:, None] * e
+    return (dirs / dirs.norm(dim=-1, keepdim=True)).float()
+
+
+@dataclass(frozen=True)
+class _Cell:
+    carrier: str
+    op: str
+    layer: str
+    strength: float
+
+
+def _scores(
+    lm: LoadedModel,
+    encoded: Sequence[EncodedPrompt],
+    tokens: Tensor,
+    n_dirs: int,
+    make_context,
+    batch_size: int,
+) -> Float[Tensor, "dirs n"]:
+    rows = [e for _ in range(n_dirs) for e in encoded]
+    lp = last_logprobs(lm, rows, batch_size=batch_size, intervention=make_context)
+    return refusal_log_odds(lp, tokens).view(n_dirs, len(encoded))
+
+
+def _summarise(
+    cell: _Cell,
+    population: str,
+    metric: str,
+    per_dir: np.ndarray,
+    base: np.ndarray,
+    config: SweepConfig,
+) -> dict:
+    """per_dir: [1 + n_random, n] metric values; base: [n]."""
+    effects = per_dir - base[None]
+    carrier_effect = effects[0]
+    controls = effects[1:]
+    control_per_prompt = controls.mean(0)
+    diff = carrier_effect - control_per_prompt
+    low, high = bootstrap_diff_ci(
+        carrier_effect, control_per_prompt, n_resamples=config.n_resamples, seed=config.seed
+    )
+    control_means = controls.mean(1)
+    return {
+        "carrier": cell.carrier,
+        "op": cell.op,
+        "layer": cell.layer,
+        "strength": cell.strength,
+        "population": population,
+        "metric": metric,
+        "base": float(base.mean()),
+        "value": float(per_dir[0].mean()),
+        "effect": float(carrier_effect.mean()),
+        "control_mean": float(control_means.mean()),
+        "control_std": float(control_means.std(ddof=1)) if len(control_means) > 1 else 0.0,
+        "effect_minus_control": float(diff.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "control_rank": float((np.abs(control_means) >= abs(carrier_effect.mean())).mean()),
+        "n_prompts": int(base.shape[0]),
+        "n_controls": int(controls.shape[0]),
+    }
+
+
+def causal_sweep(
+    lm: LoadedModel,
+    carriers: Mapping[str, Carrier] | Sequence[Carrier] | Carrier,
+    harmful: PromptSet | str = "advbench:val",
+    harmless: PromptSet | str = "alpaca:val",
+    config: SweepConfig = SweepConfig(),
+    *,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run the sweep and return the tidy table (one row per cell × population × metric).
+
+    Raises:
+        ValueError: fewer than 1 random control, an unknown op, a carrier of another hidden size.
+    """
+    if config.n_random < 1:
+        raise ValueError("n_random must be at least 1 (20 or more recommended)")
+    bad = [op for op in config.ops if op not in ("ablate", "add")]
+    if bad:
+        raise ValueError(f"unknown sweep op(s) {bad}: use ablate and/or add")
+    named = _named(carriers)
+    from safegeom.evaluate import refusal_tokens
+
+    tokens = torch.tensor(refusal_tokens(lm.tokenizer))
+    populations = {
+        name: load_prompts(spec).take(config.n_prompts)
+        for name, spec in (("harmful", harmful), ("harmless", harmless))
+    }
+    encoded = {
+        name: encode_prompts(lm.tokenizer, p.prompts, chat_template=lm.chat_template)
+        for name, p in populations.items()
+    }
+    base = {
+        name: refusal_log_odds(last_logprobs(lm, enc, batch_size=config.batch_size), tokens).numpy()
+        for name, enc in encoded.items()
+    }
+    rows: list[dict] = []
+    cells = _cells(lm, named, config)
+    bar = tqdm(total=len(cells) * len(encoded), desc="sweep", unit="cell", disable=not progress)
+    for name, carrier in named.items():
+        carrier.check_model(lm.d_model, lm.weight_hash)
+        dirs = torch.cat(
+            [
+                carrier.unit[None],
+                random_controls(
+                    lm.d_model, config.n_random, seed=config.seed, exclude=carrier.unit
+                ),
+            ]
+        )
+        norm = float(carrier.direction.norm())
+        for cell in (c for c in cells if c.carrier == name):
+            for pop, enc in encoded.items():
+                context = _row_context(lm, cell, dirs, norm, len(enc))
+                scores = _scores(lm, enc, tokens, dirs.shape[0], context, config.batch_size)
+                rows.append(
+                    _summarise(cell, pop, "refusal_score", scores.numpy(), base[pop], config)
+                )
+                if config.generate:
+                    rates = _generated_refusals(lm, populations[pop], dirs, cell, norm, config)
+                    base_rate = _generated_refusals(lm, populations[pop], None, cell, norm, config)[
+                        0
+                    ]
+                    rows.append(_summarise(cell, pop, "refusal_rate", rates, base_rate, config))
+                bar.update(1)
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def _row_context(lm: LoadedModel, cell: _Cell, dirs: Tensor, norm: float, n: int):
+    """Row-wise intervention factory for one cell: row ``i`` uses direction ``i // n``."""
+    if cell.op == "ablate":
+        return lambda r: ablate_rows(
+            lm, dirs[[i // n for i in r]], layers=cell.layer, strength=cell.strength
+        )
+    layer = parse_layers(cell.layer, lm.n_layers)[0]
+    scale = cell.strength * norm
+    return lambda r: add_rows(lm, dirs[[i // n for i in r]] * scale, [layer] * len(r))
+
+
+def _named(carriers: Mapping[str, Carrier] | Sequence[Carrier] | Carrier) -> dict[str, Carrier]:
+    if isinstance(carriers, Carrier):
+        carriers = [carriers]
+    if isinstance(carriers, Mapping):
+        named = dict(carriers)
+    else:
+        named = {}
+        for c in carriers:
+            key = f"{c.kind}-{c.method}-L{c.layer}"
+            named[key if key not in named else f"{key}-{len(named)}"] = c
+    if not named:
+        raise ValueError("no carrier to sweep")
+    return named
+
+
+def _cells(lm: LoadedModel, named: Mapping[str, Carrier], config: SweepConfig) -> list[_Cell]:
+    cells = []
+    for name in named:
+        if "ablate" in config.ops:
+            for spec in config.ablate_layers:
+                parse_layers(spec, lm.n_layers)  # validate early
+                cells.extend(_Cell(name, "ablate", spec, s) for s in config.ablate_strengths)
+        if "add" in config.ops:
+            for layer in parse_layers(config.add_layers, lm.n_layers):
+                cells.extend(_Cell(name, "add", str(layer), s) for s in config.add_strengths)
+    return cells
+
+
+def _generated_refusals(
+    lm: LoadedModel,
+    prompts: PromptSet,
+    dirs: Tensor | None,
+    cell: _Cell,
+    norm: float,
+    config: SweepConfig,
+) -> np.ndarray:
+    """Substring-judged refusals (1/0) per direction and prompt: ``[n_dirs, n]`` (or ``[1, n]``
+    without intervention when ``dirs`` is None)."""
+    from safegeom.evaluate import generate
+    from safegeom.interventions import ablate, add
+    from safegeom.judges import SubstringJudge
+
+    judge = SubstringJudge()
+    out = []
+    for d in [None] if dirs is None else list(dirs):
+        if d is None:
+            context = None
+        elif cell.op == "ablate":
+            context = (
+                ablate(lm, d, layers=cell.layer) if cell.strength == 1.0 else _partial(lm, d, cell)
+            )
+        else:
+            context = add(lm, d * (cell.strength * norm), layers=int(cell.layer))
+        completions = generate(
+            lm, prompts, max_new_tokens=config.max_new_tokens, intervention=context,
+            progress=False,
+        )  # fmt: skip
+        out.append(np.asarray(judge(prompts.prompts, completions), dtype=float))
+    return np.stack(out)
+
+
+def _partial(lm: LoadedModel, direction: Tensor, cell: _Cell):
+    return ablate_rows(lm, direction[None], layers=cell.layer, strength=cell.strength)
