@@ -191,7 +191,7 @@ def _greedy(
         result = model(
             input_ids=step_ids,
             attention_mask=mask,
-            position_ids=None,
+            position_ids=pos,
             past_key_values=past,
             use_cache=True,
             **keep,

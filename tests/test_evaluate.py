@@ -149,7 +149,9 @@ def test_last_position_logprobs(lm: LoadedModel) -> None:
 def test_batched_generation_equals_one_at_a_time(
     arch: str, lm: LoadedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    model = lm if arch == "llama" else load_model(build_checkpoint(tmp_path_factory.mktemp(arch), arch))
+    model = (
+        lm if arch == "llama" else load_model(build_checkpoint(tmp_path_factory.mktemp(arch), arch))
+    )
     batched = generate(model, PROMPTS, max_new_tokens=10, batch_size=3, progress=False)
     alone = tuple(generate(model, [p], max_new_tokens=10, progress=False)[0] for p in PROMPTS)
     assert batched == alone

@@ -1,0 +1,375 @@
+"""Refusal Direction Optimisation and RDO cones (Wollschläger et al. 2025, METHODS §3).
+
+A unit vector ``r̂`` (or an orthonormal basis) is trained by gradient descent on
+
+``λ_abl·CE(ablation target | ablate r̂) + λ_add·CE(addition target | add α r̂)
++ λ_ret·KL(base ‖ ablate r̂)``  (defaults 1, 0.2, 1; nats per target token),
+
+with ``α = ‖r_DIM‖`` at the diff-in-means layer. Targets are greedy completions (30 tokens by
+default): the DIM-ablated model on harmful prompts; the first sentence of DIM-ActAdd completions on
+harmless prompts; the base model on harmless prompts (retain, for the KL). AdamW (lr 1e-2, betas
+(0.9, 0.98)); gradients projected onto the sphere's tangent and clipped at norm 10; the vector is
+renormalised (a basis re-orthonormalised by sign-fixed QR) after each step. The model's parameters
+are frozen (``requires_grad`` False, restored afterwards); hooks let gradients flow into r̂ only.
+
+Initialisation (our choice, configurable): ``init="dim"`` starts at r̂_DIM (a cone: r̂_DIM then
+random orthogonal rows), ``init="random"`` at a seeded random unit vector/basis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from safegeom.carriers.carrier import Carrier
+from safegeom.carriers.cones import check_k, score_cone
+from safegeom.carriers.harmfulness import Prompts, prompt_provenance
+from safegeom.hooks import Hook, attach, site_hook_point
+from safegeom.interventions import ABLATION_SITES, ablate, add
+from safegeom.models.chat import EncodedPrompt, collate_left, encode_prompts
+from safegeom.models.loading import LoadedModel
+from safegeom.prompts import load_prompts
+
+__all__ = ["RDOTargets", "first_sentence", "rdo_cone", "rdo_direction", "rdo_targets"]
+
+Pair = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, target ids)
+_TERMS = ("ablation", "addition", "retain")
+
+
+@dataclass(frozen=True)
+class RDOTargets:
+    """Token-level training targets: ``(prompt_ids, target_ids)`` pairs per loss term."""
+
+    ablation: tuple[Pair, ...]
+    """Harmful prompts → completions of the DIM-ablated model."""
+    addition: tuple[Pair, ...]
+    """Harmless prompts → first sentence of DIM-ActAdd completions."""
+    retain: tuple[Pair, ...]
+    """Harmless prompts → base-model completions (KL positions)."""
+
+
+def first_sentence(text: str) -> str:
+    """``text`` up to and including its first ``.``, ``!``, ``?`` or line break (else all)."""
+    match = re.search(r"[.!?](\s|$)|\n", text)
+    return text[: match.start() + 1] if match else text
+
+
+def rdo_targets(
+    lm: LoadedModel,
+    harmful: Prompts,
+    harmless: Prompts,
+    dim_carrier: Carrier,
+    *,
+    max_new_tokens: int = 30,
+    system: str | None = None,
+    progress: bool = False,
+) -> RDOTargets:
+    """Greedy targets for RDO (METHODS §3), ``max_new_tokens`` each; an empty completion becomes
+    the EOS token (the model stopping is its target)."""
+    from safegeom.evaluate import generate
+
+    h_set, s_set = load_prompts(harmful), load_prompts(harmless)
+    r = dim_carrier.direction
+
+    def run(prompts, intervention, cut=lambda t: t):
+        texts = generate(
+            lm, prompts, max_new_tokens=max_new_tokens, system=system, progress=progress,
+            intervention=intervention,
+        )  # fmt: skip
+        enc = encode_prompts(
+            lm.tokenizer, prompts.prompts, system=system, chat_template=lm.chat_template
+        )
+        pairs = []
+        for e, text in zip(enc, texts, strict=True):
+            ids = lm.tokenizer(cut(text), add_special_tokens=False)["input_ids"][:max_new_tokens]
+            pairs.append((e.input_ids, tuple(ids) or (int(lm.tokenizer.eos_token_id),)))
+        return tuple(pairs)
+
+    return RDOTargets(
+        ablation=run(h_set, lambda: ablate(lm, r)),
+        addition=run(s_set, lambda: add(lm, r, layers=dim_carrier.layer), first_sentence),
+        retain=run(s_set, None),
+    )
+
+
+@contextlib.contextmanager
+def _ablating(lm: LoadedModel, u: Float[Tensor, " d"]) -> Iterator[None]:
+    """Differentiable directional ablation of unit ``u`` at every block input, attention and MLP
+    output (the hook keeps the graph to ``u``)."""
+
+    def fn(hidden: Tensor) -> Tensor:
+        v = u.to(hidden.dtype)
+        return hidden - (hidden @ v)[..., None] * v
+
+    with attach([Hook(*site_hook_point(lm, s, i), fn) for i in range(lm.n_layers) for s in ABLATION_SITES]):  # fmt: skip
+        yield
+
+
+@contextlib.contextmanager
+def _adding(lm: LoadedModel, vector: Float[Tensor, " d"], layer: int) -> Iterator[None]:
+    with attach([Hook(lm.blocks[layer], "pre", lambda h: h + vector.to(h.dtype))]):
+        yield
+
+
+def _target_logprobs(lm: LoadedModel, pairs: Sequence[Pair]) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs ``[B, T, V]`` of the last T positions' predictions, labels ``[B, T]`` and a mask
+    ``[B, T]`` of real target tokens (T = the longest target)."""
+    width = max(len(t) for _, t in pairs)
+    seqs = [EncodedPrompt(p + t, len(p + t) - 1, 0) for p, t in pairs]
+    batch = collate_left(seqs, lm.tokenizer.pad_token_id).to(lm.device)
+    keep = {"logits_to_keep": width + 1} if _accepts_keep(lm) else {}
+    logits = lm.model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids, use_cache=False, **keep,
+    ).logits[:, -(width + 1) : -1]  # fmt: skip
+    n_t = torch.tensor([len(t) for _, t in pairs], device=lm.device)
+    mask = torch.arange(width, device=lm.device)[None] >= (width - n_t)[:, None]
+    return logits.float().log_softmax(-1), batch.input_ids[:, -width:], mask
+
+
+def _accepts_keep(lm: LoadedModel) -> bool:
+    return "logits_to_keep" in inspect.signature(lm.base.forward).parameters
+
+
+def _ce(lm: LoadedModel, pairs: Sequence[Pair]) -> Tensor:
+    logp, labels, mask = _target_logprobs(lm, pairs)
+    nll = -logp.gather(-1, labels[..., None])[..., 0]
+    return (nll * mask).sum() / mask.sum()
+
+
+def _kl(lm: LoadedModel, base: Tensor, pairs: Sequence[Pair]) -> Tensor:
+    logp, _, mask = _target_logprobs(lm, pairs)
+    kl = (base.exp() * (base - logp)).sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
+@contextlib.contextmanager
+def _frozen(lm: LoadedModel) -> Iterator[None]:
+    flags = [(p, p.requires_grad) for p in lm.model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _orthonormal_rows(b: Tensor) -> Tensor:
+    q, r = torch.linalg.qr(b.double().T)
+    return (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)).T.to(b.dtype)
+
+
+def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[list[int]]:
+    while True:
+        order = torch.randperm(n, generator=gen).tolist()
+        for start in range(0, n, size):
+            yield order[start : start + size]
+
+
+def _train(
+    lm, init, targets, dim, *, steps, lr, betas, lambdas, n_combinations, batch_size, clip,
+    weight_decay, seed, progress,
+):  # fmt: skip
+    """Optimise rows ``init`` [k, d]; return (final rows, per-step losses, last loss terms)."""
+    alpha, layer = float(dim.direction.norm()), dim.layer
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.nn.Parameter(_orthonormal_rows(init.to(lm.device, torch.float32)))
+    opt = torch.optim.AdamW([rows], lr=lr, betas=betas, weight_decay=weight_decay)
+    streams = [_batches(len(getattr(targets, t)), batch_size, gen) for t in _TERMS]
+    history: list[float] = []
+    terms: dict[str, float] = {}
+    bar = tqdm(range(steps), desc="rdo", disable=not progress)
+    with _frozen(lm):
+        for _ in bar:
+            picks = [[getattr(targets, t)[i] for i in next(b)] for t, b in zip(_TERMS, streams, strict=True)]  # fmt: skip
+            with torch.no_grad():
+                base = _target_logprobs(lm, picks[2])[0]
+            s = torch.randn(n_combinations, rows.shape[0], generator=gen).abs().to(lm.device)
+            opt.zero_grad()
+            sums = torch.zeros(3)
+            for j in range(rows.shape[0] + n_combinations):
+                units = rows / rows.norm(dim=-1, keepdim=True)
+                u = units[j] if j < rows.shape[0] else s[j - rows.shape[0]] @ units
+                u = u / u.norm()
+                with _ablating(lm, u):
+                    abl, ret = _ce(lm, picks[0]), _kl(lm, base, picks[2])
+                with _adding(lm, alpha * u, layer):
+                    addn = _ce(lm, picks[1])
+                parts = torch.stack([abl, addn, ret])
+                loss = (torch.tensor(lambdas, device=parts.device) * parts).sum()
+                (loss / (rows.shape[0] + n_combinations)).backward()
+                sums += parts.detach().cpu() / (rows.shape[0] + n_combinations)
+            with torch.no_grad():  # tangent projection per row, clip, step, re-orthonormalise
+                g, x = rows.grad, rows / rows.norm(dim=-1, keepdim=True)
+                g -= (g * x).sum(-1, keepdim=True) * x
+            torch.nn.utils.clip_grad_norm_([rows], clip)
+            opt.step()
+            with torch.no_grad():
+                rows.copy_(_orthonormal_rows(rows))
+            total = float((torch.tensor(lambdas) * sums).sum())
+            history.append(total)
+            terms = {"abl_ce": float(sums[0]), "add_ce": float(sums[1]), "ret_kl": float(sums[2])}
+            bar.set_postfix(loss=f"{total:.4f}")
+    return rows.detach().cpu(), history, terms
+
+
+def _run(
+    lm, harmful, harmless, dim, k, n_combinations, *, steps, lr, betas, lambdas, init, targets,
+    max_new_tokens, batch_size, clip, weight_decay, seed, score, harmful_val, harmless_val,
+    n_score_combinations, system, progress,
+):  # fmt: skip
+    dim.check_model(lm.d_model, lm.weight_hash)
+    check_k(k, lm.d_model)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if init not in ("dim", "random"):
+        raise ValueError(f"unknown init {init!r}: use dim or random")
+    h_set, s_set = load_prompts(harmful), load_prompts(harmless)
+    targets = targets or rdo_targets(
+        lm, h_set, s_set, dim, max_new_tokens=max_new_tokens, system=system, progress=progress
+    )
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(k, lm.d_model, generator=gen)
+    if init == "dim":
+        start[0] = dim.unit
+    final, history, terms = _train(
+        lm, start, targets, dim, steps=steps, lr=lr, betas=betas, lambdas=lambdas,
+        n_combinations=n_combinations, batch_size=batch_size, clip=clip,
+        weight_decay=weight_decay, seed=seed, progress=progress,
+    )  # fmt: skip
+    alpha = float(dim.direction.norm())
+    scores = {
+        "alpha": alpha,
+        "loss_initial": history[0],
+        "loss_final": history[-1],
+        **terms,
+        "cos_dim": float(final[0] @ dim.unit),
+    }
+    if score:
+        scores |= score_cone(
+            lm, final, alpha, dim.layer, harmful_val if harmful_val is not None else h_set,
+            harmless_val if harmless_val is not None else s_set,
+            n_combinations=n_score_combinations if k > 1 else 0, seed=seed, system=system,
+        )  # fmt: skip
+    provenance = {
+        **prompt_provenance(lm, h_set, s_set),
+        "dim_layer": dim.layer, "dim_position": dim.position, "dim_method": dim.method,
+        "steps": steps, "lr": lr, "betas": list(betas), "lambdas": list(lambdas), "init": init,
+        "max_new_tokens": max_new_tokens, "seed": seed, "losses": history, "system": system,
+    }  # fmt: skip
+    return final, scores, provenance
+
+
+_DEFAULTS = {
+    "lr": 1e-2, "betas": (0.9, 0.98), "lambdas": (1.0, 0.2, 1.0), "init": "dim", "targets": None,
+    "max_new_tokens": 30, "batch_size": 16, "clip": 10.0, "weight_decay": 0.0, "seed": 0,
+    "score": True, "harmful_val": None, "harmless_val": None, "system": None, "progress": True,
+}  # fmt: skip
+
+
+def rdo_direction(
+    lm: LoadedModel,
+    harmful: Prompts,
+    harmless: Prompts,
+    dim_carrier: Carrier,
+    *,
+    steps: int = 100,
+    lr: float = 1e-2,
+    lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0),
+    betas: tuple[float, float] = (0.9, 0.98),
+    init: Literal["dim", "random"] = "dim",
+    targets: RDOTargets | None = None,
+    max_new_tokens: int = 30,
+    batch_size: int = 16,
+    clip: float = 10.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    score: bool = True,
+    harmful_val: Prompts | None = None,
+    harmless_val: Prompts | None = None,
+    system: str | None = None,
+    progress: bool = True,
+) -> Carrier:
+    """Train a refusal direction with RDO (METHODS §3).
+
+    Args:
+        dim_carrier: the diff-in-means refusal carrier: its layer and norm give α, it makes the
+            targets, and (``init="dim"``) the starting point.
+        steps: optimiser steps; each uses ``batch_size`` pairs per loss term (seeded order).
+        targets: precomputed :func:`rdo_targets` (else generated, ``max_new_tokens`` each).
+        score: score the result (bypass, induce, KL) on ``harmful_val``/``harmless_val``
+            (default: the training prompts).
+
+    Returns:
+        A :class:`Carrier` (``method="rdo"``) whose vector is ``α·r̂`` (activation units, the scale
+        used for addition); ``scores``: ``alpha``, ``loss_initial``/``loss_final`` (weighted loss,
+        nats), the last step's ``abl_ce``, ``add_ce``, ``ret_kl``, ``cos_dim`` and, when scored,
+        ``bypass_0``, ``induce_0``, ``kl_0`` (refusal log-odds / nats). Per-step losses are in
+        ``provenance["losses"]``.
+
+    Raises:
+        ValueError: empty prompt sets, a hidden-size mismatch, ``steps < 1``, an unknown init.
+    """
+    rows, scores, prov = _run(
+        lm, harmful, harmless, dim_carrier, 1, 0, steps=steps, lr=lr, betas=betas,
+        lambdas=lambdas, init=init, targets=targets, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, clip=clip, weight_decay=weight_decay, seed=seed, score=score,
+        harmful_val=harmful_val, harmless_val=harmless_val, n_score_combinations=0,
+        system=system, progress=progress,
+    )  # fmt: skip
+    return Carrier(
+        vectors=rows[0] * scores["alpha"], kind="refusal", method="rdo", site="resid_pre",
+        layer=dim_carrier.layer, position=dim_carrier.position, scores=scores, provenance=prov,
+    )  # fmt: skip
+
+
+def rdo_cone(
+    lm: LoadedModel,
+    harmful: Prompts,
+    harmless: Prompts,
+    dim_carrier: Carrier,
+    *,
+    k: int = 3,
+    n_combinations: int = 4,
+    n_score_combinations: int = 8,
+    steps: int = 100,
+    **options,
+) -> Carrier:
+    """Train an RDO refusal cone: ``k`` orthonormal rows (METHODS §3; the paper uses k = 2–5).
+
+    Each step samples ``n_combinations`` positive-orthant combinations ``normalise(sᵀB)``,
+    ``s = |N(0, I_k)|``, and averages the RDO loss over the ``k`` basis vectors and those
+    combinations, so every direction of the cone must ablate and induce refusal. ``options`` are
+    :func:`rdo_direction`'s keyword arguments.
+
+    Returns:
+        A :class:`Carrier` (``method="cone-rdo"``) with ``k`` orthonormal rows; ``scores`` as
+        :func:`rdo_direction` plus :func:`~safegeom.carriers.cones.score_cone`'s when scored.
+
+    Raises:
+        ValueError: as :func:`rdo_direction`; ``k`` outside 1..d.
+    """
+    unknown = set(options) - set(_DEFAULTS)
+    if unknown:
+        raise TypeError(f"rdo_cone got unexpected options {sorted(unknown)}")
+    rows, scores, prov = _run(
+        lm, harmful, harmless, dim_carrier, k, n_combinations, steps=steps,
+        n_score_combinations=n_score_combinations, **{**_DEFAULTS, **options},
+    )  # fmt: skip
+    return Carrier(
+        vectors=rows, kind="refusal", method="cone-rdo", site="resid_pre",
+        layer=dim_carrier.layer, position=dim_carrier.position, scores=scores,
+        provenance={**prov, "k": k, "n_combinations": n_combinations},
+    )  # fmt: skip
+
