@@ -14,11 +14,18 @@ Methods (same model, prompts, batches, layers and positions for all):
 
 Every capture method records ``resid_post`` (the output of every decoder block) at the last five
 prompt tokens and ends with the activations in one CPU tensor ``[n_prompts, layers, 5, d]``
-(pinned memory on CUDA). Each method runs in a fresh subprocess (so CPU peak memory is honest):
-the model is built from a config with random weights (nothing is downloaded), one warm-up pass
-runs first, then ``--repeats`` full passes; the table reports the median wall time and the peak
-memory above what the process held before the method ran (CUDA: ``max_memory_allocated``; CPU:
-peak resident set size). CUDA is synchronised before every timer stops.
+(pinned memory on CUDA). The model is built from a config with random weights; nothing is
+downloaded.
+
+Time: one process runs every method, *interleaved batch by batch* (the order rotates from batch
+to batch), so a background load or clock change hits all methods alike; a warm-up round runs
+first, then ``--repeats`` rounds over the whole prompt set. CUDA is synchronised before every
+timer stops. The table gives each method's median pass time and the median over rounds of its
+time divided by the plain forward's in the same round.
+
+Memory: CUDA: ``max_memory_allocated`` above the allocation before the method's pass (model
+weights excluded). CPU: each method runs one pass in a fresh subprocess, and the peak resident
+set size above the level before the pass is reported (a shared process would reuse freed memory).
 
 Usage::
 
@@ -59,8 +66,6 @@ METHODS: dict[str, str] = {
 """Method key → label in the table, in the order they run."""
 
 SITE = "resid_post"
-N_CHECK = 8
-"""Prompts whose activations each worker hands back, to check that all methods agree."""
 
 
 @dataclass(frozen=True)
@@ -186,8 +191,11 @@ def _batches(lm: Any, plan: Any) -> Iterator[tuple[list[int], Any, Tensor, Tenso
         yield ids, batch.to(device), rows, index
 
 
-def _collect(lm: Any, plan: Any, batches: Iterator[tuple[Any, dict[str, Tensor]]]) -> Tensor:
-    """Gather per-batch activations into one CPU tensor, as :func:`safegeom.capture.capture`."""
+def _collect(
+    lm: Any, plan: Any, batches: Iterator[tuple[Any, dict[str, Tensor]]], sink: dict[str, Tensor]
+) -> Iterator[None]:
+    """Gather per-batch activations into one CPU tensor as :func:`safegeom.capture.capture`
+    does, one batch per step; the result lands in ``sink["out"]``."""
     pinned = lm.device.type == "cuda"
     shape = (len(plan.encoded), len(plan.layers), plan.positions.n_positions, lm.d_model)
     out = torch.empty(shape, dtype=plan.dtype, pin_memory=pinned)
@@ -195,37 +203,47 @@ def _collect(lm: Any, plan: Any, batches: Iterator[tuple[Any, dict[str, Tensor]]
     for ids, acts in batches:
         out[filled : filled + len(ids)].copy_(acts[SITE], non_blocking=pinned)
         filled += len(ids)
-    return out
+        yield
+    sink["out"] = out
 
 
-def _method(name: str, lm: Any) -> Callable[[Any], Tensor | None]:
-    """A function running ``name`` once over every prompt of a plan; set-up is done here."""
+Steps = Callable[[Any, dict[str, Tensor]], Iterator[None]]
+"""``steps(plan, sink)``: one pass over the plan, one batch per ``next()``."""
+
+
+def _method(name: str, lm: Any) -> Steps:
+    """The step function of method ``name``; its one-off set-up (wrapping the model) is done here.
+
+    Raises:
+        ImportError: the library behind the method is not installed.
+    """
     decoder = lm.base.model
 
     if name == "forward":
 
-        def forward(plan: Any) -> None:
-            with torch.inference_mode():
-                for _, batch, _, _ in _batches(lm, plan):
+        def forward(plan: Any, sink: dict[str, Tensor]) -> Iterator[None]:
+            for _, batch, _, _ in _batches(lm, plan):
+                with torch.inference_mode():
                     decoder(
                         input_ids=batch.input_ids,
                         attention_mask=batch.attention_mask,
                         position_ids=batch.position_ids,
                         use_cache=False,
                     )
+                yield
 
         return forward
 
     if name == "safegeom":
         from safegeom.capture import iter_capture
 
-        return lambda plan: _collect(lm, plan, iter_capture(lm, plan, progress=False))
+        return lambda plan, sink: _collect(lm, plan, iter_capture(lm, plan, progress=False), sink)
 
     if name == "hidden_states":
 
         def hidden_batches(plan: Any) -> Iterator[tuple[Any, dict[str, Tensor]]]:
-            with torch.inference_mode():
-                for ids, batch, rows, index in _batches(lm, plan):
+            for ids, batch, rows, index in _batches(lm, plan):
+                with torch.inference_mode():
                     out = decoder(
                         input_ids=batch.input_ids,
                         attention_mask=batch.attention_mask,
@@ -234,19 +252,21 @@ def _method(name: str, lm: Any) -> Callable[[Any], Tensor | None]:
                         output_hidden_states=True,
                     )
                     # hidden_states[l + 1] is the output of block l (the last one after the
-                    # final norm in transformers 5: same cost, see the check column).
+                    # final norm in transformers 5: the same cost; see the check column).
                     states = [out.hidden_states[layer + 1] for layer in plan.layers]
                     picked = torch.stack([h[rows, index] for h in states], dim=1)
                     del out, states
-                    yield ids, {SITE: picked.to(plan.dtype)}
+                yield ids, {SITE: picked.to(plan.dtype)}
 
-        return lambda plan: _collect(lm, plan, hidden_batches(plan))
+        return lambda plan, sink: _collect(lm, plan, hidden_batches(plan), sink)
 
     if name == "lens":
         from safegeom.capture_lens import iter_capture_lens, lens_bridge
 
         lens_bridge(lm)  # build (and cache) the bridge outside the timings
-        return lambda plan: _collect(lm, plan, iter_capture_lens(lm, plan, progress=False))
+        return lambda plan, sink: _collect(
+            lm, plan, iter_capture_lens(lm, plan, progress=False), sink
+        )
 
     if name == "nnsight":
         from nnsight import NNsight
@@ -254,9 +274,9 @@ def _method(name: str, lm: Any) -> Callable[[Any], Tensor | None]:
         traced = NNsight(decoder)
 
         def nnsight_batches(plan: Any) -> Iterator[tuple[Any, dict[str, Tensor]]]:
-            with torch.inference_mode():
-                for ids, batch, rows, index in _batches(lm, plan):
-                    saved: list[Any] = []
+            for ids, batch, rows, index in _batches(lm, plan):
+                saved: list[Any] = []
+                with torch.inference_mode():
                     with traced.trace(
                         input_ids=batch.input_ids,
                         attention_mask=batch.attention_mask,
@@ -265,11 +285,60 @@ def _method(name: str, lm: Any) -> Callable[[Any], Tensor | None]:
                     ):
                         for layer in plan.layers:
                             saved.append(traced.layers[layer].output[rows, index].save())
-                    yield ids, {SITE: torch.stack(list(saved), dim=1).to(plan.dtype)}
+                    picked = torch.stack(list(saved), dim=1).to(plan.dtype)
+                yield ids, {SITE: picked}
 
-        return lambda plan: _collect(lm, plan, nnsight_batches(plan))
+        return lambda plan, sink: _collect(lm, plan, nnsight_batches(plan), sink)
 
     raise ValueError(f"unknown method {name!r}: use {', '.join(METHODS)}")
+
+
+def _sync(lm: Any) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
+
+
+def _one_pass(steps: Steps, plan: Any) -> dict[str, Tensor]:
+    sink: dict[str, Tensor] = {}
+    for _ in steps(plan, sink):
+        pass
+    return sink
+
+
+def time_interleaved(
+    lm: Any, plan: Any, methods: dict[str, Steps], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, dict[str, Tensor]]]:
+    """Run all methods batch by batch in rotating order; round 0 is the warm-up.
+
+    Returns:
+        Per method, its pass times of the timed rounds; and each method's last outputs.
+    """
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    sinks: dict[str, dict[str, Tensor]] = {}
+    for round_ in range(repeats + 1):
+        sinks = {m: {} for m in methods}
+        steps = {m: fn(plan, sinks[m]) for m, fn in methods.items()}
+        total = dict.fromkeys(methods, 0.0)
+        active, k = list(methods), 0
+        while active:
+            shift = k % len(active)
+            for m in active[shift:] + active[:shift]:
+                _sync(lm)
+                t0 = time.perf_counter()
+                try:
+                    next(steps[m])
+                except StopIteration:
+                    active.remove(m)
+                _sync(lm)
+                total[m] += time.perf_counter() - t0
+            k += 1
+        what = "warm-up" if round_ == 0 else f"round {round_}/{repeats}"
+        line = "  ".join(f"{m} {t:.2f}s" for m, t in total.items())
+        _log(f"  {what:<12} {line}")
+        if round_:
+            for m, t in total.items():
+                times[m].append(t)
+    return times, sinks
 
 
 class _CpuPeak(AbstractContextManager):
@@ -279,13 +348,13 @@ class _CpuPeak(AbstractContextManager):
     available, else samples the RSS with psutil every millisecond, else ``ru_maxrss``.
     """
 
+    peak: int
+
     def __enter__(self) -> _CpuPeak:
-        self.mode = "hwm"
         try:
             Path("/proc/self/clear_refs").write_text("5")
-            self.base = self._rss()
+            self.mode, self.base = "hwm", self._status("VmRSS")
         except OSError:
-            self.base = self._rss()
             self._start_sampler()
         return self
 
@@ -306,23 +375,16 @@ class _CpuPeak(AbstractContextManager):
                 return int(line.split()[1]) * 1024
         raise OSError(f"no {key} in /proc/self/status")
 
-    def _rss(self) -> int:
-        try:
-            return self._status("VmRSS")
-        except OSError:
-            self.mode = "maxrss"
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
     def _start_sampler(self) -> None:
         try:
             import psutil
-        except ImportError:
+        except ImportError:  # last resort: the lifetime peak (an underestimate of the delta)
             self.mode = "maxrss"
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             return
         self.mode = "psutil"
         process = psutil.Process()
-        self.base = process.memory_info().rss
-        self._max = self.base
+        self.base = self._max = process.memory_info().rss
         self._stop = threading.Event()
 
         def sample() -> None:
@@ -333,74 +395,34 @@ class _CpuPeak(AbstractContextManager):
         self._thread.start()
 
 
-def run_worker(method: str, preset: Preset, repeats: int, result_path: Path) -> None:
-    """Build the model, warm up, time ``repeats`` passes, and write the result as JSON."""
-    lm, plan = _build(preset)
-    cuda = lm.device.type == "cuda"
-    try:
-        run = _method(method, lm)
-    except ImportError as err:
-        result_path.write_text(json.dumps({"method": method, "skipped": str(err)}))
-        return
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(lm.device)
-
-    if cuda:
+def measure_memory(lm: Any, plan: Any, steps: Steps) -> int:
+    """Peak memory of one pass above the level before it, in bytes."""
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(lm.device)
         torch.cuda.reset_peak_memory_stats(lm.device)
-        meter: AbstractContextManager = _NoMeter()
-    else:
-        meter = _CpuPeak()
-    times: list[float] = []
-    with meter:
-        t0 = time.perf_counter()
-        run(plan)  # warm-up: one full pass
-        sync()
-        _log(f"    warm-up      {time.perf_counter() - t0:6.2f} s")
-        out: Tensor | None = None
-        for r in range(repeats):
-            del out
-            sync()
-            t0 = time.perf_counter()
-            out = run(plan)
-            sync()
-            times.append(time.perf_counter() - t0)
-            _log(f"    repeat {r + 1}/{repeats}     {times[-1]:6.2f} s")
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(lm.device) - base
-        peak_total = torch.cuda.max_memory_allocated(lm.device)
-    else:
-        peak = meter.peak  # type: ignore[attr-defined]
-        peak_total = None
-    check = None
-    if out is not None:
-        from safetensors.torch import save_file
-
-        check = str(result_path.with_suffix(".safetensors"))
-        save_file({"acts": out[:N_CHECK].float().contiguous()}, check)
-    result = {
-        "method": method,
-        "times_s": times,
-        "wall_s": statistics.median(times),
-        "peak_bytes": peak,
-        "peak_total_bytes": peak_total,
-        "check": check,
-    }
-    result_path.write_text(json.dumps(result))
+        _one_pass(steps, plan)
+        torch.cuda.synchronize(lm.device)
+        return torch.cuda.max_memory_allocated(lm.device) - base
+    with _CpuPeak() as meter:
+        _one_pass(steps, plan)
+    return meter.peak
 
 
-class _NoMeter(AbstractContextManager):
-    """A context manager that measures nothing (CUDA peaks come from torch.cuda)."""
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def memory_worker(method: str, preset: Preset, result_path: Path) -> None:
+    """CPU memory of one method, in this (fresh) process; the result is written as JSON."""
+    lm, plan = _build(preset)
+    try:
+        steps = _method(method, lm)
+    except ImportError as err:
+        result_path.write_text(json.dumps({"skipped": str(err)}))
+        return
+    result_path.write_text(json.dumps({"peak_bytes": measure_memory(lm, plan, steps)}))
 
 
 # --------------------------------------------------------------------------------------------
-# Parent side: one subprocess per method, then the table.
+# Driver and table.
 
 
 def _versions() -> dict[str, str]:
@@ -418,62 +440,101 @@ def _versions() -> dict[str, str]:
 def _device_name(preset: Preset) -> str:
     if preset.device == "cuda":
         return torch.cuda.get_device_name() if torch.cuda.is_available() else "cuda (absent)"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads"
 
 
-def _mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.0f}"
+def _cpu_memory(methods: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Run :func:`memory_worker` for every method in its own subprocess."""
+    out: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, method in enumerate(methods, 1):
+            path = Path(tmp) / f"{method}.json"
+            command = [
+                sys.executable, str(Path(__file__).resolve()), "--memory-worker", method,
+                "--preset", args.preset, "--batch-size", str(args.batch_size or 0),
+                "--threads", str(args.threads or 0), "--result", str(path),
+            ]  # fmt: skip
+            t0 = time.perf_counter()
+            proc = subprocess.run(command, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
+            ok = proc.returncode == 0 and path.is_file()
+            out[method] = json.loads(path.read_text()) if ok else {"failed": proc.returncode}
+            took = time.perf_counter() - t0
+            _log(f"  memory [{i}/{len(methods)}] {METHODS[method]:<40} {took:5.1f} s")
+    return out
+
+
+def _max_abs_diff(method: str, out: Tensor, ref: Tensor) -> float:
+    # transformers 5 returns the last hidden state after the final norm: compare the others.
+    keep = slice(0, -1) if method == "hidden_states" else slice(None)
+    return float((out[:, keep].float() - ref[:, keep].float()).abs().max())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print the table (or, with ``--worker``, one method)."""
+    """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes (median reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of methods")
-    parser.add_argument("--json", type=Path, default=None, help="write results to this file")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     if args.batch_size:
         preset = Preset(**{**asdict(preset), "batch_size": args.batch_size})
-    if args.worker:
-        run_worker(args.worker, preset, args.repeats, args.result)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args.memory_worker, preset, args.result)
         return 0
     if preset.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"preset {args.preset} needs CUDA")
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or "forward" not in methods:
-        parser.error(f"methods must include forward and be among {', '.join(METHODS)}")
+    if any(m not in METHODS for m in methods) or "forward" not in methods:
+        parser.error(f"--methods must include forward and be among {', '.join(METHODS)}")
+
     tokens = preset.n_prompts * preset.seq_len
     print(
-        f"preset {args.preset}: d={preset.hidden}, {preset.layers} layers, {preset.dtype} on "
-        f"{_device_name(preset)}; {preset.n_prompts} prompts x {preset.seq_len} tokens "
+        f"preset {args.preset}: Llama d={preset.hidden}, {preset.layers} layers, {preset.dtype} "
+        f"on {_device_name(preset)}; {preset.n_prompts} prompts x {preset.seq_len} tokens "
         f"({tokens:,}), batch {preset.batch_size}; {SITE} x {preset.layers} layers x "
-        f"{preset.n_positions} positions; {args.repeats} repeats",
+        f"{preset.n_positions} positions; warm-up + {args.repeats} rounds",
         flush=True,
     )
+    lm, plan = _build(preset)
+    steps: dict[str, Steps] = {}
     results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, method in enumerate(methods, 1):
-            print(f"[{i}/{len(methods)}] {METHODS[method]}", flush=True)
-            result_path = Path(tmp) / f"{method}.json"
-            command = [
-                sys.executable, str(Path(__file__).resolve()), "--worker", method,
-                "--preset", args.preset, "--repeats", str(args.repeats),
-                "--batch-size", str(preset.batch_size), "--result", str(result_path),
-            ]  # fmt: skip
-            env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
-            proc = subprocess.run(command, env=env, check=False)
-            if proc.returncode != 0 or not result_path.is_file():
-                results[method] = {"method": method, "failed": f"exit {proc.returncode}"}
-                continue
-            results[method] = json.loads(result_path.read_text())
-        _compare(results, preset)
+    for method in methods:
+        try:
+            steps[method] = _method(method, lm)
+            results[method] = {"method": method, "label": METHODS[method]}
+        except ImportError as err:
+            results[method] = {"method": method, "label": METHODS[method], "skipped": str(err)}
+
+    _log("memory (one pass each)")
+    if preset.device == "cuda":
+        for method, fn in steps.items():
+            results[method]["peak_bytes"] = measure_memory(lm, plan, fn)
+            _log(f"  {METHODS[method]:<40} {results[method]['peak_bytes'] / 2**20:,.0f} MiB")
+    else:
+        for method, memory in _cpu_memory(list(steps), args).items():
+            results[method].update(memory)
+
+    _log("time (batches interleaved across methods)")
+    times, sinks = time_interleaved(lm, plan, steps, args.repeats)
+    reference = sinks.get("safegeom", {}).get("out")
+    for method, values in times.items():
+        ratios = [t / f for t, f in zip(values, times["forward"], strict=True)]
+        results[method].update(
+            times_s=values, wall_s=statistics.median(values), ratio=statistics.median(ratios)
+        )
+        out = sinks[method].get("out")
+        if out is not None and reference is not None:
+            results[method]["max_abs_diff"] = _max_abs_diff(method, out, reference)
+    del sinks
+
     _print_table(results, preset)
     if args.json:
         payload = {
@@ -489,47 +550,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _compare(results: dict[str, dict[str, Any]], preset: Preset) -> None:
-    """Max |difference| of each method's activations from safegeom's (first prompts)."""
-    from safetensors.torch import load_file
-
-    ref_path = results.get("safegeom", {}).get("check")
-    if not ref_path:
-        return
-    ref = load_file(ref_path)["acts"]
-    for result in results.values():
-        if not result.get("check"):
-            continue
-        acts = load_file(result["check"])["acts"]
-        # transformers 5 returns the last hidden state after the final norm: compare the rest.
-        keep = slice(0, -1) if result["method"] == "hidden_states" else slice(None)
-        result["max_abs_diff"] = float((acts[:, keep] - ref[:, keep]).abs().max())
-        result["check"] = None
-
-
 def _print_table(results: dict[str, dict[str, Any]], preset: Preset) -> None:
-    base = results.get("forward", {})
-    base_wall, base_peak = base.get("wall_s"), base.get("peak_bytes")
-    header = f"{'method':<40}{'wall s':>9}{'× fwd':>8}{'peak MiB':>11}{'× fwd':>8}{'max |Δ|':>10}"
+    base_peak = results.get("forward", {}).get("peak_bytes")
+    header = f"{'method':<40}{'wall s':>8}{'x fwd':>8}{'peak MiB':>10}{'x fwd':>8}{'max |d|':>10}"
     print("\n" + header + "\n" + "-" * len(header))
-    for method, result in results.items():
-        label = METHODS[method]
-        if "skipped" in result or "failed" in result:
-            print(f"{label:<40}  {result.get('skipped') or result.get('failed')}")
+    for result in results.values():
+        label = result["label"]
+        if "skipped" in result or "wall_s" not in result:
+            print(f"{label:<40}  skipped: {result.get('skipped', 'failed')}")
             continue
-        wall, peak = result["wall_s"], result["peak_bytes"]
-        wall_ratio = f"{wall / base_wall:.3f}" if base_wall else "-"
-        peak_ratio = f"{peak / base_peak:.2f}" if base_peak else "-"
+        peak = result.get("peak_bytes")
+        peak_text = "-" if peak is None else f"{peak / 2**20:,.0f}"
+        peak_ratio = f"{peak / base_peak:.2f}" if peak is not None and base_peak else "-"
         diff = result.get("max_abs_diff")
         diff_text = "-" if diff is None else f"{diff:.1e}"
         print(
-            f"{label:<40}{wall:>9.2f}{wall_ratio:>8}{_mib(peak):>11}{peak_ratio:>8}{diff_text:>10}"
+            f"{label:<40}{result['wall_s']:>8.2f}{result['ratio']:>8.3f}{peak_text:>10}"
+            f"{peak_ratio:>8}{diff_text:>10}"
         )
-    where = "CUDA max_memory_allocated" if preset.device == "cuda" else "peak RSS"
+    where = "CUDA max_memory_allocated" if preset.device == "cuda" else "peak RSS (own process)"
     print(
-        f"\nwall: median of the repeats; peak: {where} above the level before the method ran "
-        "(model weights excluded); max |Δ|: activations vs safegeom's on the first "
-        f"{N_CHECK} prompts (hidden_states: all but the last layer, which HF returns normed)."
+        "\nwall: median pass time; x fwd: median over rounds of (time / plain forward's time in "
+        f"the same round); peak: {where} above the level before the pass (weights excluded); "
+        f"max |d|: largest difference from safegeom's activations (hidden_states: all layers "
+        "but the last, which transformers returns after the final norm)."
     )
 
 

@@ -46,7 +46,7 @@ def test_unknown_architecture_names_override(checkpoints: dict[str, Path], tmp_p
     # The override makes an unknown type usable.
     lm = load_model(checkpoints["llama"], layout=dict(vars(LAYOUTS["llama"])))
     assert isinstance(lm.layout, ArchLayout)
-    with pytest.raises(ValueError, match="module path 'model.blocks' does not exist"):
+    with pytest.raises(ValueError, match=r"module path 'model\.blocks' does not exist"):
         load_model(
             checkpoints["llama"], layout={**vars(LAYOUTS["llama"]), "blocks": "model.blocks"}
         )
@@ -57,7 +57,7 @@ def test_unknown_architecture_names_override(checkpoints: dict[str, Path], tmp_p
 def test_bad_sources(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not a model checkpoint"):
         load_model(tmp_path)
-    with pytest.raises(ValueError, match="no model directory at ./nope"):
+    with pytest.raises(ValueError, match=r"no model directory at \./nope"):
         load_model("./nope")
 
 

@@ -34,7 +34,7 @@ from safegeom.models.chat import encode_prompts
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, load_prompts
 
-__all__ = ["check_k", "cheap_cone", "cone_directions", "gram_schmidt", "score_cone"]
+__all__ = ["cheap_cone", "check_k", "cone_directions", "gram_schmidt", "score_cone"]
 
 
 def check_k(k: int, upper: int, what: str = "cone dimension k") -> int:

@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -39,7 +39,7 @@ from safegeom.models.chat import EncodedPrompt, collate_left, encode_prompts
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import load_prompts
 
-__all__ = ["RDOTargets", "first_sentence", "rdo_cone", "rdo_direction", "rdo_targets"]
+__all__ = ["RDOConfig", "RDOTargets", "first_sentence", "rdo_cone", "rdo_direction", "rdo_targets"]
 
 Pair = tuple[tuple[int, ...], tuple[int, ...]]  # (prompt ids, target ids)
 _TERMS = ("ablation", "addition", "retain")
@@ -47,14 +47,13 @@ _TERMS = ("ablation", "addition", "retain")
 
 @dataclass(frozen=True)
 class RDOTargets:
-    """Token-level training targets: ``(prompt_ids, target_ids)`` pairs per loss term."""
+    """``(prompt_ids, target_ids)`` pairs per loss term: ``ablation`` (harmful → DIM-ablated
+    completions), ``addition`` (harmless → first sentence of DIM-ActAdd completions), ``retain``
+    (harmless → base completions, the KL positions)."""
 
     ablation: tuple[Pair, ...]
-    """Harmful prompts → completions of the DIM-ablated model."""
     addition: tuple[Pair, ...]
-    """Harmless prompts → first sentence of DIM-ActAdd completions."""
     retain: tuple[Pair, ...]
-    """Harmless prompts → base-model completions (KL positions)."""
 
 
 def first_sentence(text: str) -> str:
@@ -110,7 +109,8 @@ def _ablating(lm: LoadedModel, u: Float[Tensor, " d"]) -> Iterator[None]:
         v = u.to(hidden.dtype)
         return hidden - (hidden @ v)[..., None] * v
 
-    with attach([Hook(*site_hook_point(lm, s, i), fn) for i in range(lm.n_layers) for s in ABLATION_SITES]):  # fmt: skip
+    sites = [site_hook_point(lm, s, i) for i in range(lm.n_layers) for s in ABLATION_SITES]
+    with attach([Hook(module, when, fn) for module, when in sites]):
         yield
 
 
@@ -121,35 +121,31 @@ def _adding(lm: LoadedModel, vector: Float[Tensor, " d"], layer: int) -> Iterato
 
 
 def _target_logprobs(lm: LoadedModel, pairs: Sequence[Pair]) -> tuple[Tensor, Tensor, Tensor]:
-    """Log-probs ``[B, T, V]`` of the last T positions' predictions, labels ``[B, T]`` and a mask
-    ``[B, T]`` of real target tokens (T = the longest target)."""
+    """Log-probs ``[B, T, V]`` predicting the last T tokens, those tokens ``[B, T]`` and a mask
+    ``[B, T]`` of real target tokens (T = the longest target; left padding)."""
     width = max(len(t) for _, t in pairs)
     seqs = [EncodedPrompt(p + t, len(p + t) - 1, 0) for p, t in pairs]
     batch = collate_left(seqs, lm.tokenizer.pad_token_id).to(lm.device)
-    keep = {"logits_to_keep": width + 1} if _accepts_keep(lm) else {}
+    keep = "logits_to_keep" in inspect.signature(lm.base.forward).parameters
     logits = lm.model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids, use_cache=False, **keep,
+        position_ids=batch.position_ids, use_cache=False,
+        **({"logits_to_keep": width + 1} if keep else {}),
     ).logits[:, -(width + 1) : -1]  # fmt: skip
     n_t = torch.tensor([len(t) for _, t in pairs], device=lm.device)
     mask = torch.arange(width, device=lm.device)[None] >= (width - n_t)[:, None]
     return logits.float().log_softmax(-1), batch.input_ids[:, -width:], mask
 
 
-def _accepts_keep(lm: LoadedModel) -> bool:
-    return "logits_to_keep" in inspect.signature(lm.base.forward).parameters
-
-
-def _ce(lm: LoadedModel, pairs: Sequence[Pair]) -> Tensor:
+def _term(lm: LoadedModel, pairs: Sequence[Pair], base: Tensor | None = None) -> Tensor:
+    """Mean CE of the target tokens (nats/token); with ``base`` log-probs, the mean
+    KL(base ‖ model) over the target positions instead."""
     logp, labels, mask = _target_logprobs(lm, pairs)
-    nll = -logp.gather(-1, labels[..., None])[..., 0]
-    return (nll * mask).sum() / mask.sum()
-
-
-def _kl(lm: LoadedModel, base: Tensor, pairs: Sequence[Pair]) -> Tensor:
-    logp, _, mask = _target_logprobs(lm, pairs)
-    kl = (base.exp() * (base - logp)).sum(-1)
-    return (kl * mask).sum() / mask.sum()
+    if base is None:
+        per_token = -logp.gather(-1, labels[..., None])[..., 0]
+    else:
+        per_token = (base.exp() * (base - logp)).sum(-1)
+    return (per_token * mask).sum() / mask.sum()
 
 
 @contextlib.contextmanager
@@ -177,105 +173,111 @@ def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[list[int]]:
             yield order[start : start + size]
 
 
-def _train(
-    lm, init, targets, dim, *, steps, lr, betas, lambdas, n_combinations, batch_size, clip,
-    weight_decay, seed, progress,
-):  # fmt: skip
+@dataclass(frozen=True)
+class RDOConfig:
+    """Settings of RDO besides steps, lr, λ and seed; defaults follow Wollschläger et al. 2025.
+
+    ``betas``/``weight_decay``: AdamW's (decay is moot for a renormalised vector); ``clip``: the
+    gradient-norm clip after the tangent projection; ``batch_size``: pairs per loss term per step
+    (seeded reshuffled passes); ``max_new_tokens``: target length; ``init``: ``dim`` (r̂_DIM, then
+    random rows for a cone) or ``random`` (our choice); ``n_combinations``: cone combinations
+    sampled per step; ``score``: score the result after training; ``n_score_combinations``: cone
+    combinations scored.
+    """
+
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    clip: float = 10.0
+    batch_size: int = 16
+    max_new_tokens: int = 30
+    init: Literal["dim", "random"] = "dim"
+    n_combinations: int = 4
+    score: bool = True
+    n_score_combinations: int = 8
+
+
+def _train(lm, init, targets, dim, n_comb, *, steps, lr, lambdas, seed, config, progress):
     """Optimise rows ``init`` [k, d]; return (final rows, per-step losses, last loss terms)."""
     alpha, layer = float(dim.direction.norm()), dim.layer
     gen = torch.Generator().manual_seed(seed)
     rows = torch.nn.Parameter(_orthonormal_rows(init.to(lm.device, torch.float32)))
-    opt = torch.optim.AdamW([rows], lr=lr, betas=betas, weight_decay=weight_decay)
-    streams = [_batches(len(getattr(targets, t)), batch_size, gen) for t in _TERMS]
+    opt = torch.optim.AdamW([rows], lr=lr, betas=config.betas, weight_decay=config.weight_decay)
+    pools = [getattr(targets, t) for t in _TERMS]
+    streams = [_batches(len(pool), config.batch_size, gen) for pool in pools]
+    weights = torch.tensor(lambdas, dtype=torch.float32)
+    n_dirs = rows.shape[0] + n_comb
     history: list[float] = []
     terms: dict[str, float] = {}
     bar = tqdm(range(steps), desc="rdo", disable=not progress)
     with _frozen(lm):
         for _ in bar:
-            picks = [[getattr(targets, t)[i] for i in next(b)] for t, b in zip(_TERMS, streams, strict=True)]  # fmt: skip
+            picks = [[pool[i] for i in next(s)] for pool, s in zip(pools, streams, strict=True)]
             with torch.no_grad():
                 base = _target_logprobs(lm, picks[2])[0]
-            s = torch.randn(n_combinations, rows.shape[0], generator=gen).abs().to(lm.device)
+            mix = torch.randn(n_comb, rows.shape[0], generator=gen).abs().to(lm.device)
             opt.zero_grad()
             sums = torch.zeros(3)
-            for j in range(rows.shape[0] + n_combinations):
+            for j in range(n_dirs):
                 units = rows / rows.norm(dim=-1, keepdim=True)
-                u = units[j] if j < rows.shape[0] else s[j - rows.shape[0]] @ units
+                u = units[j] if j < rows.shape[0] else mix[j - rows.shape[0]] @ units
                 u = u / u.norm()
                 with _ablating(lm, u):
-                    abl, ret = _ce(lm, picks[0]), _kl(lm, base, picks[2])
+                    abl, ret = _term(lm, picks[0]), _term(lm, picks[2], base)
                 with _adding(lm, alpha * u, layer):
-                    addn = _ce(lm, picks[1])
+                    addn = _term(lm, picks[1])
                 parts = torch.stack([abl, addn, ret])
-                loss = (torch.tensor(lambdas, device=parts.device) * parts).sum()
-                (loss / (rows.shape[0] + n_combinations)).backward()
-                sums += parts.detach().cpu() / (rows.shape[0] + n_combinations)
+                ((weights.to(parts.device) * parts).sum() / n_dirs).backward()
+                sums += parts.detach().float().cpu() / n_dirs
             with torch.no_grad():  # tangent projection per row, clip, step, re-orthonormalise
-                g, x = rows.grad, rows / rows.norm(dim=-1, keepdim=True)
-                g -= (g * x).sum(-1, keepdim=True) * x
-            torch.nn.utils.clip_grad_norm_([rows], clip)
+                x = rows / rows.norm(dim=-1, keepdim=True)
+                rows.grad -= (rows.grad * x).sum(-1, keepdim=True) * x
+            torch.nn.utils.clip_grad_norm_([rows], config.clip)
             opt.step()
             with torch.no_grad():
                 rows.copy_(_orthonormal_rows(rows))
-            total = float((torch.tensor(lambdas) * sums).sum())
-            history.append(total)
+            history.append(float((weights * sums).sum()))
             terms = {"abl_ce": float(sums[0]), "add_ce": float(sums[1]), "ret_kl": float(sums[2])}
-            bar.set_postfix(loss=f"{total:.4f}")
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
     return rows.detach().cpu(), history, terms
 
 
-def _run(
-    lm, harmful, harmless, dim, k, n_combinations, *, steps, lr, betas, lambdas, init, targets,
-    max_new_tokens, batch_size, clip, weight_decay, seed, score, harmful_val, harmless_val,
-    n_score_combinations, system, progress,
-):  # fmt: skip
+def _fit(lm, harmful, harmless, dim, k, *, steps, lr, lambdas, seed, config, targets, val, system, progress):  # fmt: skip
+    """Validate, build targets, train and score; return (rows [k, d], scores, provenance)."""
     dim.check_model(lm.d_model, lm.weight_hash)
     check_k(k, lm.d_model)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    if init not in ("dim", "random"):
-        raise ValueError(f"unknown init {init!r}: use dim or random")
+    if config.init not in ("dim", "random"):
+        raise ValueError(f"unknown init {config.init!r}: use dim or random")
     h_set, s_set = load_prompts(harmful), load_prompts(harmless)
     targets = targets or rdo_targets(
-        lm, h_set, s_set, dim, max_new_tokens=max_new_tokens, system=system, progress=progress
-    )
-    gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(k, lm.d_model, generator=gen)
-    if init == "dim":
+        lm, h_set, s_set, dim, max_new_tokens=config.max_new_tokens, system=system,
+        progress=progress,
+    )  # fmt: skip
+    start = torch.randn(k, lm.d_model, generator=torch.Generator().manual_seed(seed))
+    if config.init == "dim":
         start[0] = dim.unit
+    n_comb = config.n_combinations if k > 1 else 0
     final, history, terms = _train(
-        lm, start, targets, dim, steps=steps, lr=lr, betas=betas, lambdas=lambdas,
-        n_combinations=n_combinations, batch_size=batch_size, clip=clip,
-        weight_decay=weight_decay, seed=seed, progress=progress,
+        lm, start, targets, dim, n_comb, steps=steps, lr=lr, lambdas=lambdas, seed=seed,
+        config=config, progress=progress,
     )  # fmt: skip
     alpha = float(dim.direction.norm())
-    scores = {
-        "alpha": alpha,
-        "loss_initial": history[0],
-        "loss_final": history[-1],
-        **terms,
-        "cos_dim": float(final[0] @ dim.unit),
-    }
-    if score:
+    scores = {"alpha": alpha, "loss_initial": history[0], "loss_final": history[-1], **terms}
+    scores["cos_dim"] = float(final[0] @ dim.unit)
+    if config.score:
         scores |= score_cone(
-            lm, final, alpha, dim.layer, harmful_val if harmful_val is not None else h_set,
-            harmless_val if harmless_val is not None else s_set,
-            n_combinations=n_score_combinations if k > 1 else 0, seed=seed, system=system,
+            lm, final, alpha, dim.layer, val[0] if val[0] is not None else h_set,
+            val[1] if val[1] is not None else s_set, seed=seed, system=system,
+            n_combinations=config.n_score_combinations if k > 1 else 0,
         )  # fmt: skip
     provenance = {
-        **prompt_provenance(lm, h_set, s_set),
-        "dim_layer": dim.layer, "dim_position": dim.position, "dim_method": dim.method,
-        "steps": steps, "lr": lr, "betas": list(betas), "lambdas": list(lambdas), "init": init,
-        "max_new_tokens": max_new_tokens, "seed": seed, "losses": history, "system": system,
+        **prompt_provenance(lm, h_set, s_set), "dim_layer": dim.layer,
+        "dim_position": dim.position, "dim_method": dim.method, "steps": steps, "lr": lr,
+        "lambdas": list(lambdas), "seed": seed, "config": asdict(config), "losses": history,
+        "system": system,
     }  # fmt: skip
     return final, scores, provenance
-
-
-_DEFAULTS = {
-    "lr": 1e-2, "betas": (0.9, 0.98), "lambdas": (1.0, 0.2, 1.0), "init": "dim", "targets": None,
-    "max_new_tokens": 30, "batch_size": 16, "clip": 10.0, "weight_decay": 0.0, "seed": 0,
-    "score": True, "harmful_val": None, "harmless_val": None, "system": None, "progress": True,
-}  # fmt: skip
 
 
 def rdo_direction(
@@ -287,15 +289,9 @@ def rdo_direction(
     steps: int = 100,
     lr: float = 1e-2,
     lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0),
-    betas: tuple[float, float] = (0.9, 0.98),
-    init: Literal["dim", "random"] = "dim",
-    targets: RDOTargets | None = None,
-    max_new_tokens: int = 30,
-    batch_size: int = 16,
-    clip: float = 10.0,
-    weight_decay: float = 0.0,
     seed: int = 0,
-    score: bool = True,
+    config: RDOConfig = RDOConfig(),
+    targets: RDOTargets | None = None,
     harmful_val: Prompts | None = None,
     harmless_val: Prompts | None = None,
     system: str | None = None,
@@ -304,29 +300,30 @@ def rdo_direction(
     """Train a refusal direction with RDO (METHODS §3).
 
     Args:
+        harmful, harmless: training prompts (ablation targets from harmful, addition and retain
+            targets from harmless).
         dim_carrier: the diff-in-means refusal carrier: its layer and norm give α, it makes the
-            targets, and (``init="dim"``) the starting point.
-        steps: optimiser steps; each uses ``batch_size`` pairs per loss term (seeded order).
-        targets: precomputed :func:`rdo_targets` (else generated, ``max_new_tokens`` each).
-        score: score the result (bypass, induce, KL) on ``harmful_val``/``harmless_val``
-            (default: the training prompts).
+            targets and (``config.init="dim"``) the starting point.
+        steps: optimiser steps (AdamW, ``lr``); ``lambdas`` = (λ_abl, λ_add, λ_ret).
+        seed: seeds the initialisation, the minibatch order and the combinations.
+        config: the other settings (:class:`RDOConfig`).
+        targets: precomputed :func:`rdo_targets` (else generated).
+        harmful_val, harmless_val: scoring prompts (default: the training prompts).
 
     Returns:
         A :class:`Carrier` (``method="rdo"``) whose vector is ``α·r̂`` (activation units, the scale
         used for addition); ``scores``: ``alpha``, ``loss_initial``/``loss_final`` (weighted loss,
-        nats), the last step's ``abl_ce``, ``add_ce``, ``ret_kl``, ``cos_dim`` and, when scored,
-        ``bypass_0``, ``induce_0``, ``kl_0`` (refusal log-odds / nats). Per-step losses are in
-        ``provenance["losses"]``.
+        nats per token), the last step's ``abl_ce``, ``add_ce``, ``ret_kl``, ``cos_dim`` and, when
+        scored, ``bypass_0``, ``induce_0`` (refusal log-odds), ``kl_0`` (nats). Per-step losses
+        are in ``provenance["losses"]``.
 
     Raises:
         ValueError: empty prompt sets, a hidden-size mismatch, ``steps < 1``, an unknown init.
     """
-    rows, scores, prov = _run(
-        lm, harmful, harmless, dim_carrier, 1, 0, steps=steps, lr=lr, betas=betas,
-        lambdas=lambdas, init=init, targets=targets, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, clip=clip, weight_decay=weight_decay, seed=seed, score=score,
-        harmful_val=harmful_val, harmless_val=harmless_val, n_score_combinations=0,
-        system=system, progress=progress,
+    rows, scores, prov = _fit(
+        lm, harmful, harmless, dim_carrier, 1, steps=steps, lr=lr, lambdas=lambdas, seed=seed,
+        config=config, targets=targets, val=(harmful_val, harmless_val), system=system,
+        progress=progress,
     )  # fmt: skip
     return Carrier(
         vectors=rows[0] * scores["alpha"], kind="refusal", method="rdo", site="resid_pre",
@@ -341,17 +338,24 @@ def rdo_cone(
     dim_carrier: Carrier,
     *,
     k: int = 3,
-    n_combinations: int = 4,
-    n_score_combinations: int = 8,
     steps: int = 100,
-    **options,
+    lr: float = 1e-2,
+    lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0),
+    seed: int = 0,
+    config: RDOConfig = RDOConfig(),
+    targets: RDOTargets | None = None,
+    harmful_val: Prompts | None = None,
+    harmless_val: Prompts | None = None,
+    system: str | None = None,
+    progress: bool = True,
 ) -> Carrier:
     """Train an RDO refusal cone: ``k`` orthonormal rows (METHODS §3; the paper uses k = 2–5).
 
-    Each step samples ``n_combinations`` positive-orthant combinations ``normalise(sᵀB)``,
-    ``s = |N(0, I_k)|``, and averages the RDO loss over the ``k`` basis vectors and those
-    combinations, so every direction of the cone must ablate and induce refusal. ``options`` are
-    :func:`rdo_direction`'s keyword arguments.
+    Each step samples ``config.n_combinations`` positive-orthant combinations
+    ``normalise(sᵀB)``, ``s = |N(0, I_k)|``, and averages the RDO loss over the ``k`` basis
+    vectors and those combinations, so every direction of the cone must ablate and induce
+    refusal; the basis is re-orthonormalised (sign-fixed QR) after each step. Arguments as
+    :func:`rdo_direction`.
 
     Returns:
         A :class:`Carrier` (``method="cone-rdo"``) with ``k`` orthonormal rows; ``scores`` as
@@ -360,16 +364,13 @@ def rdo_cone(
     Raises:
         ValueError: as :func:`rdo_direction`; ``k`` outside 1..d.
     """
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise TypeError(f"rdo_cone got unexpected options {sorted(unknown)}")
-    rows, scores, prov = _run(
-        lm, harmful, harmless, dim_carrier, k, n_combinations, steps=steps,
-        n_score_combinations=n_score_combinations, **{**_DEFAULTS, **options},
+    rows, scores, prov = _fit(
+        lm, harmful, harmless, dim_carrier, k, steps=steps, lr=lr, lambdas=lambdas, seed=seed,
+        config=config, targets=targets, val=(harmful_val, harmless_val), system=system,
+        progress=progress,
     )  # fmt: skip
     return Carrier(
         vectors=rows, kind="refusal", method="cone-rdo", site="resid_pre",
         layer=dim_carrier.layer, position=dim_carrier.position, scores=scores,
-        provenance={**prov, "k": k, "n_combinations": n_combinations},
+        provenance={**prov, "k": k},
     )  # fmt: skip
-

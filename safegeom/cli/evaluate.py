@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="refusal rate, ASR and refusal score of a model on a prompt set",
         description="Greedy generation on chat-formatted prompts, judged for refusal, plus the "
         "refusal score (last-position log-odds of refusal tokens); every number comes with a "
-        "95%% bootstrap CI and names its judge.",
+        "95% bootstrap CI and names its judge.",
     )
     add_model_args(parser)
     add_prompt_args(parser)

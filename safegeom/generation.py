@@ -1,0 +1,266 @@
+"""Generation engine: batched greedy decoding and batched forward passes over chat prompts.
+
+:func:`generate` decodes chat-formatted prompts greedily with a KV cache (its own loop rather than
+``model.generate``, so no saved sampling setting of a checkpoint leaks in), using the library's
+tokenization, left padding and position ids; it stops at EOS or the template's end-of-turn token.
+Prompts are processed longest first to cut padding; results come back in input order.
+
+``intervention`` (everywhere): a context manager entered around the model calls (e.g. a hook-based
+ablation), or a zero-argument callable returning one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from safegeom.models.chat import ChatBatch, EncodedPrompt, collate_left, encode_prompts
+from safegeom.models.loading import LoadedModel
+from safegeom.prompts import PromptSet, load_prompts
+
+__all__ = [
+    "Intervention",
+    "Prompts",
+    "end_of_turn_id",
+    "generate",
+    "generate_from_ids",
+    "stop_token_ids",
+]
+
+Intervention = AbstractContextManager[Any] | Callable[[], AbstractContextManager[Any]] | None
+"""A context manager entered around the model calls, or a zero-argument factory of one."""
+Prompts = PromptSet | Sequence[str] | str
+
+_CPU_TOKENS_PER_BATCH = 4096
+
+
+def as_context(intervention: Intervention) -> AbstractContextManager[Any]:
+    if intervention is None:
+        return contextlib.nullcontext()
+    if hasattr(intervention, "__enter__") and hasattr(intervention, "__exit__"):
+        return intervention  # type: ignore[return-value]
+    if callable(intervention):
+        made = intervention()
+        if hasattr(made, "__enter__") and hasattr(made, "__exit__"):
+            return made
+    raise TypeError("intervention must be a context manager or a callable returning one")
+
+
+def describe_intervention(intervention: Intervention) -> str | None:
+    """A stable description of an intervention for provenance (its ``name`` or type name)."""
+    if intervention is None:
+        return None
+    name = getattr(intervention, "name", None) or getattr(intervention, "__qualname__", None)
+    return str(name or type(intervention).__qualname__)
+
+
+def encode_chat(lm: LoadedModel, prompts: Prompts, system: str | None) -> list[EncodedPrompt]:
+    return encode_prompts(
+        lm.tokenizer, load_prompts(prompts).prompts, system=system, chat_template=lm.chat_template
+    )
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> ChatBatch:
+    """Left-pad token sequences with the library's collation (positions from the mask)."""
+    return collate_left([EncodedPrompt(tuple(s), len(s) - 1, 0) for s in seqs], pad_id)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _accepts_keep(model: nn.Module) -> bool:
+    """Whether the forward takes ``logits_to_keep`` (transformers 5.x causal LMs do)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _batch_size(model: nn.Module, max_len: int, batch_size: int | None) -> int:
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        return batch_size
+    device = _device(model)
+    if device.type != "cuda":
+        return max(1, min(64, _CPU_TOKENS_PER_BATCH // max(max_len, 1)))
+    free, _ = torch.cuda.mem_get_info(device)
+    cfg = model.config  # rough bytes per token: MLP activations plus the KV cache
+    d, layers = int(cfg.hidden_size), int(getattr(cfg, "num_hidden_layers", 32))
+    per_token = (getattr(cfg, "intermediate_size", 4 * d) * 3 + 2 * layers * d) * 4
+    return max(1, min(256, int(free * 0.4) // max(per_token * max_len, 1)))
+
+
+def _chunks(lengths: Sequence[int], size: int) -> Iterator[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
+
+
+def end_of_turn_id(tokenizer: Any, chat_template: str | None = None) -> int | None:
+    """The token the chat template writes right after an assistant message, if it is a special
+    (added) token such as ``<|eot_id|>``, ``<|im_end|>`` or ``<end_of_turn>``; else ``None``."""
+    marker = "SAFEGEOMTURNMARKER"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            chat_template=chat_template,
+            tokenize=False,
+        )
+    except Exception:  # templates may reject this conversation shape
+        return None
+    tail = text[text.find(marker) + len(marker) :] if marker in text else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return int(ids[0]) if ids and ids[0] in special else None
+
+
+def stop_token_ids(
+    tokenizer: Any, model: nn.Module | None = None, chat_template: str | None = None
+) -> tuple[int, ...]:
+    """Token ids that end a completion: the tokenizer's EOS, the model's generation-config EOS
+    (an int or a list) and the template's end-of-turn token (:func:`end_of_turn_id`)."""
+    ids: list[int] = []
+    eos_cfg = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, eos_cfg, end_of_turn_id(tokenizer, chat_template)):
+        if value is not None:
+            ids.extend([value] if isinstance(value, int) else list(value))
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+@torch.inference_mode()
+def _greedy(
+    model: nn.Module, batch: ChatBatch, max_new_tokens: int, stops: Tensor, pad_id: int
+) -> Int[Tensor, "batch new"]:
+    """Greedy decoding with a KV cache; rows that have stopped are filled with ``pad_id``."""
+    keep = {"logits_to_keep": 1} if _accepts_keep(model) else {}
+    step_ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
+    done = torch.zeros(step_ids.shape[0], dtype=torch.bool, device=step_ids.device)
+    past, out = None, []
+    for _ in range(max_new_tokens):
+        result = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=past,
+            use_cache=True,
+            **keep,
+        )
+        past = result.past_key_values
+        nxt = result.logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out.append(nxt)
+        done |= torch.isin(nxt, stops)
+        if bool(done.all()):
+            break
+        step_ids, pos = nxt[:, None], pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return torch.stack(out, dim=1) if out else step_ids[:, :0]
+
+
+def generate_from_ids(
+    model: nn.Module,
+    tokenizer: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int | None = None,
+    stop_ids: Sequence[int] | None = None,
+    progress: bool = True,
+) -> tuple[str, ...]:
+    """Greedy completions of already-tokenized prompts (the engine under :func:`generate`).
+
+    Returns:
+        One decoded completion per sequence: new tokens only, cut before the first stop token
+        (default :func:`stop_token_ids`), special tokens skipped.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    pad_id = _pad_id(tokenizer)
+    stops = list(stop_ids) if stop_ids is not None else list(stop_token_ids(tokenizer, model))
+    device = _device(model)
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
+    lengths = [len(s) for s in sequences]
+    size = _batch_size(model, max(lengths) + max_new_tokens, batch_size)
+    results = [""] * len(sequences)
+    bar = tqdm(total=len(sequences), desc="generate", unit="prompt", disable=not progress)
+    for chunk in _chunks(lengths, size):
+        batch = pad_sequences([sequences[i] for i in chunk], pad_id).to(device)
+        new = _greedy(model, batch, max_new_tokens, stop_tensor, pad_id).cpu().tolist()
+        for row, index in zip(new, chunk, strict=True):
+            cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+            results[index] = tokenizer.decode(row[:cut], skip_special_tokens=True)
+        bar.update(len(chunk))
+    bar.close()
+    return tuple(results)
+
+
+def generate(
+    lm: LoadedModel,
+    prompts: Prompts,
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int | None = None,
+    system: str | None = None,
+    intervention: Intervention = None,
+    progress: bool = True,
+) -> tuple[str, ...]:
+    """Greedy completions of chat-formatted prompts, in input order.
+
+    Returns:
+        One string per prompt: the decoded new tokens (at most ``max_new_tokens``), without the
+        prompt, the stop token or other special tokens.
+    """
+    encoded = encode_chat(lm, prompts, system)
+    stops = stop_token_ids(lm.tokenizer, lm.base, lm.chat_template)
+    with as_context(intervention):
+        return generate_from_ids(
+            lm.model,
+            lm.tokenizer,
+            [e.input_ids for e in encoded],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            stop_ids=stops,
+            progress=progress,
+        )
+
+
+def forward_batches(
+    model: nn.Module,
+    tokenizer: Any,
+    seqs: Sequence[Sequence[int]],
+    batch_size: int | None,
+    progress: bool,
+    desc: str,
+    keep: Callable[[list[int]], int] = lambda chunk: 1,
+) -> Iterator[tuple[list[int], ChatBatch, Float[Tensor, "batch keep vocab"]]]:
+    """Yield (indices, left-padded batch, logits at its last ``keep(indices)`` positions)."""
+    lengths = [len(s) for s in seqs]
+    size = _batch_size(model, max(lengths), batch_size)
+    device, pad_id, supports = _device(model), _pad_id(tokenizer), _accepts_keep(model)
+    bar = tqdm(total=len(seqs), desc=desc, unit="prompt", disable=not progress)
+    for chunk in _chunks(lengths, size):
+        batch, k = pad_sequences([seqs[i] for i in chunk], pad_id).to(device), keep(chunk)
+        with torch.inference_mode():
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                **({"logits_to_keep": k} if supports else {}),
+            ).logits[:, -k:]
+        yield chunk, batch, logits
+        bar.update(len(chunk))
+    bar.close()
