@@ -79,7 +79,9 @@ def dim_layer_candidates(
     """Diff-in-means candidates, one per layer: refusal at ``t_post[-1]``, harmfulness at ``t_inst``.
 
     Returns:
-        One :class:`Carrier` (``method="dim"``, raw float64 difference of means) per layer.
+        One :class:`Carrier` (``method="dim"``, raw float64 difference of means) per layer, except
+        layers where the difference is exactly zero (e.g. layer 0 at a template token, where every
+        prompt has the same embedding).
     """
     if kind not in ("refusal", "harmfulness"):
         raise ValueError(f"unknown kind {kind!r}: use refusal or harmfulness")
@@ -98,6 +100,7 @@ def dim_layer_candidates(
             provenance={**cands.provenance, "system": system},
         )
         for j, layer in enumerate(cands.layers)
+        if bool(cands.vectors[0, j].norm() > 0)
     ]
 
 

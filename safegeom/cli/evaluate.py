@@ -2,9 +2,9 @@
 
 Interventions: :func:`run` takes an optional ``intervention`` (a context manager, or a
 zero-argument callable returning one) entered around generation and scoring. When none is passed,
-:func:`build_intervention` turns command-line options into one; it is the single place where
-options such as ``--carrier FILE --intervene ablate|add`` are to be wired in (it returns ``None``
-today), together with :func:`add_intervention_args` for their parser.
+:func:`build_intervention` turns ``--carrier FILE --intervene ablate|add`` into one: ablation of the
+carrier's span at every block input and attention/MLP output, or addition of ``--coeff`` times the
+carrier at its layer (or ``--layer``).
 """
 
 from __future__ import annotations
@@ -57,13 +57,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_intervention_args(parser: argparse.ArgumentParser) -> None:
-    """Options that describe an intervention (none yet; ``--carrier``/``--intervene`` go here)."""
+    """``--carrier FILE --intervene ablate|add`` (+ ``--coeff``, ``--layer``, ``--positions``)."""
+    parser.add_argument("--carrier", default=None, help="carrier file (.safetensors)")
+    parser.add_argument(
+        "--intervene",
+        choices=["ablate", "add"],
+        default=None,
+        help="ablate the carrier everywhere, or add it at its layer",
+    )
+    parser.add_argument("--coeff", type=float, default=1.0, help="addition coefficient")
+    parser.add_argument("--layer", default=None, help="addition layer(s) (default: the carrier's)")
+    parser.add_argument(
+        "--add-positions",
+        default="all",
+        choices=["all", "prompt", "instruction"],
+        help="where the addition applies",
+    )
 
 
 def build_intervention(args: argparse.Namespace, lm: LoadedModel) -> Intervention:
-    """The intervention the command line asks for, or ``None`` (no option defines one yet)."""
-    del args, lm
-    return None
+    """The intervention the command line asks for, or ``None``.
+
+    Raises:
+        CliError: ``--intervene`` without ``--carrier`` or the other way round.
+    """
+    if (args.carrier is None) != (args.intervene is None):
+        raise CliError("--carrier and --intervene go together")
+    if args.carrier is None:
+        return None
+    from safegeom.carriers import load_carrier
+    from safegeom.interventions import ablate, add
+
+    carrier = load_carrier(args.carrier, d_model=lm.d_model, weight_hash=lm.weight_hash)
+    if args.intervene == "ablate":
+        return lambda: ablate(lm, carrier.vectors.T)
+    layers = args.layer if args.layer is not None else carrier.layer
+    return lambda: add(
+        lm, carrier.direction, layers=layers, coeff=args.coeff, positions=args.add_positions
+    )
 
 
 def _check(args: argparse.Namespace) -> None:

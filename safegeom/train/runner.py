@@ -242,6 +242,11 @@ def train(
         raise ValueError("steps, save_every and batch_size must be at least 1")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"unknown schedule {schedule!r}; use cosine or constant")
+    if method == "lora" and (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{model_spec} is a LoRA adapter; merge it first (load_model(..., merge_adapter=True) "
+            "and save_pretrained) or fine-tune it with sft"
+        )
     the_task = get_task(task)
     out_dir = Path(out)
     previous = prepare_run_dir(out_dir, resume=resume, overwrite=overwrite)

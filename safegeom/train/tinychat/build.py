@@ -80,7 +80,7 @@ class TinyChatConfig:
     harmful_fraction: float = 0.42
     p_wrap: float = 0.25
     bucket_batches: int = 32
-    num_threads: int = 2
+    num_threads: int = 1
     save_dtype: str = "float16"
     extra: dict[str, str] = field(default_factory=dict)
 
