@@ -1,0 +1,208 @@
+"""The whole story on ``tiny-chat``, in a few minutes on a CPU.
+
+1. Behaviour of the aligned model on held-out test splits (refusal, over-refusal, XSTest).
+2. Carriers: refusal direction (diff-in-means + bypass/induce/KL selection), harmfulness
+   direction, cheap refusal cone; H/R coupling and cone effective rank.
+3. Ablation check: ablating / adding the refusal direction against 20 matched random directions,
+   by refusal score and by generated refusals.
+4. A harmful LoRA fine-tuning trajectory (Qi et al. 2023 style attack) and behaviour along it.
+
+Everything is written into the run folder: ``report.md``, ``summary.json``, Parquet tables, the
+carriers and the trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from safegeom.carriers import SelectionConfig
+from safegeom.carriers.suite import extract_carriers
+from safegeom.evaluate import evaluate
+from safegeom.models import load_model
+from safegeom.prompts import load_prompts
+from safegeom.sweeps import SweepConfig, causal_sweep
+
+__all__ = ["BEHAVIOUR_SETS", "DemoConfig", "behaviour_table", "run_demo"]
+
+BEHAVIOUR_SETS: dict[str, tuple[str, str]] = {
+    "advbench:test": ("harmful", "substring"),
+    "jbb-harmful:test": ("harmful", "substring"),
+    "directharm4:test": ("harmful", "substring"),
+    "alpaca:test": ("harmless", "substring"),
+    "xstest-safe:test": ("harmless", "xstest"),
+    "xstest-unsafe:test": ("harmful", "xstest"),
+}
+"""Held-out sets of the behaviour table, their role and judge."""
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the demo; the defaults finish in a few minutes on a 2-core CPU."""
+
+    model: str = "tiny-chat"
+    n_eval: int = 32
+    """Prompts per behaviour set."""
+    n_train: int = 64
+    """Prompts per class for the carriers' means."""
+    n_val: int = 32
+    """Prompts per class for selection and the ablation check."""
+    n_random: int = 20
+    """Matched random directions in the ablation check."""
+    lora_steps: int = 60
+    save_every: int = 20
+    max_new_tokens: int = 24
+    seed: int = 0
+
+
+def behaviour_table(lm, n: int, max_new_tokens: int, *, progress: bool = False) -> pd.DataFrame:
+    """Refusal rate (with 95% CI) and mean refusal score on each held-out set, first ``n`` prompts."""
+    rows = []
+    for spec, (role, judge) in BEHAVIOUR_SETS.items():
+        prompts = load_prompts(spec).take(n)
+        result = evaluate(
+            lm, prompts, judge=judge, max_new_tokens=max_new_tokens, progress=progress
+        )
+        rate = result.refusal_rate
+        score = result.mean_refusal_score
+        rows.append(
+            {
+                "set": spec,
+                "role": role,
+                "judge": judge,
+                "n": result.n,
+                "refusal_rate": rate.value,
+                "ci_low": rate.ci_low,
+                "ci_high": rate.ci_high,
+                "mean_refusal_score": None if score is None else score.value,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    cols = list(frame.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in frame.itertuples(index=False):
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: str | Path, config: DemoConfig = DemoConfig(), *, echo: bool = True
+) -> dict[str, Any]:
+    """Run the demo into ``out`` and return its summary (also written to ``summary.json``).
+
+    ``echo`` prints the section headers and the final report to stdout.
+    """
+    from safegeom.train import train
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    lm = load_model(config.model)
+    _say(echo, f"[1/4] behaviour of {config.model} on held-out test splits")
+    behaviour = behaviour_table(lm, config.n_eval, config.max_new_tokens, progress=True)
+    behaviour.to_parquet(folder / "behaviour.parquet", index=False)
+
+    _say(echo, "[2/4] carriers: refusal direction, harmfulness direction, refusal cone")
+    selection_config = SelectionConfig(n_train=config.n_train, n_val=config.n_val)
+    suite = extract_carriers(lm, config=selection_config)
+    suite.save(folder / "carriers")
+    carriers = suite.summary()
+
+    _say(echo, f"[3/4] ablation check against {config.n_random} matched random directions")
+    sweep_config = SweepConfig(
+        add_layers=str(suite.refusal.layer),
+        add_strengths=(1.0,),
+        n_random=config.n_random,
+        n_prompts=config.n_val,
+        seed=config.seed,
+        generate=True,
+        max_new_tokens=config.max_new_tokens,
+    )
+    sweep = causal_sweep(
+        lm, {"refusal": suite.refusal}, "advbench:test", "alpaca:test", sweep_config
+    )
+    sweep.to_parquet(folder / "ablation_check.parquet", index=False)
+
+    _say(echo, f"[4/4] harmful LoRA fine-tuning, {config.lora_steps} steps")
+    trajectory = train(
+        config.model, "harmful", method="lora", out=folder / "lora-harmful",
+        steps=config.lora_steps, save_every=config.save_every, seed=config.seed, overwrite=True,
+    )  # fmt: skip
+    rows = []
+    for record in trajectory.checkpoints:
+        ckpt = load_model(record.path)
+        for spec in ("advbench:test", "alpaca:test"):
+            result = evaluate(
+                ckpt, load_prompts(spec).take(config.n_eval),
+                max_new_tokens=config.max_new_tokens, progress=False,
+            )  # fmt: skip
+            rows.append(
+                {
+                    "step": record.step,
+                    "loss": record.loss,
+                    "set": spec,
+                    "refusal_rate": result.refusal_rate.value,
+                    "asr": result.asr.value,
+                    "mean_refusal_score": result.mean_refusal_score.value,
+                }
+            )
+    along = pd.DataFrame(rows)
+    along.to_parquet(folder / "trajectory_behaviour.parquet", index=False)
+
+    summary = {
+        "config": asdict(config),
+        "model": {"name": lm.name, "weight_hash": lm.weight_hash, "n_layers": lm.n_layers},
+        "behaviour": behaviour.to_dict("records"),
+        "carriers": carriers,
+        "ablation_check": sweep.to_dict("records"),
+        "trajectory": along.to_dict("records"),
+    }
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (folder / "report.md").write_text(_report(summary, behaviour, sweep, along))
+    _say(echo, (folder / "report.md").read_text())
+    return summary
+
+
+def _say(echo: bool, text: str) -> None:
+    if echo:
+        print(text, flush=True)
+
+
+def _report(
+    summary: dict, behaviour: pd.DataFrame, sweep: pd.DataFrame, along: pd.DataFrame
+) -> str:
+    c = summary["carriers"]
+    r = c["refusal"]
+    cone = c.get("cone") or {}
+    check = sweep[["op", "population", "metric", "base", "value", "effect", "control_mean"]]
+    check = check.assign(
+        ci=[f"[{a:.2f}, {b:.2f}]" for a, b in zip(sweep.ci_low, sweep.ci_high, strict=True)]
+    )
+    return "\n\n".join(
+        [
+            f"# safegeom demo: {summary['model']['name']}",
+            "## Behaviour on held-out test splits\n\n" + _markdown(behaviour),
+            "## Carriers\n\n"
+            f"- refusal direction: layer {r['layer']}, position {r['position']}, "
+            f"‖r‖ = {r['norm']:.2f}\n"
+            f"- bypass score {r['bypass']:.3f}, induce score {r['induce']:.3f}, KL {r['kl']:.4f} "
+            f"(base refusal score: harmful {r['base_harmful']:.2f}, harmless "
+            f"{r['base_harmless']:.2f})\n"
+            f"- H/R coupling |cos(harmfulness, refusal)| = {c['hr_coupling']:.3f}\n"
+            f"- cheap cone: k = {cone.get('k')}, effective rank of its sources "
+            f"{cone.get('effective_rank', float('nan')):.2f}\n"
+            f"- selection: {c['selection']['n_candidates']} candidates, "
+            f"{c['selection']['forward_passes']} forward passes, "
+            f"{c['selection']['seconds']:.1f} s",
+            "## Ablation check (refusal direction vs matched random directions)\n\n"
+            + _markdown(check),
+            "## Harmful LoRA trajectory\n\n" + _markdown(along),
+        ]
+    )
