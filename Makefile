@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --nbmake tests notebooks
 
 demo: $(STAMP)
 	$(VENV)/bin/safegeom demo --out runs/demo

@@ -69,8 +69,10 @@ __all__ = [
     "kl_to_reference",
     "last_position_logprobs",
     "over_refusal",
+    "refusal_log_odds",
     "refusal_rate",
     "refusal_scores",
+    "refusal_token_ids",
     "refusal_tokens",
     "stop_token_ids",
     "task_accuracy",
@@ -103,6 +105,23 @@ def refusal_tokens(
     return tuple(dict.fromkeys(ids))
 
 
+def refusal_log_odds(logits: Float[Tensor, "n vocab"], tokens: Tensor) -> Float[Tensor, " n"]:
+    """Refusal score from next-token logits or log-probabilities (METHODS §1).
+
+    ``p = Σ softmax(logits)[tokens]`` in float64, ``score = log(p + 1e-8) − log(1 − p + 1e-8)``.
+
+    Returns:
+        float64 log-odds ``[n]`` (nats), on the logits' device.
+    """
+    p = logits.double().softmax(-1)[:, tokens.to(logits.device)].sum(-1)
+    return torch.log(p + _EPS) - torch.log(1 - p + _EPS)
+
+
+def refusal_token_ids(lm: LoadedModel, override: Sequence[int] | None = None) -> Tensor:
+    """Refusal first tokens as a tensor: ``override`` when given, else :func:`refusal_tokens`."""
+    return torch.tensor(list(override) if override else refusal_tokens(lm.tokenizer))
+
+
 def refusal_scores(
     lm: LoadedModel,
     prompts: Prompts,
@@ -128,8 +147,7 @@ def refusal_scores(
         for chunk, _, logits in forward_batches(
             lm.model, lm.tokenizer, seqs, batch_size, progress, "refusal score"
         ):
-            p = logits[:, -1].double().softmax(-1)[:, ids.to(logits.device)].sum(-1)
-            scores[chunk] = (torch.log(p + _EPS) - torch.log(1 - p + _EPS)).cpu()
+            scores[chunk] = refusal_log_odds(logits[:, -1], ids).cpu()
     return scores
 
 

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from safegeom.bootstrap import bootstrap_diff_ci
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.scoring import last_logprobs, refusal_log_odds
+from safegeom.carriers.scoring import last_logprobs
+from safegeom.evaluate import refusal_log_odds, refusal_token_ids
 from safegeom.interventions import ablate_rows, add_rows
 from safegeom.models.chat import EncodedPrompt, encode_prompts
 from safegeom.models.loading import LoadedModel
@@ -164,9 +165,7 @@ def causal_sweep(
     if bad:
         raise ValueError(f"unknown sweep op(s) {bad}: use ablate and/or add")
     named = _named(carriers)
-    from safegeom.evaluate import refusal_tokens
-
-    tokens = torch.tensor(refusal_tokens(lm.tokenizer))
+    tokens = refusal_token_ids(lm)
     populations = {
         name: load_prompts(spec).take(config.n_prompts)
         for name, spec in (("harmful", harmful), ("harmless", harmless))

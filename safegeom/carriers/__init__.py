@@ -1,6 +1,17 @@
 """Carriers: directions and subspaces that carry refusal or harmfulness, with provenance."""
 
+from safegeom.carriers.admissible import (
+    admissibility_table,
+    admissible_carrier,
+    carrier_effective_rank,
+    dim_layer_candidates,
+    leading_subspaces,
+)
 from safegeom.carriers.carrier import Carrier, load_carrier
+from safegeom.carriers.cones import cheap_cone, cone_directions, score_cone
+from safegeom.carriers.harmfulness import harmfulness_direction
+from safegeom.carriers.probes import ProbeFit, fit_probe, probe_carrier, probe_layers
+from safegeom.carriers.rdo import RDOConfig, RDOTargets, rdo_cone, rdo_direction, rdo_targets
 from safegeom.carriers.refusal import (
     DimCandidates,
     RefusalSelection,
@@ -17,12 +28,30 @@ __all__ = [
     "Carrier",
     "DimCandidates",
     "ForwardCounter",
+    "ProbeFit",
+    "RDOConfig",
+    "RDOTargets",
     "RefusalSelection",
     "SelectionConfig",
+    "admissibility_table",
+    "admissible_carrier",
+    "carrier_effective_rank",
+    "cheap_cone",
+    "cone_directions",
     "dim_candidates",
+    "dim_layer_candidates",
     "filter_by_refusal",
+    "fit_probe",
+    "harmfulness_direction",
+    "leading_subspaces",
     "load_carrier",
+    "probe_carrier",
+    "probe_layers",
+    "rdo_cone",
+    "rdo_direction",
+    "rdo_targets",
     "refusal_direction",
     "score_candidates",
+    "score_cone",
     "select_refusal_direction",
 ]

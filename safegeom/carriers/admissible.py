@@ -35,6 +35,7 @@ from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.harmfulness import Prompts
 from safegeom.carriers.refusal import dim_candidates
 from safegeom.carriers.scoring import last_logprobs, refusal_log_odds, score_candidates
+from safegeom.evaluate import refusal_token_ids
 from safegeom.geometry import effective_rank
 from safegeom.interventions import ablate, add
 from safegeom.models.chat import encode_prompts
@@ -53,8 +54,8 @@ RankBy = Literal["effect", "bypass_effect", "induce_effect"]
 
 
 def carrier_effective_rank(carrier_or_vectors: Carrier | Tensor | np.ndarray) -> float:
-    """Effective rank ``exp(H(σ/Σσ))`` (METHODS §4 proposal, :func:`safegeom.geometry.effective_rank`)
-    of a carrier's vectors or of raw vectors ``[m, d]``: in [1, min(m, d)], dimensionless.
+    """Effective rank ``exp(H(σ/Σσ))`` of a carrier's vectors or of raw vectors ``[m, d]``, in
+    [1, min(m, d)], dimensionless (METHODS §4 proposal; :func:`safegeom.geometry.effective_rank`).
 
     An orthonormal basis has effective rank exactly k, so measure concentration on *raw* vectors
     (e.g. diff-in-means across positions or categories; the cheap cone records that of its sources
@@ -76,7 +77,7 @@ def dim_layer_candidates(
     system: str | None = None,
     progress: bool = False,
 ) -> list[Carrier]:
-    """Diff-in-means candidates, one per layer: refusal at ``t_post[-1]``, harmfulness at ``t_inst``.
+    """Diff-in-means candidates per layer: refusal at ``t_post[-1]``, harmfulness at ``t_inst``.
 
     Returns:
         One :class:`Carrier` (``method="dim"``, raw float64 difference of means) per layer, except
@@ -145,13 +146,12 @@ def admissibility_table(
     Raises:
         ValueError: no candidate, empty prompt sets, a hidden-size mismatch.
     """
-    from safegeom.evaluate import refusal_tokens
 
     if not candidates:
         raise ValueError("no candidate carrier given")
     for c in candidates:
         c.check_model(lm.d_model, lm.weight_hash)
-    ids = torch.tensor(list(tokens) if tokens else refusal_tokens(lm.tokenizer))
+    ids = refusal_token_ids(lm, tokens)
     enc_h, enc_s = (
         encode_prompts(
             lm.tokenizer, load_prompts(p).prompts, system=system, chat_template=lm.chat_template
@@ -174,12 +174,11 @@ def admissibility_table(
         if i in batched:
             continue
         basis, vec = c.basis, _addition_vector(c)
-        abl_h = last_logprobs(lm, enc_h, batch_size=batch_size, intervention=lambda _, b=basis: ablate(lm, b))  # fmt: skip
-        abl_s = last_logprobs(lm, enc_s, batch_size=batch_size, intervention=lambda _, b=basis: ablate(lm, b))  # fmt: skip
-        add_s = last_logprobs(
-            lm, enc_s, batch_size=batch_size,
-            intervention=lambda _, c=c, vec=vec: add(lm, vec, layers=c.layer, site=c.site),
-        )  # fmt: skip
+        ablation = lambda _, b=basis: ablate(lm, b)  # noqa: E731
+        addition = lambda _, c=c, v=vec: add(lm, v, layers=c.layer, site=c.site)  # noqa: E731
+        abl_h = last_logprobs(lm, enc_h, batch_size=batch_size, intervention=ablation)
+        abl_s = last_logprobs(lm, enc_s, batch_size=batch_size, intervention=ablation)
+        add_s = last_logprobs(lm, enc_s, batch_size=batch_size, intervention=addition)
         kl[i] = float((base_s.exp() * (base_s - abl_s)).sum(-1).mean())
         bypass[i] = float(refusal_log_odds(abl_h, ids).mean())
         induce[i] = float(refusal_log_odds(add_s, ids).mean())

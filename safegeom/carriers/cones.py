@@ -29,6 +29,7 @@ from safegeom.capture import capture
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.harmfulness import Prompts, default_layer, prompt_provenance
 from safegeom.carriers.scoring import score_candidates
+from safegeom.evaluate import refusal_token_ids
 from safegeom.geometry import effective_rank
 from safegeom.models.chat import encode_prompts
 from safegeom.models.loading import LoadedModel
@@ -109,9 +110,8 @@ def score_cone(
         ``comb_bypass_max`` (worst), ``comb_induce_mean``, ``comb_induce_min`` (worst),
         ``comb_kl_mean`` over the combinations; ``base_harmful``, ``base_harmless``.
     """
-    from safegeom.evaluate import refusal_tokens
 
-    ids = torch.tensor(list(tokens) if tokens else refusal_tokens(lm.tokenizer))
+    ids = refusal_token_ids(lm, tokens)
     enc = [
         encode_prompts(
             lm.tokenizer, load_prompts(p).prompts, system=system, chat_template=lm.chat_template
@@ -178,7 +178,7 @@ def cheap_cone(
     system: str | None = None,
     progress: bool = False,
 ) -> Carrier:
-    """The cheap refusal cone (our proposal, METHODS §3): ``k`` orthonormal directions at one layer.
+    """The cheap refusal cone (our proposal, METHODS §3): ``k`` orthonormal directions, one layer.
 
     Args:
         lm: the model.

@@ -11,9 +11,7 @@ harmless prompts; the base model on harmless prompts (retain, for the KL). AdamW
 (0.9, 0.98)); gradients projected onto the sphere's tangent and clipped at norm 10; the vector is
 renormalised (a basis re-orthonormalised by sign-fixed QR) after each step. The model's parameters
 are frozen (``requires_grad`` False, restored afterwards); hooks let gradients flow into r̂ only.
-
-Initialisation (our choice, configurable): ``init="dim"`` starts at r̂_DIM (a cone: r̂_DIM then
-random orthogonal rows), ``init="random"`` at a seeded random unit vector/basis.
+Initialisation is our choice (:class:`RDOConfig`: r̂_DIM by default, or seeded random).
 """
 
 from __future__ import annotations
@@ -22,8 +20,8 @@ import contextlib
 import inspect
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -241,8 +239,55 @@ def _train(lm, init, targets, dim, n_comb, *, steps, lr, lambdas, seed, config, 
     return rows.detach().cpu(), history, terms
 
 
-def _fit(lm, harmful, harmless, dim, k, *, steps, lr, lambdas, seed, config, targets, val, system, progress):  # fmt: skip
-    """Validate, build targets, train and score; return (rows [k, d], scores, provenance)."""
+def rdo_cone(
+    lm: LoadedModel,
+    harmful: Prompts,
+    harmless: Prompts,
+    dim_carrier: Carrier,
+    *,
+    k: int = 3,
+    steps: int = 100,
+    lr: float = 1e-2,
+    lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0),
+    seed: int = 0,
+    config: RDOConfig = RDOConfig(),
+    targets: RDOTargets | None = None,
+    harmful_val: Prompts | None = None,
+    harmless_val: Prompts | None = None,
+    system: str | None = None,
+    progress: bool = True,
+) -> Carrier:
+    """Train an RDO refusal cone of ``k`` orthonormal rows (METHODS §3; the paper uses k = 2–5).
+
+    Each step samples ``config.n_combinations`` combinations ``normalise(sᵀB)``,
+    ``s = |N(0, I_k)|``, and averages the RDO loss over the ``k`` basis vectors and them, so every
+    direction of the cone must ablate and induce refusal; the basis is re-orthonormalised
+    (sign-fixed QR) after each step.
+
+    Args:
+        harmful, harmless: training prompts (ablation targets from harmful, addition and retain
+            targets from harmless).
+        dim_carrier: the diff-in-means refusal carrier: its layer and norm give α, it makes the
+            targets and (``config.init="dim"``) the first starting row.
+        k: cone dimension, 1 ≤ k ≤ d.
+        steps: optimiser steps (AdamW, ``lr``); ``lambdas`` = (λ_abl, λ_add, λ_ret).
+        seed: seeds the initialisation, the minibatch order and the combinations.
+        config: the other settings (:class:`RDOConfig`).
+        targets: precomputed :func:`rdo_targets` (else generated).
+        harmful_val, harmless_val: scoring prompts (default: the training prompts).
+
+    Returns:
+        A :class:`Carrier` (``method="cone-rdo"``) with ``k`` orthonormal rows; ``scores``:
+        ``alpha`` (‖r_DIM‖, activation units), ``loss_initial``/``loss_final`` (weighted loss, nats
+        per token), the last step's ``abl_ce``, ``add_ce``, ``ret_kl``, ``cos_dim`` (first row vs
+        r̂_DIM) and, when scored, :func:`~safegeom.carriers.cones.score_cone`'s. Per-step losses
+        are in ``provenance["losses"]``.
+
+    Raises:
+        ValueError: empty prompt sets, a hidden-size mismatch, ``k`` outside 1..d, ``steps < 1``,
+            an unknown init.
+    """
+    dim = dim_carrier
     dim.check_model(lm.d_model, lm.weight_hash)
     check_k(k, lm.d_model)
     if steps < 1:
@@ -267,17 +312,20 @@ def _fit(lm, harmful, harmless, dim, k, *, steps, lr, lambdas, seed, config, tar
     scores["cos_dim"] = float(final[0] @ dim.unit)
     if config.score:
         scores |= score_cone(
-            lm, final, alpha, dim.layer, val[0] if val[0] is not None else h_set,
-            val[1] if val[1] is not None else s_set, seed=seed, system=system,
+            lm, final, alpha, dim.layer, h_set if harmful_val is None else harmful_val,
+            s_set if harmless_val is None else harmless_val, seed=seed, system=system,
             n_combinations=config.n_score_combinations if k > 1 else 0,
         )  # fmt: skip
     provenance = {
         **prompt_provenance(lm, h_set, s_set), "dim_layer": dim.layer,
-        "dim_position": dim.position, "dim_method": dim.method, "steps": steps, "lr": lr,
+        "dim_position": dim.position, "dim_method": dim.method, "k": k, "steps": steps, "lr": lr,
         "lambdas": list(lambdas), "seed": seed, "config": asdict(config), "losses": history,
         "system": system,
     }  # fmt: skip
-    return final, scores, provenance
+    return Carrier(
+        vectors=final, kind="refusal", method="cone-rdo", site="resid_pre", layer=dim.layer,
+        position=dim.position, scores=scores, provenance=provenance,
+    )  # fmt: skip
 
 
 def rdo_direction(
@@ -289,88 +337,25 @@ def rdo_direction(
     steps: int = 100,
     lr: float = 1e-2,
     lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0),
-    seed: int = 0,
-    config: RDOConfig = RDOConfig(),
-    targets: RDOTargets | None = None,
-    harmful_val: Prompts | None = None,
-    harmless_val: Prompts | None = None,
-    system: str | None = None,
-    progress: bool = True,
+    **options: Any,
 ) -> Carrier:
-    """Train a refusal direction with RDO (METHODS §3).
+    """Train a refusal direction with RDO (METHODS §3): :func:`rdo_cone` with ``k = 1``.
 
-    Args:
-        harmful, harmless: training prompts (ablation targets from harmful, addition and retain
-            targets from harmless).
-        dim_carrier: the diff-in-means refusal carrier: its layer and norm give α, it makes the
-            targets and (``config.init="dim"``) the starting point.
-        steps: optimiser steps (AdamW, ``lr``); ``lambdas`` = (λ_abl, λ_add, λ_ret).
-        seed: seeds the initialisation, the minibatch order and the combinations.
-        config: the other settings (:class:`RDOConfig`).
-        targets: precomputed :func:`rdo_targets` (else generated).
-        harmful_val, harmless_val: scoring prompts (default: the training prompts).
+    ``options``: ``seed``, ``config``, ``targets``, ``harmful_val``, ``harmless_val``, ``system``,
+    ``progress``, as in :func:`rdo_cone`.
 
     Returns:
         A :class:`Carrier` (``method="rdo"``) whose vector is ``α·r̂`` (activation units, the scale
-        used for addition); ``scores``: ``alpha``, ``loss_initial``/``loss_final`` (weighted loss,
-        nats per token), the last step's ``abl_ce``, ``add_ce``, ``ret_kl``, ``cos_dim`` and, when
-        scored, ``bypass_0``, ``induce_0`` (refusal log-odds), ``kl_0`` (nats). Per-step losses
-        are in ``provenance["losses"]``.
+        used for addition); ``scores`` as :func:`rdo_cone`'s (scored: ``bypass_0``, ``induce_0``
+        in refusal log-odds, ``kl_0`` in nats).
 
     Raises:
-        ValueError: empty prompt sets, a hidden-size mismatch, ``steps < 1``, an unknown init.
+        ValueError: as :func:`rdo_cone`.
     """
-    rows, scores, prov = _fit(
-        lm, harmful, harmless, dim_carrier, 1, steps=steps, lr=lr, lambdas=lambdas, seed=seed,
-        config=config, targets=targets, val=(harmful_val, harmless_val), system=system,
-        progress=progress,
-    )  # fmt: skip
-    return Carrier(
-        vectors=rows[0] * scores["alpha"], kind="refusal", method="rdo", site="resid_pre",
-        layer=dim_carrier.layer, position=dim_carrier.position, scores=scores, provenance=prov,
-    )  # fmt: skip
-
-
-def rdo_cone(
-    lm: LoadedModel,
-    harmful: Prompts,
-    harmless: Prompts,
-    dim_carrier: Carrier,
-    *,
-    k: int = 3,
-    steps: int = 100,
-    lr: float = 1e-2,
-    lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0),
-    seed: int = 0,
-    config: RDOConfig = RDOConfig(),
-    targets: RDOTargets | None = None,
-    harmful_val: Prompts | None = None,
-    harmless_val: Prompts | None = None,
-    system: str | None = None,
-    progress: bool = True,
-) -> Carrier:
-    """Train an RDO refusal cone: ``k`` orthonormal rows (METHODS §3; the paper uses k = 2–5).
-
-    Each step samples ``config.n_combinations`` positive-orthant combinations
-    ``normalise(sᵀB)``, ``s = |N(0, I_k)|``, and averages the RDO loss over the ``k`` basis
-    vectors and those combinations, so every direction of the cone must ablate and induce
-    refusal; the basis is re-orthonormalised (sign-fixed QR) after each step. Arguments as
-    :func:`rdo_direction`.
-
-    Returns:
-        A :class:`Carrier` (``method="cone-rdo"``) with ``k`` orthonormal rows; ``scores`` as
-        :func:`rdo_direction` plus :func:`~safegeom.carriers.cones.score_cone`'s when scored.
-
-    Raises:
-        ValueError: as :func:`rdo_direction`; ``k`` outside 1..d.
-    """
-    rows, scores, prov = _fit(
-        lm, harmful, harmless, dim_carrier, k, steps=steps, lr=lr, lambdas=lambdas, seed=seed,
-        config=config, targets=targets, val=(harmful_val, harmless_val), system=system,
-        progress=progress,
-    )  # fmt: skip
-    return Carrier(
-        vectors=rows, kind="refusal", method="cone-rdo", site="resid_pre",
-        layer=dim_carrier.layer, position=dim_carrier.position, scores=scores,
-        provenance={**prov, "k": k},
-    )  # fmt: skip
+    if "k" in options:
+        raise TypeError("rdo_direction trains one direction; use rdo_cone for k > 1")
+    cone = rdo_cone(
+        lm, harmful, harmless, dim_carrier, k=1, steps=steps, lr=lr, lambdas=lambdas, **options
+    )
+    prov = {key: v for key, v in cone.provenance.items() if key != "k"}
+    return replace(cone, vectors=cone.vectors * cone.scores["alpha"], method="rdo", provenance=prov)

@@ -16,18 +16,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from safegeom.capture import capture_stats
 from safegeom.carriers.carrier import Carrier
+from safegeom.carriers.harmfulness import prompt_provenance
 from safegeom.carriers.scoring import (
     ForwardCounter,
     last_logprobs,
     refusal_log_odds,
     score_candidates,
 )
+from safegeom.evaluate import refusal_token_ids
 from safegeom.models.chat import encode_prompts
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, load_prompts
@@ -100,12 +101,6 @@ class RefusalSelection:
     seconds: float
 
 
-def _tokens(lm: LoadedModel, override: Sequence[int] | None) -> torch.Tensor:
-    from safegeom.evaluate import refusal_tokens
-
-    return torch.tensor(list(override) if override else refusal_tokens(lm.tokenizer))
-
-
 def filter_by_refusal(
     lm: LoadedModel,
     harmful: PromptSet,
@@ -120,7 +115,7 @@ def filter_by_refusal(
     Raises:
         ValueError: a class is empty after filtering.
     """
-    ids = _tokens(lm, tokens)
+    ids = refusal_token_ids(lm, tokens)
     kept = []
     for prompts, sign, label in ((harmful, 1, "harmful"), (harmless, -1, "harmless")):
         enc = encode_prompts(
@@ -174,16 +169,7 @@ def dim_candidates(
         layers=stats[0].layers,
         n_harmful=len(harmful_set),
         n_harmless=len(harmless_set),
-        provenance={
-            "model": lm.name,
-            "weight_hash": lm.weight_hash,
-            "harmful": harmful_set.name,
-            "harmful_hash": harmful_set.content_hash,
-            "harmless": harmless_set.name,
-            "harmless_hash": harmless_set.content_hash,
-            "n_harmful": len(harmful_set),
-            "n_harmless": len(harmless_set),
-        },
+        provenance=prompt_provenance(lm, harmful_set, harmless_set),
     )
 
 
@@ -213,7 +199,7 @@ def select_refusal_direction(
     ]
     vectors, layers, positions = candidates.flat()
     scores = score_candidates(
-        lm, vectors, layers, enc[0], enc[1], _tokens(lm, config.refusal_tokens),
+        lm, vectors, layers, enc[0], enc[1], refusal_token_ids(lm, config.refusal_tokens),
         batch_size=config.batch_size, counter=counter, progress=progress,
     )  # fmt: skip
     table = pd.DataFrame(

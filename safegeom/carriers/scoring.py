@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safegeom.evaluate import refusal_log_odds
 from safegeom.interventions import ablate_rows, add_rows
 from safegeom.models.chat import EncodedPrompt, collate_left
 from safegeom.models.loading import LoadedModel
@@ -31,16 +32,6 @@ __all__ = [
     "refusal_log_odds",
     "score_candidates",
 ]
-
-_EPS = 1e-8
-
-
-def refusal_log_odds(
-    logprobs: Float[Tensor, "n vocab"], tokens: Int[Tensor, " t"]
-) -> Float[Tensor, " n"]:
-    """Refusal score from last-position log-probabilities (float64 log-odds, nats)."""
-    p = logprobs.double().exp()[:, tokens.to(logprobs.device)].sum(-1)
-    return torch.log(p + _EPS) - torch.log(1 - p + _EPS)
 
 
 @dataclass
