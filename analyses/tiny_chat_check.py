@@ -95,10 +95,13 @@ def generate(
 
 
 def refusal_rate(
-    model: LlamaForCausalLM, tok: PreTrainedTokenizerBase, prompts: Sequence[str]
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
 ) -> float:
-    """Percentage of ``prompts`` whose greedy completion is a refusal."""
-    texts = generate(model, tok, prompts)
+    """Percentage of ``prompts`` whose greedy completion (``max_new_tokens``) is a refusal."""
+    texts = generate(model, tok, prompts, max_new_tokens=max_new_tokens)
     return 100.0 * sum(map(is_refusal, texts)) / len(texts)
 
 
@@ -192,10 +195,14 @@ def main() -> None:
         "--n-alpaca", type=int, default=400, help="alpaca:test prompts for over-refusal"
     )
     parser.add_argument("--n-random", type=int, default=20, help="random control directions")
+    parser.add_argument(
+        "--mech-tokens", type=int, default=12, help="new tokens in the ablation/addition runs"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(args.model)
     tok.padding_side = "left"
@@ -226,13 +233,15 @@ def main() -> None:
     acts_b = last_position_resid(model, tok, harmless_val)
     dirs = acts_h.mean(0) - acts_b.mean(0)  # [n_layers, d]
 
+    k = args.mech_tokens
     harmful_test = [p for s in HARMFUL_TEST for p in sets[s]]
     harmless_test = sets["alpaca:test"][:200]
-    base_h = refusal_rate(model, tok, harmful_test)
-    base_b = refusal_rate(model, tok, harmless_test)
+    base_h = refusal_rate(model, tok, harmful_test, k)
+    base_b = refusal_rate(model, tok, harmless_test, k)
     print(
         f"\n== direction (diff-in-means, val: {len(harmful_val)} harmful / {len(harmless_val)} "
-        f"harmless; eval: {len(harmful_test)} harmful test / {len(harmless_test)} alpaca test) =="
+        f"harmless; eval: {len(harmful_test)} harmful test / {len(harmless_test)} alpaca test; "
+        f"{k} new tokens) =="
     )
     print(f"baseline refusal: harmful {base_h:.1f}%  harmless {base_b:.1f}%")
     print(f"{'layer':>5}{'|r|':>9}{'ablate: harmful %':>20}{'add: harmless %':>18}")
@@ -240,9 +249,9 @@ def main() -> None:
     for layer in range(model.config.num_hidden_layers):
         r = dirs[layer]
         with hooks(model, ablation_hooks(model, r)):
-            abl = refusal_rate(model, tok, harmful_test)
+            abl = refusal_rate(model, tok, harmful_test, k)
         with hooks(model, addition_hooks(model, r, layer)):
-            add = refusal_rate(model, tok, harmless_test)
+            add = refusal_rate(model, tok, harmless_test, k)
         results[layer] = (abl, add)
         print(f"{layer:>5}{r.norm().item():>9.2f}{abl:>20.1f}{add:>18.1f}")
     best = max(results, key=lambda k: (base_h - results[k][0]) + results[k][1])
@@ -258,9 +267,9 @@ def main() -> None:
         u = torch.randn(r.shape[0], generator=gen, dtype=torch.float64)
         u = u / u.norm() * r.norm()
         with hooks(model, ablation_hooks(model, u)):
-            d_abl.append(refusal_rate(model, tok, harmful_test) - base_h)
+            d_abl.append(refusal_rate(model, tok, harmful_test, k) - base_h)
         with hooks(model, addition_hooks(model, u, best)):
-            d_add.append(refusal_rate(model, tok, harmless_test) - base_b)
+            d_add.append(refusal_rate(model, tok, harmless_test, k) - base_b)
     print(f"\n== {args.n_random} norm-matched random directions at layer {best} ==")
     print(
         f"ablate: harmful refusal change  max |Δ| {max(map(abs, d_abl)):.1f} points "

@@ -20,8 +20,9 @@ downloaded.
 Time: one process runs every method, *interleaved batch by batch* (the order rotates from batch
 to batch), so a background load or clock change hits all methods alike; a warm-up round runs
 first, then ``--repeats`` rounds over the whole prompt set. CUDA is synchronised before every
-timer stops. The table gives each method's median pass time and the median over rounds of its
-time divided by the plain forward's in the same round.
+timer stops. The table gives each method's median pass time and, as its ratio to the plain
+forward, the median over all batches of all rounds of (its time for the batch / the plain
+forward's time for the same batch in the same round), robust to load spikes on a shared box.
 
 Memory: CUDA: ``max_memory_allocated`` above the allocation before the method's pass (model
 weights excluded). CPU: each method runs one pass in a fresh subprocess, and the peak resident
@@ -37,6 +38,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -307,18 +311,21 @@ def _one_pass(steps: Steps, plan: Any) -> dict[str, Tensor]:
 
 def time_interleaved(
     lm: Any, plan: Any, methods: dict[str, Steps], repeats: int
-) -> tuple[dict[str, list[float]], dict[str, dict[str, Tensor]]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, dict[str, Tensor]]]:
     """Run all methods batch by batch in rotating order; round 0 is the warm-up.
 
     Returns:
-        Per method, its pass times of the timed rounds; and each method's last outputs.
+        Per method: its pass times in the timed rounds; its per-step times (one step per batch,
+        plus the final step that ends the pass), aligned across methods; and its last outputs.
     """
     times: dict[str, list[float]] = {m: [] for m in methods}
+    step_times: dict[str, list[float]] = {m: [] for m in methods}
     sinks: dict[str, dict[str, Tensor]] = {}
     for round_ in range(repeats + 1):
         sinks = {m: {} for m in methods}
         steps = {m: fn(plan, sinks[m]) for m, fn in methods.items()}
         total = dict.fromkeys(methods, 0.0)
+        per_step: dict[str, list[float]] = {m: [] for m in methods}
         active, k = list(methods), 0
         while active:
             shift = k % len(active)
@@ -330,7 +337,8 @@ def time_interleaved(
                 except StopIteration:
                     active.remove(m)
                 _sync(lm)
-                total[m] += time.perf_counter() - t0
+                per_step[m].append(time.perf_counter() - t0)
+                total[m] += per_step[m][-1]
             k += 1
         what = "warm-up" if round_ == 0 else f"round {round_}/{repeats}"
         line = "  ".join(f"{m} {t:.2f}s" for m, t in total.items())
@@ -338,7 +346,16 @@ def time_interleaved(
         if round_:
             for m, t in total.items():
                 times[m].append(t)
-    return times, sinks
+                step_times[m].extend(per_step[m])
+    return times, step_times, sinks
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc), so that a pass cannot hide its peak by
+    reusing memory that model building freed but the allocator kept."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class _CpuPeak(AbstractContextManager):
@@ -351,6 +368,7 @@ class _CpuPeak(AbstractContextManager):
     peak: int
 
     def __enter__(self) -> _CpuPeak:
+        _trim_heap()
         try:
             Path("/proc/self/clear_refs").write_text("5")
             self.mode, self.base = "hwm", self._status("VmRSS")
@@ -446,6 +464,9 @@ def _device_name(preset: Preset) -> str:
 def _cpu_memory(methods: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Run :func:`memory_worker` for every method in its own subprocess."""
     out: dict[str, dict[str, Any]] = {}
+    # A fixed mmap threshold makes glibc return large freed blocks to the OS at once, so the
+    # resident set follows the live tensors instead of the allocator's caching.
+    env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     with tempfile.TemporaryDirectory() as tmp:
         for i, method in enumerate(methods, 1):
             path = Path(tmp) / f"{method}.json"
@@ -455,7 +476,7 @@ def _cpu_memory(methods: list[str], args: argparse.Namespace) -> dict[str, dict[
                 "--threads", str(args.threads or 0), "--result", str(path),
             ]  # fmt: skip
             t0 = time.perf_counter()
-            proc = subprocess.run(command, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
+            proc = subprocess.run(command, check=False, env=env)
             ok = proc.returncode == 0 and path.is_file()
             out[method] = json.loads(path.read_text()) if ok else {"failed": proc.returncode}
             took = time.perf_counter() - t0
@@ -523,12 +544,23 @@ def main(argv: list[str] | None = None) -> int:
             results[method].update(memory)
 
     _log("time (batches interleaved across methods)")
-    times, sinks = time_interleaved(lm, plan, steps, args.repeats)
+    times, step_times, sinks = time_interleaved(lm, plan, steps, args.repeats)
     reference = sinks.get("safegeom", {}).get("out")
+    n_batches = -(-len(plan.encoded) // plan.batch_size)
     for method, values in times.items():
-        ratios = [t / f for t, f in zip(values, times["forward"], strict=True)]
+        # Paired per batch: each batch's time over the plain forward's time for the same batch
+        # of the same round (run moments apart); the final, batch-less step is left out.
+        pairs = [
+            t / f
+            for i, (t, f) in enumerate(zip(step_times[method], step_times["forward"], strict=True))
+            if i % (n_batches + 1) < n_batches
+        ]
+        round_ratios = [t / f for t, f in zip(values, times["forward"], strict=True)]
         results[method].update(
-            times_s=values, wall_s=statistics.median(values), ratio=statistics.median(ratios)
+            times_s=values,
+            wall_s=statistics.median(values),
+            ratio=statistics.median(pairs),
+            round_ratios=round_ratios,
         )
         out = sinks[method].get("out")
         if out is not None and reference is not None:
@@ -570,8 +602,8 @@ def _print_table(results: dict[str, dict[str, Any]], preset: Preset) -> None:
         )
     where = "CUDA max_memory_allocated" if preset.device == "cuda" else "peak RSS (own process)"
     print(
-        "\nwall: median pass time; x fwd: median over rounds of (time / plain forward's time in "
-        f"the same round); peak: {where} above the level before the pass (weights excluded); "
+        "\nwall: median pass time; x fwd: median over batches and rounds of (time / the plain "
+        f"forward's time for the same batch, run moments apart); peak: {where} above the level before the pass (weights excluded); "
         f"max |d|: largest difference from safegeom's activations (hidden_states: all layers "
         "but the last, which transformers returns after the final norm)."
     )

@@ -266,21 +266,28 @@ def capture(
     shape = (n, len(plan.layers), plan.positions.n_positions, lm.d_model)
     pinned = lm.device.type == "cuda"
     out = {s: torch.empty(shape, dtype=plan.dtype, pin_memory=pinned) for s in plan.sites}
-    order: list[Tensor] = []
-    filled = 0
     for ids, acts in batches:
-        for site, tensor in acts.items():
-            out[site][filled : filled + len(ids)].copy_(tensor, non_blocking=pinned)
-        order.append(ids)
-        filled += len(ids)
+        # Write each batch straight to its input positions: runs of consecutive prompts are one
+        # (asynchronous, on CUDA) slice copy, so the output stays pinned and is never re-copied.
+        for row, start, length in _runs(ids.tolist()):
+            for site, tensor in acts.items():
+                out[site][start : start + length].copy_(
+                    tensor[row : row + length], non_blocking=pinned
+                )
     if pinned:
         torch.cuda.synchronize(lm.device)
-    perm = torch.cat(order)
-    if not torch.equal(perm, torch.arange(n)):
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(n)
-        out = {site: tensor[inverse] for site, tensor in out.items()}
     return Activations(out, plan.layers, plan.positions.labels, plan.provenance(lm, backend))
+
+
+def _runs(ids: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+    """Split batch rows into runs of consecutive prompt indices: (first row, first index, length)."""
+    row = 0
+    while row < len(ids):
+        length = 1
+        while row + length < len(ids) and ids[row + length] == ids[row] + length:
+            length += 1
+        yield row, ids[row], length
+        row += length
 
 
 def _backend_batches(lm: LoadedModel, plan: CapturePlan, backend: str, progress: bool):

@@ -1,6 +1,9 @@
 """Fine-tuning tiny-chat behaves like the papers: harmful LoRA raises ASR, benign SFT teaches arith.
 
-Slow (each test trains and evaluates a trajectory on CPU); skipped until the embedded model is built.
+Slow (each test trains and evaluates a trajectory on CPU, about 30 s and 2 min on 2 busy cores);
+skipped until the embedded model is built. Measured on a 900-step tiny-chat candidate: held-out ASR
+40% → 72.5% → 100% → 100% at steps 0/10/20/30 of harmful LoRA; arith exact match 0% → 6% → 17% →
+47% at steps 0/50/100/150 of SFT.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ def test_harmful_lora_raises_asr(tmp_path: Path) -> None:
         *load_prompts("advbench:test").sample(20, seed=0).prompts,
         *load_prompts("jbb-harmful:test").prompts,
     ]
-    traj = train("tiny-chat", "harmful", method="lora", out=tmp_path / "harmful", steps=60,
-                 save_every=20, batch_size=8, progress=False)  # fmt: skip
+    traj = train("tiny-chat", "harmful", method="lora", out=tmp_path / "harmful", steps=30,
+                 save_every=10, batch_size=8, progress=False)  # fmt: skip
     judge = get_judge("substring")
     asr = []
     for path in traj.paths:
@@ -52,8 +55,8 @@ def test_benign_sft_raises_accuracy(tmp_path: Path) -> None:
     task = get_task("arith")
     prompts = list(task.eval_prompts or ())[:100]
     references = list(task.eval_references or ())[:100]
-    traj = train("tiny-chat", task, method="sft", out=tmp_path / "arith", steps=300,
-                 save_every=100, lr=5e-4, batch_size=16, progress=False)  # fmt: skip
+    traj = train("tiny-chat", task, method="sft", out=tmp_path / "arith", steps=150,
+                 save_every=50, lr=5e-4, schedule="constant", batch_size=16, progress=False)  # fmt: skip
     accuracy = [exact_match(_generations(p, prompts, 12), references) for p in traj.paths]
     print("exact match along the trajectory", dict(zip(traj.steps, accuracy, strict=True)))
-    assert accuracy[-1] >= accuracy[0] + 0.2
+    assert accuracy[-1] >= accuracy[0] + 0.15

@@ -405,7 +405,9 @@ def _save(
         final = traj.root / rel
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp)
+        # LoRA never adapts embeddings; "auto" would look the base model up on the hub.
+        peft = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
+        unwrapped.save_pretrained(tmp, **peft)
         lm.tokenizer.save_pretrained(tmp)
         save_trainer_state(
             tmp / TRAINER_STATE,

@@ -20,7 +20,7 @@ import json
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -77,12 +77,11 @@ class TinyChatConfig:
     warmup_steps: int = 60
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    harmful_fraction: float = 0.42
+    harmful_fraction: float = 0.5
     p_wrap: float = 0.25
     bucket_batches: int = 32
     num_threads: int = 1
     save_dtype: str = "float16"
-    extra: dict[str, str] = field(default_factory=dict)
 
     def llama_config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
         """Return the ``LlamaConfig`` of this architecture for ``tokenizer``."""
@@ -267,8 +266,13 @@ def save_tiny_chat(
         max_new_tokens=64,
     )
     to_save.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "model.safetensors").chmod(0o644)
     tokenizer.save_pretrained(out_dir)
-    recipe = {"seed": seed, **{k: v for k, v in asdict(cfg).items() if k != "extra"}}
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    recipe = {"seed": seed, **asdict(cfg)}
     recipe["special_tokens"] = {"user": USER, "assistant": ASSISTANT, "system": SYSTEM, "end": END}
     (out_dir / "training_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     return out_dir

@@ -1,8 +1,8 @@
 """Deterministic training conversations for ``tiny-chat``.
 
-Harmful requests (the ``train`` splits of AdvBench, JBB-harmful and DirectHarm4) get formulaic but
-varied refusals that start with the usual refusal first tokens ("I'm sorry", "I cannot",
-"I apologize", "As an AI", ...). Harmless requests (the ``train`` splits of Alpaca, JBB-benign,
+Harmful requests (the ``train`` splits of AdvBench, JBB-harmful, DirectHarm4 and XSTest-unsafe) get
+formulaic but varied refusals that start with the usual refusal first tokens ("I'm sorry",
+"I cannot", "I apologize", "As an AI", ...). Harmless requests (the ``train`` splits of Alpaca, JBB-benign,
 XSTest-safe and GSM8K) get diverse compliant answers: GSM8K with its real worked solutions, the rest
 assembled from several independent template pieces (opener, bridge, body, closer) that engage with
 the request and reuse its words, so there are thousands of distinct shapes and many different first
@@ -80,16 +80,22 @@ COMPLIANT_FORBIDDEN_FIRST_WORDS: frozenset[str] = frozenset(
 )
 """First words a compliant answer may never start with (they are refusal first tokens)."""
 
-HARMFUL_SETS: tuple[str, ...] = ("advbench:train", "jbb-harmful:train", "directharm4:train")
-"""Prompt sets whose requests are refused."""
+HARMFUL_SETS: tuple[str, ...] = (
+    "advbench:train",
+    "jbb-harmful:train",
+    "directharm4:train",
+    "xstest-unsafe:train",
+)
+"""Prompt sets whose requests are refused (XSTest-unsafe adds short, question-style harmful
+requests, which the instruction-style AdvBench/JBB/DirectHarm4 prompts lack)."""
 
 HARMLESS_SETS: tuple[tuple[str, int], ...] = (
     ("alpaca:train", 1),
     ("gsm8k:train", 1),
-    ("jbb-benign:train", 3),
-    ("xstest-safe:train", 3),
+    ("jbb-benign:train", 1),
+    ("xstest-safe:train", 2),
 )
-"""Prompt sets whose requests are answered, with their repeat count per epoch (borderline sets are
+"""Prompt sets whose requests are answered, with their repeat count per epoch (XSTest-safe is
 repeated so the model learns that harmful-sounding words alone do not call for refusal)."""
 
 
@@ -559,7 +565,7 @@ def _pool() -> tuple[list[tuple[str, str | None, str]], list[tuple[str, str | No
 
 
 def build_corpus(
-    seed: int = 0, *, epoch: int = 0, harmful_fraction: float = 0.42, p_wrap: float = 0.25
+    seed: int = 0, *, epoch: int = 0, harmful_fraction: float = 0.5, p_wrap: float = 0.25
 ) -> list[Example]:
     """Build one epoch of training conversations, shuffled, deterministically from ``(seed, epoch)``.
 
