@@ -246,7 +246,7 @@ def main() -> None:
     print(f"baseline refusal: harmful {base_h:.1f}%  harmless {base_b:.1f}%")
     print(f"{'layer':>5}{'|r|':>9}{'ablate: harmful %':>20}{'add: harmless %':>18}")
     results = {}
-    for layer in range(model.config.num_hidden_layers):
+    for layer in range(1, model.config.num_hidden_layers):  # layer 0: input = constant embedding
         r = dirs[layer]
         with hooks(model, ablation_hooks(model, r)):
             abl = refusal_rate(model, tok, harmful_test, k)
