@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from safegeom.judges import exact_match as judged_exact_match
+from safegeom.judges import extract_answer
 from safegeom.prompts import PromptSet, load_prompts
 
 __all__ = [
@@ -70,7 +71,6 @@ _ARITH_PHRASINGS = (
     "What is the sum of {a} and {b}?",
 )
 _ARITH_MAX = 19
-_INT = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
@@ -292,21 +292,14 @@ def get_task(
     raise ValueError(f"unknown task {text!r}; use {TASK_HELP}")
 
 
-def extract_answer(text: str) -> str | None:
-    """Return the last integer in ``text`` (the answer of an ``arith`` response), or ``None``."""
-    found = _INT.findall(text)
-    return found[-1] if found else None
-
-
 def exact_match(generations: Sequence[str], references: Sequence[str]) -> float:
-    """Return the fraction of generations whose extracted answer equals the reference exactly.
+    """Return the fraction of generations whose extracted answer equals the reference exactly
+    (:func:`safegeom.judges.exact_match`, numeric answer extraction).
 
     Returns:
         Accuracy in [0, 1].
     """
-    if len(generations) != len(references):
-        raise ValueError(f"{len(generations)} generations for {len(references)} references")
     if not references:
         raise ValueError("exact_match needs at least one reference")
-    hits = sum(extract_answer(g) == r.strip() for g, r in zip(generations, references, strict=True))
-    return hits / len(references)
+    hits = judged_exact_match(generations, references)
+    return sum(hits) / len(hits)

@@ -70,14 +70,14 @@ class TinyChatConfig:
     num_heads: int = 8
     intermediate_size: int = 688
     max_len: int = 160
-    steps: int = 900
+    steps: int = 700
     batch_size: int = 48
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 60
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    harmful_fraction: float = 0.5
+    harmful_fraction: float = 0.3
     p_wrap: float = 0.25
     bucket_batches: int = 32
     num_threads: int = 1
