@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-val", type=int, default=32, help="prompts per class for selection")
     parser.add_argument("--max-kl", type=float, default=0.1, help="KL filter (nats)")
     parser.add_argument("--max-layer-fraction", type=float, default=0.8)
+    parser.add_argument(
+        "--min-induce", type=float, default=0.0, help="induce-score filter (refusal log-odds)"
+    )
     parser.add_argument("--no-filter", action="store_true", help="skip the refusal-score filter")
     parser.add_argument("--cone-k", type=int, default=3, help="cone dimension (0: no cone)")
     parser.add_argument("--system", default=None, help="system prompt")
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         n_val=args.n_val,
         max_kl=args.max_kl,
         max_layer_fraction=args.max_layer_fraction,
+        min_induce=args.min_induce,
         filter_train=not args.no_filter,
         system=args.system,
     )
