@@ -14,7 +14,7 @@ carriers and the trajectory.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,20 @@ def run_demo(
 
     _say(echo, "[2/4] carriers: refusal direction, harmfulness direction, refusal cone")
     selection_config = SelectionConfig(n_train=config.n_train, n_val=config.n_val)
-    suite = extract_carriers(lm, config=selection_config)
+    try:
+        suite = extract_carriers(lm, config=selection_config)
+        filters_note = None
+    except ValueError as err:  # no candidate passes the KL / induce filters: say so, go on
+        filters_note = str(err)
+        _say(echo, f"      {filters_note}\n      continuing with the KL and induce filters off")
+        relaxed = replace(selection_config, max_kl=float("inf"), min_induce=float("-inf"))
+        suite = extract_carriers(lm, config=relaxed)
     suite.save(folder / "carriers")
-    carriers = suite.summary()
+    carriers = {
+        **suite.summary(),
+        "filters_passed": filters_note is None,
+        "filters_note": filters_note,
+    }
 
     _say(echo, f"[3/4] ablation check against {config.n_random} matched random directions")
     sweep_config = SweepConfig(
@@ -198,7 +209,13 @@ def _report(
             f"- H/R coupling |cos(harmfulness, refusal)| = {c['hr_coupling']:.3f}\n"
             f"- cheap cone: k = {cone.get('k')}, effective rank of its sources "
             f"{cone.get('effective_rank', float('nan')):.2f}\n"
-            f"- selection: {c['selection']['n_candidates']} candidates, "
+            + (
+                ""
+                if c["filters_passed"]
+                else "- **no candidate passed the KL ≤ 0.1 / induce > 0 filters**; shown: the "
+                "lowest-bypass candidate with those filters off\n"
+            )
+            + f"- selection: {c['selection']['n_candidates']} candidates, "
             f"{c['selection']['forward_passes']} forward passes, "
             f"{c['selection']['seconds']:.1f} s",
             "## Ablation check (refusal direction vs matched random directions)\n\n"
