@@ -148,7 +148,7 @@ def run_demo(
     )  # fmt: skip
     rows = []
     for record in trajectory.checkpoints:
-        ckpt = load_model(record.path)
+        ckpt = load_model(trajectory.path(record.step))
         for spec in ("advbench:test", "alpaca:test"):
             result = evaluate(
                 ckpt, load_prompts(spec).take(config.n_eval),
