@@ -27,7 +27,6 @@ from safegeom.prompts import load_prompts
 
 __all__ = [
     "COMPLIANT_FORBIDDEN_FIRST_WORDS",
-    "HARMFUL_REPEATS",
     "HARMFUL_SETS",
     "HARMLESS_SETS",
     "REFUSAL_SUBSTRINGS",
@@ -52,10 +51,6 @@ HARMFUL_SETS: tuple[str, ...] = (
 )
 """Prompt sets whose requests are refused (XSTest-unsafe adds short, question-style harmful
 requests, which the instruction-style AdvBench/JBB/DirectHarm4 prompts lack)."""
-
-HARMFUL_REPEATS: dict[str, int] = {"jbb-harmful:train": 4}
-"""Extra weight of harmful sets that are small and unlike the rest: JBB's 60 long, article-style
-requests were under-refused (65% held out) when weighted like AdvBench's 312."""
 
 HARMLESS_SETS: tuple[tuple[str, int], ...] = (
     ("alpaca:train", 1),
@@ -520,12 +515,7 @@ def _wrap(prompt: str, rng: random.Random, p_wrap: float) -> str:
 
 def _pool() -> tuple[list[tuple[str, str | None, str]], list[tuple[str, str | None, str]]]:
     """Load the (prompt, completion, source) rows of the harmful and harmless train sets."""
-    harmful = [
-        (p, None, spec)
-        for spec in HARMFUL_SETS
-        for p in load_prompts(spec).prompts
-        for _ in range(HARMFUL_REPEATS.get(spec, 1))
-    ]
+    harmful = [(p, None, spec) for spec in HARMFUL_SETS for p in load_prompts(spec).prompts]
     harmless: list[tuple[str, str | None, str]] = []
     for spec, repeat in HARMLESS_SETS:
         ps = load_prompts(spec)
