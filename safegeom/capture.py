@@ -308,6 +308,8 @@ class ActivationStats:
     layers: tuple[int, ...]
     positions: tuple[str, ...]
     provenance: Provenance
+    n_forward: int = 0
+    """Forward passes (batches) the capture ran."""
 
     def mean(self, site: str) -> Float[Tensor, "layer pos d"]:
         """Float64 mean activations at ``site``."""
@@ -339,12 +341,14 @@ def capture_stats(
     )  # fmt: skip
     shape = (len(plan.layers), plan.positions.n_positions, lm.d_model)
     running = {s: RunningStats(shape, covariance=covariance, device=lm.device) for s in plan.sites}
+    n_forward = 0
     for _, acts in _backend_batches(lm, plan, backend, progress):
+        n_forward += 1
         for site, tensor in acts.items():
             running[site].update(tensor)
     moments = {site: stats.finalize() for site, stats in running.items()}
     prov = plan.provenance(lm, backend)
-    return ActivationStats(moments, plan.layers, plan.positions.labels, prov)
+    return ActivationStats(moments, plan.layers, plan.positions.labels, prov, n_forward)
 
 
 def capture_to_disk(

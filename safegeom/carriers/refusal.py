@@ -80,6 +80,8 @@ class DimCandidates:
     n_harmful: int
     n_harmless: int
     provenance: dict = field(default_factory=dict)
+    n_forward: int = 0
+    """Forward passes (batches) the two captures ran."""
 
     def flat(self) -> tuple[Float[Tensor, "C d"], list[int], list[str]]:
         """Candidates as rows, with the layer and position label of each row."""
@@ -170,6 +172,7 @@ def dim_candidates(
         n_harmful=len(harmful_set),
         n_harmless=len(harmless_set),
         provenance=prompt_provenance(lm, harmful_set, harmless_set),
+        n_forward=sum(st.n_forward for st in stats),
     )
 
 
@@ -295,7 +298,7 @@ def refusal_direction(
     candidates = dim_candidates(
         lm, h, s, positions=config.positions, system=config.system, progress=progress
     )
-    counter.passes += 2  # at least one capture pass per class (batched inside capture_stats)
+    counter.passes += candidates.n_forward
     hv = load_prompts(harmful_val)
     sv = load_prompts(harmless_val)
     selection = select_refusal_direction(
