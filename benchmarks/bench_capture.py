@@ -38,38 +38,28 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from capture_methods import (
+    METHODS,
+    SITE,
+    Steps,
+    make_method,
+    sync_device,
+)
+from peak_rss import CpuPeak
 from torch import Tensor
-
-METHODS: dict[str, str] = {
-    "forward": "plain forward (no LM head)",
-    "safegeom": "safegeom capture",
-    "hidden_states": "output_hidden_states + select",
-    "lens": "TransformerLens bridge run_with_cache",
-    "nnsight": "nnsight trace + save",
-}
-"""Method key → label in the table, in the order they run."""
-
-SITE = "resid_post"
 
 
 @dataclass(frozen=True)
@@ -180,128 +170,6 @@ def _build(preset: Preset) -> Any:
     return lm, plan
 
 
-def _batches(lm: Any, plan: Any) -> Iterator[tuple[list[int], Any, Tensor, Tensor]]:
-    """``(prompt ids, batch on device, row index, position index)`` exactly as
-    :func:`iter_capture` forms them (length-sorted, left-padded, same positions)."""
-    from safegeom.models import collate_left
-
-    order = sorted(range(len(plan.encoded)), key=lambda i: -len(plan.encoded[i]))
-    device = lm.device
-    for start in range(0, len(order), plan.batch_size):
-        ids = order[start : start + plan.batch_size]
-        batch = collate_left([plan.encoded[i] for i in ids], lm.tokenizer.pad_token_id)
-        index = plan.positions.index(batch).to(device, non_blocking=True)
-        rows = torch.arange(len(ids), device=device)[:, None]
-        yield ids, batch.to(device), rows, index
-
-
-def _collect(
-    lm: Any, plan: Any, batches: Iterator[tuple[Any, dict[str, Tensor]]], sink: dict[str, Tensor]
-) -> Iterator[None]:
-    """Gather per-batch activations into one CPU tensor as :func:`safegeom.capture.capture`
-    does, one batch per step; the result lands in ``sink["out"]``."""
-    pinned = lm.device.type == "cuda"
-    shape = (len(plan.encoded), len(plan.layers), plan.positions.n_positions, lm.d_model)
-    out = torch.empty(shape, dtype=plan.dtype, pin_memory=pinned)
-    filled = 0
-    for ids, acts in batches:
-        out[filled : filled + len(ids)].copy_(acts[SITE], non_blocking=pinned)
-        filled += len(ids)
-        yield
-    sink["out"] = out
-
-
-Steps = Callable[[Any, dict[str, Tensor]], Iterator[None]]
-"""``steps(plan, sink)``: one pass over the plan, one batch per ``next()``."""
-
-
-def _method(name: str, lm: Any) -> Steps:
-    """The step function of method ``name``; its one-off set-up (wrapping the model) is done here.
-
-    Raises:
-        ImportError: the library behind the method is not installed.
-    """
-    decoder = lm.base.model
-
-    if name == "forward":
-
-        def forward(plan: Any, sink: dict[str, Tensor]) -> Iterator[None]:
-            for _, batch, _, _ in _batches(lm, plan):
-                with torch.inference_mode():
-                    decoder(
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids,
-                        use_cache=False,
-                    )
-                yield
-
-        return forward
-
-    if name == "safegeom":
-        from safegeom.capture import iter_capture
-
-        return lambda plan, sink: _collect(lm, plan, iter_capture(lm, plan, progress=False), sink)
-
-    if name == "hidden_states":
-
-        def hidden_batches(plan: Any) -> Iterator[tuple[Any, dict[str, Tensor]]]:
-            for ids, batch, rows, index in _batches(lm, plan):
-                with torch.inference_mode():
-                    out = decoder(
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids,
-                        use_cache=False,
-                        output_hidden_states=True,
-                    )
-                    # hidden_states[l + 1] is the output of block l (the last one after the
-                    # final norm in transformers 5: the same cost; see the check column).
-                    states = [out.hidden_states[layer + 1] for layer in plan.layers]
-                    picked = torch.stack([h[rows, index] for h in states], dim=1)
-                    del out, states
-                yield ids, {SITE: picked.to(plan.dtype)}
-
-        return lambda plan, sink: _collect(lm, plan, hidden_batches(plan), sink)
-
-    if name == "lens":
-        from safegeom.capture_lens import iter_capture_lens, lens_bridge
-
-        lens_bridge(lm)  # build (and cache) the bridge outside the timings
-        return lambda plan, sink: _collect(
-            lm, plan, iter_capture_lens(lm, plan, progress=False), sink
-        )
-
-    if name == "nnsight":
-        from nnsight import NNsight
-
-        traced = NNsight(decoder)
-
-        def nnsight_batches(plan: Any) -> Iterator[tuple[Any, dict[str, Tensor]]]:
-            for ids, batch, rows, index in _batches(lm, plan):
-                saved: list[Any] = []
-                with torch.inference_mode():
-                    with traced.trace(
-                        input_ids=batch.input_ids,
-                        attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids,
-                        use_cache=False,
-                    ):
-                        for layer in plan.layers:
-                            saved.append(traced.layers[layer].output[rows, index].save())
-                    picked = torch.stack(list(saved), dim=1).to(plan.dtype)
-                yield ids, {SITE: picked}
-
-        return lambda plan, sink: _collect(lm, plan, nnsight_batches(plan), sink)
-
-    raise ValueError(f"unknown method {name!r}: use {', '.join(METHODS)}")
-
-
-def _sync(lm: Any) -> None:
-    if lm.device.type == "cuda":
-        torch.cuda.synchronize(lm.device)
-
-
 def _one_pass(steps: Steps, plan: Any) -> dict[str, Tensor]:
     sink: dict[str, Tensor] = {}
     for _ in steps(plan, sink):
@@ -330,13 +198,13 @@ def time_interleaved(
         while active:
             shift = k % len(active)
             for m in active[shift:] + active[:shift]:
-                _sync(lm)
+                sync_device(lm)
                 t0 = time.perf_counter()
                 try:
                     next(steps[m])
                 except StopIteration:
                     active.remove(m)
-                _sync(lm)
+                sync_device(lm)
                 per_step[m].append(time.perf_counter() - t0)
                 total[m] += per_step[m][-1]
             k += 1
@@ -350,69 +218,6 @@ def time_interleaved(
     return times, step_times, sinks
 
 
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc), so that a pass cannot hide its peak by
-    reusing memory that model building freed but the allocator kept."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class _CpuPeak(AbstractContextManager):
-    """Peak resident set size above the level at entry.
-
-    Uses Linux's resettable high-water mark (``/proc/self/clear_refs`` + ``VmHWM``) where
-    available, else samples the RSS with psutil every millisecond, else ``ru_maxrss``.
-    """
-
-    peak: int
-
-    def __enter__(self) -> _CpuPeak:
-        _trim_heap()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.mode, self.base = "hwm", self._status("VmRSS")
-        except OSError:
-            self._start_sampler()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.mode == "hwm":
-            self.peak = self._status("VmHWM") - self.base
-        elif self.mode == "psutil":
-            self._stop.set()
-            self._thread.join()
-            self.peak = self._max - self.base
-        else:
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
-
-    @staticmethod
-    def _status(key: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-        raise OSError(f"no {key} in /proc/self/status")
-
-    def _start_sampler(self) -> None:
-        try:
-            import psutil
-        except ImportError:  # last resort: the lifetime peak (an underestimate of the delta)
-            self.mode = "maxrss"
-            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            return
-        self.mode = "psutil"
-        process = psutil.Process()
-        self.base = self._max = process.memory_info().rss
-        self._stop = threading.Event()
-
-        def sample() -> None:
-            while not self._stop.wait(0.001):
-                self._max = max(self._max, process.memory_info().rss)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-
-
 def measure_memory(lm: Any, plan: Any, steps: Steps) -> int:
     """Peak memory of one pass above the level before it, in bytes."""
     if lm.device.type == "cuda":
@@ -423,7 +228,7 @@ def measure_memory(lm: Any, plan: Any, steps: Steps) -> int:
         _one_pass(steps, plan)
         torch.cuda.synchronize(lm.device)
         return torch.cuda.max_memory_allocated(lm.device) - base
-    with _CpuPeak() as meter:
+    with CpuPeak() as meter:
         _one_pass(steps, plan)
     return meter.peak
 
@@ -432,7 +237,7 @@ def memory_worker(method: str, preset: Preset, result_path: Path) -> None:
     """CPU memory of one method, in this (fresh) process; the result is written as JSON."""
     lm, plan = _build(preset)
     try:
-        steps = _method(method, lm)
+        steps = make_method(method, lm)
     except ImportError as err:
         result_path.write_text(json.dumps({"skipped": str(err)}))
         return
@@ -529,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for method in methods:
         try:
-            steps[method] = _method(method, lm)
+            steps[method] = make_method(method, lm)
             results[method] = {"method": method, "label": METHODS[method]}
         except ImportError as err:
             results[method] = {"method": method, "label": METHODS[method], "skipped": str(err)}

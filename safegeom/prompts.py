@@ -58,14 +58,21 @@ gsm8k           1319   1000  659   660
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
-import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
+
+from safegeom.records import (
+    SUFFIXES,
+    column_names,
+    find_column,
+    read_records,
+    read_records_cached,
+    text_field,
+)
 
 __all__ = ["BUNDLED", "SPLITS", "PromptSet", "load_prompts", "split_counts"]
 
@@ -90,10 +97,8 @@ DATA_DIR: Path = Path(__file__).resolve().parent / "data"
 DEFAULT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "goal", "question")
 """Prompt fields tried, in order and case-insensitively, when a user file is loaded without ``column``."""
 
-_SUFFIXES: tuple[str, ...] = (".csv", ".json", ".jsonl")
 
 # A parsed record: column name -> value (None where a JSON field is null).
-_Record = Mapping[str, object]
 
 
 @dataclass(frozen=True)
@@ -312,7 +317,7 @@ def _load_spec(spec: str, *, column: str | None, completion_column: str | None) 
             )
         return _load_bundled(base, split)
     path = Path(spec).expanduser()
-    if path.suffix.lower() in _SUFFIXES or path.exists() or "/" in spec or "\\" in spec:
+    if path.suffix.lower() in SUFFIXES or path.exists() or "/" in spec or "\\" in spec:
         return _load_file(path, column=column, completion_column=completion_column)
     raise ValueError(
         f"unknown prompt set {spec!r}; known names: {', '.join(BUNDLED)} "
@@ -331,15 +336,15 @@ def _bundled_rows(name: str, train: bool = False) -> tuple[tuple[str, str | None
     """Return the (prompt, completion, category) rows of a bundled set, in file order (cached)."""
     spec = _BUNDLED_SPECS[name]
     rel = spec.train_file if train and spec.train_file else spec.file
-    records = _read_records(DATA_DIR / rel)
+    records = read_records(DATA_DIR / rel)
     if spec.where is not None:
         key, value = spec.where
         records = tuple(r for r in records if r.get(key) == value)
     return tuple(
         (
-            _text(r, spec.prompt, rel, i),
-            _text(r, spec.completion, rel, i) if spec.completion else None,
-            _text(r, spec.category, rel, i) if spec.category else None,
+            text_field(r, spec.prompt, rel, i),
+            text_field(r, spec.completion, rel, i) if spec.completion else None,
+            text_field(r, spec.category, rel, i) if spec.category else None,
         )
         for i, r in enumerate(records)
     )
@@ -390,7 +395,7 @@ def _load_bundled(name: str, split: str | None) -> PromptSet:
 
 def _load_file(path: Path, *, column: str | None, completion_column: str | None) -> PromptSet:
     """Load a user CSV/JSON/JSONL file into a PromptSet."""
-    if path.suffix.lower() not in _SUFFIXES:
+    if path.suffix.lower() not in SUFFIXES:
         raise ValueError(
             f"unsupported prompt file type {path.suffix or '(none)'!r} for {str(path)!r}; "
             "use .csv, .json or .jsonl"
@@ -398,21 +403,21 @@ def _load_file(path: Path, *, column: str | None, completion_column: str | None)
     if not path.is_file():
         raise ValueError(f"prompt file {str(path)!r} does not exist")
     stat = path.stat()
-    records = _read_records_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    records = read_records_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if not records:
         raise ValueError(f"prompt file {str(path)!r} is empty; give at least one prompt")
-    names = _columns(records)
-    prompt_col = _find_column(names, column, DEFAULT_COLUMNS, path, option="column")
+    names = column_names(records)
+    prompt_col = find_column(names, column, DEFAULT_COLUMNS, path, option="column")
     comp_col = (
-        _find_column(names, completion_column, (), path, option="completion_column")
+        find_column(names, completion_column, (), path, option="completion_column")
         if completion_column is not None
         else None
     )
     return PromptSet(
         name=str(path),
-        prompts=tuple(_text(r, prompt_col, str(path), i) for i, r in enumerate(records)),
+        prompts=tuple(text_field(r, prompt_col, str(path), i) for i, r in enumerate(records)),
         completions=(
-            tuple(_text(r, comp_col, str(path), i) for i, r in enumerate(records))
+            tuple(text_field(r, comp_col, str(path), i) for i, r in enumerate(records))
             if comp_col is not None
             else None
         ),
@@ -420,80 +425,7 @@ def _load_file(path: Path, *, column: str | None, completion_column: str | None)
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _read_records_cached(path: str, mtime_ns: int, size: int) -> tuple[_Record, ...]:
-    """Read a user file; keyed on modification time and size so edits are picked up."""
-    del mtime_ns, size  # part of the cache key only
-    return _read_records(Path(path))
-
-
-def _read_records(path: Path) -> tuple[_Record, ...]:
-    """Parse a CSV, JSON (array) or JSONL file into a tuple of records (dicts).
-
-    A JSON/JSONL item that is a bare string becomes ``{"prompt": item}``.
-    """
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return tuple(dict(row) for row in csv.DictReader(f))
-    with path.open(encoding="utf-8") as f:
-        try:
-            if suffix == ".jsonl":
-                items = [json.loads(line) for line in f if line.strip()]
-            else:
-                items = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"cannot parse {str(path)!r} as {suffix[1:].upper()}: {err}") from err
-    if suffix == ".json" and not isinstance(items, list):
-        raise ValueError(f"{str(path)!r} must hold a JSON array of objects or strings")
-    records: list[_Record] = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            records.append({"prompt": item})
-        elif isinstance(item, dict):
-            records.append(item)
-        else:
-            raise ValueError(
-                f"{str(path)!r} item {i} is {type(item).__name__}; expected an object or a string"
-            )
-    return tuple(records)
-
-
-def _columns(records: Sequence[_Record]) -> list[str]:
-    """Return the column names present in ``records``, in first-seen order."""
-    seen: dict[str, None] = {}
-    for r in records:
-        seen.update(dict.fromkeys(r))
-    return [c for c in seen if c is not None]
-
-
-def _find_column(
-    names: Sequence[str], wanted: str | None, defaults: Sequence[str], path: Path, *, option: str
-) -> str:
-    """Return the actual column name matching ``wanted`` (or the first default), case-insensitively."""
-    candidates = [wanted] if wanted is not None else list(defaults)
-    for cand in candidates:
-        if cand in names:
-            return cand
-        folded = [c for c in names if c.casefold() == cand.casefold()]
-        if folded:
-            return folded[0]
-    asked = f"no column {wanted!r}" if wanted is not None else f"none of {', '.join(defaults)}"
-    raise ValueError(
-        f"{str(path)!r} has {asked}; its columns are {', '.join(map(repr, names)) or '(none)'}; "
-        f"pick one with the {option}= option"
-    )
-
-
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-def _text(record: _Record, key: str, where: str, i: int) -> str:
-    """Return ``record[key]`` as a non-empty str, or raise a ValueError naming the row."""
-    value = record.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where!r} row {i}: column {key!r} is missing or empty")
-    return value
 
 
 def _pick(values: tuple[str, ...] | None, indices: Sequence[int]) -> tuple[str, ...] | None:

@@ -1,0 +1,145 @@
+"""The capture methods the benchmark compares, each a step function over the same batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+METHODS: dict[str, str] = {
+    "forward": "plain forward (no LM head)",
+    "safegeom": "safegeom capture",
+    "hidden_states": "output_hidden_states + select",
+    "lens": "TransformerLens bridge run_with_cache",
+    "nnsight": "nnsight trace + save",
+}
+"""Method key → label in the table, in the order they run."""
+
+
+SITE = "resid_post"
+
+
+def method_batches(lm: Any, plan: Any) -> Iterator[tuple[list[int], Any, Tensor, Tensor]]:
+    """``(prompt ids, batch on device, row index, position index)`` exactly as
+    :func:`iter_capture` forms them (length-sorted, left-padded, same positions)."""
+    from safegeom.models import collate_left
+
+    order = sorted(range(len(plan.encoded)), key=lambda i: -len(plan.encoded[i]))
+    device = lm.device
+    for start in range(0, len(order), plan.batch_size):
+        ids = order[start : start + plan.batch_size]
+        batch = collate_left([plan.encoded[i] for i in ids], lm.tokenizer.pad_token_id)
+        index = plan.positions.index(batch).to(device, non_blocking=True)
+        rows = torch.arange(len(ids), device=device)[:, None]
+        yield ids, batch.to(device), rows, index
+
+
+def collect_output(
+    lm: Any, plan: Any, batches: Iterator[tuple[Any, dict[str, Tensor]]], sink: dict[str, Tensor]
+) -> Iterator[None]:
+    """Gather per-batch activations into one CPU tensor as :func:`safegeom.capture.capture`
+    does, one batch per step; the result lands in ``sink["out"]``."""
+    pinned = lm.device.type == "cuda"
+    shape = (len(plan.encoded), len(plan.layers), plan.positions.n_positions, lm.d_model)
+    out = torch.empty(shape, dtype=plan.dtype, pin_memory=pinned)
+    filled = 0
+    for ids, acts in batches:
+        out[filled : filled + len(ids)].copy_(acts[SITE], non_blocking=pinned)
+        filled += len(ids)
+        yield
+    sink["out"] = out
+
+
+Steps = Callable[[Any, dict[str, Tensor]], Iterator[None]]
+"""``steps(plan, sink)``: one pass over the plan, one batch per ``next()``."""
+
+
+def make_method(name: str, lm: Any) -> Steps:
+    """The step function of method ``name``; its one-off set-up (wrapping the model) is done here.
+
+    Raises:
+        ImportError: the library behind the method is not installed.
+    """
+    decoder = lm.base.model
+
+    if name == "forward":
+
+        def forward(plan: Any, sink: dict[str, Tensor]) -> Iterator[None]:
+            for _, batch, _, _ in method_batches(lm, plan):
+                with torch.inference_mode():
+                    decoder(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids,
+                        use_cache=False,
+                    )
+                yield
+
+        return forward
+
+    if name == "safegeom":
+        from safegeom.capture import iter_capture
+
+        return lambda plan, sink: collect_output(
+            lm, plan, iter_capture(lm, plan, progress=False), sink
+        )
+
+    if name == "hidden_states":
+
+        def hidden_batches(plan: Any) -> Iterator[tuple[Any, dict[str, Tensor]]]:
+            for ids, batch, rows, index in method_batches(lm, plan):
+                with torch.inference_mode():
+                    out = decoder(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids,
+                        use_cache=False,
+                        output_hidden_states=True,
+                    )
+                    # hidden_states[l + 1] is the output of block l (the last one after the
+                    # final norm in transformers 5: the same cost; see the check column).
+                    states = [out.hidden_states[layer + 1] for layer in plan.layers]
+                    picked = torch.stack([h[rows, index] for h in states], dim=1)
+                    del out, states
+                yield ids, {SITE: picked.to(plan.dtype)}
+
+        return lambda plan, sink: collect_output(lm, plan, hidden_batches(plan), sink)
+
+    if name == "lens":
+        from safegeom.capture_lens import iter_capture_lens, lens_bridge
+
+        lens_bridge(lm)  # build (and cache) the bridge outside the timings
+        return lambda plan, sink: collect_output(
+            lm, plan, iter_capture_lens(lm, plan, progress=False), sink
+        )
+
+    if name == "nnsight":
+        from nnsight import NNsight
+
+        traced = NNsight(decoder)
+
+        def nnsight_batches(plan: Any) -> Iterator[tuple[Any, dict[str, Tensor]]]:
+            for ids, batch, rows, index in method_batches(lm, plan):
+                saved: list[Any] = []
+                with torch.inference_mode():
+                    with traced.trace(
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids,
+                        use_cache=False,
+                    ):
+                        for layer in plan.layers:
+                            saved.append(traced.layers[layer].output[rows, index].save())
+                    picked = torch.stack(list(saved), dim=1).to(plan.dtype)
+                yield ids, {SITE: picked}
+
+        return lambda plan, sink: collect_output(lm, plan, nnsight_batches(plan), sink)
+
+    raise ValueError(f"unknown method {name!r}: use {', '.join(METHODS)}")
+
+
+def sync_device(lm: Any) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize(lm.device)
