@@ -1,9 +1,9 @@
 """Fine-tuning tiny-chat behaves like the papers: harmful LoRA raises ASR, benign SFT teaches arith.
 
-Slow (each test trains and evaluates a trajectory on CPU, about 30 s and 2 min on 2 busy cores);
-skipped until the embedded model is built. Measured on a 900-step tiny-chat candidate: held-out ASR
-40% → 72.5% → 100% → 100% at steps 0/10/20/30 of harmful LoRA; arith exact match 0% → 6% → 17% →
-47% at steps 0/50/100/150 of SFT.
+Slow (each test trains and evaluates a trajectory on CPU, about 5 s and 20 s on an idle 2-core
+machine); skipped when the embedded model is missing. Measured on the shipped tiny-chat: held-out
+ASR 40% → 50% → 100% → 97.5% at steps 0/10/20/30 of harmful LoRA (40 advbench/jbb test prompts);
+arith exact match 0% → 3% → 16% → 38% at steps 0/50/100/150 of SFT.
 """
 
 from __future__ import annotations
