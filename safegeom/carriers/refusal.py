@@ -289,8 +289,8 @@ def refusal_direction(
     """
     started = time.perf_counter()
     counter = ForwardCounter()
-    h = load_prompts(harmful).take(min(config.n_train, len(load_prompts(harmful))))
-    s = load_prompts(harmless).take(min(config.n_train, len(load_prompts(harmless))))
+    h = load_prompts(harmful).take(config.n_train)
+    s = load_prompts(harmless).take(config.n_train)
     if config.filter_train:
         h, s = filter_by_refusal(
             lm, h, s, tokens=config.refusal_tokens, system=config.system, counter=counter
@@ -302,7 +302,7 @@ def refusal_direction(
     hv = load_prompts(harmful_val)
     sv = load_prompts(harmless_val)
     selection = select_refusal_direction(
-        lm, candidates, hv.take(min(config.n_val, len(hv))), sv.take(min(config.n_val, len(sv))),
+        lm, candidates, hv.take(config.n_val), sv.take(config.n_val),
         config, counter=counter, progress=progress,
     )  # fmt: skip
     return RefusalSelection(
