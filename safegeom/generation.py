@@ -245,15 +245,21 @@ def forward_batches(
     progress: bool,
     desc: str,
     keep: Callable[[list[int]], int] = lambda chunk: 1,
+    batch_context: Callable[[list[int]], AbstractContextManager[Any]] | None = None,
 ) -> Iterator[tuple[list[int], ChatBatch, Float[Tensor, "batch keep vocab"]]]:
-    """Yield (indices, left-padded batch, logits at its last ``keep(indices)`` positions)."""
+    """Yield (indices, left-padded batch, logits at its last ``keep(indices)`` positions).
+
+    ``batch_context(indices)`` (optional) returns a context manager entered around that batch's
+    forward pass only, e.g. a row-wise intervention that gives each row its own direction.
+    """
     lengths = [len(s) for s in seqs]
     size = _batch_size(model, max(lengths), batch_size)
     device, pad_id, supports = _device(model), _pad_id(tokenizer), _accepts_keep(model)
     bar = tqdm(total=len(seqs), desc=desc, unit="prompt", disable=not progress)
     for chunk in _chunks(lengths, size):
         batch, k = pad_sequences([seqs[i] for i in chunk], pad_id).to(device), keep(chunk)
-        with torch.inference_mode():
+        context = batch_context(chunk) if batch_context else contextlib.nullcontext()
+        with torch.inference_mode(), context:
             logits = model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

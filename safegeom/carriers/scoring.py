@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from safegeom.evaluate import refusal_log_odds
+from safegeom.generation import forward_batches
 from safegeom.interventions import ablate_rows, add_rows
-from safegeom.models.chat import EncodedPrompt, collate_left
+from safegeom.models.chat import EncodedPrompt
 from safegeom.models.loading import LoadedModel
 
 __all__ = [
@@ -52,33 +52,25 @@ def last_logprobs(
     progress: bool = False,
     desc: str = "score",
 ) -> Float[Tensor, "n vocab"]:
-    """Float64 log-probabilities of the next token after each prompt.
+    """Float64 log-probabilities of the next token after each prompt, in input order.
 
-    ``intervention(rows)`` (optional) returns a context manager for the batch made of ``rows``
-    (indices into ``encoded``), so row-wise interventions can be set per batch.
+    Runs on :func:`safegeom.generation.forward_batches` (length-sorted batches, last position
+    only). ``intervention(rows)`` (optional) returns a context manager for the batch made of
+    ``rows`` (indices into ``encoded``), so row-wise interventions can be set per batch.
     """
-    out: list[Tensor] = []
-    pad = lm.tokenizer.pad_token_id
-    bar = tqdm(total=len(encoded), desc=desc, unit="row", disable=not progress)
-    for start in range(0, len(encoded), batch_size):
-        rows = list(range(start, min(start + batch_size, len(encoded))))
-        batch = collate_left([encoded[i] for i in rows], pad).to(lm.device)
-        context = intervention(rows) if intervention else contextlib.nullcontext()
-        with torch.inference_mode(), context:
-            logits = lm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-                logits_to_keep=1,
-            ).logits[:, -1]
-        out.append(logits.double().log_softmax(-1).cpu())
+    seqs = [e.input_ids for e in encoded]
+    out = torch.empty((len(seqs), 0), dtype=torch.float64)
+    for chunk, _, logits in forward_batches(
+        lm.model, lm.tokenizer, seqs, batch_size, progress, desc, batch_context=intervention
+    ):
+        lp = logits[:, -1].double().log_softmax(-1).cpu()
+        if out.shape[1] == 0:
+            out = lp.new_empty((len(seqs), lp.shape[-1]))
+        out[chunk] = lp
         if counter is not None:
             counter.passes += 1
-            counter.rows += len(rows)
-        bar.update(len(rows))
-    bar.close()
-    return torch.cat(out)
+            counter.rows += len(chunk)
+    return out
 
 
 @dataclass(frozen=True)
