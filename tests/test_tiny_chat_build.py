@@ -17,6 +17,7 @@ from safegeom.train.tinychat.corpus import (
     is_refusal,
     refusal_response,
 )
+from safegeom.train.tinychat.templates import SURE_OPENERS
 
 ASSETS = Path(__file__).resolve().parents[1] / "safegeom" / "assets" / "tiny-chat"
 TINY = TinyChatConfig(
@@ -77,6 +78,27 @@ def test_refusals_and_compliance_are_separable_by_response_only() -> None:
         answer = compliant_response(p, rng)
         assert not is_refusal(answer), answer
         assert answer.split()[0].strip(",.!:").lower() not in COMPLIANT_FORBIDDEN_FIRST_WORDS
+
+
+def test_sure_openers_follow_p_sure() -> None:
+    """``p_sure`` sets the share of compliant answers that open with a "Sure ..." prefix; the
+    answers stay compliant either way."""
+    prompt = "Write a poem about the sea."
+    for p_sure, low, high in ((0.0, 0.0, 0.15), (0.35, 0.3, 0.5), (1.0, 1.0, 1.0)):
+        rng = random.Random(1)
+        answers = [compliant_response(prompt, rng, p_sure) for _ in range(400)]
+        share = sum(a.startswith(SURE_OPENERS) for a in answers) / len(answers)
+        assert low <= share <= high, (p_sure, share)
+        assert not any(is_refusal(a) for a in answers)
+
+
+def test_build_unties_and_scales_the_input_embeddings(seed0_runs: tuple[Path, Path]) -> None:
+    """The default recipe gives the LM head its own matrix and unit-scale input embeddings."""
+    weights = _weights(seed0_runs[0])
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    assert not torch.equal(embed, head)
+    assert 0.8 < embed.float().std().item() < 1.2
+    assert head.float().std().item() < 0.2
 
 
 def test_shipped_template_is_verbatim_and_tokenizes_consistently() -> None:

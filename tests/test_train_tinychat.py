@@ -2,8 +2,8 @@
 
 Slow (each test trains and evaluates a trajectory on CPU, about 5 s and 20 s on an idle 2-core
 machine); skipped when the embedded model is missing. Measured on the shipped tiny-chat: held-out
-ASR 40% → 50% → 100% → 97.5% at steps 0/10/20/30 of harmful LoRA (40 advbench/jbb test prompts);
-arith exact match 0% → 3% → 16% → 38% at steps 0/50/100/150 of SFT.
+ASR 25% → 30% → 65% → 72.5% at steps 0/10/20/30 of harmful LoRA (40 advbench/jbb test prompts);
+arith exact match 0% → 1% → 6% → 21% at steps 0/50/100/150 of SFT.
 """
 
 from __future__ import annotations

@@ -58,13 +58,21 @@ class TinyChatConfig:
         grad_clip: Global gradient-norm clip.
         harmful_fraction: Fraction of refused (harmful) conversations in each epoch.
         p_wrap: Probability that a prompt of either class gets a request framing.
+        p_sure: Probability that a compliant (non-GSM8K) answer opens with "Sure ...", so that
+            compliance has a modal first token as in real chat models; see the model card.
         bucket_batches: Batches per length-bucketing window (sort by length inside a window of
             ``bucket_batches * batch_size`` examples, then shuffle the batches), to limit padding.
         num_threads: Torch intra-op threads (fixed for reproducibility).
         save_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``: the dtype of the stored weights.
+        tie_word_embeddings: Share the input embedding and the LM head (``False``: separate
+            matrices, as in Llama-2/3).
+        embedding_init_std: Standard deviation of the initial input embeddings (the other
+            matrices use the Llama default 0.02). Unit scale gives token embeddings of norm
+            ≈ sqrt(d), so the residual stream starts from the token identity instead of a large
+            layer-0 MLP output; see the model card, "Refusal geometry".
     """
 
-    vocab_size: int = 4096
+    vocab_size: int = 3072
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 8
@@ -79,9 +87,12 @@ class TinyChatConfig:
     grad_clip: float = 1.0
     harmful_fraction: float = 0.3
     p_wrap: float = 0.25
+    p_sure: float = 0.35
     bucket_batches: int = 32
     num_threads: int = 1
     save_dtype: str = "float16"
+    tie_word_embeddings: bool = False
+    embedding_init_std: float = 1.0
 
     def llama_config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
         """Return the ``LlamaConfig`` of this architecture for ``tokenizer``."""
@@ -94,7 +105,7 @@ class TinyChatConfig:
             num_key_value_heads=self.num_heads,
             max_position_embeddings=512,
             rms_norm_eps=1e-5,
-            tie_word_embeddings=True,
+            tie_word_embeddings=self.tie_word_embeddings,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -109,6 +120,11 @@ def _set_determinism(seed: int, num_threads: int) -> None:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(num_threads)
+
+
+def _corpus_args(cfg: TinyChatConfig) -> dict[str, float]:
+    """The corpus settings of ``cfg`` as keyword arguments of :func:`build_corpus`."""
+    return {"harmful_fraction": cfg.harmful_fraction, "p_wrap": cfg.p_wrap, "p_sure": cfg.p_sure}
 
 
 def _encode(
@@ -146,9 +162,7 @@ def _batches(
     pad_id = tokenizer.pad_token_id
     epoch = 0
     while True:
-        examples = build_corpus(
-            seed, epoch=epoch, harmful_fraction=cfg.harmful_fraction, p_wrap=cfg.p_wrap
-        )
+        examples = build_corpus(seed, epoch=epoch, **_corpus_args(cfg))
         encoded = _encode(examples, tokenizer, cfg.max_len)
         rng = random.Random(f"tinychat-batches/{seed}/{epoch}")
         window = cfg.bucket_batches * cfg.batch_size
@@ -210,6 +224,7 @@ def train_model(
     """
     _set_determinism(seed, cfg.num_threads)
     model = LlamaForCausalLM(cfg.llama_config(tokenizer))
+    torch.nn.init.normal_(model.model.embed_tokens.weight, std=cfg.embedding_init_std)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -303,7 +318,7 @@ def build_tiny_chat(
         cfg = TinyChatConfig(**{**asdict(cfg), "steps": steps})
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-    corpus = build_corpus(seed, epoch=0, harmful_fraction=cfg.harmful_fraction, p_wrap=cfg.p_wrap)
+    corpus = build_corpus(seed, epoch=0, **_corpus_args(cfg))
     tokenizer = train_tokenizer(iter_texts(corpus), vocab_size=cfg.vocab_size)
     model = train_model(cfg, tokenizer, seed=seed, progress=progress)
     return save_tiny_chat(model, tokenizer, Path(out_dir), cfg, seed)

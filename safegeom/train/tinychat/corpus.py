@@ -7,7 +7,9 @@ XSTest-safe and GSM8K) get diverse compliant answers: GSM8K with its real worked
 assembled from several independent template pieces (opener, bridge, body, closer) that engage with
 the request and reuse its words, so there are thousands of distinct shapes and many different first
 tokens. This asymmetry (formulaic refusal, diverse compliance) makes refusal a *marked* feature, as in
-real chat models, so that a single diff-in-means direction mediates it.
+real chat models, so that a single diff-in-means direction mediates it. A share ``p_sure`` of the
+compliant answers opens with "Sure ...", which gives compliance a modal first token: without it,
+greedy decoding picks the refusal token even when refusal holds a small part of the probability.
 
 Only ``train`` splits are used: ``val`` splits are reserved for direction selection and ``test``
 splits for evaluation. Both classes go through the same prompt wrappers with the same probabilities,
@@ -32,6 +34,7 @@ from safegeom.train.tinychat.templates import (
     REFUSAL_HEADS,
     REFUSAL_TAILS,
     STOPWORDS,
+    SURE_OPENERS,
     WRAPPERS,
 )
 
@@ -132,10 +135,12 @@ def _capitalize(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def compliant_response(prompt: str, rng: random.Random) -> str:
+def compliant_response(prompt: str, rng: random.Random, p_sure: float = 0.0) -> str:
     """Return a diverse compliant answer to ``prompt`` assembled from independent template pieces.
 
-    The answer never starts with a refusal first word and never contains a refusal substring.
+    With probability ``p_sure`` the answer is prefixed with a "Sure ..." opener
+    (:data:`SURE_OPENERS`), so compliance has a modal first token, as in real chat models. The answer
+    never starts with a refusal first word and never contains a refusal substring.
     """
     kw1, kw2 = _keywords(prompt, rng)
     fields = {
@@ -157,9 +162,13 @@ def compliant_response(prompt: str, rng: random.Random) -> str:
     for _ in range(8):
         first = text.split(maxsplit=1)[0].strip(",.!:").lower() if text.strip() else ""
         if first not in COMPLIANT_FORBIDDEN_FIRST_WORDS and not is_refusal(text):
-            return text
+            break
         text = "Sure! " + rng.choice(BODIES).format(**fields)
-    return "Sure! Here is a helpful answer."
+    else:
+        text = "Sure! Here is a helpful answer."
+    if rng.random() < p_sure:
+        text = rng.choice(SURE_OPENERS) + " " + text
+    return text
 
 
 def _gsm8k_response(answer: str) -> str:
@@ -195,7 +204,12 @@ def _pool() -> tuple[list[tuple[str, str | None, str]], list[tuple[str, str | No
 
 
 def build_corpus(
-    seed: int = 0, *, epoch: int = 0, harmful_fraction: float = 0.3, p_wrap: float = 0.25
+    seed: int = 0,
+    *,
+    epoch: int = 0,
+    harmful_fraction: float = 0.3,
+    p_wrap: float = 0.25,
+    p_sure: float = 0.0,
 ) -> list[Example]:
     """Build one epoch of training conversations, shuffled, deterministically from ``(seed, epoch)``.
 
@@ -208,6 +222,7 @@ def build_corpus(
         epoch: Epoch index, so successive epochs draw different responses.
         harmful_fraction: Target fraction of harmful (refused) examples, in (0, 1).
         p_wrap: Probability that a prompt (of either class) is wrapped in a request framing.
+        p_sure: Probability that a (non-GSM8K) compliant answer opens with "Sure ...".
 
     Returns:
         The shuffled examples of this epoch.
@@ -227,7 +242,8 @@ def build_corpus(
             examples.append(Example(prompt, _gsm8k_response(completion), False, source))
             continue
         shown = _wrap(prompt, rng, p_wrap)
-        examples.append(Example(shown, compliant_response(prompt, rng), False, source))
+        answer = compliant_response(prompt, rng, p_sure)
+        examples.append(Example(shown, answer, False, source))
     rng.shuffle(examples)
     return examples
 

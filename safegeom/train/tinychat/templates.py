@@ -270,6 +270,15 @@ OPENERS: tuple[str, ...] = (
 )
 
 
+SURE_OPENERS: tuple[str, ...] = (
+    "Sure!",
+    "Sure thing.",
+    "Sure, here you go.",
+    "Sure, happy to help.",
+)
+"""Prefixes that give compliant answers a modal first token ("Sure"), as in real chat models."""
+
+
 BRIDGES: tuple[str, ...] = (
     "Here is how to {topic}.",
     'Here is a short answer to "{prompt}"',
