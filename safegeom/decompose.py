@@ -34,7 +34,8 @@ class ProjectionDecomposition:
     ``table`` has one row per population and component: ``population``, ``component`` (``embed``,
     ``attn L``, ``mlp L``, then ``total``), ``layer`` (−1 for the embedding and the total),
     ``mean`` and ``std`` of the projection over prompts (in residual-stream units along r̂), and
-    ``n``. ``closure`` is, per population, the largest ``|total − Σ components|`` over prompts
+    ``n``. ``provenance`` names the model, its weight hash, the direction's norm and each
+    population's prompt hash. ``closure`` is, per population, the largest ``|total − Σ components|`` over prompts
     (float64; ≈ 0 when the layout's writers are exactly what the residual stream adds).
     """
 
@@ -50,18 +51,17 @@ class ProjectionDecomposition:
         return wide.loc[list(dict.fromkeys(self.table.component))]
 
 
-def _unit(direction: Tensor | Carrier, d_model: int) -> Float[Tensor, " d"]:
-    """The direction as a float64 unit vector, checked against the model width."""
+def _vector(direction: Tensor | Carrier, d_model: int) -> Float[Tensor, " d"]:
+    """The direction as a float64 CPU vector, checked against the model width."""
     v = direction.direction if isinstance(direction, Carrier) else torch.as_tensor(direction)
     v = v.detach().double().flatten().cpu()
     if v.numel() != d_model:
         raise ValueError(
             f"direction has {v.numel()} entries but the model's hidden size is {d_model}"
         )
-    norm = v.norm()
-    if not torch.isfinite(norm) or norm == 0:
+    if not torch.isfinite(v.norm()) or v.norm() == 0:
         raise ValueError("direction must be finite and non-zero")
-    return v / norm
+    return v
 
 
 def _capture_spec(position: str) -> str:
@@ -100,7 +100,8 @@ def decompose_projection(
     """
     if not populations:
         raise ValueError("no population given: pass e.g. {'harmful': ..., 'harmless': ...}")
-    unit = _unit(direction, lm.d_model)
+    vector = _vector(direction, lm.d_model)
+    unit = vector / vector.norm()
     carrier = direction if isinstance(direction, Carrier) else None
     layer = carrier.layer if layer is None and carrier is not None else layer
     position = carrier.position if position is None and carrier is not None else position
@@ -110,6 +111,7 @@ def decompose_projection(
         raise ValueError(f"layer {layer} is out of range for a model with {lm.n_layers} layers")
     rows: list[dict] = []
     closure: dict[str, float] = {}
+    prompt_hashes: dict[str, str] = {}
     for label, prompts in populations.items():
         acts = capture(
             lm, prompts, sites="resid_pre,attn_out,mlp_out", layers=list(range(layer + 1)),
@@ -118,6 +120,7 @@ def decompose_projection(
         if str(position) not in acts.positions:
             raise ValueError(f"position {position!r} not captured; available: {acts.positions}")
         k = acts.positions.index(str(position))
+        prompt_hashes[label] = acts.provenance.prompt_hash
         parts = {"embed": (-1, acts["resid_pre"][:, 0, k])}
         for j in range(layer):
             parts[f"attn {j}"] = (j, acts["attn_out"][:, j, k])
@@ -130,7 +133,10 @@ def decompose_projection(
             rows.append({"population": label, "component": name, "layer": j,
                          "mean": float(p.mean()), "std": float(p.std(correction=0)),
                          "n": int(p.numel())})  # fmt: skip
-    provenance = {"model": lm.name, "weight_hash": lm.weight_hash, "direction_norm": None}
-    if carrier is not None:
-        provenance["direction_norm"] = float(carrier.direction.norm())
+    provenance = {
+        "model": lm.name,
+        "weight_hash": lm.weight_hash,
+        "direction_norm": float(vector.norm()),
+        "prompt_hashes": prompt_hashes,
+    }
     return ProjectionDecomposition(pd.DataFrame(rows), layer, str(position), closure, provenance)

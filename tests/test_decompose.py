@@ -53,6 +53,8 @@ def test_two_populations_and_wide_view(checkpoints: dict[str, Path]) -> None:
         "total",
     ]
     assert (d.table.n == 2).all()
+    assert set(d.provenance["prompt_hashes"]) == {"x", "y"}
+    assert d.provenance["direction_norm"] == pytest.approx(r.norm().item())
 
 
 def test_bad_inputs(checkpoints: dict[str, Path]) -> None:
