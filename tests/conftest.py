@@ -21,6 +21,16 @@ def _seeds() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one intra-op thread: tiny models gain nothing from more, and on a shared
+    CPU extra threads only spin. Restores the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Directories of tiny random checkpoints, one per architecture."""

@@ -29,14 +29,7 @@ from safegeom.judges import (
 )
 from tests.tiny_models import LLAMA3_STYLE, build_checkpoint, build_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and avoid oversubscription on shared CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- string judges ------------------------------------------------------------------------------
