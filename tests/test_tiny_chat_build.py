@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,12 @@ def test_shipped_model_loads_and_is_small() -> None:
     assert tok.eos_token_id in eos
     total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
     assert total <= 10 * 1024 * 1024
+
+
+def test_shipped_recipe_is_the_default_config() -> None:
+    """The shipped ``training_recipe.json`` is seed 0 plus exactly the current
+    :class:`TinyChatConfig` defaults, so ``python -m safegeom.train.tinychat.build`` rebuilds it."""
+    recipe = json.loads((ASSETS / "training_recipe.json").read_text())
+    assert recipe.pop("seed") == 0
+    recipe.pop("special_tokens")
+    assert recipe == asdict(TinyChatConfig())

@@ -60,6 +60,9 @@ class TinyChatConfig:
         p_wrap: Probability that a prompt of either class gets a request framing.
         p_sure: Probability that a compliant (non-GSM8K) answer opens with "Sure ...", so that
             compliance has a modal first token as in real chat models; see the model card.
+        p_recombine: Probability that a prompt gets its instruction head swapped for another
+            prompt's (:mod:`safegeom.train.tinychat.recombine`), so that refusal follows the
+            request's content rather than its phrasing.
         bucket_batches: Batches per length-bucketing window (sort by length inside a window of
             ``bucket_batches * batch_size`` examples, then shuffle the batches), to limit padding.
         num_threads: Torch intra-op threads (fixed for reproducibility).
@@ -88,6 +91,7 @@ class TinyChatConfig:
     harmful_fraction: float = 0.3
     p_wrap: float = 0.25
     p_sure: float = 0.35
+    p_recombine: float = 0.0
     bucket_batches: int = 32
     num_threads: int = 1
     save_dtype: str = "float16"
@@ -124,7 +128,12 @@ def _set_determinism(seed: int, num_threads: int) -> None:
 
 def _corpus_args(cfg: TinyChatConfig) -> dict[str, float]:
     """The corpus settings of ``cfg`` as keyword arguments of :func:`build_corpus`."""
-    return {"harmful_fraction": cfg.harmful_fraction, "p_wrap": cfg.p_wrap, "p_sure": cfg.p_sure}
+    return {
+        "harmful_fraction": cfg.harmful_fraction,
+        "p_wrap": cfg.p_wrap,
+        "p_sure": cfg.p_sure,
+        "p_recombine": cfg.p_recombine,
+    }
 
 
 def _encode(

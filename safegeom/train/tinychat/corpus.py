@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from safegeom.judges import REFUSAL_SUBSTRINGS
 from safegeom.judges import XSTEST_PREFIXES as _XSTEST_PREFIXES
 from safegeom.prompts import load_prompts
+from safegeom.train.tinychat.recombine import HeadPool, head_pool, recombine
 from safegeom.train.tinychat.templates import (
     BODIES,
     BRIDGES,
@@ -210,6 +211,7 @@ def build_corpus(
     harmful_fraction: float = 0.3,
     p_wrap: float = 0.25,
     p_sure: float = 0.0,
+    p_recombine: float = 0.0,
 ) -> list[Example]:
     """Build one epoch of training conversations, shuffled, deterministically from ``(seed, epoch)``.
 
@@ -223,6 +225,10 @@ def build_corpus(
         harmful_fraction: Target fraction of harmful (refused) examples, in (0, 1).
         p_wrap: Probability that a prompt (of either class) is wrapped in a request framing.
         p_sure: Probability that a (non-GSM8K) compliant answer opens with "Sure ...".
+        p_recombine: Probability that a (non-GSM8K) prompt of either class gets its instruction
+            head swapped (:mod:`~safegeom.train.tinychat.recombine`): harmful tails take heads from
+            all prompts, harmless tails from harmless prompts. Drawn from its own random stream, so
+            ``0.0`` leaves the corpus exactly as without recombination.
 
     Returns:
         The shuffled examples of this epoch.
@@ -233,14 +239,25 @@ def build_corpus(
     harmful, harmless = _pool()
     n_harmful = round(harmful_fraction / (1.0 - harmful_fraction) * len(harmless))
     repeats = [harmful[i % len(harmful)] for i in range(n_harmful)]
+    swap_rng = random.Random(f"tinychat-recombine/{seed}/{epoch}")
+    harmless_heads = head_pool(p for p, c, _ in harmless if c is None)
+    all_heads = head_pool([p for p, _, _ in harmful] + [p for p, c, _ in harmless if c is None])
+
+    def swapped(prompt: str, heads: HeadPool) -> str:
+        if p_recombine > 0.0 and swap_rng.random() < p_recombine:
+            return recombine(prompt, heads, swap_rng)
+        return prompt
+
     examples: list[Example] = []
     for prompt, _, source in repeats:
+        prompt = swapped(prompt, all_heads)
         shown = _wrap(prompt, rng, p_wrap)
         examples.append(Example(shown, refusal_response(prompt, rng), True, source))
     for prompt, completion, source in harmless:
         if completion is not None:
             examples.append(Example(prompt, _gsm8k_response(completion), False, source))
             continue
+        prompt = swapped(prompt, harmless_heads)
         shown = _wrap(prompt, rng, p_wrap)
         answer = compliant_response(prompt, rng, p_sure)
         examples.append(Example(shown, answer, False, source))

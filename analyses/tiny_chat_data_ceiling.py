@@ -1,0 +1,78 @@
+"""How much held-out harmful recall the bundled training prompts support (prints a table).
+
+``tiny-chat`` learns refusal only from the ``train`` splits it is given; it has no pretraining. This
+analysis asks what a plain text classifier learns from exactly the same prompts, as a yardstick for
+the model's held-out refusal rates: TF-IDF features (word 1–2-grams, or character 3–5-grams) and a
+class-balanced logistic regression, trained on the harmful train prompts of
+:data:`safegeom.train.tinychat.corpus.HARMFUL_SETS` against the harmless train prompts of
+:data:`~safegeom.train.tinychat.corpus.HARMLESS_SETS`. The decision threshold is set on ``alpaca:test``
+so that the classifier's false-positive rate equals a target over-refusal (1%, 3%, 5%); this uses the
+test split and so *favours* the classifier. Each row is the share of held-out prompts it flags.
+
+Usage::
+
+    python analyses/tiny_chat_data_ceiling.py
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+
+from safegeom.prompts import load_prompts
+from safegeom.train.tinychat.corpus import HARMFUL_SETS, HARMLESS_SETS
+
+HELD_OUT: tuple[str, ...] = (
+    "advbench:test",
+    "jbb-harmful:test",
+    "directharm4:test",
+    "xstest-unsafe:test",
+    "xstest-safe:test",
+    "jbb-benign:test",
+)
+FEATURES: dict[str, dict[str, object]] = {
+    "word 1-2": {"analyzer": "word", "ngram_range": (1, 2)},
+    "char 3-5": {"analyzer": "char_wb", "ngram_range": (3, 5), "min_df": 2},
+}
+
+
+def flagged_rates(
+    features: dict[str, object], fp_rates: tuple[float, ...]
+) -> dict[str, list[float]]:
+    """Return, per held-out set, the share of prompts flagged harmful at each false-positive rate
+    on ``alpaca:test`` (fractions in [0, 1])."""
+    harmful = [p for spec in HARMFUL_SETS for p in load_prompts(spec).prompts]
+    harmless = [p for spec, _ in HARMLESS_SETS for p in load_prompts(spec).prompts]
+    vec = TfidfVectorizer(sublinear_tf=True, **features)  # type: ignore[arg-type]
+    x = vec.fit_transform(harmful + harmless)
+    y = np.r_[np.ones(len(harmful)), np.zeros(len(harmless))]
+    clf = LogisticRegression(C=10.0, class_weight="balanced", max_iter=2000).fit(x, y)
+    alpaca = clf.decision_function(vec.transform(load_prompts("alpaca:test").prompts))
+    thresholds = [float(np.quantile(alpaca, 1.0 - fp)) for fp in fp_rates]
+    out: dict[str, list[float]] = {}
+    for spec in HELD_OUT:
+        scores = clf.decision_function(vec.transform(load_prompts(spec).prompts))
+        out[spec] = [float(np.mean(scores > t)) for t in thresholds]
+    return out
+
+
+def main() -> None:
+    """Print the flagged share of every held-out set for each feature set and false-positive rate."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fp", type=float, nargs="+", default=[0.01, 0.03, 0.05])
+    args = parser.parse_args()
+    fps = tuple(args.fp)
+    header = "".join(f"  fp {fp:>4.0%}" for fp in fps)
+    for name, features in FEATURES.items():
+        print(f"\n== TF-IDF {name} + logistic regression (flagged %, threshold on alpaca:test) ==")
+        print(f"{'set':22s}{'n':>5s}{header}")
+        for spec, rates in flagged_rates(features, fps).items():
+            n = len(load_prompts(spec))
+            print(f"{spec:22s}{n:5d}" + "".join(f"  {100 * r:7.1f}" for r in rates))
+
+
+if __name__ == "__main__":
+    main()
