@@ -240,11 +240,14 @@ def build_corpus(
     n_harmful = round(harmful_fraction / (1.0 - harmful_fraction) * len(harmless))
     repeats = [harmful[i % len(harmful)] for i in range(n_harmful)]
     swap_rng = random.Random(f"tinychat-recombine/{seed}/{epoch}")
-    harmless_heads = head_pool(p for p, c, _ in harmless if c is None)
-    all_heads = head_pool([p for p, _, _ in harmful] + [p for p, c, _ in harmless if c is None])
+    harmless_heads: HeadPool = {}
+    all_heads: HeadPool = {}
+    if p_recombine > 0.0:
+        harmless_heads = head_pool(p for p, c, _ in harmless if c is None)
+        all_heads = head_pool([p for p, _, _ in harmful] + [p for p, c, _ in harmless if c is None])
 
     def swapped(prompt: str, heads: HeadPool) -> str:
-        if p_recombine > 0.0 and swap_rng.random() < p_recombine:
+        if heads and swap_rng.random() < p_recombine:
             return recombine(prompt, heads, swap_rng)
         return prompt
 
