@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import asdict
@@ -12,13 +13,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
-from safegeom.train.tinychat.build import TinyChatConfig, build_tiny_chat
+from safegeom.train.tinychat.build import TinyChatConfig, build_tiny_chat, main
 from safegeom.train.tinychat.corpus import (
     COMPLIANT_FORBIDDEN_FIRST_WORDS,
     compliant_response,
     is_refusal,
     refusal_response,
 )
+from safegeom.train.tinychat.loop import CONTENT_FIRST_EPOCH, lr_at
 from safegeom.train.tinychat.templates import SURE_OPENERS
 
 ASSETS = Path(__file__).resolve().parents[1] / "safegeom" / "assets" / "tiny-chat"
@@ -32,6 +34,8 @@ TINY = TinyChatConfig(
     steps=3,
     batch_size=4,
     warmup_steps=1,
+    content_steps=2,
+    content_warmup_steps=1,
     bucket_batches=2,
     save_dtype="float32",
 )
@@ -67,6 +71,47 @@ def test_different_seed_gives_different_weights(
     c = build_tiny_chat(tmp_path / "c", seed=1, progress=False, config=TINY)
     wa, wc = _weights(seed0_runs[0]), _weights(c)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa if wa[k].shape == wc[k].shape)
+
+
+def test_the_content_phase_changes_the_weights(
+    seed0_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Dropping the content phase gives other weights from the same base phase."""
+    config = TinyChatConfig(**{**asdict(TINY), "content_steps": 0})
+    base_only = build_tiny_chat(tmp_path / "base", seed=0, progress=False, config=config)
+    wa, wb = _weights(seed0_runs[0]), _weights(base_only)
+    assert wa.keys() == wb.keys()
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_phases_follow_the_config() -> None:
+    """The content phase exists only with ``content_steps > 0`` and reads its own corpus stream."""
+    base, content = TinyChatConfig().phases()
+    assert (base.name, base.steps, base.lr, base.p_recombine, base.first_epoch) == (
+        "base", 700, 1.5e-3, 0.0, 0)  # fmt: skip
+    assert (content.name, content.steps, content.lr, content.p_recombine) == (
+        "content", 250, 5e-4, 1.0)  # fmt: skip
+    assert content.first_epoch == CONTENT_FIRST_EPOCH > 0
+    assert [p.name for p in TinyChatConfig(content_steps=0).phases()] == ["base"]
+
+
+def test_negative_content_steps_are_refused(tmp_path: Path) -> None:
+    """From the config, the keyword and the command line alike."""
+    config = TinyChatConfig(**{**asdict(TINY), "content_steps": -1})
+    with pytest.raises(ValueError, match="content_steps must be >= 0, got -1"):
+        build_tiny_chat(tmp_path, progress=False, config=config)
+    with pytest.raises(ValueError, match="content_steps must be >= 0, got -2"):
+        build_tiny_chat(tmp_path, progress=False, config=TINY, content_steps=-2)
+    with pytest.raises(ValueError, match="content_steps must be >= 0, got -3"):
+        main(["--out", str(tmp_path), "--content-steps", "-3", "--no-progress"])
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    """Each phase's schedule: linear warm-up to the peak, then cosine down to ``peak * min_ratio``."""
+    lrs = [lr_at(s, 1e-3, 10, 100, 0.05) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
+    assert lrs[100] == pytest.approx(5e-5)
 
 
 def test_refusals_and_compliance_are_separable_by_response_only() -> None:

@@ -1,7 +1,7 @@
 """Build the embedded ``tiny-chat`` model: corpus, tokenizer, and deterministic training.
 
 ``python -m safegeom.train.tinychat.build --out DIR`` rebuilds the shipped model from the bundled
-prompt data (train splits only) in a few minutes on a CPU. The public names are imported lazily, so
+prompt data (train splits only) in about 12 minutes on a CPU. The public names are imported lazily, so
 running the ``build`` module as a script does not import it twice.
 """
 

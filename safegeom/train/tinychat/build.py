@@ -4,27 +4,33 @@
 ``LlamaForCausalLM`` on single-turn conversations (loss on the assistant response and its end-of-turn
 token only), and saves model, tokenizer, chat template and generation config to ``out_dir``.
 
+Training has two phases. The *base* phase (``steps``) trains from scratch on the prompts as they
+are; in it refusal comes to be carried by one residual direction. The *content* phase
+(``content_steps``) fine-tunes those weights with a fresh optimiser on a corpus where prompts get
+their instruction heads swapped (:mod:`~safegeom.train.tinychat.recombine`), so that refusal
+follows the request's content rather than its phrasing. Recombining from the first step instead
+spreads refusal over several directions (model card, "Head/tail recombination"); fine-tuning an
+already aligned model keeps the one direction, much as safety tuning of a pretrained model does.
+
 Determinism: the seed fixes the model initialisation, the corpus (responses, prompt framings, order)
 and the batch order; ``torch.use_deterministic_algorithms(True)`` and a fixed thread count make two
 runs with the same seed give bit-identical weights on the same machine and library versions.
 
 Command line::
 
-    python -m safegeom.train.tinychat.build --out DIR [--steps N] [--seed S]
+    python -m safegeom.train.tinychat.build --out DIR [--steps N] [--content-steps N] [--seed S]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -33,6 +39,7 @@ from transformers import (
 )
 
 from safegeom.train.tinychat.corpus import Example, build_corpus, iter_texts
+from safegeom.train.tinychat.loop import CONTENT_FIRST_EPOCH, Batch, Phase, run_phase
 from safegeom.train.tinychat.tokenizer import ASSISTANT, END, SYSTEM, USER, train_tokenizer
 
 __all__ = ["TinyChatConfig", "build_tiny_chat", "main"]
@@ -49,20 +56,26 @@ class TinyChatConfig:
         num_heads: Attention heads (head dim = hidden_size / num_heads).
         intermediate_size: SwiGLU MLP width.
         max_len: Maximum training sequence length in tokens (longer responses are truncated).
-        steps: Optimiser steps.
+        steps: Optimiser steps of the base phase.
         batch_size: Conversations per step.
-        lr: Peak AdamW learning rate (linear warm-up, then cosine decay to ``lr * min_lr_ratio``).
-        min_lr_ratio: Final learning rate as a fraction of ``lr``.
-        warmup_steps: Linear warm-up steps.
+        lr: Peak AdamW learning rate of the base phase (linear warm-up, then cosine decay to
+            ``lr * min_lr_ratio``).
+        min_lr_ratio: Final learning rate as a fraction of the peak (both phases).
+        warmup_steps: Linear warm-up steps of the base phase.
         weight_decay: AdamW weight decay (not applied to norms).
         grad_clip: Global gradient-norm clip.
         harmful_fraction: Fraction of refused (harmful) conversations in each epoch.
         p_wrap: Probability that a prompt of either class gets a request framing.
         p_sure: Probability that a compliant (non-GSM8K) answer opens with "Sure ...", so that
             compliance has a modal first token as in real chat models; see the model card.
-        p_recombine: Probability that a prompt gets its instruction head swapped for another
-            prompt's (:mod:`safegeom.train.tinychat.recombine`), so that refusal follows the
-            request's content rather than its phrasing.
+        p_recombine: Probability that a prompt of the *base* phase gets its instruction head
+            swapped for another prompt's (:mod:`safegeom.train.tinychat.recombine`). Off in the
+            shipped recipe: from scratch it splits refusal over several directions.
+        content_steps: Optimiser steps of the content phase (0: no content phase). A proposal of
+            this project, no paper prescribes it; see the module docstring.
+        content_lr: Peak learning rate of the content phase (fresh AdamW, warm-up, cosine).
+        content_warmup_steps: Linear warm-up steps of the content phase.
+        content_p_recombine: Probability that a prompt of the content phase gets its head swapped.
         bucket_batches: Batches per length-bucketing window (sort by length inside a window of
             ``bucket_batches * batch_size`` examples, then shuffle the batches), to limit padding.
         num_threads: Torch intra-op threads (fixed for reproducibility).
@@ -92,11 +105,44 @@ class TinyChatConfig:
     p_wrap: float = 0.25
     p_sure: float = 0.35
     p_recombine: float = 0.0
+    content_steps: int = 250
+    content_lr: float = 5e-4
+    content_warmup_steps: int = 20
+    content_p_recombine: float = 1.0
     bucket_batches: int = 32
     num_threads: int = 1
     save_dtype: str = "float16"
     tie_word_embeddings: bool = False
     embedding_init_std: float = 1.0
+
+    def phases(self) -> tuple[Phase, ...]:
+        """The base phase, then the content phase when ``content_steps > 0``."""
+        shared = {
+            "min_lr_ratio": self.min_lr_ratio,
+            "weight_decay": self.weight_decay,
+            "grad_clip": self.grad_clip,
+        }
+        base = Phase(
+            "base",
+            self.steps,
+            self.lr,
+            self.warmup_steps,
+            p_recombine=self.p_recombine,
+            first_epoch=0,
+            **shared,
+        )
+        if self.content_steps == 0:
+            return (base,)
+        content = Phase(
+            "content",
+            self.content_steps,
+            self.content_lr,
+            self.content_warmup_steps,
+            p_recombine=self.content_p_recombine,
+            first_epoch=CONTENT_FIRST_EPOCH,
+            **shared,
+        )
+        return (base, content)
 
     def llama_config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
         """Return the ``LlamaConfig`` of this architecture for ``tokenizer``."""
@@ -126,13 +172,13 @@ def _set_determinism(seed: int, num_threads: int) -> None:
     torch.set_num_threads(num_threads)
 
 
-def _corpus_args(cfg: TinyChatConfig) -> dict[str, float]:
+def _corpus_args(cfg: TinyChatConfig, p_recombine: float) -> dict[str, float]:
     """The corpus settings of ``cfg`` as keyword arguments of :func:`build_corpus`."""
     return {
         "harmful_fraction": cfg.harmful_fraction,
         "p_wrap": cfg.p_wrap,
         "p_sure": cfg.p_sure,
-        "p_recombine": cfg.p_recombine,
+        "p_recombine": p_recombine,
     }
 
 
@@ -161,17 +207,23 @@ def _encode(
 
 
 def _batches(
-    cfg: TinyChatConfig, tokenizer: PreTrainedTokenizerFast, seed: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(input_ids, attention_mask, labels)`` batches forever, epoch after epoch.
+    cfg: TinyChatConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    seed: int,
+    *,
+    p_recombine: float,
+    first_epoch: int = 0,
+) -> Iterator[Batch]:
+    """Yield ``(input_ids, attention_mask, labels)`` batches forever, epoch after epoch from
+    ``first_epoch``.
 
     Within each epoch, examples are grouped into length buckets (sorted inside windows of
     ``bucket_batches`` batches) and the batches are shuffled, all from ``seed``.
     """
     pad_id = tokenizer.pad_token_id
-    epoch = 0
+    epoch = first_epoch
     while True:
-        examples = build_corpus(seed, epoch=epoch, **_corpus_args(cfg))
+        examples = build_corpus(seed, epoch=epoch, **_corpus_args(cfg, p_recombine))
         encoded = _encode(examples, tokenizer, cfg.max_len)
         rng = random.Random(f"tinychat-batches/{seed}/{epoch}")
         window = cfg.bucket_batches * cfg.batch_size
@@ -194,25 +246,6 @@ def _batches(
         epoch += 1
 
 
-def _lr_at(step: int, cfg: TinyChatConfig) -> float:
-    """Learning rate at ``step``: linear warm-up then cosine decay to ``lr * min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def _loss(
-    model: LlamaForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
-):
-    """Next-token cross-entropy on response positions only (the LM head runs on those rows only)."""
-    hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    target = labels[:, 1:]
-    keep = target != -100
-    logits = model.lm_head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
-
-
 def train_model(
     cfg: TinyChatConfig,
     tokenizer: PreTrainedTokenizerFast,
@@ -220,13 +253,14 @@ def train_model(
     seed: int = 0,
     progress: bool = True,
 ) -> LlamaForCausalLM:
-    """Initialise and train the model of ``cfg`` on the corpus of ``seed`` (deterministic).
+    """Initialise and train the model of ``cfg`` on the corpus of ``seed`` (deterministic): the
+    base phase, then the content phase when ``cfg.content_steps > 0``.
 
     Args:
         cfg: Architecture and recipe.
         tokenizer: The trained tokenizer (its chat template renders the prompts).
         seed: Seed of initialisation, corpus and batch order.
-        progress: Show a tqdm progress bar with the running loss.
+        progress: Show a tqdm progress bar with the running loss for each phase.
 
     Returns:
         The trained model in float32, in eval mode.
@@ -235,31 +269,11 @@ def train_model(
     model = LlamaForCausalLM(cfg.llama_config(tokenizer))
     torch.nn.init.normal_(model.model.embed_tokens.weight, std=cfg.embedding_init_std)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-        eps=1e-8,
-    )
-    batches = _batches(cfg, tokenizer, seed)
-    bar = tqdm(range(cfg.steps), desc="tiny-chat", disable=not progress, mininterval=2.0)
-    ema: float | None = None
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        input_ids, mask, labels = next(batches)
-        loss = _loss(model, input_ids, mask, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+    for phase in cfg.phases():
+        batches = _batches(
+            cfg, tokenizer, seed, p_recombine=phase.p_recombine, first_epoch=phase.first_epoch
+        )
+        run_phase(model, batches, phase, progress=progress)
     model.eval()
     return model
 
@@ -307,6 +321,7 @@ def build_tiny_chat(
     *,
     seed: int = 0,
     steps: int | None = None,
+    content_steps: int | None = None,
     progress: bool = True,
     config: TinyChatConfig | None = None,
 ) -> Path:
@@ -315,7 +330,9 @@ def build_tiny_chat(
     Args:
         out_dir: Destination folder (created if needed).
         seed: Seed of tokenizer corpus, initialisation, corpus and batch order.
-        steps: Optimiser steps (overrides ``config.steps``).
+        steps: Optimiser steps of the base phase (overrides ``config.steps``).
+        content_steps: Optimiser steps of the content phase (overrides ``config.content_steps``;
+            0 gives the base-phase model alone).
         progress: Show a progress bar.
         config: Architecture and recipe; :class:`TinyChatConfig` defaults if ``None``.
 
@@ -325,9 +342,13 @@ def build_tiny_chat(
     cfg = config or TinyChatConfig()
     if steps is not None:
         cfg = TinyChatConfig(**{**asdict(cfg), "steps": steps})
+    if content_steps is not None:
+        cfg = TinyChatConfig(**{**asdict(cfg), "content_steps": content_steps})
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-    corpus = build_corpus(seed, epoch=0, **_corpus_args(cfg))
+    if cfg.content_steps < 0:
+        raise ValueError(f"content_steps must be >= 0, got {cfg.content_steps}")
+    corpus = build_corpus(seed, epoch=0, **_corpus_args(cfg, cfg.p_recombine))
     tokenizer = train_tokenizer(iter_texts(corpus), vocab_size=cfg.vocab_size)
     model = train_model(cfg, tokenizer, seed=seed, progress=progress)
     return save_tiny_chat(model, tokenizer, Path(out_dir), cfg, seed)
@@ -340,11 +361,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Train the embedded tiny-chat model deterministically from the bundled data.",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps of the base phase")
+    parser.add_argument(
+        "--content-steps", type=int, default=None, help="optimiser steps of the content phase"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
-    out = build_tiny_chat(args.out, seed=args.seed, steps=args.steps, progress=not args.no_progress)
+    out = build_tiny_chat(
+        args.out,
+        seed=args.seed,
+        steps=args.steps,
+        content_steps=args.content_steps,
+        progress=not args.no_progress,
+    )
     print(f"saved tiny-chat to {out}")
     return 0
 

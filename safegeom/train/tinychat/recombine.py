@@ -17,6 +17,11 @@ the content:
   contradict.
 
 Both classes are recombined with the same probability, so being recombined is not itself a cue.
+
+The shipped ``tiny-chat`` recombines only in its second, *content* phase
+(``TinyChatConfig.content_p_recombine``), after a base phase on the prompts as they are:
+recombining from the first step spreads refusal over several residual directions, while
+fine-tuning the aligned base keeps the one direction (model card, "Head/tail recombination").
 """
 
 from __future__ import annotations
