@@ -10,7 +10,8 @@ are; in it refusal comes to be carried by one residual direction. The *content* 
 their instruction heads swapped (:mod:`~safegeom.train.tinychat.recombine`), so that refusal
 follows the request's content rather than its phrasing. Recombining from the first step instead
 spreads refusal over several directions (model card, "Head/tail recombination"); fine-tuning an
-already aligned model keeps the one direction, much as safety tuning of a pretrained model does.
+already aligned model kept the one direction at the shipped seed (not at seed 2; model card, seed
+tables).
 
 Determinism: the seed fixes the model initialisation, the corpus (responses, prompt framings, order)
 and the batch order; ``torch.use_deterministic_algorithms(True)`` and a fixed thread count make two

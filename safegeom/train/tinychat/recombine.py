@@ -21,7 +21,8 @@ Both classes are recombined with the same probability, so being recombined is no
 The shipped ``tiny-chat`` recombines only in its second, *content* phase
 (``TinyChatConfig.content_p_recombine``), after a base phase on the prompts as they are:
 recombining from the first step spreads refusal over several residual directions, while
-fine-tuning the aligned base keeps the one direction (model card, "Head/tail recombination").
+fine-tuning the aligned base kept the one direction at the shipped seed (model card,
+"Head/tail recombination").
 """
 
 from __future__ import annotations
