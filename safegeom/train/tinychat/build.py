@@ -174,7 +174,8 @@ def _set_determinism(seed: int, num_threads: int) -> None:
 
 
 def _corpus_args(cfg: TinyChatConfig, p_recombine: float) -> dict[str, float]:
-    """The corpus settings of ``cfg`` as keyword arguments of :func:`build_corpus`."""
+    """The corpus settings of ``cfg``, with a phase's ``p_recombine``, as keyword arguments of
+    :func:`build_corpus`."""
     return {
         "harmful_fraction": cfg.harmful_fraction,
         "p_wrap": cfg.p_wrap,
