@@ -28,7 +28,7 @@ import argparse
 import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -118,30 +118,27 @@ class TinyChatConfig:
 
     def phases(self) -> tuple[Phase, ...]:
         """The base phase, then the content phase when ``content_steps > 0``."""
-        shared = {
-            "min_lr_ratio": self.min_lr_ratio,
-            "weight_decay": self.weight_decay,
-            "grad_clip": self.grad_clip,
-        }
         base = Phase(
-            "base",
-            self.steps,
-            self.lr,
-            self.warmup_steps,
+            name="base",
+            steps=self.steps,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            min_lr_ratio=self.min_lr_ratio,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
             p_recombine=self.p_recombine,
             first_epoch=0,
-            **shared,
         )
         if self.content_steps == 0:
             return (base,)
-        content = Phase(
-            "content",
-            self.content_steps,
-            self.content_lr,
-            self.content_warmup_steps,
+        content = replace(
+            base,
+            name="content",
+            steps=self.content_steps,
+            lr=self.content_lr,
+            warmup_steps=self.content_warmup_steps,
             p_recombine=self.content_p_recombine,
             first_epoch=CONTENT_FIRST_EPOCH,
-            **shared,
         )
         return (base, content)
 
