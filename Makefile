@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/safegeom demo --out runs/demo
 
 tiny-chat: $(STAMP)
-	$(PY) -m safegeom.train.tinychat.build --out safegeom/assets/tiny-chat
+	$(PY) -m safegeom.models.tinychat.build --out safegeom/assets/tiny-chat
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_capture.py

@@ -4,8 +4,8 @@
 analysis asks what a plain text classifier learns from exactly the same prompts, as a yardstick for
 the model's held-out refusal rates: TF-IDF features (word 1–2-grams, or character 3–5-grams) and a
 class-balanced logistic regression, trained on the harmful train prompts of
-:data:`safegeom.train.tinychat.corpus.HARMFUL_SETS` against the harmless train prompts of
-:data:`~safegeom.train.tinychat.corpus.HARMLESS_SETS`. The decision threshold is set on ``alpaca:test``
+:data:`safegeom.models.tinychat.corpus.HARMFUL_SETS` against the harmless train prompts of
+:data:`~safegeom.models.tinychat.corpus.HARMLESS_SETS`. The decision threshold is set on ``alpaca:test``
 so that the classifier's false-positive rate equals a target over-refusal (1%, 3%, 5%); this uses the
 test split and so *favours* the classifier. Each row is the share of held-out prompts it flags.
 
@@ -22,8 +22,8 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
+from safegeom.models.tinychat.corpus import HARMFUL_SETS, HARMLESS_SETS
 from safegeom.prompts import load_prompts
-from safegeom.train.tinychat.corpus import HARMFUL_SETS, HARMLESS_SETS
 
 HELD_OUT: tuple[str, ...] = (
     "advbench:test",

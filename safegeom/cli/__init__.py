@@ -1,8 +1,11 @@
 """The ``safegeom`` command.
 
 Each subcommand lives in its own module under :mod:`safegeom.cli` and exposes
-``register(subparsers)`` (adds its parser and sets ``func``). Bad input exits with status 2 and a
-one-line message; results go to ``--out`` files or, with ``--json``, to stdout.
+``register(subparsers)`` (adds its parser, derived from config dataclasses by
+:mod:`safegeom.cli.options`, and sets ``func``). Bad input, that is a
+:class:`~safegeom.errors.SafegeomError`, exits with status 2 and a one-line message; any other
+exception is a bug and keeps its traceback. Ctrl-C exits with status 130 and one line. Results go
+to ``--out`` files or, with ``--json``, to stdout.
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from safegeom.errors import SafegeomError
+
 __all__ = ["COMMANDS", "CliError", "main"]
 
-COMMANDS = ("demo", "capture", "carriers", "evaluate", "sweep", "train", "audit", "figures")
-"""Subcommand modules, in help order; missing ones are skipped."""
+COMMANDS = ("demo", "capture", "carriers", "evaluate", "sweep", "train")
+"""Subcommand modules, in help order; each must import (a failure is an error, not a gap)."""
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+class CliError(SafegeomError):
+    """A user-facing error raised by the command line itself: one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,12 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"safegeom.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"safegeom.cli.{name}":
-                continue
-            raise
+        module = importlib.import_module(f"safegeom.cli.{name}")
         module.register(subparsers)
     return parser
 
@@ -48,10 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return int(args.func(args) or 0)
-    except (CliError, ValueError, FileNotFoundError, KeyError) as err:
+    except SafegeomError as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"safegeom {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = getattr(args, "interrupt_hint", None) or "interrupted"
+        print(f"safegeom {args.command}: {hint}", file=sys.stderr)
+        return 130
 
 
 def _quiet_libraries() -> None:

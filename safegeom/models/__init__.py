@@ -8,8 +8,22 @@ from safegeom.models.chat import (
     render_prompts,
 )
 from safegeom.models.layout import LAYOUTS, ArchLayout, UnknownArchitectureError, layout_for
-from safegeom.models.loading import TINY_CHAT, LoadedModel, load_model, tiny_chat_path, weight_hash
-from safegeom.models.positions import PositionPlan, parse_layers, parse_positions, plan_positions
+from safegeom.models.loading import (
+    TINY_CHAT,
+    LoadConfig,
+    LoadedModel,
+    load_model,
+    tiny_chat_path,
+    weight_hash,
+)
+from safegeom.models.positions import (
+    LayerSpec,
+    PositionPlan,
+    PositionSpec,
+    parse_layers,
+    parse_positions,
+    plan_positions,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -17,8 +31,11 @@ __all__ = [
     "ArchLayout",
     "ChatBatch",
     "EncodedPrompt",
+    "LayerSpec",
+    "LoadConfig",
     "LoadedModel",
     "PositionPlan",
+    "PositionSpec",
     "UnknownArchitectureError",
     "collate_left",
     "encode_prompts",

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from safegeom.errors import NotFoundError, SafegeomError
 from safegeom.models.layout import ArchLayout, layout_for, resolve
 
-__all__ = ["TINY_CHAT", "LoadedModel", "load_model", "tiny_chat_path", "weight_hash"]
+__all__ = ["TINY_CHAT", "LoadConfig", "LoadedModel", "load_model", "tiny_chat_path", "weight_hash"]
 
 TINY_CHAT = "tiny-chat"
 """Name of the embedded safety-aligned model that ships inside the package."""
@@ -45,6 +46,66 @@ def tiny_chat_path() -> Path:
             f"tiny-chat weights are missing from {path}; rebuild them with `make tiny-chat`"
         )
     return path
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How to load a model: the options every command that takes a ``MODEL`` shares."""
+
+    dtype: str | None = None
+    """float32, bfloat16, float16 or auto (default: float32 on CPU, the checkpoint's own elsewhere)."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)."""
+    merge_adapter: bool = False
+    """Fold a PEFT adapter into its base weights (only for an adapter folder)."""
+    allow_pickle: bool = False
+    """Allow pickled pytorch_model.bin weights (unsafe: a pickle can run code)."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a checkpoint (off: only transformers' own code runs)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for a hub id."""
+    layout: str | None = None
+    """Block-layout override for an unknown architecture: JSON text or a .json file."""
+    chat_template: str | None = None
+    """File with a Jinja chat template to use instead of the tokenizer's own."""
+
+    def keywords(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`load_model` this config stands for.
+
+        Raises:
+            SafegeomError: ``layout`` is not JSON (text or file), or ``chat_template`` names no
+                readable file.
+        """
+        layout: dict[str, Any] | None = None
+        if self.layout is not None:
+            text = self.layout
+            if text.strip().endswith(".json") and Path(text).expanduser().is_file():
+                text = Path(text).expanduser().read_text(encoding="utf-8")
+            try:
+                layout = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise SafegeomError(
+                    f"--layout is not JSON ({err.msg} at char {err.pos}); give a JSON object "
+                    'such as \'{"blocks": "model.layers"}\' or a .json file'
+                ) from None
+            if not isinstance(layout, dict):
+                raise SafegeomError("--layout must be a JSON object of layout fields")
+        template: str | None = None
+        if self.chat_template is not None:
+            path = Path(self.chat_template).expanduser()
+            if not path.is_file():
+                raise NotFoundError(f"--chat-template: no file at {path}")
+            template = path.read_text(encoding="utf-8")
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "merge_adapter": self.merge_adapter,
+            "allow_pickle": self.allow_pickle,
+            "trust_remote_code": self.trust_remote_code,
+            "revision": self.revision,
+            "layout": layout,
+            "chat_template": template,
+        }
 
 
 @dataclass(frozen=True)
@@ -168,6 +229,7 @@ def _resolve_source(spec: str | Path) -> tuple[str, str]:
 
 def load_model(
     spec: str | Path = TINY_CHAT,
+    config: LoadConfig | None = None,
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
@@ -182,6 +244,8 @@ def load_model(
 
     Args:
         spec: ``tiny-chat``, a local checkpoint or PEFT adapter directory, or a hub id.
+        config: a :class:`LoadConfig` (what ``--dtype``, ``--device`` ... give on the command
+            line); keywords given here override its fields.
         dtype: ``float32``/``bfloat16``/``float16``/``auto`` or a torch dtype. Default: float32 on
             CPU, the checkpoint's own dtype elsewhere.
         device: where to put the model (default: CUDA when available, else CPU).
@@ -195,6 +259,20 @@ def load_model(
     Returns:
         A :class:`LoadedModel` in eval mode, tokenizer padded on the left.
     """
+    if config is not None:
+        given = {
+            "dtype": dtype,
+            "device": device,
+            "merge_adapter": merge_adapter,
+            "allow_pickle": allow_pickle,
+            "trust_remote_code": trust_remote_code,
+            "revision": revision,
+            "layout": layout,
+            "chat_template": chat_template,
+        }
+        merged = config.keywords()
+        merged.update({k: v for k, v in given.items() if v not in (None, False)})
+        return load_model(spec, **merged)
     kind, location = _resolve_source(spec)
     device_str = str(device) if device is not None else _default_device()
     torch_dtype = _parse_dtype(dtype if not isinstance(dtype, str) else dtype.lower(), device_str)

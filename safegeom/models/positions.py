@@ -13,6 +13,9 @@ uses the shortest run (the tokens nearest the end) and says so with a warning.
 
 Layers: ``"all"``, one index, ``"a:b"`` (Python slice, end exclusive), ``"a-b"`` (inclusive),
 comma lists, and negative indices counted from the end.
+
+:class:`LayerSpec` and :class:`PositionSpec` are the typed values of these strings: they parse
+(and check the syntax) the same way in Python and on the command line, and resolve against a model.
 """
 
 from __future__ import annotations
@@ -27,18 +30,117 @@ from torch import Tensor
 
 from safegeom.models.chat import ChatBatch, EncodedPrompt
 
-__all__ = ["PositionPlan", "parse_layers", "parse_positions", "plan_positions"]
+__all__ = [
+    "LAYER_HELP",
+    "POSITION_HELP",
+    "LayerSpec",
+    "PositionPlan",
+    "PositionSpec",
+    "parse_layers",
+    "parse_positions",
+    "plan_positions",
+]
 
 _NAMED = ("t_inst", "t_post", "last")
 
+LAYER_HELP = "all, 5, -1, 2:6 (end-exclusive), 2-5 (inclusive) or comma lists of these"
+"""How a layer spec is written; every help text that takes one says this."""
+POSITION_HELP = (
+    "t_inst, t_post, last or integer offsets (-1 is the last prompt token), comma-separated"
+)
+"""How a position spec is written."""
+_SYNTAX_CHECK_LAYERS = 1 << 20
+"""Layer count used to check a spec's syntax before any model is known."""
 
-def parse_positions(spec: str | int | Sequence[str | int]) -> tuple[str | int, ...]:
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Which layers: ``all``, ``5``, ``-1``, ``2:6`` (end-exclusive), ``2-5`` (inclusive), lists.
+
+    Example:
+        >>> LayerSpec.parse("2-3,-1").resolve(6)
+        (2, 3, 5)
+    """
+
+    spec: str = "all"
+    """The spec as written."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spec", str(self.spec).strip())
+        parse_layers(self.spec, _SYNTAX_CHECK_LAYERS)
+
+    @classmethod
+    def parse(cls, spec: str | int | Sequence[int] | LayerSpec | None) -> LayerSpec:
+        """A spec from a string, an index, a list of indices or ``None`` (all layers)."""
+        if isinstance(spec, LayerSpec):
+            return spec
+        if spec is None:
+            return cls("all")
+        if isinstance(spec, int):
+            return cls(str(spec))
+        if not isinstance(spec, str):
+            return cls(",".join(str(int(i)) for i in spec))
+        return cls(spec)
+
+    def resolve(self, n_layers: int) -> tuple[int, ...]:
+        """Sorted unique non-negative layers of a model with ``n_layers`` blocks.
+
+        Raises:
+            ValueError: a layer is out of range (the message gives the valid range).
+        """
+        return parse_layers(self.spec, n_layers)
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """Which token positions: ``t_inst``, ``t_post``, ``last`` and integer offsets.
+
+    Example:
+        >>> PositionSpec.parse("t_inst,-1").items
+        ('t_inst', -1)
+    """
+
+    spec: str = "t_post"
+    """The spec as written."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spec", str(self.spec).strip())
+        parse_positions(self.spec)
+
+    @classmethod
+    def parse(cls, spec: str | int | Sequence[str | int] | PositionSpec) -> PositionSpec:
+        """A spec from a string, an offset or a list of names and offsets."""
+        if isinstance(spec, PositionSpec):
+            return spec
+        if isinstance(spec, int):
+            return cls(str(spec))
+        if not isinstance(spec, str):
+            return cls(",".join(str(i) for i in spec))
+        return cls(spec)
+
+    @property
+    def items(self) -> tuple[str | int, ...]:
+        """The parsed names and offsets."""
+        return parse_positions(self.spec)
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def parse_positions(
+    spec: str | int | Sequence[str | int] | PositionSpec,
+) -> tuple[str | int, ...]:
     """Parse a position spec into a tuple of names and integer offsets.
 
     Raises:
         ValueError: an empty spec or an unknown position name.
     """
     items: Sequence[str | int]
+    if isinstance(spec, PositionSpec):
+        spec = spec.spec
     if isinstance(spec, int):
         items = [spec]
     elif isinstance(spec, str):
@@ -65,13 +167,17 @@ def parse_positions(spec: str | int | Sequence[str | int]) -> tuple[str | int, .
     return tuple(out)
 
 
-def parse_layers(spec: str | int | Sequence[int] | None, n_layers: int) -> tuple[int, ...]:
+def parse_layers(
+    spec: str | int | Sequence[int] | LayerSpec | None, n_layers: int
+) -> tuple[int, ...]:
     """Resolve a layer spec to sorted, unique, non-negative layer indices.
 
     Raises:
         ValueError: a malformed spec, an empty selection, or a layer out of range (the message
             gives the valid range).
     """
+    if isinstance(spec, LayerSpec):
+        spec = spec.spec
     if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
         return tuple(range(n_layers))
     raw: list[int] = []
@@ -95,9 +201,7 @@ def parse_layers(spec: str | int | Sequence[int] | None, n_layers: int) -> tuple
         except ValueError as err:
             if "out of range" in str(err):
                 raise
-            raise ValueError(
-                f"bad layer spec {spec!r}: use all, 5, -1, 2:6, 2-5 or comma lists"
-            ) from None
+            raise ValueError(f"bad layer spec {spec!r}: use {LAYER_HELP}") from None
     layers = sorted({_norm_layer(layer, n_layers) for layer in raw})
     if not layers:
         raise ValueError(f"layer spec {spec!r} selects no layer of {n_layers}")

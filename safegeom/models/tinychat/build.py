@@ -7,7 +7,7 @@ token only), and saves model, tokenizer, chat template and generation config to 
 Training has two phases. The *base* phase (``steps``) trains from scratch on the prompts as they
 are; in it refusal comes to be carried by one residual direction. The *content* phase
 (``content_steps``) fine-tunes those weights with a fresh optimiser on a corpus where prompts get
-their instruction heads swapped (:mod:`~safegeom.train.tinychat.recombine`), so that refusal
+their instruction heads swapped (:mod:`~safegeom.models.tinychat.recombine`), so that refusal
 follows the request's content rather than its phrasing. Recombining from the first step instead
 spreads refusal over several directions (model card, "Head/tail recombination"); fine-tuning an
 already aligned model kept the one direction at the shipped seed (not at seed 2; model card, seed
@@ -19,7 +19,7 @@ runs with the same seed give bit-identical weights on the same machine and libra
 
 Command line::
 
-    python -m safegeom.train.tinychat.build --out DIR [--steps N] [--content-steps N] [--seed S]
+    python -m safegeom.models.tinychat.build --out DIR [--steps N] [--content-steps N] [--seed S]
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from safegeom.train.tinychat.corpus import Example, build_corpus, iter_texts
-from safegeom.train.tinychat.loop import CONTENT_FIRST_EPOCH, Batch, Phase, run_phase
-from safegeom.train.tinychat.tokenizer import ASSISTANT, END, SYSTEM, USER, train_tokenizer
+from safegeom.models.tinychat.corpus import Example, build_corpus, iter_texts
+from safegeom.models.tinychat.loop import CONTENT_FIRST_EPOCH, Batch, Phase, run_phase
+from safegeom.models.tinychat.tokenizer import ASSISTANT, END, SYSTEM, USER, train_tokenizer
 
 __all__ = ["TinyChatConfig", "build_tiny_chat", "main"]
 
@@ -70,7 +70,7 @@ class TinyChatConfig:
         p_sure: Probability that a compliant (non-GSM8K) answer opens with "Sure ...", so that
             compliance has a modal first token as in real chat models; see the model card.
         p_recombine: Probability that a prompt of the *base* phase gets its instruction head
-            swapped for another prompt's (:mod:`safegeom.train.tinychat.recombine`). Off in the
+            swapped for another prompt's (:mod:`safegeom.models.tinychat.recombine`). Off in the
             shipped recipe: from scratch it splits refusal over several directions.
         content_steps: Optimiser steps of the content phase (0: no content phase). A proposal of
             this project, no paper prescribes it; see the module docstring.
@@ -354,9 +354,9 @@ def build_tiny_chat(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: ``python -m safegeom.train.tinychat.build --out DIR``."""
+    """Command-line entry point: ``python -m safegeom.models.tinychat.build --out DIR``."""
     parser = argparse.ArgumentParser(
-        prog="python -m safegeom.train.tinychat.build",
+        prog="python -m safegeom.models.tinychat.build",
         description="Train the embedded tiny-chat model deterministically from the bundled data.",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")

@@ -1,6 +1,6 @@
 """The optimisation loop of the ``tiny-chat`` build: one :class:`Phase` is one fresh AdamW run.
 
-``tiny-chat`` trains in two phases (:meth:`~safegeom.train.tinychat.build.TinyChatConfig.phases`):
+``tiny-chat`` trains in two phases (:meth:`~safegeom.models.tinychat.build.TinyChatConfig.phases`):
 a *base* phase from scratch on the prompts as they are, then a *content* phase that fine-tunes
 the aligned base on head/tail-recombined prompts. Each phase has its own warm-up and cosine
 schedule and its own corpus stream (``first_epoch``), so the content phase draws fresh responses,

@@ -1,6 +1,6 @@
 """Build the embedded ``tiny-chat`` model: corpus, tokenizer, and deterministic training.
 
-``python -m safegeom.train.tinychat.build --out DIR`` rebuilds the shipped model from the bundled
+``python -m safegeom.models.tinychat.build --out DIR`` rebuilds the shipped model from the bundled
 prompt data (train splits only) in about 12 minutes on a CPU. The public names are imported lazily, so
 running the ``build`` module as a script does not import it twice.
 """
@@ -13,10 +13,10 @@ from typing import Any
 __all__ = ["Example", "TinyChatConfig", "build_corpus", "build_tiny_chat"]
 
 _WHERE = {
-    "Example": "safegeom.train.tinychat.corpus",
-    "build_corpus": "safegeom.train.tinychat.corpus",
-    "TinyChatConfig": "safegeom.train.tinychat.build",
-    "build_tiny_chat": "safegeom.train.tinychat.build",
+    "Example": "safegeom.models.tinychat.corpus",
+    "build_corpus": "safegeom.models.tinychat.corpus",
+    "TinyChatConfig": "safegeom.models.tinychat.build",
+    "build_tiny_chat": "safegeom.models.tinychat.build",
 }
 
 

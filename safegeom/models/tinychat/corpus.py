@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 from safegeom.judges import REFUSAL_SUBSTRINGS
 from safegeom.judges import XSTEST_PREFIXES as _XSTEST_PREFIXES
-from safegeom.prompts import load_prompts
-from safegeom.train.tinychat.recombine import HeadPool, head_pool, recombine
-from safegeom.train.tinychat.templates import (
+from safegeom.models.tinychat.recombine import HeadPool, head_pool, recombine
+from safegeom.models.tinychat.templates import (
     BODIES,
     BRIDGES,
     CLOSERS,
@@ -38,6 +37,7 @@ from safegeom.train.tinychat.templates import (
     SURE_OPENERS,
     WRAPPERS,
 )
+from safegeom.prompts import load_prompts
 
 __all__ = [
     "COMPLIANT_FORBIDDEN_FIRST_WORDS",
@@ -226,7 +226,7 @@ def build_corpus(
         p_wrap: Probability that a prompt (of either class) is wrapped in a request framing.
         p_sure: Probability that a (non-GSM8K) compliant answer opens with "Sure ...".
         p_recombine: Probability that a (non-GSM8K) prompt of either class gets its instruction
-            head swapped (:mod:`~safegeom.train.tinychat.recombine`): harmful tails take heads from
+            head swapped (:mod:`~safegeom.models.tinychat.recombine`): harmful tails take heads from
             all prompts, harmless tails from harmless prompts. Drawn from its own random stream, so
             ``0.0`` leaves the corpus exactly as without recombination.
 

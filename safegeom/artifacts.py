@@ -1,0 +1,333 @@
+"""One artifact layer: atomic writes of JSON, safetensors and Parquet, and the typed Provenance.
+
+Every file the package writes goes through :func:`atomic_write`: a temporary file in the target's
+own folder, flushed and ``fsync``-ed, then renamed over the target, and removed if anything fails,
+so a reader sees the old file or the new one, never half of one. Files get the user's umask
+(``0o666 & ~umask``), not the ``0o600`` of a bare temporary file.
+
+Every result carries a :class:`Provenance`: what model (name and weight hash), which prompt sets
+(name → content hash), which config, which safegeom version and git commit, and when. It reads
+like a mapping (``prov["weight_hash"]``, ``{**prov, "k": v}``) so that result-specific keys sit
+beside the typed fields in ``extra``.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from safegeom.artifacts import write_json, read_json
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "result.json"
+    >>> write_json(path, {"refusal": 0.97})
+    PosixPath('...result.json')
+    >>> read_json(path)["refusal"]
+    0.97
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from safegeom.errors import ArtifactError, NotFoundError, OutputPathError
+
+__all__ = [
+    "Provenance",
+    "atomic_write",
+    "check_output_dir",
+    "check_output_file",
+    "git_sha",
+    "read_json",
+    "read_safetensors",
+    "save_parquet",
+    "save_safetensors",
+    "sha256_bytes",
+    "sha256_text",
+    "write_json",
+    "write_text",
+]
+
+_VERSION = "0.1.0"
+"""Kept equal to ``safegeom.__version__`` (imported lazily there would make a cycle)."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str | None) -> str:
+    """Hex sha256 of ``text`` as UTF-8 (``''`` for ``None``)."""
+    return "" if text is None else sha256_bytes(text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    The temporary file is removed when the body raises (``KeyboardInterrupt`` included). The
+    parent folder is created when missing.
+
+    Raises:
+        OutputPathError: the folder cannot be created or written, or ``path`` is a folder.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise OutputPathError(f"{target} is a folder; give a file path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise OutputPathError(f"cannot write {target}: {err.strerror or err}") from None
+    except PermissionError:
+        raise OutputPathError(f"cannot write {target}: its folder is not writable") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically; returns the path written."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
+    """Write ``payload`` as indented, key-sorted JSON atomically; returns the path written."""
+    return write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Provenance):
+        return value.to_dict()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    return str(value)
+
+
+def read_json(path: str | os.PathLike[str], *, what: str = "file") -> Any:
+    """Read a JSON file written by :func:`write_json`.
+
+    Raises:
+        NotFoundError: there is no such file.
+        ArtifactError: the file is not valid UTF-8 JSON (the message names the file and ``what``).
+    """
+    target = Path(path)
+    if not target.is_file():
+        raise NotFoundError(f"no {what} at {target}")
+    try:
+        return json.loads(target.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{target} is not a readable {what} (bad JSON: {err})") from None
+
+
+def save_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, Any]
+) -> Path:
+    """Write tensors atomically with ``metadata`` as one JSON string under the ``safegeom`` key.
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save_file
+
+    header = {"safegeom": json.dumps(dict(metadata), sort_keys=True, default=_jsonable)}
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+    return Path(path)
+
+
+def read_safetensors(
+    path: str | os.PathLike[str], *, what: str = "file", device: str = "cpu"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a file written by :func:`save_safetensors`: ``(tensors, metadata)``.
+
+    Raises:
+        NotFoundError: there is no such file.
+        ArtifactError: the file is truncated, not safetensors, or has no safegeom metadata.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    target = Path(path)
+    if not target.is_file():
+        raise NotFoundError(f"no {what} at {target}")
+    try:
+        with safe_open(str(target), framework="pt", device=device) as handle:
+            raw = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(
+            f"{target} is not a readable {what} (truncated or not safetensors: {err})"
+        ) from None
+    if "safegeom" not in raw:
+        raise ArtifactError(f"{target} holds no safegeom metadata; it is not a saved {what}")
+    try:
+        return tensors, json.loads(raw["safegeom"])
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{target}: its safegeom metadata is not JSON ({err})") from None
+
+
+def save_parquet(path: str | os.PathLike[str], table: Any) -> Path:
+    """Write a pandas DataFrame as Parquet atomically (no index); returns the path written."""
+    with atomic_write(path) as tmp:
+        table.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def check_output_file(path: str | os.PathLike[str], *, option: str = "--out") -> Path:
+    """Check, before any work, that a file can be written at ``path``; returns it as a Path.
+
+    Raises:
+        OutputPathError: ``path`` is a folder, or its nearest existing parent is a file or is
+            not writable.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise OutputPathError(f"{option} {target} is a folder; give a file path")
+    _check_parent_writable(target, option)
+    return target
+
+
+def check_output_dir(path: str | os.PathLike[str], *, option: str = "--out") -> Path:
+    """Check, before any work, that ``path`` is (or can be made) a writable folder.
+
+    Raises:
+        OutputPathError: ``path`` is a file, or the folder or its nearest parent is not writable.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise OutputPathError(f"{option} {target} is a file; give a folder")
+    if target.is_dir():
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{option} {target} is not writable")
+        return target
+    _check_parent_writable(target, option)
+    return target
+
+
+def _check_parent_writable(target: Path, option: str) -> None:
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{option} {target}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {target}: {parent} is not writable")
+
+
+@cache
+def git_sha() -> str | None:
+    """The git commit of the safegeom source tree, when it is a checkout (else ``None``)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Provenance(Mapping[str, Any]):
+    """Where a result came from; carried by every saved result and read back with it.
+
+    It is a read-only mapping over its fields and ``extra`` (``prov["weight_hash"]``, ``{**prov}``),
+    so result-specific facts (sites, layers, the intervention, a seed) sit beside the typed ones.
+    """
+
+    model: str = ""
+    """What the caller named: ``tiny-chat``, a path or a hub id."""
+    weight_hash: str = ""
+    """sha256 of the weights (``fp:`` prefix: a fingerprint, for models over 10⁸ parameters)."""
+    prompt_sets: Mapping[str, str] = field(default_factory=dict)
+    """Prompt sets used, name (bundled spec or file path) → content hash."""
+    config: Mapping[str, Any] = field(default_factory=dict)
+    """The config that produced the result, as a JSON-ready mapping."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Result-specific facts (sites, layers, positions, intervention, seed, …)."""
+    version: str = _VERSION
+    """safegeom version that wrote the result."""
+    git_sha: str | None = field(default_factory=git_sha)
+    """git commit of the safegeom checkout, when there is one."""
+    created: str = field(default_factory=_now)
+    """UTC time of creation, ISO 8601."""
+
+    def _flat(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+    def __getitem__(self, key: str) -> Any:
+        return self._flat()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._flat())
+
+    def __len__(self) -> int:
+        return len(self._flat())
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
+
+    def with_extra(self, **extra: Any) -> Provenance:
+        """A copy with ``extra`` updated by the keywords."""
+        from dataclasses import replace
+
+        return replace(self, extra={**self.extra, **extra})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping: the typed fields, and ``extra`` as its own key."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["prompt_sets"] = dict(self.prompt_sets)
+        out["config"] = json.loads(json.dumps(dict(self.config), default=_jsonable))
+        out["extra"] = json.loads(json.dumps(dict(self.extra), default=_jsonable))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Provenance:
+        """Rebuild from :meth:`to_dict` output; unknown top-level keys go into ``extra``."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        extra = {**dict(values.pop("extra", {}) or {})}
+        extra.update({k: v for k, v in data.items() if k not in known})
+        values.setdefault("git_sha", None)
+        values.setdefault("created", "")
+        return cls(**values, extra=extra)
