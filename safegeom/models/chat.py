@@ -16,14 +16,26 @@ the same activations alone and inside a padded batch (also for absolute position
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
-__all__ = ["ChatBatch", "EncodedPrompt", "collate_left", "encode_prompts", "render_prompts"]
+from safegeom.errors import SafegeomError
+
+__all__ = [
+    "ChatBatch",
+    "EncodedPrompt",
+    "EncodedSet",
+    "collate_left",
+    "encode_prompts",
+    "encode_set",
+    "render_prompts",
+    "template_hash",
+]
 
 
 @dataclass(frozen=True)
@@ -75,7 +87,7 @@ def _template(tokenizer, chat_template: str | None) -> str:
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         name = getattr(tokenizer, "name_or_path", "this tokenizer")
-        raise ValueError(
+        raise SafegeomError(
             f"{name} has no chat template; pass chat_template=... (--chat-template FILE on the "
             "command line)"
         )
@@ -129,7 +141,7 @@ def encode_prompts(
             tokenizer without offset mappings (a slow tokenizer).
     """
     if len(prompts) == 0:
-        raise ValueError("empty prompt set: pass at least one prompt")
+        raise SafegeomError("empty prompt set: pass at least one prompt")
     rendered = render_prompts(tokenizer, prompts, system=system, chat_template=chat_template)
     encoded = []
     for prompt, text in zip(prompts, rendered, strict=True):
@@ -137,16 +149,111 @@ def encode_prompts(
     return encoded
 
 
+@dataclass(frozen=True)
+class EncodedSet:
+    """A prompt set tokenized once for one tokenizer, template and system prompt.
+
+    Every stage that needs token positions (capture, the refusal-score filter, candidate scoring,
+    evaluation) takes this value instead of re-encoding the texts; :func:`encode_set` builds it.
+    ``name`` and ``content_hash`` come from the prompt set (a
+    :class:`~safegeom.prompts.PromptSet`) when it has them.
+    """
+
+    prompts: tuple[str, ...]
+    """The instruction texts, in order."""
+    encoded: tuple[EncodedPrompt, ...] = field(repr=False)
+    """One encoding per prompt, in the same order."""
+    system: str | None
+    """The system prompt used, if any."""
+    template_hash: str
+    """sha256 of the chat template used to render the prompts."""
+    name: str = "inline"
+    """The prompt set's name (bundled spec or file path)."""
+    content_hash: str = ""
+    """The prompt set's content hash."""
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def select(self, indices: Sequence[int]) -> EncodedSet:
+        """The subset at ``indices`` (in that order), sharing the encodings."""
+        return EncodedSet(
+            prompts=tuple(self.prompts[i] for i in indices),
+            encoded=tuple(self.encoded[i] for i in indices),
+            system=self.system,
+            template_hash=self.template_hash,
+            name=f"{self.name}[subset]",
+            content_hash="",
+        )
+
+    def matches(self, system: str | None, template_hash: str) -> bool:
+        """Whether this set was encoded with ``system`` and the template of ``template_hash``."""
+        return self.system == system and self.template_hash == template_hash
+
+
+def template_hash(tokenizer, chat_template: str | None = None) -> str:
+    """sha256 of the chat template that :func:`render_prompts` would use."""
+    return hashlib.sha256(_template(tokenizer, chat_template).encode("utf-8")).hexdigest()
+
+
+def encode_set(
+    tokenizer,
+    prompts: Sequence[str] | EncodedSet,
+    *,
+    system: str | None = None,
+    chat_template: str | None = None,
+    max_positions: int | None = None,
+) -> EncodedSet:
+    """Tokenize a prompt set once and locate every instruction (see :func:`encode_prompts`).
+
+    An :class:`EncodedSet` built with the same system prompt and template is returned as it is.
+
+    Args:
+        max_positions: the model's context length (``max_position_embeddings``); a longer prompt
+            is refused.
+
+    Raises:
+        SafegeomError: as :func:`encode_prompts`, and a prompt longer than ``max_positions``.
+    """
+    t_hash = template_hash(tokenizer, chat_template)
+    if isinstance(prompts, EncodedSet):
+        if prompts.matches(system, t_hash):
+            return prompts
+        prompts = prompts.prompts
+    texts = tuple(prompts)
+    encoded = tuple(encode_prompts(tokenizer, texts, system=system, chat_template=chat_template))
+    if max_positions is not None:
+        longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+        if len(encoded[longest]) > max_positions:
+            raise SafegeomError(
+                f"prompt {longest} is {len(encoded[longest])} tokens long but the model takes at "
+                f"most {max_positions} positions; shorten or drop it"
+            )
+    return EncodedSet(
+        prompts=texts,
+        encoded=encoded,
+        system=system,
+        template_hash=t_hash,
+        name=str(getattr(prompts, "name", "inline")),
+        content_hash=_content_hash(prompts),
+    )
+
+
+def _content_hash(prompts: Sequence[str]) -> str:
+    value = getattr(prompts, "content_hash", "")
+    return str(value() if callable(value) else value)
+
+
 def _locate(tokenizer, prompt: str, text: str) -> EncodedPrompt:
     if not prompt.strip():
-        raise ValueError("empty prompt: every instruction needs text")
+        raise SafegeomError("empty prompt: every instruction needs text")
     start = text.rfind(prompt)
     needle = prompt
     if start < 0:  # templates such as Gemma's trim the content
         needle = prompt.strip()
         start = text.rfind(needle)
     if start < 0:
-        raise ValueError(
+        raise SafegeomError(
             "the chat template does not insert the instruction verbatim, so t_inst cannot be "
             f"located; instruction starts {prompt[:40]!r}"
         )
@@ -154,13 +261,13 @@ def _locate(tokenizer, prompt: str, text: str) -> EncodedPrompt:
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
-        raise ValueError(
+        raise SafegeomError(
             "positions need a fast tokenizer (offset mappings); use_fast=True"
         ) from None
     offsets = enc["offset_mapping"]
     inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     if not inside:
-        raise ValueError(f"no token covers the instruction {prompt[:40]!r}")
+        raise SafegeomError(f"no token covers the instruction {prompt[:40]!r}")
     return EncodedPrompt(input_ids=tuple(enc["input_ids"]), t_inst=inside[-1], inst_start=inside[0])
 
 
@@ -171,7 +278,7 @@ def collate_left(encoded: Sequence[EncodedPrompt], pad_token_id: int) -> ChatBat
     model sees each prompt alone.
     """
     if not encoded:
-        raise ValueError("empty prompt set: pass at least one prompt")
+        raise SafegeomError("empty prompt set: pass at least one prompt")
     lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
     seq = int(lengths.max())
     ids = torch.full((len(encoded), seq), pad_token_id, dtype=torch.long)
