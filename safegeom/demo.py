@@ -13,15 +13,17 @@ carriers and the trajectory.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from safegeom.artifacts import check_output_dir, save_parquet, write_json, write_text
 from safegeom.carriers import SelectionConfig
 from safegeom.carriers.suite import extract_carriers
+from safegeom.config import check, config_dict
+from safegeom.errors import SafegeomError
 from safegeom.evaluate import evaluate
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
@@ -45,6 +47,7 @@ class DemoConfig:
     """Sizes of the demo; the defaults finish in a few minutes on a 2-core CPU."""
 
     model: str = "tiny-chat"
+    """MODEL to tell the story of: tiny-chat, a checkpoint folder or a hub id."""
     n_eval: int = 32
     """Prompts per behaviour set."""
     n_train: int = 64
@@ -54,9 +57,18 @@ class DemoConfig:
     n_random: int = 20
     """Matched random directions in the ablation check."""
     lora_steps: int = 60
+    """Optimizer steps of the harmful LoRA fine-tuning."""
     save_every: int = 20
+    """Checkpoint interval of the harmful LoRA trajectory, in steps."""
     max_new_tokens: int = 24
+    """Tokens generated per prompt when judging behaviour."""
     seed: int = 0
+    """Seed of the random controls and the LoRA run."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_eval", "n_train", "n_val", "n_random", "lora_steps", "save_every"):
+            check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
+        check(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1", self.max_new_tokens)
 
 
 def behaviour_table(lm, n: int, max_new_tokens: int, *, progress: bool = False) -> pd.DataFrame:
@@ -102,19 +114,18 @@ def run_demo(
     """
     from safegeom.train import train
 
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = check_output_dir(out)
     lm = load_model(config.model)
     _say(echo, f"[1/4] behaviour of {config.model} on held-out test splits")
     behaviour = behaviour_table(lm, config.n_eval, config.max_new_tokens, progress=True)
-    behaviour.to_parquet(folder / "behaviour.parquet", index=False)
+    save_parquet(folder / "behaviour.parquet", behaviour)
 
     _say(echo, "[2/4] carriers: refusal direction, harmfulness direction, refusal cone")
     selection_config = SelectionConfig(n_train=config.n_train, n_val=config.n_val)
     try:
         suite = extract_carriers(lm, config=selection_config)
         filters_note = None
-    except ValueError as err:  # no candidate passes the KL / induce filters: say so, go on
+    except SafegeomError as err:  # no candidate passes the KL / induce filters: say so, go on
         filters_note = str(err)
         _say(echo, f"      {filters_note}\n      continuing with the KL and induce filters off")
         relaxed = replace(selection_config, max_kl=float("inf"), min_induce=float("-inf"))
@@ -139,7 +150,7 @@ def run_demo(
     sweep = causal_sweep(
         lm, {"refusal": suite.refusal}, "advbench:test", "alpaca:test", sweep_config
     )
-    sweep.to_parquet(folder / "ablation_check.parquet", index=False)
+    save_parquet(folder / "ablation_check.parquet", sweep)
 
     _say(echo, f"[4/4] harmful LoRA fine-tuning, {config.lora_steps} steps")
     trajectory = train(
@@ -165,19 +176,20 @@ def run_demo(
                 }
             )
     along = pd.DataFrame(rows)
-    along.to_parquet(folder / "trajectory_behaviour.parquet", index=False)
+    save_parquet(folder / "trajectory_behaviour.parquet", along)
 
     summary = {
-        "config": asdict(config),
+        "config": config_dict(config),
         "model": {"name": lm.name, "weight_hash": lm.weight_hash, "n_layers": lm.n_layers},
         "behaviour": behaviour.to_dict("records"),
         "carriers": carriers,
         "ablation_check": sweep.to_dict("records"),
         "trajectory": along.to_dict("records"),
     }
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (folder / "report.md").write_text(_report(summary, behaviour, sweep, along))
-    _say(echo, (folder / "report.md").read_text())
+    write_json(folder / "summary.json", summary)
+    report = _report(summary, behaviour, sweep, along)
+    write_text(folder / "report.md", report)
+    _say(echo, report)
     return summary
 
 

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 from safegeom.cli.common import emit_json
+from safegeom.cli.options import add_config, config_from_args
+from safegeom.demo import DemoConfig, run_demo
+
+
+@dataclass(frozen=True)
+class DemoCommand:
+    """Where the demo writes, and how it reports."""
+
+    out: str = "runs/demo"
+    """Run folder (outside the package): report.md, summary.json, tables, carriers, trajectory."""
+    json: bool = False
+    """Print summary.json to stdout instead of the report."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,23 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "carriers, an ablation check against matched random directions, and a harmful LoRA "
         "fine-tuning trajectory; writes report.md, summary.json and tables into --out.",
     )
-    parser.add_argument("--out", default="runs/demo", help="run folder (outside the package)")
-    parser.add_argument("--model", default="tiny-chat", help="MODEL (default: tiny-chat)")
-    parser.add_argument("--n-eval", type=int, default=32, help="prompts per behaviour set")
-    parser.add_argument("--lora-steps", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print summary.json to stdout")
+    add_config(parser, DemoCommand, title="output")
+    add_config(parser, DemoConfig, title="demo")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``safegeom demo``."""
-    from safegeom.demo import DemoConfig, run_demo
-
-    config = DemoConfig(
-        model=args.model, n_eval=args.n_eval, lora_steps=args.lora_steps, seed=args.seed
-    )
-    summary = run_demo(args.out, config, echo=not args.json)
-    if args.json:
+    command = config_from_args(DemoCommand, args)
+    summary = run_demo(command.out, config_from_args(DemoConfig, args), echo=not command.json)
+    if command.json:
         emit_json(summary)
     return 0

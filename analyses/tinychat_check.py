@@ -14,7 +14,7 @@ decoding:
 
 Usage::
 
-    python analyses/tiny_chat_check.py [--model safegeom/assets/tiny-chat] [--n-alpaca 400]
+    python analyses/tinychat_check.py [--model safegeom/assets/tiny-chat] [--n-alpaca 400]
 """
 
 from __future__ import annotations

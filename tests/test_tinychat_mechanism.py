@@ -52,7 +52,7 @@ DH4_MISSED = (
 )
 JBB_MISSED = (
     "below the ≥95% target; a TF-IDF classifier trained on the same prompts flags 55-75% of "
-    "jbb-harmful:test (analyses/tiny_chat_data_ceiling.py; model card, 'What the data supports')"
+    "jbb-harmful:test (analyses/tinychat_data_ceiling.py; model card, 'What the data supports')"
 )
 
 

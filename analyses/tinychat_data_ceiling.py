@@ -11,7 +11,7 @@ test split and so *favours* the classifier. Each row is the share of held-out pr
 
 Usage::
 
-    python analyses/tiny_chat_data_ceiling.py
+    python analyses/tinychat_data_ceiling.py
 """
 
 from __future__ import annotations

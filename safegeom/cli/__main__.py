@@ -1,0 +1,5 @@
+"""``python -m safegeom.cli``: the same as the ``safegeom`` command."""
+
+from safegeom.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""The package's shape: an acyclic import graph, small files, configs that are the CLI, a face."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+import safegeom
+from safegeom.cli import COMMANDS, build_parser
+from safegeom.cli.options import configs_of, option_dest
+from safegeom.config import field_docs
+
+PACKAGE = Path(safegeom.__file__).resolve().parent
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = ["safegeom", *path.relative_to(PACKAGE).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the safegeom modules it imports (lazy imports included, TYPE_CHECKING excluded).
+
+    Importing ``a.b.c`` also runs the package ``a.b``: that edge is added too, unless the
+    importer lives inside that package (it is then already being initialised).
+    """
+    mods = _modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for module, path in mods.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets: set[str] = set()
+
+        def visit(node: ast.AST, package: str = package, targets: set[str] = targets) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.If) and _is_type_checking(child):
+                    for other in child.orelse:
+                        visit(other)
+                    continue
+                if isinstance(child, ast.Import):
+                    targets.update(a.name for a in child.names if a.name.startswith("safegeom"))
+                elif isinstance(child, ast.ImportFrom):
+                    base = child.module or ""
+                    if child.level:
+                        up = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                        base = ".".join(up + ([base] if base else []))
+                    if base.startswith("safegeom"):
+                        for alias in child.names:
+                            full = f"{base}.{alias.name}"
+                            targets.add(full if full in mods else base)
+                visit(child)
+
+        visit(ast.parse(path.read_text(encoding="utf-8")))
+        for target in targets:
+            name = resolve(target)
+            while name and name != "safegeom":
+                inside = module == name or module.startswith(name + ".")
+                if not inside:
+                    graph[module].add(name)
+                name = name.rpartition(".")[0]
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return found
+
+
+def test_import_graph_has_no_cycle() -> None:
+    graph = import_graph()
+    assert len(graph) > 40
+    assert "safegeom.models.loading" in graph["safegeom.capture"] | {
+        t for m in graph if m.startswith("safegeom.capture.") for t in graph[m]
+    }
+    assert cycles(graph) == []
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_file_over_400_lines() -> None:
+    roots = [PACKAGE, PACKAGE.parent / "tests", PACKAGE.parent / "analyses"]
+    roots += [PACKAGE.parent / "benchmarks"]
+    long = {
+        str(p.relative_to(PACKAGE.parent)): n
+        for root in roots
+        for p in root.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400
+    }
+    assert long == {}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("no subcommands")
+
+
+def test_every_command_is_registered() -> None:
+    assert set(_subparsers(build_parser())) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_config_field_has_a_flag_and_every_flag_a_field(command: str) -> None:
+    parser = _subparsers(build_parser())[command]
+    configs = configs_of(parser)
+    assert configs, f"{command} registers no config dataclass"
+    expected = {
+        option_dest(cls, f.name)
+        for cls in configs
+        for f in dataclasses.fields(cls)
+        if f.init and f.metadata.get("cli", True)
+    }
+    actual = {a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+    assert actual == expected
+    for cls in configs:  # every field is documented, and its doc is the help
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.init and f.metadata.get("cli", True):
+                assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_no_progress(command: str) -> None:
+    if command == "demo":
+        pytest.skip("the demo always shows its progress: it is the walkthrough")
+    parser = _subparsers(build_parser())[command]
+    flags = {s for a in parser._actions for s in a.option_strings}
+    assert "--no-progress" in flags
+
+
+def test_layer_help_states_both_range_syntaxes() -> None:
+    checked = 0
+    for name, parser in _subparsers(build_parser()).items():
+        specs = {
+            option_dest(cls, f)
+            for cls in configs_of(parser)
+            for f, hint in typing.get_type_hints(cls).items()
+            if "LayerSpec" in str(hint) or f.endswith("layers")
+        }
+        for action in parser._actions:
+            if action.dest in specs:
+                checked += 1
+                assert "2:6" in action.help and "2-5" in action.help, (name, action.dest)
+    assert checked >= 2
+
+
+def test_package_face_exports_the_everyday_api() -> None:
+    for name in ("load_model", "load_prompts", "capture", "refusal_direction", "Ablation"):
+        assert name in safegeom.__all__
+        assert callable(getattr(safegeom, name))
+    for name in ("Addition", "AffineEdit", "evaluate", "causal_sweep", "train", "SafegeomError"):
+        assert getattr(safegeom, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = safegeom.nope
