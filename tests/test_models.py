@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from safegeom.errors import ModelLoadError
 from safegeom.models import LAYOUTS, ArchLayout, load_model, weight_hash
 from safegeom.models.layout import UnknownArchitectureError, layout_for, resolve
 from tests.tiny_models import ARCHS
@@ -69,7 +70,9 @@ def test_safetensors_only_by_default(checkpoints: dict[str, Path], tmp_path: Pat
     lm.model.config.save_pretrained(dst)
     lm.tokenizer.save_pretrained(dst)
     torch.save(lm.model.state_dict(), dst / "pytorch_model.bin")
-    with pytest.raises(OSError):
+    with pytest.raises(
+        ModelLoadError, match=r"only pickled weights \(pytorch_model.bin\).*--allow-pickle"
+    ):
         load_model(dst)
     assert load_model(dst, allow_pickle=True).n_layers == 3
 

@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from safegeom.errors import NotFoundError, SafegeomError
+from safegeom.errors import ConfigError, ModelLoadError, NotFoundError, SafegeomError
+from safegeom.models.checkpoint import check_device, check_weight_files, resolve_source
 from safegeom.models.layout import ArchLayout, layout_for, resolve
+from safegeom.models.tokenizer_loading import load_tokenizer
 
 __all__ = ["TINY_CHAT", "LoadConfig", "LoadedModel", "load_model", "tiny_chat_path", "weight_hash"]
 
@@ -38,11 +40,11 @@ def tiny_chat_path() -> Path:
     """Return the directory of the embedded ``tiny-chat`` checkpoint.
 
     Raises:
-        FileNotFoundError: the weights are not in this installation (rebuild with ``make tiny-chat``).
+        NotFoundError: the weights are not in this installation (rebuild with ``make tiny-chat``).
     """
     path = _ASSETS / TINY_CHAT
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"tiny-chat weights are missing from {path}; rebuild them with `make tiny-chat`"
         )
     return path
@@ -203,28 +205,42 @@ def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | 
     aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
     resolved = getattr(torch, aliases.get(dtype, dtype), None)
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
+        raise ConfigError(
+            f"unknown dtype {dtype!r} (--dtype); use float32, bfloat16, float16 or auto"
+        )
     return resolved
 
 
-def _resolve_source(spec: str | Path) -> tuple[str, str]:
-    """Return (kind, location) where kind is 'full', 'adapter' or 'hub'."""
+def _resolve_source(spec: str | Path, revision: str | None = None) -> tuple[str, str]:
+    """Return ``(kind, location)``, kind ``full``, ``adapter`` or ``hub`` (see ``resolve_source``)."""
     text = str(spec)
     if text == TINY_CHAT:
         return "full", str(tiny_chat_path())
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if (path / "adapter_config.json").is_file():
-            return "adapter", str(path)
-        if (path / "config.json").is_file():
-            return "full", str(path)
-        raise ValueError(
-            f"{path} is not a model checkpoint: it has neither config.json nor adapter_config.json"
-        )
-    looks_local = text.startswith((".", "/", "~")) or path.suffix or text.count("/") > 1
-    if looks_local or path.exists():
-        raise ValueError(f"no model directory at {text}; pass tiny-chat, a directory or a hub id")
-    return "hub", text
+    return resolve_source(text, TINY_CHAT, _ASSETS / TINY_CHAT, revision)
+
+
+def _adapter_base(adapter: Path, revision: str | None) -> str:
+    """The location of the base model an adapter folder's ``adapter_config.json`` names.
+
+    Raises:
+        ModelLoadError: the file is not JSON or names no base.
+        NotFoundError: the base it names is neither a local folder nor a reachable hub id.
+    """
+    config_file = adapter / "adapter_config.json"
+    try:
+        adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+        base_spec = adapter_config.get("base_model_name_or_path")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise ModelLoadError(f"{config_file} is not a JSON object") from None
+    if not base_spec:
+        raise ModelLoadError(f"{adapter}/adapter_config.json names no base_model_name_or_path")
+    try:
+        return _resolve_source(base_spec, revision)[1]
+    except NotFoundError as err:
+        raise NotFoundError(
+            f"{config_file} names the base model {base_spec!r} (base_model_name_or_path), which "
+            f"cannot be found: {err}; put the base model there or edit that field"
+        ) from None
 
 
 def load_model(
@@ -273,9 +289,14 @@ def load_model(
         merged = config.keywords()
         merged.update({k: v for k, v in given.items() if v not in (None, False)})
         return load_model(spec, **merged)
-    kind, location = _resolve_source(spec)
-    device_str = str(device) if device is not None else _default_device()
+    kind, location = _resolve_source(spec, revision)
+    device_str = check_device(str(device) if device is not None else _default_device())
     torch_dtype = _parse_dtype(dtype if not isinstance(dtype, str) else dtype.lower(), device_str)
+    if merge_adapter and kind != "adapter":
+        raise ConfigError(
+            f"--merge-adapter (merge_adapter=True) folds a PEFT adapter into its base, but {spec} "
+            "is a full checkpoint (no adapter_config.json); drop the flag"
+        )
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None:
         common["revision"] = revision
@@ -284,15 +305,16 @@ def load_model(
     base_location = location
     if kind == "adapter":
         adapter_dir = location
-        config = json.loads((Path(location) / "adapter_config.json").read_text())
-        base_spec = config.get("base_model_name_or_path")
-        if not base_spec:
-            raise ValueError(f"{location}/adapter_config.json names no base_model_name_or_path")
-        _, base_location = _resolve_source(base_spec)
-
-    model = AutoModelForCausalLM.from_pretrained(
-        base_location, dtype=torch_dtype, use_safetensors=not allow_pickle, **common
-    )
+        base_location = _adapter_base(Path(location), revision)
+    if kind != "hub":
+        check_weight_files(base_location, allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base_location, dtype=torch_dtype, use_safetensors=not allow_pickle, **common
+        )
+    except OSError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(f"cannot load the model at {base_location}: {first}") from None
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -303,7 +325,7 @@ def load_model(
     model.eval()
 
     tok_location = adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base_location
-    tokenizer = AutoTokenizer.from_pretrained(tok_location, **common)
+    tokenizer = load_tokenizer(tok_location, common)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
