@@ -1,7 +1,6 @@
-"""Percentile bootstrap confidence intervals, and the result values that carry them.
+"""Percentile bootstrap confidence intervals, and :class:`Metric`: one number with its interval.
 
-:class:`Metric` is one number with its interval; :class:`EvalResult` is a behavioural evaluation
-(:func:`safegeom.evaluate.evaluate`): completions, judgements, scores, metrics and provenance.
+Results that carry metrics live with the code that makes them (:class:`safegeom.results.EvalResult`).
 
 Plain numpy, deterministic by seed: the same values, statistic, ``n_resamples``, ``confidence``
 and ``seed`` always give the same interval. Items (rows of ``values``) are resampled with
@@ -13,21 +12,16 @@ Edge cases: one item, or all items equal, give a zero-width interval at the stat
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["FORMAT", "EvalResult", "Metric", "bootstrap_ci", "bootstrap_diff_ci"]
+from safegeom.errors import ConfigError
 
-FORMAT = "safegeom.eval/1"
-"""Format tag of saved :class:`EvalResult` JSON files."""
+__all__ = ["Metric", "bootstrap_ci", "bootstrap_diff_ci"]
 
 Statistic = Callable[..., Any]
 """Maps an array of items (resampled along axis 0) to a float."""
@@ -49,15 +43,15 @@ def _as_items(values: ArrayLike, what: str = "values") -> NDArray[Any]:
     if array.ndim == 0:
         array = array[None]
     if array.shape[0] == 0:
-        raise ValueError(f"bootstrap needs at least one item in {what}, got none")
+        raise ConfigError(f"bootstrap needs at least one item in {what}, got none")
     return array
 
 
 def _check(n_resamples: int, confidence: float) -> None:
     if n_resamples < 1:
-        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+        raise ConfigError(f"n_resamples must be at least 1, got {n_resamples}")
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+        raise ConfigError(f"confidence must lie strictly between 0 and 1, got {confidence}")
 
 
 def _resampled(
@@ -102,7 +96,7 @@ def bootstrap_ci(
         ``statistic(values)``.
 
     Raises:
-        ValueError: no items, ``n_resamples < 1`` or ``confidence`` outside (0, 1).
+        ConfigError: no items, ``n_resamples < 1`` or ``confidence`` outside (0, 1).
     """
     _check(n_resamples, confidence)
     items = _as_items(values)
@@ -134,12 +128,12 @@ def bootstrap_diff_ci(
         ``(low, high)`` in the units of the statistic.
 
     Raises:
-        ValueError: empty inputs, unequal lengths when paired, or bad ``n_resamples``/``confidence``.
+        ConfigError: empty inputs, unequal lengths when paired, or bad ``n_resamples``/``confidence``.
     """
     _check(n_resamples, confidence)
     xa, xb = _as_items(a, "a"), _as_items(b, "b")
     if paired and xa.shape[0] != xb.shape[0]:
-        raise ValueError(
+        raise ConfigError(
             f"paired bootstrap needs as many items in a as in b, got {xa.shape[0]} and "
             f"{xb.shape[0]}; pass paired=False for independent samples"
         )
@@ -217,102 +211,3 @@ class Metric:
             judge=data.get("judge"),
             detail=dict(data.get("detail") or {}),
         )
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """What :func:`safegeom.evaluate.evaluate` found for one model on one prompt set.
-
-    ``refused[i]`` is the judge's verdict on ``completions[i]`` (``True`` = refused); ``scores``
-    the refusal scores (log-odds, nats; ``None`` if not computed). ``metrics`` holds at least
-    ``refusal_rate`` and ``asr`` (fractions), and ``mean_refusal_score`` when scores exist.
-    ``provenance``: model name, weight hash, prompt set name and content hash, judge, settings.
-    """
-
-    prompts: tuple[str, ...]
-    completions: tuple[str, ...]
-    refused: tuple[bool, ...]
-    scores: tuple[float, ...] | None
-    judge: str
-    metrics: Mapping[str, Metric]
-    provenance: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        """Number of prompts."""
-        return len(self.prompts)
-
-    @property
-    def refusal_rate(self) -> Metric:
-        """Fraction of completions judged refusals."""
-        return self.metrics["refusal_rate"]
-
-    @property
-    def asr(self) -> Metric:
-        """Attack success rate: fraction not refused."""
-        return self.metrics["asr"]
-
-    @property
-    def mean_refusal_score(self) -> Metric | None:
-        """Mean refusal score (log-odds, nats), if scores were computed."""
-        return self.metrics.get("mean_refusal_score")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: headline values and ``[low, high]`` CIs at the top level (``refusal_rate``,
-        ``refusal_rate_ci``, ``asr``, ``asr_ci``, ``mean_refusal_score``, ...), then every metric
-        in full, the per-prompt data and the provenance."""
-        out: dict[str, Any] = {"format": FORMAT, "n": self.n, "judge": self.judge}
-        for name in ("refusal_rate", "asr", "mean_refusal_score"):
-            metric = self.metrics.get(name)
-            out[name] = None if metric is None else metric.value
-            out[f"{name}_ci"] = None if metric is None else [metric.ci_low, metric.ci_high]
-        out["metrics"] = {name: m.to_dict() for name, m in self.metrics.items()}
-        out["prompts"] = list(self.prompts)
-        out["completions"] = list(self.completions)
-        out["refused"] = list(self.refused)
-        out["scores"] = None if self.scores is None else list(self.scores)
-        out["provenance"] = dict(self.provenance)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EvalResult:
-        """Rebuild from :meth:`to_dict` output.
-
-        Raises:
-            ValueError: the mapping is not a saved evaluation.
-        """
-        if data.get("format") != FORMAT:
-            raise ValueError(f"not a safegeom evaluation (format {data.get('format')!r})")
-        scores = data.get("scores")
-        return cls(
-            prompts=tuple(data["prompts"]),
-            completions=tuple(data["completions"]),
-            refused=tuple(bool(r) for r in data["refused"]),
-            scores=None if scores is None else tuple(float(s) for s in scores),
-            judge=str(data["judge"]),
-            metrics={k: Metric.from_dict(v) for k, v in data["metrics"].items()},
-            provenance=dict(data.get("provenance") or {}),
-        )
-
-    def save(self, path: str | Path) -> Path:
-        """Write JSON atomically (temporary file + rename). Returns the path written."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
-        os.replace(tmp, target)
-        return target
-
-    @classmethod
-    def load(cls, path: str | Path) -> EvalResult:
-        """Read a file written by :meth:`save`.
-
-        Raises:
-            ValueError: the file is not JSON or not a saved evaluation.
-        """
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not JSON: {err}") from None
-        return cls.from_dict(data)

@@ -6,10 +6,13 @@
 - Rates from judgements (:mod:`safegeom.judges`): :func:`refusal_rate`,
   :func:`attack_success_rate`, :func:`over_refusal`; utility: :func:`task_accuracy`,
   :func:`cross_entropy`, :func:`kl_to_reference`. Each returns a :class:`~safegeom.bootstrap.Metric`.
-- :func:`evaluate`: the whole behavioural check of a model on a prompt set → :class:`EvalResult`.
+- :func:`evaluate`: the whole behavioural check of a model on a prompt set →
+  :class:`~safegeom.results.EvalResult`.
 
-``intervention`` (everywhere): a context manager entered around the model calls (e.g. a hook-based
-ablation), or a zero-argument callable returning one. Prompts are processed longest first to cut
+``intervention`` (everywhere): an intervention value (``Ablation(carrier)``, ``Addition(...)``,
+``AffineEdit(...)``; bound to ``lm`` here), or any context manager entered around the model calls,
+or a zero-argument callable returning one; results record its description. Non-finite logits or
+scores raise :class:`~safegeom.errors.NonFiniteError`. Prompts are processed longest first to cut
 padding; results come back in input order. Everything runs under ``torch.inference_mode`` and is
 deterministic (greedy decoding, ties broken by the lowest token id).
 """
@@ -17,6 +20,7 @@ deterministic (greedy decoding, ties broken by the lowest token id).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,12 +29,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-import safegeom
-from safegeom.bootstrap import EvalResult, Metric
+from safegeom.artifacts import Provenance, sha256_text
+from safegeom.bootstrap import Metric
+from safegeom.errors import SafegeomError
 from safegeom.generation import (
     Intervention,
     Prompts,
     as_context,
+    check_finite,
     describe_intervention,
     encode_chat,
     end_of_turn_id,
@@ -51,7 +57,7 @@ from safegeom.judges import (
 )
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import load_prompts
-from safegeom.provenance import text_hash
+from safegeom.results import EvalResult
 
 __all__ = [
     "DEFAULT_REFUSAL_PREFIXES",
@@ -92,7 +98,7 @@ def refusal_tokens(
     in order. For Llama-3-style tokenizers this gives the tokens of "I", "As" and "Sorry".
 
     Raises:
-        ValueError: no prefix yields a token.
+        SafegeomError: no prefix yields a token.
     """
     ids: list[int] = []
     for prefix in prefixes:
@@ -101,7 +107,7 @@ def refusal_tokens(
         if toks:
             ids.append(int(toks[0]))
     if not ids:
-        raise ValueError("no refusal token: every refusal prefix tokenized to nothing")
+        raise SafegeomError("no refusal token: every refusal prefix tokenized to nothing")
     return tuple(dict.fromkeys(ids))
 
 
@@ -139,15 +145,19 @@ def refusal_scores(
 
     Returns:
         float64 CPU tensor ``[n]`` of log-odds (nats); > 0: refusal tokens more likely than not.
+
+    Raises:
+        NonFiniteError: the logits or the scores hold NaN or inf.
     """
     seqs = [e.input_ids for e in encode_chat(lm, prompts, system)]
     ids = torch.tensor(list(tokens) if tokens is not None else refusal_tokens(lm.tokenizer))
     scores = torch.empty(len(seqs), dtype=torch.float64)
-    with as_context(intervention):
+    with as_context(intervention, lm):
         for chunk, _, logits in forward_batches(
             lm.model, lm.tokenizer, seqs, batch_size, progress, "refusal score"
         ):
             scores[chunk] = refusal_log_odds(logits[:, -1], ids).cpu()
+    check_finite(scores, "refusal scores")
     return scores
 
 
@@ -162,12 +172,17 @@ def last_position_logprobs(
 ) -> Float[Tensor, "n vocab"]:
     """Next-token log-probabilities at the first answer position (after the last prompt token).
 
+    The one last-position log-prob function of the package (scoring and sweeps use it too).
+
     Returns:
         float64 CPU tensor ``[n, vocab]`` of log-probabilities (nats).
+
+    Raises:
+        NonFiniteError: the logits hold NaN or inf.
     """
     seqs = [e.input_ids for e in encode_chat(lm, prompts, system)]
     out: Tensor | None = None
-    with as_context(intervention):
+    with as_context(intervention, lm):
         for chunk, _, logits in forward_batches(
             lm.model, lm.tokenizer, seqs, batch_size, progress, "logprobs"
         ):
@@ -196,13 +211,13 @@ def kl_divergence(
         float64 CPU tensor ``[n]``, nats.
 
     Raises:
-        ValueError: the two models' vocabularies differ.
+        SafegeomError: the two models' vocabularies differ.
     """
     ref_lm = dataclasses.replace(lm, model=reference.model)
     ref = last_position_logprobs(ref_lm, prompts, **kwargs)
     own = last_position_logprobs(lm, prompts, intervention=intervention, **kwargs)
     if ref.shape != own.shape:
-        raise ValueError(
+        raise SafegeomError(
             f"KL needs a shared tokenizer: vocabularies of {ref.shape[-1]} and {own.shape[-1]}"
         )
     return (ref.exp() * (ref - own)).sum(-1).clamp(min=0.0)
@@ -230,7 +245,7 @@ def completion_nll(
     """
     encoded, tok = encode_chat(lm, prompts, system), lm.tokenizer
     if len(completions) != len(encoded):
-        raise ValueError(f"{len(completions)} completions for {len(encoded)} prompts")
+        raise SafegeomError(f"{len(completions)} completions for {len(encoded)} prompts")
     end = end_of_turn_id(tok, lm.chat_template)
     end = [end] if end is not None else [tok.eos_token_id] if tok.eos_token_id is not None else []
     tails = [[*tok(c, add_special_tokens=False)["input_ids"], *end] for c in completions]
@@ -238,7 +253,7 @@ def completion_nll(
     counts = torch.tensor([len(t) for t in tails], dtype=torch.long)
     nll = torch.zeros(len(seqs), dtype=torch.float64)
     # logits at the last k = max(count) + 1 positions predict every completion token of the chunk
-    with as_context(intervention):
+    with as_context(intervention, lm):
         for chunk, batch, logits in forward_batches(
             lm.model,
             lm.tokenizer,
@@ -254,6 +269,7 @@ def completion_nll(
             n = counts[chunk].to(lp.device)
             scored = torch.arange(k - 1, device=lp.device)[None] >= (k - 1 - n)[:, None]
             nll[chunk] = -(lp * scored).sum(-1).cpu()
+    check_finite(nll, "completion log-likelihoods")
     return nll, counts
 
 
@@ -309,19 +325,32 @@ def evaluate(
 
     The intervention is entered once around generation and scoring. ``asr`` is ``1 − refusal
     rate`` (meaningful on harmful prompts; on harmless ones ``refusal_rate`` is over-refusal).
+    Empty completions are counted (``n_empty``) and warned about: a judge finds no refusal in
+    them, so they count towards the ASR.
 
     Returns:
-        An :class:`EvalResult` (completions, judgements, scores, metrics, provenance).
+        An :class:`EvalResult` (completions, judgements, scores, metrics, ``n_empty``, and a
+        :class:`~safegeom.artifacts.Provenance` recording the intervention's description).
+
+    Raises:
+        NonFiniteError: NaN or inf logits or scores (a NaN model, an overflowing coefficient).
     """
     prompt_set = load_prompts(prompts)
     judge_obj = get_judge(judge)
     boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     ids = tuple(tokens) if tokens is not None else refusal_tokens(lm.tokenizer)
     common = {"batch_size": batch_size, "system": system, "progress": progress}
-    with as_context(intervention):
+    with as_context(intervention, lm):
         completions = generate(lm, prompt_set, max_new_tokens=max_new_tokens, **common)
         scores = refusal_scores(lm, prompt_set, tokens=ids, **common) if score else None
     refused = judge_obj(prompt_set.prompts, completions)
+    n_empty = sum(1 for c in completions if not c.strip())
+    if n_empty:
+        warnings.warn(
+            f"{n_empty} of {len(completions)} completions are empty; the judge "
+            f"{judge_obj.name!r} finds no refusal in them, so they count towards the ASR",
+            stacklevel=2,
+        )
     metrics = {
         "refusal_rate": judged_metric("refusal_rate", refused, judge_obj.name, **boot),
         "asr": judged_metric("asr", [not r for r in refused], judge_obj.name, **boot),
@@ -332,21 +361,27 @@ def evaluate(
             "mean_refusal_score", scores.numpy(), detail=detail, **boot
         )
     template = lm.chat_template or getattr(lm.tokenizer, "chat_template", None)
-    provenance = {
-        "model": lm.name,
-        "weight_hash": lm.weight_hash,
-        "adapter": lm.adapter,
-        "prompt_set": prompt_set.name,
-        "content_hash": prompt_set.content_hash,
-        "judge": judge_obj.name,
-        "system": system,
-        "max_new_tokens": max_new_tokens,
-        "refusal_tokens": list(ids),
-        "template_hash": text_hash(template if isinstance(template, str) else None),
-        "intervention": describe_intervention(intervention),
-        "version": safegeom.__version__,
-        **(extra_provenance or {}),
-    }
+    settings = {"judge": judge_obj.name, "system": system, "max_new_tokens": max_new_tokens}
+    settings.update(batch_size=batch_size, score=score, **boot)
+    provenance = Provenance(
+        model=lm.name,
+        weight_hash=lm.weight_hash,
+        prompt_sets={prompt_set.name: prompt_set.content_hash},
+        config=settings,
+        extra={
+            "adapter": None if lm.adapter is None else str(lm.adapter),
+            "prompt_set": prompt_set.name,
+            "content_hash": prompt_set.content_hash,
+            "judge": judge_obj.name,
+            "system": system,
+            "max_new_tokens": max_new_tokens,
+            "refusal_tokens": list(ids),
+            "template_hash": sha256_text(template if isinstance(template, str) else None),
+            "intervention": describe_intervention(intervention),
+            "n_empty": n_empty,
+            **(extra_provenance or {}),
+        },
+    )
     return EvalResult(
         prompts=prompt_set.prompts,
         completions=completions,
@@ -355,4 +390,5 @@ def evaluate(
         judge=judge_obj.name,
         metrics=metrics,
         provenance=provenance,
+        n_empty=n_empty,
     )

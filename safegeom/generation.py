@@ -5,8 +5,13 @@
 tokenization, left padding and position ids; it stops at EOS or the template's end-of-turn token.
 Prompts are processed longest first to cut padding; results come back in input order.
 
-``intervention`` (everywhere): a context manager entered around the model calls (e.g. a hook-based
-ablation), or a zero-argument callable returning one.
+``intervention`` (everywhere): an intervention value (:class:`~safegeom.interventions.Ablation`,
+``Addition``, ``AffineEdit``; bound to the model here), one already bound
+(``Ablation(c).on(lm)``), or any context manager entered around the model calls, or a
+zero-argument callable returning one. :func:`describe_intervention` records it in provenance.
+
+Logits are checked: NaN or inf (a NaN model, an overflowing addition coefficient) raises
+:class:`~safegeom.errors.NonFiniteError` instead of being decoded or scored.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from safegeom.errors import ConfigError, NonFiniteError
 from safegeom.models.chat import ChatBatch, EncodedPrompt, collate_left, encode_prompts
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, load_prompts
@@ -29,6 +35,9 @@ from safegeom.prompts import PromptSet, load_prompts
 __all__ = [
     "Intervention",
     "Prompts",
+    "as_context",
+    "check_finite",
+    "describe_intervention",
     "end_of_turn_id",
     "generate",
     "generate_from_ids",
@@ -42,9 +51,30 @@ Prompts = PromptSet | Sequence[str] | str
 _CPU_TOKENS_PER_BATCH = 4096
 
 
-def as_context(intervention: Intervention) -> AbstractContextManager[Any]:
+def _is_value(intervention: Any) -> bool:
+    """An unbound intervention value: it has ``on(lm)``, ``context(lm)`` and ``to_dict()``."""
+    return all(callable(getattr(intervention, a, None)) for a in ("on", "context", "to_dict"))
+
+
+def as_context(
+    intervention: Intervention, lm: LoadedModel | None = None
+) -> AbstractContextManager[Any]:
+    """The context manager to enter around the model calls for ``intervention``.
+
+    An unbound intervention value is bound to ``lm`` (``value.on(lm)``); ``None`` gives a no-op.
+
+    Raises:
+        TypeError: not a context manager, a factory of one, or an intervention value.
+        ConfigError: an unbound intervention value and no ``lm`` to bind it to.
+    """
     if intervention is None:
         return contextlib.nullcontext()
+    if _is_value(intervention):
+        if lm is None:
+            raise ConfigError(
+                f"{type(intervention).__name__} is not bound to a model: pass .on(lm)"
+            )
+        return intervention.on(lm)  # type: ignore[union-attr]
     if hasattr(intervention, "__enter__") and hasattr(intervention, "__exit__"):
         return intervention  # type: ignore[return-value]
     if callable(intervention):
@@ -54,12 +84,31 @@ def as_context(intervention: Intervention) -> AbstractContextManager[Any]:
     raise TypeError("intervention must be a context manager or a callable returning one")
 
 
-def describe_intervention(intervention: Intervention) -> str | None:
-    """A stable description of an intervention for provenance (its ``name`` or type name)."""
+def describe_intervention(intervention: Intervention) -> dict[str, Any] | None:
+    """What an intervention does, for provenance (JSON-ready).
+
+    Returns:
+        ``None`` for no intervention; the value's ``to_dict()`` for an intervention value or a
+        bound handle; ``{"kind": "custom", "repr": ...}`` for any other context manager or callable
+        (its ``name``, its qualified name, or its type's qualified name: stable across runs).
+    """
     if intervention is None:
         return None
+    to_dict = getattr(intervention, "to_dict", None)
+    if callable(to_dict):
+        return dict(to_dict())
     name = getattr(intervention, "name", None) or getattr(intervention, "__qualname__", None)
-    return str(name or type(intervention).__qualname__)
+    return {"kind": "custom", "repr": str(name or type(intervention).__qualname__)}
+
+
+def check_finite(values: Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` when ``values`` holds NaN or inf."""
+    if not bool(torch.isfinite(values).all()):
+        kind = "NaN" if bool(torch.isnan(values).any()) else "inf"
+        raise NonFiniteError(
+            f"{what} contain {kind}: the model's weights or the intervention (an addition "
+            "coefficient that overflows, --coeff nan) make the forward pass non-finite"
+        )
 
 
 def encode_chat(lm: LoadedModel, prompts: Prompts, system: str | None) -> list[EncodedPrompt]:
@@ -91,7 +140,7 @@ def _accepts_keep(model: nn.Module) -> bool:
 def _batch_size(model: nn.Module, max_len: int, batch_size: int | None) -> int:
     if batch_size is not None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         return batch_size
     device = _device(model)
     if device.type != "cuda":
@@ -159,6 +208,7 @@ def _greedy(
             **keep,
         )
         past = result.past_key_values
+        check_finite(result.logits[:, -1], "generation logits")
         nxt = result.logits[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out.append(nxt)
@@ -187,7 +237,7 @@ def generate_from_ids(
         (default :func:`stop_token_ids`), special tokens skipped.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     pad_id = _pad_id(tokenizer)
     stops = list(stop_ids) if stop_ids is not None else list(stop_token_ids(tokenizer, model))
     device = _device(model)
@@ -225,7 +275,7 @@ def generate(
     """
     encoded = encode_chat(lm, prompts, system)
     stops = stop_token_ids(lm.tokenizer, lm.base, lm.chat_template)
-    with as_context(intervention):
+    with as_context(intervention, lm):
         return generate_from_ids(
             lm.model,
             lm.tokenizer,
@@ -267,6 +317,7 @@ def forward_batches(
                 use_cache=False,
                 **({"logits_to_keep": k} if supports else {}),
             ).logits[:, -k:]
+        check_finite(logits, f"{desc} logits")
         yield chunk, batch, logits
         bar.update(len(chunk))
     bar.close()

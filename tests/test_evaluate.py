@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegeom.bootstrap import EvalResult
 from safegeom.cli import main
 from safegeom.evaluate import (
     DEFAULT_REFUSAL_PREFIXES,
@@ -27,6 +26,7 @@ from safegeom.evaluate import (
     stop_token_ids,
 )
 from safegeom.models import LoadedModel, encode_prompts, load_model
+from safegeom.results import EvalResult
 from tests.tiny_models import build_checkpoint
 
 PROMPTS = (
@@ -243,7 +243,10 @@ def test_evaluate_with_intervention_and_judge(lm: LoadedModel) -> None:
     )
     assert result.completions == ("I'm sorry",) * 3
     assert (result.refusal_rate.value, result.asr.value, result.judge) == (1.0, 0.0, "xstest")
-    assert result.provenance["intervention"] == "_GeneratorContextManager"
+    assert result.provenance["intervention"] == {
+        "kind": "custom",
+        "repr": "_GeneratorContextManager",
+    }
     unscored = evaluate(lm, PROMPTS[:1], score=False, max_new_tokens=2, progress=False)
     assert unscored.scores is None and unscored.mean_refusal_score is None
     assert EvalResult.from_dict(unscored.to_dict()) == unscored

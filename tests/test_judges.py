@@ -19,14 +19,13 @@ from safegeom.judges import (
     SubstringJudge,
     XSTestJudge,
     attack_success_rate,
-    exact_match,
-    extract_answer,
     get_judge,
     over_refusal,
     parse_guard,
     refusal_rate,
     task_accuracy,
 )
+from safegeom.scoring import exact_match, extract_answer
 from tests.tiny_models import LLAMA3_STYLE, build_checkpoint, build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from safegeom.bootstrap import EvalResult, Metric
+from safegeom.bootstrap import Metric
+from safegeom.results import EvalResult
 from safegeom.cli import CliError
 from safegeom.cli.common import (
     add_model_args,

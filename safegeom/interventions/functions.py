@@ -1,4 +1,7 @@
-"""Interventions on the residual stream, as context managers over hooks that always clean up.
+"""Intervention functions on the residual stream: context managers over hooks that always clean up.
+
+The everyday spelling is the values of :mod:`safegeom.interventions.values` (``Ablation``,
+``Addition``, ``AffineEdit``); these functions are their implementation.
 
 - :func:`ablate`: directional or subspace ablation ``h ← h − B Bᵀ h`` at every block input and
   every attention and MLP output (Arditi et al. 2024), or at chosen layers;
@@ -20,6 +23,7 @@ prompt forward pass only), or ``instruction`` (the prompt pass, all positions be
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -28,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from safegeom.errors import ConfigError, NonFiniteError, SafegeomError
 from safegeom.hooks import Hook, attach, site_hook_point
 from safegeom.models.chat import encode_prompts
 from safegeom.models.layout import resolve
@@ -53,22 +58,23 @@ def as_basis(vectors: Tensor, d_model: int) -> Float[Tensor, "d k"]:
     """An orthonormal ``[d, k]`` basis (float32) of a direction ``[d]`` or vectors ``[d, k]``/``[k, d]``.
 
     Raises:
-        ValueError: a hidden-size mismatch, a zero vector, or NaN/inf.
+        SafegeomError: a hidden-size mismatch or a zero vector.
+        NonFiniteError: NaN or inf.
     """
     v = torch.as_tensor(vectors).detach().to(torch.float64)
     shape = tuple(v.shape)
     if v.dim() == 1:
         v = v[:, None]
     if v.dim() != 2 or d_model not in v.shape:
-        raise ValueError(
+        raise SafegeomError(
             f"hidden-size mismatch: carrier has shape {shape}, the model's hidden size is {d_model}"
         )
     if v.shape[0] != d_model:
         v = v.T
     if not torch.isfinite(v).all():
-        raise ValueError("carrier contains NaN or inf")
+        raise NonFiniteError("carrier contains NaN or inf")
     if bool((v.norm(dim=0) == 0).any()):
-        raise ValueError("cannot ablate a zero vector")
+        raise SafegeomError("cannot ablate a zero vector")
     q, _ = torch.linalg.qr(v)
     return q
 
@@ -84,17 +90,20 @@ def _project_out(basis: Tensor):
 @contextmanager
 def ablate(
     lm: LoadedModel,
-    carrier: Tensor,
+    vectors: Tensor,
     *,
     layers: str | Sequence[int] | None = "all",
     sites: Sequence[str] = ABLATION_SITES,
 ) -> Iterator[None]:
-    """Project ``carrier`` (a direction ``[d]`` or basis ``[d, k]``) out of the residual stream.
+    """Project ``vectors`` (a direction ``[d]`` or basis ``[d, k]``) out of the residual stream.
 
     By default at every block input and every attention and MLP output, so no layer can write the
     direction back. The model is unchanged after the block.
+
+    Yields:
+        Nothing; the hooks are attached for the block and removed after it, even on an error.
     """
-    basis = as_basis(carrier, lm.d_model).to(lm.device)
+    basis = as_basis(vectors, lm.d_model).to(lm.device)
     fn = _project_out(basis)
     hooks = [
         Hook(*site_hook_point(lm, site, layer), fn)
@@ -112,7 +121,7 @@ def _n_post(lm: LoadedModel) -> int:
 def _position_mask(positions: Positions, n_post: int):
     """A function hidden → multiplier mask ``[1, seq, 1]`` (or None for 'apply everywhere')."""
     if positions not in ("all", "prompt", "instruction"):
-        raise ValueError(f"unknown positions {positions!r}: use all, prompt or instruction")
+        raise ConfigError(f"unknown positions {positions!r}: use all, prompt or instruction")
 
     def mask(hidden: Tensor) -> Tensor | None:
         seq = hidden.shape[1]
@@ -142,7 +151,15 @@ def add(
     """Add ``coeff · vector`` (unnormalised) to ``site`` at ``layers`` for the duration of the block.
 
     ``coeff=+1`` with a refusal direction induces refusal; ``-1`` bypasses it (Arditi et al.).
+
+    Yields:
+        Nothing; the hooks are attached for the block and removed after it, even on an error.
+
+    Raises:
+        NonFiniteError: ``coeff`` or the vector is NaN or infinite.
     """
+    if not math.isfinite(float(coeff)):
+        raise NonFiniteError(f"addition coefficient (--coeff) must be finite, got {coeff}")
     v = _check_vector(vector, lm.d_model).to(lm.device)
     mask = _position_mask(positions, _n_post(lm) if positions == "instruction" else 0)
 
@@ -173,14 +190,23 @@ def affine_edit(
     ``reference_mean`` (μ) is the mean activation of harmless prompts at the same site and layer
     (one vector ``[d]`` for all layers, or ``[n_layers_selected, d]``). ``alpha`` is in units of
     the residual norm along r̂: 0 gives every prompt the reference's refusal coordinate.
+
+    Yields:
+        Nothing; the hooks are attached for the block and removed after it, even on an error.
+
+    Raises:
+        SafegeomError: ``reference_mean`` has the wrong shape.
+        NonFiniteError: ``alpha`` is NaN or infinite.
     """
+    if not math.isfinite(float(alpha)):
+        raise NonFiniteError(f"affine-edit alpha (--coeff) must be finite, got {alpha}")
     r = _check_vector(direction, lm.d_model).to(lm.device, torch.float32)
     r = r / r.norm()
     layer_ids = parse_layers(layers, lm.n_layers)
     mu = torch.as_tensor(reference_mean).to(lm.device, torch.float32)
     mu = mu.expand(len(layer_ids), lm.d_model) if mu.dim() == 1 else mu
     if mu.shape != (len(layer_ids), lm.d_model):
-        raise ValueError(
+        raise SafegeomError(
             f"reference_mean must be [d] or [{len(layer_ids)}, d], got {tuple(mu.shape)}"
         )
 
@@ -200,12 +226,12 @@ def affine_edit(
 def _check_vector(vector: Tensor, d_model: int) -> Tensor:
     v = torch.as_tensor(vector).detach().float()
     if v.shape != (d_model,):
-        raise ValueError(
+        raise SafegeomError(
             f"hidden-size mismatch: vector has shape {tuple(v.shape)}, the model's hidden size "
             f"is {d_model}"
         )
     if not torch.isfinite(v).all():
-        raise ValueError("vector contains NaN or inf")
+        raise NonFiniteError("vector contains NaN or inf")
     return v
 
 
@@ -268,9 +294,9 @@ def add_rows(
 
 
 def orthogonalize_weights(
-    lm: LoadedModel, carrier: Tensor, *, allow_inexact: bool = False
+    lm: LoadedModel, vectors: Tensor, *, allow_inexact: bool = False
 ) -> LoadedModel:
-    """Return an edited *copy* whose weights never write ``carrier`` into the residual stream.
+    """Return an edited *copy* whose weights never write ``vectors`` into the residual stream.
 
     ``W ← W − r̂ r̂ᵀ W`` on every attention-out and MLP-down projection (and their biases), and
     ``E ← E − E r̂ r̂ᵀ`` on the token (and position) embeddings; for a basis ``[d, k]`` the
@@ -278,18 +304,18 @@ def orthogonalize_weights(
     and MLP output, and saves with ``copy.model.save_pretrained(dir)`` as a normal checkpoint.
 
     Raises:
-        ValueError: the architecture normalises sub-layer outputs before the residual add (Gemma
+        SafegeomError: the architecture normalises sub-layer outputs before the residual add (Gemma
             2/3), where the edit is not equal to hook ablation, unless ``allow_inexact=True``; or
             the model still carries an unmerged PEFT adapter.
     """
     if lm.layout.post_norm and not allow_inexact:
-        raise ValueError(
+        raise SafegeomError(
             f"{lm.model_type} normalises sub-layer outputs before the residual add, so weight "
             "orthogonalisation is not equal to hook ablation; pass allow_inexact=True to edit anyway"
         )
     if lm.adapter and not lm.merged:
-        raise ValueError("merge the PEFT adapter first: load_model(..., merge_adapter=True)")
-    basis = as_basis(carrier, lm.d_model)
+        raise SafegeomError("merge the PEFT adapter first: load_model(..., merge_adapter=True)")
+    basis = as_basis(vectors, lm.d_model)
     model = copy.deepcopy(lm.model)
     edited = LoadedModel(
         model=model, tokenizer=lm.tokenizer, name=f"{lm.name}+orthogonalized",

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from safegeom.judges import exact_match as judged_exact_match
-from safegeom.judges import extract_answer
+from safegeom.scoring import exact_match as judged_exact_match
+from safegeom.scoring import extract_answer
 from safegeom.prompts import PromptSet, load_prompts
 
 __all__ = [
