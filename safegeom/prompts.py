@@ -5,7 +5,7 @@ hashable value holding the instruction texts and, where the data has them, align
 completions and categories. :func:`load_prompts` turns a *spec* into one:
 
 - a bundled name, optionally with a split: ``"advbench"``, ``"advbench:test"``, ``"gsm8k:train"``;
-- a path to a user ``.csv``, ``.json`` or ``.jsonl`` file (``column=`` picks the prompt field);
+- a path to a user ``.csv``, ``.json`` or ``.jsonl`` file (``column=``, ``--column``, picks the prompt field);
 - a list of strings (named ``"inline"``) or an existing :class:`PromptSet` (returned unchanged).
 
 Bundled sets (files under ``safegeom/data/``, see its README for provenance and licences):
@@ -58,41 +58,32 @@ gsm8k           1319   1000  659   660
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
+from safegeom.bundled import (
+    _BUNDLED_SPECS,
+    BUNDLED,
+    DATA_DIR,
+    SPLITS,
+    _bundled_rows,
+    _check_name,
+    _digest,
+    _split_indices,
+)
+from safegeom.errors import NotFoundError, SafegeomError
 from safegeom.records import (
     SUFFIXES,
     column_names,
     find_column,
-    read_records,
     read_records_cached,
     text_field,
 )
 
-__all__ = ["BUNDLED", "SPLITS", "PromptSet", "load_prompts", "split_counts"]
-
-BUNDLED: tuple[str, ...] = (
-    "advbench",
-    "jbb-harmful",
-    "jbb-benign",
-    "xstest-safe",
-    "xstest-unsafe",
-    "directharm4",
-    "alpaca",
-    "gsm8k",
-)
-"""Names of the bundled prompt sets accepted by :func:`load_prompts`."""
-
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-"""Split names accepted after a colon in a bundled spec (``"advbench:test"``)."""
-
-DATA_DIR: Path = Path(__file__).resolve().parent / "data"
-"""Directory of the bundled data files (shipped as package data)."""
+__all__ = ["BUNDLED", "DATA_DIR", "SPLITS", "PromptSet", "load_prompts", "split_counts"]
 
 DEFAULT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "goal", "question")
 """Prompt fields tried, in order and case-insensitively, when a user file is loaded without ``column``."""
@@ -128,7 +119,7 @@ class PromptSet:
         """Coerce sequences to tuples and check that aligned fields have matching lengths."""
         object.__setattr__(self, "prompts", tuple(self.prompts))
         if not all(isinstance(p, str) for p in self.prompts):
-            raise ValueError(f"prompt set {self.name!r}: every prompt must be a str")
+            raise SafegeomError(f"prompt set {self.name!r}: every prompt must be a str")
         for field in ("completions", "categories"):
             values = getattr(self, field)
             if values is None:
@@ -136,12 +127,12 @@ class PromptSet:
             values = tuple(values)
             object.__setattr__(self, field, values)
             if len(values) != len(self.prompts):
-                raise ValueError(
+                raise SafegeomError(
                     f"prompt set {self.name!r}: {len(values)} {field} for "
                     f"{len(self.prompts)} prompts; they must be aligned"
                 )
         if self.split is not None and self.split not in SPLITS:
-            raise ValueError(f"unknown split {self.split!r}; use one of {', '.join(SPLITS)}")
+            raise SafegeomError(f"unknown split {self.split!r}; use one of {', '.join(SPLITS)}")
 
     def __len__(self) -> int:
         """Return the number of prompts."""
@@ -179,7 +170,7 @@ class PromptSet:
     def take(self, n: int) -> PromptSet:
         """Return a :class:`PromptSet` of the first ``n`` prompts (all of them if fewer)."""
         if n < 0:
-            raise ValueError(f"take(n) needs n >= 0, got {n}")
+            raise SafegeomError(f"take(n) needs n >= 0, got {n}")
         return self.select(range(min(n, len(self))))
 
     def sample(self, n: int, seed: int = 0) -> PromptSet:
@@ -189,7 +180,7 @@ class PromptSet:
         the result depends only on ``seed`` and the content, never on numpy or ``random``.
         """
         if not 0 <= n <= len(self):
-            raise ValueError(
+            raise SafegeomError(
                 f"sample(n) needs 0 <= n <= {len(self)} (size of {self.name!r}), got {n}"
             )
         ranked = sorted(
@@ -225,16 +216,16 @@ def load_prompts(
         column: For files, the prompt field (case-insensitive). Default: the first of ``prompt``,
             ``instruction``, ``goal``, ``question`` present.
         completion_column: For files, an optional field of reference completions.
-        n: If given, keep only the first ``n`` prompts.
+        n: If given, keep only the first ``n`` prompts (``--limit`` on the command line).
 
     Returns:
         The :class:`PromptSet`; its prompts are never empty.
 
     Raises:
-        ValueError: unknown name or split, missing file or column, unsupported extension, empty set.
+        SafegeomError: unknown name or split (NotFoundError), missing file or column, unsupported extension, empty set.
     """
     if n is not None and n < 1:
-        raise ValueError(f"n must be a positive number of prompts, got {n}")
+        raise SafegeomError(f"n (--limit) must be a positive number of prompts, got {n}")
     if isinstance(spec, PromptSet):
         result = spec
     elif isinstance(spec, (str, Path)):
@@ -242,12 +233,12 @@ def load_prompts(
     elif isinstance(spec, Sequence) and all(isinstance(p, str) for p in spec):
         result = PromptSet(name="inline", prompts=tuple(spec), source="inline")
     else:
-        raise ValueError(
+        raise SafegeomError(
             f"cannot load prompts from {type(spec).__name__}; pass a bundled name, a file path, "
             "a list of strings or a PromptSet"
         )
     if len(result) == 0:
-        raise ValueError(f"prompt set {result.name!r} is empty; give at least one prompt")
+        raise SafegeomError(f"prompt set {result.name!r} is empty; give at least one prompt")
     return result if n is None else result.take(n)
 
 
@@ -264,47 +255,6 @@ def split_counts(name: str) -> dict[str, int]:
     return {split: len(_split_indices(name, split)) for split in SPLITS}
 
 
-# --- bundled sets -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Bundled:
-    """How to read one bundled set: file(s), fields and an optional row filter."""
-
-    file: str
-    prompt: str
-    completion: str | None = None
-    category: str | None = None
-    where: tuple[str, str] | None = None  # (field, value) rows must match
-    train_file: str | None = None  # separate train pool (gsm8k)
-
-
-_BUNDLED_SPECS: dict[str, _Bundled] = {
-    "advbench": _Bundled("advbench/harmful_behaviors.csv", "goal", completion="target"),
-    "jbb-harmful": _Bundled(
-        "jailbreakbench/harmful-behaviors.csv", "Goal", completion="Target", category="Category"
-    ),
-    "jbb-benign": _Bundled(
-        "jailbreakbench/benign-behaviors.csv", "Goal", completion="Target", category="Category"
-    ),
-    "xstest-safe": _Bundled(
-        "xstest/xstest_prompts.csv", "prompt", category="type", where=("label", "safe")
-    ),
-    "xstest-unsafe": _Bundled(
-        "xstest/xstest_prompts.csv", "prompt", category="type", where=("label", "unsafe")
-    ),
-    "directharm4": _Bundled("directharm4/directharm4.jsonl", "instruction", category="category"),
-    "alpaca": _Bundled("alpaca/alpaca.json", "instruction"),
-    "gsm8k": _Bundled(
-        "gsm8k/test.jsonl",
-        "question",
-        completion="answer",
-        train_file="gsm8k/train_first1000.jsonl",
-    ),
-}
-assert tuple(_BUNDLED_SPECS) == BUNDLED
-
-
 def _load_spec(spec: str, *, column: str | None, completion_column: str | None) -> PromptSet:
     """Resolve a string spec to a bundled set (with optional split) or a user file."""
     base, sep, split = spec.partition(":")
@@ -312,64 +262,17 @@ def _load_spec(spec: str, *, column: str | None, completion_column: str | None) 
         if not sep:
             return _load_bundled(base, None)
         if split not in SPLITS:
-            raise ValueError(
+            raise NotFoundError(
                 f"unknown split {split!r} in {spec!r}; use {base}:train, {base}:val or {base}:test"
             )
         return _load_bundled(base, split)
     path = Path(spec).expanduser()
     if path.suffix.lower() in SUFFIXES or path.exists() or "/" in spec or "\\" in spec:
         return _load_file(path, column=column, completion_column=completion_column)
-    raise ValueError(
+    raise NotFoundError(
         f"unknown prompt set {spec!r}; known names: {', '.join(BUNDLED)} "
         "(optionally :train/:val/:test), or give a path to a .csv/.json/.jsonl file"
     )
-
-
-def _check_name(name: str) -> None:
-    """Raise ValueError unless ``name`` is a bundled set name."""
-    if name not in BUNDLED:
-        raise ValueError(f"unknown bundled prompt set {name!r}; known names: {', '.join(BUNDLED)}")
-
-
-@functools.cache
-def _bundled_rows(name: str, train: bool = False) -> tuple[tuple[str, str | None, str | None], ...]:
-    """Return the (prompt, completion, category) rows of a bundled set, in file order (cached)."""
-    spec = _BUNDLED_SPECS[name]
-    rel = spec.train_file if train and spec.train_file else spec.file
-    records = read_records(DATA_DIR / rel)
-    if spec.where is not None:
-        key, value = spec.where
-        records = tuple(r for r in records if r.get(key) == value)
-    return tuple(
-        (
-            text_field(r, spec.prompt, rel, i),
-            text_field(r, spec.completion, rel, i) if spec.completion else None,
-            text_field(r, spec.category, rel, i) if spec.category else None,
-        )
-        for i, r in enumerate(records)
-    )
-
-
-@functools.cache
-def _split_indices(name: str, split: str) -> tuple[int, ...]:
-    """Return the row indices of ``split`` of bundled set ``name``, in hash order (cached)."""
-    spec = _BUNDLED_SPECS[name]
-    if spec.train_file is not None and split == "train":
-        return tuple(range(len(_bundled_rows(name, train=True))))
-    rows = _bundled_rows(name)
-    order = sorted(range(len(rows)), key=lambda i: (_digest(f"{name}\x00{rows[i][0]}"), i))
-    n = len(order)
-    if spec.train_file is not None:  # pool is val + test only: half each
-        bounds = {"val": (0, n // 2), "test": (n // 2, n)}
-    else:
-        n_train, n_val = n * 3 // 5, n // 5
-        bounds = {
-            "train": (0, n_train),
-            "val": (n_train, n_train + n_val),
-            "test": (n_train + n_val, n),
-        }
-    lo, hi = bounds[split]
-    return tuple(order[lo:hi])
 
 
 def _load_bundled(name: str, split: str | None) -> PromptSet:
@@ -396,16 +299,16 @@ def _load_bundled(name: str, split: str | None) -> PromptSet:
 def _load_file(path: Path, *, column: str | None, completion_column: str | None) -> PromptSet:
     """Load a user CSV/JSON/JSONL file into a PromptSet."""
     if path.suffix.lower() not in SUFFIXES:
-        raise ValueError(
+        raise SafegeomError(
             f"unsupported prompt file type {path.suffix or '(none)'!r} for {str(path)!r}; "
             "use .csv, .json or .jsonl"
         )
     if not path.is_file():
-        raise ValueError(f"prompt file {str(path)!r} does not exist")
+        raise NotFoundError(f"prompt file {str(path)!r} does not exist")
     stat = path.stat()
     records = read_records_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if not records:
-        raise ValueError(f"prompt file {str(path)!r} is empty; give at least one prompt")
+        raise SafegeomError(f"prompt file {str(path)!r} is empty; give at least one prompt")
     names = column_names(records)
     prompt_col = find_column(names, column, DEFAULT_COLUMNS, path, option="column")
     comp_col = (
@@ -431,11 +334,6 @@ def _load_file(path: Path, *, column: str | None, completion_column: str | None)
 def _pick(values: tuple[str, ...] | None, indices: Sequence[int]) -> tuple[str, ...] | None:
     """Return ``values`` restricted to ``indices``, or None if there are none."""
     return None if values is None else tuple(values[i] for i in indices)
-
-
-def _digest(text: str) -> str:
-    """Return the sha256 hex digest of ``text`` encoded as UTF-8."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _hash_texts(h: hashlib._Hash, label: bytes, texts: Sequence[str]) -> None:

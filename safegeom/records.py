@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from safegeom.errors import NotFoundError, SafegeomError
 
 __all__ = [
     "SUFFIXES",
@@ -35,19 +38,28 @@ def read_records(path: Path) -> tuple[Record, ...]:
     A JSON/JSONL item that is a bare string becomes ``{"prompt": item}``.
     """
     suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SafegeomError(
+            f"prompt file {str(path)!r} is not UTF-8 text (byte {err.start} is "
+            f"{err.object[err.start : err.start + 1]!r}); re-save it as UTF-8"
+        ) from None
+    except FileNotFoundError:
+        raise NotFoundError(f"prompt file {str(path)!r} does not exist") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return tuple(dict(row) for row in csv.DictReader(f))
-    with path.open(encoding="utf-8") as f:
-        try:
-            if suffix == ".jsonl":
-                items = [json.loads(line) for line in f if line.strip()]
-            else:
-                items = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"cannot parse {str(path)!r} as {suffix[1:].upper()}: {err}") from err
+        return _read_csv(text, path)
+    try:
+        if suffix == ".jsonl":
+            items = [json.loads(line) for line in text.split("\n") if line.strip()]
+        else:
+            items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SafegeomError(f"cannot parse {str(path)!r} as {suffix[1:].upper()}: {err}") from None
     if suffix == ".json" and not isinstance(items, list):
-        raise ValueError(f"{str(path)!r} must hold a JSON array of objects or strings")
+        raise SafegeomError(f"{str(path)!r} must hold a JSON array of objects or strings")
     records: list[Record] = []
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -55,10 +67,60 @@ def read_records(path: Path) -> tuple[Record, ...]:
         elif isinstance(item, dict):
             records.append(item)
         else:
-            raise ValueError(
+            raise SafegeomError(
                 f"{str(path)!r} item {i} is {type(item).__name__}; expected an object or a string"
             )
     return tuple(records)
+
+
+def _read_csv(text: str, path: Path) -> tuple[Record, ...]:
+    """Parse CSV ``text`` into records, refusing an unterminated quote.
+
+    An unterminated quote makes ``csv`` read every following line into one field, so rows merge
+    into one prompt without a word. It is caught two ways: ``csv`` reaching the end of the file
+    inside a quoted field (``strict`` mode), and a field holding a line break followed by a line
+    that would have parsed as a row of the same width on its own.
+
+    Raises:
+        SafegeomError: a quote is not closed; the message names the file and the row.
+    """
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    rows: list[Record] = []
+    line_of_row = 2
+    try:
+        for row in reader:
+            rows.append(dict(row))
+            line_of_row = reader.line_num + 1
+    except csv.Error as err:
+        start = line_of_row
+        raise SafegeomError(
+            f"{str(path)!r} row {len(rows)} (from line {start}): {err}; "
+            'a quote (") is not closed, so the rows after it would merge into one prompt'
+        ) from None
+    width = len(reader.fieldnames or ())
+    for i, row in enumerate(rows):
+        for value in row.values():
+            if not isinstance(value, str) or "\n" not in value:
+                continue
+            after = value.split("\n", 1)[1].splitlines()
+            if any(_looks_like_row(line, width) for line in after if line.strip()):
+                raise SafegeomError(
+                    f"{str(path)!r} row {i}: a quoted field runs over {len(after) + 1} lines that "
+                    f'look like rows of their own; close the quote (") it opens, or double '
+                    "the quotes inside it"
+                )
+    return tuple(rows)
+
+
+def _looks_like_row(line: str, width: int) -> bool:
+    """Whether ``line`` alone parses as a CSV row of ``width`` fields with balanced quotes."""
+    if width < 2 or line.count('"') % 2:
+        return False
+    try:
+        parsed = next(csv.reader([line], strict=True))
+    except (csv.Error, StopIteration):
+        return False
+    return len(parsed) == width
 
 
 def column_names(records: Sequence[Record]) -> list[str]:
@@ -81,15 +143,18 @@ def find_column(
         if folded:
             return folded[0]
     asked = f"no column {wanted!r}" if wanted is not None else f"none of {', '.join(defaults)}"
-    raise ValueError(
+    raise SafegeomError(
         f"{str(path)!r} has {asked}; its columns are {', '.join(map(repr, names)) or '(none)'}; "
-        f"pick one with the {option}= option"
+        f"pick one with {_FLAGS.get(option, f'the {option}= option')}"
     )
 
 
+_FLAGS = {"column": "--column (column= in Python)"}
+
+
 def text_field(record: Record, key: str, where: str, i: int) -> str:
-    """Return ``record[key]`` as a non-empty str, or raise a ValueError naming the row."""
+    """Return ``record[key]`` as a non-empty str, or raise a SafegeomError naming the row."""
     value = record.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where!r} row {i}: column {key!r} is missing or empty")
+        raise SafegeomError(f"{where!r} row {i}: column {key!r} is missing or empty")
     return value

@@ -380,7 +380,7 @@ def test_missing_column(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError,
         match=r"has none of prompt, instruction, goal, question; its "
-        r"columns are 'text', 'label'; pick one with the column= option",
+        r"columns are 'text', 'label'; pick one with --column \(column= in Python\)",
     ):
         load_prompts(str(p))
     with pytest.raises(ValueError, match=r"no column 'body'; its columns are 'text', 'label'"):
@@ -400,7 +400,9 @@ def test_empty_sets(tmp_path: Path) -> None:
     j.write_text("\n", encoding="utf-8")
     with pytest.raises(ValueError, match="is empty"):
         load_prompts(str(j))
-    with pytest.raises(ValueError, match="n must be a positive number of prompts, got 0"):
+    with pytest.raises(
+        ValueError, match=r"n \(--limit\) must be a positive number of prompts, got 0"
+    ):
         load_prompts("advbench", n=0)
 
 
