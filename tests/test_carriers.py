@@ -97,7 +97,12 @@ def test_selection_filters_and_roundtrip(checkpoints: dict[str, Path], tmp_path:
 
 def test_carrier_bad_inputs(tmp_path: Path) -> None:
     c = Carrier(
-        vectors=torch.randn(16), kind="refusal", method="dim", provenance={"weight_hash": "abc"}
+        vectors=torch.randn(16),
+        kind="refusal",
+        method="dim",
+        layer=0,
+        position="t_post[-1]",
+        provenance={"weight_hash": "abc"},
     )
     assert c.k == 1 and c.d_model == 16 and torch.allclose(c.unit.norm(), torch.tensor(1.0))
     path = c.save(tmp_path / "c")
@@ -110,7 +115,7 @@ def test_carrier_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no carrier at"):
         load_carrier(tmp_path / "missing")
     with pytest.raises(ValueError, match="finite and non-zero"):
-        Carrier(vectors=torch.zeros(4), kind="refusal", method="dim")
+        Carrier(vectors=torch.zeros(4), kind="refusal", method="dim", layer=0, position="t_inst")
     with pytest.raises(ValueError, match="prompt set 'inline' is empty"):
         dim_candidates(load_model_tiny(tmp_path), [], HARMLESS, progress=False)
 

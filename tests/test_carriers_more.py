@@ -100,7 +100,9 @@ def test_harmfulness_equals_output_hidden_states(checkpoints, arch: str) -> None
 
 def test_harmfulness_layer_defaults(lm, dim, tmp_path) -> None:
     assert harmfulness_direction(lm, HARMFUL, HARMLESS).layer == lm.n_layers // 2
-    refusal = Carrier(vectors=dim.vectors, kind="refusal", method="dim", layer=2)
+    refusal = Carrier(
+        vectors=dim.vectors, kind="refusal", method="dim", layer=2, position="t_post[-1]"
+    )
     assert harmfulness_direction(lm, HARMFUL, HARMLESS, refusal=refusal).layer == 2
     carrier = harmfulness_direction(lm, HARMFUL, HARMLESS, layer=-1, refusal=refusal)
     assert carrier.layer == lm.n_layers - 1
@@ -262,7 +264,9 @@ def test_rdo_scores_and_bad_inputs(lm, dim, targets) -> None:
     assert all(np.isfinite(scored.scores[k]) for k in ("bypass_0", "induce_0", "kl_0"))
     with pytest.raises(ValueError, match="steps must be at least 1"):
         rdo_direction(lm, HARMFUL, HARMLESS, dim, steps=0, targets=targets, progress=False)
-    small = Carrier(vectors=torch.ones(16), kind="refusal", method="dim")
+    small = Carrier(
+        vectors=torch.ones(16), kind="refusal", method="dim", layer=0, position="t_post[-1]"
+    )
     with pytest.raises(ValueError, match="hidden-size mismatch"):
         rdo_direction(lm, HARMFUL, HARMLESS, small, steps=1, targets=targets, progress=False)
     with pytest.raises(ValueError, match="cone dimension k must be between 1 and 32, got 0"):
@@ -280,8 +284,12 @@ def test_admissible_excludes_high_kl(lm, tmp_path) -> None:
     mean_state = acts["resid_pre"][:, 0, 0].mean(0)  # the states lie along it: ablation hurts
     gen = torch.Generator().manual_seed(0)
     random_dir = torch.randn(lm.d_model, generator=gen)
-    big = Carrier(vectors=100 * mean_state, kind="refusal", method="dim", layer=1)
-    small = Carrier(vectors=random_dir, kind="refusal", method="dim", layer=1)
+    big = Carrier(
+        vectors=100 * mean_state, kind="refusal", method="dim", layer=1, position="t_post[-1]"
+    )
+    small = Carrier(
+        vectors=random_dir, kind="refusal", method="dim", layer=1, position="t_post[-1]"
+    )
     table = admissibility_table(lm, [big, small], HARMFUL, HARMLESS)
     kl_big, kl_small = table["kl"].tolist()
     assert kl_big > 2 * kl_small
@@ -319,7 +327,13 @@ def test_admissible_subspaces_and_dim_candidates(lm) -> None:
 def test_effective_rank_of_carriers() -> None:
     r = torch.randn(32)
     assert carrier_effective_rank(torch.stack([r, 2 * r, -r])) == pytest.approx(1.0)
-    basis = Carrier(vectors=torch.eye(32)[:3], kind="refusal", method="cone-cheap")
+    basis = Carrier(
+        vectors=torch.eye(32)[:3],
+        kind="refusal",
+        method="cone-cheap",
+        layer=0,
+        position="t_post[-1]",
+    )
     assert carrier_effective_rank(basis) == pytest.approx(3.0)
     assert carrier_effective_rank(r) == pytest.approx(1.0)
 
@@ -334,7 +348,9 @@ def test_bad_inputs_raise(lm) -> None:
         harmfulness_direction(lm, HARMFUL, HARMLESS, layer=7)
     with pytest.raises(ValueError, match="layer -4 out of range"):
         cheap_cone(lm, HARMFUL, HARMLESS, layer=-4, score=False)
-    small = Carrier(vectors=torch.ones(16), kind="refusal", method="dim", layer=1)
+    small = Carrier(
+        vectors=torch.ones(16), kind="refusal", method="dim", layer=1, position="t_post[-1]"
+    )
     with pytest.raises(ValueError, match="hidden-size mismatch: the carrier has d=16"):
         harmfulness_direction(lm, HARMFUL, HARMLESS, refusal=small)
     with pytest.raises(ValueError, match="hidden-size mismatch"):

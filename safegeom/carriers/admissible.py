@@ -32,7 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.harmfulness import Prompts
+from safegeom.carriers.common import Prompts
 from safegeom.carriers.refusal import dim_candidates
 from safegeom.carriers.scoring import last_logprobs, refusal_log_odds, score_candidates
 from safegeom.evaluate import refusal_token_ids
@@ -98,7 +98,7 @@ def dim_layer_candidates(
             method="dim",
             layer=layer,
             position=label,
-            provenance={**cands.provenance, "system": system},
+            provenance=cands.provenance.with_extra(system=system),
         )
         for j, layer in enumerate(cands.layers)
         if bool(cands.vectors[0, j].norm() > 0)

@@ -1,28 +1,31 @@
 """The :class:`Carrier` value: a direction or orthonormal basis with where and how it was found.
 
-On disk a carrier is ``NAME.safetensors`` (the vectors, plus the unnormalised direction where
-there is one) and ``NAME.json`` (site, layer, position, method, scores, provenance). Loading
-checks the hidden size against a model and warns when the model's weight hash differs.
+On disk a carrier is ``NAME.safetensors`` (the vectors; its header holds the metadata: site,
+layer, position, method, scores, provenance) and a ``NAME.json`` sidecar with the same metadata
+for people to read. Loading reads the header, so a ``.safetensors`` copied without its sidecar
+loads the same. Loading checks the hidden size against a model and warns when the model's weight
+hash differs.
+
+A carrier names where it acts: ``layer`` and ``position`` are required (there is no silent layer 0).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file
 from torch import Tensor
 
-from safegeom.activations import atomic_save_safetensors
+from safegeom.artifacts import Provenance, read_safetensors, save_safetensors, write_json
+from safegeom.errors import ArtifactError, ConfigError, NonFiniteError
 
-__all__ = ["Carrier", "load_carrier"]
+__all__ = ["Carrier", "carrier_from_metadata", "load_carrier"]
 
 FORMAT = "safegeom.carrier/1"
 
@@ -41,21 +44,40 @@ class Carrier:
     method: str
     """How it was found: ``dim``, ``probe``, ``cone-cheap``, ``rdo``, ``cone-rdo``, ``admissible``."""
     site: str = "resid_pre"
-    layer: int = 0
-    position: str = "t_post[-1]"
+    """The hook site it was read at (``resid_pre``: the block input)."""
+    layer: int | None = None
+    """The block it was found at (required: a carrier names its layer)."""
+    position: str | None = None
+    """The token position it was read at, e.g. ``t_post[-1]`` or ``t_inst`` (required)."""
     scores: Mapping[str, float] = field(default_factory=dict)
     """The scores it was selected by (bypass, induce, KL, accuracy, ...)."""
-    provenance: Mapping[str, Any] = field(default_factory=dict)
-    """Model name and weight hash, prompt-set names and hashes, n per class."""
+    provenance: Provenance = field(default_factory=Provenance)
+    """Model name and weight hash, prompt-set names and hashes, n per class (a plain mapping is
+    turned into a :class:`~safegeom.artifacts.Provenance`)."""
 
     def __post_init__(self) -> None:
+        if self.layer is None or self.position is None:
+            missing = " and ".join(
+                n for n, v in (("layer=", self.layer), ("position=", self.position)) if v is None
+            )
+            raise ConfigError(
+                f"a Carrier must name where it was found: pass {missing} (e.g. layer=3, "
+                "position='t_post[-1]'); there is no default layer"
+            )
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise ConfigError(f"Carrier layer must be a block index (int), got {self.layer!r}")
         v = torch.as_tensor(self.vectors).detach().cpu().float()
         v = v[None] if v.dim() == 1 else v
         if v.dim() != 2 or v.shape[0] == 0:
-            raise ValueError(f"carrier vectors must be [k, d], got {tuple(v.shape)}")
-        if not torch.isfinite(v).all() or bool((v.norm(dim=-1) == 0).any()):
-            raise ValueError("carrier vectors must be finite and non-zero")
+            raise ConfigError(f"carrier vectors must be [k, d], got {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise NonFiniteError("carrier vectors must be finite and non-zero (they hold NaN/inf)")
+        if bool((v.norm(dim=-1) == 0).any()):
+            raise ConfigError("carrier vectors must be finite and non-zero")
         object.__setattr__(self, "vectors", v)
+        if not isinstance(self.provenance, Provenance):
+            prov = Provenance.from_dict(dict(self.provenance))
+            object.__setattr__(self, "provenance", prov)
 
     @property
     def k(self) -> int:
@@ -91,10 +113,10 @@ class Carrier:
         """Raise on a hidden-size mismatch; warn when the model's weights differ from the source.
 
         Raises:
-            ValueError: ``d_model`` differs from the carrier's hidden size.
+            ArtifactError: ``d_model`` differs from the carrier's hidden size.
         """
         if d_model != self.d_model:
-            raise ValueError(
+            raise ArtifactError(
                 f"hidden-size mismatch: the carrier has d={self.d_model}, the model has "
                 f"d={d_model}; extract the carrier on this model"
             )
@@ -105,56 +127,94 @@ class Carrier:
                 stacklevel=2,
             )
 
-    def _meta(self) -> dict[str, Any]:
-        meta = asdict(self)
-        meta.pop("vectors")
-        return {"format": FORMAT, "k": self.k, "d_model": self.d_model, **meta}
+    def metadata(self) -> dict[str, Any]:
+        """The JSON-ready metadata saved beside the vectors (format, k, d_model and every field
+        but ``vectors``; provenance as :meth:`Provenance.to_dict`)."""
+        return {
+            "format": FORMAT,
+            "k": self.k,
+            "d_model": self.d_model,
+            "kind": self.kind,
+            "method": self.method,
+            "site": self.site,
+            "layer": self.layer,
+            "position": self.position,
+            "scores": dict(self.scores),
+            "provenance": self.provenance.to_dict(),
+        }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``path`` (``.safetensors`` added when missing) and its ``.json``; return the
-        safetensors path."""
-        target = Path(path)
-        if target.suffix != ".safetensors":
-            target = target.with_suffix(".safetensors")
-        meta = self._meta()
-        atomic_save_safetensors({"vectors": self.vectors}, target, {"safegeom": json.dumps(meta)})
-        target.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        """Write ``path`` (``.safetensors`` added when missing, metadata in its header) and the
+        ``.json`` sidecar, both atomically.
+
+        Returns:
+            The safetensors path.
+        """
+        target = _safetensors_path(path)
+        meta = self.metadata()
+        save_safetensors(target, {"vectors": self.vectors}, meta)
+        write_json(target.with_suffix(".json"), meta)
         return target
+
+
+def _safetensors_path(path: str | os.PathLike[str]) -> Path:
+    target = Path(path)
+    return target if target.suffix == ".safetensors" else target.with_suffix(".safetensors")
+
+
+def carrier_from_metadata(vectors: Tensor, meta: Mapping[str, Any], where: object) -> Carrier:
+    """Rebuild a carrier from its vectors and :meth:`Carrier.metadata`.
+
+    Returns:
+        The :class:`Carrier`.
+
+    Raises:
+        ArtifactError: ``meta`` is not a safegeom carrier's (the message names ``where``).
+    """
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{where} is not a safegeom carrier (format {meta.get('format')!r})")
+    try:
+        return Carrier(
+            vectors=vectors,
+            kind=meta["kind"],
+            method=meta["method"],
+            site=meta["site"],
+            layer=int(meta["layer"]),
+            position=meta["position"],
+            scores=meta.get("scores", {}),
+            provenance=Provenance.from_dict(meta.get("provenance", {})),
+        )
+    except (KeyError, TypeError) as err:
+        raise ArtifactError(f"{where}: carrier metadata lacks {err}") from None
 
 
 def load_carrier(
     path: str | os.PathLike[str], *, d_model: int | None = None, weight_hash: str | None = None
 ) -> Carrier:
-    """Read a carrier written by :meth:`Carrier.save`.
+    """Read a carrier written by :meth:`Carrier.save` (the sidecar is not needed: the
+    safetensors header holds the same metadata).
 
     Args:
         path: the ``.safetensors`` file (or the same path without suffix).
         d_model: when given, the hidden size the carrier must have.
         weight_hash: when given, compared with the source model's (a mismatch warns).
 
+    Returns:
+        The :class:`Carrier`.
+
     Raises:
-        FileNotFoundError: no carrier at ``path``.
-        ValueError: not a safegeom carrier, or a hidden-size mismatch.
+        NotFoundError: no carrier at ``path``.
+        ArtifactError: a truncated or foreign file, not a safegeom carrier, or a hidden-size
+            mismatch (each message names the file).
     """
-    target = Path(path)
-    if target.suffix != ".safetensors":
-        target = target.with_suffix(".safetensors")
-    if not target.is_file():
-        raise FileNotFoundError(f"no carrier at {target}")
-    sidecar = target.with_suffix(".json")
-    meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{target} is not a safegeom carrier (format {meta.get('format')!r})")
-    carrier = Carrier(
-        vectors=load_file(target)["vectors"],
-        kind=meta["kind"],
-        method=meta["method"],
-        site=meta["site"],
-        layer=int(meta["layer"]),
-        position=meta["position"],
-        scores=meta.get("scores", {}),
-        provenance=meta.get("provenance", {}),
-    )
+    target = _safetensors_path(path)
+    tensors, meta = read_safetensors(target, what="carrier")
+    if "vectors" not in tensors:
+        raise ArtifactError(f"{target} is not a safegeom carrier (no 'vectors' tensor)")
+    carrier = carrier_from_metadata(tensors["vectors"], meta, target)
     if d_model is not None:
-        carrier.check_model(d_model, weight_hash)
+        try:
+            carrier.check_model(d_model, weight_hash)
+        except ArtifactError as err:
+            raise ArtifactError(f"{target}: {err}") from None
     return carrier

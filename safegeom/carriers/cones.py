@@ -27,7 +27,7 @@ from torch import Tensor
 
 from safegeom.capture import capture
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.harmfulness import Prompts, default_layer, prompt_provenance
+from safegeom.carriers.common import Prompts, check_k, default_layer, prompt_provenance
 from safegeom.carriers.scoring import score_candidates
 from safegeom.evaluate import refusal_token_ids
 from safegeom.geometry import effective_rank
@@ -35,14 +35,7 @@ from safegeom.models.chat import encode_prompts
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, load_prompts
 
-__all__ = ["cheap_cone", "check_k", "cone_directions", "gram_schmidt", "score_cone"]
-
-
-def check_k(k: int, upper: int, what: str = "cone dimension k") -> int:
-    """Return ``k`` when ``1 ≤ k ≤ upper``; else raise ValueError naming the valid range."""
-    if not isinstance(k, int) or not 1 <= k <= upper:
-        raise ValueError(f"{what} must be between 1 and {upper}, got {k}")
-    return k
+__all__ = ["cheap_cone", "cone_directions", "gram_schmidt", "score_cone"]
 
 
 def gram_schmidt(
@@ -256,12 +249,14 @@ def cheap_cone(
         layer=at,
         position="t_post" if source == "positions" else "t_post[-1]",
         scores=scores,
-        provenance={
-            **prompt_provenance(lm, h_set, s_set),
-            "source": source,
-            "raw_vectors": names,
-            "n_svd": n_svd,
-            "seed": seed,
-            "system": system,
-        },
+        provenance=prompt_provenance(
+            lm,
+            h_set,
+            s_set,
+            source=source,
+            raw_vectors=names,
+            n_svd=n_svd,
+            seed=seed,
+            system=system,
+        ),
     )

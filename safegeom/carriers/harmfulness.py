@@ -8,48 +8,13 @@ aligned models it is nearly orthogonal to the refusal direction (METHODS §2).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from safegeom.capture import capture_stats
 from safegeom.carriers.carrier import Carrier
+from safegeom.carriers.common import Prompts, default_layer, prompt_provenance
 from safegeom.models.loading import LoadedModel
-from safegeom.models.positions import parse_layers
-from safegeom.prompts import PromptSet, load_prompts
+from safegeom.prompts import load_prompts
 
-__all__ = ["default_layer", "harmfulness_direction", "prompt_provenance"]
-
-Prompts = PromptSet | str | Sequence[str]
-
-
-def prompt_provenance(lm: LoadedModel, harmful: PromptSet, harmless: PromptSet) -> dict[str, Any]:
-    """Provenance shared by carriers: model name and weight hash, prompt-set names, hashes and n."""
-    return {
-        "model": lm.name,
-        "weight_hash": lm.weight_hash,
-        "harmful": harmful.name,
-        "harmful_hash": harmful.content_hash,
-        "harmless": harmless.name,
-        "harmless_hash": harmless.content_hash,
-        "n_harmful": len(harmful),
-        "n_harmless": len(harmless),
-    }
-
-
-def default_layer(lm: LoadedModel, layer: int | None, refusal: Carrier | None = None) -> int:
-    """The layer a carrier is extracted at: ``layer`` when given (negative counts from the end),
-    else the layer of ``refusal``, else the middle layer ``n_layers // 2``.
-
-    Raises:
-        ValueError: the layer is out of range, or ``refusal`` was found on a model of another
-            hidden size.
-    """
-    if layer is None and refusal is not None:
-        refusal.check_model(lm.d_model)
-        layer = refusal.layer
-    if layer is None:
-        layer = lm.n_layers // 2
-    return parse_layers(int(layer), lm.n_layers)[0]
+__all__ = ["harmfulness_direction"]
 
 
 def harmfulness_direction(
@@ -83,7 +48,7 @@ def harmfulness_direction(
         (its norm is meaningful for activation addition). ``scores`` holds ``norm``.
 
     Raises:
-        ValueError: an empty prompt set, a layer out of range, a hidden-size mismatch with
+        SafegeomError: an empty prompt set, a layer out of range, a hidden-size mismatch with
             ``refusal``.
     """
     h_set, s_set = load_prompts(harmful), load_prompts(harmless)
@@ -104,5 +69,5 @@ def harmfulness_direction(
         layer=at,
         position="t_inst",
         scores={"norm": float(diff.norm())},
-        provenance={**prompt_provenance(lm, h_set, s_set), "system": system},
+        provenance=prompt_provenance(lm, h_set, s_set, system=system),
     )

@@ -24,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 
 from safegeom.capture import capture
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.harmfulness import Prompts, prompt_provenance
+from safegeom.carriers.common import Prompts, prompt_provenance
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import load_prompts
 
@@ -239,5 +239,5 @@ def probe_carrier(
             "C": float(C),
             "separation": float(np.linalg.norm(vector)),
         },
-        provenance={**prompt_provenance(lm, h_set, s_set), "seed": seed, "system": system},
+        provenance=prompt_provenance(lm, h_set, s_set, seed=seed, system=system),
     )

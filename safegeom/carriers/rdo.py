@@ -29,8 +29,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.cones import check_k, score_cone
-from safegeom.carriers.harmfulness import Prompts, prompt_provenance
+from safegeom.carriers.common import Prompts, check_k, prompt_provenance
+from safegeom.carriers.cones import score_cone
 from safegeom.hooks import Hook, attach, site_hook_point
 from safegeom.interventions import ABLATION_SITES, ablate, add
 from safegeom.models.chat import EncodedPrompt, collate_left, encode_prompts

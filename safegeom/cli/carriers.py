@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
+from safegeom.artifacts import check_output_dir
 from safegeom.carriers import SelectionConfig
-from safegeom.carriers.suite import extract_carriers
-from safegeom.cli.common import add_model_args, emit_json, model_from_args
+from safegeom.carriers.suite import CarriersConfig, extract_carriers
+from safegeom.cli.common import emit_json
+from safegeom.cli.options import add_config, config_from_args
+from safegeom.models.loading import LoadConfig, load_model
+
+__all__ = ["CarriersCommand", "register", "run"]
+
+
+@dataclass(frozen=True)
+class CarriersCommand:
+    """The options of ``safegeom carriers`` that are not library settings."""
+
+    model: str = field(metadata={"positional": True})
+    """tiny-chat, a checkpoint or adapter folder, or a hub id."""
+    out: str = field(metadata={"metavar": "DIR"})
+    """Output folder (checked before any work starts)."""
+    json: bool = False
+    """Print summary.json to stdout."""
+    progress: bool = True
+    """Show progress bars (--no-progress hides them)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,51 +38,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(Arditi et al.), harmfulness direction at t_inst, cheap refusal cone; writes carriers "
         "(safetensors + JSON), candidates.parquet and summary.json into --out.",
     )
-    add_model_args(parser)
-    parser.add_argument("--harmful", default="advbench:train", help="harmful prompt SPEC")
-    parser.add_argument("--harmless", default="alpaca:train", help="harmless prompt SPEC")
-    parser.add_argument("--harmful-val", default="advbench:val", help="harmful validation SPEC")
-    parser.add_argument("--harmless-val", default="alpaca:val", help="harmless validation SPEC")
-    parser.add_argument("--n-train", type=int, default=128, help="prompts per class for means")
-    parser.add_argument("--n-val", type=int, default=32, help="prompts per class for selection")
-    parser.add_argument("--max-kl", type=float, default=0.1, help="KL filter (nats)")
-    parser.add_argument("--max-layer-fraction", type=float, default=0.8)
-    parser.add_argument(
-        "--min-induce", type=float, default=0.0, help="induce-score filter (refusal log-odds)"
-    )
-    parser.add_argument("--no-filter", action="store_true", help="skip the refusal-score filter")
-    parser.add_argument("--cone-k", type=int, default=3, help="cone dimension (0: no cone)")
-    parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--json", action="store_true", help="print summary.json to stdout")
+    add_config(parser, CarriersCommand, title="command")
+    add_config(parser, CarriersConfig, title="prompt sets and cone")
+    add_config(parser, SelectionConfig, title="selection")
+    add_config(parser, LoadConfig, title="model loading")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute ``safegeom carriers``."""
-    lm = model_from_args(args)
-    config = SelectionConfig(
-        n_train=args.n_train,
-        n_val=args.n_val,
-        max_kl=args.max_kl,
-        max_layer_fraction=args.max_layer_fraction,
-        min_induce=args.min_induce,
-        filter_train=not args.no_filter,
-        system=args.system,
-    )
+    """Execute ``safegeom carriers``; returns the exit status."""
+    command = config_from_args(CarriersCommand, args)
+    carriers = config_from_args(CarriersConfig, args)
+    selection = config_from_args(SelectionConfig, args)
+    out = check_output_dir(command.out)
+    lm = load_model(command.model, config=config_from_args(LoadConfig, args))
     suite = extract_carriers(
-        lm, args.harmful, args.harmless, args.harmful_val, args.harmless_val, config,
-        cone_k=args.cone_k,
+        lm, carriers.harmful, carriers.harmless, carriers.harmful_val, carriers.harmless_val,
+        selection, cone_k=carriers.cone_k, progress=command.progress,
     )  # fmt: skip
-    suite.save(args.out)
+    suite.save(out)
     summary = suite.summary()
-    if args.json:
+    if command.json:
         emit_json(summary)
     else:
         r = summary["refusal"]
         print(
             f"refusal direction: layer {r['layer']} {r['position']}  bypass {r['bypass']:.3f}  "
             f"induce {r['induce']:.3f}  KL {r['kl']:.4f}\n"
-            f"H/R coupling |cos| {summary['hr_coupling']:.3f}\nwrote {args.out}"
+            f"H/R coupling |cos| {summary['hr_coupling']:.3f}\nwrote {out}/summary.json and the "
+            "carriers beside it"
         )
     return 0
