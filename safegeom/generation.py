@@ -27,6 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from safegeom.batching import auto_batch_size, longest_first
 from safegeom.errors import ConfigError, NonFiniteError
 from safegeom.models.chat import ChatBatch, EncodedPrompt, collate_left, encode_prompts
 from safegeom.models.loading import LoadedModel
@@ -47,8 +48,6 @@ __all__ = [
 Intervention = AbstractContextManager[Any] | Callable[[], AbstractContextManager[Any]] | None
 """A context manager entered around the model calls, or a zero-argument factory of one."""
 Prompts = PromptSet | Sequence[str] | str
-
-_CPU_TOKENS_PER_BATCH = 4096
 
 
 def _is_value(intervention: Any) -> bool:
@@ -138,24 +137,14 @@ def _accepts_keep(model: nn.Module) -> bool:
 
 
 def _batch_size(model: nn.Module, max_len: int, batch_size: int | None) -> int:
-    if batch_size is not None:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-        return batch_size
-    device = _device(model)
-    if device.type != "cuda":
-        return max(1, min(64, _CPU_TOKENS_PER_BATCH // max(max_len, 1)))
-    free, _ = torch.cuda.mem_get_info(device)
-    cfg = model.config  # rough bytes per token: MLP activations plus the KV cache
+    """Prompts per batch (:func:`safegeom.batching.auto_batch_size`, rough bytes per token on
+    CUDA: MLP activations plus the KV cache)."""
+    cfg = model.config
     d, layers = int(cfg.hidden_size), int(getattr(cfg, "num_hidden_layers", 32))
     per_token = (getattr(cfg, "intermediate_size", 4 * d) * 3 + 2 * layers * d) * 4
-    return max(1, min(256, int(free * 0.4) // max(per_token * max_len, 1)))
-
-
-def _chunks(lengths: Sequence[int], size: int) -> Iterator[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), size):
-        yield order[start : start + size]
+    return auto_batch_size(
+        _device(model), max_len, per_token * max_len, gpu_cap=256, batch_size=batch_size
+    )
 
 
 def end_of_turn_id(tokenizer: Any, chat_template: str | None = None) -> int | None:
@@ -246,7 +235,7 @@ def generate_from_ids(
     size = _batch_size(model, max(lengths) + max_new_tokens, batch_size)
     results = [""] * len(sequences)
     bar = tqdm(total=len(sequences), desc="generate", unit="prompt", disable=not progress)
-    for chunk in _chunks(lengths, size):
+    for chunk in longest_first(lengths, size):
         batch = pad_sequences([sequences[i] for i in chunk], pad_id).to(device)
         new = _greedy(model, batch, max_new_tokens, stop_tensor, pad_id).cpu().tolist()
         for row, index in zip(new, chunk, strict=True):
@@ -306,7 +295,7 @@ def forward_batches(
     size = _batch_size(model, max(lengths), batch_size)
     device, pad_id, supports = _device(model), _pad_id(tokenizer), _accepts_keep(model)
     bar = tqdm(total=len(seqs), desc=desc, unit="prompt", disable=not progress)
-    for chunk in _chunks(lengths, size):
+    for chunk in longest_first(lengths, size):
         batch, k = pad_sequences([seqs[i] for i in chunk], pad_id).to(device), keep(chunk)
         context = batch_context(chunk) if batch_context else contextlib.nullcontext()
         with torch.inference_mode(), context:

@@ -27,7 +27,13 @@ def test_random_controls_are_unit_orthogonal_and_seeded() -> None:
 
 def test_sweep_table(checkpoints: dict[str, Path]) -> None:
     lm = load_model(checkpoints["llama"])
-    carrier = Carrier(vectors=torch.randn(lm.d_model) * 3, kind="refusal", method="dim", layer=1)
+    carrier = Carrier(
+        vectors=torch.randn(lm.d_model) * 3,
+        kind="refusal",
+        method="dim",
+        layer=1,
+        position="t_post[-1]",
+    )
     config = SweepConfig(add_layers="0,2", add_strengths=(-1.0, 1.0), n_random=5, n_resamples=200)
     table = causal_sweep(lm, {"r": carrier}, HARMFUL, HARMLESS, config, progress=False)
     # 1 ablation cell + 2 layers × 2 strengths, on 2 populations
@@ -46,7 +52,13 @@ def test_sweep_table(checkpoints: dict[str, Path]) -> None:
 
 def test_zero_strength_addition_has_no_effect(checkpoints: dict[str, Path]) -> None:
     lm = load_model(checkpoints["gpt2"])
-    carrier = Carrier(vectors=torch.randn(lm.d_model), kind="refusal", method="dim")
+    carrier = Carrier(
+        vectors=torch.randn(lm.d_model),
+        kind="refusal",
+        method="dim",
+        layer=0,
+        position="t_post[-1]",
+    )
     config = SweepConfig(ops=("add",), add_layers="1", add_strengths=(0.0,), n_random=3)
     table = causal_sweep(lm, carrier, HARMFUL, HARMLESS, config, progress=False)
     assert np.abs(table.effect).max() < 1e-6 and np.abs(table.control_mean).max() < 1e-6
@@ -54,12 +66,20 @@ def test_zero_strength_addition_has_no_effect(checkpoints: dict[str, Path]) -> N
 
 def test_sweep_bad_inputs(checkpoints: dict[str, Path]) -> None:
     lm = load_model(checkpoints["llama"])
-    carrier = Carrier(vectors=torch.randn(lm.d_model), kind="refusal", method="dim")
+    carrier = Carrier(
+        vectors=torch.randn(lm.d_model),
+        kind="refusal",
+        method="dim",
+        layer=0,
+        position="t_post[-1]",
+    )
     with pytest.raises(ValueError, match="n_random must be at least 1"):
         causal_sweep(lm, carrier, HARMFUL, HARMLESS, SweepConfig(n_random=0), progress=False)
     with pytest.raises(ValueError, match=r"unknown sweep op\(s\) \['steer'\]"):
         causal_sweep(lm, carrier, HARMFUL, HARMLESS, SweepConfig(ops=("steer",)), progress=False)
-    other = Carrier(vectors=torch.randn(7), kind="refusal", method="dim")
+    other = Carrier(
+        vectors=torch.randn(7), kind="refusal", method="dim", layer=0, position="t_post[-1]"
+    )
     with pytest.raises(ValueError, match="hidden-size mismatch"):
         causal_sweep(lm, other, HARMFUL, HARMLESS, SweepConfig(n_random=2), progress=False)
     with pytest.raises(ValueError, match="layer 5 out of range"):

@@ -1,4 +1,4 @@
-"""Causal sweeps: layer × strength × carrier, for ablation and addition, against matched controls.
+"""The causal sweep: layer × strength × carrier, for ablation and addition, against matched controls.
 
 Every cell (carrier, op, layer, strength, population) is compared with ``n_random`` (≥ 20)
 random unit directions at the same layer, the same positions and the same norm (METHODS §4):
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,44 +33,27 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from safegeom.artifacts import Provenance
 from safegeom.bootstrap import bootstrap_diff_ci
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.scoring import last_logprobs
+from safegeom.config import config_dict
+from safegeom.errors import SafegeomError
 from safegeom.evaluate import refusal_log_odds, refusal_token_ids
-from safegeom.interventions import ablate_rows, add_rows
+from safegeom.generation import check_finite
+from safegeom.interventions import ablate_rows, add_rows, vectors_hash
 from safegeom.models.chat import EncodedPrompt, encode_prompts
 from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import parse_layers
 from safegeom.prompts import PromptSet, load_prompts
+from safegeom.sweeps.config import SweepConfig
+from safegeom.sweeps.result import SweepResult
 
-__all__ = ["SweepConfig", "causal_sweep", "random_controls"]
+__all__ = ["causal_sweep", "causal_sweep_result", "random_controls"]
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    """Grid and controls of a causal sweep."""
-
-    ops: tuple[str, ...] = ("ablate", "add")
-    """Interventions to sweep."""
-    add_layers: str = "all"
-    """Layers for addition (a layer spec: ``all``, ``2:5``, ``1,3``)."""
-    add_strengths: tuple[float, ...] = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
-    """Addition coefficients, in multiples of the carrier vector."""
-    ablate_layers: tuple[str, ...] = ("all",)
-    """Layer specs at which to ablate; each is one cell."""
-    ablate_strengths: tuple[float, ...] = (1.0,)
-    """Fraction of the component removed."""
-    n_random: int = 20
-    """Matched random unit directions per cell."""
-    n_prompts: int = 32
-    """Prompts per population."""
-    seed: int = 0
-    """Seed of the random controls and of the bootstrap."""
-    batch_size: int = 128
-    generate: bool = False
-    """Also generate and judge refusals (slower)."""
-    max_new_tokens: int = 24
-    n_resamples: int = 1000
+DEFAULT_CONFIG = SweepConfig()
+"""The default grid (every field at its default)."""
 
 
 def random_controls(
@@ -103,7 +87,9 @@ def _scores(
 ) -> Float[Tensor, "dirs n"]:
     rows = [e for _ in range(n_dirs) for e in encoded]
     lp = last_logprobs(lm, rows, batch_size=batch_size, intervention=make_context)
-    return refusal_log_odds(lp, tokens).view(n_dirs, len(encoded))
+    scores = refusal_log_odds(lp, tokens).view(n_dirs, len(encoded))
+    check_finite(scores, "sweep refusal scores")
+    return scores
 
 
 def _summarise(
@@ -150,20 +136,40 @@ def causal_sweep(
     carriers: Mapping[str, Carrier] | Sequence[Carrier] | Carrier,
     harmful: PromptSet | str = "advbench:val",
     harmless: PromptSet | str = "alpaca:val",
-    config: SweepConfig = SweepConfig(),
+    config: SweepConfig = DEFAULT_CONFIG,
     *,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run the sweep and return the tidy table (one row per cell × population × metric).
 
+    The table of :func:`causal_sweep_result` (which also keeps the config and provenance).
+
     Raises:
-        ValueError: fewer than 1 random control, an unknown op, a carrier of another hidden size.
+        SafegeomError: a carrier of another hidden size, a layer out of range.
+        NonFiniteError: NaN or inf scores (a NaN model, an overflowing strength).
     """
-    if config.n_random < 1:
-        raise ValueError("n_random must be at least 1 (20 or more recommended)")
-    bad = [op for op in config.ops if op not in ("ablate", "add")]
-    if bad:
-        raise ValueError(f"unknown sweep op(s) {bad}: use ablate and/or add")
+    return causal_sweep_result(lm, carriers, harmful, harmless, config, progress=progress).table
+
+
+def causal_sweep_result(
+    lm: LoadedModel,
+    carriers: Mapping[str, Carrier] | Sequence[Carrier] | Carrier,
+    harmful: PromptSet | str = "advbench:val",
+    harmless: PromptSet | str = "alpaca:val",
+    config: SweepConfig = DEFAULT_CONFIG,
+    *,
+    progress: bool = True,
+) -> SweepResult:
+    """Run the sweep (see the module docstring).
+
+    Returns:
+        A :class:`SweepResult`: the tidy table, ``config`` and a provenance naming the model,
+        its weight hash, both prompt sets (name → content hash) and every carrier.
+
+    Raises:
+        SafegeomError: a carrier of another hidden size, a layer out of range, no carrier.
+        NonFiniteError: NaN or inf scores (a NaN model, an overflowing strength).
+    """
     named = _named(carriers)
     tokens = refusal_token_ids(lm)
     populations = {
@@ -178,6 +184,8 @@ def causal_sweep(
         name: refusal_log_odds(last_logprobs(lm, enc, batch_size=config.batch_size), tokens).numpy()
         for name, enc in encoded.items()
     }
+    for name, values in base.items():
+        check_finite(torch.from_numpy(values), f"refusal scores of the {name} prompts")
     rows: list[dict] = []
     cells = _cells(lm, named, config)
     bar = tqdm(total=len(cells) * len(encoded), desc="sweep", unit="cell", disable=not progress)
@@ -207,7 +215,32 @@ def causal_sweep(
                     rows.append(_summarise(cell, pop, "refusal_rate", rates, base_rate, config))
                 bar.update(1)
     bar.close()
-    return pd.DataFrame(rows)
+    provenance = Provenance(
+        model=lm.name,
+        weight_hash=lm.weight_hash,
+        prompt_sets={p.name: p.content_hash for p in populations.values()},
+        config=config_dict(config),
+        extra={
+            "populations": {k: p.name for k, p in populations.items()},
+            "carriers": {name: _describe_carrier(c) for name, c in named.items()},
+            "refusal_tokens": [int(t) for t in tokens],
+        },
+    )
+    return SweepResult(pd.DataFrame(rows), config, provenance)
+
+
+def _describe_carrier(carrier: Carrier) -> dict[str, Any]:
+    """A carrier's description for provenance: kind, method, site, layer, position, hash, source."""
+    return {
+        "kind": carrier.kind,
+        "method": carrier.method,
+        "site": carrier.site,
+        "layer": int(carrier.layer),
+        "position": carrier.position,
+        "k": carrier.k,
+        "sha256": vectors_hash(carrier),
+        "weight_hash": carrier.provenance.get("weight_hash"),
+    }
 
 
 def _row_context(lm: LoadedModel, cell: _Cell, dirs: Tensor, norm: float, n: int):
@@ -232,7 +265,7 @@ def _named(carriers: Mapping[str, Carrier] | Sequence[Carrier] | Carrier) -> dic
             key = f"{c.kind}-{c.method}-L{c.layer}"
             named[key if key not in named else f"{key}-{len(named)}"] = c
     if not named:
-        raise ValueError("no carrier to sweep")
+        raise SafegeomError("no carrier to sweep (--carrier)")
     return named
 
 
