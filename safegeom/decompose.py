@@ -21,6 +21,7 @@ from torch import Tensor
 
 from safegeom.capture import capture
 from safegeom.carriers.carrier import Carrier
+from safegeom.errors import SafegeomError
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet
 
@@ -56,11 +57,11 @@ def _vector(direction: Tensor | Carrier, d_model: int) -> Float[Tensor, " d"]:
     v = direction.direction if isinstance(direction, Carrier) else torch.as_tensor(direction)
     v = v.detach().double().flatten().cpu()
     if v.numel() != d_model:
-        raise ValueError(
+        raise SafegeomError(
             f"direction has {v.numel()} entries but the model's hidden size is {d_model}"
         )
     if not torch.isfinite(v.norm()) or v.norm() == 0:
-        raise ValueError("direction must be finite and non-zero")
+        raise SafegeomError("direction must be finite and non-zero")
     return v
 
 
@@ -95,20 +96,20 @@ def decompose_projection(
         :class:`ProjectionDecomposition` (projections in residual-stream units along r̂).
 
     Raises:
-        ValueError: no population, a hidden-size mismatch, a zero direction, a layer out of range,
+        SafegeomError: no population, a hidden-size mismatch, a zero direction, a layer out of range,
             or a position the capture does not produce.
     """
     if not populations:
-        raise ValueError("no population given: pass e.g. {'harmful': ..., 'harmless': ...}")
+        raise SafegeomError("no population given: pass e.g. {'harmful': ..., 'harmless': ...}")
     vector = _vector(direction, lm.d_model)
     unit = vector / vector.norm()
     carrier = direction if isinstance(direction, Carrier) else None
     layer = carrier.layer if layer is None and carrier is not None else layer
     position = carrier.position if position is None and carrier is not None else position
     if layer is None or position is None:
-        raise ValueError("layer and position are required when the direction is a plain tensor")
+        raise SafegeomError("layer and position are required when the direction is a plain tensor")
     if not 0 <= layer < lm.n_layers:
-        raise ValueError(f"layer {layer} is out of range for a model with {lm.n_layers} layers")
+        raise SafegeomError(f"layer {layer} is out of range for a model with {lm.n_layers} layers")
     rows: list[dict] = []
     closure: dict[str, float] = {}
     prompt_hashes: dict[str, str] = {}
@@ -118,7 +119,7 @@ def decompose_projection(
             positions=_capture_spec(str(position)), system=system, progress=progress,
         )  # fmt: skip
         if str(position) not in acts.positions:
-            raise ValueError(f"position {position!r} not captured; available: {acts.positions}")
+            raise SafegeomError(f"position {position!r} not captured; available: {acts.positions}")
         k = acts.positions.index(str(position))
         prompt_hashes[label] = acts.provenance.prompt_hash
         parts = {"embed": (-1, acts["resid_pre"][:, 0, k])}

@@ -9,8 +9,8 @@ Conventions:
   hidden axis is the one of length ``d``; when ``d`` is not given it is inferred (the other argument's
   hidden size, else the longer axis, else columns for a square matrix). A 1-D vector is the
   1-dimensional subspace it spans.
-- Bad inputs (NaN/inf, zero vectors, mismatched hidden sizes, wrong ranks) raise ValueError with a
-  one-line message.
+- Bad inputs (NaN/inf, zero vectors, mismatched hidden sizes, wrong ranks) raise SafegeomError (a ValueError)
+  with a one-line message.
 
 Where the papers are silent (METHODS.md §4 and §5) the choices are ours and are marked *proposal*:
 effective rank, coordinate statistics and imbalance, the subspace form of coupling.
@@ -24,6 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 from numpy.typing import NDArray
+
+from safegeom.errors import ConfigError, NonFiniteError, SafegeomError
 
 __all__ = [
     "coordinate_imbalance",
@@ -55,26 +57,26 @@ def _to_f64(x: ArrayLike, name: str) -> F64:
         try:
             arr = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError) as err:
-            raise ValueError(f"{name} must be numeric, got {type(x).__name__}") from err
+            raise SafegeomError(f"{name} must be numeric, got {type(x).__name__}") from err
     if arr.size == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
+        raise SafegeomError(f"{name} is empty (shape {arr.shape})")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or inf")
+        raise NonFiniteError(f"{name} contains NaN or inf")
     return arr
 
 
 def _vector(x: ArrayLike, name: str) -> F64:
     v = _to_f64(x, name)
     if v.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D direction, got shape {v.shape}")
+        raise SafegeomError(f"{name} must be a 1-D direction, got shape {v.shape}")
     if np.linalg.norm(v) <= _ZERO_NORM:
-        raise ValueError(f"{name} is a zero vector")
+        raise SafegeomError(f"{name} is a zero vector")
     return v
 
 
 def _same_size(a: F64, b: F64, na: str, nb: str) -> None:
     if a.shape[-1] != b.shape[-1]:
-        raise ValueError(
+        raise SafegeomError(
             f"hidden size mismatch: {na} has d={a.shape[-1]}, {nb} has d={b.shape[-1]}"
         )
 
@@ -83,10 +85,12 @@ def _columns(m: F64, name: str, d: int | None) -> F64:
     """Return ``m`` as a ``d × k`` matrix (columns span the subspace)."""
     if m.ndim == 1:
         if d is not None and m.shape[0] != d:
-            raise ValueError(f"hidden size mismatch: {name} has d={m.shape[0]}, expected d={d}")
+            raise SafegeomError(f"hidden size mismatch: {name} has d={m.shape[0]}, expected d={d}")
         return m[:, None]
     if m.ndim != 2:
-        raise ValueError(f"{name} must be 1-D (a direction) or 2-D (a basis), got shape {m.shape}")
+        raise SafegeomError(
+            f"{name} must be 1-D (a direction) or 2-D (a basis), got shape {m.shape}"
+        )
     rows, cols = m.shape
     if d is None:
         return m if rows >= cols else m.T
@@ -94,7 +98,7 @@ def _columns(m: F64, name: str, d: int | None) -> F64:
         return m
     if cols == d:
         return m.T
-    raise ValueError(f"hidden size mismatch: {name} has shape {m.shape}, neither axis is d={d}")
+    raise SafegeomError(f"hidden size mismatch: {name} has shape {m.shape}, neither axis is d={d}")
 
 
 def _hidden_size(x: F64) -> int:
@@ -135,7 +139,7 @@ def _basis(m: F64, name: str, d: int | None, rank_tol: float = 1e-10) -> F64:
     A = _columns(m, name, d)
     s = np.linalg.svd(A, compute_uv=False)
     if s[0] <= _ZERO_NORM:
-        raise ValueError(f"{name} is zero: cannot build a basis from zero vectors")
+        raise SafegeomError(f"{name} is zero: cannot build a basis from zero vectors")
     r = int(np.sum(s > rank_tol * s[0]))
     if r == A.shape[1]:
         Q, R = np.linalg.qr(A)
@@ -218,7 +222,7 @@ def direction_drift(
         return float(1.0 - abs(cosine(a, b)))
     if isinstance(reference, tuple):
         if len(reference) != 2:
-            raise ValueError("reference must be one vector or a pair (reference_0, reference_t)")
+            raise SafegeomError("reference must be one vector or a pair (reference_0, reference_t)")
         ref0, reft = reference
     else:
         ref0 = reft = reference
@@ -246,15 +250,15 @@ def effective_rank(M_or_singular_values: ArrayLike) -> float:
         s = np.linalg.svd(x, compute_uv=False)
     elif x.ndim == 1:
         if np.any(x < 0):
-            raise ValueError("singular values must be non-negative")
+            raise SafegeomError("singular values must be non-negative")
         s = x
     else:
-        raise ValueError(
+        raise SafegeomError(
             f"effective_rank expects a matrix or a 1-D array of singular values, got shape {x.shape}"
         )
     total = float(np.sum(s))
     if total == 0.0:
-        raise ValueError("effective rank of a zero matrix is undefined")
+        raise SafegeomError("effective rank of a zero matrix is undefined")
     p = s / total
     p = p[p > 0]
     return float(np.exp(-np.sum(p * np.log(p))))
@@ -281,15 +285,17 @@ def coordinate_statistics(
     L = _to_f64(harmless, "harmless")
     for name, X in (("harmful", H), ("harmless", L)):
         if X.ndim != 2:
-            raise ValueError(f"{name} must be [n_prompts, d], got shape {X.shape}")
+            raise SafegeomError(f"{name} must be [n_prompts, d], got shape {X.shape}")
         if X.shape[0] < 2:
-            raise ValueError(f"{name} needs at least 2 prompts for a variance, got {X.shape[0]}")
+            raise SafegeomError(f"{name} needs at least 2 prompts for a variance, got {X.shape[0]}")
     _same_size(H, L, "harmful", "harmless")
     d = int(H.shape[1])
     Bm = _columns(_to_f64(basis, "basis"), "basis", d)
     norms = np.linalg.norm(Bm, axis=0)
     if np.any(norms <= _ZERO_NORM):
-        raise ValueError(f"basis vector(s) {np.flatnonzero(norms <= _ZERO_NORM).tolist()} are zero")
+        raise SafegeomError(
+            f"basis vector(s) {np.flatnonzero(norms <= _ZERO_NORM).tolist()} are zero"
+        )
     Bm = Bm / norms
     ch, cl = H @ Bm, L @ Bm  # [n, k] coordinates
     n1, n2 = ch.shape[0], cl.shape[0]
@@ -327,19 +333,26 @@ def coordinate_imbalance(
     separated coordinates; in units of Cohen's d. Raises ValueError on non-finite separations.
     """
     if "separation" not in df.columns:
-        raise ValueError("df must come from coordinate_statistics (no 'separation' column)")
+        raise SafegeomError("df must come from coordinate_statistics (no 'separation' column)")
     sep = df["separation"].to_numpy(dtype=np.float64)
     if sep.size == 0:
-        raise ValueError("df has no coordinates")
+        raise SafegeomError("df has no coordinates")
     if not np.all(np.isfinite(sep)):
-        raise ValueError("separation contains NaN or inf (a coordinate has zero pooled variance)")
+        raise NonFiniteError(
+            "separation contains NaN or inf (a coordinate has zero pooled variance)"
+        )
     if absolute:
         sep = np.abs(sep)
     if measure == "std":
         return float(np.std(sep))
     if measure == "range":
         return float(np.max(sep) - np.min(sep))
-    raise ValueError(f"unknown measure {measure!r}: use 'std' or 'range'")
+    raise ConfigError(f"unknown measure {measure!r}: use 'std' or 'range'")
+
+
+def _one_vector(m: F64) -> F64:
+    """A ``[d, 1]`` or ``[1, d]`` basis as the direction ``[d]`` it holds; others unchanged."""
+    return m.reshape(-1) if m.ndim == 2 and 1 in m.shape else m
 
 
 def coupling(
@@ -352,16 +365,20 @@ def coupling(
     """Coupling of a harmfulness carrier ``h`` and a refusal carrier ``r``, in [0, 1] (dimensionless).
 
     METHODS §4 *proposal* (our choice; the papers report coupling without a formula):
-    - two directions (both 1-D): ``|cos(h, r)|``;
-    - otherwise (either is a 2-D basis; a 1-D input is its 1-dimensional span): a reduction of the
-      squared cosines of the principal angles θ between the spans: ``reduce="mean_cos2"``
-      (default) gives ``mean(cos² θ)``, ``"max_cos2"`` gives ``max(cos² θ)`` (= cos² of the smallest
-      angle). Note that for two 1-dim subspaces this is ``cos²``, not ``|cos|``.
+    - two one-dimensional carriers (each a 1-D direction ``[d]`` or a one-vector basis ``[d, 1]``
+      or ``[1, d]``, which is the same carrier): ``|cos(h, r)|``, whatever ``reduce``;
+    - otherwise (either spans two or more dimensions; a direction is its 1-dimensional span): a
+      reduction of the squared cosines of the principal angles θ between the spans:
+      ``reduce="mean_cos2"`` (default) gives ``mean(cos² θ)``, ``"max_cos2"`` gives ``max(cos² θ)``
+      (= cos² of the smallest angle).
     0 means orthogonal carriers, 1 means one carrier lies in the other.
+
+    Returns:
+        The coupling, a float in [0, 1].
     """
     if reduce not in ("mean_cos2", "max_cos2"):
-        raise ValueError(f"unknown reduce {reduce!r}: use 'mean_cos2' or 'max_cos2'")
-    a, b = _to_f64(h, "h"), _to_f64(r, "r")
+        raise ConfigError(f"unknown reduce {reduce!r}: use 'mean_cos2' or 'max_cos2'")
+    a, b = _one_vector(_to_f64(h, "h")), _one_vector(_to_f64(r, "r"))
     if a.ndim == 1 and b.ndim == 1:
         return abs(cosine(a, b))
     cos2 = np.cos(principal_angles(a, b, hidden_size=hidden_size)) ** 2

@@ -35,6 +35,7 @@ from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts
 from safegeom.carriers.refusal import dim_candidates
 from safegeom.carriers.scoring import last_logprobs, refusal_log_odds, score_candidates
+from safegeom.errors import ConfigError, SafegeomError
 from safegeom.evaluate import refusal_token_ids
 from safegeom.geometry import effective_rank
 from safegeom.interventions import ablate, add
@@ -85,7 +86,7 @@ def dim_layer_candidates(
         prompt has the same embedding).
     """
     if kind not in ("refusal", "harmfulness"):
-        raise ValueError(f"unknown kind {kind!r}: use refusal or harmfulness")
+        raise ConfigError(f"unknown kind {kind!r}: use refusal or harmfulness")
     position = "last" if kind == "refusal" else "t_inst"
     cands = dim_candidates(
         lm, harmful, harmless, positions=position, layers=layers, system=system, progress=progress
@@ -109,12 +110,12 @@ def leading_subspaces(cone: Carrier, ks: Sequence[int] | None = None) -> list[Ca
     """The cone's leading-k subspaces (its first k rows) for each k in ``ks`` (default 1..K).
 
     Raises:
-        ValueError: a k outside 1..K.
+        SafegeomError: a k outside 1..K.
     """
     ks = list(ks) if ks is not None else list(range(1, cone.k + 1))
     bad = [k for k in ks if not 1 <= k <= cone.k]
     if bad:
-        raise ValueError(f"leading subspaces need 1 ≤ k ≤ {cone.k}, got {bad}")
+        raise SafegeomError(f"leading subspaces need 1 ≤ k ≤ {cone.k}, got {bad}")
     return [replace(cone, vectors=cone.vectors[:k]) for k in ks]
 
 
@@ -144,11 +145,11 @@ def admissibility_table(
         ``bypass_effect``, ``induce_effect``, ``effect`` (nats).
 
     Raises:
-        ValueError: no candidate, empty prompt sets, a hidden-size mismatch.
+        SafegeomError: no candidate, empty prompt sets, a hidden-size mismatch.
     """
 
     if not candidates:
-        raise ValueError("no candidate carrier given")
+        raise SafegeomError("no candidate carrier given")
     for c in candidates:
         c.check_model(lm.d_model, lm.weight_hash)
     ids = refusal_token_ids(lm, tokens)
@@ -236,13 +237,15 @@ def admissible_carrier(
         ``max_kl``, ``n_candidates``, ``n_admissible``.
 
     Raises:
-        ValueError: an unknown ``rank_by``, a negative ``max_kl``, or no admissible candidate
+        SafegeomError: an unknown ``rank_by``, a negative ``max_kl``, or no admissible candidate
             (the message lists the lowest-KL ones).
     """
     if rank_by not in ("effect", "bypass_effect", "induce_effect"):
-        raise ValueError(f"unknown rank_by {rank_by!r}: use effect, bypass_effect or induce_effect")
+        raise ConfigError(
+            f"unknown rank_by {rank_by!r}: use effect, bypass_effect or induce_effect"
+        )
     if max_kl < 0:
-        raise ValueError(f"max_kl must be ≥ 0, got {max_kl}")
+        raise SafegeomError(f"max_kl must be ≥ 0, got {max_kl}")
     table = admissibility_table(
         lm, candidates, harmful, harmless, tokens=tokens, batch_size=batch_size, system=system,
         progress=progress,
@@ -250,7 +253,7 @@ def admissible_carrier(
     ok = table[(table["kl"] <= max_kl) & (table[rank_by] > min_effect)]
     if ok.empty:
         closest = table.sort_values("kl").head(3)[["candidate", "layer", "kl", rank_by]]
-        raise ValueError(
+        raise SafegeomError(
             f"no candidate is admissible (KL ≤ {max_kl} and {rank_by} > {min_effect}); "
             f"lowest KL: {closest.to_dict('records')}"
         )

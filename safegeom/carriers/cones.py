@@ -29,6 +29,7 @@ from safegeom.capture import capture
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts, check_k, default_layer, prompt_provenance
 from safegeom.carriers.scoring import score_candidates
+from safegeom.errors import ConfigError, SafegeomError
 from safegeom.evaluate import refusal_token_ids
 from safegeom.geometry import effective_rank
 from safegeom.models.chat import encode_prompts
@@ -45,7 +46,7 @@ def gram_schmidt(
     vectors whose residual is below ``rel_tol`` of their norm (dependent on earlier ones).
 
     Raises:
-        ValueError: the vectors span fewer than ``k`` dimensions.
+        SafegeomError: the vectors span fewer than ``k`` dimensions.
     """
     rows: list[Tensor] = []
     for v in vectors.double():
@@ -57,7 +58,7 @@ def gram_schmidt(
             rows.append(r / r.norm())
         if len(rows) == k:
             return torch.stack(rows)
-    raise ValueError(
+    raise SafegeomError(
         f"the cone's source vectors span only {len(rows)} dimensions, fewer than k={k}; "
         "lower k, raise n_svd or use more positions/categories"
     )
@@ -139,7 +140,7 @@ def _category_means(
     acts: Float[Tensor, "n d"], prompts: PromptSet
 ) -> tuple[list[str], list[Tensor]]:
     if prompts.categories is None:
-        raise ValueError(
+        raise SafegeomError(
             f"prompt set {prompts.name!r} has no categories; use source='positions' or a set "
             "with categories (directharm4, jbb-harmful)"
         )
@@ -196,17 +197,17 @@ def cheap_cone(
         those of :func:`score_cone`.
 
     Raises:
-        ValueError: an empty prompt set, a layer or ``k`` out of range, an unknown source, a set
+        SafegeomError: an empty prompt set, a layer or ``k`` out of range, an unknown source, a set
             without categories, or sources spanning fewer than ``k`` dimensions.
     """
     h_set, s_set = load_prompts(harmful), load_prompts(harmless)
     check_k(k, lm.d_model)
     at = default_layer(lm, layer, refusal)
     if source not in ("positions", "categories"):
-        raise ValueError(f"unknown cone source {source!r}: use positions or categories")
+        raise ConfigError(f"unknown cone source {source!r}: use positions or categories")
     n_svd = k if n_svd is None else n_svd
     if n_svd < 0:
-        raise ValueError(f"n_svd must be ≥ 0, got {n_svd}")
+        raise SafegeomError(f"n_svd must be ≥ 0, got {n_svd}")
     acts = [
         capture(
             lm, p, layers=[at], positions="t_post", dtype=torch.float32, system=system,
@@ -215,7 +216,9 @@ def cheap_cone(
         for p in (h_set, s_set)
     ]  # fmt: skip
     if acts[0].positions != acts[1].positions:
-        raise ValueError("harmful and harmless prompts have different post-instruction positions")
+        raise SafegeomError(
+            "harmful and harmless prompts have different post-instruction positions"
+        )
     h, s = (a["resid_pre"][:, 0].double() for a in acts)  # [n, pos, d]
     dim = h.mean(0) - s.mean(0)  # [pos, d]
     if source == "positions":

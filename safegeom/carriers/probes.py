@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from safegeom.capture import capture
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts, prompt_provenance
+from safegeom.errors import NonFiniteError, SafegeomError
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import load_prompts
 
@@ -53,14 +54,14 @@ def probe_split(
     """Deterministic stratified split: ``(train_indices, test_indices)``, each sorted.
 
     Raises:
-        ValueError: ``test_fraction`` outside (0, 1), or a class with fewer than 2 examples.
+        SafegeomError: ``test_fraction`` outside (0, 1), or a class with fewer than 2 examples.
     """
     y = np.asarray(labels)
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+        raise SafegeomError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     counts = np.bincount(y.astype(np.int64), minlength=2)
     if counts.min() < 2:
-        raise ValueError(f"a probe needs at least 2 prompts per class, got {counts.tolist()}")
+        raise SafegeomError(f"a probe needs at least 2 prompts per class, got {counts.tolist()}")
     n_test = min(max(round(test_fraction * len(y)), 2), len(y) - 2)
     train, test = train_test_split(
         np.arange(len(y)), test_size=n_test, random_state=seed, stratify=y
@@ -91,7 +92,7 @@ def fit_probe(
         :class:`ProbeFit` with held-out accuracy and AUROC and the activation-space weight.
 
     Raises:
-        ValueError: shape mismatch, NaN/inf, or too few examples per class.
+        SafegeomError: shape mismatch, NaN/inf, or too few examples per class.
     """
     x = np.asarray(
         features.detach().cpu().double() if isinstance(features, torch.Tensor) else features,
@@ -99,9 +100,11 @@ def fit_probe(
     )
     y = np.asarray(labels).astype(np.int64)
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"features must be [n, d] with n = len(labels), got {x.shape}, {y.shape}")
+        raise SafegeomError(
+            f"features must be [n, d] with n = len(labels), got {x.shape}, {y.shape}"
+        )
     if not np.all(np.isfinite(x)):
-        raise ValueError("features contain NaN or inf")
+        raise NonFiniteError("features contain NaN or inf")
     train, test = split or probe_split(y, test_fraction=test_fraction, seed=seed)
     scaler = StandardScaler().fit(x[train])
     model = LogisticRegression(C=C, max_iter=1000, random_state=seed)
@@ -127,7 +130,9 @@ def _activations(
         for p in (h_set, s_set)
     ]  # fmt: skip
     if acts[0].positions != acts[1].positions:
-        raise ValueError("harmful and harmless prompts have different post-instruction positions")
+        raise SafegeomError(
+            "harmful and harmless prompts have different post-instruction positions"
+        )
     x = torch.cat([acts[0]["resid_pre"], acts[1]["resid_pre"]])  # [n, layer, pos, d]
     y = np.r_[np.ones(len(h_set), np.int64), np.zeros(len(s_set), np.int64)]
     return h_set, s_set, x, y, acts[0].layers, acts[0].positions
@@ -155,7 +160,7 @@ def probe_layers(
         ``auroc`` (held-out, in [0, 1]), ``n_train``, ``n_test``, ``C``.
 
     Raises:
-        ValueError: an empty prompt set, a layer out of range, fewer than 2 prompts per class.
+        SafegeomError: an empty prompt set, a layer out of range, fewer than 2 prompts per class.
     """
     _, _, x, y, layer_ids, labels = _activations(
         lm, harmful, harmless, positions, layers, system, progress
@@ -205,13 +210,13 @@ def probe_carrier(
         ``n_test``, ``C`` and ``separation`` (the norm, activation units).
 
     Raises:
-        ValueError: as :func:`probe_layers`; a position that names more than one token.
+        SafegeomError: as :func:`probe_layers`; a position that names more than one token.
     """
     h_set, s_set, x, y, layer_ids, labels = _activations(
         lm, harmful, harmless, position, "all" if layer is None else layer, system, progress
     )
     if len(labels) != 1:
-        raise ValueError(f"probe_carrier needs one position, {position!r} gives {list(labels)}")
+        raise SafegeomError(f"probe_carrier needs one position, {position!r} gives {list(labels)}")
     split = probe_split(y, test_fraction=test_fraction, seed=seed)
     fits = [fit_probe(x[:, j, 0], y, seed=seed, C=C, split=split) for j in range(len(layer_ids))]
     best = max(
@@ -220,7 +225,7 @@ def probe_carrier(
     )
     fit, feats = fits[best], x[:, best, 0].double().numpy()
     if not np.any(fit.weight):
-        raise ValueError("the probe weight is zero: the classes are not separable at this site")
+        raise SafegeomError("the probe weight is zero: the classes are not separable at this site")
     w = fit.weight / np.linalg.norm(fit.weight)
     gap = float((feats[y == 1].mean(0) - feats[y == 0].mean(0)) @ w)
     vector = w * (abs(gap) if gap != 0 else 1.0)

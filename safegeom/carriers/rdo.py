@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts, check_k, prompt_provenance
 from safegeom.carriers.cones import score_cone
+from safegeom.errors import ConfigError, SafegeomError
 from safegeom.hooks import Hook, attach, site_hook_point
 from safegeom.interventions import ABLATION_SITES, ablate, add
 from safegeom.models.chat import EncodedPrompt, collate_left, encode_prompts
@@ -284,16 +285,16 @@ def rdo_cone(
         are in ``provenance["losses"]``.
 
     Raises:
-        ValueError: empty prompt sets, a hidden-size mismatch, ``k`` outside 1..d, ``steps < 1``,
+        SafegeomError: empty prompt sets, a hidden-size mismatch, ``k`` outside 1..d, ``steps < 1``,
             an unknown init.
     """
     dim = dim_carrier
     dim.check_model(lm.d_model, lm.weight_hash)
     check_k(k, lm.d_model)
     if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+        raise SafegeomError(f"steps must be at least 1, got {steps}")
     if config.init not in ("dim", "random"):
-        raise ValueError(f"unknown init {config.init!r}: use dim or random")
+        raise ConfigError(f"unknown init {config.init!r}: use dim or random")
     h_set, s_set = load_prompts(harmful), load_prompts(harmless)
     targets = targets or rdo_targets(
         lm, h_set, s_set, dim, max_new_tokens=config.max_new_tokens, system=system,
@@ -350,10 +351,10 @@ def rdo_direction(
         in refusal log-odds, ``kl_0`` in nats).
 
     Raises:
-        ValueError: as :func:`rdo_cone`.
+        SafegeomError: as :func:`rdo_cone`.
     """
     if "k" in options:
-        raise TypeError("rdo_direction trains one direction; use rdo_cone for k > 1")
+        raise ConfigError("rdo_direction trains one direction; use rdo_cone for k > 1")
     cone = rdo_cone(
         lm, harmful, harmless, dim_carrier, k=1, steps=steps, lr=lr, lambdas=lambdas, **options
     )
