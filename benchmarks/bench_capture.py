@@ -7,8 +7,8 @@ Methods (same model, prompts, batches, layers and positions for all):
    into one output tensor exactly as :func:`safegeom.capture.capture` does);
 3. ``hidden_states``: the decoder with ``output_hidden_states=True``, keeping the requested
    positions afterwards;
-4. ``lens``: transformer-lens' ``TransformerBridge.run_with_cache`` with a names filter
-   (safegeom's ``backend="lens"``, :func:`safegeom.capture_lens.iter_capture_lens`);
+4. ``transformer_lens``: transformer-lens' ``TransformerBridge.run_with_cache`` with a names
+   filter (safegeom's ``backend="transformer_lens"``, :mod:`safegeom.capture.transformer_lens`);
 5. ``nnsight``: an nnsight 0.8 trace over the decoder saving the same positions of every
    layer's output (when nnsight is installed).
 
@@ -121,7 +121,7 @@ def _build(preset: Preset) -> Any:
 
     from safegeom.capture import CapturePlan
     from safegeom.models import LAYOUTS, EncodedPrompt, LoadedModel, plan_positions
-    from safegeom.prompts import PromptSet
+    from safegeom.models.chat import EncodedSet
 
     dtype = getattr(torch, preset.dtype)
     config = LlamaConfig(
@@ -157,8 +157,15 @@ def _build(preset: Preset) -> Any:
     encoded = tuple(
         EncodedPrompt(input_ids=tuple(row.tolist()), t_inst=t_inst, inst_start=0) for row in ids
     )
+    prompts = EncodedSet(
+        prompts=tuple(f"p{i}" for i in range(len(encoded))),
+        encoded=encoded,
+        system=None,
+        template_hash="",
+        name="random",
+    )
     plan = CapturePlan(
-        prompts=PromptSet(name="random", prompts=tuple(f"p{i}" for i in range(len(encoded)))),
+        prompts=prompts,
         encoded=encoded,
         sites=(SITE,),
         layers=tuple(range(preset.layers)),

@@ -12,7 +12,7 @@ METHODS: dict[str, str] = {
     "forward": "plain forward (no LM head)",
     "safegeom": "safegeom capture",
     "hidden_states": "output_hidden_states + select",
-    "lens": "TransformerLens bridge run_with_cache",
+    "transformer_lens": "TransformerLens bridge run_with_cache",
     "nnsight": "nnsight trace + save",
 }
 """Method key → label in the table, in the order they run."""
@@ -107,12 +107,18 @@ def make_method(name: str, lm: Any) -> Steps:
 
         return lambda plan, sink: collect_output(lm, plan, hidden_batches(plan), sink)
 
-    if name == "lens":
-        from safegeom.capture_lens import iter_capture_lens, lens_bridge
+    if name == "transformer_lens":
+        import dataclasses
 
-        lens_bridge(lm)  # build (and cache) the bridge outside the timings
+        from safegeom.capture import iter_capture
+        from safegeom.capture.transformer_lens import transformer_lens_bridge
+
+        transformer_lens_bridge(lm)  # build (and cache) the bridge outside the timings
         return lambda plan, sink: collect_output(
-            lm, plan, iter_capture_lens(lm, plan, progress=False), sink
+            lm,
+            plan,
+            iter_capture(lm, dataclasses.replace(plan, backend="transformer_lens"), progress=False),
+            sink,
         )
 
     if name == "nnsight":

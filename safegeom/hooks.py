@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from safegeom.errors import ConfigError
 from safegeom.models.layout import resolve
 from safegeom.models.loading import LoadedModel
 
@@ -47,7 +48,7 @@ def site_hook_point(
     """Return the module and hook kind that expose ``site`` at ``layer``.
 
     Raises:
-        ValueError: an unknown site.
+        ConfigError: an unknown site.
     """
     block = lm.blocks[layer]
     if site == "resid_pre":
@@ -58,7 +59,7 @@ def site_hook_point(
         return resolve(block, lm.layout.attn), "post"
     if site == "mlp_out":
         return resolve(block, lm.layout.mlp), "post"
-    raise ValueError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
+    raise ConfigError(f"unknown site {site!r}: use one of {', '.join(SITES)}")
 
 
 def hidden_of(value: Any) -> Tensor:

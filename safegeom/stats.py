@@ -16,16 +16,16 @@ that shape; the covariance is taken over the last dimension only, separately for
 so it has shape ``(*shape[:-1], d, d)``.
 """
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from safegeom.artifacts import read_safetensors, save_safetensors
+from safegeom.errors import ArtifactError, NonFiniteError, SafegeomError
 
 __all__ = ["Moments", "RunningStats", "diff_in_means"]
 
@@ -36,11 +36,11 @@ def _check_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     try:
         out = tuple(int(s) for s in shape)
     except TypeError as err:
-        raise ValueError(f"shape must be a tuple of ints, got {shape!r}") from err
+        raise SafegeomError(f"shape must be a tuple of ints, got {shape!r}") from err
     if len(out) == 0:
-        raise ValueError("shape must have at least one dimension (the hidden size d)")
+        raise SafegeomError("shape must have at least one dimension (the hidden size d)")
     if any(s <= 0 for s in out):
-        raise ValueError(f"shape must have positive sizes, got {out}")
+        raise SafegeomError(f"shape must have positive sizes, got {out}")
     return out
 
 
@@ -99,17 +99,17 @@ class RunningStats:
         if not isinstance(x, Tensor):
             x = torch.as_tensor(x)
         if not (x.is_floating_point()):
-            raise ValueError(
+            raise SafegeomError(
                 f"expected a floating-point tensor of activations, got dtype {x.dtype}"
             )
         if x.ndim != len(self.shape) + 1 or tuple(x.shape[1:]) != self.shape:
-            raise ValueError(
+            raise SafegeomError(
                 f"shape mismatch: expected activations of shape [batch, {', '.join(map(str, self.shape))}]"
                 f", got {list(x.shape)}"
             )
         if not bool(torch.isfinite(x).all()):
             n_bad = int((~torch.isfinite(x)).sum())
-            raise ValueError(
+            raise NonFiniteError(
                 f"NaN or inf in activations ({n_bad} non-finite values in a batch of shape "
                 f"{list(x.shape)}); check the model dtype and the capture positions"
             )
@@ -120,7 +120,7 @@ class RunningStats:
     def update(self, x: Float[Tensor, " batch *shape"]) -> None:
         """Add a batch of samples ``x`` of shape ``[batch, *shape]`` (any float dtype, cast to float64).
 
-        A batch of size 0 is a no-op. Raises ValueError on a shape mismatch or NaN/inf values.
+        A batch of size 0 is a no-op. Raises SafegeomError on a shape mismatch or NaN/inf values.
         """
         x = self._validate_batch(x)
         b = int(x.shape[0])
@@ -155,9 +155,9 @@ class RunningStats:
         The result lives on ``self``'s device and tracks covariance only if both do.
         """
         if not isinstance(other, RunningStats):
-            raise ValueError(f"can only merge RunningStats with RunningStats, got {type(other)}")
+            raise SafegeomError(f"can only merge RunningStats with RunningStats, got {type(other)}")
         if other.shape != self.shape:
-            raise ValueError(f"shape mismatch in merge: {self.shape} vs {other.shape}")
+            raise SafegeomError(f"shape mismatch in merge: {self.shape} vs {other.shape}")
         both_cov = self._m2 is not None and other._m2 is not None
         out = RunningStats(self.shape, covariance=both_cov, device=self.device)
         out.n = self.n
@@ -173,14 +173,14 @@ class RunningStats:
     def covariance(self, ddof: int = 1) -> Float[Tensor, "*lead d d"]:
         """Float64 covariance over the last dim, shape ``(*shape[:-1], d, d)``, divided by ``n - ddof``.
 
-        Raises ValueError when covariance is not tracked or ``n <= ddof``.
+        Raises SafegeomError when covariance is not tracked or ``n <= ddof``.
         """
         if self._m2 is None:
-            raise ValueError(
+            raise SafegeomError(
                 "covariance was not tracked: construct RunningStats(..., covariance=True)"
             )
         if self.n - ddof <= 0:
-            raise ValueError(
+            raise SafegeomError(
                 f"need more than ddof={ddof} samples for a covariance, have n={self.n}"
             )
         return self._m2 / (self.n - ddof)
@@ -188,10 +188,12 @@ class RunningStats:
     def finalize(self, ddof: int = 1) -> "Moments":
         """Freeze into :class:`Moments` (mean, and covariance with ``ddof`` if tracked).
 
-        Raises ValueError when no samples were seen, or when covariance is tracked and ``n <= ddof``.
+        Raises SafegeomError when no samples were seen, or when covariance is tracked and ``n <= ddof``.
         """
         if self.n == 0:
-            raise ValueError("no samples: call update() with at least one batch before finalize()")
+            raise SafegeomError(
+                "no samples: call update() with at least one batch before finalize()"
+            )
         cov = self.covariance(ddof) if self._m2 is not None else None
         return Moments(
             n=self.n,
@@ -219,14 +221,14 @@ class Moments:
 
     def __post_init__(self) -> None:
         if self.n <= 0:
-            raise ValueError(f"Moments need n > 0, got n={self.n}")
+            raise SafegeomError(f"Moments need n > 0, got n={self.n}")
         if self.mean.ndim == 0:
-            raise ValueError("Moments.mean must have at least one dimension (the hidden size d)")
+            raise SafegeomError("Moments.mean must have at least one dimension (the hidden size d)")
         if self.cov is not None:
             d = self.mean.shape[-1]
             want = (*self.mean.shape[:-1], d, d)
             if tuple(self.cov.shape) != want:
-                raise ValueError(
+                raise SafegeomError(
                     f"shape mismatch: cov should be {want}, got {tuple(self.cov.shape)}"
                 )
 
@@ -240,10 +242,8 @@ class Moments:
 
         The metadata (``n``, ``shape``, ``ddof``, format tag) is stored as a JSON string under the
         ``safegeom`` key of the safetensors header, so one file carries everything. The write is
-        atomic (temporary file, then rename). Returns the path written.
+        atomic (:func:`safegeom.artifacts.save_safetensors`). Returns the path written.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"mean": self.mean.detach().to("cpu", torch.float64).contiguous()}
         if self.cov is not None:
             tensors["cov"] = self.cov.detach().to("cpu", torch.float64).contiguous()
@@ -254,35 +254,23 @@ class Moments:
             "ddof": int(self.ddof),
             "has_cov": self.cov is not None,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"safegeom": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return save_safetensors(path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> "Moments":
-        """Read a file written by :meth:`save`; checks that the stored shape matches the tensors."""
-        from safetensors import safe_open
+        """Read a file written by :meth:`save`; checks that the stored shape matches the tensors.
 
+        Raises:
+            NotFoundError: no file at ``path``.
+            ArtifactError: not a safegeom Moments file, or its shape does not match.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"no moments file at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        if "safegeom" not in header:
-            raise ValueError(f"{path} is not a safegeom Moments file (no 'safegeom' metadata)")
-        meta = json.loads(header["safegeom"])
+        tensors, meta = read_safetensors(path, what="moments file", device=str(device))
         if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path}: unsupported moments format {meta.get('format')!r}")
-        tensors = load_file(str(path), device=str(device))
+            raise ArtifactError(f"{path}: unsupported moments format {meta.get('format')!r}")
         mean = tensors["mean"]
         if list(mean.shape) != list(meta["shape"]):
-            raise ValueError(
+            raise ArtifactError(
                 f"{path}: stored shape {meta['shape']} does not match mean {list(mean.shape)}"
             )
         return cls(n=int(meta["n"]), mean=mean, cov=tensors.get("cov"), ddof=int(meta["ddof"]))
@@ -291,20 +279,20 @@ class Moments:
 def _moments_of(x: Moments | RunningStats, name: str) -> tuple[int, Tensor]:
     if isinstance(x, (Moments, RunningStats)):
         return x.n, x.mean
-    raise ValueError(f"{name} must be Moments or RunningStats, got {type(x).__name__}")
+    raise SafegeomError(f"{name} must be Moments or RunningStats, got {type(x).__name__}")
 
 
 def diff_in_means(a: Moments | RunningStats, b: Moments | RunningStats) -> Float[Tensor, "*shape"]:
     """Float64 difference of means ``mean_a − mean_b`` (e.g. harmful − harmless), on ``a``'s device.
 
-    Raises ValueError on a shape mismatch or when either side has no samples.
+    Raises SafegeomError on a shape mismatch or when either side has no samples.
     """
     n_a, mean_a = _moments_of(a, "a")
     n_b, mean_b = _moments_of(b, "b")
     if n_a == 0 or n_b == 0:
-        raise ValueError(f"diff_in_means needs samples on both sides, got n_a={n_a}, n_b={n_b}")
+        raise SafegeomError(f"diff_in_means needs samples on both sides, got n_a={n_a}, n_b={n_b}")
     if tuple(mean_a.shape) != tuple(mean_b.shape):
-        raise ValueError(
+        raise SafegeomError(
             f"shape mismatch in diff_in_means: {tuple(mean_a.shape)} vs {tuple(mean_b.shape)}"
         )
     return mean_a.to(torch.float64) - mean_b.to(device=mean_a.device, dtype=torch.float64)

@@ -112,8 +112,10 @@ def test_storage_dtype_and_provenance(checkpoints: dict[str, Path]) -> None:
     acts = capture(lm, PROMPTS, dtype=torch.bfloat16, layers="1", positions="last", progress=False)
     assert acts["resid_pre"].dtype == torch.bfloat16
     prov = acts.provenance
-    assert prov.weight_hash == lm.weight_hash and prov.n_prompts == 4 and prov.layers == (1,)
-    assert prov.positions == ("last",) and prov.dtype == "bfloat16" and prov.prompt_hash
+    assert prov["weight_hash"] == lm.weight_hash and prov["n_prompts"] == 4
+    assert prov["layers"] == [1] and prov.layers == [1]
+    assert prov["positions"] == ["last"] and prov["dtype"] == "bfloat16" and prov.prompt_hash
+    assert prov["backend"] == "hooks" and prov.config["dtype"] == "bfloat16"
 
 
 def test_streaming_stats_equal_full_tensor(checkpoints: dict[str, Path]) -> None:
@@ -144,7 +146,7 @@ def test_save_load_roundtrip_and_shards(checkpoints: dict[str, Path], tmp_path: 
     assert back.provenance == acts.provenance
     for site in acts.sites:
         assert torch.equal(back[site], acts[site])
-    assert json.loads(Path(f"{path}.json").read_text())["provenance"]["n_prompts"] == 4
+    assert json.loads(Path(f"{path}.json").read_text())["provenance"]["extra"]["n_prompts"] == 4
     folder = capture_to_disk(
         lm, PROMPTS, tmp_path / "shards", sites=["resid_pre", "attn_out"], shard_size=2,
         batch_size=2, progress=False,
@@ -177,7 +179,9 @@ def test_peft_adapter_captures_like_merged(checkpoints: dict[str, Path], tmp_pat
         progress=False,
     )  # fmt: skip
     for site in ALL_SITES:
-        torch.testing.assert_close(a[site], b[site], atol=1e-5, rtol=1e-5)
+        # Merged weights (W + BA) round differently from the separate LoRA path in float32:
+        # peft 0.21 differs by up to 1.5e-5 on activations of O(1).
+        torch.testing.assert_close(a[site], b[site], atol=5e-5, rtol=1e-5)
     assert (a["resid_post"] - plain["resid_post"]).abs().max() > 1e-3
 
 
@@ -193,7 +197,7 @@ def test_bad_inputs(checkpoints: dict[str, Path], tmp_path: Path) -> None:
         capture(lm, PROMPTS, positions="first", progress=False)
     with pytest.raises(ValueError, match="unknown capture backend 'jax'"):
         capture(lm, PROMPTS, backend="jax", progress=False)
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+    with pytest.raises(ValueError, match=r"batch_size \(--batch-size\) must be at least 1"):
         plan_capture(lm, PROMPTS, batch_size=0)
     with pytest.raises(FileNotFoundError, match="no activations at"):
         load_activations(tmp_path / "missing.safetensors")

@@ -1,4 +1,4 @@
-"""The transformer-lens backend gives the same activations as safegeom's own hooks."""
+"""The transformer_lens backend gives the same activations as safegeom's own hooks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 pytest.importorskip("transformer_lens")
 
 from safegeom.capture import capture
-from safegeom.capture_lens import lens_bridge, lens_hook_name
+from safegeom.capture.transformer_lens import bridge_hook_name, transformer_lens_bridge
 from safegeom.models import LAYOUTS, LoadedModel, load_model
 from tests.tiny_models import ARCHS
 
@@ -47,7 +47,7 @@ def _both(lm: LoadedModel, **kwargs) -> tuple:
     common = {"sites": SITES, "positions": POSITIONS, "dtype": torch.float32, "progress": False}
     common.update(kwargs)
     return capture(lm, PROMPTS, backend="hooks", **common), capture(
-        lm, PROMPTS, backend="lens", **common
+        lm, PROMPTS, backend="transformer_lens", **common
     )
 
 
@@ -57,7 +57,7 @@ def test_lens_equals_hooks(models: Callable[[str], LoadedModel], arch: str) -> N
     hooks, lens = _both(lm, layers="all", batch_size=3)
     assert lens.layers == hooks.layers == tuple(range(lm.n_layers))
     assert lens.positions == hooks.positions
-    assert lens.provenance.backend == "lens"
+    assert lens.provenance["backend"] == "transformer_lens"
     for site in SITES.split(","):
         assert lens.data[site].shape == hooks.data[site].shape
         assert lens.data[site].dtype == torch.float32
@@ -75,8 +75,8 @@ def test_lens_stops_early_and_matches(models: Callable[[str], LoadedModel], arch
 def test_lens_padded_equals_alone(models: Callable[[str], LoadedModel]) -> None:
     lm = models("qwen2")
     kwargs = {"sites": SITES, "layers": "all", "positions": POSITIONS, "progress": False}
-    batched = capture(lm, PROMPTS, backend="lens", batch_size=len(PROMPTS), **kwargs)
-    alone = capture(lm, PROMPTS, backend="lens", batch_size=1, **kwargs)
+    batched = capture(lm, PROMPTS, backend="transformer_lens", batch_size=len(PROMPTS), **kwargs)
+    alone = capture(lm, PROMPTS, backend="transformer_lens", batch_size=1, **kwargs)
     for site in SITES.split(","):
         torch.testing.assert_close(batched.data[site], alone.data[site], **TOL)
 
@@ -85,18 +85,18 @@ def test_lens_leaves_model_alone_and_caches_bridge(models: Callable[[str], Loade
     lm = models("llama")
     before = [type(m) for m in lm.model.modules()]
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    bridge = lens_bridge(lm)
-    assert lens_bridge(lm) is bridge  # cached per model
+    bridge = transformer_lens_bridge(lm)
+    assert transformer_lens_bridge(lm) is bridge  # cached per model
     _both(lm, layers="-1", batch_size=2)
     assert [type(m) for m in lm.model.modules()] == before  # the bridge wraps a clone
     after = lm.model.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state)
-    assert lens_bridge(lm) is bridge
+    assert transformer_lens_bridge(lm) is bridge
 
 
 def test_lens_sees_in_place_weight_edits(models: Callable[[str], LoadedModel]) -> None:
     lm = models("mistral")
-    lens_bridge(lm)  # built before the edit
+    transformer_lens_bridge(lm)  # built before the edit
     weight = lm.blocks[0].mlp.down_proj.weight
     saved = weight.detach().clone()
     try:
@@ -111,10 +111,10 @@ def test_lens_sees_in_place_weight_edits(models: Callable[[str], LoadedModel]) -
 
 
 def test_lens_errors_name_the_hooks_backend(models: Callable[[str], LoadedModel]) -> None:
-    bridge = lens_bridge(models("llama"))
-    assert lens_hook_name(bridge, "resid_pre", 1) == "blocks.1.hook_resid_pre"
+    bridge = transformer_lens_bridge(models("llama"))
+    assert bridge_hook_name(bridge, "resid_pre", 1) == "blocks.1.hook_resid_pre"
     with pytest.raises(ValueError, match='backend="hooks"'):
-        lens_hook_name(bridge, "resid_pre", 99)
+        bridge_hook_name(bridge, "resid_pre", 99)
     not_hf = LoadedModel(
         model=nn.Linear(4, 4),
         tokenizer=None,
@@ -123,4 +123,4 @@ def test_lens_errors_name_the_hooks_backend(models: Callable[[str], LoadedModel]
         layout=LAYOUTS["llama"],
     )
     with pytest.raises(ValueError, match='backend="hooks"'):
-        lens_bridge(not_hf)
+        transformer_lens_bridge(not_hf)

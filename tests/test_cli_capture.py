@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegeom.activations import load_activations
+from safegeom.activations import ActivationStats, load_activations
 from safegeom.cli import main
-from safegeom.stats import Moments
 
 
 def test_capture_cli_writes_readable_files(
@@ -25,11 +24,12 @@ def test_capture_cli_writes_readable_files(
     summary = json.loads(capsys.readouterr().out)
     acts = load_activations(out)
     assert acts.layers == (0, 2) and list(acts["resid_pre"].shape) == summary["shape"]["resid_pre"]
-    assert acts.provenance.prompt_set == "advbench:val" and acts.provenance.n_prompts == 6
+    assert list(acts.provenance.prompt_sets) == ["advbench:val"]
+    assert acts.provenance["n_prompts"] == 6
 
     assert main([*argv, "--stats", "--covariance", "--out", str(tmp_path / "m"), "--json"]) == 0
-    paths = json.loads(capsys.readouterr().out)["out"]
-    moments = Moments.load(paths["resid_pre"])
+    path = json.loads(capsys.readouterr().out)["out"]
+    moments = ActivationStats.load(path).moments["resid_pre"]
     full_mean = acts["resid_pre"][:, :, 1:].double().mean(0)  # drop t_inst
     torch.testing.assert_close(moments.mean[[0, 2]], full_mean, atol=1e-6, rtol=0)
     assert moments.n == 6 and moments.cov is not None

@@ -159,7 +159,7 @@ def test_load_rejects_foreign_files(tmp_path: Path) -> None:
 
     other = tmp_path / "other.safetensors"
     save_file({"mean": torch.zeros(3)}, str(other))
-    with pytest.raises(ValueError, match="not a safegeom Moments file"):
+    with pytest.raises(ValueError, match="not a saved moments file"):
         Moments.load(other)
     with pytest.raises(ValueError, match="no moments file"):
         Moments.load(tmp_path / "missing.safetensors")

@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+from typing import Any
 
-from safegeom.capture import capture, capture_stats, capture_to_disk
-from safegeom.cli.common import (
-    add_model_args,
-    add_prompt_args,
-    emit_json,
-    model_from_args,
-    prompts_from_args,
-)
+from safegeom.activations import Activations, ActivationStats
+from safegeom.artifacts import check_output_dir, check_output_file
+from safegeom.capture import CaptureConfig, capture, capture_stats, capture_to_disk
+from safegeom.cli.common import emit_json
+from safegeom.cli.options import add_config, config_from_args
+from safegeom.config import check
+from safegeom.errors import ConfigError, SafegeomError
+from safegeom.models.loading import LoadConfig, load_model
+from safegeom.prompts import PromptSet, load_prompts
+
+
+@dataclass(frozen=True)
+class CaptureCommand:
+    """What to capture from and where the result goes."""
+
+    model: str = field(metadata={"positional": True, "metavar": "MODEL"})
+    """tiny-chat, a checkpoint or adapter folder, or a hub id."""
+    prompts: str = field(metadata={"metavar": "SPEC"})
+    """Prompt set: a bundled set[:split] or a CSV/JSON/JSONL file."""
+    out: str = field(metadata={"metavar": "PATH"})
+    """Output file (a folder with --shard-size); checked before the model is loaded."""
+    column: str | None = None
+    """Prompt column of a user file (default: prompt, instruction, goal or question)."""
+    limit: int | None = None
+    """Use only the first N prompts."""
+    json: bool = False
+    """Print a summary as JSON."""
+
+    def __post_init__(self) -> None:
+        if self.limit is not None:
+            check(self.limit >= 1, "limit", "must be a positive number of prompts", self.limit)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,59 +46,82 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="capture activations to safetensors",
         description="Capture activations at (site, layer, position) with a progress bar; writes "
         "FILE (safetensors) and FILE.json (provenance), a sharded folder (--shard-size), or "
-        "float64 means/covariances (--stats).",
+        "one float64 statistics file of means (and covariances) per site (--stats).",
     )
-    add_model_args(parser)
-    add_prompt_args(parser)
-    parser.add_argument(
-        "--sites", default="resid_pre", help="resid_pre,resid_post,attn_out,mlp_out"
-    )
-    parser.add_argument("--layers", default="all", help="all, 5, -1, 2:6, 2-5 or comma lists")
-    parser.add_argument("--positions", default="t_post", help="t_inst, t_post, last or offsets")
-    parser.add_argument("--out", required=True, help="output file (or folder with --shard-size)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--backend", default="hooks", choices=["hooks", "lens"])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--shard-size", type=int, default=None, help="stream to a sharded folder")
-    mode.add_argument("--stats", action="store_true", help="float64 means (and --covariance)")
-    parser.add_argument("--covariance", action="store_true", help="with --stats")
-    parser.add_argument("--json", action="store_true", help="print a summary as JSON")
+    add_config(parser, CaptureCommand, title="capture")
+    add_config(parser, LoadConfig, title="model loading")
+    add_config(parser, CaptureConfig, title="what to capture")
     parser.set_defaults(func=run)
 
 
+def _prompts(command: CaptureCommand) -> PromptSet:
+    try:
+        return load_prompts(command.prompts, column=command.column, n=command.limit)
+    except SafegeomError:
+        raise
+    except ValueError as err:  # prompt loading reports bad specs as ValueError
+        raise ConfigError(f"--prompts: {err}") from None
+
+
+def _span(values: tuple[Any, ...] | list[Any]) -> str:
+    items = [str(v) for v in values]
+    return items[0] if len(items) == 1 else f"{items[0]}..{items[-1]} ({len(items)})"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Execute ``safegeom capture``."""
-    lm = model_from_args(args)
-    prompts = prompts_from_args(args)
-    common = dict(
-        sites=args.sites,
-        layers=args.layers,
-        positions=args.positions,
-        batch_size=args.batch_size,
-        system=args.system,
-    )
-    if args.shard_size:
-        path = capture_to_disk(lm, prompts, args.out, shard_size=args.shard_size, **common)
-        summary = {"out": str(path), "mode": "shards"}
-    elif args.stats:
-        stats = capture_stats(
-            lm, prompts, covariance=args.covariance, backend=args.backend, **common
-        )
-        paths = {site: str(m.save(f"{args.out}.{site}")) for site, m in stats.moments.items()}
-        summary = {"out": paths, "mode": "stats", "layers": list(stats.layers)}
+    """Execute ``safegeom capture``: check ``--out``, load the prompts and the model, capture."""
+    command = config_from_args(CaptureCommand, args)
+    config = config_from_args(CaptureConfig, args)
+    if config.shard_size is not None:
+        check_output_dir(command.out)
     else:
-        acts = capture(lm, prompts, backend=args.backend, **common)
-        path = acts.save(args.out)
-        summary = {
-            "out": str(path),
-            "mode": "tensors",
-            "shape": {s: list(t.shape) for s, t in acts.data.items()},
-            "positions": list(acts.positions),
-            "layers": list(acts.layers),
-        }
-    if args.json:
+        check_output_file(command.out)
+    prompts = _prompts(command)
+    lm = load_model(command.model, config_from_args(LoadConfig, args))
+    summary: dict[str, Any]
+    if config.shard_size is not None:
+        path = capture_to_disk(lm, prompts, command.out, config)
+        summary = {"out": str(path), "mode": "shards"}
+        line = f"wrote {path}/ (sharded activations of {len(prompts)} prompts)"
+    elif config.stats:
+        stats = capture_stats(lm, prompts, config)
+        path = stats.save(command.out)
+        summary = _stats_summary(stats, str(path))
+        line = (
+            f"wrote {path} (float64 {'means and covariances' if config.covariance else 'means'}"
+            f" of {', '.join(stats.sites)}; layers {_span(stats.layers)}; positions "
+            f"{_span(stats.positions)}; n={stats.n}) and {path}.json"
+        )
+    else:
+        acts = capture(lm, prompts, config)
+        path = acts.save(command.out)
+        summary = _tensor_summary(acts, str(path))
+        shape = "x".join(str(s) for s in next(iter(acts.data.values())).shape)
+        line = f"wrote {path} ({', '.join(acts.sites)}: {shape}) and {path}.json"
+    if command.json:
         emit_json(summary)
     else:
-        print(f"wrote {summary['out']}")
+        print(line)
     return 0
+
+
+def _tensor_summary(acts: Activations, path: str) -> dict[str, Any]:
+    return {
+        "out": path,
+        "mode": "tensors",
+        "shape": {s: list(t.shape) for s, t in acts.data.items()},
+        "positions": list(acts.positions),
+        "layers": list(acts.layers),
+    }
+
+
+def _stats_summary(stats: ActivationStats, path: str) -> dict[str, Any]:
+    return {
+        "out": path,
+        "mode": "stats",
+        "sites": list(stats.sites),
+        "layers": list(stats.layers),
+        "positions": list(stats.positions),
+        "n": stats.n,
+        "covariance": all(m.cov is not None for m in stats.moments.values()),
+    }

@@ -1,0 +1,48 @@
+"""Activation capture at (site, layer, position), at close to the cost of a plain forward pass.
+
+The package is a plan, one batch loop and two backends:
+
+- :mod:`~safegeom.capture.config`: :class:`CaptureConfig`, what to capture and how;
+- :mod:`~safegeom.capture.plan`: :func:`plan_capture` resolves a config against a model and
+  tokenizes the prompts once (:class:`CapturePlan`);
+- :mod:`~safegeom.capture.loop`: the batch loop (:func:`iter_capture`) and its consumers
+  :func:`capture` (tensors), :func:`capture_stats` (float64 moments) and
+  :func:`capture_to_disk` (shards);
+- :mod:`~safegeom.capture.hooks_backend` (``backend="hooks"``, the default) and
+  :mod:`~safegeom.capture.transformer_lens` (``backend="transformer_lens"``), which depend on the
+  plan only; the loop picks one from :data:`~safegeom.capture.loop.RECORDERS`.
+
+Example:
+    >>> from safegeom.capture import capture  # doctest: +SKIP
+    >>> acts = capture(lm, "advbench:val", layers="2-5", positions="t_inst,t_post")  # doctest: +SKIP
+"""
+
+from safegeom.activations import Activations, ActivationStats, load_activations
+from safegeom.capture.config import BACKENDS, CaptureConfig, parse_sites
+from safegeom.capture.loop import (
+    RECORDERS,
+    capture,
+    capture_stats,
+    capture_to_disk,
+    iter_capture,
+)
+from safegeom.capture.loop import _runs as _runs  # re-exported for the run-splitting test
+from safegeom.capture.plan import CapturePlan, Prompts, auto_batch_size, plan_capture
+
+__all__ = [
+    "BACKENDS",
+    "RECORDERS",
+    "ActivationStats",
+    "Activations",
+    "CaptureConfig",
+    "CapturePlan",
+    "Prompts",
+    "auto_batch_size",
+    "capture",
+    "capture_stats",
+    "capture_to_disk",
+    "iter_capture",
+    "load_activations",
+    "parse_sites",
+    "plan_capture",
+]
