@@ -1,32 +1,110 @@
 """``safegeom evaluate``: generate, judge and score a prompt set (refusal rate, ASR, refusal score).
 
-Interventions: :func:`run` takes an optional ``intervention`` (a context manager, or a
-zero-argument callable returning one) entered around generation and scoring. When none is passed,
-:func:`build_intervention` turns ``--carrier FILE --intervene ablate|add`` into one: ablation of the
-carrier's span at every block input and attention/MLP output, or addition of ``--coeff`` times the
-carrier at its layer (or ``--layer``).
+The options are derived from :class:`EvaluateConfig` (how to evaluate), :class:`EvaluateCommand`
+(what: the model, the prompts, the outputs) and :class:`~safegeom.models.LoadConfig`.
+
+Interventions: :func:`run` takes an optional ``intervention`` (an intervention value, a context
+manager, or a zero-argument callable returning one) entered around generation and scoring. When
+none is passed, :func:`build_intervention` turns ``--carrier FILE --intervene ablate|add`` into an
+:class:`~safegeom.interventions.Ablation` of the carrier's span at every block input and
+attention/MLP output, or an :class:`~safegeom.interventions.Addition` of ``--coeff`` times the
+carrier at its layer (or ``--layer``); the result's provenance records its description.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from safegeom.artifacts import check_output_file
 from safegeom.bootstrap import Metric
-from safegeom.results import EvalResult
 from safegeom.cli import CliError
-from safegeom.cli.common import (
-    add_model_args,
-    add_prompt_args,
-    emit_json,
-    model_from_args,
-    prompts_from_args,
-)
+from safegeom.cli.common import emit_json
+from safegeom.cli.options import add_config, config_from_args
+from safegeom.errors import ConfigError
 from safegeom.evaluate import Intervention, evaluate
 from safegeom.judges import get_judge
-from safegeom.models import LoadedModel
+from safegeom.models import LoadConfig, LoadedModel, load_model
+from safegeom.prompts import load_prompts
+from safegeom.results import EvalResult
 
-__all__ = ["add_intervention_args", "build_intervention", "format_table", "register", "run"]
+__all__ = [
+    "EvaluateCommand",
+    "EvaluateConfig",
+    "build_intervention",
+    "format_table",
+    "register",
+    "run",
+]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How ``safegeom evaluate`` generates, judges and scores."""
+
+    judge: str = "substring"
+    """substring, xstest, hf-classifier:PATH[#REFUSED_LABEL] or chat-judge:PATH."""
+    max_new_tokens: int = 48
+    """Tokens per completion."""
+    batch_size: int | None = None
+    """Prompts per forward pass (default: from the device's memory)."""
+    system: str | None = None
+    """System prompt."""
+    score: bool = True
+    """Compute the refusal score (last-position log-odds of refusal tokens)."""
+    seed: int = 0
+    """Bootstrap seed."""
+    intervene: Literal["ablate", "add"] | None = None
+    """Ablate the --carrier everywhere, or add it at its layer."""
+    coeff: float = 1.0
+    """Addition coefficient, in multiples of the carrier vector."""
+    layer: str | None = None
+    """Addition layer(s) (default: the carrier's; all, 2:6 end-exclusive, 2-5 inclusive, 1,3)."""
+    add_positions: Literal["all", "prompt", "instruction"] = "all"
+    """Where the addition applies: every position, the prompt pass, or the instruction tokens."""
+
+    def __post_init__(self) -> None:
+        """Check ranges, naming the flags.
+
+        Raises:
+            ConfigError: a value out of range.
+        """
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class EvaluateCommand:
+    """What ``safegeom evaluate`` runs on and where its result goes."""
+
+    model: str = field(metadata={"positional": True})
+    """tiny-chat, a checkpoint or adapter dir, or a hub id."""
+    prompts: str = field(metadata={"metavar": "SPEC"})
+    """Prompt set: bundled set[:split] or a CSV/JSON/JSONL file."""
+    column: str | None = None
+    """Prompt column of a user file."""
+    limit: int | None = None
+    """Use the first N prompts."""
+    carrier: str | None = None
+    """Carrier file (.safetensors) for --intervene."""
+    out: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """Write the result as JSON to FILE."""
+    json: bool = False
+    """Print the result as JSON."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        """Check ranges, naming the flags.
+
+        Raises:
+            ConfigError: ``--limit`` below 1.
+        """
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,103 +116,72 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "refusal score (last-position log-odds of refusal tokens); every number comes with a "
         "95% bootstrap CI and names its judge.",
     )
-    add_model_args(parser)
-    add_prompt_args(parser)
-    parser.add_argument(
-        "--judge",
-        default="substring",
-        help="substring (default), xstest, hf-classifier:PATH[#REFUSED_LABEL] or chat-judge:PATH",
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per completion")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: from memory")
-    parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--no-score", action="store_true", help="skip the refusal score")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--out", default=None, metavar="FILE", help="write the result as JSON")
-    add_intervention_args(parser)
+    add_config(parser, EvaluateCommand, title="what to evaluate")
+    add_config(parser, EvaluateConfig, title="evaluation")
+    add_config(parser, LoadConfig, title="model loading")
     parser.set_defaults(func=run)
 
 
-def add_intervention_args(parser: argparse.ArgumentParser) -> None:
-    """``--carrier FILE --intervene ablate|add`` (+ ``--coeff``, ``--layer``, ``--positions``)."""
-    parser.add_argument("--carrier", default=None, help="carrier file (.safetensors)")
-    parser.add_argument(
-        "--intervene",
-        choices=["ablate", "add"],
-        default=None,
-        help="ablate the carrier everywhere, or add it at its layer",
-    )
-    parser.add_argument("--coeff", type=float, default=1.0, help="addition coefficient")
-    parser.add_argument("--layer", default=None, help="addition layer(s) (default: the carrier's)")
-    parser.add_argument(
-        "--add-positions",
-        default="all",
-        choices=["all", "prompt", "instruction"],
-        help="where the addition applies",
-    )
-
-
-def build_intervention(args: argparse.Namespace, lm: LoadedModel) -> Intervention:
-    """The intervention the command line asks for, or ``None``.
+def build_intervention(
+    command: EvaluateCommand, config: EvaluateConfig, lm: LoadedModel
+) -> Intervention:
+    """The intervention the command line asks for (an intervention value), or ``None``.
 
     Raises:
         CliError: ``--intervene`` without ``--carrier`` or the other way round.
     """
-    if (args.carrier is None) != (args.intervene is None):
+    if (command.carrier is None) != (config.intervene is None):
         raise CliError("--carrier and --intervene go together")
-    if args.carrier is None:
+    if command.carrier is None:
         return None
     from safegeom.carriers import load_carrier
-    from safegeom.interventions import ablate, add
+    from safegeom.interventions import Ablation, Addition
 
-    carrier = load_carrier(args.carrier, d_model=lm.d_model, weight_hash=lm.weight_hash)
-    if args.intervene == "ablate":
-        return lambda: ablate(lm, carrier.vectors.T)
-    layers = args.layer if args.layer is not None else carrier.layer
-    return lambda: add(
-        lm, carrier.direction, layers=layers, coeff=args.coeff, positions=args.add_positions
+    carrier = load_carrier(command.carrier, d_model=lm.d_model, weight_hash=lm.weight_hash)
+    if config.intervene == "ablate":
+        return Ablation(carrier)
+    return Addition(
+        carrier, layers=config.layer, coeff=config.coeff, positions=config.add_positions
     )
 
 
-def _check(args: argparse.Namespace) -> None:
-    if args.max_new_tokens < 1:
-        raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise CliError(f"--limit must be at least 1, got {args.limit}")
-
-
 def run(args: argparse.Namespace, *, intervention: Intervention = None) -> int:
-    """Execute ``safegeom evaluate``; ``intervention`` overrides :func:`build_intervention`."""
-    _check(args)
-    prompts = prompts_from_args(args)  # bad prompt specs and judges fail before the model loads
-    judge = get_judge(args.judge)
-    lm = model_from_args(args)
+    """Execute ``safegeom evaluate``; ``intervention`` overrides :func:`build_intervention`.
+
+    Returns:
+        The exit status (0).
+    """
+    command = config_from_args(EvaluateCommand, args)
+    config = config_from_args(EvaluateConfig, args)
+    load = config_from_args(LoadConfig, args)
+    if command.out:
+        check_output_file(command.out)  # before any work
+    # bad prompt specs and judges fail before the model loads
+    prompts = load_prompts(command.prompts, column=command.column, n=command.limit)
+    judge = get_judge(config.judge)
+    lm = load_model(command.model, load)
     if intervention is None:
-        intervention = build_intervention(args, lm)
+        intervention = build_intervention(command, config, lm)
     result = evaluate(
         lm,
         prompts,
         judge=judge,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        system=args.system,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        system=config.system,
         intervention=intervention,
-        score=not args.no_score,
-        progress=not args.no_progress,
-        seed=args.seed,
+        score=config.score,
+        progress=command.progress,
+        seed=config.seed,
     )
-    if args.out:
-        result.save(args.out)
-    if args.json:
+    if command.out:
+        result.save(command.out)
+    if command.json:
         emit_json(result.to_dict())
     else:
         print(format_table(result))
-        if args.out:
-            print(f"wrote {args.out}")
+        if command.out:
+            print(f"wrote {command.out}")
     return 0
 
 
@@ -146,7 +193,7 @@ def _row(metric: Metric | None, name: str) -> str:
 
 
 def format_table(result: EvalResult) -> str:
-    """A short human-readable table of the headline metrics."""
+    """A short human-readable table of the headline metrics (and empty completions, if any)."""
     prov: dict[str, Any] = dict(result.provenance)
     confidence = result.refusal_rate.detail.get("confidence", 0.95)
     lines = [
@@ -157,4 +204,8 @@ def format_table(result: EvalResult) -> str:
         _row(result.asr, "asr"),
         _row(result.mean_refusal_score, "mean_refusal_score"),
     ]
+    if result.n_empty:
+        lines.append(
+            f"{result.n_empty} of {result.n} completions are empty (counted as not refused)"
+        )
     return "\n".join(lines)

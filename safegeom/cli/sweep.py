@@ -1,17 +1,76 @@
-"""``safegeom sweep``: causal sweeps of carriers against matched random controls."""
+"""``safegeom sweep``: causal sweeps of carriers against matched random controls.
+
+The options are derived from :class:`~safegeom.sweeps.SweepConfig` (the grid),
+:class:`SweepCommand` (the model, carriers, prompt sets and outputs) and
+:class:`~safegeom.models.LoadConfig`. Carriers are named ``NAME=PATH`` or by file stem; two
+files with the same stem (``a/refusal.safetensors``, ``b/refusal.safetensors``) are named by
+their folder too (``a/refusal``, ``b/refusal``), so no carrier is dropped.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from safegeom.carriers import load_carrier
-from safegeom.cli.common import add_model_args, emit_json, model_from_args
-from safegeom.sweeps import SweepConfig, causal_sweep
+from safegeom.artifacts import check_output_dir, check_output_file
+from safegeom.cli.common import emit_json
+from safegeom.cli.options import add_config, config_from_args
+from safegeom.errors import ConfigError
+from safegeom.models import LoadConfig, load_model
+from safegeom.sweeps import SweepConfig, causal_sweep_result
+
+__all__ = ["SweepCommand", "carrier_names", "register", "run"]
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
+@dataclass(frozen=True)
+class SweepCommand:
+    """What ``safegeom sweep`` runs on and where its result goes."""
+
+    model: str = field(metadata={"positional": True})
+    """tiny-chat, a checkpoint or adapter dir, or a hub id."""
+    carrier: tuple[str, ...] = field(metadata={"metavar": "[NAME=]FILE,..."})
+    """Carrier files (.safetensors), comma-separated, each optionally named NAME=FILE."""
+    harmful: str = field(default="advbench:val", metadata={"metavar": "SPEC"})
+    """Harmful prompt set: bundled set[:split] or a CSV/JSON/JSONL file."""
+    harmless: str = field(default="alpaca:val", metadata={"metavar": "SPEC"})
+    """Harmless prompt set: bundled set[:split] or a CSV/JSON/JSONL file."""
+    out: str | None = field(default=None, metadata={"metavar": "PATH"})
+    """Write the table: a .parquet file (with a .json sidecar beside it) or a folder."""
+    json: bool = False
+    """Print the table as JSON records."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def carrier_names(specs: tuple[str, ...] | list[str]) -> dict[str, Path]:
+    """Unique names for carrier specs ``[NAME=]PATH``: the given NAME, else the file stem, else
+    (when stems collide) the parent folder and stem, so no two carriers share a name.
+
+    Returns:
+        Name → path, in the order given.
+
+    Raises:
+        ConfigError: no carrier, or two carriers that would still share a name.
+    """
+    if not specs:
+        raise ConfigError("--carrier needs at least one carrier file")
+    pairs: list[tuple[str | None, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        pairs.append((name.strip(), Path(path)) if sep and name.strip() else (None, Path(spec)))
+    stems = [p.stem for n, p in pairs if n is None]
+    out: dict[str, Path] = {}
+    for name, path in pairs:
+        if name is None:
+            name = path.stem if stems.count(path.stem) == 1 else f"{path.parent.name}/{path.stem}"
+        if name in out:
+            raise ConfigError(
+                f"--carrier: two carriers are both named {name!r} ({out[name]} and {path}); "
+                "name them with NAME=FILE"
+            )
+        out[name] = path
+    return out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,50 +80,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="causal sweep of carriers vs matched random directions",
         description="Grid of layer × strength × carrier for ablation and addition; every cell is "
         "compared with matched random unit directions (same layer, positions, norm). Writes a "
-        "tidy Parquet table (--out) and prints a summary.",
+        "tidy Parquet table with a JSON sidecar of config and provenance (--out) and prints a "
+        "summary.",
     )
-    add_model_args(parser)
-    parser.add_argument("--carrier", action="append", required=True, help="carrier file (repeat)")
-    parser.add_argument("--harmful", default="advbench:val", help="harmful prompt SPEC")
-    parser.add_argument("--harmless", default="alpaca:val", help="harmless prompt SPEC")
-    parser.add_argument("--ops", default="ablate,add", help="ablate and/or add")
-    parser.add_argument("--add-layers", default="all", help="layer spec for addition")
-    parser.add_argument("--strengths", default="-2,-1,-0.5,0.5,1,2", help="addition multiples")
-    parser.add_argument("--ablate-layers", default="all", help="';'-separated layer specs")
-    parser.add_argument("--n-random", type=int, default=20, help="random controls per cell")
-    parser.add_argument("--n-prompts", type=int, default=32, help="prompts per population")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--generate", action="store_true", help="also generate and judge")
-    parser.add_argument("--out", default=None, help="Parquet file for the table")
-    parser.add_argument("--json", action="store_true", help="print the table as JSON records")
+    add_config(parser, SweepCommand, title="what to sweep")
+    add_config(parser, SweepConfig, title="sweep grid")
+    add_config(parser, LoadConfig, title="model loading")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute ``safegeom sweep``."""
-    lm = model_from_args(args)
+    """Execute ``safegeom sweep``.
+
+    Returns:
+        The exit status (0).
+    """
+    from safegeom.carriers import load_carrier
+
+    command = config_from_args(SweepCommand, args)
+    config = config_from_args(SweepConfig, args)
+    load = config_from_args(LoadConfig, args)
+    if command.out:  # before any work
+        if command.out.endswith((".parquet", ".json")):
+            check_output_file(command.out)
+        else:
+            check_output_dir(command.out)
+    paths = carrier_names(command.carrier)
+    lm = load_model(command.model, load)
     carriers = {
-        Path(p).stem: load_carrier(p, d_model=lm.d_model, weight_hash=lm.weight_hash)
-        for p in args.carrier
+        name: load_carrier(path, d_model=lm.d_model, weight_hash=lm.weight_hash)
+        for name, path in paths.items()
     }
-    config = SweepConfig(
-        ops=tuple(s.strip() for s in args.ops.split(",") if s.strip()),
-        add_layers=args.add_layers,
-        add_strengths=_floats(args.strengths),
-        ablate_layers=tuple(s.strip() for s in args.ablate_layers.split(";") if s.strip()),
-        n_random=args.n_random,
-        n_prompts=args.n_prompts,
-        seed=args.seed,
-        generate=args.generate,
+    result = causal_sweep_result(
+        lm, carriers, command.harmful, command.harmless, config, progress=command.progress
     )
-    table = causal_sweep(lm, carriers, args.harmful, args.harmless, config)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_parquet(args.out, index=False)
-    if args.json:
+    table = result.table
+    written = result.save(command.out) if command.out else None
+    if command.json:
         emit_json(table.to_dict("records"))
     else:
         cols = ["carrier", "op", "layer", "strength", "population", "metric", "effect"]
         cols += ["control_mean", "effect_minus_control", "ci_low", "ci_high"]
         print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        if written is not None:
+            print(f"wrote {written} and {written.with_suffix('.json')}")
     return 0

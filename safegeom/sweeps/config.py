@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from safegeom.config import check
@@ -64,7 +64,9 @@ class SweepConfig:
     """Interventions to sweep: ablate and/or add."""
     add_layers: str = "all"
     """Layers for addition, one cell each (a layer spec: all, 2:6 end-exclusive, 2-5 inclusive, 1,3)."""
-    add_strengths: tuple[float, ...] = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)
+    add_strengths: tuple[float, ...] = field(
+        default=(-2.0, -1.0, -0.5, 0.5, 1.0, 2.0), metadata={"flag": "--strengths"}
+    )
     """Addition coefficients, in multiples of the carrier vector."""
     ablate_layers: AblateLayers = ALL_LAYERS
     """';'-separated layer specs at which to ablate, one cell each (2:6 end-exclusive, 2-5 inclusive)."""
