@@ -244,6 +244,20 @@ def test_coupling_in_unit_interval(ab: tuple) -> None:
     assert c1 == pytest.approx(abs(cosine(A[:, 0], B[:, 0])))
 
 
+@FAST
+@given(pair_of_bases(), st.sampled_from(["mean_cos2", "max_cos2"]))
+def test_coupling_direction_equals_one_vector_basis(ab: tuple, reduce: str) -> None:
+    """A direction ``[d]`` and the one-column basis ``[d, 1]`` (or row ``[1, d]``) holding it are
+    the same carrier: the coupling is the same number, |cos|, for either form and any reduce."""
+    A, B, _ = ab
+    h, r = A[:, 0], B[:, 0]
+    expected = abs(cosine(h, r))
+    for hh in (h, h[:, None], h[None, :]):
+        for rr in (r, r[:, None], r[None, :]):
+            value = coupling(hh, rr, reduce=reduce)  # type: ignore[arg-type]
+            assert value == pytest.approx(expected, abs=1e-12)
+
+
 def test_coupling_values() -> None:
     e = np.eye(4)
     assert coupling(e[0], e[1]) == 0.0

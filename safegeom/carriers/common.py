@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +30,6 @@ __all__ = [
     "check_k",
     "default_layer",
     "encode",
-    "for_capture",
     "prompt_provenance",
     "subset",
 ]
@@ -80,22 +77,6 @@ def subset(
     part = encoded.select(list(indices))
     like = source if source is not None else PromptSet(name=encoded.name, prompts=part.prompts)
     return dataclasses.replace(part, name=like.name, content_hash=like.content_hash)
-
-
-def for_capture(encoded: EncodedSet) -> EncodedSet | PromptSet:
-    """What to hand :func:`safegeom.capture.capture` / ``capture_stats`` for ``encoded``.
-
-    Returns:
-        ``encoded`` itself when capture takes an :class:`EncodedSet` (no second tokenization),
-        else its texts as a :class:`~safegeom.prompts.PromptSet` (a bridge while capture is being
-        moved to encoded sets).
-    """
-    capture_module = importlib.import_module("safegeom.capture")
-    if getattr(capture_module, "ACCEPTS_ENCODED", False) or "EncodedSet" in str(
-        inspect.signature(capture_module.capture_stats).parameters["prompts"].annotation
-    ):
-        return encoded
-    return PromptSet(name=encoded.name, prompts=encoded.prompts)
 
 
 def prompt_provenance(

@@ -26,7 +26,7 @@ import torch
 
 from safegeom.capture import capture_stats
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import Prompts, encode, for_capture, prompt_provenance, subset
+from safegeom.carriers.common import Prompts, encode, prompt_provenance, subset
 from safegeom.carriers.scoring import (
     ForwardCounter,
     last_logprobs,
@@ -133,7 +133,7 @@ def dim_candidates(
     sets = (encode(lm, harmful, system), encode(lm, harmless, system))
     stats = [
         capture_stats(
-            lm, for_capture(enc), sites=site, layers=layers, positions=positions, system=system,
+            lm, enc, sites=site, layers=layers, positions=positions, system=system,
             progress=progress,
         )
         for enc in sets
