@@ -80,3 +80,34 @@ def test_carriers_evaluate_sweep_cli(
 def test_runs_groups_consecutive_indices() -> None:
     assert list(_runs([4, 5, 6, 0, 2, 3])) == [(0, 4, 3), (3, 0, 1), (4, 2, 2)]
     assert list(_runs([])) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--cone-k", "-1"], "cone_k (--cone-k) must be a whole number ≥ 0"),
+        (["--max-layer-fraction", "0"], "max_layer_fraction (--max-layer-fraction) must lie"),
+        (["--n-val", "0"], "n_val (--n-val) must be at least 1"),
+    ],
+)
+def test_carriers_cli_bad_input(
+    checkpoints: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    model = str(checkpoints["llama"])
+    assert main(["carriers", model, "--out", str(tmp_path / "o"), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_carriers_cli_checks_out_before_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    existing = tmp_path / "file.txt"
+    existing.write_text("x")
+    # an unknown model would fail later: --out is checked first
+    assert main(["carriers", "no-such-model", "--out", str(existing)]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
