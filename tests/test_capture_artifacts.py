@@ -1,0 +1,145 @@
+"""Captured activations, moments and statistics save and load back with their provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from safegeom.activations import ActivationStats, load_activations
+from safegeom.artifacts import Provenance, read_json, read_safetensors
+from safegeom.capture import capture, capture_stats, capture_to_disk
+from safegeom.errors import ArtifactError, NotFoundError
+from safegeom.models import load_model
+from safegeom.stats import Moments, RunningStats
+
+PROMPTS = ["Write a poem about the sea.", "Hi.", "How do I bake bread at home?", "Name a fruit."]
+KWARGS = {"sites": "resid_pre,attn_out", "layers": "0,2", "positions": "t_inst,t_post"}
+
+
+def _stable(prov: Provenance) -> dict:
+    """The provenance without the fields that differ between two runs (time)."""
+    return {k: v for k, v in prov.to_dict().items() if k != "created"}
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoints: dict[str, Path]):
+    return load_model(checkpoints["gpt_neox"])
+
+
+def test_activations_provenance_is_typed(lm) -> None:
+    acts = capture(lm, PROMPTS, progress=False, **KWARGS)
+    prov = acts.provenance
+    assert isinstance(prov, Provenance)
+    assert prov.model == str(lm.name) and prov.weight_hash == lm.weight_hash
+    assert list(prov.prompt_sets) == ["inline"] and prov.prompt_hash
+    assert prov.config["layers"] == "0,2" and prov.config["backend"] == "hooks"
+    assert prov.extra["sites"] == ["resid_pre", "attn_out"] and prov.extra["layers"] == [0, 2]
+    assert prov.extra["positions"] == list(acts.positions) and prov.extra["n_prompts"] == 4
+    assert prov.extra["dtype"] == "float32" and prov.extra["template_hash"]
+    assert prov.extra["system"] is None and prov.extra["backend"] == "hooks"
+
+
+def test_activations_round_trip(lm, tmp_path: Path) -> None:
+    acts = capture(lm, PROMPTS, progress=False, **KWARGS)
+    path = acts.save(tmp_path / "a" / "acts.safetensors")
+    back = load_activations(path)
+    assert (
+        back.provenance == acts.provenance
+        and back.provenance.to_dict() == acts.provenance.to_dict()
+    )
+    assert back.layers == acts.layers and back.positions == acts.positions
+    for site in acts.sites:
+        assert torch.equal(back[site], acts[site])
+    sidecar = read_json(f"{path}.json")
+    _, header = read_safetensors(path)
+    assert sidecar == header and sidecar["provenance"] == acts.provenance.to_dict()
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sharded_round_trip(lm, tmp_path: Path) -> None:
+    acts = capture(lm, PROMPTS, batch_size=2, progress=False, **KWARGS)
+    folder = capture_to_disk(lm, PROMPTS, tmp_path / "sh", shard_size=2, batch_size=2,
+                             progress=False, **KWARGS)  # fmt: skip
+    back = load_activations(folder)
+    assert _stable(back.provenance) == {
+        **_stable(acts.provenance),
+        "config": {**acts.provenance.config, "shard_size": 2},
+    }
+    assert back.layers == acts.layers and back.positions == acts.positions
+    for site in acts.sites:
+        assert torch.equal(back[site], acts[site])
+    index = json.loads((folder / "activations.json").read_text())
+    assert index["shards"] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+
+
+def test_activation_stats_round_trip(lm, tmp_path: Path) -> None:
+    stats = capture_stats(lm, PROMPTS, covariance=True, batch_size=3, progress=False, **KWARGS)
+    path = stats.save(tmp_path / "stats.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "stats.safetensors",
+        "stats.safetensors.json",
+    ]
+    tensors, meta = read_safetensors(path)
+    assert sorted(tensors) == ["attn_out.cov", "attn_out.mean", "resid_pre.cov", "resid_pre.mean"]
+    sidecar = read_json(f"{path}.json")
+    assert sidecar == meta and sidecar["n"] == 4 and sidecar["layers"] == [0, 2]
+    assert sidecar["sites"] == ["resid_pre", "attn_out"] and sidecar["positions"] == list(
+        stats.positions
+    )
+    back = ActivationStats.load(path)
+    assert back.provenance == stats.provenance and back.n_forward == stats.n_forward == 2
+    assert back.layers == stats.layers and back.positions == stats.positions and back.n == 4
+    for site in stats.sites:
+        assert torch.equal(back.mean(site), stats.mean(site))
+        assert torch.equal(back.moments[site].cov, stats.moments[site].cov)
+    means_only = capture_stats(lm, PROMPTS, progress=False, **KWARGS)
+    again = ActivationStats.load(means_only.save(tmp_path / "means.safetensors"))
+    assert all(m.cov is None for m in again.moments.values())
+    assert again.provenance == means_only.provenance
+
+
+def test_moments_round_trip_through_the_artifact_layer(tmp_path: Path) -> None:
+    running = RunningStats((2, 3), covariance=True)
+    running.update(torch.randn(5, 2, 3))
+    moments = running.finalize()
+    path = moments.save(tmp_path / "m.safetensors")
+    tensors, meta = read_safetensors(path)
+    assert sorted(tensors) == ["cov", "mean"]
+    assert meta["format"] == "safegeom.moments/1" and meta["has_cov"] is True
+    back = Moments.load(path)
+    assert torch.equal(back.mean, moments.mean) and torch.equal(back.cov, moments.cov)
+    assert (back.n, back.ddof) == (5, 1)
+
+
+def test_old_activation_files_still_load(tmp_path: Path) -> None:
+    old = {
+        "model": "tiny", "weight_hash": "abc", "prompt_set": "advbench:val", "prompt_hash": "h1",
+        "n_prompts": 2, "sites": ["resid_pre"], "layers": [1], "positions": ["last"],
+        "dtype": "float32", "template_hash": "t", "system": None, "backend": "hooks",
+        "version": "0.1.0",
+    }  # fmt: skip
+    meta = {"format": "safegeom.activations/1", "layers": [1], "positions": ["last"],
+            "provenance": old}  # fmt: skip
+    path = tmp_path / "old.safetensors"
+    save_file({"resid_pre": torch.zeros(2, 1, 1, 4)}, str(path), {"safegeom": json.dumps(meta)})
+    back = load_activations(path)
+    assert back.provenance.prompt_sets == {"advbench:val": "h1"}
+    assert back.provenance["n_prompts"] == 2 and back.provenance.weight_hash == "abc"
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    with pytest.raises(ArtifactError, match="not a readable activations"):
+        load_activations(bad)
+    with pytest.raises(ArtifactError, match="not a readable activation statistics"):
+        ActivationStats.load(bad)
+    with pytest.raises(NotFoundError, match="no activation statistics at"):
+        ActivationStats.load(tmp_path / "missing.safetensors")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(NotFoundError, match="no activations index at"):
+        load_activations(tmp_path / "folder")
