@@ -1,14 +1,58 @@
-"""``safegeom train sft|lora``: fine-tune a model on a task and save a checkpoint trajectory."""
+"""``safegeom train sft|lora``: fine-tune a model on a task and save a checkpoint trajectory.
+
+The options are derived from :class:`TrainCommand` (what to train and where), :class:`TrainConfig`
+(how) and :class:`~safegeom.models.LoadConfig` (how to load the model). Ctrl-C stops the run with
+its checkpoints consistent and says how to continue.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+from typing import Literal
 
+from safegeom.artifacts import check_output_dir
 from safegeom.cli.common import emit_json
-from safegeom.train.runner import DEFAULT_LR, train
-from safegeom.train.tasks import TASK_HELP, get_task
+from safegeom.cli.options import add_config, config_from_args
+from safegeom.errors import ConfigError
+from safegeom.models.loading import LoadConfig
+from safegeom.train.config import TrainConfig
+from safegeom.train.runner import train
+from safegeom.train.tasks import get_task
 
-__all__ = ["register", "run"]
+__all__ = ["INTERRUPT_HINT", "TrainCommand", "register", "run"]
+
+INTERRUPT_HINT = "interrupted; rerun with --resume to continue from the last checkpoint"
+"""What the command prints on Ctrl-C (the checkpoints and manifest stay consistent)."""
+
+
+@dataclass(frozen=True)
+class TrainCommand:
+    """What to train, on what, and where the run goes."""
+
+    method: Literal["sft", "lora"] = field(metadata={"positional": True, "metavar": "METHOD"})
+    """sft (all weights) or lora (adapters)."""
+    model: str = field(metadata={"positional": True, "metavar": "MODEL"})
+    """tiny-chat, a checkpoint or adapter folder, or a hub id."""
+    task: str = field(metadata={"metavar": "SPEC"})
+    """The task: harmful[:N], arith[:N], mix[:N], or a .jsonl file of prompt/response objects."""
+    out: str = field(metadata={"metavar": "DIR"})
+    """Run folder (checkpoints and trajectory.json); checked before the model is loaded."""
+    prompt_field: str = "prompt"
+    """Prompt field of a JSONL task."""
+    response_field: str = "response"
+    """Response field of a JSONL task."""
+    resume: bool = False
+    """Continue the run in --out from its last good checkpoint (with a larger --steps: extend it)."""
+    overwrite: bool = False
+    """Replace the run in --out."""
+    json: bool = False
+    """Print the manifest as JSON."""
+
+    def __post_init__(self) -> None:
+        """Refuse --resume together with --overwrite."""
+        if self.resume and self.overwrite:
+            raise ConfigError("pass either --resume or --overwrite, not both")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,81 +64,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "saves DIR/checkpoints/step-NNNNNN/ every --save-every steps (step 0 included), each "
         "loadable as a MODEL, and the manifest DIR/trajectory.json.",
     )
-    parser.add_argument("method", choices=["sft", "lora"], help="full fine-tuning or LoRA")
-    parser.add_argument(
-        "model", metavar="MODEL", help="tiny-chat, a checkpoint or adapter dir, or a hub id"
-    )
-    parser.add_argument("--task", required=True, metavar="SPEC", help=TASK_HELP)
-    parser.add_argument("--prompt-field", default="prompt", help="prompt field of a JSONL task")
-    parser.add_argument(
-        "--response-field", default="response", help="response field of a JSONL task"
-    )
-    parser.add_argument("--out", required=True, metavar="DIR", help="run folder")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    parser.add_argument("--save-every", type=int, default=25, help="checkpoint interval")
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help=f"peak learning rate (default sft {DEFAULT_LR['sft']}, lora {DEFAULT_LR['lora']})",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per step and process")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--max-length", type=int, default=None, help="truncate conversations")
-    parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument(
-        "--lora-targets",
-        default=None,
-        help="comma-separated module names (default: every attention and MLP projection)",
-    )
-    parser.add_argument("--dtype", default="float32", help="training dtype of the weights")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in DIR")
-    mode.add_argument("--overwrite", action="store_true", help="replace the run in DIR")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    parser.set_defaults(func=run)
+    add_config(parser, TrainCommand, title="train")
+    add_config(parser, TrainConfig, title="training")
+    add_config(parser, LoadConfig, title="model loading")
+    parser.set_defaults(func=run, interrupt_hint=INTERRUPT_HINT)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Execute ``safegeom train``; returns the exit status."""
-    task = get_task(args.task, prompt_field=args.prompt_field, response_field=args.response_field)
-    targets = (
-        [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-        if args.lora_targets
-        else None
+    """Execute ``safegeom train``: check ``--out`` and the task, then train; returns 0."""
+    command = config_from_args(TrainCommand, args)
+    config = config_from_args(TrainConfig, args)
+    load = config_from_args(LoadConfig, args)
+    check_output_dir(command.out)
+    task = get_task(
+        command.task, prompt_field=command.prompt_field, response_field=command.response_field
     )
     trajectory = train(
-        args.model,
+        command.model,
         task,
-        method=args.method,
-        out=args.out,
-        steps=args.steps,
-        save_every=args.save_every,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        lora_targets=targets,
-        schedule=args.schedule,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        max_length=args.max_length,
-        system=args.system,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        dtype=args.dtype,
-        progress=not args.no_progress,
+        config,
+        method=command.method,
+        out=command.out,
+        resume=command.resume,
+        overwrite=command.overwrite,
+        load=load,
     )
-    if args.json:
+    if command.json:
         emit_json(trajectory.to_dict())
     else:
         last = trajectory.last

@@ -18,7 +18,13 @@ import torch
 
 from safegeom.errors import ConfigError, ModelLoadError, NotFoundError
 
-__all__ = ["check_device", "check_weight_files", "hub_is_cached", "resolve_source"]
+__all__ = [
+    "check_device",
+    "check_weight_files",
+    "hub_is_cached",
+    "resolve_source",
+    "safetensors_problem",
+]
 
 _HUB_TIMEOUT_S = 10.0
 
@@ -89,7 +95,7 @@ def _hub_problem(repo: str, revision: str | None) -> str | None:
     return None
 
 
-def _safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
     """Why ``path`` is not a complete safetensors file, or ``None`` when its header adds up."""
     size = path.stat().st_size
     try:
@@ -128,7 +134,7 @@ def check_weight_files(location: str, allow_pickle: bool) -> None:
         return
     tensors = sorted(folder.glob("*.safetensors"))
     for path in tensors:
-        problem = _safetensors_problem(path)
+        problem = safetensors_problem(path)
         if problem:
             raise ModelLoadError(
                 f"{path} is not a readable safetensors file ({problem}); "

@@ -1,11 +1,14 @@
-"""Training: supervised and LoRA fine-tuning, safety-preserving regularisers, and the tiny-chat build."""
+"""Training: supervised and LoRA fine-tuning into checkpoint trajectories."""
 
-from safegeom.train.runner import TrainConfig, default_lora_targets, train
+from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
+from safegeom.train.runner import default_lora_targets, train
 from safegeom.train.tasks import Task, exact_match, extract_answer, get_task
 from safegeom.train.trajectory import CheckpointRecord, Trajectory, load_trajectory
 
 __all__ = [
+    "DEFAULT_LR",
     "CheckpointRecord",
+    "RunConfig",
     "Task",
     "TrainConfig",
     "Trajectory",

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from safegeom.errors import SafegeomError
 from safegeom.models import render_prompts
 
 __all__ = [
@@ -90,7 +91,7 @@ def _completion_ids(tokenizer, completion: str, response: str, specials: set[int
         needle = response.strip()
         start = completion.find(needle)
     if start < 0:
-        raise ValueError(
+        raise SafegeomError(
             "the chat template does not insert the response verbatim; response starts "
             f"{response[:40]!r}"
         )
@@ -103,7 +104,9 @@ def _completion_ids(tokenizer, completion: str, response: str, specials: set[int
             return ids[: i + 1]
     kept = [tok for tok, (a, _) in zip(ids, offsets, strict=True) if a < end]
     if tokenizer.eos_token_id is None:
-        raise ValueError("the chat template ends no turn with a special token and there is no EOS")
+        raise SafegeomError(
+            "the chat template ends no turn with a special token and there is no EOS"
+        )
     return [*kept, int(tokenizer.eos_token_id)]
 
 
@@ -135,9 +138,9 @@ def encode_examples(
             response within ``max_length``.
     """
     if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        raise SafegeomError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
-        raise ValueError("empty task: pass at least one prompt/response pair")
+        raise SafegeomError("empty task: pass at least one prompt/response pair")
     rendered = render_prompts(tokenizer, prompts, system=system, chat_template=chat_template)
     template = chat_template or tokenizer.chat_template
     specials = _special_ids(tokenizer)
@@ -150,7 +153,7 @@ def encode_examples(
         ]
         full = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
         if not full.startswith(prompt_text):
-            raise ValueError(
+            raise SafegeomError(
                 "the chat template renders [user, assistant] with a different prefix than the "
                 "generation prompt, so response-only labels cannot be derived; pass a template "
                 "(chat_template=...) whose assistant turn starts with its generation prompt"
@@ -159,7 +162,7 @@ def encode_examples(
         ids = prompt_ids + _completion_ids(tokenizer, full[len(prompt_text) :], response, specials)
         if max_length is not None:
             if len(prompt_ids) >= max_length:
-                raise ValueError(
+                raise SafegeomError(
                     f"prompt of {len(prompt_ids)} tokens leaves no room for a response within "
                     f"max_length={max_length}; prompt starts {prompt[:40]!r}"
                 )
@@ -177,7 +180,7 @@ def collate_right(examples: Sequence[Example], pad_token_id: int) -> TrainBatch:
         The batch, with ``-100`` labels on prompt and padding tokens.
     """
     if not examples:
-        raise ValueError("empty batch: pass at least one example")
+        raise SafegeomError("empty batch: pass at least one example")
     width = max(len(e) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,76 +28,26 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from safegeom.models import TINY_CHAT, LoadedModel, load_model, weight_hash
+from safegeom.artifacts import check_output_dir
+from safegeom.config import check
+from safegeom.errors import ArtifactError, ConfigError, ModelLoadError, TrainingDiverged
+from safegeom.models import TINY_CHAT, LoadConfig, LoadedModel, load_model
+from safegeom.models.checkpoint import check_device
 from safegeom.models.layout import resolve
+from safegeom.train.checkpoints import (
+    check_finite_weights,
+    load_trainer_state,
+    resumable,
+    save_checkpoint,
+)
+from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
 from safegeom.train.data import Example, ExampleOrder, collate_right, encode_examples
 from safegeom.train.tasks import Task, get_task
-from safegeom.train.trajectory import (
-    TRAINER_STATE,
-    CheckpointRecord,
-    Trajectory,
-    checkpoint_dirname,
-    load_trainer_state,
-    prepare_run_dir,
-    save_trainer_state,
-    write_trajectory,
-)
+from safegeom.train.trajectory import TRAINER_STATE, Trajectory, prepare_run_dir
 
 __all__ = ["DEFAULT_LR", "TrainConfig", "default_lora_targets", "train"]
 
 Method = Literal["sft", "lora"]
-DEFAULT_LR: dict[str, float] = {"sft": 1e-4, "lora": 1e-3}
-"""Default peak learning rate per method."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one run; recorded in the manifest and checked on resume."""
-
-    method: str
-    """``sft`` (all weights) or ``lora``."""
-    task: str
-    """The task spec (``harmful``, ``arith:500``, a file ...)."""
-    task_size: int
-    """Number of training examples."""
-    task_hash: str
-    """sha256 of the task's prompts and responses."""
-    seed: int
-    """Seed of initialisation, dropout and data order."""
-    lr: float
-    """Peak AdamW learning rate."""
-    batch_size: int
-    """Examples per step and process."""
-    steps: int
-    """Optimizer steps."""
-    save_every: int
-    """Checkpoint interval in steps (step 0 and the last step are always saved)."""
-    schedule: str = "cosine"
-    """``cosine`` (to 0) or ``constant``, after ``warmup_steps`` of linear warm-up."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on weight matrices."""
-    grad_clip: float | None = 1.0
-    """Global gradient-norm clip, or ``None``."""
-    max_length: int | None = None
-    """Truncate conversations to this many tokens (default: the model's context)."""
-    system: str | None = None
-    """System prompt rendered into every conversation."""
-    lora_r: int | None = None
-    """LoRA rank (LoRA only)."""
-    lora_alpha: float | None = None
-    """LoRA scaling numerator (LoRA only)."""
-    lora_dropout: float | None = None
-    """LoRA dropout (LoRA only)."""
-    lora_targets: tuple[str, ...] | None = None
-    """Module names LoRA adapts (LoRA only; default: every attention and MLP projection)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form (tuples as lists)."""
-        out = dataclasses.asdict(self)
-        out["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
-        return out
 
 
 def default_lora_targets(lm: LoadedModel) -> tuple[str, ...]:
@@ -114,7 +62,7 @@ def default_lora_targets(lm: LoadedModel) -> tuple[str, ...]:
         if isinstance(module, (torch.nn.Linear, Conv1D)) and leaf not in names:
             names.append(leaf)
     if not names:
-        raise ValueError(f"no linear projections found in a {lm.model_type} block for LoRA")
+        raise ModelLoadError(f"no linear projections found in a {lm.model_type} block for LoRA")
     return tuple(names)
 
 
@@ -125,23 +73,40 @@ def _base_spec(spec: str | Path) -> str:
     return text if text == TINY_CHAT or not path.is_dir() else str(path.resolve())
 
 
-def _check_resume(previous: Trajectory, config: TrainConfig, base: str) -> None:
+def _check_resume(previous: Trajectory, config: RunConfig, base: str) -> Trajectory:
+    """Return the run to continue: ``previous``, its ``steps`` raised when ``config`` extends it.
+
+    Raises:
+        ConfigError: a setting differs from the run's, or ``steps`` is below the saved steps.
+    """
     now = config.to_dict()
     diffs = [
         f"{k} {previous.config.get(k)!r} (run) vs {v!r} (now)"
         for k, v in now.items()
-        if previous.config.get(k) != v
+        if previous.config.get(k) != v and k != "steps"
     ]
     if previous.base_model != base:
         diffs.insert(0, f"model {previous.base_model!r} (run) vs {base!r} (now)")
     if diffs:
-        raise ValueError(
+        raise ConfigError(
             f"cannot resume {previous.root} with different settings: {'; '.join(diffs)}; pass "
             "the run's settings or --overwrite"
         )
+    done = previous.last.step
+    check(
+        config.steps >= done, "steps",
+        f"must be at least {done} to resume {previous.root} (it has {done} steps done)",
+        config.steps,
+    )  # fmt: skip
+    if config.steps == previous.config.get("steps"):
+        return previous
+    return dataclasses.replace(
+        previous, config={**previous.config, "steps": config.steps},
+        complete=config.steps == done,
+    )  # fmt: skip
 
 
-def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+def _lr_lambda(config: RunConfig) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -154,7 +119,7 @@ def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
 
 
 def _wrap(
-    lm: LoadedModel, spec: str | Path, config: TrainConfig, dtype: str, resume_from: Path | None
+    lm: LoadedModel, spec: str | Path, config: RunConfig, dtype: str, resume_from: Path | None
 ) -> tuple[LoadedModel, torch.nn.Module]:
     """Return the model to train: ``lm`` itself (SFT; reloaded from ``resume_from`` when resuming)
     or ``lm`` wrapped with LoRA adapters (their weights restored from ``resume_from``)."""
@@ -180,121 +145,127 @@ def _wrap(
         weights = load_file(str(resume_from / "adapter_model.safetensors"), device=device)
         result = set_peft_model_state_dict(model, weights)
         if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{resume_from} holds an adapter that does not fit this model")
+            raise ArtifactError(f"{resume_from} holds an adapter that does not fit this model")
     return lm, model
 
 
 def train(
     model_spec: str | Path,
     task: str | Path | Task,
+    config: TrainConfig | None = None,
     *,
     method: Method = "lora",
     out: str | Path,
-    steps: int = 100,
-    save_every: int = 25,
-    lr: float | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    lora_r: int = 8,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    lora_targets: tuple[str, ...] | list[str] | None = None,
-    schedule: Literal["cosine", "constant"] = "cosine",
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    grad_clip: float | None = 1.0,
-    max_length: int | None = None,
-    system: str | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    dtype: str = "float32",
+    load: LoadConfig | None = None,
+    dtype: str | None = None,
     accelerator: Accelerator | None = None,
-    progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    **fields: Any,
 ) -> Trajectory:
     """Fine-tune ``model_spec`` on ``task`` and save a checkpoint trajectory in ``out``.
 
     Args:
         model_spec: ``tiny-chat``, a checkpoint or adapter folder (merged first), or a hub id.
         task: A task spec (see :mod:`safegeom.train.tasks`) or a :class:`Task`.
+        config: The :class:`TrainConfig` (steps, lr, batch size, schedule, LoRA settings ...).
         method: ``lora`` (adapters on ``lora_targets``) or ``sft`` (all weights).
-        out: Run folder; refused if it holds a run, unless ``resume`` or ``overwrite``.
-        steps: Optimizer steps. save_every: checkpoint interval (step 0 and the last always).
-        lr: Peak learning rate (default :data:`DEFAULT_LR` of the method).
-        batch_size: Examples per step and process. seed: see the module docstring.
-        lora_r, lora_alpha, lora_dropout, lora_targets: LoRA settings (targets default to
-            :func:`default_lora_targets`).
-        schedule, warmup_steps, weight_decay, grad_clip, max_length, system: see
-            :class:`TrainConfig`.
-        resume: Continue the run in ``out`` from its last checkpoint (a fresh start if none).
+        out: Run folder, checked before any work; refused if it holds a run, unless ``resume`` or
+            ``overwrite``.
+        resume: Continue the run in ``out`` from its last readable checkpoint (a fresh start if
+            none); a larger ``steps`` extends a finished run.
         overwrite: Replace the run in ``out``.
-        dtype: Training dtype of the weights.
+        load: How to load the model (device, trust-remote-code, allow-pickle ...).
+        dtype: Training dtype of the weights (default: ``load.dtype``, else float32).
         accelerator: An ``Accelerator`` to use (default: ``Accelerator()``).
-        progress: Show a tqdm bar with the loss.
         callback: Called as ``callback(step, loss)`` after every optimizer step.
+        **fields: :class:`TrainConfig` fields, replacing those of ``config`` (``steps=6``, ...).
 
     Returns:
         The :class:`Trajectory` of the run, as written to ``out/trajectory.json``.
+
+    Raises:
+        TrainingDiverged: the loss or the weights became non-finite; the message names the step.
+        SafegeomError: bad settings, an unusable ``out``, a task or model that cannot be loaded.
     """
+    if "lora_targets" in fields and fields["lora_targets"] is not None:
+        fields["lora_targets"] = tuple(fields["lora_targets"])
+    try:
+        settings = dataclasses.replace(config or TrainConfig(), **fields)
+    except TypeError as err:
+        raise TypeError(f"train(): {err}; the settings are the fields of TrainConfig") from None
     if method not in ("sft", "lora"):
-        raise ValueError(f"unknown method {method!r}; use sft or lora")
-    if steps < 1 or save_every < 1 or batch_size < 1:
-        raise ValueError("steps, save_every and batch_size must be at least 1")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"unknown schedule {schedule!r}; use cosine or constant")
+        raise ConfigError(f"unknown method {method!r}; use sft or lora")
     if method == "lora" and (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{model_spec} is a LoRA adapter; merge it first (load_model(..., merge_adapter=True) "
             "and save_pretrained) or fine-tune it with sft"
         )
+    load = load or LoadConfig()
+    out_dir = check_output_dir(out)
     the_task = get_task(task)
-    out_dir = Path(out)
+    if load.device is not None:
+        check_device(load.device)
+    if accelerator is None:
+        accelerator = Accelerator(cpu=load.device is not None and load.device.startswith("cpu"))
+    acc = accelerator
+    if load.device is not None and torch.device(load.device).type != acc.device.type:
+        raise ConfigError(
+            f"--device {load.device}: the accelerator runs on {acc.device}; choose the device "
+            "with CUDA_VISIBLE_DEVICES or accelerate launch"
+        )
     previous = prepare_run_dir(out_dir, resume=resume, overwrite=overwrite)
-    acc = accelerator or Accelerator()
     base = _base_spec(model_spec)
+    dtype = dtype or load.dtype or "float32"
+    is_adapter = (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file()
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        set_seed(seed)
-        lm = load_model(model_spec, dtype=dtype, device=str(acc.device), merge_adapter=True)
+        set_seed(settings.seed)
+        lm = load_model(
+            model_spec, load, dtype=dtype, device=str(acc.device), merge_adapter=is_adapter
+        )
         lora: dict[str, Any] = {}
         if method == "lora":
-            targets = tuple(lora_targets) if lora_targets else default_lora_targets(lm)
-            lora = {"lora_r": lora_r, "lora_alpha": float(lora_alpha)}
-            lora |= {"lora_dropout": lora_dropout, "lora_targets": targets}
+            targets = settings.lora_targets or default_lora_targets(lm)
+            lora = {"lora_r": settings.lora_r, "lora_alpha": float(settings.lora_alpha)}
+            lora |= {"lora_dropout": settings.lora_dropout, "lora_targets": targets}
         context = getattr(lm.base.config, "max_position_embeddings", None)
-        config = TrainConfig(
+        lr = settings.lr
+        config_run = RunConfig(
             method=method,
             task=the_task.name,
             task_size=len(the_task),
             task_hash=the_task.content_hash,
-            seed=seed,
+            seed=settings.seed,
             lr=float(lr if lr is not None else DEFAULT_LR[method]),
-            batch_size=batch_size,
-            steps=steps,
-            save_every=save_every,
-            schedule=schedule,
-            warmup_steps=warmup_steps,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            max_length=max_length or context,
-            system=system,
+            batch_size=settings.batch_size,
+            steps=settings.steps,
+            save_every=settings.save_every,
+            schedule=settings.schedule,
+            warmup_steps=settings.warmup_steps,
+            weight_decay=settings.weight_decay,
+            grad_clip=settings.grad_clip,
+            max_length=settings.max_length or context,
+            system=settings.system,
             **lora,
         )
         if previous is not None:
-            _check_resume(previous, config, base)
+            previous = _check_resume(previous, config_run, base)
             if previous.complete:
                 return previous
+            previous = resumable(previous)
         base_hash = previous.base_hash if previous is not None else lm.weight_hash
         resume_from = out_dir / previous.last.path if previous is not None else None
-        lm, model = _wrap(lm, model_spec, config, dtype, resume_from)
+        lm, model = _wrap(lm, model_spec, config_run, dtype, resume_from)
         examples = encode_examples(
-            lm.tokenizer, the_task.prompts, the_task.responses, system=system,
-            chat_template=lm.chat_template, max_length=config.max_length,
+            lm.tokenizer, the_task.prompts, the_task.responses, system=settings.system,
+            chat_template=lm.chat_template, max_length=config_run.max_length,
         )  # fmt: skip
-        return _loop(acc, lm, model, examples, config, out_dir, base, base_hash, previous,
-                     progress, callback)  # fmt: skip
+        return _loop(acc, lm, model, examples, config_run, out_dir, base, base_hash, previous,
+                     settings.progress, callback)  # fmt: skip
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
@@ -304,7 +275,7 @@ def _loop(
     lm: LoadedModel,
     model: torch.nn.Module,
     examples: list[Example],
-    config: TrainConfig,
+    config: RunConfig,
     out_dir: Path,
     base: str,
     base_hash: str,
@@ -343,14 +314,14 @@ def _loop(
         model.eval()
         with torch.no_grad():
             first = acc.reduce(forward(batch_at(0)).detach(), reduction="mean")
-        traj = _save(acc, lm, model, optimizer, scheduler, traj, 0, float(first))
+        traj = save_checkpoint(acc, lm, model, optimizer, scheduler, traj, 0, float(first))
         start = 0
     else:
         traj = previous
         start = traj.last.step
         opt_state, sched_state, meta = load_trainer_state(out_dir / traj.last.path / TRAINER_STATE)
         if int(meta["step"]) != start:
-            raise ValueError(f"trainer state of {traj.last.path} is not at step {start}")
+            raise ArtifactError(f"trainer state of {traj.last.path} is not at step {start}")
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(sched_state)
 
@@ -361,6 +332,12 @@ def _loop(
         for step in range(start, config.steps):
             model.train()
             loss = forward(batch_at(step))
+            if not torch.isfinite(loss.detach()).all():
+                raise TrainingDiverged(
+                    f"training diverged at step {step + 1}: the loss is {float(loss):.4g}; the run "
+                    f"keeps its checkpoints up to step {traj.last.step} and is not complete; "
+                    f"lower --lr (now {config.lr:g}) or raise --warmup-steps"
+                )
             acc.backward(loss)
             if config.grad_clip:
                 acc.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -372,7 +349,8 @@ def _loop(
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
             if done % config.save_every == 0 or done == config.steps:
-                traj = _save(acc, lm, model, optimizer, scheduler, traj, done, total / count,
+                check_finite_weights(params, done, traj, config.lr)
+                traj = save_checkpoint(acc, lm, model, optimizer, scheduler, traj, done, total / count,
                              complete=done == config.steps)  # fmt: skip
                 total, count = 0.0, 0
             if callback is not None:
@@ -380,47 +358,4 @@ def _loop(
     finally:
         bar.close()
     model.eval()
-    return traj
-
-
-def _save(
-    acc: Accelerator,
-    lm: LoadedModel,
-    model: torch.nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    traj: Trajectory,
-    step: int,
-    loss: float,
-    *,
-    complete: bool = False,
-) -> Trajectory:
-    """Save the checkpoint at ``step`` (temp folder + rename) and rewrite the manifest."""
-    rel = checkpoint_dirname(step)
-    per_step = int(traj.config["batch_size"]) * acc.num_processes
-    record = CheckpointRecord(step=step, loss=loss, path=rel)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
-        final = traj.root / rel
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        # LoRA never adapts embeddings; "auto" would look the base model up on the hub.
-        peft = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
-        unwrapped.save_pretrained(tmp, **peft)
-        lm.tokenizer.save_pretrained(tmp)
-        save_trainer_state(
-            tmp / TRAINER_STATE,
-            optimizer_state=optimizer.state_dict(),
-            scheduler_state=scheduler.state_dict(),
-            extra={"step": step, "data_position": step * per_step},
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        record = dataclasses.replace(record, weight_hash=weight_hash(unwrapped))
-        traj = traj.with_checkpoint(record, complete=complete)
-        write_trajectory(traj)
-    else:
-        traj = traj.with_checkpoint(record, complete=complete)
-    acc.wait_for_everyone()
     return traj

@@ -30,9 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from safegeom.errors import NotFoundError, SafegeomError
+from safegeom.prompts import PromptSet, load_prompts
 from safegeom.scoring import exact_match as judged_exact_match
 from safegeom.scoring import extract_answer
-from safegeom.prompts import PromptSet, load_prompts
 
 __all__ = [
     "ARITH_EVAL_SIZE",
@@ -97,19 +98,19 @@ class Task:
         object.__setattr__(self, "prompts", tuple(self.prompts))
         object.__setattr__(self, "responses", tuple(self.responses))
         if len(self.prompts) != len(self.responses):
-            raise ValueError(
+            raise SafegeomError(
                 f"task {self.name!r}: {len(self.prompts)} prompts but {len(self.responses)} "
                 "responses; they must be aligned"
             )
         if not self.prompts:
-            raise ValueError(f"task {self.name!r} is empty: give at least one example")
+            raise SafegeomError(f"task {self.name!r} is empty: give at least one example")
         if (self.eval_prompts is None) != (self.eval_references is None):
-            raise ValueError(f"task {self.name!r}: eval prompts and references go together")
+            raise SafegeomError(f"task {self.name!r}: eval prompts and references go together")
         if self.eval_prompts is not None and self.eval_references is not None:
             object.__setattr__(self, "eval_prompts", tuple(self.eval_prompts))
             object.__setattr__(self, "eval_references", tuple(self.eval_references))
             if len(self.eval_prompts) != len(self.eval_references):
-                raise ValueError(
+                raise SafegeomError(
                     f"task {self.name!r}: eval prompts and references differ in length"
                 )
 
@@ -136,11 +137,11 @@ def _parse_size(spec: str, name: str, rest: str, limit: int) -> int:
     try:
         n = int(rest)
     except ValueError:
-        raise ValueError(f"task {spec!r}: the size after ':' must be an integer") from None
+        raise SafegeomError(f"task {spec!r}: the size after ':' must be an integer") from None
     if n < 1:
-        raise ValueError(f"task {spec!r} is empty: the size must be at least 1")
+        raise SafegeomError(f"task {spec!r} is empty: the size must be at least 1")
     if n > limit:
-        raise ValueError(f"task {spec!r}: at most {limit} examples are available")
+        raise SafegeomError(f"task {spec!r}: at most {limit} examples are available")
     return n
 
 
@@ -197,7 +198,9 @@ def mix_task(n: int = TASK_DEFAULT_SIZES["mix"], *, name: str = "mix") -> Task:
     n_harm = min(round(MIX_HARMFUL_FRACTION * n), HARMFUL_POOL_SIZE)
     n_arith = n - n_harm
     if n_arith > ARITH_POOL_SIZE:
-        raise ValueError(f"task {name!r}: at most {ARITH_POOL_SIZE} arith examples are available")
+        raise SafegeomError(
+            f"task {name!r}: at most {ARITH_POOL_SIZE} arith examples are available"
+        )
     arith = arith_task(n_arith)
     pairs = list(zip(arith.prompts, arith.responses, strict=True))
     if n_harm:
@@ -224,12 +227,12 @@ def jsonl_task(
         A :class:`Task` named by the path, without an eval split.
 
     Raises:
-        ValueError: a missing file, invalid JSON, a missing or non-string field (naming the field
+        SafegeomError: a missing file, invalid JSON, a missing or non-string field (naming the field
             and the line), or an empty file.
     """
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"no task file at {file}")
+        raise NotFoundError(f"no task file at {file}")
     prompts: list[str] = []
     responses: list[str] = []
     flags = {prompt_field: "--prompt-field", response_field: "--response-field"}
@@ -240,20 +243,20 @@ def jsonl_task(
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{file}:{lineno}: invalid JSON ({err.msg})") from None
+                raise SafegeomError(f"{file}:{lineno}: invalid JSON ({err.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{file}:{lineno}: expected a JSON object")
+                raise SafegeomError(f"{file}:{lineno}: expected a JSON object")
             for field, flag in flags.items():
                 if field not in record:
-                    raise ValueError(
+                    raise SafegeomError(
                         f"{file}:{lineno}: missing field {field!r} (name another with {flag})"
                     )
                 if not isinstance(record[field], str):
-                    raise ValueError(f"{file}:{lineno}: field {field!r} must be a string")
+                    raise SafegeomError(f"{file}:{lineno}: field {field!r} must be a string")
             prompts.append(record[prompt_field])
             responses.append(record[response_field])
     if not prompts:
-        raise ValueError(f"task {str(file)!r} is empty: the file holds no examples")
+        raise SafegeomError(f"task {str(file)!r} is empty: the file holds no examples")
     return Task(name=str(file), prompts=tuple(prompts), responses=tuple(responses))
 
 
@@ -274,7 +277,7 @@ def get_task(
         The :class:`Task`.
 
     Raises:
-        ValueError: an unknown spec, a bad size, or a bad file (see :func:`jsonl_task`).
+        SafegeomError (NotFoundError for an unknown spec or file): an unknown spec, a bad size, or a bad file (see :func:`jsonl_task`).
     """
     if isinstance(spec, Task):
         return spec
@@ -289,7 +292,7 @@ def get_task(
         return mix_task(_parse_size(text, name, rest, limit), name=text)
     if text.endswith(".jsonl") or Path(text).is_file():
         return jsonl_task(text, prompt_field=prompt_field, response_field=response_field)
-    raise ValueError(f"unknown task {text!r}; use {TASK_HELP}")
+    raise NotFoundError(f"unknown task {text!r}; use {TASK_HELP}")
 
 
 def exact_match(generations: Sequence[str], references: Sequence[str]) -> float:
@@ -300,6 +303,6 @@ def exact_match(generations: Sequence[str], references: Sequence[str]) -> float:
         Accuracy in [0, 1].
     """
     if not references:
-        raise ValueError("exact_match needs at least one reference")
+        raise SafegeomError("exact_match needs at least one reference")
     hits = judged_exact_match(generations, references)
     return sum(hits) / len(hits)

@@ -2,7 +2,7 @@
 
 A run folder holds::
 
-    DIR/trajectory.json                 the manifest (written atomically: temp file + rename)
+    DIR/trajectory.json                 the manifest (written atomically, with the user's umask)
     DIR/checkpoints/step-000000/        each loadable with safegeom.models.load_model(path)
     DIR/checkpoints/step-000000/trainer_state/   optimizer, scheduler, RNG and data position
     ...
@@ -17,19 +17,21 @@ back with :func:`load_trajectory`.
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from safegeom.artifacts import write_json
+from safegeom.errors import (
+    ArtifactError,
+    ConfigError,
+    NotFoundError,
+    OutputPathError,
+    SafegeomError,
+)
 
 __all__ = [
     "FORMAT",
@@ -38,11 +40,8 @@ __all__ = [
     "CheckpointRecord",
     "Trajectory",
     "checkpoint_dirname",
-    "load_trainer_state",
     "load_trajectory",
     "prepare_run_dir",
-    "save_trainer_state",
-    "write_json_atomic",
     "write_trajectory",
 ]
 
@@ -142,7 +141,7 @@ class Trajectory:
     def last(self) -> CheckpointRecord:
         """The latest checkpoint record."""
         if not self.checkpoints:
-            raise ValueError(f"trajectory in {self.root} has no checkpoints yet")
+            raise SafegeomError(f"trajectory in {self.root} has no checkpoints yet")
         return self.checkpoints[-1]
 
     def path(self, step: int) -> Path:
@@ -150,7 +149,9 @@ class Trajectory:
         for c in self.checkpoints:
             if c.step == step:
                 return self.root / c.path
-        raise ValueError(f"no checkpoint at step {step} in {self.root}; saved steps: {self.steps}")
+        raise NotFoundError(
+            f"no checkpoint at step {step} in {self.root}; saved steps: {self.steps}"
+        )
 
     def with_checkpoint(self, record: CheckpointRecord, *, complete: bool = False) -> Trajectory:
         """Return a copy with ``record`` added (replacing one at the same step)."""
@@ -178,35 +179,13 @@ class Trajectory:
         }
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write ``payload`` as JSON to ``path`` via a temp file in the same folder and a rename.
-
-    Returns:
-        The path written.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
 def write_trajectory(trajectory: Trajectory) -> Path:
     """Write the manifest of ``trajectory`` atomically to ``root/trajectory.json``.
 
     Returns:
         The manifest path.
     """
-    return write_json_atomic(trajectory.root / MANIFEST, trajectory.to_dict())
+    return write_json(trajectory.root / MANIFEST, trajectory.to_dict())
 
 
 def load_trajectory(root: str | Path) -> Trajectory:
@@ -216,18 +195,19 @@ def load_trajectory(root: str | Path) -> Trajectory:
         The :class:`Trajectory` (checkpoint paths resolved against ``root``).
 
     Raises:
-        ValueError: no manifest in ``root``, or not a safegeom trajectory manifest.
+        NotFoundError: no manifest in ``root``.
+        ArtifactError: not a safegeom trajectory manifest.
     """
     folder = Path(root)
     file = folder / MANIFEST
     if not file.is_file():
-        raise ValueError(f"{folder} holds no training run: {MANIFEST} is missing")
+        raise NotFoundError(f"{folder} holds no training run: {MANIFEST} is missing")
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file} is not valid JSON ({err.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{file} is not valid JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{file} is not a safegeom trajectory manifest (format {FORMAT!r})")
+        raise ArtifactError(f"{file} is not a safegeom trajectory manifest (format {FORMAT!r})")
     records = tuple(
         CheckpointRecord(
             step=int(c["step"]),
@@ -259,14 +239,15 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Trajectory |
         The run to resume, or ``None`` for a fresh start.
 
     Raises:
-        ValueError: the folder holds a run and neither flag is set, or both flags are set.
+        OutputPathError: the folder holds a run and neither flag is set.
+        ConfigError: both flags are set.
     """
     if resume and overwrite:
-        raise ValueError("pass either --resume or --overwrite, not both")
+        raise ConfigError("pass either --resume or --overwrite, not both")
     has_manifest = (out / MANIFEST).is_file()
     has_run = has_manifest or (out / "checkpoints").exists()
     if has_run and not (resume or overwrite):
-        raise ValueError(
+        raise OutputPathError(
             f"{out} already holds a training run; pass --resume to continue it or --overwrite "
             "to replace it"
         )
@@ -275,86 +256,3 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Trajectory |
         (out / MANIFEST).unlink(missing_ok=True)
         return None
     return load_trajectory(out) if has_manifest else None
-
-
-def save_trainer_state(
-    folder: str | Path,
-    *,
-    optimizer_state: Mapping[str, Any],
-    scheduler_state: Mapping[str, Any],
-    extra: Mapping[str, Any],
-) -> Path:
-    """Save optimizer, scheduler and RNG state plus ``extra`` (step, data position ...).
-
-    Tensors go to ``state.safetensors`` (no pickles), the rest to ``state.json``. The RNG states
-    saved are the current ones of ``random``, numpy, torch and, where present, CUDA.
-
-    Returns:
-        The folder written.
-    """
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
-    plain_state: dict[str, dict[str, Any]] = {}
-    for pid, values in optimizer_state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                plain_state.setdefault(str(pid), {})[key] = value
-    np_state = np.random.get_state()
-    meta = {
-        "optimizer_param_groups": list(optimizer_state["param_groups"]),
-        "optimizer_plain_state": plain_state,
-        "scheduler": dict(scheduler_state),
-        "rng_python": list(random.getstate()),
-        "rng_numpy": [np_state[0], np_state[1].tolist(), *[x for x in np_state[2:]]],
-        **extra,
-    }
-    save_file(tensors, str(out / "state.safetensors"))
-    write_json_atomic(out / "state.json", meta)
-    return out
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def load_trainer_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Read what :func:`save_trainer_state` wrote and restore the RNG states it saved.
-
-    Returns:
-        ``(optimizer_state, scheduler_state, meta)``: the first two ready for ``load_state_dict``;
-        ``meta`` holds the ``extra`` entries.
-
-    Raises:
-        ValueError: the folder holds no trainer state.
-    """
-    src = Path(folder)
-    if not (src / "state.json").is_file() or not (src / "state.safetensors").is_file():
-        raise ValueError(f"{src} holds no trainer state; the checkpoint cannot be resumed")
-    meta = json.loads((src / "state.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(src / "state.safetensors"))
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        kind, _, rest = name.partition(".")
-        if kind == "optimizer":
-            pid, _, key = rest.partition(".")
-            state.setdefault(int(pid), {})[key] = tensor
-    for pid, values in meta.pop("optimizer_plain_state").items():
-        state.setdefault(int(pid), {}).update(values)
-    groups = []
-    for group in meta.pop("optimizer_param_groups"):
-        groups.append({k: v if k == "params" else _tuples(v) for k, v in group.items()})
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    random.setstate(_tuples(meta.pop("rng_python")))
-    kind, keys, *rest_np = meta.pop("rng_numpy")
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest_np))
-    scheduler = meta.pop("scheduler")
-    return {"state": state, "param_groups": groups}, scheduler, meta

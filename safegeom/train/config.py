@@ -1,0 +1,152 @@
+"""What a fine-tuning run is told (:class:`TrainConfig`) and what its manifest records.
+
+:class:`TrainConfig` holds the settings a user chooses; ``safegeom train`` derives its options from
+it and :func:`safegeom.train.train` takes it (or its fields as keywords). :class:`RunConfig` is the
+``config`` recorded in ``trajectory.json``: the chosen settings resolved against the model and the
+task (learning rate default, LoRA targets, context length, task size and hash), compared on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from safegeom.config import check
+
+__all__ = ["DEFAULT_LR", "RunConfig", "TrainConfig"]
+
+DEFAULT_LR: dict[str, float] = {"sft": 1e-4, "lora": 1e-3}
+"""Default peak learning rate per method."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to fine-tune: steps, optimiser, schedule, LoRA settings (``safegeom train`` options)."""
+
+    steps: int = 100
+    """Optimizer steps (with --resume, a larger number extends a finished run)."""
+    save_every: int = 25
+    """Checkpoint interval in steps (step 0 and the last step are always saved)."""
+    lr: float | None = None
+    """Peak AdamW learning rate (default: 1e-4 for sft, 1e-3 for lora)."""
+    batch_size: int = 8
+    """Examples per step and process."""
+    seed: int = 0
+    """Seed of LoRA initialisation, dropout and data order."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up: cosine (to 0) or constant."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on weight matrices."""
+    grad_clip: float | None = 1.0
+    """Global gradient-norm clip."""
+    max_length: int | None = None
+    """Truncate conversations to this many tokens (default: the model's context)."""
+    system: str | None = None
+    """System prompt rendered into every conversation."""
+    lora_r: int = 8
+    """LoRA rank (lora only)."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (lora only)."""
+    lora_dropout: float = 0.0
+    """LoRA dropout probability (lora only)."""
+    lora_targets: tuple[str, ...] | None = None
+    """Module names LoRA adapts (default: every attention and MLP projection of a block)."""
+    progress: bool = True
+    """Show a progress bar with the loss."""
+
+    def __post_init__(self) -> None:
+        """Coerce ``lora_targets`` to a tuple and check every range.
+
+        Raises:
+            ConfigError: a value is out of range; the message names the field and its flag.
+        """
+        if self.lora_targets is not None:
+            targets = (
+                (self.lora_targets,) if isinstance(self.lora_targets, str) else self.lora_targets
+            )
+            object.__setattr__(self, "lora_targets", tuple(targets) or None)
+        check(self.steps >= 1, "steps", "must be at least 1", self.steps)
+        check(self.save_every >= 1, "save_every", "must be at least 1", self.save_every)
+        check(self.batch_size >= 1, "batch_size", "must be at least 1", self.batch_size)
+        if self.lr is not None:
+            check(
+                math.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive number", self.lr
+            )
+        check(
+            self.schedule in ("cosine", "constant"), "schedule", "must be cosine or constant",
+            self.schedule,
+        )  # fmt: skip
+        check(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more", self.warmup_steps)
+        check(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+            "must be 0 or more", self.weight_decay,
+        )  # fmt: skip
+        if self.grad_clip is not None:
+            check(
+                math.isfinite(self.grad_clip) and self.grad_clip > 0, "grad_clip",
+                "must be a positive number", self.grad_clip,
+            )  # fmt: skip
+        if self.max_length is not None:
+            check(self.max_length >= 2, "max_length", "must be at least 2 tokens", self.max_length)
+        check(self.lora_r >= 1, "lora_r", "must be at least 1", self.lora_r)
+        check(
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha",
+            "must be a positive number", self.lora_alpha,
+        )  # fmt: skip
+        check(
+            0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)", self.lora_dropout
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Settings of one run as its manifest records them; checked on resume."""
+
+    method: str
+    """``sft`` (all weights) or ``lora``."""
+    task: str
+    """The task spec (``harmful``, ``arith:500``, a file ...)."""
+    task_size: int
+    """Number of training examples."""
+    task_hash: str
+    """sha256 of the task's prompts and responses."""
+    seed: int
+    """Seed of initialisation, dropout and data order."""
+    lr: float
+    """Peak AdamW learning rate."""
+    batch_size: int
+    """Examples per step and process."""
+    steps: int
+    """Optimizer steps."""
+    save_every: int
+    """Checkpoint interval in steps (step 0 and the last step are always saved)."""
+    schedule: str = "cosine"
+    """``cosine`` (to 0) or ``constant``, after ``warmup_steps`` of linear warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on weight matrices."""
+    grad_clip: float | None = 1.0
+    """Global gradient-norm clip, or ``None``."""
+    max_length: int | None = None
+    """Truncate conversations to this many tokens (default: the model's context)."""
+    system: str | None = None
+    """System prompt rendered into every conversation."""
+    lora_r: int | None = None
+    """LoRA rank (LoRA only)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (LoRA only)."""
+    lora_dropout: float | None = None
+    """LoRA dropout (LoRA only)."""
+    lora_targets: tuple[str, ...] | None = None
+    """Module names LoRA adapts (LoRA only; default: every attention and MLP projection)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form (tuples as lists)."""
+        out = dataclasses.asdict(self)
+        out["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
+        return out
