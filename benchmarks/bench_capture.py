@@ -55,6 +55,7 @@ from capture_methods import (
     METHODS,
     SITE,
     Steps,
+    build_model_and_plan,
     make_method,
     sync_device,
 )
@@ -112,69 +113,6 @@ PRESETS: dict[str, Preset] = {
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _build(preset: Preset) -> Any:
-    """A random-weight Llama :class:`LoadedModel` and the capture plan, built without downloads."""
-    from tokenizers import Tokenizer, models
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-
-    from safegeom.capture import CapturePlan
-    from safegeom.models import LAYOUTS, EncodedPrompt, LoadedModel, plan_positions
-    from safegeom.models.chat import EncodedSet
-
-    dtype = getattr(torch, preset.dtype)
-    config = LlamaConfig(
-        hidden_size=preset.hidden,
-        num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads,
-        num_key_value_heads=preset.kv_heads,
-        intermediate_size=preset.intermediate,
-        vocab_size=preset.vocab,
-        max_position_embeddings=max(2048, preset.seq_len),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    with torch.device(preset.device):  # parameters are created (and initialised) in place
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.eval()
-    vocab = {"<pad>": 0, "<unk>": 1}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    lm = LoadedModel(
-        model=model, tokenizer=tokenizer, name="bench", source="random", layout=LAYOUTS["llama"]
-    )
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, preset.vocab, (preset.n_prompts, preset.seq_len), generator=generator)
-    # The "instruction" ends n_positions + 1 tokens before the end, so t_post = the last 5 tokens.
-    t_inst = preset.seq_len - preset.n_positions - 1
-    encoded = tuple(
-        EncodedPrompt(input_ids=tuple(row.tolist()), t_inst=t_inst, inst_start=0) for row in ids
-    )
-    prompts = EncodedSet(
-        prompts=tuple(f"p{i}" for i in range(len(encoded))),
-        encoded=encoded,
-        system=None,
-        template_hash="",
-        name="random",
-    )
-    plan = CapturePlan(
-        prompts=prompts,
-        encoded=encoded,
-        sites=(SITE,),
-        layers=tuple(range(preset.layers)),
-        positions=plan_positions("t_post", encoded),
-        dtype=dtype,
-        batch_size=preset.batch_size,
-        system=None,
-    )
-    return lm, plan
 
 
 def _one_pass(steps: Steps, plan: Any) -> dict[str, Tensor]:
@@ -242,7 +180,7 @@ def measure_memory(lm: Any, plan: Any, steps: Steps) -> int:
 
 def memory_worker(method: str, preset: Preset, result_path: Path) -> None:
     """CPU memory of one method, in this (fresh) process; the result is written as JSON."""
-    lm, plan = _build(preset)
+    lm, plan = build_model_and_plan(preset)
     try:
         steps = make_method(method, lm)
     except ImportError as err:
@@ -336,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{preset.n_positions} positions; warm-up + {args.repeats} rounds",
         flush=True,
     )
-    lm, plan = _build(preset)
+    lm, plan = build_model_and_plan(preset)
     steps: dict[str, Steps] = {}
     results: dict[str, dict[str, Any]] = {}
     for method in methods:

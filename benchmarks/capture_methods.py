@@ -149,3 +149,66 @@ def make_method(name: str, lm: Any) -> Steps:
 def sync_device(lm: Any) -> None:
     if lm.device.type == "cuda":
         torch.cuda.synchronize(lm.device)
+
+
+def build_model_and_plan(preset: Any) -> Any:
+    """A random-weight Llama :class:`LoadedModel` and the capture plan, built without downloads."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from safegeom.capture import CapturePlan
+    from safegeom.models import LAYOUTS, EncodedPrompt, LoadedModel, plan_positions
+    from safegeom.models.chat import EncodedSet
+
+    dtype = getattr(torch, preset.dtype)
+    config = LlamaConfig(
+        hidden_size=preset.hidden,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        num_key_value_heads=preset.kv_heads,
+        intermediate_size=preset.intermediate,
+        vocab_size=preset.vocab,
+        max_position_embeddings=max(2048, preset.seq_len),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device(preset.device):  # parameters are created (and initialised) in place
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    vocab = {"<pad>": 0, "<unk>": 1}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    lm = LoadedModel(
+        model=model, tokenizer=tokenizer, name="bench", source="random", layout=LAYOUTS["llama"]
+    )
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, preset.vocab, (preset.n_prompts, preset.seq_len), generator=generator)
+    # The "instruction" ends n_positions + 1 tokens before the end, so t_post = the last 5 tokens.
+    t_inst = preset.seq_len - preset.n_positions - 1
+    encoded = tuple(
+        EncodedPrompt(input_ids=tuple(row.tolist()), t_inst=t_inst, inst_start=0) for row in ids
+    )
+    prompts = EncodedSet(
+        prompts=tuple(f"p{i}" for i in range(len(encoded))),
+        encoded=encoded,
+        system=None,
+        template_hash="",
+        name="random",
+    )
+    plan = CapturePlan(
+        prompts=prompts,
+        encoded=encoded,
+        sites=(SITE,),
+        layers=tuple(range(preset.layers)),
+        positions=plan_positions("t_post", encoded),
+        dtype=dtype,
+        batch_size=preset.batch_size,
+        system=None,
+    )
+    return lm, plan
