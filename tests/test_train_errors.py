@@ -1,0 +1,162 @@
+"""Training's bad inputs and interruptions: one-line errors, consistent checkpoints (issue 10, item 7)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from safegeom.cli import main
+from safegeom.errors import ConfigError, OutputPathError, TrainingDiverged
+from safegeom.train import Task, TrainConfig, load_trajectory, runner, train
+from tests.tiny_models import build_checkpoint
+
+TINY = Task(
+    name="tiny",
+    prompts=("Explain how photosynthesis works.", "Give three tips for staying healthy."),
+    responses=("Sure, here is a short poem.", "I'm sorry, but I cannot help."),
+)
+FAST = {"progress": False, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("train-errors"), "llama", n_layers=2)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (path / "adapter_config.json").is_file() else None
+    return load_file(str(path / (name or "model.safetensors")))
+
+
+def test_config_drives_train_and_checks_ranges(ckpt: Path, tmp_path: Path) -> None:
+    config = TrainConfig(steps=2, save_every=1, batch_size=2, progress=False)
+    a = train(ckpt, TINY, config, method="sft", out=tmp_path / "a")
+    b = train(ckpt, TINY, method="sft", out=tmp_path / "b", steps=2, save_every=1, **FAST)
+    assert a.steps == b.steps == (0, 1, 2)
+    assert all(torch.equal(x, y) for x, y in zip(
+        _weights(a.paths[-1]).values(), _weights(b.paths[-1]).values(), strict=True))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"steps \(--steps\) must be at least 1, got 0"):
+        TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match=r"lora_dropout \(--lora-dropout\) must lie in \[0, 1\)"):
+        train(ckpt, TINY, method="lora", out=tmp_path / "c", lora_dropout=1.5)
+    with pytest.raises(TypeError, match="the settings are the fields of TrainConfig"):
+        train(ckpt, TINY, method="lora", out=tmp_path / "c", nonsense=1)
+
+
+def test_out_is_checked_before_work(ckpt: Path, tmp_path: Path) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    with pytest.raises(OutputPathError, match=r"--out .*a-file is a file; give a folder"):
+        train(ckpt, TINY, method="lora", out=file, steps=1, **FAST)
+    train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
+    with pytest.raises(OutputPathError, match="already holds a training run; pass --resume"):
+        train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
+
+
+def test_divergence_stops_naming_the_step(ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+: "):
+        train(ckpt, TINY, method="sft", out=tmp_path / "nan", steps=6, save_every=1, lr=1e6,
+              grad_clip=None, **FAST)  # fmt: skip
+    traj = load_trajectory(tmp_path / "nan")
+    assert not traj.complete
+    for path in traj.paths:
+        assert all(torch.isfinite(t).all() for t in _weights(path).values())
+
+
+def test_cli_divergence_is_one_line(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "sft", str(ckpt), "--task", "harmful:4", "--out", str(tmp_path / "d"),
+            "--steps", "6", "--save-every", "2", "--batch-size", "2", "--lr", "1e6",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: training diverged at step" in err and "Traceback" not in err
+
+
+def test_interrupt_keeps_checkpoints_and_says_resume(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "cut"
+    args = ["train", "lora", str(ckpt), "--task", "harmful:4", "--out", str(out), "--steps", "4",
+            "--save-every", "1", "--batch-size", "2", "--no-progress"]  # fmt: skip
+    real = runner.check_finite_weights
+
+    def interrupt_at_3(params, step, traj, lr):  # type: ignore[no-untyped-def]
+        if step == 3:
+            raise KeyboardInterrupt
+        real(params, step, traj, lr)
+
+    monkeypatch.setattr(runner, "check_finite_weights", interrupt_at_3)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "safegeom train: interrupted; rerun with --resume" in err and "Traceback" not in err
+    cut = load_trajectory(out)
+    assert cut.steps == (0, 1, 2) and not cut.complete
+    monkeypatch.setattr(runner, "check_finite_weights", real)
+    assert main([*args, "--resume"]) == 0
+    assert load_trajectory(out).steps == (0, 1, 2, 3, 4)
+
+
+def test_truncated_last_checkpoint_resumes_from_the_last_good(ckpt: Path, tmp_path: Path) -> None:
+    kwargs = {"method": "lora", "steps": 4, "save_every": 2, **FAST}
+    full = train(ckpt, TINY, out=tmp_path / "full", **kwargs)
+
+    def stop(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(ckpt, TINY, out=tmp_path / "cut", callback=stop, **kwargs)
+    last = load_trajectory(tmp_path / "cut").paths[-1]
+    weights = last / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match=r"step-000002 cannot be resumed from \(adapter_model"
+                      r"\.safetensors: truncated.*resuming from step 0 instead"):  # fmt: skip
+        resumed = train(ckpt, TINY, out=tmp_path / "cut", resume=True, **kwargs)
+    assert resumed.steps == (0, 2, 4) and resumed.complete
+    assert all(torch.equal(x, y) for x, y in zip(
+        _weights(full.paths[-1]).values(), _weights(resumed.paths[-1]).values(), strict=True))  # fmt: skip
+
+
+def test_finished_run_extends_with_more_steps(ckpt: Path, tmp_path: Path) -> None:
+    kwargs = {"method": "lora", "save_every": 2, "schedule": "constant", **FAST}
+    done = train(ckpt, TINY, out=tmp_path / "run", steps=2, **kwargs)
+    assert done.complete
+    longer = train(ckpt, TINY, out=tmp_path / "run", steps=4, resume=True, **kwargs)
+    assert longer.steps == (0, 2, 4) and longer.complete and longer.config["steps"] == 4
+    straight = train(ckpt, TINY, out=tmp_path / "straight", steps=4, **kwargs)
+    assert all(torch.equal(x, y) for x, y in zip(
+        _weights(straight.paths[-1]).values(), _weights(longer.paths[-1]).values(), strict=True))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"steps \(--steps\) must be at least 4 to resume"):
+        train(ckpt, TINY, out=tmp_path / "run", steps=3, resume=True, **kwargs)
+
+
+def test_outputs_follow_the_umask(ckpt: Path, tmp_path: Path) -> None:
+    before = os.umask(0o022)
+    try:
+        traj = train(ckpt, TINY, method="lora", out=tmp_path / "u", steps=1, save_every=1, **FAST)
+    finally:
+        os.umask(before)
+    for path in (traj.root / "trajectory.json", traj.paths[-1] / "trainer_state" / "state.json",
+                 traj.paths[-1] / "trainer_state" / "state.safetensors"):  # fmt: skip
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_train_has_the_loading_flags(
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "lora", str(ckpt), "--task", "harmful:2", "--out", str(tmp_path / "x"),
+            "--steps", "1", "--no-progress"]  # fmt: skip
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "--device cuda: " in capsys.readouterr().err
+    assert main([*args, "--device", "cpu", "--trust-remote-code", "--no-allow-pickle"]) == 0
+    assert main([*args, "--resume", "--overwrite"]) == 2
+    assert "pass either --resume or --overwrite, not both" in capsys.readouterr().err
