@@ -72,3 +72,79 @@ def test_bad_inputs_are_safegeom_errors(tmp_path: Path) -> None:
         load_prompts(_csv(tmp_path, "{not json", "bad.json"))
     with pytest.raises(SafegeomError, match="cannot load prompts from int"):
         load_prompts(3)  # type: ignore[arg-type]
+
+
+# --- moved from test_prompts.py (file size) ---
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    p = tmp_path / "p.csv"
+    p.write_text("text,label\nhello,1\n", encoding="utf-8")
+    with pytest.raises(
+        ValueError,
+        match=r"has none of prompt, instruction, goal, question; its "
+        r"columns are 'text', 'label'; pick one with --column \(column= in Python\)",
+    ):
+        load_prompts(str(p))
+    with pytest.raises(ValueError, match=r"no column 'body'; its columns are 'text', 'label'"):
+        load_prompts(str(p), column="body")
+    with pytest.raises(ValueError, match=r"no column 'out'.*completion_column= option"):
+        load_prompts(str(p), column="text", completion_column="out")
+
+
+def test_empty_sets(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="prompt set 'inline' is empty"):
+        load_prompts([])
+    p = tmp_path / "e.csv"
+    p.write_text("prompt\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"e\.csv' is empty; give at least one prompt"):
+        load_prompts(str(p))
+    j = tmp_path / "e.jsonl"
+    j.write_text("\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="is empty"):
+        load_prompts(str(j))
+    with pytest.raises(
+        ValueError, match=r"n \(--limit\) must be a positive number of prompts, got 0"
+    ):
+        load_prompts("advbench", n=0)
+
+
+def test_empty_cell(tmp_path: Path) -> None:
+    p = tmp_path / "p.csv"
+    p.write_text('prompt\nok\n""\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"row 1: column 'prompt' is missing or empty"):
+        load_prompts(str(p))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(ValueError, match=r"prompt file '.*missing\.csv' does not exist"):
+        load_prompts(str(missing))
+
+
+def test_unsupported_extension(tmp_path: Path) -> None:
+    p = tmp_path / "p.txt"
+    p.write_text("hello\n", encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"unsupported prompt file type '\.txt'.*use \.csv, \.json"
+    ):
+        load_prompts(str(p))
+
+
+def test_bad_json(tmp_path: Path) -> None:
+    p = tmp_path / "p.json"
+    p.write_text('{"prompt": "x"}', encoding="utf-8")
+    with pytest.raises(ValueError, match="must hold a JSON array"):
+        load_prompts(str(p))
+    p.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="item 0 is int; expected an object or a string"):
+        load_prompts(str(p))
+    q = tmp_path / "q.jsonl"
+    q.write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cannot parse .* as JSONL"):
+        load_prompts(str(q))
+
+
+def test_bad_spec_type() -> None:
+    with pytest.raises(ValueError, match="cannot load prompts from int"):
+        load_prompts(3)  # type: ignore[arg-type]
