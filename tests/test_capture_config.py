@@ -144,3 +144,13 @@ def test_disk_and_stats_modes_take_either_backend(lm, tmp_path: Path) -> None:
         torch.testing.assert_close(disk[site], hooks[site], atol=1e-5, rtol=1e-5)
         mean = hooks[site].double().mean(0)
         torch.testing.assert_close(stats.mean(site), mean, atol=1e-5, rtol=0)
+
+
+def test_package_face_capture_is_callable_after_the_package_loads(lm) -> None:
+    import safegeom
+    import safegeom.capture as package
+
+    assert safegeom.capture is package or safegeom.capture is capture
+    acts = safegeom.capture(lm, PROMPTS, layers="1", positions="last", progress=False)
+    assert torch.equal(acts["resid_pre"], capture(lm, PROMPTS, layers="1", positions="last",
+                                                  progress=False)["resid_pre"])  # fmt: skip
