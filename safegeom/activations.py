@@ -25,7 +25,6 @@ from torch import Tensor
 
 from safegeom.artifacts import (
     Provenance,
-    atomic_write,
     read_json,
     read_safetensors,
     save_safetensors,
@@ -38,7 +37,6 @@ __all__ = [
     "ActivationStats",
     "Activations",
     "CaptureProvenance",
-    "atomic_save_safetensors",
     "load_activations",
 ]
 
@@ -84,17 +82,6 @@ def _provenance(data: Mapping[str, Any]) -> CaptureProvenance:
     return CaptureProvenance.from_dict(values)
 
 
-def atomic_save_safetensors(
-    tensors: Mapping[str, Tensor], path: Path, meta: dict[str, str]
-) -> None:
-    """Write a safetensors file with raw string ``meta`` atomically (see
-    :func:`safegeom.artifacts.atomic_write`); prefer :func:`safegeom.artifacts.save_safetensors`."""
-    from safetensors.torch import save_file
-
-    with atomic_write(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-
-
 @dataclass(frozen=True)
 class Activations:
     """Activations at (site, layer, position) for a prompt set.
@@ -126,7 +113,7 @@ class Activations:
     def layer_index(self, layer: int) -> int:
         """Index of model layer ``layer`` in the layer axis (negative layers count from the end
         of the *captured* layers)."""
-        if layer < 0:
+        if layer < 0 and -len(self.layers) <= layer:
             return range(len(self.layers))[layer]
         if layer not in self.layers:
             raise SafegeomError(f"layer {layer} was not captured; captured: {list(self.layers)}")

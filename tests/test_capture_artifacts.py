@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from safegeom.activations import ActivationStats, load_activations
 from safegeom.artifacts import Provenance, read_json, read_safetensors
 from safegeom.capture import capture, capture_stats, capture_to_disk
-from safegeom.errors import ArtifactError, NotFoundError
+from safegeom.errors import ArtifactError, NotFoundError, SafegeomError
 from safegeom.models import load_model
 from safegeom.stats import Moments, RunningStats
 
@@ -143,3 +143,16 @@ def test_unreadable_files(tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     with pytest.raises(NotFoundError, match="no activations index at"):
         load_activations(tmp_path / "folder")
+
+
+def test_activations_lookup_errors(lm) -> None:
+    acts = capture(lm, PROMPTS, progress=False, **KWARGS)
+    assert acts.layer_index(-1) == 1 and acts.layer_index(2) == 1
+    with pytest.raises(SafegeomError, match=r"layer -3 was not captured; captured: \[0, 2\]"):
+        acts.layer_index(-3)
+    with pytest.raises(SafegeomError, match="layer 1 was not captured"):
+        acts.select("resid_pre", 1, "t_inst")
+    with pytest.raises(SafegeomError, match="position 'last' not captured"):
+        acts.select("resid_pre", 0, "last")
+    with pytest.raises(NotFoundError, match="site 'mlp_out' was not captured"):
+        acts["mlp_out"]
