@@ -46,6 +46,23 @@ def test_two_carriers_with_one_file_name_are_both_swept(
     assert saved.config.add_strengths == (1.0,) and len(saved.table) == len(rows)
 
 
+def test_repeated_carrier_flags_are_all_kept() -> None:
+    from safegeom.cli import build_parser
+    from safegeom.cli.options import config_from_args
+    from safegeom.cli.sweep import SweepCommand
+
+    argv = [
+        "sweep",
+        "m",
+        "--carrier",
+        "a.safetensors",
+        "--carrier",
+        "x=b.safetensors,c.safetensors",
+    ]
+    command = config_from_args(SweepCommand, build_parser().parse_args(argv))
+    assert command.carrier == ("a.safetensors", "x=b.safetensors", "c.safetensors")
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -12,7 +12,9 @@ config back from the parsed namespace. Supported field types:
 - any class with a ``parse(str)`` classmethod (``LayerSpec``, ``PositionSpec``).
 
 A field's ``metadata`` may hold ``flag`` (another option name), ``metavar``, ``positional`` (the
-field is a positional argument) or ``cli=False`` (not on the command line; say why in its doc).
+field is a positional argument), ``repeat=True`` (a ``tuple[X, ...]`` option that may be given
+several times, each a comma list, the items joined in order) or ``cli=False`` (not on the command
+line; say why in its doc).
 
 Example:
     >>> import argparse
@@ -175,11 +177,15 @@ def add_config(
             elif get_origin(tp) is tuple:
                 item = get_args(tp)[0]
                 kwargs["type"] = _tuple_parser(item)
+                if f.metadata.get("repeat"):
+                    kwargs["action"] = "extend"
                 kwargs["metavar"] = f.metadata.get("metavar", f"{f.name.upper()},...")
             else:
                 kwargs["type"] = _scalar_parser(tp)
             if default is dataclasses.MISSING and not optional:
                 kwargs["required"] = True
+            elif kwargs.get("action") == "extend":
+                kwargs["default"] = None  # argparse extends a default in place: fill it in later
             else:
                 kwargs["default"] = None if default is dataclasses.MISSING else default
         group.add_argument(name, **kwargs)
@@ -200,6 +206,9 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> A
     for f in dataclasses.fields(cls):
         dest = option_dest(cls, f.name)
         if hasattr(args, dest):
-            values[f.name] = getattr(args, dest)
+            value = getattr(args, dest)
+            if f.metadata.get("repeat"):
+                value = _default(f) if value is None else tuple(value)
+            values[f.name] = value
     values.update(overrides)
     return cls(**values)

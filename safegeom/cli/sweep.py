@@ -29,8 +29,8 @@ class SweepCommand:
 
     model: str = field(metadata={"positional": True})
     """tiny-chat, a checkpoint or adapter dir, or a hub id."""
-    carrier: tuple[str, ...] = field(metadata={"metavar": "[NAME=]FILE,..."})
-    """Carrier files (.safetensors), comma-separated, each optionally named NAME=FILE."""
+    carrier: tuple[str, ...] = field(metadata={"metavar": "[NAME=]FILE,...", "repeat": True})
+    """Carrier file (.safetensors), optionally NAME=FILE; repeat --carrier or give a comma list."""
     harmful: str = field(default="advbench:val", metadata={"metavar": "SPEC"})
     """Harmful prompt set: bundled set[:split] or a CSV/JSON/JSONL file."""
     harmless: str = field(default="alpaca:val", metadata={"metavar": "SPEC"})
