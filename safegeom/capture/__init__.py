@@ -31,7 +31,13 @@ from safegeom.capture.loop import (
     iter_capture,
 )
 from safegeom.capture.loop import _runs as _runs  # re-exported for the run-splitting test
-from safegeom.capture.plan import CapturePlan, Prompts, auto_batch_size, plan_capture
+from safegeom.capture.plan import (
+    CapturePlan,
+    Prompts,
+    auto_batch_size,
+    encode_for,
+    plan_capture,
+)
 
 __all__ = [
     "BACKENDS",
@@ -45,6 +51,7 @@ __all__ = [
     "capture",
     "capture_stats",
     "capture_to_disk",
+    "encode_for",
     "iter_capture",
     "load_activations",
     "parse_sites",

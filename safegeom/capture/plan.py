@@ -23,7 +23,15 @@ from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import PositionPlan, plan_positions
 from safegeom.prompts import PromptSet, load_prompts
 
-__all__ = ["CapturePlan", "Prompts", "auto_batch_size", "plan_capture", "resolve_config"]
+__all__ = [
+    "CapturePlan",
+    "Prompts",
+    "auto_batch_size",
+    "encode_for",
+    "max_positions",
+    "plan_capture",
+    "resolve_config",
+]
 
 Prompts = PromptSet | EncodedSet | str | Sequence[str]
 """What capture accepts as prompts: a set, an encoded set, a spec (``advbench:train``, a file)
