@@ -9,57 +9,63 @@ them, and which internal changes cause the behaviour. The everyday API is import
     >>> with sg.Ablation(r).on(lm):                                      # doctest: +SKIP
     ...     result = sg.evaluate(lm, sg.load_prompts("advbench:test"))
 
-Names are imported on first use, so ``import safegeom`` stays cheap and no module of the package
-imports another through this one.
+Three of these names are also names of modules (``capture``, ``evaluate``, ``train``): here they
+are the functions. Import the modules by their full path (``from safegeom.capture import
+capture_stats``); ``import safegeom.capture as m`` would give the function.
+No module of the package imports this one, so the import graph stays acyclic.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from safegeom.artifacts import Provenance
+from safegeom.capture import Activations, ActivationStats, CaptureConfig, capture, capture_stats
+from safegeom.carriers import (
+    Carrier,
+    SelectionConfig,
+    cheap_cone,
+    harmfulness_direction,
+    load_carrier,
+    refusal_direction,
+)
+from safegeom.errors import SafegeomError
+from safegeom.evaluate import evaluate
+from safegeom.interventions import Ablation, Addition, AffineEdit
+from safegeom.models import LayerSpec, LoadConfig, PositionSpec, load_model
+from safegeom.prompts import PromptSet, load_prompts
+from safegeom.results import EvalResult
+from safegeom.sweeps import SweepConfig, SweepResult, causal_sweep
+from safegeom.train import TrainConfig, load_trajectory, train
 
 __version__ = "0.1.0"
 
-_EXPORTS: dict[str, str] = {
-    "LoadConfig": "safegeom.models",
-    "LayerSpec": "safegeom.models",
-    "PositionSpec": "safegeom.models",
-    "load_model": "safegeom.models",
-    "load_prompts": "safegeom.prompts",
-    "PromptSet": "safegeom.prompts",
-    "capture": "safegeom.capture",
-    "capture_stats": "safegeom.capture",
-    "Carrier": "safegeom.carriers",
-    "load_carrier": "safegeom.carriers",
-    "refusal_direction": "safegeom.carriers",
-    "harmfulness_direction": "safegeom.carriers",
-    "cheap_cone": "safegeom.carriers",
-    "SelectionConfig": "safegeom.carriers",
-    "Ablation": "safegeom.interventions",
-    "Addition": "safegeom.interventions",
-    "AffineEdit": "safegeom.interventions",
-    "evaluate": "safegeom.evaluate",
-    "causal_sweep": "safegeom.sweeps",
-    "SweepConfig": "safegeom.sweeps",
-    "train": "safegeom.train",
-    "TrainConfig": "safegeom.train",
-    "load_trajectory": "safegeom.train",
-    "Provenance": "safegeom.artifacts",
-    "SafegeomError": "safegeom.errors",
-}
-"""Public name → the module that defines it."""
-
-__all__ = ["__version__", *sorted(_EXPORTS)]
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'safegeom' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__all__ = [
+    "Ablation",
+    "ActivationStats",
+    "Activations",
+    "Addition",
+    "AffineEdit",
+    "CaptureConfig",
+    "Carrier",
+    "EvalResult",
+    "LayerSpec",
+    "LoadConfig",
+    "PositionSpec",
+    "PromptSet",
+    "Provenance",
+    "SafegeomError",
+    "SelectionConfig",
+    "SweepConfig",
+    "SweepResult",
+    "TrainConfig",
+    "__version__",
+    "capture",
+    "capture_stats",
+    "causal_sweep",
+    "cheap_cone",
+    "evaluate",
+    "harmfulness_direction",
+    "load_carrier",
+    "load_model",
+    "load_prompts",
+    "load_trajectory",
+    "refusal_direction",
+    "train",
+]

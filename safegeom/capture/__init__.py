@@ -17,10 +17,6 @@ Example:
     >>> acts = capture(lm, "advbench:val", layers="2-5", positions="t_inst,t_post")  # doctest: +SKIP
 """
 
-import sys
-import types
-from typing import Any
-
 from safegeom.activations import Activations, ActivationStats, load_activations
 from safegeom.capture.config import BACKENDS, CaptureConfig, parse_sites
 from safegeom.capture.loop import (
@@ -57,18 +53,3 @@ __all__ = [
     "parse_sites",
     "plan_capture",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """This package, callable as :func:`capture`.
-
-    Importing ``safegeom.capture`` sets the attribute ``capture`` of the ``safegeom`` package to
-    this module, over the package face's ``safegeom.capture`` function; calling the module runs
-    the function, so ``import safegeom as sg; sg.capture(lm, prompts)`` works in either order.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Activations:
-        return capture(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,16 +51,9 @@ def storage_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return value
 
 
-@functools.lru_cache(maxsize=256)
-def _parse_text(parse: Any, text: str) -> Any:
-    """Specs are frozen values: a string parses once (``LayerSpec``'s syntax check resolves it
-    against 2**20 layers, about 10 ms for ``all``)."""
-    return parse(text)
-
-
 def _spec(parse: Any, value: Any) -> Any:
     try:
-        return _parse_text(parse, value) if isinstance(value, str) else parse(value)
+        return parse(value)
     except SafegeomError:
         raise
     except (ValueError, TypeError) as err:

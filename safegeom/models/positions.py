@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from safegeom.errors import ConfigError
 from safegeom.models.chat import ChatBatch, EncodedPrompt
 
 __all__ = [
@@ -49,8 +50,6 @@ POSITION_HELP = (
     "t_inst, t_post, last or integer offsets (-1 is the last prompt token), comma-separated"
 )
 """How a position spec is written."""
-_SYNTAX_CHECK_LAYERS = 1 << 20
-"""Layer count used to check a spec's syntax before any model is known."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,8 @@ class LayerSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spec", str(self.spec).strip())
-        parse_layers(self.spec, _SYNTAX_CHECK_LAYERS)
+        if self.spec != "all":
+            _layer_terms(self.spec)
 
     @classmethod
     def parse(cls, spec: str | int | Sequence[int] | LayerSpec | None) -> LayerSpec:
@@ -159,12 +159,40 @@ def parse_positions(
         try:
             out.append(int(text))
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown position {text!r}: use t_inst, t_post, last or an integer offset"
             ) from None
     if not out:
-        raise ValueError("empty position spec: use t_inst, t_post, last or integer offsets")
+        raise ConfigError("empty position spec: use t_inst, t_post, last or integer offsets")
     return tuple(out)
+
+
+def _layer_terms(spec: str | int | Sequence[int]) -> list[int | tuple[str, int | None, int | None]]:
+    """Parse a layer spec without a model: ints, ``("slice", a, b)`` and ``("range", a, b)``.
+
+    Raises:
+        ConfigError: a malformed spec.
+    """
+    parts: Sequence[str | int]
+    parts = [spec] if isinstance(spec, int) else spec.split(",") if isinstance(spec, str) else spec
+    terms: list[int | tuple[str, int | None, int | None]] = []
+    for part in parts:
+        if isinstance(part, int):
+            terms.append(part)
+            continue
+        text = part.strip()
+        try:
+            if ":" in text:
+                a, b = text.split(":", 1)
+                terms.append(("slice", int(a) if a else None, int(b) if b else None))
+            elif "-" in text[1:]:
+                a, b = text[0] + text[1:].split("-", 1)[0], text[1:].split("-", 1)[1]
+                terms.append(("range", int(a), int(b)))
+            else:
+                terms.append(int(text))
+        except ValueError:
+            raise ConfigError(f"bad layer spec {spec!r}: use {LAYER_HELP}") from None
+    return terms
 
 
 def parse_layers(
@@ -173,7 +201,7 @@ def parse_layers(
     """Resolve a layer spec to sorted, unique, non-negative layer indices.
 
     Raises:
-        ValueError: a malformed spec, an empty selection, or a layer out of range (the message
+        ConfigError: a malformed spec, an empty selection, or a layer out of range (the message
             gives the valid range).
     """
     if isinstance(spec, LayerSpec):
@@ -181,36 +209,23 @@ def parse_layers(
     if spec is None or (isinstance(spec, str) and spec.strip() == "all"):
         return tuple(range(n_layers))
     raw: list[int] = []
-    parts: Sequence[str | int]
-    parts = [spec] if isinstance(spec, int) else spec.split(",") if isinstance(spec, str) else spec
-    for part in parts:
-        if isinstance(part, int):
-            raw.append(part)
-            continue
-        text = part.strip()
-        try:
-            if ":" in text:
-                a, b = text.split(":", 1)
-                raw.extend(range(n_layers)[slice(int(a) if a else None, int(b) if b else None)])
-            elif "-" in text[1:]:
-                a, b = text[0] + text[1:].split("-", 1)[0], text[1:].split("-", 1)[1]
-                lo, hi = _norm_layer(int(a), n_layers), _norm_layer(int(b), n_layers)
-                raw.extend(range(lo, hi + 1))
-            else:
-                raw.append(int(text))
-        except ValueError as err:
-            if "out of range" in str(err):
-                raise
-            raise ValueError(f"bad layer spec {spec!r}: use {LAYER_HELP}") from None
+    for term in _layer_terms(spec):
+        if isinstance(term, int):
+            raw.append(term)
+        elif term[0] == "slice":
+            raw.extend(range(n_layers)[slice(term[1], term[2])])
+        else:
+            lo, hi = _norm_layer(int(term[1]), n_layers), _norm_layer(int(term[2]), n_layers)
+            raw.extend(range(lo, hi + 1))
     layers = sorted({_norm_layer(layer, n_layers) for layer in raw})
     if not layers:
-        raise ValueError(f"layer spec {spec!r} selects no layer of {n_layers}")
+        raise ConfigError(f"layer spec {spec!r} selects no layer of {n_layers}")
     return tuple(layers)
 
 
 def _norm_layer(layer: int, n_layers: int) -> int:
     if not -n_layers <= layer < n_layers:
-        raise ValueError(
+        raise ConfigError(
             f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1}, "
             f"or -{n_layers}..-1)"
         )
@@ -250,7 +265,7 @@ class PositionPlan:
                 offset = int(item)
                 col = torch.full_like(batch.lengths, seq + offset) if offset < 0 else start + offset
                 if bool((col < start).any() or (col >= seq).any()):
-                    raise ValueError(
+                    raise ConfigError(
                         f"position offset {offset} lies outside a prompt of "
                         f"{int(batch.lengths.min())} tokens"
                     )
@@ -267,7 +282,7 @@ def plan_positions(
     n_post = min(counts) if counts else 0
     if "t_post" in items:
         if n_post < 1:
-            raise ValueError("t_post is empty: the template puts no token after the instruction")
+            raise ConfigError("t_post is empty: the template puts no token after the instruction")
         if len(counts) > 1:
             warnings.warn(
                 f"post-instruction token counts differ across prompts ({sorted(counts)}); "
