@@ -36,7 +36,6 @@ from safegeom.stats import Moments
 __all__ = [
     "ActivationStats",
     "Activations",
-    "CaptureProvenance",
     "load_activations",
 ]
 
@@ -45,41 +44,13 @@ STATS_FORMAT = "safegeom.activation_stats/1"
 SHARD_INDEX = "activations.json"
 
 
-class CaptureProvenance(Provenance):
-    """The :class:`Provenance` of a capture, whose ``extra`` facts also read as attributes.
-
-    ``prov.layers``, ``prov.n_prompts``, ``prov.backend`` … are ``prov.extra[...]``;
-    ``prompt_set``/``prompt_hash`` are the name and hash of its (first) prompt set.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        if not name.startswith("_"):
-            try:
-                extra = object.__getattribute__(self, "extra")
-            except AttributeError:
-                extra = {}
-            if name in extra:
-                return extra[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    @property
-    def prompt_set(self) -> str:
-        """Name of the (first) prompt set."""
-        return next(iter(self.prompt_sets), "")
-
-    @property
-    def prompt_hash(self) -> str:
-        """Content hash of the (first) prompt set."""
-        return next(iter(self.prompt_sets.values()), "")
-
-
-def _provenance(data: Mapping[str, Any]) -> CaptureProvenance:
+def _provenance(data: Mapping[str, Any]) -> Provenance:
     """Typed provenance from a saved mapping; files from before ``prompt_sets`` are upgraded."""
     values = dict(data)
     if "prompt_sets" not in values and "prompt_set" in values:
         name, digest = values.pop("prompt_set"), values.pop("prompt_hash", "")
         values["prompt_sets"] = {name: digest}
-    return CaptureProvenance.from_dict(values)
+    return Provenance.from_dict(values)
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def decompose_projection(
         if str(position) not in acts.positions:
             raise SafegeomError(f"position {position!r} not captured; available: {acts.positions}")
         k = acts.positions.index(str(position))
-        prompt_hashes[label] = acts.provenance.prompt_hash
+        prompt_hashes[label] = next(iter(acts.provenance.prompt_sets.values()), "")
         parts = {"embed": (-1, acts["resid_pre"][:, 0, k])}
         for j in range(layer):
             parts[f"attn {j}"] = (j, acts["attn_out"][:, j, k])

@@ -34,7 +34,6 @@ from safegeom.bootstrap import Metric
 from safegeom.errors import SafegeomError
 from safegeom.generation import (
     Intervention,
-    Prompts,
     as_context,
     check_finite,
     describe_intervention,
@@ -43,6 +42,7 @@ from safegeom.generation import (
     forward_batches,
     generate,
     generate_from_ids,
+    last_position_logprobs,
     stop_token_ids,
 )
 from safegeom.judges import (
@@ -56,7 +56,7 @@ from safegeom.judges import (
     task_accuracy,
 )
 from safegeom.models.loading import LoadedModel
-from safegeom.prompts import load_prompts
+from safegeom.prompts import Prompts, load_prompts
 from safegeom.results import EvalResult
 
 __all__ = [
@@ -159,38 +159,6 @@ def refusal_scores(
             scores[chunk] = refusal_log_odds(logits[:, -1], ids).cpu()
     check_finite(scores, "refusal scores")
     return scores
-
-
-def last_position_logprobs(
-    lm: LoadedModel,
-    prompts: Prompts,
-    *,
-    batch_size: int | None = None,
-    system: str | None = None,
-    intervention: Intervention = None,
-    progress: bool = True,
-) -> Float[Tensor, "n vocab"]:
-    """Next-token log-probabilities at the first answer position (after the last prompt token).
-
-    The one last-position log-prob function of the package (scoring and sweeps use it too).
-
-    Returns:
-        float64 CPU tensor ``[n, vocab]`` of log-probabilities (nats).
-
-    Raises:
-        NonFiniteError: the logits hold NaN or inf.
-    """
-    seqs = [e.input_ids for e in encode_chat(lm, prompts, system)]
-    out: Tensor | None = None
-    with as_context(intervention, lm):
-        for chunk, _, logits in forward_batches(
-            lm.model, lm.tokenizer, seqs, batch_size, progress, "logprobs"
-        ):
-            lp = logits[:, -1].double().log_softmax(-1).cpu()
-            out = lp.new_empty((len(seqs), lp.shape[-1])) if out is None else out
-            out[chunk] = lp
-    assert out is not None
-    return out
 
 
 def kl_divergence(

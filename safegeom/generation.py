@@ -20,6 +20,7 @@ import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,25 +30,25 @@ from tqdm.auto import tqdm
 
 from safegeom.batching import auto_batch_size, longest_first
 from safegeom.errors import ConfigError, NonFiniteError
-from safegeom.models.chat import ChatBatch, EncodedPrompt, collate_left, encode_prompts
+from safegeom.models.chat import ChatBatch, EncodedPrompt, EncodedSet, collate_left, encode_prompts
 from safegeom.models.loading import LoadedModel
-from safegeom.prompts import PromptSet, load_prompts
+from safegeom.prompts import Prompts, load_prompts
 
 __all__ = [
+    "ForwardCounter",
     "Intervention",
-    "Prompts",
     "as_context",
     "check_finite",
     "describe_intervention",
     "end_of_turn_id",
     "generate",
     "generate_from_ids",
+    "last_position_logprobs",
     "stop_token_ids",
 ]
 
 Intervention = AbstractContextManager[Any] | Callable[[], AbstractContextManager[Any]] | None
 """A context manager entered around the model calls, or a zero-argument factory of one."""
-Prompts = PromptSet | Sequence[str] | str
 
 
 def _is_value(intervention: Any) -> bool:
@@ -310,3 +311,70 @@ def forward_batches(
         yield chunk, batch, logits
         bar.update(len(chunk))
     bar.close()
+
+
+@dataclass
+class ForwardCounter:
+    """Forward passes and prompt rows spent, for cost reporting (mutable, shared by callers)."""
+
+    passes: int = 0
+    """Batched forward passes run."""
+    rows: int = 0
+    """Prompt rows in those passes."""
+
+
+def _token_sequences(
+    lm: LoadedModel, prompts: Prompts | EncodedSet | Sequence[EncodedPrompt], system: str | None
+) -> list[tuple[int, ...]]:
+    if isinstance(prompts, EncodedSet):
+        return [e.input_ids for e in prompts.encoded]
+    if not isinstance(prompts, str) and len(prompts) and isinstance(prompts[0], EncodedPrompt):
+        return [e.input_ids for e in prompts]  # type: ignore[union-attr]
+    return [e.input_ids for e in encode_chat(lm, prompts, system)]  # type: ignore[arg-type]
+
+
+def last_position_logprobs(
+    lm: LoadedModel,
+    prompts: Prompts | EncodedSet | Sequence[EncodedPrompt],
+    *,
+    batch_size: int | None = None,
+    system: str | None = None,
+    intervention: Intervention = None,
+    batch_context: Callable[[list[int]], AbstractContextManager[Any]] | None = None,
+    counter: ForwardCounter | None = None,
+    progress: bool = True,
+    desc: str = "logprobs",
+) -> Float[Tensor, "n vocab"]:
+    """Next-token log-probabilities at the first answer position (after the last prompt token).
+
+    The one last-position log-prob function of the package: evaluation, the refusal score,
+    candidate scoring and sweeps all use it. ``prompts`` may be already encoded (an
+    :class:`~safegeom.models.chat.EncodedSet` or a list of ``EncodedPrompt``); ``intervention``
+    acts on every batch, ``batch_context(rows)`` on the batch made of ``rows`` only (row-wise
+    interventions); ``counter`` adds the passes and rows spent.
+
+    Returns:
+        float64 CPU tensor ``[n, vocab]`` of log-probabilities (nats), in input order.
+
+    Raises:
+        NonFiniteError: the logits hold NaN or inf.
+
+    Example:
+        >>> lp = last_position_logprobs(lm, ["Write a poem."], progress=False)  # doctest: +SKIP
+        >>> lp.shape  # doctest: +SKIP
+        torch.Size([1, 32000])
+    """
+    seqs = _token_sequences(lm, prompts, system)
+    out: Tensor | None = None
+    with as_context(intervention, lm):
+        for chunk, _, logits in forward_batches(
+            lm.model, lm.tokenizer, seqs, batch_size, progress, desc, batch_context=batch_context
+        ):
+            lp = logits[:, -1].double().log_softmax(-1).cpu()
+            out = lp.new_empty((len(seqs), lp.shape[-1])) if out is None else out
+            out[chunk] = lp
+            if counter is not None:
+                counter.passes += 1
+                counter.rows += len(chunk)
+    assert out is not None
+    return out

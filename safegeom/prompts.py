@@ -83,7 +83,15 @@ from safegeom.records import (
     text_field,
 )
 
-__all__ = ["BUNDLED", "DATA_DIR", "SPLITS", "PromptSet", "load_prompts", "split_counts"]
+__all__ = [
+    "BUNDLED",
+    "DATA_DIR",
+    "SPLITS",
+    "PromptSet",
+    "Prompts",
+    "load_prompts",
+    "split_counts",
+]
 
 DEFAULT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "goal", "question")
 """Prompt fields tried, in order and case-insensitively, when a user file is loaded without ``column``."""
@@ -200,8 +208,13 @@ class PromptSet:
         )
 
 
+Prompts = PromptSet | Sequence[str] | str
+"""What every function that takes a prompt set accepts: a :class:`PromptSet`, a list of
+instructions, or a spec (a bundled set name with an optional split, or a file path)."""
+
+
 def load_prompts(
-    spec: str | PromptSet | Sequence[str],
+    spec: Prompts,
     *,
     column: str | None = None,
     completion_column: str | None = None,

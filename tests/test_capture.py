@@ -11,6 +11,7 @@ import torch
 from safegeom.activations import load_activations
 from safegeom.capture import capture, capture_stats, capture_to_disk, plan_capture
 from safegeom.models import collate_left, encode_prompts, load_model
+from safegeom.prompts import load_prompts
 
 PROMPTS = [
     "Write a tutorial on how to make a cake.",
@@ -113,8 +114,9 @@ def test_storage_dtype_and_provenance(checkpoints: dict[str, Path]) -> None:
     assert acts["resid_pre"].dtype == torch.bfloat16
     prov = acts.provenance
     assert prov["weight_hash"] == lm.weight_hash and prov["n_prompts"] == 4
-    assert prov["layers"] == [1] and prov.layers == [1]
-    assert prov["positions"] == ["last"] and prov["dtype"] == "bfloat16" and prov.prompt_hash
+    assert prov["layers"] == [1] and prov.extra["layers"] == [1]
+    assert prov["positions"] == ["last"] and prov["dtype"] == "bfloat16"
+    assert list(prov.prompt_sets.values()) == [load_prompts(PROMPTS).content_hash]
     assert prov["backend"] == "hooks" and prov.config["dtype"] == "bfloat16"
 
 

@@ -35,7 +35,7 @@ def test_activations_provenance_is_typed(lm) -> None:
     prov = acts.provenance
     assert isinstance(prov, Provenance)
     assert prov.model == str(lm.name) and prov.weight_hash == lm.weight_hash
-    assert list(prov.prompt_sets) == ["inline"] and prov.prompt_hash
+    assert list(prov.prompt_sets) == ["inline"] and prov.prompt_sets["inline"]
     assert prov.config["layers"] == "0,2" and prov.config["backend"] == "hooks"
     assert prov.extra["sites"] == ["resid_pre", "attn_out"] and prov.extra["layers"] == [0, 2]
     assert prov.extra["positions"] == list(acts.positions) and prov.extra["n_prompts"] == 4

@@ -17,7 +17,8 @@ from safegeom.carriers import (
     score_candidates,
     select_refusal_direction,
 )
-from safegeom.carriers.scoring import last_logprobs, refusal_log_odds
+from safegeom.carriers.scoring import refusal_log_odds
+from safegeom.generation import last_position_logprobs
 from safegeom.interventions import ablate, add
 from safegeom.models import collate_left, encode_prompts, load_model
 
@@ -58,13 +59,17 @@ def test_batched_scores_equal_one_at_a_time(checkpoints: dict[str, Path]) -> Non
     scores = score_candidates(
         lm, dirs, layers, enc_h, enc_s, tokens, batch_size=4, counter=counter, progress=False
     )
-    base_s = last_logprobs(lm, enc_s)
+    base_s = last_position_logprobs(lm, enc_s, batch_size=64, progress=False)
     for c in range(3):
         with ablate(lm, dirs[c]):
-            bypass = refusal_log_odds(last_logprobs(lm, enc_h), tokens).mean()
-            ablated_s = last_logprobs(lm, enc_s)
+            bypass = refusal_log_odds(
+                last_position_logprobs(lm, enc_h, batch_size=64, progress=False), tokens
+            ).mean()
+            ablated_s = last_position_logprobs(lm, enc_s, batch_size=64, progress=False)
         with add(lm, dirs[c], layers=layers[c]):
-            induce = refusal_log_odds(last_logprobs(lm, enc_s), tokens).mean()
+            induce = refusal_log_odds(
+                last_position_logprobs(lm, enc_s, batch_size=64, progress=False), tokens
+            ).mean()
         kl = (base_s.exp() * (base_s - ablated_s)).sum(-1).mean()
         assert abs(float(scores.bypass[c] - bypass)) < 1e-4
         assert abs(float(scores.induce[c] - induce)) < 1e-4

@@ -29,7 +29,6 @@ from safegeom.capture.loop import (
 from safegeom.capture.loop import _runs as _runs  # re-exported for the run-splitting test
 from safegeom.capture.plan import (
     CapturePlan,
-    Prompts,
     auto_batch_size,
     encode_for,
     plan_capture,
@@ -42,7 +41,6 @@ __all__ = [
     "Activations",
     "CaptureConfig",
     "CapturePlan",
-    "Prompts",
     "auto_batch_size",
     "capture",
     "capture_stats",

@@ -32,11 +32,12 @@ from safegeom.artifacts import check_output_dir, save_safetensors, write_json
 from safegeom.batching import longest_first
 from safegeom.capture.config import CaptureConfig
 from safegeom.capture.hooks_backend import HookRecorder
-from safegeom.capture.plan import CapturePlan, Prompts, plan_capture, resolve_config
+from safegeom.capture.plan import CapturePlan, plan_capture, resolve_config
 from safegeom.capture.transformer_lens import BridgeRecorder
 from safegeom.errors import ConfigError, NonFiniteError
-from safegeom.models.chat import ChatBatch, collate_left
+from safegeom.models.chat import ChatBatch, EncodedSet, collate_left
 from safegeom.models.loading import LoadedModel
+from safegeom.prompts import Prompts
 from safegeom.stats import RunningStats
 
 __all__ = ["RECORDERS", "capture", "capture_stats", "capture_to_disk", "iter_capture"]
@@ -99,7 +100,10 @@ def iter_capture(
 
 
 def capture(
-    lm: LoadedModel, prompts: Prompts, config: CaptureConfig | None = None, **fields: Any
+    lm: LoadedModel,
+    prompts: Prompts | EncodedSet,
+    config: CaptureConfig | None = None,
+    **fields: Any,
 ) -> Activations:
     """Capture activations of ``prompts`` into CPU tensors.
 
@@ -154,7 +158,10 @@ def _runs(ids: Sequence[int]) -> Iterator[tuple[int, int, int]]:
 
 
 def capture_stats(
-    lm: LoadedModel, prompts: Prompts, config: CaptureConfig | None = None, **fields: Any
+    lm: LoadedModel,
+    prompts: Prompts | EncodedSet,
+    config: CaptureConfig | None = None,
+    **fields: Any,
 ) -> ActivationStats:
     """Float64 running means (and covariances over ``d``) of activations, never holding them all.
 
@@ -183,7 +190,7 @@ def capture_stats(
 
 def capture_to_disk(
     lm: LoadedModel,
-    prompts: Prompts,
+    prompts: Prompts | EncodedSet,
     out_dir: str | os.PathLike[str],
     config: CaptureConfig | None = None,
     **fields: Any,

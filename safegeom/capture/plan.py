@@ -13,29 +13,24 @@ from typing import Any
 
 import torch
 
-from safegeom import batching
-from safegeom.activations import CaptureProvenance
+from safegeom.artifacts import Provenance
+from safegeom.batching import auto_batch_size as _auto_batch_size
 from safegeom.capture.config import CaptureConfig
 from safegeom.config import config_dict
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.models.chat import EncodedPrompt, EncodedSet, encode_set
 from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import PositionPlan, plan_positions
-from safegeom.prompts import PromptSet, load_prompts
+from safegeom.prompts import Prompts, load_prompts
 
 __all__ = [
     "CapturePlan",
-    "Prompts",
     "auto_batch_size",
     "encode_for",
     "max_positions",
     "plan_capture",
     "resolve_config",
 ]
-
-Prompts = PromptSet | EncodedSet | str | Sequence[str]
-"""What capture accepts as prompts: a set, an encoded set, a spec (``advbench:train``, a file)
-or strings."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +54,11 @@ class CapturePlan:
     config: CaptureConfig = field(default_factory=CaptureConfig)
     """The config the plan was resolved from (recorded in the provenance)."""
 
-    def provenance(self, lm: LoadedModel) -> CaptureProvenance:
+    def provenance(self, lm: LoadedModel) -> Provenance:
         """Provenance of activations captured with this plan: model, weight hash, prompt-set
         hash, the config, and sites, layers, positions, dtype, backend, template hash, system
         prompt and prompt count in ``extra``."""
-        return CaptureProvenance(
+        return Provenance(
             model=lm.name,
             weight_hash=lm.weight_hash,
             prompt_sets={self.prompts.name: self.prompts.content_hash},
@@ -108,7 +103,7 @@ def auto_batch_size(lm: LoadedModel, max_len: int, n_pos: int, n_layers: int) ->
         width = getattr(config, "intermediate_size", 4 * lm.d_model) * 3 + lm.d_model * 6
         per_token = width * torch.finfo(lm.dtype).bits // 8
         per_prompt = per_token * max_len + n_layers * n_pos * lm.d_model * 4
-    return batching.auto_batch_size(lm.device, max_len, per_prompt, gpu_cap=512)
+    return _auto_batch_size(lm.device, max_len, per_prompt, gpu_cap=512)
 
 
 def max_positions(lm: LoadedModel) -> int | None:
@@ -121,7 +116,7 @@ def _user_error(err: ValueError) -> SafegeomError:
     return err if isinstance(err, SafegeomError) else ConfigError(str(err))
 
 
-def encode_for(lm: LoadedModel, prompts: Prompts, system: str | None) -> EncodedSet:
+def encode_for(lm: LoadedModel, prompts: Prompts | EncodedSet, system: str | None) -> EncodedSet:
     """``prompts`` encoded for ``lm`` (an :class:`EncodedSet` with the same system prompt and
     template is used as it is).
 
@@ -157,7 +152,10 @@ def _check_offsets(plan: PositionPlan, encoded: Sequence[EncodedPrompt]) -> None
 
 
 def plan_capture(
-    lm: LoadedModel, prompts: Prompts, config: CaptureConfig | None = None, **fields: Any
+    lm: LoadedModel,
+    prompts: Prompts | EncodedSet,
+    config: CaptureConfig | None = None,
+    **fields: Any,
 ) -> CapturePlan:
     """Resolve sites, layers, positions and batch size, and tokenize the prompts (once).
 

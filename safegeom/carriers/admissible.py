@@ -34,9 +34,10 @@ from torch import Tensor
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts
 from safegeom.carriers.refusal import dim_candidates
-from safegeom.carriers.scoring import last_logprobs, refusal_log_odds, score_candidates
+from safegeom.carriers.scoring import refusal_log_odds, score_candidates
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.evaluate import refusal_token_ids
+from safegeom.generation import last_position_logprobs
 from safegeom.geometry import effective_rank
 from safegeom.interventions import ablate, add
 from safegeom.models.chat import encode_prompts
@@ -159,8 +160,8 @@ def admissibility_table(
         )
         for p in (harmful, harmless)
     )
-    base_h = last_logprobs(lm, enc_h, batch_size=batch_size)
-    base_s = last_logprobs(lm, enc_s, batch_size=batch_size)
+    base_h = last_position_logprobs(lm, enc_h, batch_size=batch_size, progress=False)
+    base_s = last_position_logprobs(lm, enc_s, batch_size=batch_size, progress=False)
     n = len(candidates)
     kl, bypass, induce = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     batched = [i for i, c in enumerate(candidates) if c.k == 1 and c.site == "resid_pre"]
@@ -177,9 +178,15 @@ def admissibility_table(
         basis, vec = c.basis, _addition_vector(c)
         ablation = lambda _, b=basis: ablate(lm, b)  # noqa: E731
         addition = lambda _, c=c, v=vec: add(lm, v, layers=c.layer, site=c.site)  # noqa: E731
-        abl_h = last_logprobs(lm, enc_h, batch_size=batch_size, intervention=ablation)
-        abl_s = last_logprobs(lm, enc_s, batch_size=batch_size, intervention=ablation)
-        add_s = last_logprobs(lm, enc_s, batch_size=batch_size, intervention=addition)
+        abl_h = last_position_logprobs(
+            lm, enc_h, batch_size=batch_size, batch_context=ablation, progress=False
+        )
+        abl_s = last_position_logprobs(
+            lm, enc_s, batch_size=batch_size, batch_context=ablation, progress=False
+        )
+        add_s = last_position_logprobs(
+            lm, enc_s, batch_size=batch_size, batch_context=addition, progress=False
+        )
         kl[i] = float((base_s.exp() * (base_s - abl_s)).sum(-1).mean())
         bypass[i] = float(refusal_log_odds(abl_h, ids).mean())
         induce[i] = float(refusal_log_odds(add_s, ids).mean())

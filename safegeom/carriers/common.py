@@ -19,11 +19,10 @@ from typing import Any
 
 from safegeom.artifacts import Provenance
 from safegeom.errors import ConfigError
-from safegeom.generation import Prompts
 from safegeom.models.chat import EncodedSet, encode_set
 from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import parse_layers
-from safegeom.prompts import PromptSet, load_prompts
+from safegeom.prompts import Prompts, PromptSet, load_prompts
 
 __all__ = [
     "Prompts",

@@ -29,7 +29,6 @@ from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts, encode, prompt_provenance, subset
 from safegeom.carriers.scoring import (
     ForwardCounter,
-    last_logprobs,
     refusal_log_odds,
     score_candidates,
 )
@@ -41,6 +40,7 @@ from safegeom.carriers.selection import (
 )
 from safegeom.errors import NonFiniteError, SafegeomError
 from safegeom.evaluate import refusal_token_ids
+from safegeom.generation import last_position_logprobs
 from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, load_prompts
@@ -68,7 +68,10 @@ def _filter_encoded(
     ids = refusal_token_ids(lm, tokens)
     kept = []
     for enc, sign, label in ((harmful, 1, "harmful"), (harmless, -1, "harmless")):
-        scores = refusal_log_odds(last_logprobs(lm, enc.encoded, counter=counter), ids)
+        scores = refusal_log_odds(
+            last_position_logprobs(lm, enc.encoded, batch_size=64, counter=counter, progress=False),
+            ids,
+        )
         bad = int((~torch.isfinite(scores)).sum())
         if bad:
             raise NonFiniteError(

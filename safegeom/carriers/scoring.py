@@ -11,16 +11,14 @@ Refusal score (METHODS §1): ``p = Σ softmax(logits)[refusal tokens]`` in float
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from safegeom.evaluate import refusal_log_odds
-from safegeom.generation import forward_batches
+from safegeom.generation import ForwardCounter, last_position_logprobs
 from safegeom.interventions import ablate_rows, add_rows
 from safegeom.models.chat import EncodedPrompt
 from safegeom.models.loading import LoadedModel
@@ -28,49 +26,9 @@ from safegeom.models.loading import LoadedModel
 __all__ = [
     "CandidateScores",
     "ForwardCounter",
-    "last_logprobs",
     "refusal_log_odds",
     "score_candidates",
 ]
-
-
-@dataclass
-class ForwardCounter:
-    """Counts forward passes (batches) and rows, for reporting the cost of a selection."""
-
-    passes: int = 0
-    rows: int = 0
-
-
-def last_logprobs(
-    lm: LoadedModel,
-    encoded: Sequence[EncodedPrompt],
-    *,
-    batch_size: int = 64,
-    intervention: Callable[[list[int]], contextlib.AbstractContextManager] | None = None,
-    counter: ForwardCounter | None = None,
-    progress: bool = False,
-    desc: str = "score",
-) -> Float[Tensor, "n vocab"]:
-    """Float64 log-probabilities of the next token after each prompt, in input order.
-
-    Runs on :func:`safegeom.generation.forward_batches` (length-sorted batches, last position
-    only). ``intervention(rows)`` (optional) returns a context manager for the batch made of
-    ``rows`` (indices into ``encoded``), so row-wise interventions can be set per batch.
-    """
-    seqs = [e.input_ids for e in encoded]
-    out = torch.empty((len(seqs), 0), dtype=torch.float64)
-    for chunk, _, logits in forward_batches(
-        lm.model, lm.tokenizer, seqs, batch_size, progress, desc, batch_context=intervention
-    ):
-        lp = logits[:, -1].double().log_softmax(-1).cpu()
-        if out.shape[1] == 0:
-            out = lp.new_empty((len(seqs), lp.shape[-1]))
-        out[chunk] = lp
-        if counter is not None:
-            counter.passes += 1
-            counter.rows += len(chunk)
-    return out
 
 
 @dataclass(frozen=True)
@@ -119,20 +77,24 @@ def score_candidates(
     def rows_of(n_prompts: int, rows: list[int]) -> list[int]:
         return [r // n_prompts for r in rows]
 
-    base_h = last_logprobs(lm, harmful, batch_size=batch_size, counter=counter)
-    base_s = last_logprobs(lm, harmless, batch_size=batch_size, counter=counter)
-    bypass_lp = last_logprobs(
+    base_h = last_position_logprobs(
+        lm, harmful, batch_size=batch_size, counter=counter, progress=False
+    )
+    base_s = last_position_logprobs(
+        lm, harmless, batch_size=batch_size, counter=counter, progress=False
+    )
+    bypass_lp = last_position_logprobs(
         lm, _repeat(harmful, n_cand), batch_size=batch_size, counter=counter, progress=progress,
-        desc="bypass", intervention=lambda rows: ablate_rows(lm, dirs[rows_of(n_h, rows)]),
+        desc="bypass", batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_h, rows)]),
     )  # fmt: skip
-    ablated_s = last_logprobs(
+    ablated_s = last_position_logprobs(
         lm, _repeat(harmless, n_cand), batch_size=batch_size, counter=counter, progress=progress,
-        desc="kl", intervention=lambda rows: ablate_rows(lm, dirs[rows_of(n_s, rows)]),
+        desc="kl", batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_s, rows)]),
     )  # fmt: skip
-    induce_lp = last_logprobs(
+    induce_lp = last_position_logprobs(
         lm, _repeat(harmless, n_cand), batch_size=batch_size, counter=counter, progress=progress,
         desc="induce",
-        intervention=lambda rows: add_rows(
+        batch_context=lambda rows: add_rows(
             lm, dirs[rows_of(n_s, rows)], [layer_t[c] for c in rows_of(n_s, rows)]
         ),
     )  # fmt: skip

@@ -36,11 +36,10 @@ from tqdm.auto import tqdm
 from safegeom.artifacts import Provenance
 from safegeom.bootstrap import bootstrap_diff_ci
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.scoring import last_logprobs
 from safegeom.config import config_dict
 from safegeom.errors import SafegeomError
 from safegeom.evaluate import refusal_log_odds, refusal_token_ids
-from safegeom.generation import check_finite
+from safegeom.generation import check_finite, last_position_logprobs
 from safegeom.interventions import ablate_rows, add_rows, vectors_hash
 from safegeom.models.chat import EncodedPrompt, encode_prompts
 from safegeom.models.loading import LoadedModel
@@ -86,7 +85,9 @@ def _scores(
     batch_size: int,
 ) -> Float[Tensor, "dirs n"]:
     rows = [e for _ in range(n_dirs) for e in encoded]
-    lp = last_logprobs(lm, rows, batch_size=batch_size, intervention=make_context)
+    lp = last_position_logprobs(
+        lm, rows, batch_size=batch_size, batch_context=make_context, progress=False
+    )
     scores = refusal_log_odds(lp, tokens).view(n_dirs, len(encoded))
     check_finite(scores, "sweep refusal scores")
     return scores
@@ -181,7 +182,9 @@ def causal_sweep_result(
         for name, p in populations.items()
     }
     base = {
-        name: refusal_log_odds(last_logprobs(lm, enc, batch_size=config.batch_size), tokens).numpy()
+        name: refusal_log_odds(
+            last_position_logprobs(lm, enc, batch_size=config.batch_size, progress=False), tokens
+        ).numpy()
         for name, enc in encoded.items()
     }
     for name, values in base.items():
