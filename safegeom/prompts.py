@@ -213,6 +213,44 @@ Prompts = PromptSet | Sequence[str] | str
 instructions, or a spec (a bundled set name with an optional split, or a file path)."""
 
 
+def combine_prompts(specs: Sequence[Prompts], *, n_each: int | None = None) -> PromptSet:
+    """Several prompt sets as one, in order, named ``"a+b+c"``.
+
+    Args:
+        specs: prompt sets or specs (``("advbench:train", "jbb-harmful:train")``).
+        n_each: keep the first ``n_each`` prompts of each set (all when ``None``).
+
+    Returns:
+        A :class:`PromptSet`; completions and categories are kept only when every set has them.
+
+    Raises:
+        SafegeomError: no set is given, or one of them is empty or unknown.
+
+    Example:
+        >>> combine_prompts(["advbench:train", "jbb-harmful:train"], n_each=2).name
+        'advbench:train+jbb-harmful:train'
+    """
+    if len(specs) == 0:
+        raise SafegeomError("no prompt set to combine: name at least one")
+    sets = [load_prompts(s) for s in specs]
+    if n_each is not None:
+        sets = [s.take(n_each) for s in sets]
+    if len(sets) == 1:
+        return sets[0]
+
+    def joined(field: str) -> tuple[str, ...] | None:
+        values = [getattr(s, field) for s in sets]
+        return None if any(v is None for v in values) else tuple(x for v in values for x in v)
+
+    return PromptSet(
+        name="+".join(s.name for s in sets),
+        prompts=tuple(p for s in sets for p in s.prompts),
+        completions=joined("completions"),
+        categories=joined("categories"),
+        source="+".join(s.source for s in sets),
+    )
+
+
 def load_prompts(
     spec: Prompts,
     *,
