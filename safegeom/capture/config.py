@@ -72,9 +72,9 @@ class CaptureConfig:
 
     sites: tuple[str, ...] = ("resid_pre",)
     """Sites to capture: resid_pre, resid_post, attn_out, mlp_out (comma list)."""
-    layers: LayerSpec = LayerSpec("all")  # noqa: RUF009 (frozen, immutable)
+    layers: LayerSpec = LayerSpec("all")
     """Layers: all, 5, -1, 2:6 (end-exclusive), 2-5 (inclusive) or comma lists of these."""
-    positions: PositionSpec = PositionSpec("t_post")  # noqa: RUF009 (frozen, immutable)
+    positions: PositionSpec = PositionSpec("t_post")
     """Token positions: t_inst, t_post, last or integer offsets (-1 is the last prompt token)."""
     batch_size: int | None = None
     """Prompts per forward pass (default: chosen from the memory available)."""

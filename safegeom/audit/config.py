@@ -1,0 +1,106 @@
+"""What a trajectory audit measures: :class:`AuditConfig` (drives ``safegeom audit`` too)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from safegeom.config import check, check_finite
+from safegeom.models.positions import LayerSpec
+
+__all__ = ["FAMILIES", "AuditConfig"]
+
+FAMILIES = ("geometry", "causal", "behaviour")
+"""Metric families: carriers and their drift/coupling, fixed-source causal tests, behaviour."""
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What the audit measures at every checkpoint, and with which prompts.
+
+    The base (the aligned model, step 0) is the reference for every drift and fixed-source
+    number: its refusal direction r₀ is selected once (METHODS §1), its harmfulness direction h₀
+    (§2) and cheap cone B₀ (§3) extracted once, and all three applied to every checkpoint.
+
+    Example:
+        >>> AuditConfig(n_per_class=16, generate=False).families
+        ('geometry', 'causal', 'behaviour')
+    """
+
+    harmful: tuple[str, ...] = ("advbench:train", "jbb-harmful:train", "directharm4:train")
+    """Harmful carrier prompt sets (bundled set[:split] or files), combined in order."""
+    harmless: tuple[str, ...] = ("alpaca:train",)
+    """Harmless carrier prompt sets, combined in order."""
+    harmful_val: tuple[str, ...] = ("advbench:val",)
+    """Harmful prompts for the base's direction selection and the causal tests."""
+    harmless_val: tuple[str, ...] = ("alpaca:val",)
+    """Harmless prompts for the base's direction selection, the causal tests and KL to the base."""
+    behaviour_harmful: tuple[str, ...] = ("advbench:test", "jbb-harmful:test", "directharm4:test")
+    """Held-out harmful sets: refusal rate and ASR (substring judge)."""
+    behaviour_harmless: tuple[str, ...] = ("alpaca:test",)
+    """Held-out harmless sets: over-refusal (substring judge) and cross-entropy of completions."""
+    xstest: bool = True
+    """Also judge xstest-safe:test (over-refusal) and xstest-unsafe:test with the XSTest judge."""
+    n_per_class: int = 64
+    """Carrier prompts per class (first n of the combined set)."""
+    n_val: int = 32
+    """Validation prompts per class (selection on the base, causal tests, KL to the base)."""
+    n_behaviour: int = 32
+    """Prompts per held-out behaviour set (first n)."""
+    layers: LayerSpec = LayerSpec("all")
+    """Layers of the per-layer metrics: all, 5, -1, 2:6 (end-exclusive), 2-5 (inclusive), lists."""
+    cone_k: int = 3
+    """Dimension of the cheap refusal cone B (METHODS §3)."""
+    n_random: int = 20
+    """Matched random directions per causal test (at least 20)."""
+    judge: str = "substring"
+    """Refusal judge of the harmful and Alpaca behaviour sets (substring, xstest, or a judge spec)."""
+    max_new_tokens: int = 24
+    """Tokens generated per prompt for behaviour."""
+    generate: bool = True
+    """Generate and judge behaviour; --no-generate gives a geometry-only audit."""
+    reselect: bool = False
+    """Also run the full selection (bypass, induce, KL) at every checkpoint (slow)."""
+    families: tuple[str, ...] = FAMILIES
+    """Metric families to run: geometry, causal, behaviour (comma list)."""
+    task: str | None = None
+    """Task whose held-out problems give task_accuracy (default: the trajectory's own task)."""
+    n_resamples: int = 1000
+    """Bootstrap resamples of every confidence interval."""
+    batch_size: int | None = None
+    """Prompts per forward pass (default: chosen from the memory available)."""
+    seed: int = 0
+    """Seed of the random controls and the bootstrap."""
+    system: str | None = None
+    """System prompt for every prompt."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", LayerSpec.parse(self.layers))
+        for name in ("harmful", "harmless", "harmful_val", "harmless_val"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            check(len(getattr(self, name)) > 0, name, "needs at least one prompt set")
+        for name in ("n_per_class", "n_val", "n_behaviour", "cone_k", "max_new_tokens"):
+            check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
+        check(self.n_random >= 20, "n_random", "must be at least 20 controls", self.n_random)
+        check(self.n_resamples >= 100, "n_resamples", "must be at least 100", self.n_resamples)
+        check(
+            self.batch_size is None or self.batch_size >= 1,
+            "batch_size",
+            "must be at least 1",
+            self.batch_size,
+        )
+        unknown = [f for f in self.families if f not in FAMILIES]
+        check(not unknown, "families", f"takes {', '.join(FAMILIES)}", ",".join(unknown))
+        check(len(self.families) > 0, "families", "needs at least one family")
+        check_finite(float(self.seed), "seed")
+
+    @property
+    def behaviour_sets(self) -> dict[str, tuple[str, str]]:
+        """Held-out set → (role ``harmful``/``harmless``, judge), in report order."""
+        sets = {s: ("harmful", self.judge) for s in self.behaviour_harmful}
+        sets.update({s: ("harmless", self.judge) for s in self.behaviour_harmless})
+        if self.xstest:
+            sets.update({"xstest-safe:test": ("harmless", "xstest")})
+            sets.update({"xstest-unsafe:test": ("harmful", "xstest")})
+        return sets
