@@ -89,10 +89,10 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except (FileExistsError, NotADirectoryError) as err:
-        raise OutputPathError(f"cannot write {target}: {err.strerror or err}") from None
     except PermissionError:
         raise OutputPathError(f"cannot write {target}: its folder is not writable") from None
+    except OSError as err:
+        raise OutputPathError(f"cannot write {target}: {err.strerror or err}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -216,7 +216,7 @@ def check_output_file(path: str | os.PathLike[str], *, option: str = "--out") ->
 
 
 def check_output_dir(path: str | os.PathLike[str], *, option: str = "--out") -> Path:
-    """Check, before any work, that ``path`` is (or can be made) a writable folder.
+    """Check, before any work, that ``path`` is (or can be made) a writable folder (it is made).
 
     Raises:
         OutputPathError: ``path`` is a file, or the folder or its nearest parent is not writable.
@@ -224,22 +224,29 @@ def check_output_dir(path: str | os.PathLike[str], *, option: str = "--out") -> 
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise OutputPathError(f"{option} {target} is a file; give a folder")
-    if target.is_dir():
-        if not os.access(target, os.W_OK | os.X_OK):
-            raise OutputPathError(f"{option} {target} is not writable")
-        return target
-    _check_parent_writable(target, option)
+    _check_parent_writable(target / ".probe", option)
     return target
 
 
 def _check_parent_writable(target: Path, option: str) -> None:
+    """Create ``target``'s parent folders and write (then remove) a probe file there.
+
+    Permission bits alone do not tell (root ignores them; some file systems are read-only or
+    refuse new entries), so the check is a real write.
+    """
     parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputPathError(f"{option} {target}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{option} {target}: {parent} is not writable")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"{option} {target}: {existing} is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".safegeom-probe-"):
+            pass
+    except OSError as err:
+        reason = "is not writable" if isinstance(err, PermissionError) else f"({err.strerror})"
+        raise OutputPathError(f"{option} {target}: cannot write in {parent} {reason}") from None
 
 
 @cache

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from safegeom.errors import SafegeomError
 
-__all__ = ["COMMANDS", "CliError", "main"]
+__all__ = ["COMMANDS", "CliError", "Parser", "build_parser", "main"]
 
 COMMANDS = ("demo", "capture", "carriers", "evaluate", "sweep", "train")
 """Subcommand modules, in help order; each must import (a failure is an error, not a gap)."""
@@ -27,9 +29,21 @@ class CliError(SafegeomError):
     """A user-facing error raised by the command line itself: one line, exit status 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """The command's argument parser: usage errors are one line (and a pointer to ``--help``),
+    and comma lists of negative numbers (``--strengths -2,-1,1``) are values, not options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d*\.?\d+([eE][-+]?\d+)?(,[-+.\deE]*)*$")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="safegeom",
         description="Safety geometry of language models: carriers, coupling, causal sweeps, "
         "fine-tuning trajectories.",
