@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from safegeom.batching import auto_batch_size, longest_first
 from safegeom.errors import ConfigError, NonFiniteError
-from safegeom.models.chat import ChatBatch, EncodedPrompt, EncodedSet, collate_left, encode_prompts
+from safegeom.models.chat import ChatBatch, EncodedPrompt, EncodedSet, collate_left, encode_set
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import Prompts, load_prompts
 
@@ -112,9 +112,15 @@ def check_finite(values: Tensor, what: str) -> None:
 
 
 def encode_chat(lm: LoadedModel, prompts: Prompts, system: str | None) -> list[EncodedPrompt]:
-    return encode_prompts(
-        lm.tokenizer, load_prompts(prompts).prompts, system=system, chat_template=lm.chat_template
+    """``prompts`` encoded for ``lm``; a prompt longer than the model's positions is refused."""
+    encoded = encode_set(
+        lm.tokenizer,
+        load_prompts(prompts).prompts,
+        system=system,
+        chat_template=lm.chat_template,
+        max_positions=lm.max_positions,
     )
+    return list(encoded.encoded)
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int) -> ChatBatch:

@@ -27,7 +27,6 @@ __all__ = [
     "CapturePlan",
     "auto_batch_size",
     "encode_for",
-    "max_positions",
     "plan_capture",
     "resolve_config",
 ]
@@ -106,12 +105,6 @@ def auto_batch_size(lm: LoadedModel, max_len: int, n_pos: int, n_layers: int) ->
     return _auto_batch_size(lm.device, max_len, per_prompt, gpu_cap=512)
 
 
-def max_positions(lm: LoadedModel) -> int | None:
-    """The model's context length (``max_position_embeddings``) when its config has one."""
-    value = getattr(getattr(lm.base, "config", None), "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
 def _user_error(err: ValueError) -> SafegeomError:
     return err if isinstance(err, SafegeomError) else ConfigError(str(err))
 
@@ -124,7 +117,7 @@ def encode_for(lm: LoadedModel, prompts: Prompts | EncodedSet, system: str | Non
         SafegeomError: an unknown or empty prompt set, or a prompt longer than the model's
             positions.
     """
-    limit = max_positions(lm)
+    limit = lm.max_positions
     try:
         source = prompts if isinstance(prompts, EncodedSet) else load_prompts(prompts)
         encoded = encode_set(

@@ -59,7 +59,7 @@ def encode(
         prompts,
         system=system,
         chat_template=lm.chat_template,
-        max_positions=getattr(lm.base.config, "max_position_embeddings", None),
+        max_positions=lm.max_positions,
     )
 
 

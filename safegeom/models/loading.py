@@ -160,6 +160,12 @@ class LoadedModel:
         return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     @property
+    def max_positions(self) -> int | None:
+        """The context length (``config.max_position_embeddings``), when the config has one."""
+        value = getattr(getattr(self.base, "config", None), "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    @property
     def model_type(self) -> str:
         """``config.model_type`` of the base model."""
         return str(self.base.config.model_type)

@@ -232,7 +232,7 @@ def train(
             targets = settings.lora_targets or default_lora_targets(lm)
             lora = {"lora_r": settings.lora_r, "lora_alpha": float(settings.lora_alpha)}
             lora |= {"lora_dropout": settings.lora_dropout, "lora_targets": targets}
-        context = getattr(lm.base.config, "max_position_embeddings", None)
+        context = lm.max_positions
         lr = settings.lr
         config_run = RunConfig(
             method=method,
