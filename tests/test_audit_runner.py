@@ -1,0 +1,100 @@
+"""The audit runner: the table and manifest of a 3-checkpoint trajectory, load_audit, --out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from safegeom.audit import AuditResult, audit, load_audit
+from safegeom.audit.schema import COLUMNS
+from safegeom.errors import ArtifactError, NotFoundError, OutputPathError
+from tests.audit_fakes import FAKE_CONFIG, install
+from tests.audit_helpers import perturbed, run_folder
+from tests.tiny_models import build_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trajectory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder: a tiny random Llama and three checkpoints drifting away from it."""
+    root = tmp_path_factory.mktemp("traj")
+    base = build_checkpoint(root, "llama")
+    steps = {0: base}
+    for i, step in enumerate((10, 20, 30)):
+        steps[step] = perturbed(base, root / f"p{step}", scale=0.02 * (i + 1), seed=step)
+    return run_folder(root / "run", base, steps)
+
+
+def test_table_and_manifest_of_a_three_checkpoint_trajectory(trajectory, tmp_path, monkeypatch):
+    calls = install(monkeypatch)
+    config = {**FAKE_CONFIG, "families": ("geometry", "behaviour")}
+    result = audit(trajectory, tmp_path / "audit", progress=False, **config)
+    assert isinstance(result, AuditResult)
+    assert result.checkpoints == ("base", "step-000010", "step-000020", "step-000030")
+    assert result.steps == (0, 10, 20, 30)
+    assert list(result.table.columns) == list(COLUMNS)
+    assert list(result.table["step"]) == sorted(result.table["step"])  # step order
+    assert len(calls.measured) == 4 and calls.built == 1
+    manifest = result.manifest
+    assert manifest["complete"] is True
+    assert set(manifest["versions"]) == {"torch", "transformers", "peft", "safegeom"}
+    assert "git_sha" in manifest and manifest["seeds"] == {"seed": 0}
+    assert manifest["config"]["families"] == (
+        "geometry",
+        "behaviour",
+    )  # read-only: lists are tuples
+    hashes = [c["weight_hash"] for c in manifest["checkpoints"]]
+    assert len(set(hashes)) == 4 and manifest["base_hash"] == hashes[0]
+    assert all({"load", "capture"} <= set(c["seconds"]) for c in manifest["checkpoints"])
+    assert manifest["forward_passes"] == 12
+    assert manifest["inputs"]["task"] == "arith:8"
+    out = tmp_path / "audit"
+    assert (out / "reference" / "reference.json").is_file()
+    assert all((out / "checkpoints" / f"{c}.parquet").is_file() for c in result.checkpoints)
+
+
+def test_load_audit_round_trip_and_wide_view(trajectory, tmp_path, monkeypatch):
+    install(monkeypatch)
+    result = audit(trajectory, tmp_path / "audit", progress=False, **FAKE_CONFIG)
+    back = load_audit(tmp_path / "audit")
+    pd.testing.assert_frame_equal(back.table, result.table)
+    assert dict(back.manifest) == dict(result.manifest)
+    assert back.checkpoints == result.checkpoints
+    wide = back.wide("step-000020")
+    assert list(wide.columns) == ["layer", "carrier", "source", "prompts", "cosine_to_base", "asr"]
+    assert len(wide) == 4  # three layers and one behaviour row
+    pd.testing.assert_frame_equal(back.wide(20), wide)
+    with pytest.raises(ValueError, match="no checkpoint 'nope' in this audit; it has base"):
+        back.wide("nope")
+    with pytest.raises(TypeError):
+        back.manifest["config"]["seed"] = 1  # read-only
+
+
+def test_load_audit_refuses_a_non_audit_folder(tmp_path, trajectory):
+    with pytest.raises(NotFoundError, match="no audit folder"):
+        load_audit(tmp_path / "missing")
+    with pytest.raises(ArtifactError, match=r"holds no audit: manifest.json is missing"):
+        load_audit(trajectory)
+    (tmp_path / "manifest.json").write_text('{"format": "other"}')
+    with pytest.raises(ArtifactError, match="is not a safegeom audit manifest"):
+        load_audit(tmp_path)
+
+
+def test_out_is_checked_before_any_work(trajectory, tmp_path, monkeypatch):
+    calls = install(monkeypatch)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="is a file; give a folder"):
+        audit(trajectory, tmp_path / "file", progress=False, **FAKE_CONFIG)
+    with pytest.raises(OutputPathError, match="holds a training run"):
+        audit(trajectory, trajectory, progress=False, **FAKE_CONFIG)
+    assert calls.measured == [] and calls.built == 0
+
+
+def test_bad_prompt_set_fails_before_any_model_loads(trajectory, tmp_path, monkeypatch):
+    calls = install(monkeypatch)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"--harmless: prompt file .* is empty"):
+        audit(trajectory, tmp_path / "a", progress=False, harmless=(str(empty),), **FAKE_CONFIG)
+    assert calls.measured == [] and not (tmp_path / "a" / "manifest.json").exists()
