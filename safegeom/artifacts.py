@@ -44,6 +44,7 @@ __all__ = [
     "check_output_file",
     "git_sha",
     "read_json",
+    "read_parquet",
     "read_safetensors",
     "save_parquet",
     "save_safetensors",
@@ -132,20 +133,50 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def read_json(path: str | os.PathLike[str], *, what: str = "file") -> Any:
+def read_json(
+    path: str | os.PathLike[str], *, what: str = "file", format: str | None = None
+) -> Any:
     """Read a JSON file written by :func:`write_json`.
+
+    Args:
+        what: what the file should be, for the messages ("carrier suite").
+        format: when given, the document must be an object whose ``"format"`` is this tag.
 
     Raises:
         NotFoundError: there is no such file.
-        ArtifactError: the file is not valid UTF-8 JSON (the message names the file and ``what``).
+        ArtifactError: the file is not valid UTF-8 JSON, or not of ``format`` (the message names
+            the file and ``what``).
     """
     target = Path(path)
     if not target.is_file():
         raise NotFoundError(f"no {what} at {target}")
     try:
-        return json.loads(target.read_text(encoding="utf-8"))
+        data = json.loads(target.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{target} is not a readable {what} (bad JSON: {err})") from None
+    if format is not None:
+        got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+        if got != format:
+            raise ArtifactError(f"{target} is not a {what} (format {got!r})")
+    return data
+
+
+def read_parquet(path: str | os.PathLike[str], *, what: str = "table") -> Any:
+    """Read a Parquet table written by :func:`save_parquet` as a pandas DataFrame.
+
+    Raises:
+        NotFoundError: there is no such file.
+        ArtifactError: the file is truncated or not Parquet.
+    """
+    import pandas as pd
+
+    target = Path(path)
+    if not target.is_file():
+        raise NotFoundError(f"no {what} at {target}")
+    try:
+        return pd.read_parquet(target)
+    except Exception as err:  # pyarrow raises several kinds of error for a damaged file
+        raise ArtifactError(f"{target} is not a readable {what} ({err})") from None
 
 
 def save_safetensors(

@@ -110,3 +110,17 @@ def test_sha256_text_is_the_hex_digest(text: str) -> None:
 
     assert sha256_text(text) == hashlib.sha256(text.encode("utf-8")).hexdigest()
     assert sha256_text(None) == ""
+
+
+def test_format_tags_and_parquet_errors(tmp_path: Path) -> None:
+    from safegeom.artifacts import read_parquet
+
+    path = write_json(tmp_path / "s.json", {"format": "safegeom.other/1"})
+    assert read_json(path, format="safegeom.other/1") == {"format": "safegeom.other/1"}
+    with pytest.raises(ArtifactError, match=r"is not a sweep \(format 'safegeom.other/1'\)"):
+        read_json(path, what="sweep", format="safegeom.sweep/1")
+    with pytest.raises(NotFoundError, match="no audit table at"):
+        read_parquet(tmp_path / "none.parquet", what="audit table")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ArtifactError, match="is not a readable audit table"):
+        read_parquet(tmp_path / "bad.parquet", what="audit table")

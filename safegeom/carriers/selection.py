@@ -24,6 +24,7 @@ from torch import Tensor
 from safegeom.artifacts import (
     Provenance,
     read_json,
+    read_parquet,
     read_safetensors,
     save_parquet,
     save_safetensors,
@@ -213,16 +214,8 @@ def load_selection(folder: str | os.PathLike[str]) -> RefusalSelection:
     src = Path(folder)
     if not src.is_dir():
         raise NotFoundError(f"no saved selection at {src} (not a folder)")
-    meta = read_json(src / "selection.json", what="selection summary")
-    if meta.get("format") != SELECTION_FORMAT:
-        raise ArtifactError(f"{src / 'selection.json'} is not a safegeom refusal selection")
-    table_path = src / "candidates.parquet"
-    if not table_path.is_file():
-        raise NotFoundError(f"no candidate table at {table_path}")
-    try:
-        table = pd.read_parquet(table_path)
-    except Exception as err:  # pyarrow raises several kinds for a damaged file
-        raise ArtifactError(f"{table_path} is not a readable candidate table ({err})") from None
+    meta = read_json(src / "selection.json", what="selection summary", format=SELECTION_FORMAT)
+    table = read_parquet(src / "candidates.parquet", what="candidate table")
     candidates = None
     if meta.get("has_candidates"):
         candidates = DimCandidates.load(src / "dim_candidates.safetensors")

@@ -22,7 +22,7 @@ from safegeom.carriers.harmfulness import harmfulness_direction
 from safegeom.carriers.refusal import RefusalSelection, SelectionConfig, refusal_direction
 from safegeom.carriers.selection import load_selection
 from safegeom.config import check
-from safegeom.errors import ArtifactError, NotFoundError
+from safegeom.errors import NotFoundError
 from safegeom.geometry import coupling
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, load_prompts
@@ -150,9 +150,7 @@ def load_suite(folder: str | os.PathLike[str]) -> CarrierSuite:
     src = Path(folder)
     if not src.is_dir():
         raise NotFoundError(f"no carrier suite at {src} (not a folder)")
-    meta = read_json(src / "suite.json", what="carrier suite")
-    if meta.get("format") != SUITE_FORMAT:
-        raise ArtifactError(f"{src / 'suite.json'} is not a safegeom carrier suite")
+    meta = read_json(src / "suite.json", what="carrier suite", format=SUITE_FORMAT)
     cone = load_carrier(src / "cone.safetensors") if meta.get("has_cone") else None
     return CarrierSuite(
         selection=load_selection(src),

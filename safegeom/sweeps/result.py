@@ -9,16 +9,14 @@ Both are written atomically.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from safegeom.artifacts import Provenance, read_json, save_parquet, write_json
+from safegeom.artifacts import Provenance, read_json, read_parquet, save_parquet, write_json
 from safegeom.config import config_dict
-from safegeom.errors import ArtifactError, NotFoundError
 from safegeom.sweeps.config import SweepConfig
 
 __all__ = ["FORMAT", "SweepResult"]
@@ -97,17 +95,9 @@ class SweepResult:
             ArtifactError: the sidecar is not a saved sweep.
         """
         table_path, sidecar = _paths(path)
-        data = read_json(sidecar, what="safegeom sweep sidecar")
-        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
-            got = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise ArtifactError(f"{sidecar} is not a safegeom sweep (format {got!r})")
+        data = read_json(sidecar, what="safegeom sweep sidecar", format=FORMAT)
         table_path = sidecar.with_name(str(data.get("table", table_path.name)))
-        if not table_path.is_file():
-            raise NotFoundError(f"no sweep table at {table_path} (named by {sidecar})")
-        try:
-            table = pd.read_parquet(table_path)
-        except Exception as err:  # pyarrow raises several types for a bad file
-            raise ArtifactError(f"{table_path} is not a readable Parquet table: {err}") from None
+        table = read_parquet(table_path, what=f"sweep table (named by {sidecar})")
         names = {f.name for f in dataclasses.fields(SweepConfig)}
         config = SweepConfig(**{k: v for k, v in dict(data["config"]).items() if k in names})
         return cls(table, config, Provenance.from_dict(data["provenance"]))
