@@ -1,0 +1,100 @@
+"""The behaviour family: refusal, ASR, over-refusal, refusal scores, KL to the base,
+cross-entropy and task accuracy of one checkpoint.
+
+Without generation (``generate=False``) only the numbers that need none are written:
+``refusal_score`` (each held-out set), ``kl_to_base`` (harmless validation prompts) and
+``cross_entropy``. ``cross_entropy`` is written only for held-out harmless sets that carry
+reference completions (the bundled ``alpaca`` and ``xstest`` sets carry none, so with the
+defaults it is absent; a file with a completion column gives it). With generation: the judged
+``refusal_rate`` of every held-out set, ``asr`` on harmful sets, ``over_refusal`` on harmless sets
+(the set's judge from ``AuditConfig.behaviour_sets``) and ``task_accuracy`` (greedy, exact
+match) on the task's held-out problems (the first ``n_behaviour``). Every number has a
+bootstrap CI seeded by ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from safegeom.audit.config import AuditConfig
+from safegeom.bootstrap import Metric
+from safegeom.evaluate import cross_entropy, evaluate, kl_to_reference, refusal_scores
+from safegeom.generation import generate
+from safegeom.judges import task_accuracy
+from safegeom.models.loading import LoadedModel
+from safegeom.prompts import combine_prompts, load_prompts
+
+if TYPE_CHECKING:
+    from safegeom.train.tasks import Task
+
+__all__ = ["behaviour_rows"]
+
+
+def _metric_row(metric: str, m: Metric, prompts: str, judge: str | None = None) -> dict[str, Any]:
+    return {
+        "metric": metric, "value": float(m.value), "ci_low": float(m.ci_low),
+        "ci_high": float(m.ci_high), "n": int(m.n), "prompts": prompts, "judge": judge,
+    }  # fmt: skip
+
+
+def behaviour_rows(
+    lm: LoadedModel,
+    config: AuditConfig,
+    *,
+    base: LoadedModel,
+    task: Task | None,
+    generate_text: bool,
+    progress: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The behaviour rows of one checkpoint (see the module docstring).
+
+    Returns:
+        ``(rows, seconds)``: schema rows (carrier, source and layer null) and the wall seconds
+        of ``generation`` (judged sets and task) and ``scoring`` (scores, KL, cross-entropy).
+    """
+    boot = {"n_resamples": config.n_resamples, "seed": config.seed}
+    common = {"batch_size": config.batch_size, "system": config.system, "progress": progress}
+    rows: list[dict[str, Any]] = []
+    gen_s = score_s = 0.0
+    for spec, (role, judge) in config.behaviour_sets.items():
+        prompts = load_prompts(spec).take(config.n_behaviour)
+        started = time.perf_counter()
+        if generate_text:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*completions are empty")
+                result = evaluate(lm, prompts, judge=judge, max_new_tokens=config.max_new_tokens,
+                                  **common, **boot)  # fmt: skip
+            rate = result.metrics["refusal_rate"]
+            rows.append(_metric_row("refusal_rate", rate, prompts.name, result.judge))
+            if role == "harmful":
+                rows.append(_metric_row("asr", result.metrics["asr"], prompts.name, result.judge))
+            else:
+                rows.append(_metric_row("over_refusal", rate, prompts.name, result.judge))
+            score = result.metrics["mean_refusal_score"]
+            gen_s += time.perf_counter() - started
+        else:
+            values = refusal_scores(lm, prompts, **common).numpy()
+            score = Metric.from_values("refusal_score", values, **boot)
+            score_s += time.perf_counter() - started
+        rows.append(_metric_row("refusal_score", score, prompts.name))
+        if role == "harmless" and prompts.completions is not None:
+            started = time.perf_counter()
+            ce = cross_entropy(lm, prompts, prompts.completions, boot=boot, **common)
+            rows.append(_metric_row("cross_entropy", ce, prompts.name))
+            score_s += time.perf_counter() - started
+    started = time.perf_counter()
+    harmless_val = combine_prompts(config.harmless_val).take(config.n_val)
+    kl = kl_to_reference(base, lm, harmless_val, boot=boot, **common)
+    rows.append(_metric_row("kl_to_base", kl, harmless_val.name))
+    score_s += time.perf_counter() - started
+    if generate_text and task is not None and task.eval_prompts:
+        started = time.perf_counter()
+        problems = list(task.eval_prompts[: config.n_behaviour])
+        references = list(task.eval_references[: config.n_behaviour])  # type: ignore[index]
+        answers = generate(lm, problems, max_new_tokens=config.max_new_tokens, **common)
+        acc = task_accuracy(answers, references, **boot)
+        rows.append(_metric_row("task_accuracy", acc, f"{task.name}:eval", acc.judge))
+        gen_s += time.perf_counter() - started
+    return rows, {"generation": gen_s, "scoring": score_s}
