@@ -1,0 +1,106 @@
+"""Paper figures of a checkpoint-trajectory audit: pure functions, audit tables in, ``Figure`` out.
+
+Each function takes one audit table (a DataFrame with :data:`safegeom.audit.schema.COLUMNS`, e.g.
+``load_audit(DIR).table``) or several keyed by run label (overlaid on the same axes, one colour
+per run), and returns a :class:`matplotlib.figure.Figure`. Nothing is written and nothing touches
+pyplot's global state; save with ``fig.savefig(path)`` (``safegeom figures`` does that through the
+artifact layer). One style for all (:mod:`safegeom.plots.style`): Okabe–Ito colours, line styles
+and markers for variants so nothing depends on colour alone, fonts readable at 7 in wide.
+
+Missing metrics never raise: a panel whose rows are absent (a ``--no-generate`` audit has no
+behaviour rows) says so in its text, and a figure with no data at all says so in its title.
+:func:`has_data` tells which figures a table can fill; ``safegeom figures`` skips the others with
+a printed note.
+
+============ ====================== ===================================================
+figure       function               metrics
+============ ====================== ===================================================
+1 behaviour  :func:`plot_behaviour` asr, over_refusal, task_accuracy (with CIs)
+2 drift      :func:`plot_drift`     per-layer cosine_to_base (or direction_drift)
+3 coupling   :func:`plot_coupling`  hr_coupling (carrier layer and per layer)
+4 subspace   :func:`plot_subspace`  principal_angle_max, grassmann_distance
+5 causal     :func:`plot_causal`    ablation/addition _raw, _control_mean/_std, _effect
+6 coords     :func:`plot_coordinates` coordinate_separation, coordinate_imbalance
+============ ====================== ===================================================
+
+Example:
+    >>> from safegeom.audit.schema import frame
+    >>> table = frame([{"checkpoint": "base", "step": 0, "metric": "asr", "value": 0.1}])
+    >>> type(plot_behaviour({"LoRA": table})).__name__
+    'Figure'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from matplotlib.figure import Figure
+
+from safegeom.plots.causal import plot_causal
+from safegeom.plots.data import Tables, as_tables
+from safegeom.plots.heatmap import drift_matrix, plot_drift
+from safegeom.plots.lines import plot_behaviour, plot_coordinates, plot_coupling, plot_subspace
+from safegeom.plots.style import PALETTE, STYLE, style
+
+__all__ = [
+    "FIGURES",
+    "PALETTE",
+    "STYLE",
+    "FigureSpec",
+    "Tables",
+    "drift_matrix",
+    "has_data",
+    "plot_behaviour",
+    "plot_causal",
+    "plot_coordinates",
+    "plot_coupling",
+    "plot_drift",
+    "plot_subspace",
+    "style",
+]
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One paper figure: its file stem, what it shows, its function and the metrics it needs."""
+
+    name: str
+    """File stem (``fig1_behaviour``)."""
+    what: str
+    """One line: what the figure shows."""
+    plot: Callable[[Tables], Figure]
+    """The plot function."""
+    metrics: tuple[str, ...]
+    """The figure has data when a table holds a row of any of these."""
+
+
+FIGURES: dict[str, FigureSpec] = {
+    spec.name: spec
+    for spec in (
+        FigureSpec("fig1_behaviour", "ASR, over-refusal and task accuracy vs step, 95% CI bands",
+                   plot_behaviour, ("asr", "over_refusal", "task_accuracy")),
+        FigureSpec("fig2_drift", "cosine to base of refusal and harmfulness, step × layer",
+                   plot_drift, ("cosine_to_base",)),
+        FigureSpec("fig3_coupling", "H/R coupling vs step and per layer", plot_coupling,
+                   ("hr_coupling",)),
+        FigureSpec("fig4_subspace", "principal angle and Grassmann distance of the cone vs step",
+                   plot_subspace, ("principal_angle_max", "grassmann_distance")),
+        FigureSpec("fig5_causal", "fixed-source ablation/addition effects vs random controls",
+                   plot_causal, ("ablation_raw", "addition_raw", "ablation_effect",
+                                 "addition_effect")),
+        FigureSpec("fig6_coordinates", "coordinate separation per b_j and imbalance vs step",
+                   plot_coordinates, ("coordinate_separation", "coordinate_imbalance")),
+    )
+}  # fmt: skip
+"""The six figures of ``safegeom figures``, in order."""
+
+
+def has_data(tables: Tables, name: str) -> bool:
+    """Whether any of the tables holds a row the figure ``name`` (a key of :data:`FIGURES`) draws.
+
+    Raises:
+        KeyError: ``name`` is not a figure.
+    """
+    metrics = FIGURES[name].metrics
+    return any(table["metric"].isin(metrics).any() for table in as_tables(tables).values())

@@ -1,0 +1,228 @@
+"""Picking rows out of audit tables and drawing them as lines with CI bands.
+
+An audit table is a DataFrame with the columns of :data:`safegeom.audit.schema.COLUMNS`. The
+plot functions take one table or several keyed by run label (``{"LoRA": t1, "defended": t2}``);
+runs get the palette's colours in order, and the other keys that vary inside a run (prompt set,
+source, basis vector) get line styles and markers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from safegeom.audit.schema import COLUMNS
+from safegeom.errors import SafegeomError
+from safegeom.plots.style import LINESTYLES, MARKERS, run_colour
+
+__all__ = [
+    "Tables",
+    "as_tables",
+    "at_carrier_layer",
+    "draw_lines",
+    "figure_legend",
+    "no_data",
+    "select",
+    "variant_keys",
+]
+
+Tables = pd.DataFrame | Mapping[str, pd.DataFrame]
+"""One audit table, or several keyed by run label (the order of the mapping is the colour order)."""
+
+_VARIANT_COLUMNS = ("carrier", "source", "prompts", "judge")
+MAX_BANDS = 4
+"""Most lines in one panel that still get their CI band by default."""
+
+
+def as_tables(tables: Tables) -> dict[str, pd.DataFrame]:
+    """The audit tables keyed by run label (one table alone gets the label ``""``).
+
+    Raises:
+        SafegeomError: a table lacks audit columns, or no table is given.
+    """
+    named = {"": tables} if isinstance(tables, pd.DataFrame) else dict(tables)
+    if not named:
+        raise SafegeomError("no audit table given; pass a table or {run label: table}")
+    for label, table in named.items():
+        missing = [c for c in COLUMNS if c not in table.columns]
+        if missing:
+            run = f" of run {label!r}" if label else ""
+            raise SafegeomError(
+                f"audit table{run} lacks columns {missing}; give a table with "
+                "safegeom.audit.schema.COLUMNS (e.g. load_audit(DIR).table)"
+            )
+    return named
+
+
+def select(
+    table: pd.DataFrame,
+    metric: str | Sequence[str],
+    *,
+    carrier: str | Sequence[str] | None = None,
+    source: str | Sequence[str] | None = None,
+    per_layer: bool | None = None,
+) -> pd.DataFrame:
+    """The rows of ``metric`` (and ``carrier``/``source`` when given; ``per_layer`` True keeps
+    rows with a layer, False rows without one).
+
+    Returns:
+        A copy of the matching rows (possibly empty).
+    """
+
+    def among(column: str, wanted: str | Sequence[str]) -> pd.Series:
+        values = [wanted] if isinstance(wanted, str) else list(wanted)
+        return table[column].isin(values).fillna(False).astype(bool)
+
+    keep = among("metric", metric)
+    if carrier is not None:
+        keep &= among("carrier", carrier)
+    if source is not None:
+        keep &= among("source", source)
+    if per_layer is not None:
+        keep &= table["layer"].notna() if per_layer else table["layer"].isna()
+    return table.loc[keep].copy()
+
+
+def at_carrier_layer(rows: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The rows not per layer (the number at the carrier's own layer); failing those, the mean over
+    layers per step and variant with its min–max range as the band.
+
+    Returns:
+        ``(rows, note)``: the rows to draw and ``""`` or ``"mean over layers (band: range)"``.
+    """
+    whole = rows[rows["layer"].isna()]
+    if not whole.empty or rows.empty:
+        return whole, ""
+    keys = ["step", *[c for c in _VARIANT_COLUMNS if rows[c].notna().any()], "metric"]
+    grouped = rows.groupby(keys, dropna=False)["value"]
+    summary = grouped.agg(value="mean", ci_low="min", ci_high="max").reset_index()
+    for column in _VARIANT_COLUMNS:
+        if column not in summary:
+            summary[column] = pd.NA
+    return summary, "mean over layers (band: range)"
+
+
+def variant_keys(selections: Sequence[pd.DataFrame]) -> list[str]:
+    """The columns among carrier, source, prompts and judge whose value varies across the rows
+    (judge left out when each prompt set has one judge).
+
+    Returns:
+        Those column names, in that order (the line style of a run's variants is keyed on them).
+    """
+    rows = [s for s in selections if not s.empty]
+    if not rows:
+        return []
+    both = pd.concat(rows, ignore_index=True).astype({c: "string" for c in _VARIANT_COLUMNS})
+    names = [c for c in _VARIANT_COLUMNS if both[c].nunique(dropna=False) > 1]
+    one_judge = both.groupby("prompts", dropna=False)["judge"].nunique(dropna=False).max() <= 1
+    if "judge" in names and "prompts" in names and one_judge:  # the set says it all
+        names.remove("judge")
+    return names
+
+
+def _variant_label(key: tuple, names: Sequence[str]) -> str:
+    parts = []
+    for name, value in zip(names, key, strict=True):
+        if pd.isna(value):
+            continue
+        parts.append(f"{value}" if name != "judge" else f"judge {value}")
+    return ", ".join(parts)
+
+
+def draw_lines(
+    ax: Axes,
+    selections: Mapping[str, pd.DataFrame],
+    *,
+    keys: Sequence[str] | None = None,
+    bands: bool | None = None,
+    style_of: Mapping[object, int] | None = None,
+) -> int:
+    """Draw ``value`` vs ``step`` for each run and variant, with ``ci_low``–``ci_high`` bands.
+
+    ``selections`` maps run label → the rows to draw. Colour is the run; line style and marker the
+    variant (the ``keys`` columns, by default those that vary; ``style_of`` fixes the style index
+    of a variant key tuple). Duplicate steps of one variant are averaged. ``bands`` None draws the
+    CI bands when there are at most :data:`MAX_BANDS` lines (more would hide each other).
+
+    Returns:
+        The number of lines drawn.
+    """
+    names = list(variant_keys(list(selections.values())) if keys is None else keys)
+    order: dict[tuple, int] = dict(style_of or {})
+    drawn = 0
+    if bands is None:
+        total = sum(
+            len(rows.groupby(names, dropna=False)) if names else 1
+            for rows in selections.values()
+            if not rows.empty
+        )
+        bands = total <= MAX_BANDS
+    for index, (label, rows) in enumerate(selections.items()):
+        if rows.empty:
+            continue
+        colour = run_colour(index)
+        groups = rows.groupby(names, dropna=False, sort=True) if names else [((), rows)]
+        for key, part in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            style = order.setdefault(key, len(order))
+            series = part.groupby("step")[["value", "ci_low", "ci_high"]].mean().sort_index()
+            steps = series.index.to_numpy(dtype=float)
+            text = ", ".join(p for p in (label, _variant_label(key, names)) if p)
+            ax.plot(
+                steps, series["value"].to_numpy(dtype=float), color=colour,
+                linestyle=LINESTYLES[style % len(LINESTYLES)],
+                marker=MARKERS[style % len(MARKERS)], label=text or None,
+            )  # fmt: skip
+            low = series["ci_low"].to_numpy(dtype=float)
+            high = series["ci_high"].to_numpy(dtype=float)
+            finite = np.isfinite(low) & np.isfinite(high)
+            if bands and finite.any():
+                ax.fill_between(
+                    steps, low, high, where=finite, color=colour, alpha=0.15, linewidth=0
+                )
+            drawn += 1
+    return drawn
+
+
+def no_data(ax: Axes, message: str) -> None:
+    """Write ``message`` in the middle of an empty panel (and hide its ticks)."""
+    ax.text(
+        0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", wrap=True,
+        fontsize=7.5, color="0.35",
+    )  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def figure_legend(fig: Figure, *, most_columns: int = 4) -> None:
+    """One legend for the whole figure, under the panels (so it never covers data): every
+    labelled line of every panel, each label once, in drawing order, in as many columns (at most
+    ``most_columns``) as fit the figure's width."""
+    seen: dict[str, Artist] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(
+            list(seen.values()), list(seen), loc="outside lower center",
+            ncols=max(1, min(most_columns, len(seen), _fitting_columns(fig, list(seen)))),
+        )  # fmt: skip
+
+
+def _fitting_columns(fig: Figure, labels: Sequence[str]) -> int:
+    """How many legend columns of the longest label fit the figure's width."""
+    import matplotlib as mpl
+
+    size = mpl.font_manager.FontProperties(
+        size=mpl.rcParams["legend.fontsize"]
+    ).get_size_in_points()
+    char = 0.55 * size  # average glyph width of the sans-serif font, points
+    handle = (mpl.rcParams["legend.handlelength"] + 2.5) * size
+    column = max(len(label) for label in labels) * char + handle
+    return int(fig.get_figwidth() * 72 * 0.95 // column)

@@ -1,0 +1,182 @@
+"""Figures of metrics against training step: behaviour (1), H/R coupling (3), subspace angles (4)
+and coordinate statistics (6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from safegeom.plots.data import (
+    Tables,
+    as_tables,
+    at_carrier_layer,
+    draw_lines,
+    figure_legend,
+    no_data,
+    select,
+)
+from safegeom.plots.style import new_figure, run_colour, style
+
+__all__ = ["line_panel", "plot_behaviour", "plot_coordinates", "plot_coupling", "plot_subspace"]
+
+STEP = "training step"
+_COUPLING = "coupling (|cos| or mean cos², unitless)"
+
+
+def line_panel(
+    ax: Axes,
+    named: dict[str, pd.DataFrame],
+    metric: str,
+    *,
+    title: str,
+    ylabel: str,
+    carrier: str | Sequence[str] | None = None,
+    source: str | Sequence[str] | None = None,
+    missing: str = "",
+    ylim: tuple[float, float] | None = None,
+) -> bool:
+    """One panel of ``metric`` vs step for every run (at the carrier's layer, see
+    :func:`~safegeom.plots.data.at_carrier_layer`); an empty panel says what is missing.
+
+    Returns:
+        Whether anything was drawn.
+    """
+    picked, notes = {}, set()
+    for label, table in named.items():
+        rows, note = at_carrier_layer(select(table, metric, carrier=carrier, source=source))
+        picked[label] = rows
+        notes.add(note)
+    ax.set_title(title)
+    if not draw_lines(ax, picked):
+        no_data(ax, f"no {metric} rows in this audit" + (f"\n({missing})" if missing else ""))
+        return False
+    note = " ".join(sorted(n for n in notes if n))
+    ax.set_xlabel(STEP + (f"\n{note}" if note else ""))
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    return True
+
+
+def _finish(fig: Figure, title: str, drawn: Sequence[bool]) -> Figure:
+    if not any(drawn):
+        title += ": no data in this audit"
+    fig.suptitle(title)
+    figure_legend(fig)
+    return fig
+
+
+def plot_behaviour(tables: Tables) -> Figure:
+    """Figure 1: ASR, over-refusal and utility (task accuracy) vs step, with 95% CI bands.
+
+    One line per run and prompt set (and judge where runs use several). A table without
+    behaviour rows (a ``--no-generate`` audit) gives panels that say so.
+
+    Returns:
+        The figure (three panels).
+    """
+    named = as_tables(tables)
+    with style():
+        fig = new_figure(1, 3, height=3.1)
+        a, b, c = fig.axes
+        drawn = [
+            line_panel(a, named, "asr", title="ASR, held-out harmful",
+                       ylabel="ASR (fraction of prompts)", ylim=(-0.03, 1.03),
+                       missing="generation was off: --no-generate"),
+            line_panel(b, named, "over_refusal", title="over-refusal, held-out harmless",
+                       ylabel="refusal rate (fraction)", ylim=(-0.03, 1.03),
+                       missing="generation was off: --no-generate"),
+            line_panel(c, named, "task_accuracy", title="utility: task accuracy",
+                       ylabel="exact-match accuracy (fraction)", ylim=(-0.03, 1.03),
+                       missing="no task with held-out problems"),
+        ]  # fmt: skip
+        return _finish(fig, "Behaviour across fine-tuning", drawn)
+
+
+def _layer_profile(
+    ax: Axes, named: dict[str, pd.DataFrame], metric: str, carrier: str, title: str, ylabel: str
+) -> bool:
+    """``metric`` per layer at each run's first and last checkpoint; whether anything was drawn."""
+    ax.set_title(f"{title} per layer: first vs last checkpoint")
+    drawn = False
+    for index, (label, table) in enumerate(named.items()):
+        rows = select(table, metric, carrier=carrier, per_layer=True)
+        if rows.empty:
+            continue
+        if rows["source"].eq("reextracted").any():
+            rows = rows[rows["source"].eq("reextracted")]
+        first, last = rows["step"].min(), rows["step"].max()
+        for step, dash in ((first, ":"), (last, "-")) if first != last else ((last, "-"),):
+            part = rows[rows["step"] == step].groupby("layer")["value"].mean().sort_index()
+            name = ", ".join(p for p in (label, f"step {step}") if p)
+            ax.plot(part.index.to_numpy(dtype=float), part.to_numpy(dtype=float),
+                    color=run_colour(index), linestyle=dash, marker="o", label=name)  # fmt: skip
+            drawn = True
+    if not drawn:
+        no_data(ax, f"no per-layer {metric} rows in this audit")
+        return False
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    return True
+
+
+def plot_coupling(tables: Tables) -> Figure:
+    """Figure 3: H/R coupling vs step (directions |cos(h, r)|, subspaces mean cos² of the
+    principal angles), at the carrier layer, and its per-layer profile at the first and last step.
+
+    Returns:
+        The figure (two panels).
+    """
+    named = as_tables(tables)
+    with style():
+        fig = new_figure(1, 2, height=2.9)
+        a, b = fig.axes
+        drawn = [
+            line_panel(a, named, "hr_coupling", title="H/R coupling at the carrier layer",
+                       ylabel=_COUPLING, ylim=(-0.02, 1.02)),
+            _layer_profile(b, named, "hr_coupling", "hr", "H/R coupling", _COUPLING),
+        ]  # fmt: skip
+        return _finish(fig, "Coupling of harmfulness and refusal across fine-tuning", drawn)
+
+
+def plot_subspace(tables: Tables) -> Figure:
+    """Figure 4: largest principal angle and Grassmann distance between the base's cone B₀ and
+    the checkpoint's B_t vs step.
+
+    Returns:
+        The figure (two panels).
+    """
+    named = as_tables(tables)
+    with style():
+        fig = new_figure(1, 2, height=2.9)
+        a, b = fig.axes
+        drawn = [
+            line_panel(a, named, "principal_angle_max", title="largest principal angle, B₀ vs B_t",
+                       ylabel="angle (radians)"),
+            line_panel(b, named, "grassmann_distance", title="Grassmann distance, B₀ vs B_t",
+                       ylabel="distance (radians)"),
+        ]  # fmt: skip
+        return _finish(fig, "Movement of the refusal cone across fine-tuning", drawn)
+
+
+def plot_coordinates(tables: Tables) -> Figure:
+    """Figure 6: coordinate statistics of the base's cone B₀ on each checkpoint vs step: the
+    per-basis-vector separation (Cohen's d, harmful vs harmless) and their imbalance.
+
+    Returns:
+        The figure (two panels).
+    """
+    named = as_tables(tables)
+    with style():
+        fig = new_figure(1, 2, height=2.9)
+        a, b = fig.axes
+        drawn = [
+            line_panel(a, named, "coordinate_separation", title="separation per basis vector b_j",
+                       ylabel="Cohen's d (pooled σ units)"),
+            line_panel(b, named, "coordinate_imbalance", title="imbalance across the basis",
+                       ylabel="std of Cohen's d across j (σ units)"),
+        ]  # fmt: skip
+        return _finish(fig, "Coordinate statistics of the base's cone", drawn)

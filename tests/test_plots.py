@@ -1,0 +1,249 @@
+"""safegeom.plots: every figure from synthetic audit tables, overlays, missing metrics, no I/O."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from safegeom.audit.schema import frame
+from safegeom.errors import SafegeomError
+from safegeom.plots import (
+    FIGURES,
+    has_data,
+    plot_behaviour,
+    plot_causal,
+    plot_coordinates,
+    plot_coupling,
+    plot_drift,
+    plot_subspace,
+)
+
+STEPS = (0, 40, 80, 160)
+LAYERS = (0, 1, 2, 3, 4, 5)
+CARRIER_LAYER = 3
+HARMFUL_TEST = ("advbench:test", "jbb-harmful:test")
+HARMLESS_TEST = (("alpaca:test", "substring"), ("xstest-safe:test", "xstest"))
+
+
+def _ci(value: float, half: float) -> dict:
+    return {"value": value, "ci_low": value - half, "ci_high": value + half}
+
+
+def synthetic_audit(*, speed: float = 1.0, behaviour: bool = True, seed: int = 0) -> pd.DataFrame:
+    """A realistic audit table of 4 checkpoints, 6 layers, every metric family. ``speed`` scales
+    how fast the run drifts (a defended run: small). ``behaviour=False``: a --no-generate audit.
+    """
+    rng = np.random.default_rng(seed)
+    rows: list[dict] = []
+    for step in STEPS:
+        t = speed * step / STEPS[-1]  # 0 at the base, `speed` at the last checkpoint
+        ckpt = "base" if step == 0 else f"step-{step:06d}"
+
+        def add(metric: str, value: float, *, half: float | None = None, **keys: object) -> None:
+            row = {"checkpoint": ckpt, "step": step, "metric": metric, **keys}  # noqa: B023
+            row.update(_ci(value, half) if half is not None else {"value": value})
+            rows.append(row)
+
+        if behaviour:
+            for prompts in HARMFUL_TEST:
+                asr = min(1.0, 0.05 + 0.8 * t + rng.uniform(0, 0.05))
+                add("asr", asr, half=0.08, prompts=prompts, n=32, judge="substring")
+                add("refusal_rate", 1 - asr, half=0.08, prompts=prompts, n=32, judge="substring")
+            for prompts, judge in HARMLESS_TEST:
+                add("over_refusal", 0.1 + 0.05 * t, half=0.06, prompts=prompts, n=32, judge=judge)
+            add("task_accuracy", 0.2 + 0.6 * min(t, 1), half=0.1, prompts="arith:test", n=32)
+            add("cross_entropy", 2.0 - 0.3 * t, prompts="alpaca:test", n=32)
+        add("refusal_score", 3.0 - 4 * t, half=0.3, prompts="advbench:val", n=32)
+        add("kl_to_base", 0.5 * t**2, prompts="alpaca:val", n=32)
+        common = {"prompts": "advbench:train+alpaca:train", "n": 64}
+        for carrier, rate in (("refusal", 0.6), ("harmfulness", 0.2)):
+            for layer in LAYERS:
+                cos = 1.0 if step == 0 else float(np.cos(rate * t * (1 + layer / 3)))
+                for metric, value in (("cosine_to_base", cos), ("direction_drift", 1 - abs(cos))):
+                    add(metric, value, layer=layer, carrier=carrier, source="reextracted", **common)
+            cos = float(np.cos(rate * t * 2))
+            add("cosine_to_base", cos, carrier=carrier, source="reextracted", **common)
+            add("direction_drift", 1 - abs(cos), carrier=carrier, source="reextracted", **common)
+        for layer in LAYERS:
+            add("hr_coupling", 0.3 + 0.1 * layer / 5 + 0.2 * t, layer=layer, carrier="hr",
+                source="reextracted", **common)  # fmt: skip
+        add("hr_coupling", 0.35 + 0.25 * t, carrier="hr", source="reextracted", **common)
+        add("hr_coupling", 0.35, carrier="hr", source="fixed", **common)
+        angle = min(np.pi / 2, 0.9 * t)
+        add("principal_angle_max", angle, carrier="cone", source="reextracted", **common)
+        add("grassmann_distance", angle * 1.3, carrier="cone", source="reextracted", **common)
+        add("effective_rank", 2.5 - 0.5 * t, carrier="cone", source="reextracted", **common)
+        for j in range(3):
+            add("coordinate_separation", 2.0 - (0.5 + j * 0.4) * t, half=0.2,
+                carrier=f"cone[{j}]", source="fixed", **common)  # fmt: skip
+        add("coordinate_imbalance", 0.2 + 0.3 * t, carrier="cone", source="fixed", **common)
+        for source, keep in (("fixed", 1 - 0.7 * t), ("reextracted", 1 - 0.2 * t)):
+            add("projection_separation", 3 * keep, half=0.3, carrier="refusal", source=source,
+                layer=None, **common)  # fmt: skip
+            val = {"prompts": "advbench:val+alpaca:val", "n": 32}
+            control_abl, control_add = -0.2 + rng.normal(0, 0.05), 0.1 + rng.normal(0, 0.05)
+            for kind, raw, control in (("ablation", -4 * keep, control_abl),
+                                       ("addition", 5 * keep, control_add)):  # fmt: skip
+                add(f"{kind}_raw", raw, carrier="refusal", source=source, **val)
+                add(f"{kind}_control_mean", control, carrier="refusal", source=source, **val)
+                add(f"{kind}_control_std", 0.3, carrier="refusal", source=source, **val)
+                add(f"{kind}_effect", raw - control, half=0.4, carrier="refusal", source=source,
+                    **val)  # fmt: skip
+    return frame(rows)
+
+
+def two_runs() -> dict[str, pd.DataFrame]:
+    """A fast-drifting LoRA run and a slowly drifting defended run."""
+    return {"LoRA": synthetic_audit(), "defended": synthetic_audit(speed=0.25, seed=1)}
+
+
+PLOTS = (plot_behaviour, plot_drift, plot_coupling, plot_subspace, plot_causal, plot_coordinates)
+
+
+@pytest.fixture()
+def empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("plot", PLOTS, ids=lambda p: p.__name__)
+def test_every_plot_returns_a_figure_and_writes_nothing(plot, empty_cwd: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    fig = plot(two_runs())
+    assert isinstance(fig, Figure)
+    assert fig.axes
+    assert plt.get_fignums() == before  # nothing registered in pyplot
+    assert os.listdir(empty_cwd) == []
+
+
+@pytest.mark.parametrize("plot", PLOTS, ids=lambda p: p.__name__)
+def test_one_table_alone_is_one_run(plot) -> None:
+    fig = plot(synthetic_audit())
+    assert "no data" not in fig.get_suptitle()
+    assert all(not _says_no_data(ax) for ax in fig.axes if ax.get_label() != "<colorbar>")
+
+
+def _says_no_data(ax) -> bool:
+    return any(text.get_text().startswith("no ") for text in ax.texts)
+
+
+def _labels(ax) -> list[str]:
+    return [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+def test_two_runs_overlay_as_two_labelled_lines() -> None:
+    fig = plot_subspace(two_runs())
+    angle = fig.axes[0]
+    assert _labels(angle) == ["LoRA", "defended"]
+    colours = {line.get_color() for line in angle.get_lines()}
+    assert len(colours) == 2
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["LoRA", "defended"]
+    lora, defended = (line.get_ydata() for line in angle.get_lines())
+    assert lora[-1] > defended[-1]  # the LoRA run moves further
+
+
+def test_behaviour_lines_per_run_and_prompt_set_with_bands() -> None:
+    fig = plot_behaviour(two_runs())
+    asr = fig.axes[0]
+    assert _labels(asr) == [f"{run}, {p}" for run in ("LoRA", "defended") for p in HARMFUL_TEST]
+    assert len(asr.collections) == 4  # one CI band per line
+    assert _labels(fig.axes[1])[0] == "LoRA, alpaca:test"  # one judge per set: not repeated
+    assert "ASR" in asr.get_ylabel() and "step" in asr.get_xlabel()
+
+
+def test_table_without_behaviour_rows_says_so() -> None:
+    tables = {"geometry-only": synthetic_audit(behaviour=False)}
+    assert not has_data(tables, "fig1_behaviour")
+    assert all(has_data(tables, name) for name in FIGURES if name != "fig1_behaviour")
+    fig = plot_behaviour(tables)
+    assert fig.get_suptitle().endswith("no data in this audit")
+    assert all(_says_no_data(ax) for ax in fig.axes)
+    assert "--no-generate" in fig.axes[0].texts[0].get_text()
+
+
+def test_missing_task_accuracy_only_blanks_its_panel() -> None:
+    table = synthetic_audit()
+    fig = plot_behaviour(table[table["metric"] != "task_accuracy"])
+    assert "no data" not in fig.get_suptitle()
+    assert [_says_no_data(ax) for ax in fig.axes] == [False, False, True]
+
+
+def test_drift_heatmap_is_step_by_layer_per_run_and_carrier() -> None:
+    fig = plot_drift(two_runs())
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 4  # 2 runs × (refusal, harmfulness)
+    image = panels[0].images[0].get_array()
+    assert image.shape == (len(LAYERS), len(STEPS))
+    assert np.allclose(image[:, 0], 1.0)  # the base against itself
+    assert panels[0].get_title() == "LoRA, refusal direction"
+    assert [t.get_text() for t in panels[0].get_xticklabels()] == [str(s) for s in STEPS]
+    drift = plot_drift(synthetic_audit(), metric="direction_drift")
+    assert np.allclose(drift.axes[0].images[0].get_array()[:, 0], 0.0)
+
+
+def test_causal_draws_effect_against_control_band_and_net_effect() -> None:
+    fig = plot_causal(two_runs())
+    ablation, addition, net_ablation, net_addition = (fig.axes[i] for i in (0, 1, 2, 3))
+    assert _labels(ablation) == [
+        "LoRA, fixed, raw effect", "LoRA, random controls ± std",
+        "defended, fixed, raw effect", "defended, random controls ± std",
+    ]  # fmt: skip
+    assert len(ablation.collections) == 2  # the control bands
+    assert _labels(net_ablation) == [
+        f"{run}, {s}" for run in ("LoRA", "defended") for s in ("fixed", "reextracted")
+    ]
+    assert "log-odds" in addition.get_ylabel()
+    assert not _says_no_data(net_addition)
+
+
+def test_causal_without_controls_keeps_the_net_effect() -> None:
+    table = synthetic_audit()
+    table = table[~table["metric"].str.contains("_raw|_control_")]
+    fig = plot_causal(table)
+    assert [_says_no_data(ax) for ax in fig.axes] == [True, True, False, False]
+
+
+def test_coordinates_one_line_per_basis_vector() -> None:
+    fig = plot_coordinates(synthetic_audit())
+    assert _labels(fig.axes[0]) == ["cone[0]", "cone[1]", "cone[2]"]
+    assert len(fig.axes[1].get_lines()) == 1
+
+
+def test_coupling_has_sources_and_a_layer_profile() -> None:
+    fig = plot_coupling(two_runs())
+    assert _labels(fig.axes[0]) == [
+        f"{run}, {s}" for run in ("LoRA", "defended") for s in ("fixed", "reextracted")
+    ]
+    assert _labels(fig.axes[1]) == ["LoRA, step 0", "LoRA, step 160", "defended, step 0",
+                                    "defended, step 160"]  # fmt: skip
+
+
+def test_only_per_layer_rows_plot_their_mean_over_layers() -> None:
+    table = synthetic_audit()
+    table = table[~((table["metric"] == "hr_coupling") & table["layer"].isna())]
+    ax = plot_coupling(table).axes[0]
+    assert "mean over layers" in ax.get_xlabel()
+    assert len(ax.get_lines()) == 1
+
+
+def test_a_table_without_audit_columns_is_refused() -> None:
+    with pytest.raises(SafegeomError, match=r"run 'x' lacks columns \['checkpoint'"):
+        plot_behaviour({"x": pd.DataFrame({"metric": ["asr"], "value": [1.0]})})
+    with pytest.raises(SafegeomError, match="no audit table given"):
+        plot_subspace({})
+
+
+def test_style_is_restored_after_a_plot() -> None:
+    import matplotlib as mpl
+
+    before = mpl.rcParams["font.size"]
+    plot_behaviour(synthetic_audit())
+    assert mpl.rcParams["font.size"] == before
