@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from safegeom.cli import main
 from safegeom.models import encode_prompts, load_model
@@ -22,24 +21,13 @@ from tests.tiny_models import (
     build_checkpoint,
     build_tokenizer,
 )
-
-TINY = Task(
-    name="tiny",
-    prompts=("Explain how photosynthesis works.", "Give three tips for staying healthy."),
-    responses=("Sure, here is a short poem.", "I'm sorry, but I cannot help."),
-)
-FAST = {"progress": False, "batch_size": 2}
+from tests.train_helpers import FAST, TINY, saved_weights
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama checkpoint with a chat template."""
     return build_checkpoint(tmp_path_factory.mktemp("train"), "llama", n_layers=2)
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    name = "adapter_model.safetensors" if (path / "adapter_config.json").is_file() else None
-    return load_file(str(path / (name or "model.safetensors")))
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -131,7 +119,7 @@ def test_lora_trajectory_loads_and_merges(ckpt: Path, tmp_path: Path) -> None:
         adapter, merged = load_model(path), load_model(path, merge_adapter=True)
         with torch.no_grad():
             torch.testing.assert_close(adapter.model(ids).logits, merged.model(ids).logits)
-    assert not _same(_weights(read.paths[0]), _weights(read.paths[-1]))
+    assert not _same(saved_weights(read.paths[0]), saved_weights(read.paths[-1]))
 
 
 def test_sft_trajectory_and_determinism(ckpt: Path, tmp_path: Path) -> None:
@@ -141,10 +129,10 @@ def test_sft_trajectory_and_determinism(ckpt: Path, tmp_path: Path) -> None:
         assert load_model(path).weight_hash == record.weight_hash
     assert a.checkpoints[0].weight_hash == a.base_hash
     b = train(ckpt, TINY, method="sft", out=tmp_path / "b", steps=3, save_every=2, **FAST)
-    assert _same(_weights(a.paths[-1]), _weights(b.paths[-1]))
+    assert _same(saved_weights(a.paths[-1]), saved_weights(b.paths[-1]))
     c = train(ckpt, TINY, method="lora", out=tmp_path / "c", steps=2, save_every=2, seed=1, **FAST)
     d = train(ckpt, TINY, method="lora", out=tmp_path / "d", steps=2, save_every=2, seed=2, **FAST)
-    assert not _same(_weights(c.paths[-1]), _weights(d.paths[-1]))
+    assert not _same(saved_weights(c.paths[-1]), saved_weights(d.paths[-1]))
 
 
 @pytest.mark.parametrize("method", ["lora", "sft"])
@@ -162,7 +150,7 @@ def test_resume_equals_uninterrupted(ckpt: Path, tmp_path: Path, method: str) ->
     assert cut.steps == (0, 2, 4) and not cut.complete
     resumed = train(ckpt, "harmful:10", out=tmp_path / "cut", resume=True, **kwargs)
     assert resumed.steps == (0, 2, 4, 6) and resumed.complete
-    assert _same(_weights(full.paths[-1]), _weights(resumed.paths[-1]))
+    assert _same(saved_weights(full.paths[-1]), saved_weights(resumed.paths[-1]))
     assert resumed.losses == pytest.approx(full.losses)
 
 

@@ -8,29 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from safegeom.cli import main
 from safegeom.errors import ConfigError, OutputPathError, TrainingDiverged
-from safegeom.train import Task, TrainConfig, load_trajectory, runner, train
+from safegeom.train import TrainConfig, load_trajectory, runner, train
 from tests.tiny_models import build_checkpoint
-
-TINY = Task(
-    name="tiny",
-    prompts=("Explain how photosynthesis works.", "Give three tips for staying healthy."),
-    responses=("Sure, here is a short poem.", "I'm sorry, but I cannot help."),
-)
-FAST = {"progress": False, "batch_size": 2}
+from tests.train_helpers import FAST, TINY, saved_weights
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("train-errors"), "llama", n_layers=2)
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    name = "adapter_model.safetensors" if (path / "adapter_config.json").is_file() else None
-    return load_file(str(path / (name or "model.safetensors")))
 
 
 def test_config_drives_train_and_checks_ranges(ckpt: Path, tmp_path: Path) -> None:
@@ -39,7 +27,7 @@ def test_config_drives_train_and_checks_ranges(ckpt: Path, tmp_path: Path) -> No
     b = train(ckpt, TINY, method="sft", out=tmp_path / "b", steps=2, save_every=1, **FAST)
     assert a.steps == b.steps == (0, 1, 2)
     assert all(torch.equal(x, y) for x, y in zip(
-        _weights(a.paths[-1]).values(), _weights(b.paths[-1]).values(), strict=True))  # fmt: skip
+        saved_weights(a.paths[-1]).values(), saved_weights(b.paths[-1]).values(), strict=True))  # fmt: skip
     with pytest.raises(ConfigError, match=r"steps \(--steps\) must be at least 1, got 0"):
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match=r"lora_dropout \(--lora-dropout\) must lie in \[0, 1\)"):
@@ -65,7 +53,7 @@ def test_divergence_stops_naming_the_step(ckpt: Path, tmp_path: Path) -> None:
     traj = load_trajectory(tmp_path / "nan")
     assert not traj.complete
     for path in traj.paths:
-        assert all(torch.isfinite(t).all() for t in _weights(path).values())
+        assert all(torch.isfinite(t).all() for t in saved_weights(path).values())
 
 
 def test_cli_divergence_is_one_line(
@@ -122,7 +110,7 @@ def test_truncated_last_checkpoint_resumes_from_the_last_good(ckpt: Path, tmp_pa
         resumed = train(ckpt, TINY, out=tmp_path / "cut", resume=True, **kwargs)
     assert resumed.steps == (0, 2, 4) and resumed.complete
     assert all(torch.equal(x, y) for x, y in zip(
-        _weights(full.paths[-1]).values(), _weights(resumed.paths[-1]).values(), strict=True))  # fmt: skip
+        saved_weights(full.paths[-1]).values(), saved_weights(resumed.paths[-1]).values(), strict=True))  # fmt: skip
 
 
 def test_finished_run_extends_with_more_steps(ckpt: Path, tmp_path: Path) -> None:
@@ -133,7 +121,7 @@ def test_finished_run_extends_with_more_steps(ckpt: Path, tmp_path: Path) -> Non
     assert longer.steps == (0, 2, 4) and longer.complete and longer.config["steps"] == 4
     straight = train(ckpt, TINY, out=tmp_path / "straight", steps=4, **kwargs)
     assert all(torch.equal(x, y) for x, y in zip(
-        _weights(straight.paths[-1]).values(), _weights(longer.paths[-1]).values(), strict=True))  # fmt: skip
+        saved_weights(straight.paths[-1]).values(), saved_weights(longer.paths[-1]).values(), strict=True))  # fmt: skip
     with pytest.raises(ConfigError, match=r"steps \(--steps\) must be at least 4 to resume"):
         train(ckpt, TINY, out=tmp_path / "run", steps=3, resume=True, **kwargs)
 

@@ -26,7 +26,7 @@ import copy
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -87,6 +87,17 @@ def _project_out(basis: Tensor):
     return fn
 
 
+def _hooked(lm: LoadedModel, fn: Any, layers: Any, sites: Sequence[str]) -> Any:
+    """``fn`` hooked at every site of every layer of ``layers``; removed when the block ends."""
+    return attach(
+        [
+            Hook(*site_hook_point(lm, site, layer), fn)
+            for layer in parse_layers(layers, lm.n_layers)
+            for site in sites
+        ]
+    )
+
+
 @contextmanager
 def ablate(
     lm: LoadedModel,
@@ -105,12 +116,7 @@ def ablate(
     """
     basis = as_basis(vectors, lm.d_model).to(lm.device)
     fn = _project_out(basis)
-    hooks = [
-        Hook(*site_hook_point(lm, site, layer), fn)
-        for layer in parse_layers(layers, lm.n_layers)
-        for site in sites
-    ]
-    with attach(hooks):
+    with _hooked(lm, fn, layers, sites):
         yield
 
 
@@ -259,12 +265,7 @@ def ablate_rows(
         u = units.to(hidden.dtype)[:, None, :]
         return hidden - (hidden * u).sum(-1, keepdim=True) * scaled.to(hidden.dtype)[:, None, :]
 
-    hooks = [
-        Hook(*site_hook_point(lm, site, layer), fn)
-        for layer in parse_layers(layers, lm.n_layers)
-        for site in sites
-    ]
-    with attach(hooks):
+    with _hooked(lm, fn, layers, sites):
         yield
 
 
