@@ -98,3 +98,36 @@ def test_bad_prompt_set_fails_before_any_model_loads(trajectory, tmp_path, monke
     with pytest.raises(ValueError, match=r"--harmless: prompt file .* is empty"):
         audit(trajectory, tmp_path / "a", progress=False, harmless=(str(empty),), **FAKE_CONFIG)
     assert calls.measured == [] and not (tmp_path / "a" / "manifest.json").exists()
+
+
+def test_peft_adapter_trajectory_equals_the_merged_checkpoints(tmp_path):
+    """Applied and merged adapters differ only by float32 rounding: tolerance 1e-4 absolute,
+    1e-3 relative, on every number of a real geometry-and-causal audit."""
+    from tests.audit_helpers import adapter, merged
+
+    base = build_checkpoint(tmp_path, "llama")
+    adapters = [adapter(base, tmp_path / "a" / f"step-{s:06d}", 0.1 * s, seed=s) for s in (1, 2)]
+    folded = [merged(a, base, tmp_path / "m" / a.name) for a in adapters]
+    small = {"n_per_class": 4, "n_val": 4, "generate": False, "xstest": False,
+             "families": ("geometry", "causal"), "n_resamples": 100}  # fmt: skip
+    applied = audit([base, *adapters], tmp_path / "audit-a", progress=False, **small)
+    full = audit([base, *folded], tmp_path / "audit-m", progress=False, **small)
+    assert [c["kind"] for c in applied.manifest["checkpoints"]] == ["full", "adapter", "adapter"]
+    assert applied.checkpoints == full.checkpoints == ("base", "step-000001", "step-000002")
+    pd.testing.assert_frame_equal(applied.table, full.table, check_exact=False, rtol=1e-3,
+                                  atol=1e-4)  # fmt: skip
+    assert applied.wide("step-000002")["direction_drift"].max() > 1e-3  # the adapters moved it
+
+
+def test_real_geometry_audit_of_a_three_checkpoint_trajectory(trajectory, tmp_path):
+    small = {"n_per_class": 4, "n_val": 4, "generate": False, "xstest": False,
+             "families": ("geometry",), "n_resamples": 100}  # fmt: skip
+    result = audit(trajectory, tmp_path / "audit", progress=False, **small)
+    table = result.table
+    assert result.steps == (0, 10, 20, 30)
+    for metric in ("cosine_to_base", "direction_drift", "grassmann_distance", "hr_coupling"):
+        assert set(table[table["metric"] == metric]["step"]) == {0, 10, 20, 30}, metric
+    base = result.wide("base")
+    assert base["cosine_to_base"].dropna().sub(1).abs().max() < 1e-9
+    assert base["direction_drift"].dropna().abs().max() < 1e-9
+    assert result.wide(30)["direction_drift"].max() > result.wide(10)["direction_drift"].min()
