@@ -60,32 +60,33 @@ def synthetic_audit(*, speed: float = 1.0, behaviour: bool = True, seed: int = 0
             add("cross_entropy", 2.0 - 0.3 * t, prompts="alpaca:test", n=32)
         add("refusal_score", 3.0 - 4 * t, half=0.3, prompts="advbench:val", n=32)
         add("kl_to_base", 0.5 * t**2, prompts="alpaca:val", n=32)
+        # geometry, the way safegeom.audit.geometry_rows writes it: every row has a layer
         common = {"prompts": "advbench:train+alpaca:train", "n": 64}
         for carrier, rate in (("refusal", 0.6), ("harmfulness", 0.2)):
             for layer in LAYERS:
                 cos = 1.0 if step == 0 else float(np.cos(rate * t * (1 + layer / 3)))
                 for metric, value in (("cosine_to_base", cos), ("direction_drift", 1 - abs(cos))):
                     add(metric, value, layer=layer, carrier=carrier, source="reextracted", **common)
-            cos = float(np.cos(rate * t * 2))
-            add("cosine_to_base", cos, carrier=carrier, source="reextracted", **common)
-            add("direction_drift", 1 - abs(cos), carrier=carrier, source="reextracted", **common)
         for layer in LAYERS:
-            add("hr_coupling", 0.3 + 0.1 * layer / 5 + 0.2 * t, layer=layer, carrier="hr",
-                source="reextracted", **common)  # fmt: skip
-        add("hr_coupling", 0.35 + 0.25 * t, carrier="hr", source="reextracted", **common)
-        add("hr_coupling", 0.35, carrier="hr", source="fixed", **common)
-        angle = min(np.pi / 2, 0.9 * t)
-        add("principal_angle_max", angle, carrier="cone", source="reextracted", **common)
-        add("grassmann_distance", angle * 1.3, carrier="cone", source="reextracted", **common)
-        add("effective_rank", 2.5 - 0.5 * t, carrier="cone", source="reextracted", **common)
-        for j in range(3):
-            add("coordinate_separation", 2.0 - (0.5 + j * 0.4) * t, half=0.2,
-                carrier=f"cone[{j}]", source="fixed", **common)  # fmt: skip
-        add("coordinate_imbalance", 0.2 + 0.3 * t, carrier="cone", source="fixed", **common)
+            per = {"layer": layer, "source": "reextracted", **common}
+            depth = (1 + layer) / len(LAYERS)
+            angle = min(np.pi / 2, 0.9 * t * depth)
+            add("principal_angle_max", angle, carrier="cone", **per)
+            add("grassmann_distance", angle * 1.3, carrier="cone", **per)
+            add("effective_rank", 2.5 - 0.5 * t, carrier="cone", **per)
+            add("hr_coupling", 0.3 + 0.1 * depth + 0.2 * t, carrier="hr", **per)
+            add("hr_coupling", 0.2 + 0.1 * depth + 0.1 * t, carrier="hr-cone", **per)
+        at = {"layer": CARRIER_LAYER, **common}
+        for source, slow in (("fixed", 1.0), ("reextracted", 0.3)):
+            for j in range(3):
+                add("coordinate_separation", 2.0 - slow * (0.5 + j * 0.4) * t, half=0.2,
+                    carrier=f"cone[{j}]", source=source, **at)  # fmt: skip
+            add("coordinate_imbalance", 0.2 + slow * 0.3 * t, carrier="cone", source=source, **at)
+        # causal, the way safegeom.audit.causal_rows writes it: at the base's carrier layer
+        val = {"layer": CARRIER_LAYER, "prompts": "advbench:val vs alpaca:val", "n": 32}
         for source, keep in (("fixed", 1 - 0.7 * t), ("reextracted", 1 - 0.2 * t)):
             add("projection_separation", 3 * keep, half=0.3, carrier="refusal", source=source,
-                layer=None, **common)  # fmt: skip
-            val = {"prompts": "advbench:val+alpaca:val", "n": 32}
+                **at)  # fmt: skip
             control_abl, control_add = -0.2 + rng.normal(0, 0.05), 0.1 + rng.normal(0, 0.05)
             for kind, raw, control in (("ablation", -4 * keep, control_abl),
                                        ("addition", 5 * keep, control_add)):  # fmt: skip
@@ -217,19 +218,30 @@ def test_coordinates_one_line_per_basis_vector() -> None:
     assert len(fig.axes[1].get_lines()) == 1
 
 
-def test_coupling_has_sources_and_a_layer_profile() -> None:
+def test_coupling_at_the_carrier_layer_and_a_layer_profile() -> None:
     fig = plot_coupling(two_runs())
-    assert _labels(fig.axes[0]) == [
-        f"{run}, {s}" for run in ("LoRA", "defended") for s in ("fixed", "reextracted")
+    left, right = fig.axes
+    assert _labels(left) == [
+        f"{run}, {c}" for run in ("LoRA", "defended") for c in ("directions h, r", "h vs cone B")
     ]
-    assert _labels(fig.axes[1]) == ["LoRA, step 0", "LoRA, step 160", "defended, step 0",
-                                    "defended, step 160"]  # fmt: skip
+    assert f"at layer {CARRIER_LAYER}" in left.get_xlabel()
+    lora_hr = left.get_lines()[0].get_ydata()
+    assert np.allclose(
+        lora_hr, [0.3 + 0.1 * (CARRIER_LAYER + 1) / 6 + 0.2 * s / 160 for s in STEPS]
+    )
+    assert _labels(right) == ["LoRA, step 0", "LoRA, step 160", "defended, step 0",
+                              "defended, step 160"]  # fmt: skip
+    assert len(right.get_lines()[0].get_xdata()) == len(LAYERS)
 
 
-def test_only_per_layer_rows_plot_their_mean_over_layers() -> None:
+def test_rows_without_a_layer_win_then_the_carrier_layer_then_the_mean() -> None:
     table = synthetic_audit()
-    table = table[~((table["metric"] == "hr_coupling") & table["layer"].isna())]
-    ax = plot_coupling(table).axes[0]
+    summary = frame([{"checkpoint": "base", "step": 0, "metric": "principal_angle_max",
+                      "carrier": "cone", "source": "reextracted", "value": 0.7}])  # fmt: skip
+    ax = plot_subspace(pd.concat([table, summary], ignore_index=True)).axes[0]
+    assert list(ax.get_lines()[0].get_ydata()) == [0.7]
+    geometry_only = table[table["metric"].isin(["principal_angle_max", "grassmann_distance"])]
+    ax = plot_subspace(geometry_only).axes[0]  # no row says where the carrier layer is
     assert "mean over layers" in ax.get_xlabel()
     assert len(ax.get_lines()) == 1
 

@@ -24,6 +24,7 @@ __all__ = [
     "Tables",
     "as_tables",
     "at_carrier_layer",
+    "carrier_layer",
     "draw_lines",
     "figure_legend",
     "no_data",
@@ -37,6 +38,10 @@ Tables = pd.DataFrame | Mapping[str, pd.DataFrame]
 _VARIANT_COLUMNS = ("carrier", "source", "prompts", "judge")
 MAX_BANDS = 4
 """Most lines in one panel that still get their CI band by default."""
+_AT_CARRIER_LAYER = ("projection_separation", "coordinate_imbalance", "ablation_effect",
+                     "addition_effect")  # fmt: skip
+DISPLAY = {"hr": "directions h, r", "hr-cone": "h vs cone B"}
+"""How carrier names read in legends."""
 
 
 def as_tables(tables: Tables) -> dict[str, pd.DataFrame]:
@@ -88,16 +93,31 @@ def select(
     return table.loc[keep].copy()
 
 
-def at_carrier_layer(rows: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The rows not per layer (the number at the carrier's own layer); failing those, the mean over
-    layers per step and variant with its min–max range as the band.
+def carrier_layer(table: pd.DataFrame) -> int | None:
+    """The base's refusal-carrier layer of an audit: the layer of its rows that exist only there
+    (projection separation, coordinate statistics, causal effects).
 
     Returns:
-        ``(rows, note)``: the rows to draw and ``""`` or ``"mean over layers (band: range)"``.
+        That layer, or None when the table has no such rows.
+    """
+    rows = table[table["metric"].isin(_AT_CARRIER_LAYER) & table["layer"].notna()]
+    return None if rows.empty else int(rows["layer"].mode().iloc[0])
+
+
+def at_carrier_layer(rows: pd.DataFrame, layer: int | None = None) -> tuple[pd.DataFrame, str]:
+    """The rows to draw one number per step from: those not per layer; failing those, the rows at
+    ``layer`` (the carrier's, :func:`carrier_layer`); failing those, the mean over layers per
+    step and variant with its min–max range as the band.
+
+    Returns:
+        ``(rows, note)``: the rows and ``""``, ``"at layer L"`` or ``"mean over layers (band:
+        range)"``.
     """
     whole = rows[rows["layer"].isna()]
     if not whole.empty or rows.empty:
         return whole, ""
+    if layer is not None and rows["layer"].eq(layer).any():
+        return rows[rows["layer"].eq(layer)], f"at layer {layer}, the base's carrier layer"
     keys = ["step", *[c for c in _VARIANT_COLUMNS if rows[c].notna().any()], "metric"]
     grouped = rows.groupby(keys, dropna=False)["value"]
     summary = grouped.agg(value="mean", ci_low="min", ci_high="max").reset_index()
@@ -130,7 +150,7 @@ def _variant_label(key: tuple, names: Sequence[str]) -> str:
     for name, value in zip(names, key, strict=True):
         if pd.isna(value):
             continue
-        parts.append(f"{value}" if name != "judge" else f"judge {value}")
+        parts.append(DISPLAY.get(str(value), str(value)) if name != "judge" else f"judge {value}")
     return ", ".join(parts)
 
 
@@ -198,6 +218,7 @@ def no_data(ax: Axes, message: str) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
+    ax.set_frame_on(False)
 
 
 def figure_legend(fig: Figure, *, most_columns: int = 4) -> None:

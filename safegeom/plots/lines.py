@@ -13,6 +13,7 @@ from safegeom.plots.data import (
     Tables,
     as_tables,
     at_carrier_layer,
+    carrier_layer,
     draw_lines,
     figure_legend,
     no_data,
@@ -46,7 +47,8 @@ def line_panel(
     """
     picked, notes = {}, set()
     for label, table in named.items():
-        rows, note = at_carrier_layer(select(table, metric, carrier=carrier, source=source))
+        rows = select(table, metric, carrier=carrier, source=source)
+        rows, note = at_carrier_layer(rows, carrier_layer(table))
         picked[label] = rows
         notes.add(note)
     ax.set_title(title)
@@ -109,11 +111,12 @@ def _layer_profile(
         if rows["source"].eq("reextracted").any():
             rows = rows[rows["source"].eq("reextracted")]
         first, last = rows["step"].min(), rows["step"].max()
-        for step, dash in ((first, ":"), (last, "-")) if first != last else ((last, "-"),):
+        looks = ((first, ":", "x"), (last, "-.", "D")) if first != last else ((last, "-.", "D"),)
+        for step, dash, marker in looks:  # styles the line panels' variants do not use first
             part = rows[rows["step"] == step].groupby("layer")["value"].mean().sort_index()
             name = ", ".join(p for p in (label, f"step {step}") if p)
             ax.plot(part.index.to_numpy(dtype=float), part.to_numpy(dtype=float),
-                    color=run_colour(index), linestyle=dash, marker="o", label=name)  # fmt: skip
+                    color=run_colour(index), linestyle=dash, marker=marker, label=name)  # fmt: skip
             drawn = True
     if not drawn:
         no_data(ax, f"no per-layer {metric} rows in this audit")
@@ -124,8 +127,9 @@ def _layer_profile(
 
 
 def plot_coupling(tables: Tables) -> Figure:
-    """Figure 3: H/R coupling vs step (directions |cos(h, r)|, subspaces mean cos² of the
-    principal angles), at the carrier layer, and its per-layer profile at the first and last step.
+    """Figure 3: H/R coupling vs step at the carrier layer (carrier ``hr``: directions
+    |cos(h, r)|; ``hr-cone``: mean cos² between h and the cone), and the per-layer profile of the
+    direction coupling at each run's first and last step.
 
     Returns:
         The figure (two panels).
@@ -137,7 +141,7 @@ def plot_coupling(tables: Tables) -> Figure:
         drawn = [
             line_panel(a, named, "hr_coupling", title="H/R coupling at the carrier layer",
                        ylabel=_COUPLING, ylim=(-0.02, 1.02)),
-            _layer_profile(b, named, "hr_coupling", "hr", "H/R coupling", _COUPLING),
+            _layer_profile(b, named, "hr_coupling", "hr", "|cos(h, r)|", "|cos(h, r)| (unitless)"),
         ]  # fmt: skip
         return _finish(fig, "Coupling of harmfulness and refusal across fine-tuning", drawn)
 
@@ -163,8 +167,9 @@ def plot_subspace(tables: Tables) -> Figure:
 
 
 def plot_coordinates(tables: Tables) -> Figure:
-    """Figure 6: coordinate statistics of the base's cone B₀ on each checkpoint vs step: the
-    per-basis-vector separation (Cohen's d, harmful vs harmless) and their imbalance.
+    """Figure 6: coordinate statistics of the base's cone B₀ (source ``fixed``) on each
+    checkpoint vs step, at the carrier layer: the per-basis-vector separation (Cohen's d,
+    harmful vs harmless) and their imbalance.
 
     Returns:
         The figure (two panels).
@@ -175,8 +180,8 @@ def plot_coordinates(tables: Tables) -> Figure:
         a, b = fig.axes
         drawn = [
             line_panel(a, named, "coordinate_separation", title="separation per basis vector b_j",
-                       ylabel="Cohen's d (pooled σ units)"),
+                       ylabel="Cohen's d (pooled σ units)", source="fixed"),
             line_panel(b, named, "coordinate_imbalance", title="imbalance across the basis",
-                       ylabel="std of Cohen's d across j (σ units)"),
+                       ylabel="std of Cohen's d across j (σ units)", source="fixed"),
         ]  # fmt: skip
         return _finish(fig, "Coordinate statistics of the base's cone", drawn)
