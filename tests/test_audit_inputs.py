@@ -146,3 +146,11 @@ def test_prompt_set_with_no_prompts_fails(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"--harmful: prompt file .*empty.jsonl' is empty"):
         check_prompt_sets(AuditConfig(harmful=(str(empty),)))
     check_prompt_sets(AuditConfig())  # the defaults all load
+
+
+def test_single_adapter_names_its_base(models) -> None:
+    inputs = resolve_inputs([models["lora"]])
+    assert inputs.base.path == str(models["llama"])
+    assert [(t.kind, t.step) for t in inputs.checkpoints] == [("adapter", 1)]
+    with_base = resolve_inputs([models["lora"]], base=str(models["llama"]))
+    assert with_base.checkpoints == inputs.checkpoints

@@ -195,6 +195,10 @@ def _from_list(paths: Sequence[str]) -> list[tuple[str, int, str]]:
     return sorted(numbered, key=lambda item: item[1])  # type: ignore[arg-type,return-value]
 
 
+def _is_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+
+
 def _unique_labels(items: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
     seen: set[str] = {BASE_LABEL}
     out = []
@@ -239,8 +243,10 @@ def resolve_inputs(
     if len(given) == 1 and (first / "trajectory.json").is_file():
         run_base, items, task = _from_trajectory(first)
         base, source = base or run_base, "trajectory"
-    elif len(given) == 1 and first.is_dir() and not (first / "config.json").is_file():
-        items = _trainer_dirs(first) if not (first / "adapter_config.json").is_file() else []
+    elif len(given) == 1 and base is None and (first / "adapter_config.json").is_file():
+        base, items = _adapter_base(str(first)), _from_list(given)  # an adapter names its base
+    elif len(given) == 1 and first.is_dir() and not _is_model(first):
+        items = _trainer_dirs(first)
         if not items:
             raise ArtifactError(
                 f"{first} holds no checkpoints: no trajectory.json and no checkpoint-N/ "

@@ -89,5 +89,6 @@ def run(args: argparse.Namespace) -> int:
     shown = table[table["metric"].isin(_SUMMARY)]
     if not shown.empty:
         summary = shown.groupby(["step", "checkpoint", "metric"], sort=True)["value"].mean()
+        print("means over layers, carriers and sources (the full table is in audit.parquet):")
         print(summary.unstack("metric").to_string(float_format=lambda v: f"{v:.3f}"))
     return 0
