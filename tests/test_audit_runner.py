@@ -131,3 +131,24 @@ def test_real_geometry_audit_of_a_three_checkpoint_trajectory(trajectory, tmp_pa
     assert base["cosine_to_base"].dropna().sub(1).abs().max() < 1e-9
     assert base["direction_drift"].dropna().abs().max() < 1e-9
     assert result.wide(30)["direction_drift"].max() > result.wide(10)["direction_drift"].min()
+
+
+def test_audit_of_a_trained_lora_run_folder(tmp_path):
+    """A run folder written by safegeom.train (LoRA adapters), audited with behaviour on: the
+    run's own task gives task_accuracy."""
+    from safegeom.train.runner import train
+
+    base = build_checkpoint(tmp_path, "llama")
+    run = tmp_path / "run"
+    train(base, "arith:8", method="lora", out=run, steps=4, save_every=2, lr=0.05,
+          progress=False, batch_size=4)  # fmt: skip
+    small = {"n_per_class": 4, "n_val": 4, "n_behaviour": 2, "max_new_tokens": 4,
+             "xstest": False, "families": ("geometry", "behaviour"), "n_resamples": 100,
+             "behaviour_harmful": ("advbench:test",)}  # fmt: skip
+    result = audit(run, tmp_path / "audit", progress=False, **small)
+    assert result.checkpoints == ("base", "step-000002", "step-000004")
+    assert [c["kind"] for c in result.manifest["checkpoints"]] == ["full", "adapter", "adapter"]
+    assert result.manifest["inputs"]["task"] == "arith:8"
+    metrics = set(result.table["metric"])
+    assert {"task_accuracy", "asr", "cosine_to_base"} <= metrics
+    assert set(result.table[result.table["metric"] == "task_accuracy"]["step"]) == {0, 2, 4}

@@ -10,7 +10,10 @@ An audit folder holds::
 
 Rerunning the same call skips every checkpoint whose Parquet file exists and loads the Reference
 back, so an audit killed at any point and rerun gives the table an uninterrupted one would (the
-measurements depend on ``config.seed`` only). A changed config is refused unless ``overwrite``.
+measurements depend on ``config.seed`` only). A changed config (or dtype, or base) is refused
+unless ``overwrite``; new checkpoints (a trajectory trained further) are simply added. A rerun
+trusts the files of finished checkpoints: after retraining into the same run folder, pass
+``overwrite``.
 """
 
 from __future__ import annotations
