@@ -133,3 +133,11 @@ def test_sigkill_mid_checkpoint_then_rerun_equals_uninterrupted(models, tmp_path
     pd.testing.assert_frame_equal(load_audit(tmp_path / "audit").table, resumed.table)
     hashes = [c["weight_hash"] for c in resumed.manifest["checkpoints"]]
     assert hashes == [c["weight_hash"] for c in fresh.manifest["checkpoints"]]
+
+
+def test_a_longer_trajectory_adds_only_its_new_checkpoints(models, tmp_path, monkeypatch):
+    calls = install(monkeypatch)
+    audit(models[:2], tmp_path / "a", progress=False, **FAKE_CONFIG)
+    longer = audit(models, tmp_path / "a", progress=False, **FAKE_CONFIG)
+    assert calls.measured == [str(p) for p in models[:2]] + [str(p) for p in models[2:]]
+    assert longer.steps == (0, 1, 2, 3) and len(longer.manifest["checkpoints"]) == 4
