@@ -166,37 +166,54 @@ def _live(v: Tensor, scale: float) -> bool:
     return bool(v.norm() > 1e-7 * max(scale, 1e-300))
 
 
-def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
-    """Cohen's d of two samples with the pooled standard deviation (ddof=1); 0 when both are
-    constant and equal up to float precision (a projection that no longer varies separates
-    nothing)."""
+def cohens_d(a: np.ndarray, b: np.ndarray, floor: float = 0.0) -> float:
+    """Cohen's d of two samples with the pooled standard deviation (ddof=1).
+
+    Where the pooled sd is at most ``floor`` (float noise: the projection no longer varies) the
+    separation is 0 if the means also agree within ``floor``, else ±inf.
+
+    Returns:
+        The dimensionless d.
+    """
     n1, n2 = len(a), len(b)
     pooled = np.sqrt(((n1 - 1) * a.var(ddof=1) + (n2 - 1) * b.var(ddof=1)) / (n1 + n2 - 2))
-    gap = a.mean() - b.mean()
-    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0))
-    if pooled <= 1e-9 * max(scale, 1e-300):
-        return 0.0 if abs(gap) <= 1e-9 * max(scale, 1e-300) else float(np.sign(gap) * np.inf)
+    gap = float(a.mean() - b.mean())
+    if pooled <= floor:
+        return 0.0 if abs(gap) <= floor else float(np.sign(gap) * np.inf)
     return float(gap / pooled)
 
 
+NOISE = 1e-5
+"""Relative size of float32 noise against the RMS activation norm: projections with a spread
+below ``NOISE · rms`` (e.g. on a direction orthogonalised out of the weights) count as constant."""
+
+
 def projection_separation(
-    harmful: Tensor, harmless: Tensor, direction: Tensor, *, n_resamples: int, seed: int
+    harmful: Tensor,
+    harmless: Tensor,
+    direction: Tensor,
+    *,
+    n_resamples: int,
+    seed: int,
+    scale: float,
 ) -> tuple[float, float, float]:
     """Cohen's d of the projections ``⟨x, r̂⟩``, harmful vs harmless, with a stratified percentile
-    bootstrap CI (each class resampled on its own, numpy ``default_rng(seed)``).
+    bootstrap CI (each class resampled on its own, numpy ``default_rng(seed)``); ``scale`` is the
+    RMS activation norm, so that spreads below ``NOISE · scale`` count as none (d = 0).
 
     Returns:
         ``(d, ci_low, ci_high)``.
     """
     u = direction.double() / direction.double().norm()
     a, b = (harmful.double() @ u).numpy(), (harmless.double() @ u).numpy()
+    floor = NOISE * scale
     rng = np.random.default_rng(seed)
     ia = rng.integers(0, len(a), size=(n_resamples, len(a)))
     ib = rng.integers(0, len(b), size=(n_resamples, len(b)))
-    stats = np.array([cohens_d(a[i], b[j]) for i, j in zip(ia, ib, strict=True)])
+    stats = np.array([cohens_d(a[i], b[j], floor) for i, j in zip(ia, ib, strict=True)])
     stats = stats[np.isfinite(stats)]
     low, high = np.percentile(stats, [2.5, 97.5]) if len(stats) else (np.nan, np.nan)
-    return cohens_d(a, b), float(low), float(high)
+    return cohens_d(a, b, floor), float(low), float(high)
 
 
 def _row(metric: str, value: float, **fields: Any) -> dict[str, Any]:
@@ -312,7 +329,12 @@ def geometry_rows(
             if not _live(vector.double(), acts.scale(at)):
                 continue
             d, low, high = projection_separation(
-                harmful, harmless, vector, n_resamples=config.n_resamples, seed=config.seed
+                harmful,
+                harmless,
+                vector,
+                n_resamples=config.n_resamples,
+                seed=config.seed,
+                scale=acts.scale(at),
             )
             rows.append(_row("projection_separation", d, layer=at, carrier=carrier,
                              source=source, prompts=name, ci_low=low, ci_high=high, n=n))  # fmt: skip
