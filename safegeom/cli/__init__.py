@@ -21,7 +21,7 @@ from safegeom.errors import SafegeomError
 
 __all__ = ["COMMANDS", "CliError", "Parser", "build_parser", "main"]
 
-COMMANDS = ("demo", "capture", "carriers", "evaluate", "sweep", "train", "audit")
+COMMANDS = ("demo", "capture", "carriers", "evaluate", "sweep", "train", "audit", "figures")
 """Subcommand modules, in help order; each must import (a failure is an error, not a gap)."""
 
 

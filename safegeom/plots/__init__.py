@@ -73,13 +73,16 @@ class FigureSpec:
     """The plot function."""
     metrics: tuple[str, ...]
     """The figure has data when a table holds a row of any of these."""
+    missing: str = ""
+    """Why an audit may lack them (said when the figure is skipped)."""
 
 
 FIGURES: dict[str, FigureSpec] = {
     spec.name: spec
     for spec in (
         FigureSpec("fig1_behaviour", "ASR, over-refusal and task accuracy vs step, 95% CI bands",
-                   plot_behaviour, ("asr", "over_refusal", "task_accuracy")),
+                   plot_behaviour, ("asr", "over_refusal", "task_accuracy"),
+                   "a --no-generate audit has no behaviour"),
         FigureSpec("fig2_drift", "cosine to base of refusal and harmfulness, step × layer",
                    plot_drift, ("cosine_to_base",)),
         FigureSpec("fig3_coupling", "H/R coupling vs step and per layer", plot_coupling,
@@ -88,7 +91,7 @@ FIGURES: dict[str, FigureSpec] = {
                    plot_subspace, ("principal_angle_max", "grassmann_distance")),
         FigureSpec("fig5_causal", "fixed-source ablation/addition effects vs random controls",
                    plot_causal, ("ablation_raw", "addition_raw", "ablation_effect",
-                                 "addition_effect")),
+                                 "addition_effect"), "the causal family was not run"),
         FigureSpec("fig6_coordinates", "coordinate separation per b_j and imbalance vs step",
                    plot_coordinates, ("coordinate_separation", "coordinate_imbalance")),
     )
