@@ -140,3 +140,18 @@ def test_a_command_module_that_fails_to_import_is_an_error(monkeypatch: pytest.M
     monkeypatch.setattr(cli.importlib, "import_module", broken)
     with pytest.raises(ImportError, match="sweep is broken"):
         cli.build_parser()
+
+
+def test_a_tuple_positional_takes_one_or_more_values() -> None:
+    @dataclass(frozen=True)
+    class Paths:
+        """Paths."""
+
+        paths: tuple[str, ...] = field(metadata={"positional": True})
+        """One or more folders."""
+
+    parser = Parser(prog="t", exit_on_error=False)
+    add_config(parser, Paths)
+    assert config_from_args(Paths, parser.parse_args(["a", "b"])).paths == ("a", "b")
+    with pytest.raises(SystemExit):
+        parser.parse_args([])

@@ -15,7 +15,7 @@ from safegeom.artifacts import check_output_dir
 from safegeom.audit.config import AuditConfig
 from safegeom.audit.runner import audit
 from safegeom.cli.common import emit_json
-from safegeom.cli.options import add_config, config_from_args, option_dest
+from safegeom.cli.options import add_config, config_from_args
 from safegeom.models.loading import LoadConfig
 
 __all__ = ["INTERRUPT_HINT", "AuditCommand", "register", "run"]
@@ -58,9 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "carriers in DIR/reference/; rerun the same command to continue an interrupted audit.",
     )
     add_config(parser, AuditCommand, title="audit")
-    for action in parser._actions:  # the positional is a list: PATH [PATH ...]
-        if action.dest == option_dest(AuditCommand, "paths"):
-            action.nargs = "+"
     add_config(parser, AuditConfig, title="what to measure")
     add_config(parser, LoadConfig, title="model loading")
     parser.set_defaults(func=run, interrupt_hint=INTERRUPT_HINT)

@@ -8,7 +8,8 @@ config back from the parsed namespace. Supported field types:
 - ``bool``: ``--flag`` / ``--no-flag``;
 - ``int``, ``float``, ``str``, ``Path`` and ``X | None`` of those;
 - ``Literal[...]``: the choices;
-- ``tuple[X, ...]``: a comma-separated list (``--strengths -1,0.5,2``);
+- ``tuple[X, ...]``: a comma-separated list (``--strengths -1,0.5,2``); as a positional, one or
+  more values (``PATH [PATH ...]``);
 - any class with a ``parse(str)`` classmethod (``LayerSpec``, ``PositionSpec``).
 
 A field's ``metadata`` may hold ``flag`` (another option name), ``metavar``, ``positional`` (the
@@ -159,7 +160,12 @@ def add_config(
         if f.metadata.get("positional"):
             kwargs.pop("dest")
             kwargs["help"] = docs.get(f.name, "")
-            if default is not dataclasses.MISSING:
+            if get_origin(tp) is tuple:  # PATH [PATH ...]
+                kwargs["type"] = _scalar_parser(get_args(tp)[0])
+                kwargs["nargs"] = "+" if default is dataclasses.MISSING else "*"
+                if default is not dataclasses.MISSING:
+                    kwargs["default"] = default
+            elif default is not dataclasses.MISSING:
                 kwargs.update(nargs="?", default=default)
             parser.add_argument(option_dest(cls, f.name), **kwargs)
             _fix_positional_name(parser, cls, f)
@@ -209,6 +215,8 @@ def config_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> A
             value = getattr(args, dest)
             if f.metadata.get("repeat"):
                 value = _default(f) if value is None else tuple(value)
+            elif isinstance(value, list):  # a positional list
+                value = tuple(value)
             values[f.name] = value
     values.update(overrides)
     return cls(**values)
