@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import runpy
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -166,3 +168,42 @@ def test_write_figures_returns_written_and_skipped(tmp_path: Path) -> None:
                                      formats=("png",))  # fmt: skip
     assert [p.name for p in written] == [f"{n}.png" for n in FIGURES if n != "fig1_behaviour"]
     assert list(skipped) == ["fig1_behaviour"]
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_each_figures_script_writes_its_figure(
+    name: str, audits: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = Path(__file__).parents[1] / "figures" / f"{name}.py"
+    out = tmp_path / f"{name}.png"
+    argv = [str(script), *map(str, audits), "--labels", "A,B", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_figures_script_bad_input_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from safegeom.cli.figures import figure_script
+
+    assert figure_script("fig4_subspace", [str(tmp_path / "nowhere"), "--out",
+                                           str(tmp_path / "f.png")]) == 2  # fmt: skip
+    assert capsys.readouterr().err.strip() == (
+        f"figures/fig4_subspace.py: error: no audit folder at {tmp_path / 'nowhere'}"
+    )
+    metric = {"metric": ("cosine_to_base", "direction_drift")}
+    argv = ["x", "--metric", "direction_drift", "--out", str(tmp_path)]
+    drift = figure_script("fig2_drift", argv, choices=metric)
+    assert drift == 2
+    assert "is a folder; give a file path" in capsys.readouterr().err
+
+
+def test_figures_readme_lists_every_script() -> None:
+    folder = Path(__file__).parents[1] / "figures"
+    readme = (folder / "README.md").read_text()
+    scripts = sorted(p.name for p in folder.glob("fig*.py"))
+    assert scripts == sorted(f"{name}.py" for name in FIGURES)
+    assert all(f"`{s}`" in readme for s in scripts)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from safegeom.artifacts import atomic_write, check_output_dir
+from safegeom.artifacts import atomic_write, check_output_dir, check_output_file
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args, option_dest
 from safegeom.config import check
@@ -26,6 +26,7 @@ from safegeom.plots import FIGURES, has_data, style
 __all__ = [
     "FORMATS",
     "FiguresCommand",
+    "figure_script",
     "read_table",
     "read_tables",
     "register",
@@ -197,4 +198,42 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {name}: {why}")
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def figure_script(
+    name: str,
+    argv: Sequence[str] | None = None,
+    *,
+    choices: Mapping[str, Sequence[str]] | None = None,
+) -> int:
+    """The command line of one script under ``figures/``: ``AUDIT_DIR [AUDIT_DIR ...] [--labels
+    A,B] [--out FILE]`` writes figure ``name`` (a key of :data:`safegeom.plots.FIGURES`) to FILE
+    (default ``<name>.pdf``; the format from its suffix). ``choices`` adds options passed to the
+    plot function as keywords (``{"metric": ("cosine_to_base", "direction_drift")}``: the first
+    is the default).
+
+    Returns:
+        The exit status (2 with a one-line message for bad input).
+    """
+    import sys
+
+    spec = FIGURES[name]
+    parser = argparse.ArgumentParser(prog=f"figures/{name}.py", description=spec.what)
+    parser.add_argument("audits", nargs="+", metavar="AUDIT_DIR", help="saved audit folders")
+    parser.add_argument("--labels", default="", help="run labels, comma-separated")
+    parser.add_argument("--out", default=f"{name}.pdf", help="file to write (.pdf, .png, .svg)")
+    for option, values in (choices or {}).items():
+        parser.add_argument(f"--{option.replace('_', '-')}", dest=option, choices=list(values),
+                            default=values[0])  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        out = check_output_file(args.out)
+        labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
+        tables = read_tables(args.audits, labels)
+        keywords = {option: getattr(args, option) for option in choices or {}}
+        print(f"wrote {save_figure(spec.plot(tables, **keywords), out)}")
+    except SafegeomError as err:
+        print(f"{parser.prog}: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
