@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from safegeom.artifacts import atomic_write, check_output_dir, check_output_file
 from safegeom.cli.common import emit_json
-from safegeom.cli.options import add_config, config_from_args, option_dest
+from safegeom.cli.options import add_config, config_from_args
 from safegeom.config import check
 from safegeom.errors import SafegeomError
 from safegeom.plots import FIGURES, has_data, style
@@ -168,16 +168,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out.",
     )
     add_config(parser, FiguresCommand, title="command")
-    for action in parser._actions:  # the audit folders: one or more
-        if action.dest == option_dest(FiguresCommand, "audits"):
-            action.nargs = "+"
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``safegeom figures``; returns the exit status."""
-    audits = tuple(getattr(args, option_dest(FiguresCommand, "audits")))
-    command = config_from_args(FiguresCommand, args, audits=audits)
+    command = config_from_args(FiguresCommand, args)
     out = check_output_dir(command.out)
     tables = read_tables(command.audits, command.labels)
     written, skipped = write_figures(
