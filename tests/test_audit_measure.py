@@ -78,7 +78,7 @@ def test_rows_schema_families_and_cost(base_rows: Measured) -> None:
         "hr_coupling", "effective_rank", "coordinate_separation", "projection_separation",
         "ablation_effect", "addition_effect", "ablation_raw", "addition_control_mean",
         "ablation_control_std", "refusal_rate", "asr", "over_refusal", "refusal_score",
-        "kl_to_base",
+        "kl_to_base", "cross_entropy",
     } <= set(df.metric)  # fmt: skip
     assert set(pick(df, "ablation_effect").source) == {"fixed", "reextracted"}
     assert set(pick(df, "projection_separation").source) == {"fixed", "reextracted"}
@@ -87,7 +87,8 @@ def test_rows_schema_families_and_cost(base_rows: Measured) -> None:
     behaviour = df[df.metric.isin(["refusal_rate", "asr", "over_refusal"])]
     assert behaviour.carrier.isna().all() and (behaviour.judge == "substring").all()
     assert set(behaviour.prompts) == {"advbench:test", "alpaca:test"}
-    assert "cross_entropy" not in set(df.metric)  # the bundled alpaca has no completions
+    ce = pick(df, "cross_entropy")  # GSM8K's held-out answers, the default completion set
+    assert list(ce.prompts) == ["gsm8k:test"] and ce.n.item() == 4 and ce.value.item() > 0
     assert set(base_rows.seconds) == set(PHASES) and base_rows.seconds["capture"] > 0
     assert base_rows.forward_passes > 0
 
@@ -140,7 +141,7 @@ def test_families_and_generation_switches(lm, ref: Reference) -> None:
     assert geometry.seconds["causal"] == 0.0
     quiet = dataclasses.replace(CONFIG, families=("behaviour",), generate=False)
     df = table(measure_checkpoint(lm, ref, quiet, base=lm, progress=False))
-    assert set(df.metric) == {"refusal_score", "kl_to_base"}
+    assert set(df.metric) == {"refusal_score", "kl_to_base", "cross_entropy"}  # no generation
 
 
 def test_task_accuracy_and_reselect(lm, ref: Reference) -> None:
@@ -171,22 +172,15 @@ def test_bad_inputs(lm, ref: Reference, checkpoints: dict[str, Path]) -> None:
         measure_checkpoint(lm, narrow, CONFIG, base=lm, progress=False)
 
 
-def test_cross_entropy_on_sets_with_completions(lm, ref: Reference, monkeypatch) -> None:
-    """A held-out harmless set with reference completions gets cross_entropy (nats/token)."""
-    from safegeom.audit import behaviour_rows
-    from safegeom.prompts import PromptSet, load_prompts
-
-    def with_completions(spec: str) -> PromptSet:
-        prompts = load_prompts(spec)
-        if spec != "alpaca:test":
-            return prompts
-        return dataclasses.replace(prompts, completions=tuple("Sure." for _ in prompts.prompts))
-
-    monkeypatch.setattr(behaviour_rows, "load_prompts", with_completions)
-    config = dataclasses.replace(CONFIG, families=("behaviour",), generate=False)
-    df = table(measure_checkpoint(lm, ref, config, base=lm, progress=False))
-    ce = pick(df, "cross_entropy")
-    assert list(ce.prompts) == ["alpaca:test"] and ce.n.item() == 4 and ce.value.item() > 0
+def test_cross_entropy_needs_sets_with_completions(lm, ref: Reference) -> None:
+    """--completion-sets names sets with reference completions; one without them is refused."""
+    config = dataclasses.replace(
+        CONFIG, families=("behaviour",), generate=False, completion_sets=("alpaca:test",)
+    )
+    with pytest.raises(SafegeomError, match="alpaca:test has no reference completions"):
+        measure_checkpoint(lm, ref, config, base=lm, progress=False)
+    config = dataclasses.replace(config, completion_sets=())
+    assert "cross_entropy" not in set(table(measure_checkpoint(lm, ref, config, base=lm)).metric)
 
 
 def test_cohens_d_zero_spread_rule() -> None:

@@ -3,9 +3,10 @@ cross-entropy and task accuracy of one checkpoint.
 
 Without generation (``generate=False``) only the numbers that need none are written:
 ``refusal_score`` (each held-out set), ``kl_to_base`` (harmless validation prompts) and
-``cross_entropy``. ``cross_entropy`` is written only for held-out harmless sets that carry
-reference completions (the bundled ``alpaca`` and ``xstest`` sets carry none, so with the
-defaults it is absent; a file with a completion column gives it). With generation: the judged
+``cross_entropy`` (per-token cross-entropy of the reference completions of
+``AuditConfig.completion_sets``, by default GSM8K's held-out answers: the bundled ``alpaca`` and
+``xstest`` sets carry no completions; a utility number that needs no generation). With
+generation: the judged
 ``refusal_rate`` of every held-out set, ``asr`` on harmful sets, ``over_refusal`` on harmless sets
 (the set's judge from ``AuditConfig.behaviour_sets``) and ``task_accuracy`` (greedy, exact
 match) on the task's held-out problems (the first ``n_behaviour``). Every number has a
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from safegeom.audit.config import AuditConfig
 from safegeom.bootstrap import Metric
+from safegeom.errors import SafegeomError
 from safegeom.evaluate import cross_entropy, evaluate, kl_to_reference, refusal_scores
 from safegeom.generation import generate
 from safegeom.judges import task_accuracy
@@ -79,11 +81,17 @@ def behaviour_rows(
             score = Metric.from_values("refusal_score", values, **boot)
             score_s += time.perf_counter() - started
         rows.append(_metric_row("refusal_score", score, prompts.name))
-        if role == "harmless" and prompts.completions is not None:
-            started = time.perf_counter()
-            ce = cross_entropy(lm, prompts, prompts.completions, boot=boot, **common)
-            rows.append(_metric_row("cross_entropy", ce, prompts.name))
-            score_s += time.perf_counter() - started
+    started = time.perf_counter()
+    for spec in config.completion_sets:
+        prompts = load_prompts(spec).take(config.n_behaviour)
+        if prompts.completions is None:
+            raise SafegeomError(
+                f"{prompts.name} has no reference completions; --completion-sets takes sets "
+                "that do (gsm8k:test, a file with a completion column)"
+            )
+        ce = cross_entropy(lm, prompts, prompts.completions, boot=boot, **common)
+        rows.append(_metric_row("cross_entropy", ce, prompts.name))
+    score_s += time.perf_counter() - started
     started = time.perf_counter()
     harmless_val = combine_prompts(config.harmless_val).take(config.n_val)
     kl = kl_to_reference(base, lm, harmless_val, boot=boot, **common)

@@ -38,6 +38,8 @@ class AuditConfig:
     """Held-out harmful sets: refusal rate and ASR (substring judge)."""
     behaviour_harmless: tuple[str, ...] = ("alpaca:test",)
     """Held-out harmless sets: over-refusal (substring judge) and cross-entropy of completions."""
+    completion_sets: tuple[str, ...] = ("gsm8k:test",)
+    """Held-out harmless sets with reference completions: their cross_entropy (utility)."""
     xstest: bool = True
     """Also judge xstest-safe:test (over-refusal) and xstest-unsafe:test with the XSTest judge."""
     n_per_class: int = 64

@@ -9,7 +9,8 @@ checkpoint   str      the checkpoint's label (``base``, ``step-000040``, a folde
 step         int      its training step (the base is step 0)
 layer        Int64    the layer of a per-layer metric; null where not per layer
 carrier      str      ``refusal``, ``harmfulness``, ``cone`` (``cone[j]`` for one basis vector),
-                      ``hr`` (the pair, for coupling); null for behaviour
+                      ``hr`` (h and r, direction coupling), ``hr-cone`` (h and the cone, subspace
+                      coupling); null for behaviour
 source       str      ``fixed`` (the base's carrier applied to the checkpoint) or ``reextracted``
                       (the checkpoint's own carrier); null for behaviour
 prompts      str      the prompt set the number is about (behaviour), else the carrier sets' name
