@@ -199,8 +199,9 @@ def test_causal_draws_effect_against_control_band_and_net_effect() -> None:
     ]  # fmt: skip
     assert len(ablation.collections) == 2  # the control bands
     assert _labels(net_ablation) == [
-        f"{run}, {s}" for run in ("LoRA", "defended") for s in ("fixed", "reextracted")
-    ]
+        f"{run}, {s}, effect − controls" for run in ("LoRA", "defended")
+        for s in ("fixed", "reextracted")
+    ]  # fmt: skip
     assert "log-odds" in addition.get_ylabel()
     assert not _says_no_data(net_addition)
 
@@ -215,7 +216,7 @@ def test_causal_without_controls_keeps_the_net_effect() -> None:
 def test_coordinates_one_line_per_basis_vector() -> None:
     fig = plot_coordinates(synthetic_audit())
     assert _labels(fig.axes[0]) == ["cone[0]", "cone[1]", "cone[2]"]
-    assert len(fig.axes[1].get_lines()) == 1
+    assert _labels(fig.axes[1]) == ["imbalance"]  # distinct in the figure's one legend
 
 
 def test_coupling_at_the_carrier_layer_and_a_layer_profile() -> None:
@@ -259,3 +260,16 @@ def test_style_is_restored_after_a_plot() -> None:
     before = mpl.rcParams["font.size"]
     plot_behaviour(synthetic_audit())
     assert mpl.rcParams["font.size"] == before
+
+
+@pytest.mark.parametrize(
+    ("low", "scale"),
+    [(0.83, (0.8, 1.0, "cividis")), (0.991, (0.99, 1.0, "cividis")),
+     (1.0, (0.999, 1.0, "cividis")), (0.0, (0.0, 1.0, "cividis")), (-0.2, (-1.0, 1.0, "PuOr"))],
+)  # fmt: skip
+def test_heatmap_scale_fits_the_data(low: float, scale: tuple) -> None:
+    from safegeom.plots.heatmap import colour_scale
+
+    vmin, vmax, cmap = colour_scale("cosine_to_base", [pd.DataFrame([[low, 1.0]])])
+    assert (round(vmin, 6), vmax, cmap) == scale
+    assert colour_scale("direction_drift", [pd.DataFrame([[0.0, 0.23]])]) == (0.0, 0.3, "cividis")

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from safegeom.plots.data import Tables, as_tables, draw_lines, figure_legend, no_data, select
 from safegeom.plots.lines import STEP
@@ -47,7 +48,7 @@ def _against_controls(
         colour, prefix = run_colour(index), f"{label}, " if label else ""
         effect = _series(raw)
         ax.plot(effect.index.to_numpy(dtype=float), effect.to_numpy(dtype=float), color=colour,
-                marker="o", label=f"{prefix}{source}, raw effect")  # fmt: skip
+                marker="D", linestyle="-.", label=f"{prefix}{source}, raw effect")  # fmt: skip
         centre = _series(mean)
         spread = _series(std).reindex(centre.index).fillna(0.0) if not std.empty else 0 * centre
         steps = centre.index.to_numpy(dtype=float)
@@ -62,6 +63,7 @@ def _against_controls(
         return False
     ax.set_xlabel(STEP)
     ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return True
 
 
@@ -79,7 +81,8 @@ def _net(
     for label, table in named.items():
         rows = select(table, f"{kind}_effect", carrier=carrier, source=sources)
         picked[label] = rows[rows["layer"].isna()] if rows["layer"].isna().any() else rows
-    if not draw_lines(ax, picked, keys=["source"] if len(sources) > 1 else []):
+    keys = ["source"] if len(sources) > 1 else []
+    if not draw_lines(ax, picked, keys=keys, suffix="effect − controls"):
         no_data(ax, f"no {kind}_effect rows in this audit")
         return False
     ax.axhline(0.0, color="0.3", linewidth=0.8, zorder=0)

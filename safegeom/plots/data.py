@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from safegeom.audit.schema import COLUMNS
 from safegeom.errors import SafegeomError
@@ -161,18 +162,22 @@ def draw_lines(
     keys: Sequence[str] | None = None,
     bands: bool | None = None,
     style_of: Mapping[object, int] | None = None,
+    always: Sequence[str] = (),
+    suffix: str = "",
 ) -> int:
     """Draw ``value`` vs ``step`` for each run and variant, with ``ci_low``–``ci_high`` bands.
 
     ``selections`` maps run label → the rows to draw. Colour is the run; line style and marker the
     variant (the ``keys`` columns, by default those that vary; ``style_of`` fixes the style index
-    of a variant key tuple). Duplicate steps of one variant are averaged. ``bands`` None draws the
+    of a variant key tuple; ``always`` columns are keys even when constant). Labels read
+    ``run, variant[, suffix]``. Duplicate steps of one variant are averaged. ``bands`` None draws the
     CI bands when there are at most :data:`MAX_BANDS` lines (more would hide each other).
 
     Returns:
         The number of lines drawn.
     """
     names = list(variant_keys(list(selections.values())) if keys is None else keys)
+    names = [c for c in _VARIANT_COLUMNS if c in names or c in always]
     order: dict[tuple, int] = dict(style_of or {})
     drawn = 0
     if bands is None:
@@ -192,7 +197,7 @@ def draw_lines(
             style = order.setdefault(key, len(order))
             series = part.groupby("step")[["value", "ci_low", "ci_high"]].mean().sort_index()
             steps = series.index.to_numpy(dtype=float)
-            text = ", ".join(p for p in (label, _variant_label(key, names)) if p)
+            text = ", ".join(p for p in (label, _variant_label(key, names), suffix) if p)
             ax.plot(
                 steps, series["value"].to_numpy(dtype=float), color=colour,
                 linestyle=LINESTYLES[style % len(LINESTYLES)],
@@ -206,6 +211,7 @@ def draw_lines(
                     steps, low, high, where=finite, color=colour, alpha=0.15, linewidth=0
                 )
             drawn += 1
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return drawn
 
 

@@ -42,9 +42,10 @@ def drift_matrix(table: pd.DataFrame, metric: str, carrier: str) -> pd.DataFrame
 
 
 def colour_scale(metric: str, matrices: Sequence[pd.DataFrame]) -> tuple[float, float, str]:
-    """The shared scale of the heatmaps: cosine from its lowest value (rounded down to 0.1) to 1
-    on cividis (sequential, colour-blind safe), or [-1, 1] on PuOr (diverging) when a cosine is
-    negative; drift from 0 to its highest value (rounded up to 0.1, at least 0.1).
+    """The shared scale of the heatmaps: cosine from its lowest value (rounded down at the order
+    of magnitude of its gap to 1: 0.83 → 0.8, 0.991 → 0.99) to 1 on cividis (sequential,
+    colour-blind safe), or [-1, 1] on PuOr (diverging) when a cosine is negative; drift from 0
+    to its highest value (rounded up to 0.1, at least 0.1).
 
     Returns:
         ``(vmin, vmax, colour map name)``.
@@ -55,7 +56,8 @@ def colour_scale(metric: str, matrices: Sequence[pd.DataFrame]) -> tuple[float, 
         low = float(values.min()) if values.size else 0.0
         if low < 0:
             return -1.0, 1.0, "PuOr"
-        return min(0.9, np.floor(low * 10) / 10), 1.0, "cividis"
+        step = 10.0 ** np.floor(np.log10(max(1.0 - low, 1e-3)))  # the gap's order of magnitude
+        return max(0.0, float(np.floor(low / step - 1e-9) * step)), 1.0, "cividis"
     high = float(values.max()) if values.size else 1.0
     return 0.0, max(0.1, np.ceil(high * 10) / 10), "cividis"
 
@@ -73,9 +75,11 @@ def _heat(ax: Axes, matrix: pd.DataFrame, vmin: float, vmax: float, cmap: str) -
     if values.size <= MAX_ANNOTATED:  # small audits: print each cell's number too
         shade = image.cmap(image.norm(values))
         light = (0.299 * shade[..., 0] + 0.587 * shade[..., 1] + 0.114 * shade[..., 2]) > 0.55
+        finite = values[np.isfinite(values)]
+        digits = 3 if finite.size and np.ptp(finite) < 0.05 else 2  # show a narrow range's steps
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=5.5,
+                ax.text(j, i, f"{value:.{digits}f}", ha="center", va="center", fontsize=5.5,
                         color="black" if light[i, j] else "white")  # fmt: skip
     steps, layers = list(matrix.columns), list(matrix.index)
     xt, yt = _ticks(len(steps)), _ticks(len(layers), 10)

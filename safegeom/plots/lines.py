@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from safegeom.plots.data import (
     Tables,
@@ -37,10 +38,14 @@ def line_panel(
     carrier: str | Sequence[str] | None = None,
     source: str | Sequence[str] | None = None,
     missing: str = "",
-    ylim: tuple[float, float] | None = None,
+    ylim: tuple[float | None, float | None] | None = None,
+    always: Sequence[str] = (),
+    suffix: str = "",
 ) -> bool:
     """One panel of ``metric`` vs step for every run (at the carrier's layer, see
     :func:`~safegeom.plots.data.at_carrier_layer`); an empty panel says what is missing.
+    ``always`` and ``suffix`` go to :func:`~safegeom.plots.data.draw_lines` (legend labels that
+    stay distinct in the figure's one legend).
 
     Returns:
         Whether anything was drawn.
@@ -52,7 +57,7 @@ def line_panel(
         picked[label] = rows
         notes.add(note)
     ax.set_title(title)
-    if not draw_lines(ax, picked):
+    if not draw_lines(ax, picked, always=always, suffix=suffix):
         no_data(ax, f"no {metric} rows in this audit" + (f"\n({missing})" if missing else ""))
         return False
     note = " ".join(sorted(n for n in notes if n))
@@ -87,13 +92,13 @@ def plot_behaviour(tables: Tables) -> Figure:
         drawn = [
             line_panel(a, named, "asr", title="ASR, held-out harmful",
                        ylabel="ASR (fraction of prompts)", ylim=(-0.03, 1.03),
-                       missing="generation was off: --no-generate"),
+                       missing="generation was off: --no-generate", always=["prompts"]),
             line_panel(b, named, "over_refusal", title="over-refusal, held-out harmless",
                        ylabel="refusal rate (fraction)", ylim=(-0.03, 1.03),
-                       missing="generation was off: --no-generate"),
+                       missing="generation was off: --no-generate", always=["prompts"]),
             line_panel(c, named, "task_accuracy", title="utility: task accuracy",
                        ylabel="exact-match accuracy (fraction)", ylim=(-0.03, 1.03),
-                       missing="no task with held-out problems"),
+                       missing="no task with held-out problems", always=["prompts"]),
         ]  # fmt: skip
         return _finish(fig, "Behaviour across fine-tuning", drawn)
 
@@ -122,6 +127,7 @@ def _layer_profile(
         no_data(ax, f"no per-layer {metric} rows in this audit")
         return False
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     return True
 
@@ -140,7 +146,7 @@ def plot_coupling(tables: Tables) -> Figure:
         a, b = fig.axes
         drawn = [
             line_panel(a, named, "hr_coupling", title="H/R coupling at the carrier layer",
-                       ylabel=_COUPLING, ylim=(-0.02, 1.02)),
+                       ylabel=_COUPLING, ylim=(0.0, None)),
             _layer_profile(b, named, "hr_coupling", "hr", "|cos(h, r)|", "|cos(h, r)| (unitless)"),
         ]  # fmt: skip
         return _finish(fig, "Coupling of harmfulness and refusal across fine-tuning", drawn)
@@ -182,6 +188,7 @@ def plot_coordinates(tables: Tables) -> Figure:
             line_panel(a, named, "coordinate_separation", title="separation per basis vector b_j",
                        ylabel="Cohen's d (pooled σ units)", source="fixed"),
             line_panel(b, named, "coordinate_imbalance", title="imbalance across the basis",
-                       ylabel="std of Cohen's d across j (σ units)", source="fixed"),
+                       ylabel="std of Cohen's d across j (σ units)", source="fixed",
+                       suffix="imbalance"),
         ]  # fmt: skip
         return _finish(fig, "Coordinate statistics of the base's cone", drawn)
