@@ -6,7 +6,7 @@ Usage: python figures/fig2_drift.py AUDIT_DIR [AUDIT_DIR ...] [--labels A,B]
 (several audit folders are overlaid, one colour per run; the plot is safegeom.plots).
 """
 
-from safegeom.cli.figures import figure_script
+from safegeom.figure_files import figure_script
 
 if __name__ == "__main__":
     raise SystemExit(

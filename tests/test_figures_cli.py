@@ -14,8 +14,8 @@ from safegeom.artifacts import save_parquet, write_json
 from safegeom.audit.result import FORMAT
 from safegeom.audit.schema import frame
 from safegeom.cli import main
-from safegeom.cli.figures import read_tables, run_labels, save_figure, write_figures
 from safegeom.errors import SafegeomError
+from safegeom.figure_files import read_tables, run_labels, save_figure, write_figures
 from safegeom.plots import FIGURES, plot_subspace
 from tests.test_plots import synthetic_audit, two_runs
 
@@ -78,8 +78,9 @@ def test_a_geometry_only_audit_skips_behaviour_with_a_note(
     assert main(["figures", str(folder), "--out", str(out), "--formats", "png"]) == 0
     assert _names(out) == {f"{name}.png" for name in FIGURES if name != "fig1_behaviour"}
     printed = capsys.readouterr().out
-    assert "skipped fig1_behaviour: no asr, over_refusal, task_accuracy rows in the audits " in (
-        printed
+    assert (
+        "skipped fig1_behaviour: no asr, over_refusal, task_accuracy, cross_entropy rows in the "
+        in (printed)
     )
     assert "--no-generate" in printed
 
@@ -187,7 +188,7 @@ def test_each_figures_script_writes_its_figure(
 def test_figures_script_bad_input_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from safegeom.cli.figures import figure_script
+    from safegeom.figure_files import figure_script
 
     assert figure_script("fig4_subspace", [str(tmp_path / "nowhere"), "--out",
                                            str(tmp_path / "f.png")]) == 2  # fmt: skip

@@ -170,10 +170,13 @@ def test_table_without_behaviour_rows_says_so() -> None:
     assert "--no-generate" in fig.axes[0].texts[0].get_text()
 
 
-def test_missing_task_accuracy_only_blanks_its_panel() -> None:
+def test_utility_falls_back_to_cross_entropy_then_says_it_is_missing() -> None:
     table = synthetic_audit()
     fig = plot_behaviour(table[table["metric"] != "task_accuracy"])
     assert "no data" not in fig.get_suptitle()
+    assert [_says_no_data(ax) for ax in fig.axes] == [False, False, False]
+    assert fig.axes[2].get_title() == "utility: held-out answers"
+    fig = plot_behaviour(table[~table["metric"].isin(["task_accuracy", "cross_entropy"])])
     assert [_says_no_data(ax) for ax in fig.axes] == [False, False, True]
 
 

@@ -9,37 +9,16 @@ the figure. Files go through the artifact layer (atomic, ``--out`` checked befor
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import pandas as pd
-from matplotlib.figure import Figure
-
-from safegeom.artifacts import atomic_write, check_output_dir, check_output_file
+from safegeom.artifacts import check_output_dir
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.config import check
 from safegeom.errors import SafegeomError
-from safegeom.plots import FIGURES, has_data, style
+from safegeom.figure_files import FORMATS, read_tables, write_figures
 
-__all__ = [
-    "FORMATS",
-    "FiguresCommand",
-    "figure_script",
-    "read_table",
-    "read_tables",
-    "register",
-    "run",
-    "run_labels",
-    "save_figure",
-    "write_figures",
-]
-
-FORMATS = ("png", "pdf", "svg")
-"""Image formats ``--formats`` accepts."""
-DPI = 200
-"""Resolution of raster formats (PNG), dots per inch."""
+__all__ = ["FiguresCommand", "register", "run"]
 
 
 @dataclass(frozen=True)
@@ -70,91 +49,6 @@ class FiguresCommand:
                   f"needs one label per audit folder ({len(self.audits)})", self.labels)  # fmt: skip
             check(len(set(self.labels)) == len(self.labels), "labels", "must be distinct",
                   self.labels)  # fmt: skip
-
-
-def read_table(folder: str | Path) -> pd.DataFrame:
-    """The tidy table of the audit saved in ``folder``.
-
-    Raises:
-        NotFoundError: no such folder. ArtifactError: it holds no finished audit.
-    """
-    from safegeom.audit.result import load_audit
-
-    return load_audit(folder).table
-
-
-def run_labels(folders: Sequence[str | Path]) -> tuple[str, ...]:
-    """Default run labels: each folder's name, with its parent's where two names clash.
-
-    Returns:
-        One distinct label per folder, in order.
-    """
-    paths = [Path(f).resolve() for f in folders]
-    labels = [p.name for p in paths]
-    if len(set(labels)) < len(labels):
-        labels = [f"{p.parent.name}/{p.name}" for p in paths]
-    if len(set(labels)) < len(labels):
-        labels = [f"{label} ({i + 1})" for i, label in enumerate(labels)]
-    return tuple(labels)
-
-
-def read_tables(
-    folders: Sequence[str | Path], labels: Sequence[str] = ()
-) -> dict[str, pd.DataFrame]:
-    """The audits' tables keyed by run label (``labels``, or :func:`run_labels`), in order.
-
-    Raises:
-        SafegeomError: a folder holds no audit, or the labels do not match the folders.
-    """
-    names = tuple(labels) or run_labels(folders)
-    if len(names) != len(folders):
-        raise SafegeomError(f"give one label per audit folder: {len(names)} for {len(folders)}")
-    return {name: read_table(folder) for name, folder in zip(names, folders, strict=True)}
-
-
-def save_figure(fig: Figure, path: str | Path, fmt: str | None = None) -> Path:
-    """Write ``fig`` atomically as ``fmt`` (default: the path's suffix) in the plots' style.
-
-    Returns:
-        The path written.
-
-    Raises:
-        OutputPathError: the path cannot be written. SafegeomError: an unknown format.
-    """
-    target = Path(path)
-    fmt = fmt or target.suffix.lstrip(".").lower()
-    if fmt not in FORMATS:
-        raise SafegeomError(f"cannot write {target}: format {fmt!r} is not one of {FORMATS}")
-    metadata = {"CreationDate": None} if fmt == "pdf" else None  # same figure, same bytes
-    with style(), atomic_write(target) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight", metadata=metadata)
-    return target
-
-
-def write_figures(
-    tables: Mapping[str, pd.DataFrame],
-    out: str | Path,
-    *,
-    formats: Sequence[str] = ("png", "pdf"),
-    progress: bool = False,
-) -> tuple[list[Path], dict[str, str]]:
-    """Every figure of :data:`safegeom.plots.FIGURES` the tables have rows for, in each format.
-
-    Returns:
-        ``(written, skipped)``: the files written in order, and figure name → why it was skipped.
-    """
-    from tqdm.auto import tqdm
-
-    written: list[Path] = []
-    skipped: dict[str, str] = {}
-    for name, spec in tqdm(FIGURES.items(), desc="figures", unit="figure", disable=not progress):
-        if not has_data(tables, name):
-            why = f" ({spec.missing})" if spec.missing else ""
-            skipped[name] = f"no {', '.join(spec.metrics)} rows in the audits{why}"
-            continue
-        fig = spec.plot(tables)
-        written += [save_figure(fig, Path(out) / f"{name}.{fmt}", fmt) for fmt in formats]
-    return written, skipped
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -194,42 +88,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {name}: {why}")
     for path in written:
         print(f"wrote {path}")
-    return 0
-
-
-def figure_script(
-    name: str,
-    argv: Sequence[str] | None = None,
-    *,
-    choices: Mapping[str, Sequence[str]] | None = None,
-) -> int:
-    """The command line of one script under ``figures/``: ``AUDIT_DIR [AUDIT_DIR ...] [--labels
-    A,B] [--out FILE]`` writes figure ``name`` (a key of :data:`safegeom.plots.FIGURES`) to FILE
-    (default ``<name>.pdf``; the format from its suffix). ``choices`` adds options passed to the
-    plot function as keywords (``{"metric": ("cosine_to_base", "direction_drift")}``: the first
-    is the default).
-
-    Returns:
-        The exit status (2 with a one-line message for bad input).
-    """
-    import sys
-
-    spec = FIGURES[name]
-    parser = argparse.ArgumentParser(prog=f"figures/{name}.py", description=spec.what)
-    parser.add_argument("audits", nargs="+", metavar="AUDIT_DIR", help="saved audit folders")
-    parser.add_argument("--labels", default="", help="run labels, comma-separated")
-    parser.add_argument("--out", default=f"{name}.pdf", help="file to write (.pdf, .png, .svg)")
-    for option, values in (choices or {}).items():
-        parser.add_argument(f"--{option.replace('_', '-')}", dest=option, choices=list(values),
-                            default=values[0])  # fmt: skip
-    args = parser.parse_args(argv)
-    try:
-        out = check_output_file(args.out)
-        labels = tuple(x.strip() for x in args.labels.split(",") if x.strip())
-        tables = read_tables(args.audits, labels)
-        keywords = {option: getattr(args, option) for option in choices or {}}
-        print(f"wrote {save_figure(spec.plot(tables, **keywords), out)}")
-    except SafegeomError as err:
-        print(f"{parser.prog}: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
     return 0

@@ -15,7 +15,7 @@ a printed note.
 ============ ====================== ===================================================
 figure       function               metrics
 ============ ====================== ===================================================
-1 behaviour  :func:`plot_behaviour` asr, over_refusal, task_accuracy (with CIs)
+1 behaviour  :func:`plot_behaviour` asr, over_refusal, task_accuracy or cross_entropy
 2 drift      :func:`plot_drift`     per-layer cosine_to_base (or direction_drift)
 3 coupling   :func:`plot_coupling`  hr_coupling (carrier layer and per layer)
 4 subspace   :func:`plot_subspace`  principal_angle_max, grassmann_distance
@@ -80,8 +80,8 @@ class FigureSpec:
 FIGURES: dict[str, FigureSpec] = {
     spec.name: spec
     for spec in (
-        FigureSpec("fig1_behaviour", "ASR, over-refusal and task accuracy vs step, 95% CI bands",
-                   plot_behaviour, ("asr", "over_refusal", "task_accuracy"),
+        FigureSpec("fig1_behaviour", "ASR, over-refusal and utility vs step, 95% CI bands",
+                   plot_behaviour, ("asr", "over_refusal", "task_accuracy", "cross_entropy"),
                    "a --no-generate audit has no behaviour"),
         FigureSpec("fig2_drift", "cosine to base of refusal and harmfulness, step × layer",
                    plot_drift, ("cosine_to_base",)),

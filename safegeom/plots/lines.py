@@ -77,7 +77,10 @@ def _finish(fig: Figure, title: str, drawn: Sequence[bool]) -> Figure:
 
 
 def plot_behaviour(tables: Tables) -> Figure:
-    """Figure 1: ASR, over-refusal and utility (task accuracy) vs step, with 95% CI bands.
+    """Figure 1: ASR, over-refusal and utility vs step, with 95% CI bands.
+
+    Utility is the task accuracy on the trajectory task's held-out problems where the audits
+    have it, else the cross-entropy of held-out reference answers (``cross_entropy``).
 
     One line per run and prompt set (and judge where runs use several). A table without
     behaviour rows (a ``--no-generate`` audit) gives panels that say so.
@@ -96,11 +99,20 @@ def plot_behaviour(tables: Tables) -> Figure:
             line_panel(b, named, "over_refusal", title="over-refusal, held-out harmless",
                        ylabel="refusal rate (fraction)", ylim=(-0.03, 1.03),
                        missing="generation was off: --no-generate", always=["prompts"]),
-            line_panel(c, named, "task_accuracy", title="utility: task accuracy",
-                       ylabel="exact-match accuracy (fraction)", ylim=(-0.03, 1.03),
-                       missing="no task with held-out problems", always=["prompts"]),
+            _utility_panel(c, named),
         ]  # fmt: skip
         return _finish(fig, "Behaviour across fine-tuning", drawn)
+
+
+def _utility_panel(ax: Axes, named: dict[str, pd.DataFrame]) -> bool:
+    """Task accuracy where an audit has it, else the cross-entropy of held-out answers."""
+    if any(select(t, "task_accuracy").shape[0] for t in named.values()):
+        return line_panel(ax, named, "task_accuracy", title="utility: task accuracy",
+                          ylabel="exact-match accuracy (fraction)", ylim=(-0.03, 1.03),
+                          always=["prompts"])  # fmt: skip
+    return line_panel(ax, named, "cross_entropy", title="utility: held-out answers",
+                      ylabel="cross-entropy (nats per token)", always=["prompts"],
+                      missing="no task with held-out problems, no completion sets")  # fmt: skip
 
 
 def _layer_profile(
