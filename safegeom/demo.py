@@ -58,6 +58,8 @@ class DemoConfig:
     """Matched random directions in the ablation check."""
     lora_steps: int = 60
     """Optimizer steps of the harmful LoRA fine-tuning."""
+    audit: bool = True
+    """Audit the LoRA trajectory against the base and draw the audit's figures into the report."""
     save_every: int = 20
     """Checkpoint interval of the harmful LoRA trajectory, in steps."""
     max_new_tokens: int = 24
@@ -115,12 +117,13 @@ def run_demo(
     from safegeom.train import train
 
     folder = check_output_dir(out)
+    steps = 5 if config.audit else 4
     lm = load_model(config.model)
-    _say(echo, f"[1/4] behaviour of {config.model} on held-out test splits")
+    _say(echo, f"[1/{steps}] behaviour of {config.model} on held-out test splits")
     behaviour = behaviour_table(lm, config.n_eval, config.max_new_tokens, progress=True)
     save_parquet(folder / "behaviour.parquet", behaviour)
 
-    _say(echo, "[2/4] carriers: refusal direction, harmfulness direction, refusal cone")
+    _say(echo, f"[2/{steps}] carriers: refusal direction, harmfulness direction, refusal cone")
     selection_config = SelectionConfig(n_train=config.n_train, n_val=config.n_val)
     try:
         suite = extract_carriers(lm, config=selection_config)
@@ -137,7 +140,7 @@ def run_demo(
         "filters_note": filters_note,
     }
 
-    _say(echo, f"[3/4] ablation check against {config.n_random} matched random directions")
+    _say(echo, f"[3/{steps}] ablation check against {config.n_random} matched random directions")
     sweep_config = SweepConfig(
         add_layers=str(suite.refusal.layer),
         add_strengths=(1.0,),
@@ -152,7 +155,7 @@ def run_demo(
     )
     save_parquet(folder / "ablation_check.parquet", sweep)
 
-    _say(echo, f"[4/4] harmful LoRA fine-tuning, {config.lora_steps} steps")
+    _say(echo, f"[4/{steps}] harmful LoRA fine-tuning, {config.lora_steps} steps")
     trajectory = train(
         config.model, "harmful", method="lora", out=folder / "lora-harmful",
         steps=config.lora_steps, save_every=config.save_every, seed=config.seed, overwrite=True,
@@ -178,6 +181,11 @@ def run_demo(
     along = pd.DataFrame(rows)
     save_parquet(folder / "trajectory_behaviour.parquet", along)
 
+    audit_summary, audit_report = None, ""
+    if config.audit:
+        _say(echo, f"[5/{steps}] audit of the LoRA trajectory against the base, and its figures")
+        audit_summary, audit_report = _audit_section(folder, config)
+
     summary = {
         "config": config_dict(config),
         "model": {"name": lm.name, "weight_hash": lm.weight_hash, "n_layers": lm.n_layers},
@@ -185,12 +193,63 @@ def run_demo(
         "carriers": carriers,
         "ablation_check": sweep.to_dict("records"),
         "trajectory": along.to_dict("records"),
+        "audit": audit_summary,
     }
     write_json(folder / "summary.json", summary)
-    report = _report(summary, behaviour, sweep, along)
+    report = _report(summary, behaviour, sweep, along) + audit_report
     write_text(folder / "report.md", report)
     _say(echo, report)
     return summary
+
+
+def _audit_columns(layer: int) -> dict[str, dict[str, Any]]:
+    """The report's audit table: column → the rows it reads (metric and filters)."""
+    return {
+        "asr": {"metric": "asr", "prompts": "advbench:test"},
+        "over_refusal": {"metric": "over_refusal", "prompts": "alpaca:test"},
+        "cosine_to_base(r)": {"metric": "cosine_to_base", "carrier": "refusal", "layer": layer},
+        "hr_coupling": {"metric": "hr_coupling", "carrier": "hr", "layer": layer},
+        "ablation_effect(r0)": {"metric": "ablation_effect", "source": "fixed"},
+        "addition_effect(r0)": {"metric": "addition_effect", "source": "fixed"},
+    }
+
+
+def _audit_section(folder: Path, config: DemoConfig) -> tuple[dict[str, Any], str]:
+    """Audit ``folder/lora-harmful`` into ``folder/audit``, draw its figures into
+    ``folder/figures``; returns the per-step summary and the report's markdown section."""
+    from safegeom.audit import AuditConfig, audit
+    from safegeom.figure_files import write_figures
+
+    audit_config = AuditConfig(
+        n_per_class=config.n_train, n_val=config.n_val, n_behaviour=config.n_eval,
+        n_random=max(20, config.n_random), max_new_tokens=config.max_new_tokens, seed=config.seed,
+    )  # fmt: skip
+    result = audit(folder / "lora-harmful", folder / "audit", audit_config, overwrite=True)
+    table = result.table
+    fixed = table[(table.metric == "ablation_effect") & (table.source == "fixed")]
+    layer = int(fixed.layer.iloc[0])  # the base's carrier layer
+    rows = []
+    for step in sorted(set(table.step)):
+        row: dict[str, Any] = {"step": int(step)}
+        for column, where in _audit_columns(layer).items():
+            pick = table[table.step == step]
+            for key, value in where.items():
+                pick = pick[pick[key] == value]
+            row[column] = float(pick.value.iloc[0]) if len(pick) else None
+        rows.append(row)
+    written, _ = write_figures({"harmful LoRA": table}, folder / "figures", formats=("png",))
+    figures = "\n\n".join(f"![{p.stem}](figures/{p.name})" for p in written)
+    text = (
+        "\n\n## Audit of the LoRA trajectory (base carriers applied to every checkpoint)\n\n"
+        f"At the base's carrier layer {layer}; effects are refusal-score changes "
+        f"minus {audit_config.n_random} matched random directions. Full table: "
+        "`audit/audit.parquet` (`safegeom.audit.load_audit`).\n\n"
+        + _markdown(pd.DataFrame(rows))
+        + "\n\n"
+        + figures
+        + "\n"
+    )
+    return {"steps": rows, "folder": str(folder / "audit")}, text
 
 
 def _say(echo: bool, text: str) -> None:

@@ -9,6 +9,8 @@ import pandas as pd
 
 from safegeom.carriers import load_carrier
 from safegeom.demo import BEHAVIOUR_SETS, DemoConfig, run_demo
+from safegeom.audit import load_audit
+from safegeom.plots import FIGURES
 from safegeom.train import load_trajectory
 
 
@@ -29,5 +31,11 @@ def test_demo_writes_a_readable_report(tmp_path: Path) -> None:
     along = pd.read_parquet(tmp_path / "trajectory_behaviour.parquet")
     assert sorted(set(along.step)) == [0, 1, 2]
     report = (tmp_path / "report.md").read_text()
-    for heading in ("Behaviour", "Carriers", "Ablation check", "Harmful LoRA trajectory"):
+    for heading in ("Behaviour", "Carriers", "Ablation check", "Harmful LoRA trajectory", "Audit"):
         assert heading in report
+    audited = load_audit(tmp_path / "audit")
+    assert audited.steps == (0, 1, 2) and set(audited.table.metric) >= {"asr", "ablation_effect"}
+    assert [row["step"] for row in summary["audit"]["steps"]] == [0, 1, 2]
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures == [f"{name}.png" for name in sorted(FIGURES)]
+    assert all(f"](figures/{name})" in report for name in figures)
