@@ -19,7 +19,7 @@ every 20, or ``--trajectory DIR``) this prints:
 
 Usage::
 
-    python benchmarks/bench_audit.py                       # trains the run, ~5-10 min on 2 cores
+    python benchmarks/bench_audit.py                       # trains the run; about 2 minutes in all
     python benchmarks/bench_audit.py --threads 1 --out /tmp/bench-audit
     python benchmarks/bench_audit.py --trajectory RUN_DIR --skip-naive
 """
