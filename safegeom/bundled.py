@@ -111,7 +111,7 @@ def _split_indices(name: str, split: str) -> tuple[int, ...]:
     if spec.train_file is not None and split == "train":
         return tuple(range(len(_bundled_rows(name, train=True))))
     rows = _bundled_rows(name)
-    order = sorted(range(len(rows)), key=lambda i: (_digest(f"{name}\x00{rows[i][0]}"), i))
+    order = sorted(range(len(rows)), key=lambda i: (sha256_text(f"{name}\x00{rows[i][0]}"), i))
     n = len(order)
     if spec.train_file is not None:  # pool is val + test only: half each
         bounds = {"val": (0, n // 2), "test": (n // 2, n)}
@@ -124,8 +124,3 @@ def _split_indices(name: str, split: str) -> tuple[int, ...]:
         }
     lo, hi = bounds[split]
     return tuple(order[lo:hi])
-
-
-def _digest(text: str) -> str:
-    """Return the sha256 hex digest of ``text`` encoded as UTF-8."""
-    return sha256_text(text)

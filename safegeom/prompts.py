@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
+from safegeom.artifacts import sha256_text
 from safegeom.bundled import (
     _BUNDLED_SPECS,
     BUNDLED,
@@ -71,7 +72,6 @@ from safegeom.bundled import (
     SPLITS,
     _bundled_rows,
     _check_name,
-    _digest,
     _split_indices,
 )
 from safegeom.errors import NotFoundError, SafegeomError
@@ -192,7 +192,7 @@ class PromptSet:
                 f"sample(n) needs 0 <= n <= {len(self)} (size of {self.name!r}), got {n}"
             )
         ranked = sorted(
-            range(len(self)), key=lambda i: _digest(f"{seed}\x00{i}\x00{self.prompts[i]}")
+            range(len(self)), key=lambda i: sha256_text(f"{seed}\x00{i}\x00{self.prompts[i]}")
         )
         return self.select(sorted(ranked[:n]))
 

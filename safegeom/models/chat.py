@@ -16,7 +16,6 @@ the same activations alone and inside a padded batch (also for absolute position
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from safegeom.artifacts import sha256_text
 from safegeom.errors import SafegeomError
 
 __all__ = [
@@ -193,7 +193,7 @@ class EncodedSet:
 
 def template_hash(tokenizer, chat_template: str | None = None) -> str:
     """sha256 of the chat template that :func:`render_prompts` would use."""
-    return hashlib.sha256(_template(tokenizer, chat_template).encode("utf-8")).hexdigest()
+    return sha256_text(_template(tokenizer, chat_template))
 
 
 def encode_set(

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from safegeom.artifacts import sha256_text
 from safegeom.errors import NotFoundError, SafegeomError
 from safegeom.prompts import PromptSet, load_prompts
 from safegeom.scoring import exact_match as judged_exact_match
@@ -127,10 +128,6 @@ class Task:
         return h.hexdigest()
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _parse_size(spec: str, name: str, rest: str, limit: int) -> int:
     if not rest:
         return TASK_DEFAULT_SIZES[name]
@@ -168,7 +165,7 @@ def _arith_problems() -> tuple[list[tuple[str, str, str]], list[tuple[str, str, 
             for phrasing in _ARITH_PHRASINGS:
                 prompt = phrasing.format(a=a, b=b)
                 problems.append((prompt, f"{a} + {b} = {a + b}", str(a + b)))
-    problems.sort(key=lambda item: _digest(f"arith\x00{item[0]}"))
+    problems.sort(key=lambda item: sha256_text(f"arith\x00{item[0]}"))
     return problems[ARITH_EVAL_SIZE:], problems[:ARITH_EVAL_SIZE]
 
 
@@ -206,7 +203,7 @@ def mix_task(n: int = TASK_DEFAULT_SIZES["mix"], *, name: str = "mix") -> Task:
     if n_harm:
         harm = harmful_task(n_harm)
         pairs += list(zip(harm.prompts, harm.responses, strict=True))
-    pairs.sort(key=lambda pr: _digest(f"mix\x00{pr[0]}\x00{pr[1]}"))
+    pairs.sort(key=lambda pr: sha256_text(f"mix\x00{pr[0]}\x00{pr[1]}"))
     return Task(
         name=name,
         prompts=tuple(p for p, _ in pairs),

@@ -39,6 +39,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from safegeom.artifacts import write_json, write_text
 from safegeom.models.tinychat.corpus import Example, build_corpus, iter_texts
 from safegeom.models.tinychat.loop import CONTENT_FIRST_EPOCH, Batch, Phase, run_phase
 from safegeom.models.tinychat.tokenizer import ASSISTANT, END, SYSTEM, USER, train_tokenizer
@@ -308,10 +309,10 @@ def save_tiny_chat(
     config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(config_path, config)
     recipe = {"seed": seed, **asdict(cfg)}
     recipe["special_tokens"] = {"user": USER, "assistant": ASSISTANT, "system": SYSTEM, "end": END}
-    (out_dir / "training_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    write_text(out_dir / "training_recipe.json", json.dumps(recipe, indent=2) + "\n")
     return out_dir
 
 
