@@ -137,6 +137,12 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The KV-cache keyword of the forward: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _accepts_keep(model: nn.Module) -> bool:
     """Whether the forward takes ``logits_to_keep`` (transformers 5.x causal LMs do)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -191,6 +197,7 @@ def _greedy(
 ) -> Int[Tensor, "batch new"]:
     """Greedy decoding with a KV cache; rows that have stopped are filled with ``pad_id``."""
     keep = {"logits_to_keep": 1} if _accepts_keep(model) else {}
+    cache_name = _cache_argument(model)
     step_ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     done = torch.zeros(step_ids.shape[0], dtype=torch.bool, device=step_ids.device)
     past, out = None, []
@@ -199,11 +206,11 @@ def _greedy(
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=past,
             use_cache=True,
+            **{cache_name: past},
             **keep,
         )
-        past = result.past_key_values
+        past = result[cache_name] if cache_name in result else result.get("past_key_values")
         check_finite(result.logits[:, -1], "generation logits")
         nxt = result.logits[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
