@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from safegeom.audit import load_audit
 from safegeom.carriers import load_carrier
 from safegeom.demo import BEHAVIOUR_SETS, DemoConfig, run_demo
-from safegeom.audit import load_audit
 from safegeom.plots import FIGURES
 from safegeom.train import load_trajectory
 
