@@ -22,10 +22,14 @@ from safegeom.carriers.refusal import (
     select_refusal_direction,
 )
 from safegeom.carriers.scoring import CandidateScores, ForwardCounter, score_candidates
+from safegeom.carriers.selection import load_selection
+from safegeom.carriers.suite import CarriersConfig, CarrierSuite, extract_carriers, load_suite
 
 __all__ = [
     "CandidateScores",
     "Carrier",
+    "CarrierSuite",
+    "CarriersConfig",
     "DimCandidates",
     "ForwardCounter",
     "ProbeFit",
@@ -40,11 +44,14 @@ __all__ = [
     "cone_directions",
     "dim_candidates",
     "dim_layer_candidates",
+    "extract_carriers",
     "filter_by_refusal",
     "fit_probe",
     "harmfulness_direction",
     "leading_subspaces",
     "load_carrier",
+    "load_selection",
+    "load_suite",
     "probe_carrier",
     "probe_layers",
     "rdo_cone",
