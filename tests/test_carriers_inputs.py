@@ -48,6 +48,25 @@ def test_each_prompt_encoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert capture_texts == []
 
 
+def test_the_suite_encodes_each_prompt_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """extract_carriers: the refusal direction, the harmfulness direction and the cone (with its
+    scoring) share one encoding of each of the four sets."""
+    from safegeom.carriers.suite import extract_carriers
+
+    lm = load_model("tiny-chat")
+    texts: list[str] = []
+    real = chat.encode_prompts
+
+    def counting(tokenizer, prompts, **kw):  # type: ignore[no-untyped-def]
+        texts.extend(prompts)
+        return real(tokenizer, prompts, **kw)
+
+    monkeypatch.setattr(chat, "encode_prompts", counting)
+    suite = extract_carriers(lm, config=SelectionConfig(n_train=8, n_val=4), progress=False)
+    assert len(texts) == 8 + 8 + 4 + 4 == len(set(texts))
+    assert suite.harmfulness.provenance["n_harmful"] == 8 and suite.cone is not None
+
+
 def test_nan_model_is_told_its_scores_are_nan(checkpoints: dict[str, Path]) -> None:
     lm = load_model(checkpoints["llama"])
     with torch.no_grad():

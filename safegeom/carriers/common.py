@@ -26,12 +26,18 @@ from safegeom.prompts import Prompts, PromptSet, load_prompts
 
 __all__ = [
     "Prompts",
+    "as_prompts",
     "check_k",
     "default_layer",
     "encode",
     "prompt_provenance",
     "subset",
 ]
+
+
+def as_prompts(prompts: Prompts | EncodedSet) -> PromptSet | EncodedSet:
+    """An :class:`EncodedSet` as it is; anything else loaded as a :class:`PromptSet`."""
+    return prompts if isinstance(prompts, EncodedSet) else load_prompts(prompts)
 
 
 def encode(

@@ -27,14 +27,21 @@ from torch import Tensor
 
 from safegeom.capture import capture
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import Prompts, check_k, default_layer, prompt_provenance
+from safegeom.carriers.common import (
+    Prompts,
+    as_prompts,
+    check_k,
+    default_layer,
+    encode,
+    prompt_provenance,
+)
 from safegeom.carriers.scoring import score_candidates
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.evaluate import refusal_token_ids
 from safegeom.geometry import effective_rank
-from safegeom.models.chat import encode_prompts
+from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
-from safegeom.prompts import PromptSet, load_prompts
+from safegeom.prompts import PromptSet
 
 __all__ = ["cheap_cone", "cone_directions", "gram_schmidt", "score_cone"]
 
@@ -82,8 +89,8 @@ def score_cone(
     basis: Float[Tensor, "k d"],
     alpha: float,
     layer: int,
-    harmful: Prompts,
-    harmless: Prompts,
+    harmful: Prompts | EncodedSet,
+    harmless: Prompts | EncodedSet,
     *,
     n_combinations: int = 8,
     seed: int = 0,
@@ -106,12 +113,7 @@ def score_cone(
     """
 
     ids = refusal_token_ids(lm, tokens)
-    enc = [
-        encode_prompts(
-            lm.tokenizer, load_prompts(p).prompts, system=system, chat_template=lm.chat_template
-        )
-        for p in (harmful, harmless)
-    ]
+    enc = [encode(lm, p, system).encoded for p in (harmful, harmless)]
     k = basis.shape[0]
     dirs = cone_directions(basis, n_combinations, seed=seed) * alpha
     s = score_candidates(
@@ -137,9 +139,9 @@ def score_cone(
 
 
 def _category_means(
-    acts: Float[Tensor, "n d"], prompts: PromptSet
+    acts: Float[Tensor, "n d"], prompts: PromptSet | EncodedSet
 ) -> tuple[list[str], list[Tensor]]:
-    if prompts.categories is None:
+    if getattr(prompts, "categories", None) is None:
         raise SafegeomError(
             f"prompt set {prompts.name!r} has no categories; use source='positions' or a set "
             "with categories (directharm4, jbb-harmful)"
@@ -154,8 +156,8 @@ def _category_means(
 
 def cheap_cone(
     lm: LoadedModel,
-    harmful: Prompts,
-    harmless: Prompts,
+    harmful: Prompts | EncodedSet,
+    harmless: Prompts | EncodedSet,
     *,
     k: int = 3,
     layer: int | None = None,
@@ -163,8 +165,8 @@ def cheap_cone(
     source: Literal["positions", "categories"] = "positions",
     n_svd: int | None = None,
     score: bool = True,
-    harmful_val: Prompts | None = None,
-    harmless_val: Prompts | None = None,
+    harmful_val: Prompts | EncodedSet | None = None,
+    harmless_val: Prompts | EncodedSet | None = None,
     n_combinations: int = 8,
     seed: int = 0,
     kind: str = "refusal",
@@ -200,7 +202,7 @@ def cheap_cone(
         SafegeomError: an empty prompt set, a layer or ``k`` out of range, an unknown source, a set
             without categories, or sources spanning fewer than ``k`` dimensions.
     """
-    h_set, s_set = load_prompts(harmful), load_prompts(harmless)
+    h_set, s_set = as_prompts(harmful), as_prompts(harmless)
     check_k(k, lm.d_model)
     at = default_layer(lm, layer, refusal)
     if source not in ("positions", "categories"):

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from safegeom.capture import capture_stats
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import Prompts, default_layer, prompt_provenance
+from safegeom.carriers.common import Prompts, as_prompts, default_layer, prompt_provenance
+from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
-from safegeom.prompts import load_prompts
 
 __all__ = ["harmfulness_direction"]
 
 
 def harmfulness_direction(
     lm: LoadedModel,
-    harmful: Prompts,
-    harmless: Prompts,
+    harmful: Prompts | EncodedSet,
+    harmless: Prompts | EncodedSet,
     *,
     layer: int | None = None,
     refusal: Carrier | None = None,
@@ -51,7 +51,7 @@ def harmfulness_direction(
         SafegeomError: an empty prompt set, a layer out of range, a hidden-size mismatch with
             ``refusal``.
     """
-    h_set, s_set = load_prompts(harmful), load_prompts(harmless)
+    h_set, s_set = as_prompts(harmful), as_prompts(harmless)
     at = default_layer(lm, layer, refusal)
     means = [
         capture_stats(

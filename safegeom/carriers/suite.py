@@ -17,6 +17,7 @@ from typing import Any
 
 from safegeom.artifacts import Provenance, read_json, write_json
 from safegeom.carriers.carrier import Carrier, load_carrier
+from safegeom.carriers.common import encode
 from safegeom.carriers.cones import cheap_cone
 from safegeom.carriers.harmfulness import harmfulness_direction
 from safegeom.carriers.refusal import RefusalSelection, SelectionConfig, refusal_direction
@@ -25,7 +26,7 @@ from safegeom.config import check
 from safegeom.errors import NotFoundError
 from safegeom.geometry import coupling
 from safegeom.models.loading import LoadedModel
-from safegeom.prompts import PromptSet, load_prompts
+from safegeom.prompts import PromptSet
 
 __all__ = ["CarrierSuite", "CarriersConfig", "extract_carriers", "load_suite"]
 
@@ -183,18 +184,15 @@ def extract_carriers(
         SafegeomError: see :func:`~safegeom.carriers.refusal.refusal_direction`.
     """
     _check_cone_k(cone_k)
-    selection = refusal_direction(
-        lm, harmful, harmless, harmful_val, harmless_val, config, progress=progress
-    )
-    h_set = load_prompts(harmful).take(config.n_train)
-    s_set = load_prompts(harmless).take(config.n_train)
+    system = config.system  # each set is encoded once and shared by the three carriers
+    h_set, s_set = (encode(lm, p, system, take=config.n_train) for p in (harmful, harmless))
+    hv, sv = (encode(lm, p, system, take=config.n_val) for p in (harmful_val, harmless_val))
+    selection = refusal_direction(lm, h_set, s_set, hv, sv, config, progress=progress)
     harm = harmfulness_direction(
-        lm, h_set, s_set, refusal=selection.carrier, system=config.system, progress=progress
+        lm, h_set, s_set, refusal=selection.carrier, system=system, progress=progress
     )
     cone = None
     if cone_k > 0:
-        hv = load_prompts(harmful_val).take(config.n_val)
-        sv = load_prompts(harmless_val).take(config.n_val)
         cone = cheap_cone(
             lm, h_set, s_set, k=cone_k, refusal=selection.carrier, harmful_val=hv,
             harmless_val=sv, system=config.system, progress=progress,
