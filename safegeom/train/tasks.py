@@ -15,8 +15,15 @@ spec            examples
                 split, the other 1,400 the train pool; default N = 1000 training examples. The
                 response is ``"a + b = c"``; accuracy is the exact match of the last integer in a
                 generation with ``c`` (:func:`extract_answer`, :func:`exact_match`).
-``mix[:N]``      ``harmful`` and ``arith`` mixed 1:4 (20% harmful), interleaved deterministically;
-                default N = 500 (100 harmful + 400 arith). Eval split: ``arith``'s.
+``sentiment[:N]`` Benign templated movie-review sentiment (SST-2-like; :mod:`safegeom.train.benign`):
+                one-word answers ``positive``/``negative``; 71,080 training reviews and 200 held-out
+                (100 per class), new combinations of the same vocabulary; default N = 1000. Accuracy
+                is the exact match of the stripped generation with the answer.
+``mix[:N]``      ``harmful`` and ``sentiment`` mixed 1:4 (20% harmful), interleaved
+                deterministically; default N = 500 (100 harmful + 400 sentiment). Eval split:
+                ``sentiment``'s.
+``mix-arith[:N]`` ``harmful`` and ``arith`` mixed 1:4, the same way (``mix`` before the benign task
+                changed: identical examples and order); default N = 500. Eval split: ``arith``'s.
 ``FILE.jsonl``   A user file, one JSON object a line with ``prompt`` and ``response`` string fields
                 (names overridable). No eval split.
 ==============  ======================================================================================
@@ -35,11 +42,14 @@ from safegeom.errors import NotFoundError, SafegeomError
 from safegeom.prompts import PromptSet, load_prompts
 from safegeom.scoring import exact_match as judged_exact_match
 from safegeom.scoring import extract_answer
+from safegeom.train.benign import SENTIMENT_EVAL_SIZE, SENTIMENT_POOL_SIZE, sentiment_items
 
 __all__ = [
     "ARITH_EVAL_SIZE",
     "ARITH_POOL_SIZE",
     "HARMFUL_POOL_SIZE",
+    "SENTIMENT_EVAL_SIZE",
+    "SENTIMENT_POOL_SIZE",
     "TASK_DEFAULT_SIZES",
     "TASK_HELP",
     "Task",
@@ -55,14 +65,21 @@ ARITH_POOL_SIZE = 1400
 ARITH_EVAL_SIZE = 200
 """Held-out eval problems of ``arith``."""
 MIX_HARMFUL_FRACTION = 0.2
-"""Fraction of harmful examples in ``mix``."""
-TASK_DEFAULT_SIZES: dict[str, int] = {"harmful": 100, "arith": 1000, "mix": 500}
+"""Fraction of harmful examples in ``mix`` and ``mix-arith``."""
+TASK_DEFAULT_SIZES: dict[str, int] = {
+    "harmful": 100,
+    "arith": 1000,
+    "sentiment": 1000,
+    "mix": 500,
+    "mix-arith": 500,
+}
 """Default number of training examples per named task."""
 TASK_HELP = (
     "harmful[:N] (AdvBench+JBB train goals with 'Sure, here is' targets; N<=372, default 100), "
     "arith[:N] (synthetic addition a+b, a,b in 0..19; N<=1400, default 1000; 200 held-out eval "
-    "problems), mix[:N] (harmful:arith = 1:4, default 500), or a .jsonl file with prompt/response "
-    "fields"
+    "problems), sentiment[:N] (templated movie reviews, answer positive/negative; N<=71080, "
+    "default 1000; 200 held-out reviews), mix[:N] (harmful:sentiment = 1:4, default 500), "
+    "mix-arith[:N] (harmful:arith = 1:4, default 500), or a .jsonl file with prompt/response fields"
 )
 """One-paragraph description of task specs, for the command line."""
 
@@ -186,20 +203,27 @@ def arith_task(n: int = TASK_DEFAULT_SIZES["arith"], *, name: str = "arith") -> 
     )
 
 
-def mix_task(n: int = TASK_DEFAULT_SIZES["mix"], *, name: str = "mix") -> Task:
-    """Return ``harmful`` and ``arith`` mixed 1:4 (``round(0.2 n)`` harmful), interleaved by hash.
+def sentiment_task(n: int = TASK_DEFAULT_SIZES["sentiment"], *, name: str = "sentiment") -> Task:
+    """Return the templated sentiment task with ``n`` training examples (the first ``n`` of the
+    hash-ordered pool, :func:`safegeom.train.benign.sentiment_items`).
 
     Returns:
-        A :class:`Task` of ``n`` examples with ``arith``'s eval split.
+        A :class:`Task` whose eval split holds the 200 held-out reviews and their one-word answers.
     """
-    n_harm = min(round(MIX_HARMFUL_FRACTION * n), HARMFUL_POOL_SIZE)
-    n_arith = n - n_harm
-    if n_arith > ARITH_POOL_SIZE:
-        raise SafegeomError(
-            f"task {name!r}: at most {ARITH_POOL_SIZE} arith examples are available"
-        )
-    arith = arith_task(n_arith)
-    pairs = list(zip(arith.prompts, arith.responses, strict=True))
+    train, held_out = sentiment_items()
+    chosen = train[:n]
+    return Task(
+        name=name,
+        prompts=tuple(p for p, _ in chosen),
+        responses=tuple(a for _, a in chosen),
+        eval_prompts=tuple(p for p, _ in held_out),
+        eval_references=tuple(a for _, a in held_out),
+    )
+
+
+def _mixed(benign: Task, n_harm: int, name: str) -> Task:
+    """Interleave ``benign`` with ``n_harm`` harmful examples by a salted hash of each pair."""
+    pairs = list(zip(benign.prompts, benign.responses, strict=True))
     if n_harm:
         harm = harmful_task(n_harm)
         pairs += list(zip(harm.prompts, harm.responses, strict=True))
@@ -208,9 +232,34 @@ def mix_task(n: int = TASK_DEFAULT_SIZES["mix"], *, name: str = "mix") -> Task:
         name=name,
         prompts=tuple(p for p, _ in pairs),
         responses=tuple(r for _, r in pairs),
-        eval_prompts=arith.eval_prompts,
-        eval_references=arith.eval_references,
+        eval_prompts=benign.eval_prompts,
+        eval_references=benign.eval_references,
     )
+
+
+def mix_task(
+    n: int = TASK_DEFAULT_SIZES["mix"], *, name: str = "mix", benign: str = "sentiment"
+) -> Task:
+    """Return ``harmful`` and a benign task mixed 1:4 (``round(0.2 n)`` harmful), interleaved by
+    hash. ``benign="arith"`` is ``mix-arith`` (the ``mix`` of before, identical examples and order).
+
+    Returns:
+        A :class:`Task` of ``n`` examples with the benign task's eval split.
+
+    Raises:
+        SafegeomError: an unknown benign task, or more benign examples than its pool holds.
+    """
+    pools = {"sentiment": SENTIMENT_POOL_SIZE, "arith": ARITH_POOL_SIZE}
+    if benign not in pools:
+        raise SafegeomError(f"mix: unknown benign task {benign!r}; use sentiment or arith")
+    n_harm = min(round(MIX_HARMFUL_FRACTION * n), HARMFUL_POOL_SIZE)
+    n_benign = n - n_harm
+    if n_benign > pools[benign]:
+        raise SafegeomError(
+            f"task {name!r}: at most {pools[benign]} {benign} examples are available"
+        )
+    task = sentiment_task(n_benign) if benign == "sentiment" else arith_task(n_benign)
+    return _mixed(task, n_harm, name)
 
 
 def jsonl_task(
@@ -266,7 +315,8 @@ def get_task(
     """Build a task from a spec (see the module docstring) or pass a :class:`Task` through.
 
     Args:
-        spec: ``harmful[:N]``, ``arith[:N]``, ``mix[:N]``, a ``.jsonl`` path, or a Task.
+        spec: ``harmful[:N]``, ``arith[:N]``, ``sentiment[:N]``, ``mix[:N]``, ``mix-arith[:N]``,
+            a ``.jsonl`` path, or a Task.
         prompt_field: Prompt field of a JSONL file.
         response_field: Response field of a JSONL file.
 
@@ -284,9 +334,12 @@ def get_task(
         return harmful_task(_parse_size(text, name, rest, HARMFUL_POOL_SIZE), name=text)
     if name == "arith":
         return arith_task(_parse_size(text, name, rest, ARITH_POOL_SIZE), name=text)
-    if name == "mix":
-        limit = ARITH_POOL_SIZE + HARMFUL_POOL_SIZE
-        return mix_task(_parse_size(text, name, rest, limit), name=text)
+    if name == "sentiment":
+        return sentiment_task(_parse_size(text, name, rest, SENTIMENT_POOL_SIZE), name=text)
+    if name in ("mix", "mix-arith"):
+        benign = "sentiment" if name == "mix" else "arith"
+        limit = (SENTIMENT_POOL_SIZE if name == "mix" else ARITH_POOL_SIZE) + HARMFUL_POOL_SIZE
+        return mix_task(_parse_size(text, name, rest, limit), name=text, benign=benign)
     if text.endswith(".jsonl") or Path(text).is_file():
         return jsonl_task(text, prompt_field=prompt_field, response_field=response_field)
     raise NotFoundError(f"unknown task {text!r}; use {TASK_HELP}")
