@@ -36,7 +36,9 @@ def _looks_local(text: str, path: Path) -> bool:
 def resolve_source(
     spec: str, tiny_chat: str, tiny_chat_dir: Path, revision: str | None
 ) -> tuple[str, str]:
-    """Return ``(kind, location)`` for ``spec``: kind is ``full``, ``adapter`` or ``hub``.
+    """Return ``(kind, location)`` for ``spec``: ``full``, ``adapter``, ``refusalguard`` or ``hub``.
+
+    A folder with ``refusalguard.json`` is a RefusalGuard edit (its JSON names the base model).
 
     Raises:
         NotFoundError: ``spec`` is neither a local checkpoint folder nor a reachable hub id.
@@ -46,12 +48,15 @@ def resolve_source(
         return "full", str(tiny_chat_dir)
     path = Path(spec).expanduser()
     if path.is_dir():
+        if (path / "refusalguard.json").is_file():
+            return "refusalguard", str(path)
         if (path / "adapter_config.json").is_file():
             return "adapter", str(path)
         if (path / "config.json").is_file():
             return "full", str(path)
         raise ModelLoadError(
-            f"{path} is not a model checkpoint: it has neither config.json nor adapter_config.json"
+            f"{path} is not a model checkpoint: it has neither config.json nor adapter_config.json "
+            "(nor refusalguard.json)"
         )
     if path.exists() or _looks_local(spec, path):
         raise NotFoundError(

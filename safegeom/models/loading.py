@@ -1,8 +1,10 @@
 """Load a causal LM and its tokenizer the same way whatever its family or form.
 
 ``MODEL`` may be the embedded ``tiny-chat``, a local directory holding a full checkpoint, a local
-PEFT adapter directory (its base comes from ``adapter_config.json``), or a Hugging Face hub id
-(fetched only when a user names one; nothing in the tests, the demo or CI downloads).
+PEFT adapter directory (its base comes from ``adapter_config.json``), a RefusalGuard edit folder
+(``refusalguard.json`` names its base; the edit is attached as hooks, see ``safegeom.models.reft``),
+or a Hugging Face hub id (fetched only when a user names one; nothing in the tests, the demo or CI
+downloads).
 
 Offline-first and safe by default: weights load from safetensors unless ``allow_pickle=True``,
 and ``trust_remote_code`` is off unless asked for.
@@ -127,6 +129,9 @@ class LoadedModel:
     merged: bool = False
     chat_template: str | None = field(default=None, repr=False)
     """A chat template the caller supplied, used instead of the tokenizer's own."""
+    edit: Any = field(default=None, repr=False)
+    """The RefusalGuard edit (``safegeom.models.reft.ReftEdit``) attached to the model, if any;
+    ``lm.edit.detach()`` removes it."""
 
     @property
     def base(self) -> nn.Module:
@@ -172,8 +177,17 @@ class LoadedModel:
 
     @cached_property
     def weight_hash(self) -> str:
-        """A sha256 of the weights (see :func:`weight_hash`), computed once on first use."""
-        return weight_hash(self.model)
+        """A sha256 of the weights (see :func:`weight_hash`), computed once on first use.
+
+        With a RefusalGuard edit attached, the hash covers the edit too (it differs from the base's).
+        """
+        digest = weight_hash(self.model)
+        if self.edit is None:
+            return digest
+        prefix = "fp:" if digest.startswith("fp:") else ""
+        return (
+            prefix + hashlib.sha256(f"{digest}|edit:{self.edit.weight_hash()}".encode()).hexdigest()
+        )
 
 
 def weight_hash(model: nn.Module) -> str:
@@ -296,6 +310,20 @@ def load_model(
         merged.update({k: v for k, v in given.items() if v not in (None, False)})
         return load_model(spec, **merged)
     kind, location = _resolve_source(spec, revision)
+    if kind == "refusalguard":  # the base it names, with the edit attached as hooks
+        from safegeom.models.reft import load_edited
+
+        keywords = {
+            "dtype": dtype,
+            "device": device,
+            "merge_adapter": merge_adapter,
+            "allow_pickle": allow_pickle,
+            "trust_remote_code": trust_remote_code,
+            "revision": revision,
+            "layout": layout,
+            "chat_template": chat_template,
+        }
+        return load_edited(spec, Path(location), load_model, keywords)
     device_str = check_device(str(device) if device is not None else _default_device())
     torch_dtype = _parse_dtype(dtype if not isinstance(dtype, str) else dtype.lower(), device_str)
     if merge_adapter and kind != "adapter":
