@@ -10,7 +10,13 @@ import pytest
 
 from safegeom.audit.config import AuditConfig
 from safegeom.audit.inputs import check_prompt_sets, resolve_inputs, step_of
-from safegeom.errors import ArtifactError, ConfigError, ModelLoadError, NotFoundError
+from safegeom.errors import (
+    ArtifactError,
+    ConfigError,
+    ModelLoadError,
+    NotFoundError,
+    SafegeomError,
+)
 from tests.audit_helpers import adapter, run_folder
 from tests.tiny_models import build_checkpoint
 
@@ -154,3 +160,22 @@ def test_single_adapter_names_its_base(models) -> None:
     assert [(t.kind, t.step) for t in inputs.checkpoints] == [("adapter", 1)]
     with_base = resolve_inputs([models["lora"]], base=str(models["llama"]))
     assert with_base.checkpoints == inputs.checkpoints
+
+
+def test_a_refusalguard_checkpoint_is_audited_against_its_base(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    import torch
+
+    from safegeom.models import load_model
+    from safegeom.models.reft import ReftConfig, ReftEdit
+
+    lm = load_model(models["llama"])
+    basis = torch.linalg.qr(torch.randn(lm.d_model, 2, generator=torch.Generator().manual_seed(0)))
+    edit = ReftEdit.for_model(lm, ReftConfig(layers=(1,), rank=2), {1: basis[0]}, seed=0)
+    edit.save(tmp_path / "guard", base=str(models["llama"]))
+    inputs = resolve_inputs([models["llama"], tmp_path / "guard"])
+    assert [t.kind for t in inputs.checkpoints] == ["refusalguard"]
+    edit.save(tmp_path / "wide-guard", base=str(models["wide"]))  # names a base of other width
+    with pytest.raises(SafegeomError, match="hidden"):
+        resolve_inputs([models["llama"], tmp_path / "wide-guard"])

@@ -30,7 +30,7 @@ from safegeom.models.loading import TINY_CHAT, LoadConfig, tiny_chat_path
 
 __all__ = ["AuditInputs", "AuditTarget", "check_prompt_sets", "resolve_inputs", "step_of"]
 
-Kind = Literal["full", "adapter", "hub"]
+Kind = Literal["full", "adapter", "refusalguard", "hub"]
 BASE_LABEL = "base"
 """Label of the base model (step 0) in the table."""
 _STEP_NAME = re.compile(r"^(?:step|checkpoint|ckpt)[-_]?0*(\d+)$", re.IGNORECASE)
@@ -117,12 +117,29 @@ def _adapter_base(location: str) -> str:
     return str(base)
 
 
+def _edit_base(location: str) -> str:
+    """The base a RefusalGuard checkpoint names (a relative path is tried against its folder)."""
+    from safegeom.artifacts import read_json
+    from safegeom.models.reft import CONFIG_FILE, FORMAT
+
+    folder = Path(location)
+    base = read_json(folder / CONFIG_FILE, what="RefusalGuard checkpoint", format=FORMAT).get(
+        "base"
+    )
+    if not base:
+        raise ModelLoadError(f"{folder / CONFIG_FILE} names no base model (field 'base')")
+    relative = folder / str(base)
+    return (
+        str(relative) if not Path(base).expanduser().is_absolute() and relative.is_dir() else base
+    )
+
+
 def _arch(spec: str, kind: Kind, location: str, load: LoadConfig, what: str) -> dict[str, Any]:
     """Architecture facts from config.json (an adapter's: its base's), without the weights."""
     from transformers import AutoConfig
 
-    if kind == "adapter":
-        base = _adapter_base(location)
+    if kind in ("adapter", "refusalguard"):
+        base = _adapter_base(location) if kind == "adapter" else _edit_base(location)
         base_kind, base_location = _locate(base, load, f"{what} {spec}: its base")
         return _arch(base, base_kind, base_location, load, what)
     try:
