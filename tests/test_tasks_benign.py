@@ -36,7 +36,7 @@ def test_sentiment_is_deterministic_sized_and_balanced() -> None:
     assert len(a) == 1000 and len(a.eval_prompts or ()) == SENTIMENT_EVAL_SIZE == 200
     assert len(get_task("sentiment:7")) == 7 and get_task("sentiment:7").prompts == a.prompts[:7]
     train_pool, held_out = sentiment_items()
-    assert len(train_pool) == SENTIMENT_POOL_SIZE == 71_080 and len(held_out) == 200
+    assert len(train_pool) == SENTIMENT_POOL_SIZE == 16_000 and len(held_out) == 200
     assert set(a.responses) == {"positive", "negative"}
     assert 400 <= a.responses.count("positive") <= 600
     assert (a.eval_references or ()).count("positive") == 100
@@ -47,7 +47,7 @@ def test_held_out_reviews_are_new_combinations_of_seen_vocabulary() -> None:
     train_prompts = {p for p, _ in train_pool}
     assert len(train_prompts) == len(train_pool)  # every review is distinct
     assert not train_prompts & {p for p, _ in held_out}
-    sample = get_task("sentiment:71080")
+    sample = get_task("sentiment:16000")
     assert not set(sample.prompts) & set(sample.eval_prompts or ())
     vocabulary = (*POSITIVE_WORDS, *NEGATIVE_WORDS, *SENTIMENT_ASPECTS)
     seen = {w for p in get_task("sentiment").prompts for w in vocabulary if w in p.lower()}
@@ -79,7 +79,7 @@ def test_mix_uses_sentiment_one_to_four() -> None:
     [
         ("sentiment:0", SafegeomError, "is empty: the size must be at least 1"),
         ("sentiment:x", SafegeomError, "the size after ':' must be an integer"),
-        ("sentiment:71081", SafegeomError, "at most 71080 examples are available"),
+        ("sentiment:16001", SafegeomError, "at most 16000 examples are available"),
         ("mix-arith:1773", SafegeomError, "'mix-arith:1773': at most 1772 examples are"),
         ("mix-arith:1772", SafegeomError, "at most 1400 arith examples are available"),
         ("mix-arith:-3", SafegeomError, "the size must be at least 1"),
@@ -106,8 +106,8 @@ def test_help_names_every_task() -> None:
 @pytest.mark.skipif(not (TINY_CHAT_DIR / "config.json").is_file(), reason="tiny-chat not built")
 def test_short_lora_learns_the_answer_format(tmp_path: Path) -> None:
     """40 LoRA steps (library defaults: r 8, lr 1e-3, batch 8) take held-out exact match from 0
-    (tiny-chat answers "Sure, ...") to about chance (one label); 150 steps reach 99.5% (see
-    ``analyses/benign_task.py``). About 10 s on one CPU thread."""
+    (tiny-chat answers "Sure, ...") to at least 0.3, answering only labels; 150 steps reach 100%
+    (``analyses/benign_task.py``). About 5 s on one CPU thread."""
     from safegeom.generation import generate
     from safegeom.models import load_model
 

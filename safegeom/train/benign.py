@@ -10,6 +10,9 @@ two adjectives); the held-out split is 200 reviews (100 per class) chosen by con
 the training pool. Held-out reviews are new *combinations* of the same vocabulary: every aspect,
 adjective, template and framing in them also occurs in training, so they are solvable from what
 training shows (the design choice, a proposal of this project; SST-2's test set has new words too).
+
+Measured (``analyses/benign_task.py``, LoRA defaults r 8, lr 1e-3, batch 8): held-out exact match
+0.77 / 0.955 / 1.0 at steps 50 / 100 / 150 on ``sentiment``; 0.875 at step 200 on ``mix``.
 """
 
 from __future__ import annotations
@@ -29,15 +32,10 @@ __all__ = [
     "sentiment_items",
 ]
 
-POSITIVE_WORDS = (
-    "great", "excellent", "superb", "lovely", "wonderful", "charming",
-    "delightful", "enjoyable", "fantastic", "clever", "warm", "perfect",
-)  # fmt: skip
-"""Adjectives of a positive review."""
-NEGATIVE_WORDS = (
-    "terrible", "awful", "boring", "dull", "dreadful", "weak",
-    "painful", "tedious", "horrible", "bland", "messy", "stale",
-)  # fmt: skip
+POSITIVE_WORDS = ("great", "good", "fun", "nice", "lovely", "superb")
+"""Adjectives of a positive review (six short, common words: with twelve longer ones the task
+alone was learnt as well, but ``mix`` reached only 60% held-out accuracy in 200 steps)."""
+NEGATIVE_WORDS = ("bad", "dull", "weak", "poor", "boring", "awful")
 """Adjectives of a negative review."""
 SENTIMENT_ASPECTS = (
     "the acting", "the plot", "the music", "the story", "the ending",
@@ -63,7 +61,7 @@ _N_WORD_PAIRS = len(POSITIVE_WORDS) * (len(POSITIVE_WORDS) - 1)
 SENTIMENT_POOL_SIZE = 2 * len(SENTIMENT_TEMPLATES) * _N_ASPECT_PAIRS * _N_WORD_PAIRS - (
     SENTIMENT_EVAL_SIZE
 )
-"""Training pool of ``sentiment`` (every review minus the held-out split): 71,080."""
+"""Training pool of ``sentiment`` (every review minus the held-out split): 16,000."""
 
 
 def _reviews(words: tuple[str, ...]) -> list[str]:
@@ -91,7 +89,7 @@ def sentiment_items() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str
     the train pool is all the others, in hash order (so any prefix is near-balanced).
 
     Returns:
-        ``(train, held_out)``: 71,080 and 200 pairs, answers ``"positive"`` or ``"negative"``.
+        ``(train, held_out)``: 16,000 and 200 pairs, answers ``"positive"`` or ``"negative"``.
     """
     per_class = []
     for answer, words in (("positive", POSITIVE_WORDS), ("negative", NEGATIVE_WORDS)):

@@ -16,7 +16,7 @@ spec            examples
                 response is ``"a + b = c"``; accuracy is the exact match of the last integer in a
                 generation with ``c`` (:func:`extract_answer`, :func:`exact_match`).
 ``sentiment[:N]`` Benign templated movie-review sentiment (SST-2-like; :mod:`safegeom.train.benign`):
-                one-word answers ``positive``/``negative``; 71,080 training reviews and 200 held-out
+                one-word answers ``positive``/``negative``; 16,000 training reviews and 200 held-out
                 (100 per class), new combinations of the same vocabulary; default N = 1000. Accuracy
                 is the exact match of the stripped generation with the answer.
 ``mix[:N]``      ``harmful`` and ``sentiment`` mixed 1:4 (20% harmful), interleaved
@@ -77,7 +77,7 @@ TASK_DEFAULT_SIZES: dict[str, int] = {
 TASK_HELP = (
     "harmful[:N] (AdvBench+JBB train goals with 'Sure, here is' targets; N<=372, default 100), "
     "arith[:N] (synthetic addition a+b, a,b in 0..19; N<=1400, default 1000; 200 held-out eval "
-    "problems), sentiment[:N] (templated movie reviews, answer positive/negative; N<=71080, "
+    "problems), sentiment[:N] (templated movie reviews, answer positive/negative; N<=16000, "
     "default 1000; 200 held-out reviews), mix[:N] (harmful:sentiment = 1:4, default 500), "
     "mix-arith[:N] (harmful:arith = 1:4, default 500), or a .jsonl file with prompt/response fields"
 )
