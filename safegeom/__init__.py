@@ -9,14 +9,17 @@ them, and which internal changes cause the behaviour. The everyday API is import
     >>> with sg.Ablation(r).on(lm):                                      # doctest: +SKIP
     ...     result = sg.evaluate(lm, sg.load_prompts("advbench:test"))
 
-Three of these names are also names of modules (``capture``, ``evaluate``, ``train``): here they
-are the functions. Import the modules by their full path (``from safegeom.capture import
-capture_stats``); ``import safegeom.capture as m`` would give the function.
+Three of these names are also the modules that define them (``capture``, ``evaluate``,
+``train``): those modules are callable, so ``sg.capture(lm, prompts)`` runs the function and
+``import safegeom.capture.loop`` still works (:mod:`safegeom.callable_module`).
 No module of the package imports this one, so the import graph stays acyclic.
 """
 
+import safegeom.capture as capture
+import safegeom.evaluate as evaluate
+import safegeom.train as train
 from safegeom.artifacts import Provenance
-from safegeom.capture import Activations, ActivationStats, CaptureConfig, capture, capture_stats
+from safegeom.capture import Activations, ActivationStats, CaptureConfig, capture_stats
 from safegeom.carriers import (
     Carrier,
     SelectionConfig,
@@ -26,13 +29,12 @@ from safegeom.carriers import (
     refusal_direction,
 )
 from safegeom.errors import SafegeomError
-from safegeom.evaluate import evaluate
 from safegeom.interventions import Ablation, Addition, AffineEdit
 from safegeom.models import LayerSpec, LoadConfig, PositionSpec, load_model
 from safegeom.prompts import PromptSet, load_prompts
 from safegeom.results import EvalResult
 from safegeom.sweeps import SweepConfig, SweepResult, causal_sweep
-from safegeom.train import TrainConfig, load_trajectory, train
+from safegeom.train import TrainConfig, load_trajectory
 
 __version__ = "0.1.0"
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from safegeom.artifacts import Provenance, sha256_text
 from safegeom.bootstrap import Metric
+from safegeom.callable_module import make_callable
 from safegeom.errors import SafegeomError
 from safegeom.generation import (
     Intervention,
@@ -360,3 +361,6 @@ def evaluate(
         provenance=provenance,
         n_empty=n_empty,
     )
+
+
+make_callable(__name__, evaluate)  # sg.evaluate(lm, prompts) runs evaluate (see callable_module)

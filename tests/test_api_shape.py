@@ -208,19 +208,37 @@ def test_layer_help_states_both_range_syntaxes() -> None:
 
 
 def test_package_face_exports_the_everyday_api() -> None:
-    import safegeom.capture.loop
-    import safegeom.evaluate
-    import safegeom.train.runner
+    import inspect
+
+    import safegeom.capture.loop as loop  # submodules stay importable under the face's names
+    import safegeom.train.runner as runner
+    from safegeom.evaluate import evaluate
 
     everyday = ("load_model", "load_prompts", "capture", "refusal_direction", "evaluate")
     everyday += ("causal_sweep", "train", "Ablation", "Addition", "AffineEdit")
     for name in everyday:
-        assert name in safegeom.__all__
-    # functions, not the modules of the same name, even after those modules were imported
-    from safegeom.capture.loop import capture
-    from safegeom.evaluate import evaluate
-    from safegeom.train.runner import train
-
-    assert (safegeom.capture, safegeom.evaluate, safegeom.train) == (capture, evaluate, train)
+        assert name in safegeom.__all__ and callable(getattr(safegeom, name))
+    # capture, evaluate and train are the modules that define them, callable as the functions
+    assert safegeom.capture.__wrapped__ is loop.capture
+    assert safegeom.train.__wrapped__ is runner.train
+    assert safegeom.evaluate.__wrapped__ is evaluate
+    assert inspect.signature(safegeom.capture) == inspect.signature(loop.capture)
     assert issubclass(safegeom.SafegeomError, ValueError)
     assert set(safegeom.__all__) <= set(dir(safegeom))
+
+
+def test_a_callable_module_runs_its_function() -> None:
+    import types
+
+    from safegeom.callable_module import make_callable
+
+    module = types.ModuleType("safegeom_test_callable")
+    import sys
+
+    sys.modules[module.__name__] = module
+    try:
+        make_callable(module.__name__, lambda a, b=2: a + b)
+        assert module(1) == 3 and module(1, b=5) == 6
+        assert isinstance(module, types.ModuleType)
+    finally:
+        del sys.modules[module.__name__]

@@ -18,6 +18,7 @@ Example:
 """
 
 from safegeom.activations import Activations, ActivationStats, load_activations
+from safegeom.callable_module import make_callable
 from safegeom.capture.config import BACKENDS, CaptureConfig, parse_sites
 from safegeom.capture.loop import (
     RECORDERS,
@@ -51,3 +52,5 @@ __all__ = [
     "parse_sites",
     "plan_capture",
 ]
+
+make_callable(__name__, capture)  # sg.capture(lm, prompts) runs capture (see callable_module)

@@ -1,5 +1,6 @@
 """Training: supervised and LoRA fine-tuning into checkpoint trajectories."""
 
+from safegeom.callable_module import make_callable
 from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
 from safegeom.train.runner import default_lora_targets, train
 from safegeom.train.tasks import Task, exact_match, extract_answer, get_task
@@ -19,3 +20,5 @@ __all__ = [
     "load_trajectory",
     "train",
 ]
+
+make_callable(__name__, train)  # sg.train(model, task, ...) runs train (see callable_module)
