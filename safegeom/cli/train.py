@@ -35,7 +35,7 @@ class TrainCommand:
     model: str = field(metadata={"positional": True, "metavar": "MODEL"})
     """tiny-chat, a checkpoint or adapter folder, or a hub id."""
     task: str = field(metadata={"metavar": "SPEC"})
-    """The task: harmful[:N], arith[:N], mix[:N], or a .jsonl file of prompt/response objects."""
+    """The task: harmful[:N], sentiment[:N], arith[:N], mix[:N] (harmful:sentiment 1:4), mix-arith[:N], or a .jsonl file of prompt/response objects."""
     out: str = field(metadata={"metavar": "DIR"})
     """Run folder (checkpoints and trajectory.json); checked before the model is loaded."""
     prompt_field: str = "prompt"
