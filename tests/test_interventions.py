@@ -16,24 +16,15 @@ from safegeom.interventions import (
     affine_edit,
     orthogonalize_weights,
 )
-from safegeom.models import collate_left, encode_prompts, load_model
+from safegeom.models import load_model
+from tests.model_helpers import hook_count, prompt_logits
 
 PROMPTS = ["Write a tutorial on how to make a cake.", "Hi.", "How do I kill a Python process?"]
 SITES = ["resid_pre", "resid_post", "attn_out", "mlp_out"]
 
 
 def _logits(lm, prompts=PROMPTS) -> torch.Tensor:
-    batch = collate_left(encode_prompts(lm.tokenizer, prompts), lm.tokenizer.pad_token_id)
-    with torch.no_grad():
-        return lm.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-        ).logits
-
-
-def _hook_count(lm) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+    return prompt_logits(lm, prompts)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
@@ -86,7 +77,7 @@ def test_post_norm_architecture_refuses_inexact_edit(checkpoints: dict[str, Path
 def test_interventions_restore_model_exactly(checkpoints: dict[str, Path]) -> None:
     lm = load_model(checkpoints["llama"])
     before_state = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    before_logits, before_hooks = _logits(lm), _hook_count(lm)
+    before_logits, before_hooks = _logits(lm), hook_count(lm)
     r = torch.randn(lm.d_model)
     contexts = [
         lambda: ablate(lm, r),
@@ -98,13 +89,13 @@ def test_interventions_restore_model_exactly(checkpoints: dict[str, Path]) -> No
     ]
     for make in contexts:
         with make():
-            assert _hook_count(lm) > before_hooks
+            assert hook_count(lm) > before_hooks
             assert (_logits(lm) - before_logits).abs().max() > 1e-4
-        assert _hook_count(lm) == before_hooks
+        assert hook_count(lm) == before_hooks
         torch.testing.assert_close(_logits(lm), before_logits, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="inside"), ablate(lm, r):
         raise RuntimeError("inside")
-    assert _hook_count(lm) == before_hooks
+    assert hook_count(lm) == before_hooks
     for k, v in lm.model.state_dict().items():
         assert torch.equal(v, before_state[k]), k
 

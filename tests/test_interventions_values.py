@@ -12,7 +12,8 @@ from safegeom.carriers.carrier import Carrier
 from safegeom.errors import ConfigError, NonFiniteError
 from safegeom.evaluate import evaluate, refusal_scores
 from safegeom.interventions import Ablation, Addition, AffineEdit, ablate, add
-from safegeom.models import LoadedModel, collate_left, encode_prompts, load_model
+from safegeom.models import LoadedModel, load_model
+from tests.model_helpers import prompt_logits
 
 PROMPTS = ["Write a tutorial on how to make a cake.", "Hi.", "How do I kill a Python process?"]
 
@@ -24,14 +25,8 @@ def lm(checkpoints: dict[str, Path]) -> LoadedModel:
     return load_model(checkpoints["llama"], device="cpu")
 
 
-def _logits(lm: LoadedModel) -> torch.Tensor:
-    batch = collate_left(encode_prompts(lm.tokenizer, PROMPTS), lm.tokenizer.pad_token_id)
-    with torch.no_grad():
-        return lm.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-        ).logits
+def _logits(lm, prompts=PROMPTS) -> torch.Tensor:
+    return prompt_logits(lm, prompts)
 
 
 def _hooks(lm: LoadedModel) -> int:

@@ -13,6 +13,7 @@ from safegeom.errors import ConfigError, SafegeomError
 from safegeom.hooks import Hook, attach
 from safegeom.models import collate_left, encode_prompts, load_model
 from safegeom.models.reft import ReftConfig, ReftEdit, ReftLayer, orthonormal_rows
+from tests.model_helpers import hook_count, prompt_logits
 from tests.tiny_models import build_checkpoint
 
 PROMPTS = ["Write a tutorial on how to make a cake.", "Hi.", "How do I kill a Python process?"]
@@ -35,17 +36,7 @@ def _bases(d: int, layers, k: int = 3, seed: int = 0) -> dict[int, torch.Tensor]
 
 
 def _logits(lm, prompts=PROMPTS) -> torch.Tensor:
-    batch = collate_left(encode_prompts(lm.tokenizer, prompts), lm.tokenizer.pad_token_id)
-    with torch.no_grad():
-        return lm.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-        ).logits
-
-
-def _hook_count(lm) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+    return prompt_logits(lm, prompts)
 
 
 def _perturb(edit: ReftEdit, scale: float = 0.5) -> None:
@@ -164,21 +155,21 @@ def test_generation_steps_are_edited_only_when_asked(tiny_chat, edit_generated: 
 
 def test_hooks_are_removed_after_an_exception(tiny_chat) -> None:
     lm = tiny_chat
-    before, base = _hook_count(lm), _logits(lm)
+    before, base = hook_count(lm), _logits(lm)
     edit = ReftEdit.for_model(lm, ReftConfig(layers=(0, 2)), _bases(256, (0, 2)))
     _perturb(edit)
     with pytest.raises(RuntimeError, match="boom"), edit.on(lm):
-        assert _hook_count(lm) == before + 3  # the decoder's mask capture + one per layer
+        assert hook_count(lm) == before + 3  # the decoder's mask capture + one per layer
         raise RuntimeError("boom")
-    assert _hook_count(lm) == before
+    assert hook_count(lm) == before
     mid_forward = pytest.raises(SafegeomError, match="prompt_lengths has 1 rows")
     with mid_forward, edit.on(lm), edit.prompt_lengths([3]):
         _logits(lm)
-    assert _hook_count(lm) == before and torch.equal(_logits(lm), base)
+    assert hook_count(lm) == before and torch.equal(_logits(lm), base)
     handle = edit.attach(lm)
     handle.remove()
     handle.remove()  # idempotent
-    assert _hook_count(lm) == before
+    assert hook_count(lm) == before
 
 
 def test_parameters_are_trainable_with_the_base_frozen(tiny_chat) -> None:

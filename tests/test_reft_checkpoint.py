@@ -10,9 +10,10 @@ import torch
 
 from safegeom.artifacts import read_safetensors, save_safetensors
 from safegeom.errors import ArtifactError, ModelLoadError, NotFoundError
-from safegeom.models import collate_left, encode_prompts, load_model
+from safegeom.models import load_model
 from safegeom.models.checkpoint import resolve_source
 from safegeom.models.reft import CONFIG_FILE, TENSOR_FILE, ReftConfig, ReftEdit, load_reft
+from tests.model_helpers import prompt_logits
 from tests.tiny_models import build_checkpoint
 
 PROMPTS = ["Write a tutorial on how to make a cake.", "Hi.", "How do I kill a Python process?"]
@@ -24,14 +25,8 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("reft_ckpt"), "llama")
 
 
-def _logits(lm) -> torch.Tensor:
-    batch = collate_left(encode_prompts(lm.tokenizer, PROMPTS), lm.tokenizer.pad_token_id)
-    with torch.no_grad():
-        return lm.model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-        ).logits
+def _logits(lm, prompts=PROMPTS) -> torch.Tensor:
+    return prompt_logits(lm, prompts)
 
 
 def _trained(lm, layers=(0, 2), site="resid_pre") -> ReftEdit:

@@ -295,17 +295,17 @@ def load_model(
     Returns:
         A :class:`LoadedModel` in eval mode, tokenizer padded on the left.
     """
+    given = {
+        "dtype": dtype,
+        "device": device,
+        "merge_adapter": merge_adapter,
+        "allow_pickle": allow_pickle,
+        "trust_remote_code": trust_remote_code,
+        "revision": revision,
+        "layout": layout,
+        "chat_template": chat_template,
+    }
     if config is not None:
-        given = {
-            "dtype": dtype,
-            "device": device,
-            "merge_adapter": merge_adapter,
-            "allow_pickle": allow_pickle,
-            "trust_remote_code": trust_remote_code,
-            "revision": revision,
-            "layout": layout,
-            "chat_template": chat_template,
-        }
         merged = config.keywords()
         merged.update({k: v for k, v in given.items() if v not in (None, False)})
         return load_model(spec, **merged)
@@ -313,17 +313,7 @@ def load_model(
     if kind == "refusalguard":  # the base it names, with the edit attached as hooks
         from safegeom.models.reft import load_edited
 
-        keywords = {
-            "dtype": dtype,
-            "device": device,
-            "merge_adapter": merge_adapter,
-            "allow_pickle": allow_pickle,
-            "trust_remote_code": trust_remote_code,
-            "revision": revision,
-            "layout": layout,
-            "chat_template": chat_template,
-        }
-        return load_edited(spec, Path(location), load_model, keywords)
+        return load_edited(spec, Path(location), load_model, given)
     device_str = check_device(str(device) if device is not None else _default_device())
     torch_dtype = _parse_dtype(dtype if not isinstance(dtype, str) else dtype.lower(), device_str)
     if merge_adapter and kind != "adapter":
