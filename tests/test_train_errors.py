@@ -148,3 +148,16 @@ def test_train_has_the_loading_flags(
     assert main([*args, "--device", "cpu", "--trust-remote-code", "--no-allow-pickle"]) == 0
     assert main([*args, "--resume", "--overwrite"]) == 2
     assert "pass either --resume or --overwrite, not both" in capsys.readouterr().err
+
+
+def test_a_damaged_manifest_is_named(tmp_path: Path) -> None:
+    from safegeom.errors import ArtifactError, NotFoundError
+
+    with pytest.raises(NotFoundError, match="holds no training run"):
+        load_trajectory(tmp_path)
+    (tmp_path / "trajectory.json").write_text("{half")
+    with pytest.raises(ArtifactError, match="is not a readable safegeom trajectory manifest"):
+        load_trajectory(tmp_path)
+    (tmp_path / "trajectory.json").write_text('{"format": "other/1"}')
+    with pytest.raises(ArtifactError, match=r"is not a safegeom trajectory manifest \(format"):
+        load_trajectory(tmp_path)

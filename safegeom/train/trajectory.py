@@ -16,7 +16,6 @@ back with :func:`load_trajectory`.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,9 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from safegeom.artifacts import write_json
+from safegeom.artifacts import read_json, write_json
 from safegeom.errors import (
-    ArtifactError,
     ConfigError,
     NotFoundError,
     OutputPathError,
@@ -202,12 +200,7 @@ def load_trajectory(root: str | Path) -> Trajectory:
     file = folder / MANIFEST
     if not file.is_file():
         raise NotFoundError(f"{folder} holds no training run: {MANIFEST} is missing")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{file} is not valid JSON ({err})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ArtifactError(f"{file} is not a safegeom trajectory manifest (format {FORMAT!r})")
+    data = read_json(file, what="safegeom trajectory manifest", format=FORMAT)
     records = tuple(
         CheckpointRecord(
             step=int(c["step"]),
