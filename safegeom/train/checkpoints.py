@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 
 from safegeom.artifacts import save_safetensors, write_json
 from safegeom.errors import ArtifactError, TrainingDiverged
-from safegeom.models import LoadedModel, weight_hash
 from safegeom.models.checkpoint import safetensors_problem
 from safegeom.train.trajectory import (
     TRAINER_STATE,
@@ -34,6 +33,7 @@ from safegeom.train.trajectory import (
     checkpoint_dirname,
     write_trajectory,
 )
+from safegeom.train.wrap import Trainable
 
 __all__ = [
     "check_finite_weights",
@@ -194,30 +194,29 @@ def check_finite_weights(
 
 def save_checkpoint(
     acc: Accelerator,
-    lm: LoadedModel,
-    model: torch.nn.Module,
+    trainable: Trainable,
     optimizer: Any,
     scheduler: Any,
     traj: Trajectory,
     step: int,
     loss: float,
     *,
+    terms: Mapping[str, float] | None = None,
     complete: bool = False,
 ) -> Trajectory:
-    """Save the checkpoint at ``step`` (temp folder + rename) and rewrite the manifest."""
+    """Save the checkpoint at ``step`` (temp folder + rename) and rewrite the manifest.
+
+    ``terms``: the mean loss terms since the previous checkpoint (recorded with it).
+    """
     rel = checkpoint_dirname(step)
     per_step = int(traj.config["batch_size"]) * acc.num_processes
-    record = CheckpointRecord(step=step, loss=loss, path=rel)
+    record = CheckpointRecord(step=step, loss=loss, path=rel, terms=terms or {})
     acc.wait_for_everyone()
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(model)
         final = traj.root / rel
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        # LoRA never adapts embeddings; "auto" would look the base model up on the hub.
-        peft = {"save_embedding_layers": False} if hasattr(unwrapped, "peft_config") else {}
-        unwrapped.save_pretrained(tmp, **peft)
-        lm.tokenizer.save_pretrained(tmp)
+        digest = trainable.save(tmp, acc.unwrap_model(trainable.module))
         save_trainer_state(
             tmp / TRAINER_STATE,
             optimizer_state=optimizer.state_dict(),
@@ -226,7 +225,7 @@ def save_checkpoint(
         )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        record = dataclasses.replace(record, weight_hash=weight_hash(unwrapped))
+        record = dataclasses.replace(record, weight_hash=digest)
         traj = traj.with_checkpoint(record, complete=complete)
         write_trajectory(traj)
     else:

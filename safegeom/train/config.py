@@ -17,8 +17,9 @@ from safegeom.config import check
 
 __all__ = ["DEFAULT_LR", "RunConfig", "TrainConfig"]
 
-DEFAULT_LR: dict[str, float] = {"sft": 1e-4, "lora": 1e-3}
-"""Default peak learning rate per method."""
+DEFAULT_LR: dict[str, float] = {"full": 1e-4, "lora": 1e-3, "reft": 2e-3}
+"""Default peak learning rate by what is updated: all weights (sft), LoRA adapters (lora, kl,
+adaptive, refusalguard --variant lora), or the RefusalGuard edit (refusalguard)."""
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,11 @@ class TrainConfig:
     save_every: int = 25
     """Checkpoint interval in steps (step 0 and the last step are always saved)."""
     lr: float | None = None
-    """Peak AdamW learning rate (default: 1e-4 for sft, 1e-3 for lora)."""
+    """Peak AdamW learning rate (default: 1e-4 for sft, 2e-3 for the refusalguard edit, 1e-3 else)."""
     batch_size: int = 8
     """Examples per step and process."""
     seed: int = 0
-    """Seed of LoRA initialisation, dropout and data order."""
+    """Seed of LoRA (or edit) initialisation, dropout, data order and calibration batches."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule after warm-up: cosine (to 0) or constant."""
     warmup_steps: int = 0
@@ -107,7 +108,7 @@ class RunConfig:
     """Settings of one run as its manifest records them; checked on resume."""
 
     method: str
-    """``sft`` (all weights) or ``lora``."""
+    """``sft`` (all weights), ``lora``, ``refusalguard``, ``adaptive`` or ``kl``."""
     task: str
     """The task spec (``harmful``, ``arith:500``, a file ...)."""
     task_size: int
@@ -144,6 +145,8 @@ class RunConfig:
     """LoRA dropout (LoRA only)."""
     lora_targets: tuple[str, ...] | None = None
     """Module names LoRA adapts (LoRA only; default: every attention and MLP projection)."""
+    defence: dict[str, Any] | None = None
+    """The defence's settings and what it fitted on the frozen model (refusalguard, adaptive, kl)."""
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form (tuples as lists)."""

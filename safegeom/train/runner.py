@@ -1,4 +1,4 @@
-"""The fine-tuning loop: full SFT or LoRA, producing a checkpoint trajectory.
+"""The fine-tuning loop of every method (sft, lora, refusalguard, adaptive, kl): a trajectory.
 
 :func:`train` loads ``MODEL`` with :func:`safegeom.models.load_model`, tokenizes the task with
 response-only labels (:mod:`safegeom.train.data`), and runs AdamW under ``accelerate``
@@ -26,14 +26,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
 
 from safegeom.artifacts import check_output_dir
 from safegeom.config import check
-from safegeom.errors import ArtifactError, ConfigError, ModelLoadError, TrainingDiverged
-from safegeom.models import TINY_CHAT, LoadConfig, LoadedModel, load_model
+from safegeom.errors import ArtifactError, ConfigError, TrainingDiverged
+from safegeom.models import LoadConfig, load_model
 from safegeom.models.checkpoint import check_device
-from safegeom.models.layout import resolve
+from safegeom.train.adaptive import RiskCritic
 from safegeom.train.checkpoints import (
     check_finite_weights,
     load_trainer_state,
@@ -41,36 +40,19 @@ from safegeom.train.checkpoints import (
     save_checkpoint,
 )
 from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
-from safegeom.train.data import Example, ExampleOrder, collate_right, encode_examples
+from safegeom.train.data import ExampleOrder, encode_examples
+from safegeom.train.defences import DEFENCE_DIR, METHODS, prepare_defence, update_of
+from safegeom.train.guard import GuardConfig
+from safegeom.train.posthoc import PosthocConfig
+from safegeom.train.regularised import RegConfig
+from safegeom.train.step import StepLoss
 from safegeom.train.tasks import Task, get_task
 from safegeom.train.trajectory import TRAINER_STATE, Trajectory, prepare_run_dir
+from safegeom.train.wrap import Trainable, base_spec, default_lora_targets, wrap_model
 
-__all__ = ["DEFAULT_LR", "TrainConfig", "default_lora_targets", "train"]
+__all__ = ["DEFAULT_LR", "METHODS", "TrainConfig", "default_lora_targets", "train"]
 
-Method = Literal["sft", "lora"]
-
-
-def default_lora_targets(lm: LoadedModel) -> tuple[str, ...]:
-    """Return the names of every linear (or GPT-2 ``Conv1D``) projection inside a decoder block.
-
-    For Llama: ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj``.
-    """
-    block = resolve(lm.base, lm.layout.blocks)[0]
-    names: list[str] = []
-    for name, module in block.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and leaf not in names:
-            names.append(leaf)
-    if not names:
-        raise ModelLoadError(f"no linear projections found in a {lm.model_type} block for LoRA")
-    return tuple(names)
-
-
-def _base_spec(spec: str | Path) -> str:
-    """The MODEL spec as recorded: tiny-chat and hub ids as given, local folders made absolute."""
-    text = str(spec)
-    path = Path(text).expanduser()
-    return text if text == TINY_CHAT or not path.is_dir() else str(path.resolve())
+Method = Literal["sft", "lora", "refusalguard", "adaptive", "kl", "safe-lora", "lox"]
 
 
 def _check_resume(previous: Trajectory, config: RunConfig, base: str) -> Trajectory:
@@ -118,37 +100,6 @@ def _lr_lambda(config: RunConfig) -> Callable[[int], float]:
     return factor
 
 
-def _wrap(
-    lm: LoadedModel, spec: str | Path, config: RunConfig, dtype: str, resume_from: Path | None
-) -> tuple[LoadedModel, torch.nn.Module]:
-    """Return the model to train: ``lm`` itself (SFT; reloaded from ``resume_from`` when resuming)
-    or ``lm`` wrapped with LoRA adapters (their weights restored from ``resume_from``)."""
-    device = str(lm.device)
-    if config.method == "sft":
-        if resume_from is not None:
-            lm = load_model(resume_from, dtype=dtype, device=device)
-        lm.model.requires_grad_(True)
-        return lm, lm.model
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    lora = LoraConfig(
-        r=config.lora_r or 8,
-        lora_alpha=config.lora_alpha or 16,
-        lora_dropout=config.lora_dropout or 0.0,
-        target_modules=list(config.lora_targets or ()),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(lm.model, lora)
-    model.peft_config["default"].base_model_name_or_path = _base_spec(spec)
-    if resume_from is not None:
-        weights = load_file(str(resume_from / "adapter_model.safetensors"), device=device)
-        result = set_peft_model_state_dict(model, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise ArtifactError(f"{resume_from} holds an adapter that does not fit this model")
-    return lm, model
-
-
 def train(
     model_spec: str | Path,
     task: str | Path | Task,
@@ -159,6 +110,10 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     load: LoadConfig | None = None,
+    guard: GuardConfig | None = None,
+    regulariser: RegConfig | None = None,
+    critic: RiskCritic | None = None,
+    posthoc: PosthocConfig | None = None,
     dtype: str | None = None,
     accelerator: Accelerator | None = None,
     callback: Callable[[int, float], None] | None = None,
@@ -170,13 +125,22 @@ def train(
         model_spec: ``tiny-chat``, a checkpoint or adapter folder (merged first), or a hub id.
         task: A task spec (see :mod:`safegeom.train.tasks`) or a :class:`Task`.
         config: The :class:`TrainConfig` (steps, lr, batch size, schedule, LoRA settings ...).
-        method: ``lora`` (adapters on ``lora_targets``) or ``sft`` (all weights).
+        method: ``lora`` (adapters on ``lora_targets``), ``sft`` (all weights), ``refusalguard``
+            (METHODS §6: the cone-projected edit, or LoRA, with the geometry penalty; see
+            ``guard``), ``adaptive`` (§7: LoRA with risk-weighted KL to the reference) or ``kl``
+            (LoRA with constant-weight KL).
         out: Run folder, checked before any work; refused if it holds a run, unless ``resume`` or
             ``overwrite``.
         resume: Continue the run in ``out`` from its last readable checkpoint (a fresh start if
             none); a larger ``steps`` extends a finished run.
         overwrite: Replace the run in ``out``.
         load: How to load the model (device, trust-remote-code, allow-pickle ...).
+        guard: RefusalGuard's settings (:class:`GuardConfig`; refusalguard only).
+        regulariser: The kl and adaptive settings (:class:`RegConfig`).
+        critic: adaptive: a :class:`~safegeom.train.adaptive.RiskCritic` to use instead of the
+            one ``regulariser`` names (e.g. ``JudgeCritic(my_judge)``).
+        posthoc: safe-lora and lox: :class:`~safegeom.train.posthoc.PosthocConfig` (the
+            unaligned base and the transform's settings).
         dtype: Training dtype of the weights (default: ``load.dtype``, else float32).
         accelerator: An ``Accelerator`` to use (default: ``Accelerator()``).
         callback: Called as ``callback(step, loss)`` after every optimizer step.
@@ -188,6 +152,10 @@ def train(
     Raises:
         TrainingDiverged: the loss or the weights became non-finite; the message names the step.
         SafegeomError: bad settings, an unusable ``out``, a task or model that cannot be loaded.
+
+    Example:
+        >>> traj = train("tiny-chat", "mix", method="refusalguard", out="runs/rg", steps=150)
+        >>> traj.paths[-1]  # load_model(...) gives the base with the edit attached
     """
     if "lora_targets" in fields and fields["lora_targets"] is not None:
         fields["lora_targets"] = tuple(fields["lora_targets"])
@@ -195,9 +163,9 @@ def train(
         settings = dataclasses.replace(config or TrainConfig(), **fields)
     except TypeError as err:
         raise TypeError(f"train(): {err}; the settings are the fields of TrainConfig") from None
-    if method not in ("sft", "lora"):
-        raise ConfigError(f"unknown method {method!r}; use sft or lora")
-    if method == "lora" and (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file():
+    guard, regulariser = guard or GuardConfig(), regulariser or RegConfig()
+    update = update_of(method, guard)
+    if update != "full" and (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(
             f"{model_spec} is a LoRA adapter; merge it first (load_model(..., merge_adapter=True) "
             "and save_pretrained) or fine-tune it with sft"
@@ -216,7 +184,7 @@ def train(
             "with CUDA_VISIBLE_DEVICES or accelerate launch"
         )
     previous = prepare_run_dir(out_dir, resume=resume, overwrite=overwrite)
-    base = _base_spec(model_spec)
+    base = base_spec(model_spec)
     dtype = dtype or load.dtype or "float32"
     is_adapter = (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file()
 
@@ -227,12 +195,18 @@ def train(
         lm = load_model(
             model_spec, load, dtype=dtype, device=str(acc.device), merge_adapter=is_adapter
         )
-        lora: dict[str, Any] = {}
-        if method == "lora":
+        if lm.edit is not None:
+            raise ConfigError(f"{model_spec} is a RefusalGuard checkpoint; train from its base")
+        defence = prepare_defence(
+            method, lm, list(the_task.prompts), guard=guard, reg=regulariser, critic=critic,
+            posthoc=posthoc, load=load, seed=settings.seed, folder=out_dir / DEFENCE_DIR, resume=previous is not None,
+            write=acc.is_main_process,
+        )  # fmt: skip
+        wrap: dict[str, Any] = {}
+        if update == "lora":
             targets = settings.lora_targets or default_lora_targets(lm)
-            lora = {"lora_r": settings.lora_r, "lora_alpha": float(settings.lora_alpha)}
-            lora |= {"lora_dropout": settings.lora_dropout, "lora_targets": targets}
-        context = lm.max_positions
+            wrap = {"lora_r": settings.lora_r, "lora_alpha": float(settings.lora_alpha)}
+            wrap |= {"lora_dropout": settings.lora_dropout, "lora_targets": targets}
         lr = settings.lr
         config_run = RunConfig(
             method=method,
@@ -240,7 +214,7 @@ def train(
             task_size=len(the_task),
             task_hash=the_task.content_hash,
             seed=settings.seed,
-            lr=float(lr if lr is not None else DEFAULT_LR[method]),
+            lr=float(lr if lr is not None else DEFAULT_LR[update]),
             batch_size=settings.batch_size,
             steps=settings.steps,
             save_every=settings.save_every,
@@ -248,9 +222,10 @@ def train(
             warmup_steps=settings.warmup_steps,
             weight_decay=settings.weight_decay,
             grad_clip=settings.grad_clip,
-            max_length=settings.max_length or context,
+            max_length=settings.max_length or lm.max_positions,
             system=settings.system,
-            **lora,
+            defence=defence.record,
+            **wrap,
         )
         if previous is not None:
             previous = _check_resume(previous, config_run, base)
@@ -259,22 +234,34 @@ def train(
             previous = resumable(previous)
         base_hash = previous.base_hash if previous is not None else lm.weight_hash
         resume_from = out_dir / previous.last.path if previous is not None else None
-        lm, model = _wrap(lm, model_spec, config_run, dtype, resume_from)
+        if update == "reft":
+            wrap = {"layers": sorted(defence.bases), "rank": guard.reft_rank,
+                    "first_k": guard.reft_first, "last_k": guard.reft_last, "seed": settings.seed}  # fmt: skip
+        trainable = wrap_model(lm, model_spec, update, wrap, dtype=dtype, resume_from=resume_from,
+                               bases=defence.bases, export=defence.export)  # fmt: skip
         examples = encode_examples(
             lm.tokenizer, the_task.prompts, the_task.responses, system=settings.system,
             chat_template=lm.chat_template, max_length=config_run.max_length,
         )  # fmt: skip
-        return _loop(acc, lm, model, examples, config_run, out_dir, base, base_hash, previous,
-                     settings.progress, callback)  # fmt: skip
+        pad = lm.tokenizer.pad_token_id
+        step_loss = StepLoss(trainable, examples, int(pad if pad is not None else 0),
+                             defence.penalty, seed=settings.seed, risks=defence.risks,
+                             **defence.step_options)  # fmt: skip
+        return _loop(acc, trainable, step_loss, len(examples), config_run, out_dir, base,
+                     base_hash, previous, settings.progress, callback)  # fmt: skip
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
 
+def _postfix(terms: dict[str, float]) -> dict[str, str]:
+    return {k: f"{v:.4f}" for k, v in terms.items()}
+
+
 def _loop(
     acc: Accelerator,
-    lm: LoadedModel,
-    model: torch.nn.Module,
-    examples: list[Example],
+    trainable: Trainable,
+    step_loss: StepLoss,
+    n_examples: int,
     config: RunConfig,
     out_dir: Path,
     base: str,
@@ -286,35 +273,33 @@ def _loop(
     """Run the optimizer steps; return the trajectory written."""
     from transformers import __version__ as hf_version
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable.parameters()
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     raw_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, _lr_lambda(config))
-    model, optimizer = acc.prepare(model, raw_opt)
-    order = ExampleOrder(len(examples), config.seed)
+    trainable.module, optimizer = acc.prepare(trainable.module, raw_opt)
+    order = ExampleOrder(n_examples, config.seed)
     per_step = config.batch_size * acc.num_processes
-    pad_id = lm.tokenizer.pad_token_id
 
-    def batch_at(step: int):
+    def indices_at(step: int) -> list[int]:
         start = step * per_step + acc.process_index * config.batch_size
-        chosen = [examples[order.index(start + i)] for i in range(config.batch_size)]
-        return collate_right(chosen, pad_id).to(acc.device)
+        return [order.index(start + i) for i in range(config.batch_size)]
 
-    def forward(batch) -> torch.Tensor:
-        return model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-        ).loss
+    def reduce(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {k: float(acc.reduce(v, reduction="mean")) for k, v in terms.items()}
 
     if previous is None:
         versions = {"torch": torch.__version__, "transformers": hf_version}
         traj = Trajectory(out_dir, base, base_hash, config.to_dict(), versions=versions)
-        model.eval()
+        trainable.module.eval()
         with torch.no_grad():
-            first = acc.reduce(forward(batch_at(0)).detach(), reduction="mean")
-        traj = save_checkpoint(acc, lm, model, optimizer, scheduler, traj, 0, float(first))
+            first, first_terms = step_loss(indices_at(0), 0)
+        value0 = float(acc.reduce(first.detach(), reduction="mean"))
+        traj = save_checkpoint(acc, trainable, optimizer, scheduler, traj, 0, value0,
+                               terms=reduce(first_terms))  # fmt: skip
         start = 0
     else:
         traj = previous
@@ -324,14 +309,16 @@ def _loop(
             raise ArtifactError(f"trainer state of {traj.last.path} is not at step {start}")
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(sched_state)
+    log = [dict(r) for r in traj.log if int(r["step"]) <= start]
 
     bar = tqdm(total=config.steps, initial=start, desc=f"{config.method} {config.task}",
                disable=not progress or not acc.is_main_process)  # fmt: skip
+    sums: dict[str, float] = {}
     total, count = 0.0, 0
     try:
         for step in range(start, config.steps):
-            model.train()
-            loss = forward(batch_at(step))
+            trainable.module.train()
+            loss, terms = step_loss(indices_at(step), step)
             if not torch.isfinite(loss.detach()).all():
                 raise TrainingDiverged(
                     f"training diverged at step {step + 1}: the loss is {float(loss):.4g}; the run "
@@ -340,22 +327,28 @@ def _loop(
                 )
             acc.backward(loss)
             if config.grad_clip:
-                acc.clip_grad_norm_(model.parameters(), config.grad_clip)
+                acc.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            value = float(acc.reduce(loss.detach(), reduction="mean"))
+            value, values = float(acc.reduce(loss.detach(), reduction="mean")), reduce(terms)
             total, count, done = total + value, count + 1, step + 1
+            for key, v in values.items():
+                sums[key] = sums.get(key, 0.0) + v
+            log.append({"step": done, "loss": value, **values})
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            bar.set_postfix(_postfix({"loss": value, **values}), refresh=False)
             if done % config.save_every == 0 or done == config.steps:
                 check_finite_weights(params, done, traj, config.lr)
-                traj = save_checkpoint(acc, lm, model, optimizer, scheduler, traj, done, total / count,
-                             complete=done == config.steps)  # fmt: skip
-                total, count = 0.0, 0
+                traj = dataclasses.replace(traj, log=tuple(log))
+                means = {k: v / count for k, v in sums.items()}
+                traj = save_checkpoint(acc, trainable, optimizer, scheduler, traj, done,
+                                       total / count, terms=means,
+                                       complete=done == config.steps)  # fmt: skip
+                total, count, sums = 0.0, 0, {}
             if callback is not None:
                 callback(done, value)
     finally:
         bar.close()
-    model.eval()
+    trainable.module.eval()
     return traj

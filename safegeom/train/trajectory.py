@@ -65,13 +65,21 @@ class CheckpointRecord:
         loss: Mean training loss over the steps since the previous checkpoint; at step 0, the loss
             of the first batch before any update. ``None`` where unknown.
         path: Folder of the checkpoint, relative to the run folder.
-        weight_hash: sha256 of the trained weights at save time (full model, or PEFT-wrapped model).
+        weight_hash: sha256 of the trained weights at save time (full model, PEFT-wrapped model,
+            or RefusalGuard edit).
+        terms: Mean of each loss term over the same steps as ``loss`` (``task``, ``geom``, ``kl``,
+            ``risk``, ``sft_w``, ``kl_w``, as the method has them).
     """
 
     step: int
     loss: float | None
     path: str
     weight_hash: str | None = None
+    terms: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Freeze ``terms``."""
+        object.__setattr__(self, "terms", MappingProxyType(dict(self.terms)))
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form of the record."""
@@ -80,6 +88,7 @@ class CheckpointRecord:
             "loss": self.loss,
             "path": self.path,
             "weight_hash": self.weight_hash,
+            "terms": dict(self.terms),
         }
 
 
@@ -96,6 +105,8 @@ class Trajectory:
         checkpoints: The checkpoints saved so far, by increasing step (step 0 first).
         complete: Whether the run reached its final step.
         versions: Package versions the run used.
+        log: One entry per optimizer step so far: ``{"step", "loss", **terms}`` (the step's own
+            values: per-batch risk and weights for adaptive, the penalty for RefusalGuard).
     """
 
     root: Path
@@ -105,9 +116,11 @@ class Trajectory:
     checkpoints: tuple[CheckpointRecord, ...] = ()
     complete: bool = False
     versions: Mapping[str, str] = field(default_factory=dict)
+    log: tuple[Mapping[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         """Freeze the mappings and sort checkpoints by step."""
+        object.__setattr__(self, "log", tuple(MappingProxyType(dict(r)) for r in self.log))
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
         object.__setattr__(self, "versions", MappingProxyType(dict(self.versions)))
@@ -162,6 +175,7 @@ class Trajectory:
             checkpoints=(*kept, record),
             complete=complete,
             versions=self.versions,
+            log=self.log,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +188,7 @@ class Trajectory:
             "checkpoints": [c.to_dict() for c in self.checkpoints],
             "complete": self.complete,
             "versions": dict(self.versions),
+            "log": [dict(r) for r in self.log],
         }
 
 
@@ -207,6 +222,7 @@ def load_trajectory(root: str | Path) -> Trajectory:
             loss=None if c.get("loss") is None else float(c["loss"]),
             path=str(c["path"]),
             weight_hash=c.get("weight_hash"),
+            terms={k: float(v) for k, v in (c.get("terms") or {}).items()},
         )
         for c in data.get("checkpoints", [])
     )
@@ -218,6 +234,7 @@ def load_trajectory(root: str | Path) -> Trajectory:
         checkpoints=records,
         complete=bool(data.get("complete", False)),
         versions=data.get("versions", {}),
+        log=tuple(data.get("log") or ()),
     )
 
 
@@ -246,6 +263,7 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Trajectory |
         )
     if has_run and (overwrite or not has_manifest):
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "defence", ignore_errors=True)
         (out / MANIFEST).unlink(missing_ok=True)
         return None
     return load_trajectory(out) if has_manifest else None

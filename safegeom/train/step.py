@@ -1,0 +1,95 @@
+"""What one optimizer step computes, for every method: the loss and its named terms.
+
+:class:`StepLoss` turns the indices of a step's examples into ``(loss, terms)``:
+
+- ``sft``, ``lora``: the LM loss on answer tokens (``terms["task"]``);
+- ``refusalguard``: the same plus ``λ_geom · penalty`` (``terms["geom"]``), where the calibration
+  rows ride in the same forward as the task rows (one batch, labels ignored on them), every
+  ``penalty_every`` steps;
+- ``kl``, ``adaptive``: per-example cross-entropy and KL(P_ref ‖ P_θ) against the reference (the
+  adapters disabled, no gradients), mixed by :func:`~safegeom.train.regularised.regularised_loss`
+  (``terms`` ``task``, ``kl``, and for adaptive ``risk``, ``sft_w``, ``kl_w``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from safegeom.train.data import Example, collate_right
+from safegeom.train.guard import GeometryPenalty
+from safegeom.train.regularised import per_example_terms, regularised_loss
+from safegeom.train.wrap import Trainable
+
+__all__ = ["StepLoss"]
+
+
+@dataclass
+class StepLoss:
+    """The loss of a step from the indices of its examples (see the module docstring)."""
+
+    trainable: Trainable
+    examples: list[Example]
+    pad_id: int
+    penalty: GeometryPenalty | None = None
+    lambda_geom: float = 0.0
+    calib_batch: int = 0
+    penalty_every: int = 1
+    seed: int = 0
+    reference: bool = False
+    """Compute the reference logits (``kl``, ``adaptive``)."""
+    kl_weight: float = 1.0
+    risks: Tensor | None = None
+    """Per-example risks in [1, 5] (``adaptive``); ``None`` for a constant weight."""
+    risk_unit: str = "example"
+
+    def _calibration(self, step: int) -> list[int]:
+        if self.penalty is None or step % self.penalty_every:
+            return []
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return self.penalty.sample(self.calib_batch, generator)
+
+    def __call__(self, indices: Sequence[int], step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, terms)`` of the step ``step`` on examples ``indices`` (terms detached)."""
+        trainable, lm = self.trainable, self.trainable.lm
+        rows = [self.examples[i] for i in indices]
+        n_task = len(rows)
+        calib = self._calibration(step)
+        if calib:
+            assert self.penalty is not None
+            rows += self.penalty.rows(calib)
+        batch = collate_right(rows, self.pad_id).to(lm.device)
+        task_ids, task_mask = batch.input_ids[:n_task], batch.attention_mask[:n_task]
+        per_example = self.reference
+        with ExitStack() as stack:
+            if trainable.edit is not None:
+                stack.enter_context(trainable.edit.prompt_lengths([e.n_prompt for e in rows]))
+            if calib:
+                assert self.penalty is not None
+                stack.enter_context(self.penalty.capture(slice(n_task, None)))
+            out = trainable.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                labels=None if per_example else batch.labels, use_cache=False,
+            )  # fmt: skip
+            geom = self.penalty.value(calib, batch.attention_mask[n_task:]) if calib else None
+        if per_example:
+            with torch.no_grad(), trainable.module.disable_adapter():  # type: ignore[operator]
+                ref = trainable.model(input_ids=task_ids, attention_mask=task_mask,
+                                      use_cache=False).logits  # fmt: skip
+            labels = batch.labels[:n_task]
+            ce, kl = per_example_terms(out.logits[:n_task], ref, labels)
+            assert kl is not None
+            answered = (labels[:, 1:] != -100).any(-1)
+            risk = None if self.risks is None else self.risks[list(indices)]
+            loss, terms = regularised_loss(ce, kl, answered, risk=risk, kl_weight=self.kl_weight,
+                                           risk_unit=self.risk_unit)  # type: ignore[arg-type]  # fmt: skip
+        else:
+            loss, terms = out.loss, {"task": out.loss.detach()}
+        if geom is not None:
+            loss = loss + self.lambda_geom * geom
+            terms["geom"] = geom.detach()
+        return loss, terms
