@@ -163,7 +163,12 @@ def prepare_defence(
     if resume and risks_path.is_file():
         risks = read_safetensors(risks_path, what="adaptive risks")[0]["risk"]
     else:
-        risks = critic.risk(lm, prompts).to(torch.float32).cpu()
+        risks = torch.as_tensor(critic.risk(lm, prompts), dtype=torch.float32).cpu()
+        if risks.shape != (len(prompts),):
+            raise ConfigError(
+                f"the critic {name} gave risks of shape {tuple(risks.shape)} for {len(prompts)} "
+                "training prompts: risk(lm, prompts) must return one risk per prompt"
+            )
         if write:
             save_safetensors(risks_path, {"risk": risks}, {"critic": name})
     record["mean_risk"] = float(risks.mean())

@@ -276,7 +276,9 @@ class GeometryPenalty:
         lengths = mask.sum(-1).tolist()
         out: dict[int, list[Tensor]] = {}
         for key, basis in self.bases.items():
-            coords = self._seen[key].to(torch.float32) @ basis  # [rows, seq, k]
+            seen = self._seen[key]  # at least float32; a float64 model keeps float64
+            dtype = torch.promote_types(seen.dtype, torch.float32)
+            coords = seen.to(dtype) @ basis.to(dtype)  # [rows, seq, k]
             if key == READOUT or self.positions == "last":
                 out[key] = [coords[i, n - 1 : n] for i, n in enumerate(lengths)]
             else:

@@ -7,18 +7,19 @@
   rows ride in the same forward as the task rows (one batch, labels ignored on them), every
   ``penalty_every`` steps;
 - ``kl``, ``adaptive``: per-example cross-entropy and KL(P_ref ‖ P_θ) against the reference (the
-  adapters disabled, no gradients), mixed by :func:`~safegeom.train.regularised.regularised_loss`
-  (``terms`` ``task``, ``kl``, and for adaptive ``risk``, ``sft_w``, ``kl_w``).
+  adapters disabled, dropout off, no gradients), mixed by
+  :func:`~safegeom.train.regularised.regularised_loss` (``terms`` ``task``, ``kl``, and for
+  adaptive ``risk``, ``sft_w``, ``kl_w``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from safegeom.train.data import Example, collate_right
 from safegeom.train.guard import GeometryPenalty
@@ -26,6 +27,18 @@ from safegeom.train.regularised import per_example_terms, regularised_loss
 from safegeom.train.wrap import Trainable
 
 __all__ = ["StepLoss"]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within the block every module is in eval mode (no dropout); each one's mode is restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @dataclass
@@ -77,7 +90,9 @@ class StepLoss:
             )  # fmt: skip
             geom = self.penalty.value(calib, batch.attention_mask[n_task:]) if calib else None
         if per_example:
-            with torch.no_grad(), trainable.module.disable_adapter():  # type: ignore[operator]
+            # The reference is the frozen model itself: adapters off and no dropout.
+            reference = trainable.module.disable_adapter()  # type: ignore[operator]
+            with torch.no_grad(), reference, _eval_mode(trainable.model):
                 ref = trainable.model(input_ids=task_ids, attention_mask=task_mask,
                                       use_cache=False).logits  # fmt: skip
             labels = batch.labels[:n_task]
