@@ -38,6 +38,7 @@ FOUR = Task(name="four", prompts=tuple(RISKS),
 
 
 def _guard(variant: str = "reft", **fields) -> GuardConfig:
+    fields = {"penalty_every": 1, **fields}
     return GuardConfig(variant=variant, n_calib=3, calib_batch=2, **fields)  # type: ignore[arg-type]
 
 
@@ -98,7 +99,8 @@ def _check_interval_means(traj: Trajectory, keys: set[str]) -> None:
         rows = [r for r in traj.log if before.step < r["step"] <= record.step]
         assert record.loss == pytest.approx(sum(r["loss"] for r in rows) / len(rows), rel=1e-12)
         for key in keys:
-            mean = sum(r[key] for r in rows) / len(rows)
+            values = [r[key] for r in rows if key in r]  # geom: only on penalised steps
+            mean = sum(values) / len(values)
             assert record.terms[key] == pytest.approx(mean, rel=1e-12)
 
 
@@ -120,6 +122,8 @@ def test_refusalguard_logs_every_step_and_records_interval_means(ckpts, tmp_path
     sparse = train(ckpts["llama"], TINY, method="refusalguard", out=tmp_path / "sparse",
                    guard=_guard(variant, penalty_every=2), steps=3, **FAST)  # fmt: skip
     assert ["geom" in r for r in sparse.log] == [True, False, True]
+    rows = [r["geom"] for r in sparse.log if "geom" in r]
+    assert sparse.last.terms["geom"] == pytest.approx(sum(rows) / len(rows), rel=1e-12)
 
 
 @pytest.mark.parametrize(

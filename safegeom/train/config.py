@@ -17,7 +17,7 @@ from safegeom.config import check
 
 __all__ = ["DEFAULT_LR", "RunConfig", "TrainConfig"]
 
-DEFAULT_LR: dict[str, float] = {"full": 1e-4, "lora": 1e-3, "reft": 2e-3}
+DEFAULT_LR: dict[str, float] = {"full": 1e-4, "lora": 1e-3, "reft": 1e-2}
 """Default peak learning rate by what is updated: all weights (sft), LoRA adapters (lora, kl,
 adaptive, refusalguard --variant lora), or the RefusalGuard edit (refusalguard)."""
 
@@ -31,7 +31,7 @@ class TrainConfig:
     save_every: int = 25
     """Checkpoint interval in steps (step 0 and the last step are always saved)."""
     lr: float | None = None
-    """Peak AdamW learning rate (default: 1e-4 for sft, 2e-3 for the refusalguard edit, 1e-3 else)."""
+    """Peak AdamW learning rate (default: 1e-4 for sft, 1e-2 for the refusalguard edit, 1e-3 else)."""
     batch_size: int = 8
     """Examples per step and process."""
     seed: int = 0

@@ -121,7 +121,14 @@ def prepare_defence(
         bases, harmful, harmless = _cones(lm, guard, seed, folder, resume)
         penalty = None
         if guard.lambda_geom > 0:
-            penalty = GeometryPenalty(lm, bases, harmful, harmless, guard.cone_positions)
+            held = bases if guard.layer_cones else {k: v for k, v in bases.items() if k == READOUT}
+            if not held:
+                raise ConfigError(
+                    "layer_cones (--no-layer-cones) without readout (--no-readout) leaves nothing "
+                    "to penalise; keep one, or set lambda_geom (--lambda-geom) to 0"
+                )
+            kept = harmless if guard.penalise_harmless else None
+            penalty = GeometryPenalty(lm, held, harmful, kept, guard.cone_positions)
         record = {"method": "refusalguard", **config_dict(guard), "layers": list(layers),
                   "calibration": {harmful.name: harmful.content_hash,
                                   harmless.name: harmless.content_hash}}  # fmt: skip

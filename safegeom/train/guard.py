@@ -57,10 +57,13 @@ READOUT = -1
 class GuardConfig:
     """RefusalGuard settings (``safegeom train refusalguard``; METHODS §6, our proposal)."""
 
-    variant: Literal["reft", "lora"] = "reft"
-    """reft: a cone-projected LoReFT edit per layer, base frozen; lora: LoRA with the penalty."""
+    variant: Literal["reft", "lora"] = "lora"
+    """lora: LoRA with the geometry penalty (the default: on tiny-chat ``mix`` it holds refusal at
+    full task accuracy); reft: a cone-projected LoReFT edit per layer, base frozen (the paper's
+    representation form; on tiny-chat it learns the benign task to ~0.55 held-out accuracy only)."""
     guard_layers: str = "1:"
-    """The layer set S (a layer spec: 1: = every block but the first, 1:4, 1-3, all ...): edited
+    """The layer set S (a layer spec: 1: = every block but the first, 2:6 end-exclusive, 2-5
+    inclusive, 1,3, all): edited
     layers and penalised cones. Block 0's input is the token embedding, where the chat template's
     tokens after the instruction are the same for every prompt: it has no refusal cone."""
     cone: Literal["cheap", "rdo"] = "cheap"
@@ -69,9 +72,12 @@ class GuardConfig:
     """Cone dimension k of every basis."""
     readout: bool = True
     """Also hold the cone of the final hidden state (the head's input) at the last prompt token."""
+    layer_cones: bool = True
+    """Penalise the layer cones of S (at resid_pre); off: the readout cone alone (the reft edit
+    still keeps off its layers' cones by construction)."""
     cone_positions: Literal["all", "last"] = "all"
     """Prompt tokens where the layer cones are penalised: every real prompt token, or the last."""
-    lambda_geom: float = 10.0
+    lambda_geom: float = 0.3
     """λ_geom: weight of the geometry penalty (0: no penalty)."""
     calib_harmful: tuple[str, ...] = ("advbench:train", "jbb-harmful:train", "directharm4:train")
     """Harmful calibration prompt sets (combined, then sampled); also fit the cones."""
@@ -79,16 +85,25 @@ class GuardConfig:
     """Harmless calibration prompt sets."""
     n_calib: int = 48
     """Calibration prompts per class."""
+    penalise_harmless: bool = False
+    """Also hold the coordinates on the harmless calibration prompts (default: harmful prompts
+    only; the harmless ones still fit the cones). On tiny-chat ``mix`` (LoRA, λ 0.3, lr 2e-3)
+    holding both gave 0.695 held-out task accuracy, harmful only 0.79, at equal refusal."""
     calib_batch: int = 8
     """Calibration prompts per penalised step (half from each class); 0: all of them."""
-    penalty_every: int = 1
-    """Compute the penalty every this many steps (1: every step)."""
-    reft_rank: int = 4
+    penalty_every: int = 2
+    """Compute the penalty every this many steps (1: every step; 2 keeps the step cost near a
+    LoRA step's; see benchmarks/bench_train.py)."""
+    reft_rank: int = 8
     """Rank r of each layer's edit (reft variant)."""
     reft_first: int = 5
     """Edit the first this many prompt tokens (reft variant)."""
     reft_last: int = 5
     """Edit the last this many prompt tokens (reft variant)."""
+    reft_generated: bool = True
+    """Also edit the answer (and generated) tokens (reft variant). LoReFT edits prompt tokens
+    only; on tiny-chat that learns sentiment to a loss of 2.1 in 150 steps, against 0.26 with
+    this on (rank 8, lr 1e-2): the edit cannot carry the answer through attention alone."""
 
     def __post_init__(self) -> None:
         """Coerce the prompt-set lists to tuples and check every range.
@@ -206,8 +221,9 @@ def fit_guard_cones(
 class GeometryPenalty:
     """The frozen model's cone coordinates on the calibration prompts, and the penalty against them.
 
-    Build it from the frozen model before any update; then, inside :meth:`capture` around a forward
-    whose last rows are calibration rows (:meth:`rows`), :meth:`value` is the penalty.
+    Build it from the frozen model before any update; :meth:`value_of` is then the penalty of the
+    model as it is trained (or, after a forward inside :meth:`capture` whose rows ``rows`` are
+    calibration rows, :meth:`value`).
     """
 
     def __init__(
@@ -215,7 +231,7 @@ class GeometryPenalty:
         lm: LoadedModel,
         bases: dict[int, Tensor],
         harmful: PromptSet,
-        harmless: PromptSet,
+        harmless: PromptSet | None,
         positions: Literal["all", "last"] = "all",
     ) -> None:
         self.lm, self.positions = lm, positions
@@ -227,7 +243,9 @@ class GeometryPenalty:
                     f"the {where} cone has hidden size {basis.shape[0]}, the model {lm.d_model}: "
                     "fit the cones on the model being trained"
                 )
-        encoded = [*encode_chat(lm, harmful, None), *encode_chat(lm, harmless, None)]
+        encoded = [*encode_chat(lm, harmful, None)]
+        if harmless is not None:
+            encoded += encode_chat(lm, harmless, None)
         if not encoded:
             raise SafegeomError("the calibration set is empty: give harmful and harmless prompts")
         self.examples = [Example(tuple(e.input_ids), len(e.input_ids)) for e in encoded]
@@ -241,11 +259,12 @@ class GeometryPenalty:
         return [self.examples[i] for i in indices]
 
     def sample(self, n: int, generator: torch.Generator) -> list[int]:
-        """``n`` calibration indices, half harmful and half harmless (all when ``n`` is 0)."""
+        """``n`` calibration indices, half harmful and half harmless (all when ``n`` is 0; all
+        harmful when the penalty holds harmful prompts only)."""
         total = len(self.examples)
         if n <= 0 or n >= total:
             return list(range(total))
-        n_h = min(self.n_harmful, max(1, n // 2))
+        n_h = min(self.n_harmful, max(1, n // 2) if total > self.n_harmful else n)
         harm = torch.randperm(self.n_harmful, generator=generator)[:n_h]
         rest = torch.randperm(total - self.n_harmful, generator=generator)[: n - n_h]
         return [*harm.tolist(), *(rest + self.n_harmful).tolist()]
@@ -264,7 +283,8 @@ class GeometryPenalty:
 
     @contextmanager
     def capture(self, rows: slice) -> Iterator[None]:
-        """Record the hidden states of batch rows ``rows`` at every penalised site for one forward."""
+        """Record the hidden states of batch rows ``rows`` at every penalised site for one forward
+        (the states stay available to :meth:`value` after the block)."""
         self._rows, self._seen = rows, {}
         try:
             with attach(self._hooks()):
@@ -285,15 +305,32 @@ class GeometryPenalty:
                 out[key] = [coords[i, :n] for i, n in enumerate(lengths)]
         return out
 
+    def _decoder_forward(self, rows: list[Example], pad_id: int) -> Tensor:
+        """Run the decoder (blocks and final norm, no LM head) on ``rows`` inside :meth:`capture`;
+        return the attention mask."""
+        batch = collate_right(rows, pad_id).to(self.lm.device)
+        parent = self.lm.layout.blocks.rpartition(".")[0]
+        decoder = resolve(self.lm.base, parent) if parent else self.lm.base
+        with self.capture(slice(None)):
+            decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return batch.attention_mask
+
+    def value_of(self, indices: Sequence[int], pad_id: int) -> Float[Tensor, ""]:
+        """The penalty of the model as it is now on the calibration prompts ``indices``.
+
+        One forward of the decoder alone over those prompts (padded among themselves); the
+        gradient flows to whatever is trained (LoRA adapters, the edit).
+        """
+        seen_mask = self._decoder_forward(self.rows(indices), pad_id)
+        return self.value(indices, seen_mask)
+
     def _frozen_coordinates(self) -> dict[int, list[Tensor]]:
         frozen: dict[int, list[Tensor]] = {key: [] for key in self.bases}
         for start in range(0, len(self.examples), 32):
             chunk = self.examples[start : start + 32]
-            batch = collate_right(chunk, _pad(self.lm)).to(self.lm.device)
-            with torch.no_grad(), self.capture(slice(0, len(chunk))):
-                self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              use_cache=False)  # fmt: skip
-                coords = self._coordinates(batch.attention_mask)
+            with torch.no_grad():
+                mask = self._decoder_forward(chunk, _pad(self.lm))
+                coords = self._coordinates(mask)
             for key, values in coords.items():
                 frozen[key].extend(v.detach().clone() for v in values)
         return frozen

@@ -45,7 +45,8 @@ class RegConfig:
     probe_scale: Literal["binary", "probability"] = "binary"
     """Probe risk: harmful ⇒ 5 else 1 (§7), or 1 + 4·P(harmful) (our proposal)."""
     probe_layers: str = "all"
-    """Layers whose pooled hidden states feed the probe (a layer spec)."""
+    """Layers whose pooled hidden states feed the probe (a layer spec: all, 2:6 end-exclusive, 2-5
+    inclusive, 1,3)."""
     probe_n: int = 128
     """Training prompts per class of the probe."""
 

@@ -17,7 +17,6 @@ identical to an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from safegeom.artifacts import check_output_dir
 from safegeom.config import check
-from safegeom.errors import ArtifactError, ConfigError, TrainingDiverged
+from safegeom.errors import ArtifactError, ConfigError
 from safegeom.models import LoadConfig, load_model
 from safegeom.models.checkpoint import check_device
 from safegeom.train.adaptive import RiskCritic
@@ -43,6 +42,7 @@ from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
 from safegeom.train.data import ExampleOrder, encode_examples
 from safegeom.train.defences import DEFENCE_DIR, METHODS, prepare_defence, update_of
 from safegeom.train.guard import GuardConfig
+from safegeom.train.optim import make_optimizer, optimizer_step
 from safegeom.train.posthoc import PosthocConfig
 from safegeom.train.regularised import RegConfig
 from safegeom.train.step import StepLoss
@@ -50,7 +50,15 @@ from safegeom.train.tasks import Task, get_task
 from safegeom.train.trajectory import TRAINER_STATE, Trajectory, prepare_run_dir
 from safegeom.train.wrap import Trainable, base_spec, default_lora_targets, wrap_model
 
-__all__ = ["DEFAULT_LR", "METHODS", "TrainConfig", "default_lora_targets", "train"]
+__all__ = [
+    "DEFAULT_LR",
+    "METHODS",
+    "TrainConfig",
+    "default_lora_targets",
+    "optimizer_step",
+    "train",
+    "wrap_settings",
+]
 
 Method = Literal["sft", "lora", "refusalguard", "adaptive", "kl", "safe-lora", "lox"]
 
@@ -86,18 +94,6 @@ def _check_resume(previous: Trajectory, config: RunConfig, base: str) -> Traject
         previous, config={**previous.config, "steps": config.steps},
         complete=config.steps == done,
     )  # fmt: skip
-
-
-def _lr_lambda(config: RunConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.schedule == "constant":
-            return 1.0
-        t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
-
-    return factor
 
 
 def train(
@@ -202,11 +198,7 @@ def train(
             posthoc=posthoc, load=load, seed=settings.seed, folder=out_dir / DEFENCE_DIR, resume=previous is not None,
             write=acc.is_main_process,
         )  # fmt: skip
-        wrap: dict[str, Any] = {}
-        if update == "lora":
-            targets = settings.lora_targets or default_lora_targets(lm)
-            wrap = {"lora_r": settings.lora_r, "lora_alpha": float(settings.lora_alpha)}
-            wrap |= {"lora_dropout": settings.lora_dropout, "lora_targets": targets}
+        wrap = wrap_settings(update, settings, guard, lm, sorted(defence.bases))
         lr = settings.lr
         config_run = RunConfig(
             method=method,
@@ -225,7 +217,7 @@ def train(
             max_length=settings.max_length or lm.max_positions,
             system=settings.system,
             defence=defence.record,
-            **wrap,
+            **(wrap if update == "lora" else {}),
         )
         if previous is not None:
             previous = _check_resume(previous, config_run, base)
@@ -234,9 +226,6 @@ def train(
             previous = resumable(previous)
         base_hash = previous.base_hash if previous is not None else lm.weight_hash
         resume_from = out_dir / previous.last.path if previous is not None else None
-        if update == "reft":
-            wrap = {"layers": sorted(defence.bases), "rank": guard.reft_rank,
-                    "first_k": guard.reft_first, "last_k": guard.reft_last, "seed": settings.seed}  # fmt: skip
         trainable = wrap_model(lm, model_spec, update, wrap, dtype=dtype, resume_from=resume_from,
                                bases=defence.bases, export=defence.export)  # fmt: skip
         examples = encode_examples(
@@ -251,6 +240,22 @@ def train(
                      base_hash, previous, settings.progress, callback)  # fmt: skip
     finally:
         torch.use_deterministic_algorithms(deterministic)
+
+
+def wrap_settings(
+    update: str, settings: TrainConfig, guard: GuardConfig, lm: Any, layers: list[int]
+) -> dict[str, Any]:
+    """What :func:`~safegeom.train.wrap.wrap_model` needs for ``update``: the LoRA settings
+    (targets resolved against ``lm``), or the edit's ``layers``, rank, positions and seed."""
+    if update == "lora":
+        targets = settings.lora_targets or default_lora_targets(lm)
+        return {"lora_r": settings.lora_r, "lora_alpha": float(settings.lora_alpha),
+                "lora_dropout": settings.lora_dropout, "lora_targets": targets}  # fmt: skip
+    if update == "reft":
+        return {"layers": sorted(layers), "rank": guard.reft_rank, "first_k": guard.reft_first,
+                "last_k": guard.reft_last, "seed": settings.seed,
+                "edit_generated": guard.reft_generated}  # fmt: skip
+    return {}
 
 
 def _postfix(terms: dict[str, float]) -> dict[str, str]:
@@ -274,12 +279,7 @@ def _loop(
     from transformers import __version__ as hf_version
 
     params = trainable.parameters()
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    raw_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, _lr_lambda(config))
+    raw_opt, scheduler = make_optimizer(params, config)
     trainable.module, optimizer = acc.prepare(trainable.module, raw_opt)
     order = ExampleOrder(n_examples, config.seed)
     per_step = config.batch_size * acc.num_processes
@@ -313,35 +313,25 @@ def _loop(
 
     bar = tqdm(total=config.steps, initial=start, desc=f"{config.method} {config.task}",
                disable=not progress or not acc.is_main_process)  # fmt: skip
-    sums: dict[str, float] = {}
+    sums: dict[str, list[float]] = {}
     total, count = 0.0, 0
     try:
         for step in range(start, config.steps):
-            trainable.module.train()
-            loss, terms = step_loss(indices_at(step), step)
-            if not torch.isfinite(loss.detach()).all():
-                raise TrainingDiverged(
-                    f"training diverged at step {step + 1}: the loss is {float(loss):.4g}; the run "
-                    f"keeps its checkpoints up to step {traj.last.step} and is not complete; "
-                    f"lower --lr (now {config.lr:g}) or raise --warmup-steps"
-                )
-            acc.backward(loss)
-            if config.grad_clip:
-                acc.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, terms = optimizer_step(
+                acc, trainable, step_loss, optimizer, scheduler, indices_at(step), step,
+                grad_clip=config.grad_clip, lr=config.lr, saved=traj.last.step,
+            )  # fmt: skip
             value, values = float(acc.reduce(loss.detach(), reduction="mean")), reduce(terms)
             total, count, done = total + value, count + 1, step + 1
             for key, v in values.items():
-                sums[key] = sums.get(key, 0.0) + v
+                sums.setdefault(key, []).append(v)
             log.append({"step": done, "loss": value, **values})
             bar.update(1)
             bar.set_postfix(_postfix({"loss": value, **values}), refresh=False)
             if done % config.save_every == 0 or done == config.steps:
                 check_finite_weights(params, done, traj, config.lr)
                 traj = dataclasses.replace(traj, log=tuple(log))
-                means = {k: v / count for k, v in sums.items()}
+                means = {k: sum(v) / len(v) for k, v in sums.items()}  # over steps that have it
                 traj = save_checkpoint(acc, trainable, optimizer, scheduler, traj, done,
                                        total / count, terms=means,
                                        complete=done == config.steps)  # fmt: skip

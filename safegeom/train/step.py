@@ -3,9 +3,9 @@
 :class:`StepLoss` turns the indices of a step's examples into ``(loss, terms)``:
 
 - ``sft``, ``lora``: the LM loss on answer tokens (``terms["task"]``);
-- ``refusalguard``: the same plus ``λ_geom · penalty`` (``terms["geom"]``), where the calibration
-  rows ride in the same forward as the task rows (one batch, labels ignored on them), every
-  ``penalty_every`` steps;
+- ``refusalguard``: the same plus ``λ_geom · penalty`` (``terms["geom"]``) every
+  ``penalty_every`` steps, from a second forward of the decoder alone (no LM head) over the
+  step's calibration prompts, padded among themselves only;
 - ``kl``, ``adaptive``: per-example cross-entropy and KL(P_ref ‖ P_θ) against the reference (the
   adapters disabled, dropout off, no gradients), mixed by
   :func:`~safegeom.train.regularised.regularised_loss` (``terms`` ``task``, ``kl``, and for
@@ -70,33 +70,25 @@ class StepLoss:
         """``(loss, terms)`` of the step ``step`` on examples ``indices`` (terms detached)."""
         trainable, lm = self.trainable, self.trainable.lm
         rows = [self.examples[i] for i in indices]
-        n_task = len(rows)
-        calib = self._calibration(step)
-        if calib:
-            assert self.penalty is not None
-            rows += self.penalty.rows(calib)
         batch = collate_right(rows, self.pad_id).to(lm.device)
-        task_ids, task_mask = batch.input_ids[:n_task], batch.attention_mask[:n_task]
         per_example = self.reference
         with ExitStack() as stack:
             if trainable.edit is not None:
                 stack.enter_context(trainable.edit.prompt_lengths([e.n_prompt for e in rows]))
-            if calib:
-                assert self.penalty is not None
-                stack.enter_context(self.penalty.capture(slice(n_task, None)))
             out = trainable.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 labels=None if per_example else batch.labels, use_cache=False,
             )  # fmt: skip
-            geom = self.penalty.value(calib, batch.attention_mask[n_task:]) if calib else None
+        calib = self._calibration(step)
+        geom = self.penalty.value_of(calib, self.pad_id) if calib and self.penalty else None
         if per_example:
             # The reference is the frozen model itself: adapters off and no dropout.
             reference = trainable.module.disable_adapter()  # type: ignore[operator]
             with torch.no_grad(), reference, _eval_mode(trainable.model):
-                ref = trainable.model(input_ids=task_ids, attention_mask=task_mask,
-                                      use_cache=False).logits  # fmt: skip
-            labels = batch.labels[:n_task]
-            ce, kl = per_example_terms(out.logits[:n_task], ref, labels)
+                ref = trainable.model(input_ids=batch.input_ids,
+                                      attention_mask=batch.attention_mask, use_cache=False).logits  # fmt: skip
+            labels = batch.labels
+            ce, kl = per_example_terms(out.logits, ref, labels)
             assert kl is not None
             answered = (labels[:, 1:] != -100).any(-1)
             risk = None if self.risks is None else self.risks[list(indices)]

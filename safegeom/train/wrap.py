@@ -137,7 +137,8 @@ def wrap_model(
     """Make ``lm`` trainable as ``update`` says (restoring ``resume_from`` when resuming).
 
     ``settings`` holds the run config's ``lora_*`` keys (``lora``) or the ReFT layers, rank and
-    positions (``reft``: ``layers``, ``rank``, ``first_k``, ``last_k``, ``seed``); ``bases`` the
+    positions (``reft``: ``layers``, ``rank``, ``first_k``, ``last_k``, ``edit_generated``,
+    ``seed``); ``bases`` the
     per-layer cone bases of the edit; ``export`` the Safe LoRA / LoX transform (``lora``).
     """
     base = base_spec(spec)
@@ -149,7 +150,8 @@ def wrap_model(
     lm.model.requires_grad_(False)
     if update == "reft":
         config = ReftConfig(layers=tuple(settings["layers"]), rank=int(settings["rank"]),
-                            first_k=int(settings["first_k"]), last_k=int(settings["last_k"]))  # fmt: skip
+                            first_k=int(settings["first_k"]), last_k=int(settings["last_k"]),
+                            edit_generated=bool(settings.get("edit_generated", False)))  # fmt: skip
         edit = ReftEdit.for_model(lm, config, dict(bases or {}), seed=int(settings["seed"]))
         edit.attach(lm)
         trainable = Trainable(lm, edit, "reft", base, edit=edit)

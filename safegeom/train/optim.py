@@ -1,0 +1,84 @@
+"""The optimizer of every training method: AdamW with the run's schedule, and one step of it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from safegeom.errors import TrainingDiverged
+from safegeom.train.config import RunConfig
+from safegeom.train.step import StepLoss
+from safegeom.train.wrap import Trainable
+
+__all__ = ["make_optimizer", "optimizer_step"]
+
+
+def lr_lambda(config: RunConfig) -> Callable[[int], float]:
+    """The schedule as a factor of the peak lr per step: linear warm-up, then constant or cosine."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.schedule == "constant":
+            return 1.0
+        t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor
+
+
+def make_optimizer(
+    params: list[nn.Parameter], config: RunConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` (weight decay on matrices only) and its learning-rate schedule."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+
+
+def optimizer_step(
+    acc: Accelerator,
+    trainable: Trainable,
+    step_loss: StepLoss,
+    optimizer: Any,
+    scheduler: Any,
+    indices: list[int],
+    step: int,
+    *,
+    grad_clip: float | None,
+    lr: float,
+    saved: int,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimizer step of any method: loss, backward, clip, AdamW and schedule steps.
+
+    ``saved`` is the last saved checkpoint's step (named in the divergence message).
+
+    Returns:
+        The step's ``(loss, terms)``, detached.
+
+    Raises:
+        TrainingDiverged: the loss is not finite.
+    """
+    trainable.module.train()
+    loss, terms = step_loss(indices, step)
+    if not torch.isfinite(loss.detach()).all():
+        raise TrainingDiverged(
+            f"training diverged at step {step + 1}: the loss is {float(loss):.4g}; the run "
+            f"keeps its checkpoints up to step {saved} and is not complete; "
+            f"lower --lr (now {lr:g}) or raise --warmup-steps"
+        )
+    acc.backward(loss)
+    if grad_clip:
+        acc.clip_grad_norm_(trainable.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), terms
