@@ -224,7 +224,10 @@ def test_bad_inputs_fail_with_their_messages(ckpts, calib, tmp_path: Path) -> No
         GuardConfig(calib_harmless=())
     empty = tmp_path / "none.json"
     empty.write_text("[]")
-    with pytest.raises(SafegeomError, match=r"none\.json' is empty; give at least one prompt"):
+    with pytest.raises(
+        ConfigError,
+        match=r"calib_harmful \(--calib-harmful\): .*none\.json' is empty; give at least one prompt",
+    ):
         calibration_sets(GuardConfig(calib_harmful=(str(empty),)))
     with pytest.raises(ConfigError, match=r"guard_layers \(--guard-layers\): layer 7 out of range"):
         guard_layers(lm, GuardConfig(guard_layers="7"))

@@ -137,14 +137,18 @@ def calibration_sets(config: GuardConfig, seed: int = 0) -> tuple[PromptSet, Pro
     """The harmful and harmless calibration prompts (a deterministic sample of ``n_calib`` each).
 
     Raises:
-        ConfigError: a calibration set is empty.
+        ConfigError: a calibration set is empty or cannot be read (the message names its flag).
     """
     out = []
     for name, specs in (("calib_harmful", config.calib_harmful),
                         ("calib_harmless", config.calib_harmless)):  # fmt: skip
-        pool = combine_prompts(list(specs))
+        flag = f"{name} (--{name.replace('_', '-')})"
+        try:
+            pool = combine_prompts(list(specs))
+        except SafegeomError as err:
+            raise ConfigError(f"{flag}: {err}") from None
         if len(pool) == 0:
-            raise ConfigError(f"{name} (--{name.replace('_', '-')}) gives an empty calibration set")
+            raise ConfigError(f"{flag} gives an empty calibration set")
         out.append(pool.sample(min(config.n_calib, len(pool)), seed=seed))
     return out[0], out[1]
 
