@@ -46,6 +46,7 @@ __all__ = [
     "answer_kl",
     "fit_risk_probe",
     "pooled_hidden",
+    "token_kl",
 ]
 
 RISK_MIN, RISK_MAX = 1.0, 5.0
@@ -117,9 +118,14 @@ def answer_kl(
         if bool(torch.isnan(x).any()) or bool(torch.isposinf(x).any()):
             raise NonFiniteError("answer_kl: the logits contain NaN or inf")
     ref, cur = torch.log_softmax(ref_kept, dim=-1), torch.log_softmax(cur_kept, dim=-1)
-    p_ref = ref.exp()
-    per_token = torch.where(p_ref > 0, p_ref * (ref - cur), torch.zeros_like(p_ref)).sum(-1)
-    return per_token.mean()
+    return token_kl(ref, cur).mean()
+
+
+def token_kl(ref_logp: Float[Tensor, "*n vocab"], logp: Float[Tensor, "*n vocab"]) -> Tensor:
+    """``KL(P_ref ‖ P_θ)`` per token from log-probabilities (nats; a token with ``P_ref = 0``
+    contributes 0). Returns a tensor of shape ``*n``."""
+    p_ref = ref_logp.exp()
+    return torch.where(p_ref > 0, p_ref * (ref_logp - logp), torch.zeros_like(p_ref)).sum(-1)
 
 
 def pooled_hidden(

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from safegeom.config import check
-from safegeom.train.adaptive import adaptive_weights
+from safegeom.train.adaptive import adaptive_weights, token_kl
 from safegeom.train.data import IGNORE_INDEX
 
 __all__ = ["RegConfig", "per_example_terms", "regularised_loss"]
@@ -86,8 +86,7 @@ def per_example_terms(
     if ref_logits is None:
         return ce, None
     ref = torch.log_softmax(ref_logits[:, :-1].detach().float(), dim=-1)
-    p_ref = ref.exp()
-    kl_tok = torch.where(p_ref > 0, p_ref * (ref - logp), torch.zeros_like(p_ref)).sum(-1)
+    kl_tok = token_kl(ref, logp)
     return ce, (kl_tok * keep).sum(-1) / count
 
 
