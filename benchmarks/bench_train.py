@@ -1,35 +1,42 @@
 """Step time and peak memory of every training method, as ratios to a LoRA step in the same run.
 
 Each method's trainable, step loss and optimizer are built from the blocks
-:func:`safegeom.train.train` uses (``load_model``, ``prepare_defence``, ``wrap_model``,
-``encode_examples``, :class:`~safegeom.train.step.StepLoss`, AdamW with train's parameter groups,
-its cosine schedule and gradient clip, under ``accelerate``, deterministic kernels on), and one
-step is train's loop body: loss, backward, clip, optimizer and scheduler step, the loss read back.
-Every method steps through the same batches (the run's data order, seed 0).
+:func:`safegeom.train.train` uses (``load_model``, ``prepare_defence``, ``wrap_settings``,
+``wrap_model``, ``encode_examples``, :class:`~safegeom.train.step.StepLoss`, ``make_optimizer``,
+under ``accelerate``, deterministic kernels on), and one step is train's loop body,
+:func:`~safegeom.train.optim.optimizer_step` (loss, backward, clip, optimizer and scheduler step),
+then the loss and its terms read back. Every method steps through the same batches (the run's data
+order, seed 0).
 
-Rows: ``lora`` (the baseline), ``sft``, ``refusalguard`` (the default reft edit),
-``refusalguard-lora`` (its LoRA variant), ``kl``, ``adaptive``, and two RefusalGuard cost knobs:
-``refusalguard-every2`` (``penalty_every=2``) and ``refusalguard-calib4`` (``calib_batch=4``).
-Goals (the issue): RefusalGuard ≤ 1.3× a LoRA step, adaptive ≤ 1.6×.
+Rows (``train_methods.VARIANTS``): ``lora`` (the baseline), ``sft``, ``refusalguard``
+(``GuardConfig()``: the LoRA variant with the geometry penalty every 2 steps on 8 harmful
+calibration prompts), three RefusalGuard rows that change one setting (``refusalguard-every1``:
+``penalty_every=1``; ``refusalguard-calib4``: ``calib_batch=4``; ``refusalguard-reft``: the reft
+edit), ``kl`` and ``adaptive``. Goals (the issue): RefusalGuard ≤ 1.3× a LoRA step, adaptive ≤ 1.6×.
 
 Time: every method runs its warm-up steps, then the timed rounds run one step of every method per
 round in rotating order (ABC, BCA, ...), so background load hits all alike. Rounds are grouped in
-blocks of b (b = the largest ``penalty_every``, so each block holds the same mix of penalised and
-plain steps); ``x LoRA`` is the median over blocks of (the method's block time / LoRA's time for
-the same block), ``step s`` the median block time over b. CUDA is synchronised around each step.
+blocks of b (b = the least common multiple of the rows' ``penalty_every``, so each block holds
+whole penalty cycles: the same mix of penalised and plain steps); ``x LoRA`` is the median over
+blocks of (the method's block time / LoRA's time for the same block), ``step s`` the median block
+time over b. CUDA is synchronised around each step.
 
-Memory: the peak during the warm-up steps above the level just before the first step (model,
-defence and trainable built; optimizer state, gradients and activations count). CUDA:
-``max_memory_allocated`` in this process. CPU: each method in a fresh subprocess, peak resident set
-(``peak_rss.CpuPeak``), the set-up read back from this run's folder.
+Memory: the peak during the warm-up steps (at least b, so a penalised step is among them) above
+the level just before the first step (model, defence and trainable built; optimizer state,
+gradients and activations count). CUDA: ``max_memory_allocated`` in this process. CPU: each method
+in a fresh subprocess, peak resident set (``peak_rss.CpuPeak``), the set-up read back from this
+run's folder.
 
-``tok/step`` counts the token positions a step feeds to the model (a forward-pre-hook), padding
-and every forward included (the reference forward of kl and adaptive, RefusalGuard's calibration
-rows, which ride in the task batch padded to its length).
+``tok/step`` counts the token positions a timed step feeds to the decoder (a forward-pre-hook),
+padding and every forward included: the task batch, the reference forward of kl and adaptive, and
+RefusalGuard's penalty forward, which runs the decoder alone (no LM head) over the step's
+calibration prompts padded among themselves, on penalised steps only. ``calib`` is that last part
+(decoder positions that never reach the head), per step averaged over the timed steps.
 
 Set-up (once per run, before any step): RefusalGuard's cones and calibration cache, adaptive's risk
-probe and the risk scores of the task prompts, in seconds and in LoRA steps. The RefusalGuard rows
-after the first share its cones (the same fit), so theirs is the cache alone.
+probe and the risk scores of the task prompts, in seconds and in LoRA steps. RefusalGuard rows
+whose cones are fitted alike share the first one's cones (the same fit), so theirs is the cache
+alone.
 
 Usage::
 
@@ -67,6 +74,7 @@ from train_methods import (
     Runner,
     block_size,
     build_runner,
+    defence_key,
     quiet_loading,
     sync_device,
 )
@@ -115,8 +123,10 @@ def run_benchmark(
 
     Returns:
         JSON-ready: ``rows`` (per method: ``step_s`` seconds, ``ratio`` to LoRA, ``goal``,
-        ``goal_met``, ``tokens_per_step`` (positions fed, padding included, every forward),
-        ``peak_bytes``, ``peak_ratio``), ``setup`` (part, method, ``seconds``,
+        ``goal_met``, ``tokens_per_step`` (decoder positions fed, padding included, every
+        forward), ``calib_tokens_per_step`` (of those, the penalty's calibration prompts), their
+        per-step lists, ``peak_bytes``, ``peak_ratio``, ``guard`` (the RefusalGuard settings)),
+        ``setup`` (part, method, ``seconds``,
         ``lora_steps``), ``block``, ``warmup`` and ``steps`` (timed steps per method).
     """
     b = block_size(names)
@@ -132,11 +142,11 @@ def run_benchmark(
             seen: set[str] = set()
             _log("set-up (method by method)")
             for name in names:
-                method = VARIANTS[name].method
+                key = defence_key(VARIANTS[name])
                 runners[name], parts = build_runner(name, preset, acc, Path(tmp),
-                                                    fresh=method not in seen,
+                                                    fresh=key not in seen,
                                                     total_steps=warmup + steps)  # fmt: skip
-                seen.add(method)
+                seen.add(key)
                 setup += [{"part": k, "method": name, "seconds": v} for k, v in parts.items()]
             peaks: dict[str, dict[str, Any]] = {n: {} for n in names}
             _log("warm-up" + (" (CUDA memory)" if dev.type == "cuda" and memory else ""))
@@ -159,8 +169,7 @@ def run_benchmark(
                 spec = {"preset": asdict(preset), "root": tmp, "warmup": warmup,
                         "total_steps": warmup + steps, "threads": torch.get_num_threads()}  # fmt: skip
                 peaks = _cpu_memory(names, spec)
-            times = time_rounds(runners, warmup, steps, dev, progress)
-            tokens = {n: r.tokens / steps for n, r in runners.items()}
+            times, tokens = time_rounds(runners, warmup, steps, dev, progress)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     return summarise(names, times, tokens, peaks, setup, b) | {"warmup": warmup, "steps": steps}
@@ -168,40 +177,54 @@ def run_benchmark(
 
 def time_rounds(
     runners: dict[str, Runner], first: int, rounds: int, device: torch.device, progress: bool
-) -> dict[str, list[float]]:
-    """One step of every method per round, in rotating order; returns per method its seconds."""
+) -> tuple[dict[str, list[float]], dict[str, list[tuple[int, int]]]]:
+    """One step of every method per round, in rotating order (steps ``first`` on).
+
+    Returns:
+        ``(seconds, positions)``: per method, each timed step's wall seconds and its
+        ``(decoder positions, of those the ones that reached the LM head)``, in step order.
+    """
     names, times = list(runners), {n: [] for n in runners}
-    for runner in runners.values():
-        runner.tokens = 0
+    tokens: dict[str, list[tuple[int, int]]] = {n: [] for n in runners}
     bar = tqdm(total=rounds * len(names), desc="timed steps", disable=not progress)
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             sync_device(device)
+            runner = runners[name]
+            before = runner.positions, runner.head
             started = time.perf_counter()
-            runners[name].step(first + r)
+            runner.step(first + r)
             sync_device(device)
             times[name].append(time.perf_counter() - started)
+            tokens[name].append((runner.positions - before[0], runner.head - before[1]))
             bar.update(1)
     bar.close()
-    return times
+    return times, tokens
 
 
 def summarise(
     names: list[str],
     times: dict[str, list[float]],
-    tokens: dict[str, float],
+    tokens: dict[str, list[tuple[int, int]]],
     peaks: dict[str, dict[str, Any]],
     setup: list[dict[str, Any]],
     b: int,
 ) -> dict[str, Any]:
-    """Ratios to LoRA per block of ``b`` rounds (see the module docstring); JSON-ready."""
+    """Ratios to LoRA per block of ``b`` rounds (see the module docstring); JSON-ready.
+
+    ``tokens`` holds per method each timed step's ``(decoder positions, head positions)``; a row's
+    ``step_tokens`` and ``step_calib_tokens`` list, per timed step, the decoder positions and those
+    of the decoder-only (calibration) forward, and ``tokens_per_step``/``calib_tokens_per_step``
+    their means.
+    """
     blocks = {n: [sum(t[i : i + b]) for i in range(0, len(t), b)] for n, t in times.items()}
     lora_step = statistics.median(blocks["lora"]) / b
     lora_peak = peaks.get("lora", {}).get("peak_bytes")
     rows = []
     for name in names:
         variant, peak = VARIANTS[name], peaks.get(name, {}).get("peak_bytes")
+        fed, calib = [t for t, _ in tokens[name]], [t - h for t, h in tokens[name]]
         ratio = statistics.median(
             t / base for t, base in zip(blocks[name], blocks["lora"], strict=True)
         )
@@ -210,7 +233,9 @@ def summarise(
             "ratio": ratio, "goal": variant.goal,
             "goal_met": None if variant.goal is None else ratio <= variant.goal,
             "peak_bytes": peak, "peak_ratio": peak / lora_peak if peak and lora_peak else None,
-            "tokens_per_step": tokens[name], "times_s": times[name],
+            "tokens_per_step": statistics.fmean(fed), "step_tokens": fed,
+            "calib_tokens_per_step": statistics.fmean(calib), "step_calib_tokens": calib,
+            "times_s": times[name],
             "guard": config_dict(variant.guard) if variant.method == "refusalguard" else None, **({"memory_failed": True} if "failed" in peaks.get(name, {}) else {}),
         })  # fmt: skip
     for row in setup:
@@ -231,7 +256,7 @@ def verdict(row: dict[str, Any]) -> str:
 def print_report(results: dict[str, Any]) -> None:
     """Print the step table and the set-up table."""
     head = (f"{'method':<32}{'step s':>9}{'x LoRA':>8}{'goal':>8}  {'verdict':<28}{'tok/step':>9}"
-            f"{'peak MiB':>10}{'x LoRA':>8}")  # fmt: skip
+            f"{'calib':>7}{'peak MiB':>10}{'x LoRA':>8}")  # fmt: skip
     print("\n" + head + "\n" + "-" * len(head))
     for r in results["rows"]:
         goal = "-" if r["goal"] is None else f"<={r['goal']:.1f}"
@@ -239,7 +264,8 @@ def print_report(results: dict[str, Any]) -> None:
         peak = "failed" if r.get("memory_failed") else peak
         pr = "-" if r["peak_ratio"] is None else f"{r['peak_ratio']:.2f}"
         print(f"{r['label']:<32}{r['step_s']:>9.4f}{r['ratio']:>8.3f}{goal:>8}  "
-              f"{verdict(r):<28}{r['tokens_per_step']:>9.0f}{peak:>10}{pr:>8}")  # fmt: skip
+              f"{verdict(r):<28}{r['tokens_per_step']:>9.0f}{r['calib_tokens_per_step']:>7.0f}"
+              f"{peak:>10}{pr:>8}")  # fmt: skip
     if results["setup"]:
         head = f"{'set-up (once per run)':<36}{'row':<22}{'s':>8}{'LoRA steps':>12}"
         print("\n" + head + "\n" + "-" * len(head))
@@ -248,8 +274,9 @@ def print_report(results: dict[str, Any]) -> None:
     print(
         f"\nx LoRA: median over blocks of {results['block']} rounds of (time / LoRA's time for the "
         f"same block); {results['steps']} timed steps per method after {results['warmup']} "
-        "warm-up steps; tok/step: token positions fed to the model per step (padding included, "
-        "every forward); peak: over the warm-up steps, above the level before the first step."
+        "warm-up steps; tok/step: token positions fed to the decoder per step (padding included, "
+        "every forward), calib: of those, the penalty's calibration prompts (decoder only, "
+        "penalised steps); peak: over the warm-up steps, above the level before the first step."
     )
 
 

@@ -1,14 +1,21 @@
 """The training methods bench_train.py compares: each a :class:`Runner` that steps like train().
 
 A runner holds what :func:`safegeom.train.train` builds for its method (``load_model``,
-``prepare_defence``, ``wrap_model``, ``encode_examples``, :class:`~safegeom.train.step.StepLoss`,
-AdamW with train's parameter groups, a cosine schedule, ``accelerate``), and
-:meth:`Runner.step` is the body of train's loop: loss, backward, gradient clip, optimizer and
-scheduler step, the loss and its terms read back.
+``prepare_defence``, :func:`~safegeom.train.runner.wrap_settings`, ``wrap_model``,
+``encode_examples``, :class:`~safegeom.train.step.StepLoss`, the optimizer and schedule of
+:func:`~safegeom.train.optim.make_optimizer`, ``accelerate``), and :meth:`Runner.step` is train's
+loop body: :func:`~safegeom.train.optim.optimizer_step` (loss, backward, gradient clip, optimizer
+and scheduler step), then the loss and its terms read back.
+
+Each runner counts the token positions it feeds: every forward of the decoder (the task forward,
+the reference forward of kl and adaptive, RefusalGuard's penalty forward over its calibration
+prompts), and of those the positions that reach the LM head (the penalty forward runs the decoder
+alone, so ``decoder - head`` is the calibration prompts' positions).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -20,20 +27,23 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from safegeom.models import LoadConfig, LoadedModel, load_model
+from safegeom.models.layout import resolve
 from safegeom.train.adaptive import RiskProbe, RiskProbeConfig, fit_risk_probe
-from safegeom.train.config import DEFAULT_LR, TrainConfig
+from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
 from safegeom.train.data import ExampleOrder, encode_examples
 from safegeom.train.defences import Defence, prepare_defence, update_of
 from safegeom.train.guard import GuardConfig
+from safegeom.train.optim import make_optimizer, optimizer_step
 from safegeom.train.regularised import RegConfig
+from safegeom.train.runner import wrap_settings
 from safegeom.train.step import StepLoss
 from safegeom.train.tasks import Task, get_task
-from safegeom.train.wrap import Trainable, default_lora_targets, wrap_model
+from safegeom.train.wrap import Trainable, wrap_model
 
 SEED = 0
 """Seed of the weights, adapters, data order and calibration batches (train's ``seed``)."""
 TRAIN, REG = TrainConfig(), RegConfig()
-"""train()'s defaults: LoRA rank/alpha/targets, gradient clip, weight decay; kl/adaptive."""
+"""train()'s defaults: LoRA rank/alpha/targets, schedule, gradient clip, weight decay; kl/adaptive."""
 
 
 @dataclass(frozen=True)
@@ -90,16 +100,19 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     "lora": Variant("lora", "LoRA (baseline)"),
     "sft": Variant("sft", "full SFT"),
-    "refusalguard": Variant("refusalguard", "RefusalGuard (reft edit)", goal=1.3),
-    "refusalguard-lora": Variant("refusalguard", "RefusalGuard (LoRA variant)",
-                                 GuardConfig(variant="lora"), 1.3),
-    "kl": Variant("kl", "KL-regularised LoRA"),
-    "adaptive": Variant("adaptive", "adaptive KL", goal=1.6),
-    "refusalguard-every2": Variant("refusalguard", "RefusalGuard, penalty_every 2",
-                                   GuardConfig(penalty_every=2), 1.3),
+    "refusalguard": Variant("refusalguard", "RefusalGuard (defaults)", goal=1.3),
+    "refusalguard-every1": Variant("refusalguard", "RefusalGuard, penalty_every 1",
+                                   GuardConfig(penalty_every=1), 1.3),
     "refusalguard-calib4": Variant("refusalguard", "RefusalGuard, calib_batch 4",
                                    GuardConfig(calib_batch=4), 1.3),
+    "refusalguard-reft": Variant("refusalguard", "RefusalGuard, reft variant",
+                                 GuardConfig(variant="reft"), 1.3),
+    "kl": Variant("kl", "KL-regularised LoRA"),
+    "adaptive": Variant("adaptive", "adaptive KL", goal=1.6),
 }  # fmt: skip
+"""Every row, in the table's order. ``refusalguard`` is ``GuardConfig()`` (the LoRA variant,
+λ_geom 0.3, a penalty every 2 steps on 8 harmful calibration prompts); the other RefusalGuard rows
+change one setting each."""
 
 
 def sync_device(device: torch.device) -> None:
@@ -138,16 +151,30 @@ def build_model(preset: Preset, device: str) -> LoadedModel:
                    source="random")  # fmt: skip
 
 
+def defence_key(variant: Variant) -> str:
+    """The folder (under the run's root) of what ``variant``'s defence fits on the frozen model.
+
+    RefusalGuard rows whose cones are fitted alike (same layers, cone, k, readout and calibration
+    sets) share one folder: the same fit, read back instead of fitted again.
+    """
+    if variant.method != "refusalguard":
+        return variant.method
+    g = variant.guard
+    fit = (g.guard_layers, g.cone, g.cone_k, g.readout, g.calib_harmful, g.calib_harmless,
+           g.n_calib)  # fmt: skip
+    return "refusalguard-" + hashlib.sha256(repr(fit).encode()).hexdigest()[:10]
+
+
 def make_defence(
     variant: Variant, lm: LoadedModel, task: Task, root: Path, fresh: bool
 ) -> tuple[Defence, dict[str, float]]:
     """``prepare_defence`` as train() calls it, timed; ``fresh=False`` reads back the cones (and
-    the risk probe and risks) an earlier method of the same kind saved under ``root``.
+    the risk probe and risks) an earlier row with the same :func:`defence_key` saved under ``root``.
 
     Returns:
         ``(defence, {set-up part: wall seconds})``.
     """
-    folder, critic, parts = root / variant.method, None, {}
+    folder, critic, parts = root / defence_key(variant), None, {}
     if variant.method == "adaptive":
         started = time.perf_counter()
         if fresh:  # the probe prepare_defence would fit, fitted here so that it is timed alone
@@ -179,45 +206,44 @@ class Runner:
     optimizer: Any
     """AdamW, as prepared by ``accelerate``."""
     scheduler: Any
-    """The cosine learning-rate schedule."""
+    """The learning-rate schedule (train's: cosine to 0 over the run, no warm-up)."""
     acc: Accelerator
     """The accelerator (backward, clipping, reduction)."""
+    config: RunConfig
+    """The run's settings as train() resolves them (lr, schedule, gradient clip, ...)."""
     order: ExampleOrder
     """The run's data order (seed :data:`SEED`)."""
-    batch_size: int
-    """Examples per step."""
-    tokens: int = 0
-    """Token positions (padding included) fed to the model so far, over every forward."""
+    positions: int = 0
+    """Token positions (padding included) fed to the decoder so far, over every forward."""
+    head: int = 0
+    """Of :attr:`positions`, those that went on to the LM head (all but the penalty forward's)."""
 
-    def count_tokens(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Forward-pre-hook on the model: add the batch's ``input_ids`` positions to ``tokens``."""
+    def count_decoder(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Forward-pre-hook on the decoder: add the call's ``input_ids`` positions."""
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self.tokens += 0 if ids is None else int(ids.numel())
+        self.positions += 0 if ids is None else int(ids.numel())
+
+    def count_head(self, module: Any, args: tuple) -> None:
+        """Forward-pre-hook on the LM head: add the positions of its input hidden states."""
+        self.head += int(args[0].shape[:-1].numel())
 
     def step(self, step: int) -> float:
         """One optimizer step at data position ``step`` (train's loop body); returns the loss."""
-        module, params = self.trainable.module, self.trainable.parameters()
-        module.train()
-        start = step * self.batch_size
-        indices = [self.order.index(start + i) for i in range(self.batch_size)]
-        loss, terms = self.step_loss(indices, step)
-        if not torch.isfinite(loss.detach()).all():
-            raise RuntimeError(f"the loss is {float(loss):.4g} at step {step + 1}")
-        self.acc.backward(loss)
-        if TRAIN.grad_clip:
-            self.acc.clip_grad_norm_(params, TRAIN.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        for value in terms.values():
+        size = self.config.batch_size
+        indices = [self.order.index(step * size + i) for i in range(size)]
+        loss, terms = optimizer_step(
+            self.acc, self.trainable, self.step_loss, self.optimizer, self.scheduler, indices,
+            step, grad_clip=self.config.grad_clip, lr=self.config.lr, saved=0,
+        )  # fmt: skip
+        for value in terms.values():  # read back as train() does for its log
             float(self.acc.reduce(value, reduction="mean"))
-        return float(self.acc.reduce(loss.detach(), reduction="mean"))
+        return float(self.acc.reduce(loss, reduction="mean"))
 
 
 def build_runner(
     name: str, preset: Preset, acc: Accelerator, root: Path, *, fresh: bool, total_steps: int
 ) -> tuple[Runner, dict[str, float]]:
-    """Method ``name`` built on a fresh copy of the preset's model.
+    """Method ``name`` built on a fresh copy of the preset's model, for a run of ``total_steps``.
 
     Returns:
         ``(runner, {set-up part: wall seconds})``.
@@ -227,37 +253,34 @@ def build_runner(
     lm = build_model(preset, str(acc.device))
     defence, parts = make_defence(variant, lm, task, root, fresh)
     update = update_of(variant.method, variant.guard)
-    settings: dict[str, Any] = {}
-    if update == "lora":
-        settings = {"lora_r": TRAIN.lora_r, "lora_alpha": TRAIN.lora_alpha,
-                    "lora_dropout": TRAIN.lora_dropout, "lora_targets": default_lora_targets(lm)}  # fmt: skip
-    elif update == "reft":
-        g = variant.guard
-        # train()'s reft settings; reft_generated is newer than some GuardConfigs (False before).
-        settings = {"layers": sorted(defence.bases), "rank": g.reft_rank, "first_k": g.reft_first,
-                    "last_k": g.reft_last, "seed": SEED,
-                    "edit_generated": bool(getattr(g, "reft_generated", False))}  # fmt: skip
-    trainable = wrap_model(lm, "tiny-chat", update, settings, dtype=preset.dtype,
-                           resume_from=None, bases=defence.bases)  # fmt: skip
-    examples = encode_examples(lm.tokenizer, task.prompts, task.responses,
-                               chat_template=lm.chat_template, max_length=lm.max_positions)  # fmt: skip
+    wrap = wrap_settings(update, TRAIN, variant.guard, lm, sorted(defence.bases))
+    config = RunConfig(
+        method=variant.method, task=task.name, task_size=len(task), task_hash=task.content_hash,
+        seed=SEED, lr=DEFAULT_LR[update], batch_size=preset.batch_size, steps=total_steps,
+        save_every=TRAIN.save_every, schedule=TRAIN.schedule, warmup_steps=TRAIN.warmup_steps,
+        weight_decay=TRAIN.weight_decay, grad_clip=TRAIN.grad_clip, max_length=lm.max_positions,
+        system=TRAIN.system, defence=defence.record, **(wrap if update == "lora" else {}),
+    )  # fmt: skip
+    trainable = wrap_model(lm, "tiny-chat", update, wrap, dtype=preset.dtype, resume_from=None,
+                           bases=defence.bases)  # fmt: skip
+    examples = encode_examples(lm.tokenizer, task.prompts, task.responses, system=config.system,
+                               chat_template=lm.chat_template, max_length=config.max_length)  # fmt: skip
     pad = lm.tokenizer.pad_token_id
     step_loss = StepLoss(trainable, examples, int(pad if pad is not None else 0), defence.penalty,
                          seed=SEED, risks=defence.risks, **defence.step_options)  # fmt: skip
-    params = trainable.parameters()
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": TRAIN.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
-    raw = torch.optim.AdamW([g for g in groups if g["params"]], lr=DEFAULT_LR[update])
-    cosine = lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s / total_steps, 1.0)))  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(raw, cosine)
+    raw, scheduler = make_optimizer(trainable.parameters(), config)
     trainable.module, optimizer = acc.prepare(trainable.module, raw)
     order = ExampleOrder(len(examples), SEED)
-    runner = Runner(trainable, step_loss, optimizer, scheduler, acc, order, preset.batch_size)
-    lm.model.register_forward_pre_hook(runner.count_tokens, with_kwargs=True)
+    runner = Runner(trainable, step_loss, optimizer, scheduler, acc, config, order)
+    parent = lm.layout.blocks.rpartition(".")[0]  # the module GeometryPenalty runs alone
+    decoder = resolve(lm.base, parent) if parent else lm.base
+    decoder.register_forward_pre_hook(runner.count_decoder, with_kwargs=True)
+    lm.base.get_output_embeddings().register_forward_pre_hook(runner.count_head)
     return runner, parts
 
 
 def block_size(names: list[str]) -> int:
-    """Rounds per block: the largest ``penalty_every`` among the RefusalGuard rows (else 1)."""
+    """Rounds per block: the least common multiple of the RefusalGuard rows' ``penalty_every``
+    (1 without them), so every block holds whole penalty cycles of every row."""
     every = [VARIANTS[n].guard.penalty_every for n in names if VARIANTS[n].method == "refusalguard"]
-    return max(every, default=1)
+    return math.lcm(*every) if every else 1

@@ -1,14 +1,21 @@
-"""benchmarks/bench_train.py on a tiny random Llama, 1-2 steps: the structure of its tables and
-JSON (every method, ratios to LoRA, goals, set-up rows, peak memory), never a timing."""
+"""benchmarks/bench_train.py on a tiny random Llama, 2 timed steps: the structure of its tables
+and JSON (every method, ratios to LoRA, goals, set-up rows, peak memory), the token positions each
+method's forwards feed, the block size and the shared cone fits; never a timing."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from safegeom.config import config_dict
+from safegeom.train.guard import GuardConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,13 +37,21 @@ def _run(bench: ModuleType, tmp_path: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_every_method_gets_a_row_a_ratio_and_its_goal(bench, tmp_path, capsys) -> None:
-    results = _run(bench, tmp_path, "--no-memory")
-    text = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def every_method(bench, tmp_path_factory) -> tuple[dict, str]:
+    """One run of every method without memory: the JSON results and the printed tables."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        results = _run(bench, tmp_path_factory.mktemp("every"), "--no-memory")
+    return results, out.getvalue()
+
+
+def test_every_method_gets_a_row_a_ratio_and_its_goal(bench, every_method) -> None:
+    results, text = every_method
     variants = bench.VARIANTS
     rows = {r["method"]: r for r in results["rows"]}
     assert list(rows) == list(variants)  # the table's order
-    # penalty_every 2 makes blocks of 2 rounds: whole blocks, a penalised warm-up step
+    # the default penalty_every 2 makes blocks of 2 rounds: whole blocks, 2 warm-up steps
     assert results["block"] == 2 and results["steps"] == 2 and results["warmup"] == 2
     assert rows["lora"]["ratio"] == pytest.approx(1.0)
     assert results["lora_step_s"] == pytest.approx(rows["lora"]["step_s"])
@@ -46,25 +61,25 @@ def test_every_method_gets_a_row_a_ratio_and_its_goal(bench, tmp_path, capsys) -
         assert row["step_s"] > 0 and row["ratio"] > 0 and len(row["times_s"]) == 2
         assert row["goal"] == goal and row["peak_bytes"] is None and row["peak_ratio"] is None
         assert row["goal_met"] == (None if goal is None else row["ratio"] <= goal)
-        assert row["tokens_per_step"] > 0
+        assert row["tokens_per_step"] == pytest.approx(sum(row["step_tokens"]) / 2)
+        assert row["calib_tokens_per_step"] == pytest.approx(sum(row["step_calib_tokens"]) / 2)
         if goal is not None:
             assert bench.verdict(row) in text
     assert {r["goal"] for r in rows.values()} == {None, 1.3, 1.6}
     guards = {name: row["guard"] for name, row in rows.items()}
     assert guards["lora"] is None and guards["adaptive"] is None
+    assert guards["refusalguard"] == config_dict(GuardConfig())
+    assert (
+        guards["refusalguard"]["variant"] == "lora" and guards["refusalguard"]["penalty_every"] == 2
+    )
+    assert guards["refusalguard-every1"]["penalty_every"] == 1
     assert guards["refusalguard-calib4"]["calib_batch"] == 4
-    assert guards["refusalguard-every2"]["penalty_every"] == 2
-    assert guards["refusalguard-lora"]["variant"] == "lora"
-    tokens = {name: row["tokens_per_step"] for name, row in rows.items()}
-    # the reference forward (kl, adaptive) and the calibration rows (refusalguard) add positions
-    assert tokens["sft"] == tokens["lora"] < tokens["kl"] == tokens["adaptive"]
-    assert tokens["lora"] < tokens["refusalguard-calib4"] < tokens["refusalguard"]
-    assert tokens["refusalguard-every2"] < tokens["refusalguard"] == tokens["refusalguard-lora"]
+    assert guards["refusalguard-reft"]["variant"] == "reft"
     setup = {(s["part"], s["method"]): s for s in results["setup"]}
     shared = "calibration cache (cones shared)"
     assert set(setup) == {
-        ("cones + calibration cache", "refusalguard"), (shared, "refusalguard-lora"),
-        (shared, "refusalguard-every2"), (shared, "refusalguard-calib4"),
+        ("cones + calibration cache", "refusalguard"), (shared, "refusalguard-every1"),
+        (shared, "refusalguard-calib4"), (shared, "refusalguard-reft"),
         ("risk probe fit", "adaptive"), ("risk scores of the task prompts", "adaptive"),
     }  # fmt: skip
     for s in setup.values():
@@ -75,16 +90,60 @@ def test_every_method_gets_a_row_a_ratio_and_its_goal(bench, tmp_path, capsys) -
     assert results["config"]["task"] == "mix:16" and results["versions"]["torch"]
 
 
+def test_positions_count_the_task_reference_and_decoder_only_penalty_forwards(
+    every_method,
+) -> None:
+    rows = {r["method"]: r for r in every_method[0]["rows"]}
+    fed = {name: row["step_tokens"] for name, row in rows.items()}
+    calib = {name: row["step_calib_tokens"] for name, row in rows.items()}
+    head = {name: [f - c for f, c in zip(fed[name], calib[name], strict=True)] for name in rows}
+    task = head["lora"]  # timed steps 2 and 3: the same task batches for every method
+    assert all(n > 0 for n in task) and fed["lora"] == task
+    for name in ("sft", "kl", "adaptive"):
+        assert calib[name] == [0, 0]  # no decoder-only forward
+    assert head["sft"] == task and head["kl"] == head["adaptive"] == [2 * n for n in task]
+    guard_rows = [n for n in rows if n.startswith("refusalguard")]
+    for name in guard_rows:
+        assert head[name] == task  # the penalty never reaches the LM head
+    # penalty every 2 steps: step 2 is penalised, step 3 not; every 1: both
+    one, two = calib["refusalguard"]
+    assert one > 0 and one % 8 == 0 and two == 0  # 8 calibration prompts padded among themselves
+    assert calib["refusalguard-every1"][0] == one and calib["refusalguard-every1"][1] > 0
+    assert calib["refusalguard-reft"] == calib["refusalguard"]  # same calibration batches
+    four = calib["refusalguard-calib4"][0]
+    assert 0 < four < one and four % 4 == 0 and calib["refusalguard-calib4"][1] == 0
+
+
 def test_cpu_peak_memory_comes_from_a_subprocess_per_method(bench, tmp_path, capsys) -> None:
     results = _run(bench, tmp_path, "--methods", "lora,refusalguard", "--steps", "1")
     rows = {r["method"]: r for r in results["rows"]}
-    assert list(rows) == ["lora", "refusalguard"] and results["block"] == 1
-    assert results["steps"] == 1 and results["warmup"] == 1
+    assert list(rows) == ["lora", "refusalguard"]
+    # whole penalty cycles: 1 step is rounded up to a block of 2, warm-up raised to 2
+    assert results["block"] == 2 and results["steps"] == 2 and results["warmup"] == 2
     lora, guard = rows["lora"]["peak_bytes"], rows["refusalguard"]["peak_bytes"]
     assert lora > 0 and guard > 0  # a step allocates activations, gradients, optimizer state
     assert rows["lora"]["peak_ratio"] == 1.0
     assert rows["refusalguard"]["peak_ratio"] == pytest.approx(guard / lora)
-    assert f"{guard / 2**20:,.1f}" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"{guard / 2**20:,.1f}" in out
+    assert "memory [1/2] lora" in err and "memory [2/2] refusalguard" in err
+
+
+def test_blocks_hold_whole_penalty_cycles_of_every_row(bench, monkeypatch) -> None:
+    assert bench.block_size(["lora", "sft", "kl"]) == 1
+    assert bench.block_size(["lora", "refusalguard-every1"]) == 1
+    assert bench.block_size(list(bench.VARIANTS)) == 2
+    every3 = replace(bench.VARIANTS["refusalguard"], guard=GuardConfig(penalty_every=3))
+    monkeypatch.setitem(bench.VARIANTS, "every3", every3)
+    assert bench.block_size(["lora", "refusalguard", "every3"]) == 6  # not the largest, 3
+
+
+def test_rows_share_a_cone_fit_only_when_it_is_the_same(bench) -> None:
+    keys = {name: bench.defence_key(v) for name, v in bench.VARIANTS.items()}
+    assert len({keys[n] for n in keys if n.startswith("refusalguard")}) == 1
+    assert keys["adaptive"] == "adaptive" and keys["kl"] == "kl"
+    other = replace(bench.VARIANTS["refusalguard"], guard=GuardConfig(cone_k=2))
+    assert bench.defence_key(other) != keys["refusalguard"]
 
 
 def test_verdict_says_by_how_much_a_goal_is_missed(bench) -> None:
