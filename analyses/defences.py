@@ -1,0 +1,280 @@
+"""The defence study (issue 12, part 2) on ``tiny-chat``: ASR, over-refusal, task accuracy and KL
+to the base of six fine-tuning methods on four tasks, the λ_geom ablation, and audits.
+
+Protocol (fixed here, the same for every method):
+
+- Tasks: ``harmful`` (the attack), ``mix`` (harmful : benign = 1 : 4, benign = ``sentiment``),
+  ``sentiment`` alone, and ``arith``.
+- Methods: ``lora``, ``sft`` (all weights), ``rg-lora`` (RefusalGuard, LoRA variant, the library
+  defaults: λ_geom 0.3, penalty every 2 steps, harmful-only calibration), ``rg-reft``
+  (RefusalGuard, the representation-edit variant), ``adaptive`` (probe critic), ``kl`` (constant
+  KL, weight 1).
+- Training: 200 steps, checkpoints every 50 (0, 50, 100, 150, 200), batch 8, cosine schedule
+  (library default), seeds 0, 1, 2.
+- Learning-rate rule: on ``mix``, seed 0, each method's grid (adapters — lora, rg-lora,
+  adaptive, kl — {1e-3, 2e-3, 5e-3}; rg-reft {5e-3, 1e-2, 2e-2}; sft {1e-5, 3e-5, 1e-4}); the lr
+  with the best held-out task accuracy at step 200 wins, ties to the larger lr
+  (:func:`analyses.defences_stats.pick_lr`); it is used for every task and seed of the method.
+- λ_geom ablation: rg-lora on ``mix`` at its chosen lr, λ ∈ {0, 0.1, 0.3, 1, 3}, every seed.
+- Evaluation (:mod:`analyses.defences_eval`): the last checkpoint of every run, and every
+  checkpoint of the seed-0 runs. Step 0 of every run is the base (LoRA B and the edit start at
+  zero), measured once. CIs: across prompts and seeds, a two-level bootstrap
+  (:func:`analyses.defences_stats.seed_prompt_ci`).
+- Audit: ``safegeom audit`` (defaults, the run's own task) over every seed-0 trajectory of the
+  main grid; its numbers at the carrier layer feed the overlays (``figures/fig7_defences.py``).
+- Not in the study: Safe LoRA and LoX need an honest unaligned base, and tiny-chat has none (its
+  recipe trains the aligned behaviour from scratch).
+
+Everything is cached under ``--work`` (one folder per run: the trajectory, ``eval/step-N``,
+``audit``), read back through the library (:func:`load_trajectory`, :func:`load_audit`), so a
+rerun resumes. Runs go to ``--jobs`` worker processes (one torch thread each).
+
+Usage::
+
+    OMP_NUM_THREADS=1 nice python analyses/defences.py [--work DIR] [--jobs 2] [--seeds 0,1,2]
+        [--methods lora,...] [--tasks mix,...] [--no-audit] [--quick]
+        [--json analyses/results/defences.json] [--md analyses/results/defences.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from analyses.defences_report import build_results, write_outputs
+
+__all__ = ["GRIDS", "LAMBDAS", "METHODS", "TASKS", "RunSpec", "Settings", "run_job"]
+
+METHODS: tuple[str, ...] = ("lora", "sft", "rg-lora", "rg-reft", "adaptive", "kl")
+"""The study's methods, in table order."""
+TASKS: tuple[str, ...] = ("harmful", "mix", "sentiment", "arith")
+"""The study's tasks, in table order."""
+GRIDS: dict[str, tuple[float, ...]] = {
+    "lora": (1e-3, 2e-3, 5e-3), "rg-lora": (1e-3, 2e-3, 5e-3), "adaptive": (1e-3, 2e-3, 5e-3),
+    "kl": (1e-3, 2e-3, 5e-3), "rg-reft": (5e-3, 1e-2, 2e-2), "sft": (1e-5, 3e-5, 1e-4),
+}  # fmt: skip
+"""Each method's learning-rate grid of the search rule."""
+LAMBDAS: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+"""λ_geom values of the ablation (0.3 is the default, the main grid's rg-lora)."""
+DEFAULT_LAMBDA = 0.3
+"""GuardConfig's default λ_geom."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Training settings shared by every run."""
+
+    steps: int = 200
+    """Optimizer steps per run."""
+    save_every: int = 50
+    """Checkpoint interval, steps."""
+    batch_size: int = 8
+    """Examples per step."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study."""
+
+    method: str
+    """A :data:`METHODS` entry."""
+    task: str
+    """A :data:`TASKS` entry."""
+    seed: int
+    """Training seed."""
+    lr: float
+    """Learning rate."""
+    lam: float | None = None
+    """λ_geom (rg-lora only; None elsewhere)."""
+
+    @property
+    def name(self) -> str:
+        """The run's folder name, e.g. ``rg-lora-mix-lr0.005-lam0.3-s0``."""
+        lam = "" if self.lam is None else f"-lam{self.lam:g}"
+        return f"{self.method}-{self.task}-lr{self.lr:g}{lam}-s{self.seed}"
+
+
+def spec(method: str, task: str, seed: int, lr: float, lam: float | None = None) -> RunSpec:
+    """A :class:`RunSpec`, giving rg-lora the default λ_geom when none is given."""
+    if method == "rg-lora" and lam is None:
+        lam = DEFAULT_LAMBDA
+    return RunSpec(method, task, seed, lr, lam)
+
+
+def train_kwargs(run: RunSpec) -> dict[str, Any]:
+    """The :func:`safegeom.train.train` keywords of a run's method (method, guard, regulariser)."""
+    from safegeom.train.guard import GuardConfig
+    from safegeom.train.regularised import RegConfig
+
+    if run.method == "rg-lora":
+        return {"method": "refusalguard", "guard": GuardConfig(variant="lora", lambda_geom=run.lam)}
+    if run.method == "rg-reft":
+        return {"method": "refusalguard", "guard": GuardConfig(variant="reft")}
+    if run.method == "kl":
+        return {"method": "kl", "regulariser": RegConfig(kl_weight=1.0)}
+    return {"method": run.method}
+
+
+_BASE: list[Any] = []
+
+
+def _init_worker() -> None:
+    """Give a worker process one torch thread."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _base() -> Any:
+    """The base model, loaded once per process."""
+    if not _BASE:
+        from safegeom.models import load_model
+
+        _BASE.append(load_model("tiny-chat"))
+    return _BASE[0]
+
+
+def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, dict[str, Any]]]:
+    """Train ``run`` (or read it back) and evaluate its checkpoints.
+
+    Args:
+        job: ``(run, settings, work dir, which)``; ``which`` is ``last`` (the last checkpoint) or
+            ``all`` (every checkpoint after step 0).
+
+    Returns:
+        ``(run name, {step: analyses.defences_eval.evaluate_checkpoint output})``.
+    """
+    from analyses.defences_eval import evaluate_checkpoint
+    from safegeom.errors import SafegeomError
+    from safegeom.train import get_task, load_trajectory, train
+
+    run, settings, work, which = job
+    folder = work / "runs" / run.name
+    task = get_task(run.task)
+    try:
+        traj = load_trajectory(folder)
+        done = traj.steps and traj.steps[-1] >= settings.steps
+    except SafegeomError:
+        done = False
+    if not done:
+        traj = train("tiny-chat", task, out=folder, steps=settings.steps, resume=True,
+                     save_every=settings.save_every, lr=run.lr, seed=run.seed,
+                     batch_size=settings.batch_size, progress=False, **train_kwargs(run))  # fmt: skip
+    pairs = list(zip(traj.steps, traj.paths, strict=True))[1:]
+    if which == "last":
+        pairs = pairs[-1:]
+    out = {}
+    for step, path in pairs:
+        out[step] = evaluate_checkpoint(path, task, _base(), folder / "eval" / f"step-{step}")
+    return run.name, out
+
+
+def audit_job(job: tuple[RunSpec, Path]) -> str:
+    """Audit a run's trajectory into its ``audit`` folder (defaults), unless done; its name."""
+    from safegeom.audit import AuditConfig, audit, load_audit
+    from safegeom.errors import SafegeomError
+
+    run, work = job
+    folder = work / "runs" / run.name
+    try:
+        load_audit(folder / "audit")
+    except SafegeomError:
+        audit(folder, folder / "audit", AuditConfig(), progress=False)
+    return run.name
+
+
+def _pool_map(fn: Any, jobs: list[Any], n_jobs: int, what: str) -> list[Any]:
+    """``fn`` over ``jobs`` on ``n_jobs`` spawned one-thread workers, with a progress bar."""
+    if not jobs:
+        return []
+    if n_jobs <= 1:
+        _init_worker()
+        return [fn(j) for j in tqdm(jobs, desc=what)]
+    with mp.get_context("spawn").Pool(n_jobs, initializer=_init_worker) as pool:
+        return list(tqdm(pool.imap_unordered(fn, jobs), total=len(jobs), desc=what))
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/safegeom-defences"))
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--lambda-seeds", default=None, help="seeds of the λ ablation (--seeds)")
+    parser.add_argument("--no-audit", action="store_true", help="skip the audits")
+    parser.add_argument("--audit-tasks", default="mix,sentiment", help="tasks audited (seed 0)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 20 steps, save every 10, seed 0, lora and rg-lora on mix, "
+                             "middle lr of the grid, λ 0 and 0.3, no audit")  # fmt: skip
+    parser.add_argument("--json", type=Path, default=Path("analyses/results/defences.json"))
+    parser.add_argument("--md", type=Path, default=Path("analyses/results/defences.md"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Run the phases (lr grid, main grid, λ ablation, audits) and write the results."""
+    args = _parse()
+    settings, seeds = Settings(), [int(s) for s in args.seeds.split(",")]
+    methods, tasks = args.methods.split(","), args.tasks.split(",")
+    lambdas, grids = LAMBDAS, dict(GRIDS)
+    if args.quick:
+        settings, seeds, methods, tasks = Settings(20, 10), [0], ["lora", "rg-lora"], ["mix"]
+        lambdas, args.no_audit = (0.0, DEFAULT_LAMBDA), True
+        grids = {m: (g[1],) for m, g in GRIDS.items()}
+    lam_seeds = (
+        seeds if args.lambda_seeds is None else [int(s) for s in args.lambda_seeds.split(",")]
+    )
+    work = args.work
+    evals: dict[str, dict[int, dict[str, Any]]] = {}
+
+    grid_jobs = [(spec(m, "mix", 0, lr), settings, work, "all") for m in methods for lr in grids[m]]
+    evals.update(_pool_map(run_job, grid_jobs, args.jobs, "lr grid (mix, seed 0)"))
+    chosen = {}
+    from analyses.defences_stats import pick_lr
+
+    for m in methods:
+        accs = {lr: evals[spec(m, "mix", 0, lr).name][settings.steps]["rates"]["task_accuracy"]
+                for lr in grids[m]}  # fmt: skip
+        chosen[m] = pick_lr(accs)
+    print("chosen lr:", chosen, flush=True)
+
+    main_runs = [spec(m, t, s, chosen[m]) for m in methods for t in tasks for s in seeds]
+    lam_runs = []
+    if "rg-lora" in methods and "mix" in tasks:
+        lam_runs = [spec("rg-lora", "mix", s, chosen["rg-lora"], lam) for lam in lambdas
+                    for s in lam_seeds]  # fmt: skip
+    todo = {r.name: r for r in main_runs + lam_runs if r.name not in evals}
+    jobs = [(r, settings, work, "all" if r.seed == 0 else "last") for r in todo.values()]
+    jobs.sort(key=lambda j: (j[0].seed, j[0].lam or 0.0))
+    evals.update(_pool_map(run_job, jobs, args.jobs, "runs"))
+
+    audited = [] if args.no_audit else [r for r in main_runs if r.seed == 0
+                                        and r.task in args.audit_tasks.split(",")]  # fmt: skip
+    _pool_map(audit_job, [(r, work) for r in audited], args.jobs, "audits")
+
+    from analyses.defences_eval import evaluate_checkpoint
+    from safegeom.train import get_task
+
+    _init_worker()
+    base_eval = {t: evaluate_checkpoint("tiny-chat", get_task(t), _base(), work / "base" / t)
+                 for t in tasks}  # fmt: skip
+    results = build_results(
+        settings=settings, seeds=seeds, lam_seeds=lam_seeds, methods=methods, tasks=tasks,
+        grids=grids, chosen=chosen, lambdas=lambdas, evals=evals, base_eval=base_eval,
+        main_runs=main_runs, lam_runs=lam_runs, audited=audited, work=work,
+    )  # fmt: skip
+    write_outputs(results, args.json, args.md)
+    print(f"wrote {args.json} and {args.md}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
