@@ -19,6 +19,7 @@ from typing import Any
 from analyses.defences_stats import METRICS, markdown_table, seed_prompt_ci, summarise, table_rows
 from safegeom.artifacts import read_json, write_json
 from safegeom.bootstrap import bootstrap_ci
+from safegeom.errors import SafegeomError
 
 __all__ = ["AUDIT_METRICS", "build_results", "lambda_rows", "load_results", "write_outputs"]
 
@@ -100,12 +101,15 @@ def build_results(
     cells = {}
     for method in methods:
         for task in tasks:
-            runs = [r for r in main_runs if r.method == method and r.task == task]
-            cells[(method, task)] = summarise([_last(evals, r.name) for r in runs])
+            runs = [
+                r for r in main_runs if r.method == method and r.task == task and r.name in evals
+            ]
+            if runs:
+                cells[(method, task)] = summarise([_last(evals, r.name) for r in runs])
     base = {t: {m: _stat(base_eval[t][m]) for m in METRICS} for t in tasks}
     trajectories: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in main_runs:
-        if r.seed != 0:
+        if r.seed != 0 or r.name not in evals:
             continue
         steps = {0: base_eval[r.task], **evals[r.name]}
         trajectories.setdefault(r.method, {})[r.task] = [
@@ -115,7 +119,7 @@ def build_results(
         ]  # fmt: skip
     lam_curve = []
     for lam in lambdas:
-        runs = [_last(evals, r.name) for r in lam_runs if r.lam == lam]
+        runs = [_last(evals, r.name) for r in lam_runs if r.lam == lam and r.name in evals]
         if runs:
             stats = summarise(runs)
             lam_curve.append({"lambda": lam, "asr": stats["asr"],
@@ -123,8 +127,10 @@ def build_results(
     audits = {}
     for r in audited:
         folder = work / "runs" / r.name / "audit"
-        if (folder / "manifest.json").is_file():
+        try:
             audits.setdefault(r.method, {})[r.task] = _audit_part(folder)
+        except SafegeomError:  # not audited (yet)
+            continue
     results = {
         "protocol": {"steps": settings.steps, "save_every": settings.save_every,
                      "batch_size": settings.batch_size, "seeds": list(seeds),
@@ -176,12 +182,12 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         if not rows:
             continue
         base_ref = 1.0 - rows[0]["asr"]
-        worst = max(abs((1.0 - r["asr"]) - base_ref) for r in rows)
+        signed = max(((1.0 - r["asr"]) - base_ref for r in rows), key=abs)
         what = "stays within" if method != "lora" else "dips more than"
-        out.append({"target": f"sentiment (seed 0): {method} refusal {what} 5 points of the base at "
-                              "every checkpoint (largest deviation, points)",
-                    "value": 100 * worst,
-                    "met": worst <= 0.05 if method != "lora" else worst > 0.05})  # fmt: skip
+        out.append({"target": f"sentiment (seed 0): {method} refusal {what} 5 points of the base "
+                              "at every checkpoint (largest deviation, signed, points)",
+                    "value": 100 * signed,
+                    "met": abs(signed) <= 0.05 if method != "lora" else signed < -0.05})  # fmt: skip
     return out
 
 
