@@ -235,45 +235,55 @@ def main() -> None:
     )
     work = args.work
     evals: dict[str, dict[int, dict[str, Any]]] = {}
-
-    grid_jobs = [(spec(m, "mix", 0, lr), settings, work, "all") for m in methods for lr in grids[m]]
+    base_eval = dict(_pool_map(base_job, [(t, work) for t in tasks], args.jobs, "base"))
+    grid_jobs = [
+        (spec(m, "mix", 0, lr), settings, work, "last") for m in methods for lr in grids[m]
+    ]
     evals.update(_pool_map(run_job, grid_jobs, args.jobs, "lr grid (mix, seed 0)"))
-    chosen = {}
     from analyses.defences_stats import pick_lr
 
+    chosen = {}
     for m in methods:
         accs = {lr: evals[spec(m, "mix", 0, lr).name][settings.steps]["rates"]["task_accuracy"]
                 for lr in grids[m]}  # fmt: skip
         chosen[m] = pick_lr(accs)
     print("chosen lr:", chosen, flush=True)
-
     main_runs = [spec(m, t, s, chosen[m]) for m in methods for t in tasks for s in seeds]
     lam_runs = []
     if "rg-lora" in methods and "mix" in tasks:
-        lam_runs = [spec("rg-lora", "mix", s, chosen["rg-lora"], lam) for lam in lambdas
-                    for s in lam_seeds]  # fmt: skip
-    todo = {r.name: r for r in main_runs + lam_runs if r.name not in evals}
-    jobs = [(r, settings, work, "all" if r.seed == 0 else "last") for r in todo.values()]
-    jobs.sort(key=lambda j: (j[0].seed, j[0].lam or 0.0))
-    evals.update(_pool_map(run_job, jobs, args.jobs, "runs"))
+        lam_runs = [spec("rg-lora", "mix", s, chosen["rg-lora"], lam) for s in lam_seeds
+                    for lam in lambdas]  # fmt: skip
+    audit_first = args.audit_tasks.split(",")
+    audited = [] if args.no_audit else [r for r in main_runs if r.seed == 0]
+    audited.sort(key=lambda r: r.task not in audit_first)
+    first = [r for r in audited if r.task in audit_first]
+    context = {"settings": settings, "seeds": seeds, "lam_seeds": lam_seeds, "methods": methods,
+               "tasks": tasks, "grids": grids, "chosen": chosen, "lambdas": lambdas,
+               "evals": evals, "base_eval": base_eval, "main_runs": main_runs,
+               "lam_runs": lam_runs, "audited": audited, "work": work}  # fmt: skip
+    others = {r.name: r for r in sorted(main_runs + lam_runs, key=lambda r: r.seed)
+              if r.seed != 0 or r.lam not in (None, DEFAULT_LAMBDA)}  # fmt: skip
+    phases = (
+        ("seed-0 runs", run_job, [(r, settings, work, "all") for r in main_runs if r.seed == 0]),
+        ("audits", audit_job, [(r, work) for r in first]),
+        ("other runs", run_job, [(r, settings, work, "last") for r in others.values()]),
+        ("more audits", audit_job, [(r, work) for r in audited if r not in first]),
+    )  # fmt: skip
+    for what, fn, jobs in phases:
+        done = _pool_map(fn, jobs, args.jobs, what)
+        if fn is run_job:
+            evals.update(done)
+        write_outputs(build_results(**context), args.json, args.md)
+        print(f"{what}: wrote {args.json} and {args.md}", flush=True)
 
-    audited = [] if args.no_audit else [r for r in main_runs if r.seed == 0
-                                        and r.task in args.audit_tasks.split(",")]  # fmt: skip
-    _pool_map(audit_job, [(r, work) for r in audited], args.jobs, "audits")
 
+def base_job(job: tuple[str, Path]) -> tuple[str, dict[str, Any]]:
+    """The base model's numbers on a task (cached under ``work/base/TASK``): ``(task, numbers)``."""
     from analyses.defences_eval import evaluate_checkpoint
     from safegeom.train import get_task
 
-    _init_worker()
-    base_eval = {t: evaluate_checkpoint("tiny-chat", get_task(t), _base(), work / "base" / t)
-                 for t in tasks}  # fmt: skip
-    results = build_results(
-        settings=settings, seeds=seeds, lam_seeds=lam_seeds, methods=methods, tasks=tasks,
-        grids=grids, chosen=chosen, lambdas=lambdas, evals=evals, base_eval=base_eval,
-        main_runs=main_runs, lam_runs=lam_runs, audited=audited, work=work,
-    )  # fmt: skip
-    write_outputs(results, args.json, args.md)
-    print(f"wrote {args.json} and {args.md}", flush=True)
+    task, work = job
+    return task, evaluate_checkpoint("tiny-chat", get_task(task), _base(), work / "base" / task)
 
 
 if __name__ == "__main__":

@@ -193,8 +193,12 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def _markdown(results: Mapping[str, Any]) -> str:
     """The table, the lr grid, the λ curve and the targets as markdown."""
-    parts = ["# Defence study on tiny-chat (issue 12)\n", "## Methods × tasks\n",
-             markdown_table(results["table"], base=results["base"].get("mix"))]  # fmt: skip
+    base = results["base"]
+    accs = ", ".join(f"{t} {b['task_accuracy']['value']:.3f}" for t, b in base.items()
+                     if b.get("task_accuracy"))  # fmt: skip
+    parts = ["# Defence study on tiny-chat (issue 12)\n\n## Methods × tasks\n\n",
+             markdown_table(results["table"], base=base.get("mix")),
+             f"\n- The base row's task accuracy is on mix; per task: {accs}."]  # fmt: skip
     parts += [f"\n- {n}" for n in results["notes"]]
     parts.append(f"\n- Chosen learning rates: {results['chosen_lr']}\n")
     parts.append(
