@@ -25,6 +25,19 @@ Protocol (fixed here, the same for every method):
 - Not in the study: Safe LoRA and LoX need an honest unaligned base, and tiny-chat has none (its
   recipe trains the aligned behaviour from scratch).
 
+Measured (``analyses/results/defences.md``; 2 one-thread workers under load, about 75 min in
+all: training 20-35 s a run, 5-7 s per checkpoint evaluation, 30-100 s per audit). Chosen lrs:
+lora, rg-lora, adaptive, kl 5e-3; rg-reft 2e-2; sft 1e-4. On ``mix`` (3 seeds; base ASR 0.088):
+LoRA ASR 0.997, accuracy 0.998; rg-lora 0.069 / 0.998 (over-refusal 0.296 vs the base's 0.160);
+rg-reft 0.108 / 0.508; adaptive 0.108 / 0.957; kl 0.520 / 0.973; sft 0.998 / 0.973. λ_geom 0,
+0.1, 0.3, 1, 3: ASR 0.997, 0.149, 0.069, 0.052, 0.049 at accuracy 0.998-0.958. On ``sentiment``
+(seed 0) rg-lora's refusal moves +6.4 points (it refuses more), rg-reft's −2.0, LoRA's −91.2
+(LoRA answers every prompt with a label, as ``analyses/benign_task.py`` found). ``arith`` is not
+learnt by any method in 200 steps (held-out accuracy ≤ 0.04). Audit at the last step, carrier
+layer 1, mix: cosine of the re-extracted r to r₀ 0.610 (lora), 0.984 (rg-lora), 0.917 (rg-reft),
+0.895 (adaptive); fixed-source ablation effect of r₀ +0.86 nats (lora: r₀ no longer carries
+refusal; base −6.70), −3.50, −5.94, −4.42.
+
 Everything is cached under ``--work`` (one folder per run: the trajectory, ``eval/step-N``,
 ``audit``), read back through the library (:func:`load_trajectory`, :func:`load_audit`), so a
 rerun resumes. Runs go to ``--jobs`` worker processes (one torch thread each).
