@@ -25,7 +25,7 @@ Protocol (fixed here, the same for every method):
 - Not in the study: Safe LoRA and LoX need an honest unaligned base, and tiny-chat has none (its
   recipe trains the aligned behaviour from scratch).
 
-Measured (``analyses/results/defences.md``; 2 one-thread workers under load, about 75 min in
+Measured (``analyses/results/defences.md``; 2 one-thread workers under load, about 50 min in
 all: training 20-35 s a run, 5-7 s per checkpoint evaluation, 30-100 s per audit). Chosen lrs:
 lora, rg-lora, adaptive, kl 5e-3; rg-reft 2e-2; sft 1e-4. On ``mix`` (3 seeds; base ASR 0.088):
 LoRA ASR 0.997, accuracy 0.998; rg-lora 0.069 / 0.998 (over-refusal 0.296 vs the base's 0.160);
