@@ -66,12 +66,13 @@ from analyses.defences_report import build_results, write_outputs
 
 __all__ = ["GRIDS", "LAMBDAS", "METHODS", "TASKS", "RunSpec", "Settings", "run_job"]
 
-METHODS: tuple[str, ...] = ("lora", "sft", "rg-lora", "rg-reft", "adaptive", "kl")
+METHODS: tuple[str, ...] = ("lora", "sft", "rg-lora", "rg-lora-both", "rg-reft", "adaptive", "kl")
 """The study's methods, in table order."""
 TASKS: tuple[str, ...] = ("harmful", "mix", "sentiment", "arith")
 """The study's tasks, in table order."""
 GRIDS: dict[str, tuple[float, ...]] = {
-    "lora": (1e-3, 2e-3, 5e-3), "rg-lora": (1e-3, 2e-3, 5e-3), "adaptive": (1e-3, 2e-3, 5e-3),
+    "lora": (1e-3, 2e-3, 5e-3), "rg-lora": (1e-3, 2e-3, 5e-3), "rg-lora-both": (1e-3, 2e-3, 5e-3),
+    "adaptive": (1e-3, 2e-3, 5e-3),
     "kl": (1e-3, 2e-3, 5e-3), "rg-reft": (5e-3, 1e-2, 2e-2), "sft": (1e-5, 3e-5, 1e-4),
 }  # fmt: skip
 """Each method's learning-rate grid of the search rule."""
@@ -129,6 +130,11 @@ def train_kwargs(run: RunSpec) -> dict[str, Any]:
 
     if run.method == "rg-lora":
         return {"method": "refusalguard", "guard": GuardConfig(variant="lora", lambda_geom=run.lam)}
+    if run.method == "rg-lora-both":  # the penalty holds the harmless calibration prompts too
+        return {
+            "method": "refusalguard",
+            "guard": GuardConfig(variant="lora", penalise_harmless=True),
+        }
     if run.method == "rg-reft":
         return {"method": "refusalguard", "guard": GuardConfig(variant="reft")}
     if run.method == "kl":

@@ -34,7 +34,8 @@ from safegeom.plots.data import figure_legend
 from safegeom.plots.lines import line_panel
 from safegeom.plots.style import new_figure, run_colour, style
 
-LABELS = {"lora": "LoRA", "rg-lora": "RefusalGuard (LoRA)", "rg-reft": "RefusalGuard (edit)",
+LABELS = {"lora": "LoRA", "rg-lora": "RefusalGuard (LoRA)",
+          "rg-lora-both": "RefusalGuard (LoRA, harmless held)", "rg-reft": "RefusalGuard (edit)",
           "adaptive": "adaptive (probe)", "kl": "constant KL", "sft": "full SFT"}  # fmt: skip
 """Legend names of the study's methods."""
 
