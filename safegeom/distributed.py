@@ -6,7 +6,7 @@ comes from :class:`accelerate.PartialState` (NCCL between GPUs, gloo on CPUs). W
 the job is a single process: every function here is then the identity or a plain call, and
 ``torch.distributed`` is never touched.
 
-- :func:`rank`, :func:`world_size`, :func:`is_main`: who am I.
+- :func:`rank`, :func:`world_size`, :func:`is_main`, :func:`device`: who am I, and where.
 - :func:`shard`: this rank's items of ``n`` (round robin, so items sorted longest first are spread
   evenly); :func:`deal`: this rank's batches, the very batches one process would run.
 - :func:`collect` (every rank's value, in rank order) and :func:`gather` (values back in input
@@ -25,8 +25,11 @@ Launch (the library picks the processes up by itself; one process needs no launc
     accelerate launch --num_processes 2 -m safegeom.cli capture MODEL --prompts SPEC --out FILE
     torchrun --nproc_per_node 2 -m safegeom.cli evaluate MODEL --prompts SPEC --out FILE
 
-On a machine without GPUs add ``--cpu --multi_gpu`` to ``accelerate launch`` (plain ``--num_processes
-2`` there starts one process) and set ``OMP_NUM_THREADS``.
+On a machine without GPUs pass ``--multi_gpu`` too (``accelerate launch --multi_gpu
+--num_processes 2 ...``: there a plain ``--num_processes 2``, with or without ``--cpu``, starts one
+process), or use ``torchrun``; set ``OMP_NUM_THREADS`` (1 or 2 per process). Under a launcher each
+rank's model belongs on :func:`device` (``cuda:LOCAL_RANK``), which the first call here selects as
+the current CUDA device.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "all_or_none",
     "collect",
     "deal",
+    "device",
     "gather",
     "is_main",
     "main_only",
@@ -90,6 +94,15 @@ def rank() -> int:
 def is_main() -> bool:
     """Whether this process is rank 0, the one that writes files and prints."""
     return rank() == 0
+
+
+def device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` under a launcher on GPUs (made the current CUDA
+    device), the CPU under a launcher on CPUs; without one, CUDA when available, else the CPU."""
+    if _launched():
+        where = torch.device(_state().device)
+        return torch.device("cpu") if where.type == "cpu" else where  # accelerate says cpu:0
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def shard(n: int) -> range:

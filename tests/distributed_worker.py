@@ -129,6 +129,7 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
     r = dist.rank()
     lm = load_model(checkpoint, device="cpu")
     res: dict[str, Any] = {"rank": r, "world": dist.world_size(), "main": dist.is_main()}
+    res["device"] = str(dist.device())
     res["shard"] = list(dist.shard(7))
     res["deal"] = dist.deal([[0, 1], [2], [3, 4], [5]])
     res["gather_all"] = dist.gather([f"item{i}" for i in dist.shard(7)], dist.shard(7), 7, to="all")

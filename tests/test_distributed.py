@@ -7,7 +7,9 @@ The two ranks run ``tests/distributed_worker.py`` with the environment a launche
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -98,6 +100,7 @@ def test_ranks_and_gather(job: dict[str, Any]) -> None:
     zero, one = job["ranks"]
     assert (zero["rank"], zero["world"], zero["main"]) == (0, 2, True)
     assert (one["rank"], one["world"], one["main"]) == (1, 2, False)
+    assert zero["device"] == one["device"] == "cpu"
     assert zero["shard"] == [0, 2, 4, 6] and one["shard"] == [1, 3, 5]
     assert zero["deal"] == [[0, 1], [3, 4]] and one["deal"] == [[2], [5]]
     expected = [f"item{i}" for i in range(7)]
@@ -181,11 +184,38 @@ def test_failure_on_one_rank_stops_both(job: dict[str, Any]) -> None:
     assert one["fail_write"] == ["SafegeomError", f"rank 0 of 2 failed: {bad_out}"]
 
 
+def test_cli_under_accelerate_launch(job: dict[str, Any], lm: Any) -> None:
+    """``accelerate launch --num_processes 2 -m safegeom.cli capture``: one file, one line."""
+    prompts, out = job["root"] / "prompts.jsonl", job["root"] / "cli" / "acts.safetensors"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(_free_port())]  # fmt: skip
+    command = ["-m", "safegeom.cli", "capture", str(job["checkpoint"]), "--prompts", str(prompts),
+               "--out", str(out), "--batch-size", "3", "--layers", "1-2", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen([*launch, *command], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        stdout, _ = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-4000:]
+    assert stdout.count(f"wrote {out}") == 1  # rank 0 alone prints (and writes)
+    saved = load_activations(out)
+    reference = capture(lm, PROMPTS, batch_size=3, layers="1-2", progress=False)
+    _equal(saved.data, reference.data)
+
+
 def test_one_process_needs_no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     values = ["a", "b", "c"]
     assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+    assert dist.device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert dist.shard(3) == range(3) and dist.deal([[1], [0, 2]]) == [[1], [0, 2]]
     assert dist.gather(values, range(3), 3) is values  # the identity
     assert dist.gather(["y", "x"], [1, 0], 2) == ["x", "y"]
