@@ -161,7 +161,7 @@ def collect(value: T, *, to: Literal["main", "all"] = "all") -> list[T] | None:
         The list of ``world_size()`` values on every rank (``to="all"``) or on rank 0 (``"main"``;
         ``None`` on the others); ``[value]`` in one process.
     """
-    if not _launched():
+    if world_size() == 1:
         return [value]
     dist = torch.distributed
     _state()
@@ -246,7 +246,7 @@ def all_or_none(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         Exception: on a rank where ``fn`` failed, its own exception, unchanged (a bug keeps its
             traceback).
     """
-    if not _launched():
+    if world_size() == 1:
         return fn(*args, **kwargs)
     result: Any = None
     error: Exception | None = None

@@ -137,6 +137,9 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
     res["gather_bad"] = _fails(lambda: dist.gather([0], [0], 2, to="all"))
     res["acts"] = capture(lm, PROMPTS, batch_size=3, **CAPTURE).data
     res["acts_auto"] = capture(lm, PROMPTS, layers="1", **CAPTURE).data
+    res["acts_lens"] = capture(
+        lm, PROMPTS, batch_size=4, backend="transformer_lens", **CAPTURE
+    ).data
     stats = capture_stats(lm, PROMPTS, batch_size=3, covariance=True, **CAPTURE)
     res["stats"] = {s: (m.n, m.mean, m.cov) for s, m in stats.moments.items()}
     res["n_forward"] = stats.n_forward

@@ -38,34 +38,37 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch(args: list[str], world: int = 2) -> list[subprocess.CompletedProcess[str]]:
-    """Run ``python -m tests.distributed_worker ARGS`` as ``world`` ranks; kill them on a hang."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "CUDA"))}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.distributed_worker", *args],
-            cwd=ROOT,
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    done = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return done
+def _launch(args: list[str], logs: Path, world: int = 2) -> list[tuple[int, str]]:
+    """Run ``python -m tests.distributed_worker ARGS`` as ``world`` ranks (output to files, so no
+    pipe fills up); kill them on a hang; once more on a new port if the port was taken.
+
+    Returns:
+        ``(exit status, output)`` per rank.
+    """
+    for _ in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "CUDA"))}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))  # fmt: skip
+        files = [logs / f"rank{r}.log" for r in range(world)]
+        procs = []
+        for r, log in enumerate(files):
+            with log.open("w") as sink:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "tests.distributed_worker", *args], cwd=ROOT,
+                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
+                    stdout=sink, stderr=subprocess.STDOUT,
+                ))  # fmt: skip
+        try:
+            codes = [proc.wait(timeout=TIMEOUT_S) for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        runs = list(zip(codes, (f.read_text() for f in files), strict=True))
+        if not any("address already in use" in out.lower() for _, out in runs):
+            break
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +79,9 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out, work = root / "out", root / "work"
     out.mkdir()
     work.mkdir()
-    runs = _launch([str(checkpoint), str(out), str(work)])
-    for r, run in enumerate(runs):
-        assert run.returncode == 0, f"rank {r} failed:\n{run.stdout[-4000:]}"
+    runs = _launch([str(checkpoint), str(out), str(work)], logs=root)
+    for r, (code, output) in enumerate(runs):
+        assert code == 0, f"rank {r} failed:\n{output[-4000:]}"
     ranks = [load_results(work / f"rank{r}") for r in range(2)]
     return {"ranks": ranks, "out": out, "checkpoint": checkpoint, "root": root}
 
@@ -113,10 +116,12 @@ def test_ranks_and_gather(job: dict[str, Any]) -> None:
 
 def test_sharded_capture_equals_one_process(job: dict[str, Any], lm: Any) -> None:
     reference = capture(lm, PROMPTS, batch_size=3, **CAPTURE).data
-    auto = capture(lm, PROMPTS, layers="1", **CAPTURE).data
+    auto = capture(lm, PROMPTS, layers="1", **CAPTURE).data  # one batch: rank 1 has none
+    lens = capture(lm, PROMPTS, batch_size=4, backend="transformer_lens", **CAPTURE).data
     for rank in job["ranks"]:  # every rank holds all activations, in input order
         _equal(rank["acts"], reference)
         _equal(rank["acts_auto"], auto)
+        _equal(rank["acts_lens"], lens)
 
 
 def test_sharded_stats_equal_one_process(job: dict[str, Any], lm: Any) -> None:
