@@ -14,7 +14,7 @@ The package is a plan, one batch loop and two backends:
   :mod:`~safegeom.capture.transformer_lens` (``backend="transformer_lens"``), which depend on the
   plan only; the loop picks one from :data:`~safegeom.capture.engine.RECORDERS`.
 
-Several processes (one per GPU; on CPUs only add ``--cpu --multi_gpu`` and set
+Several processes (one per GPU; on a machine without GPUs add ``--multi_gpu`` and set
 ``OMP_NUM_THREADS``)::
 
     accelerate launch --num_processes 2 -m safegeom.cli capture MODEL --prompts SPEC --out FILE

@@ -9,7 +9,8 @@ than one process (:mod:`safegeom.distributed`); nothing changes for one process.
   round robin (:func:`~safegeom.distributed.deal`). Each rank thus runs exactly the batches of one
   process, and the activations equal one process's bit for bit.
 - In memory: every rank returns the whole :class:`Activations`, in input order (so code that uses
-  them runs unchanged on every rank; the CLI writes on rank 0 only).
+  them runs unchanged on every rank; the CLI writes on rank 0 only). Every rank then holds all
+  activations: for sets that do not fit that many times in host memory, use statistics or disk.
 - Statistics: each rank accumulates its float64 moments, and every rank merges all ranks' in rank
   order with the Chan merge of :class:`~safegeom.stats.RunningStats` (equal to one process to
   float64 rounding; the counts exactly).
@@ -23,7 +24,9 @@ input, NaN activations or a failed write on one rank stops every rank with that 
 Launch::
 
     accelerate launch --num_processes 2 -m safegeom.cli capture MODEL --prompts SPEC --out FILE
-    accelerate launch --cpu --multi_gpu --num_processes 2 -m safegeom.cli capture ...  # CPUs only
+    accelerate launch --multi_gpu --num_processes 2 -m safegeom.cli capture ...  # CPUs only
+
+Every rank must call the same capture functions in the same order (they are collectives).
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ def capture_to_disk_sharded(
     """
     main_only(check_output_dir)(out_dir)
     folder = Path(out_dir)
-    cfg, shard_size = disk_config(config, fields)
+    cfg, shard_size = all_or_none(disk_config, config, fields)
     plan, mine = shard_plan(lm, prompts, cfg)
     n_rounds = -(-len(plan_batches(plan)) // world_size())
     batches = iter_capture(lm, plan, progress=_progress(plan), batches=mine)
