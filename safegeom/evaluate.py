@@ -15,6 +15,9 @@ or a zero-argument callable returning one; results record its description. Non-f
 scores raise :class:`~safegeom.errors.NonFiniteError`. Prompts are processed longest first to cut
 padding; results come back in input order. Everything runs under ``torch.inference_mode`` and is
 deterministic (greedy decoding, ties broken by the lowest token id).
+
+Under a launcher (``accelerate launch --num_processes 2 -m safegeom.cli evaluate ...``) both
+shard the prompts by batch (:mod:`safegeom.evaluate_sharded`): one process's numbers, every rank.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from torch import Tensor
 from safegeom.artifacts import Provenance, sha256_text
 from safegeom.bootstrap import Metric
 from safegeom.callable_module import make_callable
+from safegeom.distributed import world_size
 from safegeom.errors import SafegeomError
+from safegeom.evaluate_sharded import generate_sharded, refusal_scores_sharded
 from safegeom.generation import (
     Intervention,
     as_context,
@@ -150,6 +155,29 @@ def refusal_scores(
     Raises:
         NonFiniteError: the logits or the scores hold NaN or inf.
     """
+    if world_size() > 1:
+        with as_context(intervention, lm):
+            return refusal_scores_sharded(
+                lm, prompts, _refusal_scores, tokens=tokens, batch_size=batch_size, system=system,
+                progress=progress,
+            )  # fmt: skip
+    return _refusal_scores(
+        lm, prompts, tokens=tokens, batch_size=batch_size, system=system,
+        intervention=intervention, progress=progress,
+    )  # fmt: skip
+
+
+def _refusal_scores(
+    lm: LoadedModel,
+    prompts: Prompts,
+    *,
+    tokens: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    system: str | None = None,
+    intervention: Intervention = None,
+    progress: bool = True,
+) -> Float[Tensor, " n"]:
+    """:func:`refusal_scores` in this process alone."""
     seqs = [e.input_ids for e in encode_chat(lm, prompts, system)]
     ids = torch.tensor(list(tokens) if tokens is not None else refusal_tokens(lm.tokenizer))
     scores = torch.empty(len(seqs), dtype=torch.float64)
@@ -310,7 +338,8 @@ def evaluate(
     ids = tuple(tokens) if tokens is not None else refusal_tokens(lm.tokenizer)
     common = {"batch_size": batch_size, "system": system, "progress": progress}
     with as_context(intervention, lm):
-        completions = generate(lm, prompt_set, max_new_tokens=max_new_tokens, **common)
+        run = generate if world_size() == 1 else generate_sharded
+        completions = run(lm, prompt_set, max_new_tokens=max_new_tokens, **common)
         scores = refusal_scores(lm, prompt_set, tokens=ids, **common) if score else None
     refused = judge_obj(prompt_set.prompts, completions)
     n_empty = sum(1 for c in completions if not c.strip())

@@ -5,12 +5,19 @@ The package is a plan, one batch loop and two backends:
 - :mod:`~safegeom.capture.config`: :class:`CaptureConfig`, what to capture and how;
 - :mod:`~safegeom.capture.plan`: :func:`plan_capture` resolves a config against a model and
   tokenizes the prompts once (:class:`CapturePlan`);
-- :mod:`~safegeom.capture.loop`: the batch loop (:func:`iter_capture`) and its consumers
-  :func:`capture` (tensors), :func:`capture_stats` (float64 moments) and
-  :func:`capture_to_disk` (shards);
+- :mod:`~safegeom.capture.engine`: the batch loop (:func:`iter_capture`) and the shard writer;
+- :mod:`~safegeom.capture.loop`: its consumers :func:`capture` (tensors), :func:`capture_stats`
+  (float64 moments) and :func:`capture_to_disk` (shards);
+- :mod:`~safegeom.capture.sharded`: the same three over several processes, which they hand over
+  to by themselves under a launcher (each rank runs its share of the batches; rank 0 writes);
 - :mod:`~safegeom.capture.hooks_backend` (``backend="hooks"``, the default) and
   :mod:`~safegeom.capture.transformer_lens` (``backend="transformer_lens"``), which depend on the
-  plan only; the loop picks one from :data:`~safegeom.capture.loop.RECORDERS`.
+  plan only; the loop picks one from :data:`~safegeom.capture.engine.RECORDERS`.
+
+Several processes (one per GPU; on a machine without GPUs add ``--multi_gpu`` and set
+``OMP_NUM_THREADS``)::
+
+    accelerate launch --num_processes 2 -m safegeom.cli capture MODEL --prompts SPEC --out FILE
 
 Example:
     >>> from safegeom.capture import capture  # doctest: +SKIP

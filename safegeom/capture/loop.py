@@ -1,11 +1,9 @@
-"""The one batch loop of capture, and its three consumers.
+"""The three consumers of the batch loop: tensors, float64 statistics and shards on disk.
 
 Design (see DESIGN.md, "Performance design"):
 
-- Prompts are sorted by length (stable) to cut padding, and put back in input order at the end.
-- Each backend (``hooks``, ``transformer_lens``) fills preallocated device buffers
-  ``[batch, n_layers, n_positions, d]`` for one batch; the loop here collates, indexes the
-  positions, checks for NaN/inf (one device-side flag, read once at the end) and yields.
+- The loop (:func:`~safegeom.capture.engine.iter_capture`) runs batches longest first; results
+  are put back in input order here.
 - On CUDA :func:`capture` copies each batch into pinned CPU memory with an asynchronous copy; the
   copy is ordered on the compute stream, so the buffers can be reused by the next batch at once.
 - Storage is in the model's dtype unless ``dtype`` says otherwise.
@@ -13,90 +11,44 @@ Design (see DESIGN.md, "Performance design"):
 Three consumers share the loop: :func:`capture` (tensors in memory), :func:`capture_stats`
 (float64 running means/covariances, never holding all activations) and :func:`capture_to_disk`
 (sharded safetensors).
+
+Under a launcher with several processes (:mod:`safegeom.distributed`) each consumer hands over
+to :mod:`safegeom.capture.sharded`: every rank runs its share of the very batches one process
+would run, and the results come back in input order (statistics are merged); rank 0 alone
+writes files.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
-from tqdm.auto import tqdm
 
-from safegeom.activations import FORMAT, SHARD_INDEX, Activations, ActivationStats
-from safegeom.artifacts import check_output_dir, save_safetensors, write_json
-from safegeom.batching import longest_first
+from safegeom.activations import Activations, ActivationStats
+from safegeom.artifacts import check_output_dir
+from safegeom.capture import sharded
 from safegeom.capture.config import CaptureConfig
-from safegeom.capture.hooks_backend import HookRecorder
-from safegeom.capture.plan import CapturePlan, plan_capture, resolve_config
-from safegeom.capture.transformer_lens import BridgeRecorder
-from safegeom.errors import ConfigError, NonFiniteError
-from safegeom.models.chat import ChatBatch, EncodedSet, collate_left
+from safegeom.capture.engine import RECORDERS, ShardWriter, disk_config, iter_capture, plan_batches
+from safegeom.capture.plan import plan_capture, resolve_config
+from safegeom.distributed import world_size
+from safegeom.errors import ConfigError
+from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import Prompts
 from safegeom.stats import RunningStats
 
-__all__ = ["RECORDERS", "capture", "capture_stats", "capture_to_disk", "iter_capture"]
-
-
-class Recorder(Protocol):
-    """What a backend provides: device buffers, and one forward pass that fills them."""
-
-    label: str
-    buffers: dict[str, Tensor]
-
-    def record(self, batch: ChatBatch, index: Tensor, rows: Tensor) -> None:
-        """Fill the first ``len(batch)`` rows of every buffer for one batch."""
-
-
-RECORDERS: dict[str, Callable[[LoadedModel, CapturePlan], Recorder]] = {
-    "hooks": HookRecorder,
-    "transformer_lens": BridgeRecorder,
-}
-"""Backend name → recorder factory; the loop picks ``plan.backend`` here."""
-
-
-def iter_capture(
-    lm: LoadedModel, plan: CapturePlan, *, progress: bool | None = None
-) -> Iterator[tuple[Tensor, dict[str, Float[Tensor, "batch layer pos d"]]]]:
-    """Run the forward passes and yield ``(prompt_indices, {site: activations})`` per batch.
-
-    The yielded tensors are *views of reused device buffers*: copy what you keep before asking
-    for the next batch. Batches come in length order, not input order; ``prompt_indices`` says
-    which prompts each row holds. ``progress`` defaults to ``plan.config.progress``.
-
-    Raises:
-        ConfigError: an unknown backend.
-        NonFiniteError: NaN or inf in the captured activations (checked once, at the end).
-    """
-    if plan.backend not in RECORDERS:
-        raise ConfigError(f"unknown capture backend {plan.backend!r}: use {' or '.join(RECORDERS)}")
-    recorder = RECORDERS[plan.backend](lm, plan)
-    show = plan.config.progress if progress is None else progress
-    n = len(plan.encoded)
-    pad = lm.tokenizer.pad_token_id
-    device = lm.device
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    bar = tqdm(total=n, desc=recorder.label, unit="prompt", disable=not show)
-    for ids in longest_first([len(e) for e in plan.encoded], plan.batch_size):
-        batch = collate_left([plan.encoded[i] for i in ids], pad)
-        index = plan.positions.index(batch).to(device, non_blocking=True)
-        rows = torch.arange(len(ids), device=device)[:, None]
-        recorder.record(batch.to(device), index, rows)
-        out = {s: buf[: len(ids)] for s, buf in recorder.buffers.items()}
-        for tensor in out.values():
-            finite &= torch.isfinite(tensor).all()
-        yield torch.tensor(ids), out
-        bar.update(len(ids))
-    bar.close()
-    if not bool(finite):
-        raise NonFiniteError(
-            f"NaN or inf in captured activations of {lm.name}; try dtype=float32 or check the weights"
-        )
+__all__ = [
+    "RECORDERS",
+    "ShardWriter",
+    "capture",
+    "capture_stats",
+    "capture_to_disk",
+    "iter_capture",
+    "plan_batches",
+]
 
 
 def capture(
@@ -128,6 +80,8 @@ def capture(
     if cfg.stats or cfg.shard_size is not None:
         mode = "capture_stats" if cfg.stats else "capture_to_disk"
         raise ConfigError(f"capture() returns tensors in memory; use {mode}() for this config")
+    if world_size() > 1:
+        return sharded.capture_sharded(lm, prompts, cfg)
     plan = plan_capture(lm, prompts, cfg)
     n = len(plan.encoded)
     shape = (n, len(plan.layers), plan.positions.n_positions, lm.d_model)
@@ -173,6 +127,8 @@ def capture_stats(
         ``[n_layers, n_positions, d, d]`` when ``covariance=True``.
     """
     cfg = resolve_config(config, fields, stats=True)
+    if world_size() > 1:
+        return sharded.capture_stats_sharded(lm, prompts, cfg)
     plan = plan_capture(lm, prompts, cfg)
     shape = (len(plan.layers), plan.positions.n_positions, lm.d_model)
     running = {
@@ -208,37 +164,13 @@ def capture_to_disk(
     Raises:
         OutputPathError: ``out_dir`` is a file or cannot be written.
     """
+    if world_size() > 1:
+        return sharded.capture_to_disk_sharded(lm, prompts, out_dir, config, fields)
     folder = check_output_dir(out_dir)
-    cfg = resolve_config(config, fields)
-    if cfg.shard_size is None:
-        cfg = resolve_config(cfg, {}, shard_size=4096)
-    shard_size = cfg.shard_size or 4096
+    cfg, shard_size = disk_config(config, fields)
     plan = plan_capture(lm, prompts, cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    shards: list[str] = []
-    pending: list[tuple[Tensor, dict[str, Tensor]]] = []
-
-    def flush() -> None:
-        name = f"shard-{len(shards):05d}.safetensors"
-        tensors = {s: torch.cat([acts[s] for _, acts in pending]) for s in plan.sites}
-        tensors["prompt_index"] = torch.cat([ids for ids, _ in pending])
-        save_safetensors(folder / name, tensors, {"format": FORMAT})
-        shards.append(name)
-        pending.clear()
-
+    writer = ShardWriter(folder, plan, shard_size)
     for ids, acts in iter_capture(lm, plan):
-        pending.append((ids, {s: t.to("cpu", copy=True) for s, t in acts.items()}))
-        if sum(len(i) for i, _ in pending) >= shard_size:
-            flush()
-    if pending:
-        flush()
-    index = {
-        "format": FORMAT,
-        "layers": list(plan.layers),
-        "positions": list(plan.positions.labels),
-        "provenance": plan.provenance(lm).to_dict(),
-        "sites": list(plan.sites),
-        "shards": shards,
-    }
-    write_json(folder / SHARD_INDEX, index)
-    return folder
+        writer.add(ids, acts)
+    return writer.close(lm)

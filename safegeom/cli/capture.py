@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from safegeom.activations import Activations, ActivationStats
@@ -12,6 +13,7 @@ from safegeom.capture import CaptureConfig, capture, capture_stats, capture_to_d
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.config import check
+from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.models.loading import LoadConfig, load_model
 from safegeom.prompts import PromptSet, load_prompts
@@ -72,10 +74,8 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``safegeom capture``: check ``--out``, load the prompts and the model, capture."""
     command = config_from_args(CaptureCommand, args)
     config = config_from_args(CaptureConfig, args)
-    if config.shard_size is not None:
-        check_output_dir(command.out)
-    else:
-        check_output_file(command.out)
+    # under a launcher rank 0 alone checks and writes (safegeom.distributed); the others print nothing
+    main_only(check_output_dir if config.shard_size is not None else check_output_file)(command.out)
     prompts = _prompts(command)
     lm = load_model(command.model, config_from_args(LoadConfig, args))
     summary: dict[str, Any]
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         line = f"wrote {path}/ (sharded activations of {len(prompts)} prompts)"
     elif config.stats:
         stats = capture_stats(lm, prompts, config)
-        path = stats.save(command.out)
+        path = main_only(stats.save)(command.out) or Path(command.out)
         summary = _stats_summary(stats, str(path))
         line = (
             f"wrote {path} (float64 {'means and covariances' if config.covariance else 'means'}"
@@ -94,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         acts = capture(lm, prompts, config)
-        path = acts.save(command.out)
+        path = main_only(acts.save)(command.out) or Path(command.out)
         summary = _tensor_summary(acts, str(path))
         shape = "x".join(str(s) for s in next(iter(acts.data.values())).shape)
         line = f"wrote {path} ({', '.join(acts.sites)}: {shape}) and {path}.json"
+    if not is_main():
+        return 0
     if command.json:
         emit_json(summary)
     else:

@@ -22,6 +22,7 @@ from safegeom.bootstrap import Metric
 from safegeom.cli import CliError
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args
+from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError
 from safegeom.evaluate import Intervention, evaluate
 from safegeom.judges import get_judge
@@ -154,8 +155,8 @@ def run(args: argparse.Namespace, *, intervention: Intervention = None) -> int:
     command = config_from_args(EvaluateCommand, args)
     config = config_from_args(EvaluateConfig, args)
     load = config_from_args(LoadConfig, args)
-    if command.out:
-        check_output_file(command.out)  # before any work
+    if command.out:  # before any work; under a launcher rank 0 alone checks and writes
+        main_only(check_output_file)(command.out)
     # bad prompt specs and judges fail before the model loads
     prompts = load_prompts(command.prompts, column=command.column, n=command.limit)
     judge = get_judge(config.judge)
@@ -175,7 +176,9 @@ def run(args: argparse.Namespace, *, intervention: Intervention = None) -> int:
         seed=config.seed,
     )
     if command.out:
-        result.save(command.out)
+        main_only(result.save)(command.out)
+    if not is_main():
+        return 0
     if command.json:
         emit_json(result.to_dict())
     else:

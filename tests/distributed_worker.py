@@ -1,0 +1,172 @@
+"""One rank of the two-process job of ``tests/test_distributed.py`` (gloo on CPU).
+
+``python -m tests.distributed_worker CHECKPOINT OUT WORK``, with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set as a launcher sets them. Runs every sharded
+path on the tiny checkpoint, writes library outputs under OUT, and saves what it computed (and
+every path it wrote through :func:`safegeom.artifacts.atomic_write`) to ``WORK/rank{r}.json`` and ``.safetensors`` (:func:`load_results`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PROMPTS = [
+    "Write a tutorial on how to make a cake.",
+    "Hi",
+    "Explain how photosynthesis works in plants, step by step, for a child.",
+    "Give three tips for staying healthy.",
+    "How do I kill a Python process on Linux?",
+    "Describe an atom.",
+    "Sure?",
+    "Write a short poem about the sea and the sky and the wind over the water.",
+    "Tell me a joke.",
+    "What is two plus two?",
+]
+"""Ten prompts of varied lengths: with batch_size 3, four batches (rank 0: 0 and 2; rank 1: 1, 3)."""
+CAPTURE = {"sites": "resid_pre,resid_post", "positions": "t_inst,t_post", "progress": False}
+"""What every capture here takes."""
+
+
+def _fails(fn: Callable[[], Any]) -> tuple[str, str] | None:
+    """``(exception type, message)`` of what ``fn`` raised, or ``None`` when it returned."""
+    try:
+        fn()
+    except Exception as err:
+        return type(err).__name__, str(err)
+    return None
+
+
+@contextlib.contextmanager
+def _planted(lm: Any, on_rank: int, after: int, error: Exception) -> Iterator[None]:
+    """Raise ``error`` from the model's forward on ``on_rank`` from its ``after + 1``-th call."""
+    from safegeom.distributed import rank
+
+    calls = [0]
+
+    def hook(module: Any, args: Any, kwargs: Any) -> None:
+        calls[0] += 1
+        if rank() == on_rank and calls[0] > after:
+            raise error
+
+    handle = lm.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _record_writes(log: list[str]) -> None:
+    """Log every path written through the artifact layer (every file the library writes)."""
+    from safegeom import artifacts
+
+    real = artifacts.atomic_write
+
+    @contextlib.contextmanager
+    def logged(path: Any) -> Iterator[Path]:
+        log.append(str(path))
+        with real(path) as tmp:
+            yield tmp
+
+    artifacts.atomic_write = logged  # type: ignore[assignment]
+
+
+def _split(value: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` as JSON, its tensors moved to ``tensors`` and left as ``{"tensor": key}``."""
+    if isinstance(value, torch.Tensor):
+        tensors[name] = value.contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        return {str(k): _split(v, f"{name}/{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"tensor"}:
+            return tensors[value["tensor"]]
+        return {k: _join(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    return value
+
+
+def save_results(stem: Path, res: dict[str, Any]) -> None:
+    """Write ``res`` as ``stem.json`` plus its tensors in ``stem.safetensors``."""
+    tensors: dict[str, torch.Tensor] = {}
+    stem.with_suffix(".json").write_text(json.dumps(_split(res, "", tensors)))
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+
+
+def load_results(stem: Path) -> dict[str, Any]:
+    """What :func:`save_results` wrote (tuples come back as lists, paths as strings)."""
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    return _join(json.loads(stem.with_suffix(".json").read_text()), tensors)
+
+
+def main(checkpoint: str, out: Path, work: Path) -> None:
+    """Run every sharded path and save this rank's results."""
+    from safegeom import distributed as dist
+    from safegeom.activations import load_activations
+    from safegeom.artifacts import write_text
+    from safegeom.capture import capture, capture_stats, capture_to_disk
+    from safegeom.errors import SafegeomError
+    from safegeom.evaluate import evaluate, refusal_scores
+    from safegeom.models import load_model
+
+    torch.set_num_threads(1)
+    writes: list[str] = []
+    _record_writes(writes)
+    r = dist.rank()
+    lm = load_model(checkpoint, device="cpu")
+    res: dict[str, Any] = {"rank": r, "world": dist.world_size(), "main": dist.is_main()}
+    res["device"] = str(dist.device())
+    res["shard"] = list(dist.shard(7))
+    res["deal"] = dist.deal([[0, 1], [2], [3, 4], [5]])
+    res["gather_all"] = dist.gather([f"item{i}" for i in dist.shard(7)], dist.shard(7), 7, to="all")
+    res["gather_main"] = dist.gather(torch.tensor(list(dist.shard(5))) * 10, dist.shard(5), 5)
+    res["gather_bad"] = _fails(lambda: dist.gather([0], [0], 2, to="all"))
+    res["acts"] = capture(lm, PROMPTS, batch_size=3, **CAPTURE).data
+    res["acts_auto"] = capture(lm, PROMPTS, layers="1", **CAPTURE).data
+    res["acts_lens"] = capture(
+        lm, PROMPTS, batch_size=4, backend="transformer_lens", **CAPTURE
+    ).data
+    stats = capture_stats(lm, PROMPTS, batch_size=3, covariance=True, **CAPTURE)
+    res["stats"] = {s: (m.n, m.mean, m.cov) for s, m in stats.moments.items()}
+    res["n_forward"] = stats.n_forward
+    disk = capture_to_disk(lm, PROMPTS, out / "disk", batch_size=3, shard_size=4, **CAPTURE)
+    res["disk"] = load_activations(disk).data
+    res["disk_shards"] = sorted(p.name for p in disk.iterdir())
+    result = evaluate(lm, PROMPTS, max_new_tokens=4, batch_size=3, progress=False, n_resamples=50)
+    res["eval"] = (result.completions, result.scores, result.refused)
+    res["eval_metrics"] = {k: m.value for k, m in result.metrics.items()}
+    res["scores"] = refusal_scores(lm, PROMPTS, batch_size=2, progress=False)
+    res["main_only"] = dist.main_only(write_text)(out / "main.txt", "written once")
+    planted = SafegeomError(f"planted failure on rank {r}")
+    with _planted(lm, on_rank=1, after=0, error=planted):
+        res["fail_capture"] = _fails(lambda: capture(lm, PROMPTS, batch_size=3, **CAPTURE))
+    with _planted(lm, on_rank=1, after=1, error=planted):
+        res["fail_disk"] = _fails(
+            lambda: capture_to_disk(lm, PROMPTS, out / "partial", batch_size=2, **CAPTURE)
+        )
+    with _planted(lm, on_rank=0, after=0, error=RuntimeError(f"a bug on rank {r}")):
+        res["fail_eval"] = _fails(lambda: evaluate(lm, PROMPTS, max_new_tokens=2, progress=False))
+    if dist.is_main():  # the test's own setup, not the library's
+        (out / "a_file").touch()
+    dist.all_or_none(lambda: None)  # every rank sees the file from here on
+    res["fail_write"] = _fails(lambda: capture_to_disk(lm, PROMPTS, out / "a_file", **CAPTURE))
+    res["writes"] = writes
+    save_results(work / f"rank{r}", res)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))

@@ -1,0 +1,235 @@
+"""Two CPU processes over gloo give what one process gives; rank 0 alone writes; failures stop all.
+
+The two ranks run ``tests/distributed_worker.py`` with the environment a launcher sets (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, a free ``MASTER_PORT``); the same calls in this
+(single) process are the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from safegeom import distributed as dist
+from safegeom.activations import load_activations
+from safegeom.capture import capture, capture_stats, capture_to_disk
+from safegeom.evaluate import evaluate, refusal_scores
+from safegeom.models import load_model
+from tests.distributed_worker import CAPTURE, PROMPTS, load_results
+from tests.tiny_models import build_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 150
+"""Both ranks must finish within this (a hang fails the test instead of blocking the suite)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _launch(args: list[str], logs: Path, world: int = 2) -> list[tuple[int, str]]:
+    """Run ``python -m tests.distributed_worker ARGS`` as ``world`` ranks (output to files, so no
+    pipe fills up); kill them on a hang; once more on a new port if the port was taken.
+
+    Returns:
+        ``(exit status, output)`` per rank.
+    """
+    for _ in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "CUDA"))}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))  # fmt: skip
+        files = [logs / f"rank{r}.log" for r in range(world)]
+        procs = []
+        for r, log in enumerate(files):
+            with log.open("w") as sink:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "tests.distributed_worker", *args], cwd=ROOT,
+                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
+                    stdout=sink, stderr=subprocess.STDOUT,
+                ))  # fmt: skip
+        try:
+            codes = [proc.wait(timeout=TIMEOUT_S) for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        runs = list(zip(codes, (f.read_text() for f in files), strict=True))
+        if not any("address already in use" in out.lower() for _, out in runs):
+            break
+    return runs
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The two ranks' results, the library's output folder and the checkpoint."""
+    root = tmp_path_factory.mktemp("distributed")
+    checkpoint = build_checkpoint(root, "llama")
+    out, work = root / "out", root / "work"
+    out.mkdir()
+    work.mkdir()
+    runs = _launch([str(checkpoint), str(out), str(work)], logs=root)
+    for r, (code, output) in enumerate(runs):
+        assert code == 0, f"rank {r} failed:\n{output[-4000:]}"
+    ranks = [load_results(work / f"rank{r}") for r in range(2)]
+    return {"ranks": ranks, "out": out, "checkpoint": checkpoint, "root": root}
+
+
+@pytest.fixture(scope="module")
+def lm(job: dict[str, Any]) -> Any:
+    torch.set_num_threads(1)
+    return load_model(str(job["checkpoint"]), device="cpu")
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for site in a:
+        assert a[site].dtype == b[site].dtype and a[site].shape == b[site].shape
+        assert torch.equal(a[site], b[site]), site
+
+
+def test_ranks_and_gather(job: dict[str, Any]) -> None:
+    zero, one = job["ranks"]
+    assert (zero["rank"], zero["world"], zero["main"]) == (0, 2, True)
+    assert (one["rank"], one["world"], one["main"]) == (1, 2, False)
+    assert zero["device"] == one["device"] == "cpu"
+    assert zero["shard"] == [0, 2, 4, 6] and one["shard"] == [1, 3, 5]
+    assert zero["deal"] == [[0, 1], [3, 4]] and one["deal"] == [[2], [5]]
+    expected = [f"item{i}" for i in range(7)]
+    assert zero["gather_all"] == expected and one["gather_all"] == expected
+    assert torch.equal(zero["gather_main"], torch.arange(5) * 10) and one["gather_main"] is None
+    for rank in (zero, one):
+        assert rank["gather_bad"][0] == "SafegeomError"
+        assert "should cover 0..1 once each" in rank["gather_bad"][1]
+
+
+def test_sharded_capture_equals_one_process(job: dict[str, Any], lm: Any) -> None:
+    reference = capture(lm, PROMPTS, batch_size=3, **CAPTURE).data
+    auto = capture(lm, PROMPTS, layers="1", **CAPTURE).data  # one batch: rank 1 has none
+    lens = capture(lm, PROMPTS, batch_size=4, backend="transformer_lens", **CAPTURE).data
+    for rank in job["ranks"]:  # every rank holds all activations, in input order
+        _equal(rank["acts"], reference)
+        _equal(rank["acts_auto"], auto)
+        _equal(rank["acts_lens"], lens)
+
+
+def test_sharded_stats_equal_one_process(job: dict[str, Any], lm: Any) -> None:
+    reference = capture_stats(lm, PROMPTS, batch_size=3, covariance=True, **CAPTURE)
+    for rank in job["ranks"]:
+        assert rank["n_forward"] == reference.n_forward == 4
+        for site, (n, mean, cov) in rank["stats"].items():
+            moments = reference.moments[site]
+            assert n == moments.n == len(PROMPTS)
+            # the Chan merge over ranks regroups float64 sums: equal to rounding
+            torch.testing.assert_close(mean, moments.mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(cov, moments.cov, rtol=1e-10, atol=1e-12)
+
+
+def test_sharded_disk_equals_one_process(job: dict[str, Any], lm: Any, tmp_path: Path) -> None:
+    path = capture_to_disk(lm, PROMPTS, tmp_path / "one", batch_size=3, shard_size=4, **CAPTURE)
+    reference = load_activations(path).data
+    names = sorted(p.name for p in path.iterdir())
+    for rank in job["ranks"]:
+        _equal(rank["disk"], reference)
+        assert rank["disk_shards"] == names  # the same shards as one process
+    shards = [name for name in names if name.startswith("shard-")]
+    assert len(shards) == 2  # 6 prompts (two batches of 3), then 4
+    for name in shards:  # byte for byte: tensors and prompt indices alike
+        assert (job["out"] / "disk" / name).read_bytes() == (path / name).read_bytes()
+
+
+def test_sharded_evaluate_equals_one_process(job: dict[str, Any], lm: Any) -> None:
+    result = evaluate(lm, PROMPTS, max_new_tokens=4, batch_size=3, progress=False, n_resamples=50)
+    scores = refusal_scores(lm, PROMPTS, batch_size=2, progress=False)
+    for rank in job["ranks"]:
+        assert rank["eval"] == [list(result.completions), list(result.scores), list(result.refused)]
+        assert rank["eval_metrics"] == {k: m.value for k, m in result.metrics.items()}
+        assert torch.equal(rank["scores"], scores)
+
+
+def test_rank_zero_alone_writes(job: dict[str, Any]) -> None:
+    zero, one = job["ranks"]
+    assert one["writes"] == [] and one["main_only"] is None
+    written = sorted(Path(p).relative_to(job["out"]).as_posix() for p in zero["writes"])
+    assert written == [*(f"disk/{name}" for name in zero["disk_shards"]), "main.txt"]
+    assert zero["disk_shards"] == [
+        "activations.json",
+        *(f"shard-0000{i}.safetensors" for i in (0, 1)),
+    ]
+    assert zero["main_only"] == str(job["out"] / "main.txt")
+    assert (job["out"] / "main.txt").read_text() == "written once"
+    assert not (job["out"] / "partial" / "activations.json").exists()  # the failed run's index
+
+
+def test_failure_on_one_rank_stops_both(job: dict[str, Any]) -> None:
+    zero, one = job["ranks"]
+    planted = "planted failure on rank 1"
+    # the failing rank raises its own error; the other names the failing rank and its message
+    for key in ("fail_capture", "fail_disk"):  # in one step, and in a round of the disk loop
+        assert one[key] == ["SafegeomError", planted]
+        assert zero[key] == ["SafegeomError", f"rank 1 of 2 failed: {planted}"]
+    assert zero["fail_eval"] == ["RuntimeError", "a bug on rank 0"]  # a bug keeps its type
+    assert one["fail_eval"] == [
+        "SafegeomError",
+        "rank 0 of 2 failed: RuntimeError: a bug on rank 0",
+    ]
+    bad_out = f"--out {job['out'] / 'a_file'} is a file; give a folder"  # checked by rank 0 only
+    assert zero["fail_write"] == ["OutputPathError", bad_out]
+    assert one["fail_write"] == ["SafegeomError", f"rank 0 of 2 failed: {bad_out}"]
+
+
+def test_cli_under_accelerate_launch(job: dict[str, Any], lm: Any) -> None:
+    """``accelerate launch --num_processes 2 -m safegeom.cli capture``: one file, one line."""
+    prompts, out = job["root"] / "prompts.jsonl", job["root"] / "cli" / "acts.safetensors"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(_free_port())]  # fmt: skip
+    command = ["-m", "safegeom.cli", "capture", str(job["checkpoint"]), "--prompts", str(prompts),
+               "--out", str(out), "--batch-size", "3", "--layers", "1-2", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen([*launch, *command], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        stdout, _ = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-4000:]
+    assert stdout.count(f"wrote {out}") == 1  # rank 0 alone prints (and writes)
+    saved = load_activations(out)
+    reference = capture(lm, PROMPTS, batch_size=3, layers="1-2", progress=False)
+    _equal(saved.data, reference.data)
+
+
+def test_one_process_needs_no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    values = ["a", "b", "c"]
+    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+    assert dist.device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert dist.shard(3) == range(3) and dist.deal([[1], [0, 2]]) == [[1], [0, 2]]
+    assert dist.gather(values, range(3), 3) is values  # the identity
+    assert dist.gather(["y", "x"], [1, 0], 2) == ["x", "y"]
+    assert dist.collect(5) == [5] and dist.all_or_none(lambda x: x + 1, 1) == 2
+    assert dist.main_only(lambda: "wrote")() == "wrote"
+    with pytest.raises(ValueError, match="boom"):
+        dist.all_or_none(lambda: (_ for _ in ()).throw(ValueError("boom")))
+    with pytest.raises(ValueError, match="cannot shard a negative number of items"):
+        dist.shard(-1)
+    with pytest.raises(ValueError, match="gather: 1 values for 2 indices"):
+        dist.gather([1], [0, 1], 2)
+    assert not torch.distributed.is_initialized()
