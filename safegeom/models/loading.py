@@ -214,7 +214,10 @@ def weight_hash(model: nn.Module) -> str:
 
 
 def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device: ``cuda:LOCAL_RANK`` under a launcher, else CUDA when available."""
+    from safegeom.distributed import device
+
+    return str(device())
 
 
 def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | str:
