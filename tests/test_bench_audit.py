@@ -3,7 +3,6 @@ naive way computes the audit's numbers with more forward passes), never a timed 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -14,6 +13,7 @@ import torch
 from safegeom.audit import AuditConfig, build_reference
 from safegeom.models import load_model
 from tests.audit_helpers import perturbed, run_folder
+from tests.script_helpers import load_script
 from tests.tiny_models import build_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_audit.py"
@@ -25,11 +25,7 @@ CONFIG = AuditConfig(
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_audit", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ method's forwards feed, the block size and the shared cone fits; never a timing.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 from dataclasses import replace
@@ -16,6 +15,7 @@ import pytest
 
 from safegeom.config import config_dict
 from safegeom.train.guard import GuardConfig
+from tests.script_helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def _run(bench: ModuleType, tmp_path: Path, *args: str) -> dict:
