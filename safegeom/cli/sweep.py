@@ -16,6 +16,7 @@ from pathlib import Path
 from safegeom.artifacts import check_output_dir, check_output_file
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args
+from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError
 from safegeom.models import LoadConfig, load_model
 from safegeom.sweeps import SweepConfig, causal_sweep_result
@@ -100,11 +101,9 @@ def run(args: argparse.Namespace) -> int:
     command = config_from_args(SweepCommand, args)
     config = config_from_args(SweepConfig, args)
     load = config_from_args(LoadConfig, args)
-    if command.out:  # before any work
-        if command.out.endswith((".parquet", ".json")):
-            check_output_file(command.out)
-        else:
-            check_output_dir(command.out)
+    if command.out:  # before any work; under a launcher rank 0 alone checks, writes and prints
+        is_file = command.out.endswith((".parquet", ".json"))
+        main_only(check_output_file if is_file else check_output_dir)(command.out)
     paths = carrier_names(command.carrier)
     lm = load_model(command.model, load)
     carriers = {
@@ -115,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         lm, carriers, command.harmful, command.harmless, config, progress=command.progress
     )
     table = result.table
-    written = result.save(command.out) if command.out else None
+    written = main_only(result.save)(command.out) if command.out else None
+    if not is_main():
+        return 0
     if command.json:
         emit_json(table.to_dict("records"))
     else:
