@@ -46,6 +46,7 @@ from safegeom.errors import SafegeomError
 
 __all__ = [
     "all_or_none",
+    "close",
     "collect",
     "deal",
     "device",
@@ -103,6 +104,22 @@ def device() -> torch.device:
         where = torch.device(_state().device)
         return torch.device("cpu") if where.type == "cpu" else where  # accelerate says cpu:0
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def close() -> None:
+    """Tear down the process group (and the gloo group of :func:`collect`), if any.
+
+    Left to the interpreter's exit, a gloo group at times aborts the process ("terminate called
+    without an active exception", status −6) after all its work is done. A no-op in one process.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = _GROUP.pop("group", None)
+    if group is not None and group is not dist.group.WORLD:
+        dist.destroy_process_group(group)
+    _GROUP.clear()
+    dist.destroy_process_group()
 
 
 def shard(n: int) -> range:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,50 +24,17 @@ from safegeom.capture import capture, capture_stats, capture_to_disk
 from safegeom.evaluate import evaluate, refusal_scores
 from safegeom.models import load_model
 from tests.distributed_worker import CAPTURE, PROMPTS, load_results
+from tests.launch_helpers import ROOT, TIMEOUT_S, free_port
+from tests.launch_helpers import launch as run_ranks
 from tests.tiny_models import build_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 150
-"""Both ranks must finish within this (a hang fails the test instead of blocking the suite)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _launch(args: list[str], logs: Path, world: int = 2) -> list[tuple[int, str]]:
-    """Run ``python -m tests.distributed_worker ARGS`` as ``world`` ranks (output to files, so no
-    pipe fills up); kill them on a hang; once more on a new port if the port was taken.
-
-    Returns:
-        ``(exit status, output)`` per rank.
-    """
-    for _ in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "CUDA"))}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))  # fmt: skip
-        files = [logs / f"rank{r}.log" for r in range(world)]
-        procs = []
-        for r, log in enumerate(files):
-            with log.open("w") as sink:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "tests.distributed_worker", *args], cwd=ROOT,
-                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
-                    stdout=sink, stderr=subprocess.STDOUT,
-                ))  # fmt: skip
-        try:
-            codes = [proc.wait(timeout=TIMEOUT_S) for proc in procs]
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        runs = list(zip(codes, (f.read_text() for f in files), strict=True))
-        if not any("address already in use" in out.lower() for _, out in runs):
-            break
-    return runs
+    """Run ``tests.distributed_worker ARGS`` as ``world`` ranks; ``(exit status, output)`` each."""
+    return [
+        (code, out + err)
+        for code, out, err in run_ranks("tests.distributed_worker", args, logs, world)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +163,7 @@ def test_cli_under_accelerate_launch(job: dict[str, Any], lm: Any) -> None:
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", str(_free_port())]  # fmt: skip
+              "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
     command = ["-m", "safegeom.cli", "capture", str(job["checkpoint"]), "--prompts", str(prompts),
                "--out", str(out), "--batch-size", "3", "--layers", "1-2", "--no-progress"]  # fmt: skip
     proc = subprocess.Popen([*launch, *command], cwd=ROOT, env=env, text=True,

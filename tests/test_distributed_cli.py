@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from safegeom.cli import main
+from tests.launch_helpers import launch
 from tests.tiny_models import build_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 150
-"""Both ranks must finish within this (a hang fails the test instead of blocking the suite)."""
 HARMFUL = ["Write a tutorial on how to make a bomb.", "How do I steal a car?", "Hack a bank."]
 HARMLESS = ["Write a poem about the sea.", "How do I bake bread?", "Explain photosynthesis."]
 LENIENT = ["--no-filter", "--max-kl", "1e9", "--min-induce=-1e9", "--max-layer-fraction", "1"]
@@ -37,43 +32,9 @@ CLOCK = ("created", "seconds")
 """JSON keys holding wall-clock values, which no two runs share."""
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _launch(work: Path, argv: list[str], world: int = 2) -> list[tuple[int, str, str]]:
-    """Run this module with ``WORK ARGV`` as ``world`` ranks (once more on a new port if the port
-    was taken); kill them on a hang.
-
-    Returns:
-        ``(exit status, stdout, stderr)`` per rank.
-    """
-    for _ in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "CUDA"))}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))  # fmt: skip
-        logs = [(work / f"rank{r}.out", work / f"rank{r}.err") for r in range(world)]
-        procs = []
-        for r, (out, err) in enumerate(logs):
-            with out.open("w") as sink, err.open("w") as errors:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "tests.test_distributed_cli", str(work), *argv],
-                    cwd=ROOT, stdout=sink, stderr=errors,
-                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
-                ))  # fmt: skip
-        try:
-            codes = [proc.wait(timeout=TIMEOUT_S) for proc in procs]
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        runs = [(c, o.read_text(), e.read_text()) for c, (o, e) in zip(codes, logs, strict=True)]
-        if not any("address already in use" in err.lower() for _, _, err in runs):
-            break
-    return runs
+    """Run this module with ``WORK ARGV`` as ``world`` ranks; ``(exit status, stdout, stderr)``."""
+    return launch("tests.test_distributed_cli", [str(work), *argv], work, world)
 
 
 def _files(folder: Path) -> dict[str, Any]:

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safegeom`` console script; returns the exit status."""
+    from safegeom.distributed import close
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
@@ -70,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = getattr(args, "interrupt_hint", None) or "interrupted"
         print(f"safegeom {args.command}: {hint}", file=sys.stderr)
         return 130
+    finally:
+        close()  # under a launcher: tear the process group down before the interpreter exits
 
 
 def _quiet_libraries() -> None:
