@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from safegeom.train.data import Example, collate_right
+from safegeom.train.data import IGNORE_INDEX, Example, collate_right
 from safegeom.train.guard import GeometryPenalty
 from safegeom.train.regularised import per_example_terms, regularised_loss
 from safegeom.train.wrap import Trainable
@@ -72,9 +72,8 @@ class StepLoss:
         rows = [self.examples[i] for i in indices]
         batch = collate_right(rows, self.pad_id).to(lm.device)
         per_example = self.reference
-        with ExitStack() as stack:
-            if trainable.edit is not None:
-                stack.enter_context(trainable.edit.prompt_lengths([e.n_prompt for e in rows]))
+        edit = trainable.edit
+        with edit.prompt_lengths([e.n_prompt for e in rows]) if edit else nullcontext():
             out = trainable.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 labels=None if per_example else batch.labels, use_cache=False,
@@ -90,7 +89,7 @@ class StepLoss:
             labels = batch.labels
             ce, kl = per_example_terms(out.logits, ref, labels)
             assert kl is not None
-            answered = (labels[:, 1:] != -100).any(-1)
+            answered = (labels[:, 1:] != IGNORE_INDEX).any(-1)
             risk = None if self.risks is None else self.risks[list(indices)]
             loss, terms = regularised_loss(ce, kl, answered, risk=risk, kl_weight=self.kl_weight,
                                            risk_unit=self.risk_unit)  # type: ignore[arg-type]  # fmt: skip
