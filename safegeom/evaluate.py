@@ -261,7 +261,7 @@ def completion_nll(
             keep=lambda chunk: int(counts[chunk].max()) + 1,
         ):
             k = logits.shape[1]
-            targets = batch.input_ids[:, -(k - 1) :, None]
+            targets = batch.input_ids[:, -(k - 1) :, None].to(logits.device)
             lp = logits[:, :-1].double().log_softmax(-1).gather(-1, targets)[..., 0]
             n = counts[chunk].to(lp.device)
             scored = torch.arange(k - 1, device=lp.device)[None] >= (k - 1 - n)[:, None]

@@ -10,6 +10,9 @@ Prompts are processed longest first to cut padding; results come back in input o
 (``Ablation(c).on(lm)``), or any context manager entered around the model calls, or a
 zero-argument callable returning one. :func:`describe_intervention` records it in provenance.
 
+Token ids go to the input embedding's device; with a device map (``load_model(...,
+device_map=...)``) accelerate moves the hidden states from block to block and the logits back.
+
 Logits are checked: NaN or inf (a NaN model, an overflowing addition coefficient) raises
 :class:`~safegeom.errors.NonFiniteError` instead of being decoded or scored.
 """
@@ -32,6 +35,7 @@ from safegeom.batching import auto_batch_size, longest_first
 from safegeom.errors import ConfigError, NonFiniteError
 from safegeom.models.chat import ChatBatch, EncodedPrompt, EncodedSet, collate_left, encode_set
 from safegeom.models.loading import LoadedModel
+from safegeom.models.placement import input_device
 from safegeom.prompts import Prompts, load_prompts
 
 __all__ = [
@@ -134,7 +138,8 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where token ids go: the input embedding's device (a device map may put the rest elsewhere)."""
+    return input_device(model)
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -212,7 +217,7 @@ def _greedy(
         )
         past = result[cache_name] if cache_name in result else result.get("past_key_values")
         check_finite(result.logits[:, -1], "generation logits")
-        nxt = result.logits[:, -1].argmax(-1)
+        nxt = result.logits[:, -1].argmax(-1).to(done.device)  # the head may be on another device
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out.append(nxt)
         done |= torch.isin(nxt, stops)

@@ -3,6 +3,11 @@
 Every forward hook safegeom registers goes through :func:`attach`, which removes all of them in a
 ``finally`` block, whether the body returns, raises, or the forward pass itself raises.
 
+With a device map (``load_model(..., device_map=...)``) the blocks live on several devices and a
+hook sees its hidden state on whichever device computed it. A hook's own tensors (a direction, a
+basis) are held in a :class:`PerDevice`, which copies them once to each device (and dtype) asked
+for.
+
 Sites follow TransformerLens' names:
 
 - ``resid_pre``: the input of decoder block ``layer`` (a forward pre-hook on the block);
@@ -18,13 +23,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from safegeom.errors import ConfigError
 from safegeom.models.layout import resolve
 from safegeom.models.loading import LoadedModel
 
-__all__ = ["SITES", "Hook", "Site", "attach", "hidden_of", "replace_hidden", "site_hook_point"]
+__all__ = [
+    "SITES",
+    "Hook",
+    "PerDevice",
+    "Site",
+    "attach",
+    "hidden_of",
+    "replace_hidden",
+    "site_hook_point",
+]
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 SITES: tuple[Site, ...] = ("resid_pre", "resid_post", "attn_out", "mlp_out")
@@ -40,6 +55,31 @@ class Hook:
     module: nn.Module
     when: Literal["pre", "post"]
     fn: HookFn
+
+
+class PerDevice:
+    """A tensor a hook applies, and its copies on each device (and dtype) it is asked for.
+
+    ``like(hidden)`` is the tensor on ``hidden``'s device in ``hidden``'s dtype; each (device,
+    dtype) is copied once and then reused, so a model spread over devices pays one copy per
+    device, not one per forward pass.
+    """
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self._copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def on(self, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+        """The tensor on ``device`` in ``dtype`` (default: its own dtype)."""
+        key = (device, dtype or self.tensor.dtype)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = self.tensor.to(device, key[1])
+        return copy
+
+    def like(self, hidden: Tensor) -> Tensor:
+        """The tensor on ``hidden``'s device, in ``hidden``'s dtype."""
+        return self.on(hidden.device, hidden.dtype)
 
 
 def site_hook_point(

@@ -4,8 +4,10 @@ Design (see DESIGN.md, "Performance design"):
 
 - Prompts are sorted by length (stable) to cut padding; :func:`plan_batches` is the batch plan.
 - Each backend (``hooks``, ``transformer_lens``) fills preallocated device buffers
-  ``[batch, n_layers, n_positions, d]`` for one batch; the loop here collates, indexes the
-  positions, checks for NaN/inf (one device-side flag, read once at the end) and yields.
+  ``[batch, n_layers, n_positions, d]`` for one batch (CPU buffers, filled asynchronously from
+  each layer's device, for a model a device map spreads over devices); the loop here collates,
+  indexes the positions, checks for NaN/inf (one flag where the buffers are, read once at the
+  end) and yields.
 - :class:`ShardWriter` turns batches into safetensors shards and their index file.
 
 The consumers (:mod:`safegeom.capture.loop` in one process, :mod:`safegeom.capture.sharded` over
@@ -80,8 +82,9 @@ def iter_capture(
     todo = plan_batches(plan) if batches is None else [list(b) for b in batches]
     n = sum(len(b) for b in todo)
     pad = lm.tokenizer.pad_token_id
-    device = lm.device
-    finite = torch.ones((), dtype=torch.bool, device=device)
+    device = lm.device  # where inputs go; the buffers may be elsewhere (a split model: CPU)
+    held = next(iter(recorder.buffers.values())).device
+    finite = torch.ones((), dtype=torch.bool, device=held)
     bar = tqdm(total=n, desc=recorder.label, unit="prompt", disable=not show)
     for ids in todo:
         batch = collate_left([plan.encoded[i] for i in ids], pad)

@@ -5,6 +5,10 @@
   full-sequence tensor.
 - The forward pass stops (by an exception caught here) right after the last requested layer, so
   later blocks, the final norm and the LM head are never computed.
+- A model spread over devices by a device map (``lm.split``) keeps one buffer per (site, layer)
+  on the device of the activation it holds; each hook copies its rows out at once into a CPU
+  buffer, asynchronously (``non_blocking``, into pinned memory) when the source is on CUDA, and
+  :meth:`HookRecorder.record` synchronises those devices before the caller reads the CPU buffer.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ class HookRecorder:
     """Copies the plan's positions into device buffers from inside forward hooks.
 
     ``buffers[site]`` is ``[batch_size, n_layers, n_positions, d]``; :meth:`record` fills its
-    first rows for one batch.
+    first rows for one batch. It lives on the model's device, or, for a model spread over
+    devices, on the CPU (pinned when CUDA is available), filled from per-layer device buffers.
     """
 
     label = "capture"
@@ -40,11 +45,24 @@ class HookRecorder:
     def __init__(self, lm: LoadedModel, plan: CapturePlan) -> None:
         self.lm, self.plan = lm, plan
         shape = (plan.batch_size, len(plan.layers), plan.positions.n_positions, lm.d_model)
-        self.buffers = {
-            s: torch.empty(shape, dtype=plan.dtype, device=lm.device) for s in plan.sites
-        }
+        self.split = lm.split
+        if self.split:  # layer-major pinned CPU memory, so that each layer's rows are contiguous
+            pinned = torch.cuda.is_available()
+            stored = (shape[1], shape[0], *shape[2:])
+            self.buffers = {
+                s: torch.empty(stored, dtype=plan.dtype, pin_memory=pinned).transpose(0, 1)
+                for s in plan.sites
+            }
+        else:
+            self.buffers = {
+                s: torch.empty(shape, dtype=plan.dtype, device=lm.device) for s in plan.sites
+            }
+        self.parts: dict[tuple[str, int], Tensor] = {}
+        """Split models: the device buffer ``[batch_size, n_positions, d]`` of each (site, j)."""
         self.rows: Tensor | None = None
         self.index: Tensor | None = None
+        self._placed: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._devices: set[torch.device] = set()
         self._hooks = self._make_hooks()
 
     def _make_hooks(self) -> list[Hook]:
@@ -60,8 +78,32 @@ class HookRecorder:
 
     def _record(self, site: str, j: int, hidden: Tensor) -> None:
         assert self.rows is not None and self.index is not None
-        picked = hidden[self.rows, self.index]  # [B, P, d]: only the requested positions
-        self.buffers[site][: picked.shape[0], j].copy_(picked)
+        if not self.split:
+            picked = hidden[self.rows, self.index]  # [B, P, d]: only the requested positions
+            self.buffers[site][: picked.shape[0], j].copy_(picked)
+            return
+        rows, index = self._on(hidden.device)
+        picked = hidden[rows, index]
+        part = self.parts.get((site, j))
+        if part is None or part.device != hidden.device:
+            shape = (self.plan.batch_size, *picked.shape[1:])
+            part = self.parts[site, j] = torch.empty(
+                shape, dtype=self.plan.dtype, device=hidden.device
+            )
+        n = picked.shape[0]
+        part[:n].copy_(picked)
+        cuda = part.device.type == "cuda"
+        self.buffers[site][:n, j].copy_(part[:n], non_blocking=cuda)  # ordered on this stream
+        if cuda:
+            self._devices.add(part.device)
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This batch's row and position indices on ``device`` (copied once per device)."""
+        placed = self._placed.get(device)
+        if placed is None:
+            assert self.rows is not None and self.index is not None
+            placed = self._placed[device] = (self.rows.to(device), self.index.to(device))
+        return placed
 
     @staticmethod
     def _stop(hidden: Tensor) -> None:
@@ -74,6 +116,7 @@ class HookRecorder:
         ``arange(batch)[:, None]``.
         """
         self.index, self.rows = index, rows
+        self._placed.clear()
         # Hooks live only for this forward pass, so nothing is attached while the caller runs.
         with torch.inference_mode(), attach(self._hooks), contextlib.suppress(_StopForward):
             self.lm.model(
@@ -82,3 +125,5 @@ class HookRecorder:
                 position_ids=batch.position_ids,
                 use_cache=False,
             )
+        for device in self._devices:  # the asynchronous copies out have landed
+            torch.cuda.synchronize(device)

@@ -191,14 +191,19 @@ class BridgeRecorder:
     first rows for one batch.
 
     Raises:
-        SafegeomError: a site or architecture the bridge cannot serve (the message names
-            ``backend="hooks"``).
+        SafegeomError: a site or architecture the bridge cannot serve, or a model a device map
+            spread over devices (the message names ``backend="hooks"``).
     """
 
     label = "capture (transformer_lens)"
     """Progress-bar label."""
 
     def __init__(self, lm: LoadedModel, plan: CapturePlan) -> None:
+        if lm.split:
+            raise SafegeomError(
+                f"{lm.name} is spread over devices by a device map, which TransformerBridge "
+                f"cannot wrap; {_FALLBACK}"
+            )
         self.bridge = transformer_lens_bridge(lm)
         self.names = {
             (site, j): bridge_hook_name(self.bridge, site, layer)

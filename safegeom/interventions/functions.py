@@ -18,6 +18,9 @@ candidates in one batched forward pass: see :func:`ablate_rows` and :func:`add_r
 Positions for addition: ``all`` (every position, generated tokens included), ``prompt`` (the
 prompt forward pass only), or ``instruction`` (the prompt pass, all positions before the
 ``t_post`` template tokens).
+
+With a model spread over devices (``load_model(..., device_map=...)``) each hook applies its
+direction on the device of the hidden state it edits (:class:`~safegeom.hooks.PerDevice`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from safegeom.errors import ConfigError, NonFiniteError, SafegeomError
-from safegeom.hooks import Hook, attach, site_hook_point
+from safegeom.hooks import Hook, PerDevice, attach, site_hook_point
 from safegeom.models.chat import encode_prompts
 from safegeom.models.layout import resolve
 from safegeom.models.loading import LoadedModel
@@ -80,8 +83,10 @@ def as_basis(vectors: Tensor, d_model: int) -> Float[Tensor, "d k"]:
 
 
 def _project_out(basis: Tensor):
+    cached = PerDevice(basis)
+
     def fn(hidden: Tensor) -> Tensor:
-        b = basis.to(hidden.dtype)
+        b = cached.like(hidden)
         return hidden - (hidden @ b) @ b.T
 
     return fn
@@ -166,12 +171,12 @@ def add(
     """
     if not math.isfinite(float(coeff)):
         raise NonFiniteError(f"addition coefficient (--coeff) must be finite, got {coeff}")
-    v = _check_vector(vector, lm.d_model).to(lm.device)
+    v = PerDevice(_check_vector(vector, lm.d_model).to(lm.device))
     mask = _position_mask(positions, _n_post(lm) if positions == "instruction" else 0)
 
     def fn(hidden: Tensor) -> Tensor:
         m = mask(hidden)
-        delta = coeff * v.to(hidden.dtype)
+        delta = coeff * v.like(hidden)
         return hidden + (delta if m is None else m * delta)
 
     hooks = [
@@ -216,10 +221,13 @@ def affine_edit(
             f"reference_mean must be [d] or [{len(layer_ids)}, d], got {tuple(mu.shape)}"
         )
 
+    unit = PerDevice(r)
+
     def make(j: int):
+        anchor = float(mu[j] @ r) + alpha
+
         def fn(hidden: Tensor) -> Tensor:
-            rr = r.to(hidden.dtype)
-            anchor = float(mu[j] @ r) + alpha
+            rr = unit.like(hidden)
             return hidden - (hidden @ rr)[..., None] * rr + anchor * rr
 
         return fn
@@ -259,11 +267,14 @@ def ablate_rows(
     units = directions.to(lm.device, torch.float32)
     units = units / units.norm(dim=-1, keepdim=True)
     scale = torch.as_tensor(strength, dtype=torch.float32, device=lm.device).expand(units.shape[0])
-    scaled = units * scale[:, None]
+    unit_rows, scaled = (
+        PerDevice(units[:, None, :]),
+        PerDevice((units * scale[:, None])[:, None, :]),
+    )
 
     def fn(hidden: Tensor) -> Tensor:
-        u = units.to(hidden.dtype)[:, None, :]
-        return hidden - (hidden * u).sum(-1, keepdim=True) * scaled.to(hidden.dtype)[:, None, :]
+        u = unit_rows.like(hidden)
+        return hidden - (hidden * u).sum(-1, keepdim=True) * scaled.like(hidden)
 
     with _hooked(lm, fn, layers, sites):
         yield
@@ -283,9 +294,10 @@ def add_rows(
 
     def make(layer: int):
         rows = (row_layers == layer).to(vecs.dtype)[:, None]
+        delta = PerDevice((coeff * rows * vecs)[:, None, :])
 
         def fn(hidden: Tensor) -> Tensor:
-            return hidden + (coeff * rows * vecs).to(hidden.dtype)[:, None, :]
+            return hidden + delta.like(hidden)
 
         return fn
 
@@ -316,6 +328,11 @@ def orthogonalize_weights(
         )
     if lm.adapter and not lm.merged:
         raise SafegeomError("merge the PEFT adapter first: load_model(..., merge_adapter=True)")
+    if any(p.device.type == "meta" for p in lm.model.parameters()):
+        raise SafegeomError(
+            "orthogonalize_weights edits every weight in memory, but the device map offloaded some "
+            "to disk; load the model without offloading, or use ablate() (hooks) instead"
+        )
     basis = as_basis(vectors, lm.d_model)
     model = copy.deepcopy(lm.model)
     edited = LoadedModel(

@@ -8,6 +8,10 @@ downloads).
 
 Offline-first and safe by default: weights load from safetensors unless ``allow_pickle=True``,
 and ``trust_remote_code`` is off unless asked for.
+
+A model larger than one device loads with ``device_map`` (``"auto"``, ``"balanced"``, or a map of
+module names to devices, see :mod:`safegeom.models.placement`): transformers and accelerate place
+its modules, and every hook safegeom attaches runs on the device that holds its layer.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from safegeom.errors import ConfigError, ModelLoadError, NotFoundError, SafegeomError
 from safegeom.models.checkpoint import check_device, check_weight_files, resolve_source
+from safegeom.models.hashing import weight_hash
 from safegeom.models.layout import ArchLayout, layout_for, resolve
+from safegeom.models.placement import execution_device, is_split, placement
 from safegeom.models.tokenizer_loading import load_tokenizer
 
 __all__ = ["TINY_CHAT", "LoadConfig", "LoadedModel", "load_model", "tiny_chat_path", "weight_hash"]
@@ -34,8 +40,6 @@ TINY_CHAT = "tiny-chat"
 """Name of the embedded safety-aligned model that ships inside the package."""
 
 _ASSETS = Path(__file__).resolve().parent.parent / "assets"
-_HASH_FULL_LIMIT = 100_000_000
-"""Models with at most this many parameters are hashed in full; larger ones are fingerprinted."""
 
 
 def tiny_chat_path() -> Path:
@@ -60,6 +64,13 @@ class LoadConfig:
     """float32, bfloat16, float16 or auto (default: float32 on CPU, the checkpoint's own elsewhere)."""
     device: str | None = None
     """cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)."""
+    device_map: str | None = None
+    """Spread the model over devices: auto, balanced, sequential, or JSON (text or a .json file)
+    mapping module names to devices ({"model.layers.20": 1}); not with --device."""
+    max_memory: str | None = None
+    """With --device-map: memory per device as JSON, e.g. '{"0": "20GiB", "cpu": "64GiB"}'."""
+    offload_folder: str | None = None
+    """With --device-map: folder for the weights the map puts on "disk"."""
     merge_adapter: bool = False
     """Fold a PEFT adapter into its base weights (only for an adapter folder)."""
     allow_pickle: bool = False
@@ -103,6 +114,9 @@ class LoadConfig:
         return {
             "dtype": self.dtype,
             "device": self.device,
+            "device_map": self.device_map,
+            "max_memory": self.max_memory,
+            "offload_folder": self.offload_folder,
             "merge_adapter": self.merge_adapter,
             "allow_pickle": self.allow_pickle,
             "trust_remote_code": self.trust_remote_code,
@@ -156,8 +170,14 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """Device of the first parameter."""
-        return next(self.model.parameters()).device
+        """The device inputs go to: the input embedding's (execution) device. With a device map
+        (:attr:`split`) other modules may compute elsewhere."""
+        return execution_device(resolve(self.base, self.layout.embed))
+
+    @property
+    def split(self) -> bool:
+        """Whether a device map spread the model over several devices or offloaded part of it."""
+        return is_split(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -188,29 +208,6 @@ class LoadedModel:
         return (
             prefix + hashlib.sha256(f"{digest}|edit:{self.edit.weight_hash()}".encode()).hexdigest()
         )
-
-
-def weight_hash(model: nn.Module) -> str:
-    """Return a hex sha256 identifying a model's weights.
-
-    Models with at most 10⁸ parameters are hashed in full (names, shapes, dtypes and every byte).
-    Larger models are fingerprinted: names, shapes, dtypes and a fixed strided sample of 4,096
-    elements per tensor; the result is prefixed ``fp:`` to say so. Any fine-tuning step changes
-    the sampled elements, so checkpoints along a trajectory still get distinct hashes.
-    """
-    state = model.state_dict()
-    total = sum(t.numel() for t in state.values())
-    full = total <= _HASH_FULL_LIMIT
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        flat = tensor.reshape(-1)
-        if not full and flat.numel() > 4096:
-            step = flat.numel() // 4096
-            flat = flat[:: max(step, 1)][:4096]
-        digest.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return ("" if full else "fp:") + digest.hexdigest()
 
 
 def _default_device() -> str:
@@ -272,6 +269,9 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict[str, int | str] | None = None,
+    max_memory: str | dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
     merge_adapter: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -288,6 +288,15 @@ def load_model(
         dtype: ``float32``/``bfloat16``/``float16``/``auto`` or a torch dtype. Default: float32 on
             CPU, the checkpoint's own dtype elsewhere.
         device: where to put the model (default: CUDA when available, else CPU).
+        device_map: spread the model over this machine's devices instead (not with ``device``):
+            ``"auto"``/``"balanced"``/``"balanced_low_0"``/``"sequential"`` (transformers fills
+            the GPUs, then CPU, then disk), or ``{module name: device}`` (``0``, ``"cuda:1"``,
+            ``"cpu"``, ``"disk"``), as a dict, JSON text or a ``.json`` file. Hooks (capture,
+            interventions) run on the device holding their layer; inputs go to the embedding's
+            device (:attr:`LoadedModel.device`). Refused under a launcher (one model per process).
+        max_memory: with ``device_map``, the memory each device may take
+            (``{0: "20GiB", "cpu": "64GiB"}``, or JSON).
+        offload_folder: with ``device_map``, the folder for weights placed on ``"disk"``.
         merge_adapter: for an adapter directory, fold the adapter into the base weights.
         allow_pickle: permit pickled ``.bin`` weights (off: safetensors only).
         trust_remote_code: run code shipped with a hub checkpoint (off by default).
@@ -301,6 +310,9 @@ def load_model(
     given = {
         "dtype": dtype,
         "device": device,
+        "device_map": device_map,
+        "max_memory": max_memory,
+        "offload_folder": offload_folder,
         "merge_adapter": merge_adapter,
         "allow_pickle": allow_pickle,
         "trust_remote_code": trust_remote_code,
@@ -313,11 +325,15 @@ def load_model(
         merged.update({k: v for k, v in given.items() if v not in (None, False)})
         return load_model(spec, **merged)
     kind, location = _resolve_source(spec, revision)
+    placed = placement(device_map, max_memory, offload_folder, device, edit=kind == "refusalguard")
     if kind == "refusalguard":  # the base it names, with the edit attached as hooks
         from safegeom.models.reft import load_edited
 
         return load_edited(spec, Path(location), load_model, given)
-    device_str = check_device(str(device) if device is not None else _default_device())
+    if placed:
+        device_str = "cuda" if torch.cuda.is_available() else "cpu"  # for the default dtype only
+    else:
+        device_str = check_device(str(device) if device is not None else _default_device())
     torch_dtype = _parse_dtype(dtype if not isinstance(dtype, str) else dtype.lower(), device_str)
     if merge_adapter and kind != "adapter":
         raise ConfigError(
@@ -337,9 +353,11 @@ def load_model(
         check_weight_files(base_location, allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            base_location, dtype=torch_dtype, use_safetensors=not allow_pickle, **common
+            base_location, dtype=torch_dtype, use_safetensors=not allow_pickle, **common, **placed
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:
+        if not (isinstance(err, OSError) or placed):
+            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelLoadError(f"cannot load the model at {base_location}: {first}") from None
     if adapter_dir is not None:
@@ -348,7 +366,8 @@ def load_model(
         model = PeftModel.from_pretrained(model, adapter_dir)
         if merge_adapter:
             model = model.merge_and_unload()
-    model.to(device_str)
+    if not placed:
+        model.to(device_str)
     model.eval()
 
     tok_location = adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base_location
