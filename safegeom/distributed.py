@@ -12,9 +12,12 @@ the job is a single process: every function here is then the identity or a plain
 - :func:`collect` (every rank's value, in rank order) and :func:`gather` (values back in input
   order, tensors concatenated); objects travel over a gloo group on the CPU, whatever the
   default backend.
+- :func:`broadcast`: rank 0's value on every rank (a decision made once, a result shared).
 - :func:`all_or_none`: a failure on one rank stops every rank with that rank's message, instead
   of leaving the others waiting forever in the next collective; :func:`main_only`: rank 0 runs a
   write (the others write nothing), a failure there stops every rank.
+- :func:`alone`: inside the block this rank works as a job of one process (its own unit of work,
+  e.g. one audit checkpoint, whose capture and evaluation then shard nothing and wait for no one).
 
 Every rank must make the same collective calls in the same order. The rule that keeps a job from
 hanging: no collective inside an :func:`all_or_none` body, and every step between two collectives
@@ -34,8 +37,9 @@ the current CUDA device.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import wraps
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -46,6 +50,8 @@ from safegeom.errors import SafegeomError
 
 __all__ = [
     "all_or_none",
+    "alone",
+    "broadcast",
     "close",
     "collect",
     "deal",
@@ -62,6 +68,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 _GROUP: dict[str, Any] = {}
 """The gloo process group objects travel over (made once, on the first collective)."""
+_ALONE = [0]
+"""How many :func:`alone` blocks this process is inside (0: none)."""
 
 
 def _launched() -> bool:
@@ -83,13 +91,37 @@ def _state() -> Any:
 
 
 def world_size() -> int:
-    """Number of processes in this job (1 without a launcher)."""
+    """Number of processes in this job (1 without a launcher, and inside :func:`alone`)."""
+    if _ALONE[0]:
+        return 1
     return int(_state().num_processes) if _launched() else 1
 
 
 def rank() -> int:
-    """This process's index in the job, 0 to ``world_size() - 1`` (0 without a launcher)."""
+    """This process's index in the job, 0 to ``world_size() - 1`` (0 without a launcher, and
+    inside :func:`alone`)."""
+    if _ALONE[0]:
+        return 0
     return int(_state().process_index) if _launched() else 0
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block, this rank works as a job of one process.
+
+    :func:`world_size` is 1 and :func:`rank` 0 there, so :func:`shard`, :func:`deal`,
+    :func:`collect`, :func:`gather`, :func:`all_or_none` and :func:`main_only` are plain calls,
+    and capture and evaluation run every batch themselves instead of sharding them: for a unit of
+    work one rank does by itself (one audit checkpoint) while the other ranks do others. Nothing
+    in the block may wait for another rank, nor write a file another rank also writes
+    (:func:`is_main` is true there on every rank); :func:`device` is unchanged. Blocks nest; a
+    no-op in one process.
+    """
+    _ALONE[0] += 1
+    try:
+        yield
+    finally:
+        _ALONE[0] -= 1
 
 
 def is_main() -> bool:
@@ -188,6 +220,23 @@ def collect(value: T, *, to: Literal["main", "all"] = "all") -> list[T] | None:
         return out
     dist.gather_object(_to_cpu(value), out if is_main() else None, dst=0, group=_group())
     return out if is_main() else None
+
+
+def broadcast(value: T) -> T:
+    """Rank 0's ``value`` (picklable; tensors are moved to the CPU) on every rank.
+
+    A collective: every rank calls it; the other ranks' ``value`` is ignored (pass ``None``).
+
+    Returns:
+        Rank 0's ``value`` on every rank (a copy on the others); ``value`` itself in one process.
+    """
+    if world_size() == 1:
+        return value
+    dist = torch.distributed
+    _state()
+    box: list[Any] = [_to_cpu(value) if is_main() else None]
+    dist.broadcast_object_list(box, src=0, group=_group())
+    return box[0]
 
 
 def gather(

@@ -1,9 +1,13 @@
-"""One rank of the two-process job of ``tests/test_distributed.py`` (gloo on CPU).
+"""One rank of the two-process jobs of ``tests/test_distributed.py`` and
+``tests/test_audit_sharded.py`` (gloo on CPU).
 
 ``python -m tests.distributed_worker CHECKPOINT OUT WORK``, with ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set as a launcher sets them. Runs every sharded
 path on the tiny checkpoint, writes library outputs under OUT, and saves what it computed (and
 every path it wrote through :func:`safegeom.artifacts.atomic_write`) to ``WORK/rank{r}.json`` and ``.safetensors`` (:func:`load_results`).
+
+``python -m tests.distributed_worker helpers WORK``: :func:`helpers` (broadcast, alone).
+``python -m tests.distributed_worker audit WORK ARGS...``: :func:`audit_cli` (``safegeom ARGS``).
 """
 
 from __future__ import annotations
@@ -168,5 +172,98 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
     save_results(work / f"rank{r}", res)
 
 
+def helpers(work: Path) -> None:
+    """Broadcast and :func:`~safegeom.distributed.alone` over the ranks; saves
+    ``WORK/helpers-rank{r}``."""
+    from safegeom import distributed as dist
+
+    r = dist.rank()
+    res: dict[str, Any] = {"rank": r}
+    res["broadcast"] = dist.broadcast({"from": r, "tensor": torch.tensor([r, 10])})
+    res["broadcast_none"] = dist.broadcast(None if r == 0 else "ignored")
+    with dist.alone():
+        with dist.alone():  # blocks nest
+            res["nested"] = [dist.rank(), dist.world_size()]
+        res["alone"] = [dist.rank(), dist.world_size(), dist.is_main(), list(dist.shard(3))]
+        res["alone_deal"] = dist.deal([[0, 1], [2]])
+        res["alone_collect"] = dist.collect(f"from {r}", to="main")
+        res["alone_gather"] = dist.gather(["x", "y"], [0, 1], 2)
+        res["alone_broadcast"] = dist.broadcast(f"own {r}")
+        # a failure on rank 1 alone, in an all_or_none that waits for no other rank
+        res["alone_fail"] = _fails(lambda: dist.all_or_none(_fail_on, 1, r))
+    res["after"] = [dist.rank(), dist.world_size(), dist.collect(r)]
+    save_results(work / f"helpers-rank{r}", res)
+    dist.close()  # a gloo group left to the interpreter's exit at times aborts the process
+
+
+def _fail_on(bad: int, r: int) -> None:
+    from safegeom.errors import SafegeomError
+
+    if r == bad:
+        raise SafegeomError(f"failed alone on rank {r}")
+
+
+def _record_made(log: list[str]) -> None:
+    """Log every folder made and every file renamed into place (``os.mkdir``, ``os.replace``)."""
+    import os
+
+    real_mkdir, real_replace = os.mkdir, os.replace
+
+    def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        log.append(str(path))
+        real_mkdir(path, *args, **kwargs)
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        log.append(str(dst))
+        real_replace(src, dst, *args, **kwargs)
+
+    os.mkdir, os.replace = mkdir, replace  # type: ignore[assignment]
+
+
+def audit_cli(work: Path, args: list[str]) -> None:
+    """Run ``safegeom ARGS`` (the CLI) on this rank; saves its exit status, every path it wrote,
+    made or renamed into place, and the models it measured, as ``WORK/audit-rank{r}.json``."""
+    import os
+
+    import pandas as pd
+
+    import safegeom.audit.measure as measure_mod
+    import safegeom.cli.audit as cli_audit
+    from safegeom.cli import main as cli
+
+    torch.set_num_threads(1)
+    r = int(os.environ["RANK"])  # the CLI tears the process group down before it returns
+    writes: list[str] = []
+    _record_writes(writes)
+    _record_made(writes)
+    measured: list[str] = []
+    real = measure_mod.measure_checkpoint
+
+    def logged(lm: Any, *rest: Any, **kwargs: Any) -> Any:
+        measured.append(lm.name)
+        return real(lm, *rest, **kwargs)
+
+    measure_mod.measure_checkpoint = logged  # type: ignore[assignment]
+    returned: dict[str, Any] = {}
+    real_audit = cli_audit.audit
+
+    def audit(*rest: Any, **kwargs: Any) -> Any:
+        result = real_audit(*rest, **kwargs)
+        returned.update(hash=int(pd.util.hash_pandas_object(result.table).sum()),
+                        checkpoints=list(result.checkpoints),
+                        complete=result.manifest["complete"])  # fmt: skip
+        return result
+
+    cli_audit.audit = audit  # type: ignore[assignment]
+    code = cli(args)
+    record = {"code": code, "writes": writes, "measured": measured, "returned": returned}
+    (work / f"audit-rank{r}.json").write_text(json.dumps(record))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+    if sys.argv[1] == "helpers":
+        helpers(Path(sys.argv[2]))
+    elif sys.argv[1] == "audit":
+        audit_cli(Path(sys.argv[2]), sys.argv[3:])
+    else:
+        main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))

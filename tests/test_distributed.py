@@ -199,3 +199,37 @@ def test_one_process_needs_no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="gather: 1 values for 2 indices"):
         dist.gather([1], [0, 1], 2)
     assert not torch.distributed.is_initialized()
+
+
+def test_broadcast_and_alone_over_two_ranks(tmp_path: Path) -> None:
+    runs = run_ranks("tests.distributed_worker", ["helpers", str(tmp_path)], tmp_path)
+    for r, (code, out, err) in enumerate(runs):
+        assert code == 0, f"rank {r} failed:\n{(out + err)[-4000:]}"
+    zero, one = (load_results(tmp_path / f"helpers-rank{r}") for r in range(2))
+    for res in (zero, one):  # rank 0's value on every rank, tensors included
+        assert res["broadcast"]["from"] == 0
+        assert torch.equal(res["broadcast"]["tensor"], torch.tensor([0, 10]))
+        assert res["broadcast_none"] is None
+        # alone: each rank is a job of one process, nested or not, and waits for no other
+        assert res["nested"] == [0, 1]
+        assert res["alone"] == [0, 1, True, [0, 1, 2]]
+        assert res["alone_deal"] == [[0, 1], [2]] and res["alone_gather"] == ["x", "y"]
+        assert res["after"] == [res["rank"], 2, [0, 1]]  # a job of two again afterwards
+    assert zero["alone_collect"] == ["from 0"] and one["alone_collect"] == ["from 1"]
+    assert zero["alone_broadcast"] == "own 0" and one["alone_broadcast"] == "own 1"
+    assert zero["alone_fail"] is None  # rank 1's failure stayed on rank 1
+    assert one["alone_fail"] == ["SafegeomError", "failed alone on rank 1"]
+
+
+def test_broadcast_and_alone_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    value = {"a": [1, 2]}
+    assert dist.broadcast(value) is value  # the identity
+    with dist.alone():
+        assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+        assert dist.broadcast(value) is value and dist.collect(3) == [3]
+    with pytest.raises(ValueError, match="raised inside"), dist.alone():
+        raise ValueError("raised inside")
+    assert dist._ALONE == [0]  # left even when the block raises
+    assert not torch.distributed.is_initialized()

@@ -5,7 +5,8 @@
 - :mod:`~safegeom.audit.reference`: the base's carriers (:func:`build_reference`);
 - :mod:`~safegeom.audit.measure`: one checkpoint's rows (:func:`measure_checkpoint`);
 - :mod:`~safegeom.audit.inputs`: the base and checkpoints (:func:`resolve_inputs`);
-- :mod:`~safegeom.audit.runner`: :func:`audit`, resumable;
+- :mod:`~safegeom.audit.runner`: :func:`audit`, resumable, sharded by checkpoint under a launcher;
+- :mod:`~safegeom.audit.folder`: the audit folder's manifest, preparation and final table;
 - :mod:`~safegeom.audit.result`: :class:`AuditResult` and :func:`load_audit`.
 """
 

@@ -13,7 +13,34 @@ back, so an audit killed at any point and rerun gives the table an uninterrupted
 measurements depend on ``config.seed`` only). A changed config (or dtype, or base) is refused
 unless ``overwrite``; new checkpoints (a trajectory trained further) are simply added. A rerun
 trusts the files of finished checkpoints: after retraining into the same run folder, pass
-``overwrite``.
+``overwrite``. The folder's bookkeeping is :mod:`~safegeom.audit.folder`.
+
+Under a launcher (:mod:`safegeom.distributed`, ``world_size() > 1``) the unit of work is a
+checkpoint, and the table is the one one process writes, whatever the number of processes:
+
+- Every rank resolves the inputs and checks the prompt sets (read only); rank 0 alone checks and
+  prepares ``out`` and decides which checkpoints are still to do (resume), and tells the others.
+- Rank 0 builds the Reference (or loads it back) and saves it; every rank receives that very
+  object (:func:`~safegeom.distributed.broadcast`), so all measure against the same carriers.
+- The checkpoints still to do are dealt round robin (:func:`~safegeom.distributed.shard`); in
+  rounds of one checkpoint per rank, each rank measures its own, the rows go to rank 0, and rank
+  0 writes each checkpoint's files and the manifest, in step order, then ``audit.parquet``. The
+  other ranks write nothing (not even the folder), and every rank returns the same result.
+- A failure on one rank (a checkpoint that fails to load, NaN activations) stops every rank once
+  the round's other checkpoints are written: the failing rank raises its own error, the others
+  ``rank R of N failed: <message>``; a rerun continues from there.
+
+One level of sharding only: a checkpoint is measured by one rank inside
+:func:`~safegeom.distributed.alone`, so its captures, evaluations and causal sweeps run every
+batch themselves (as in one process) instead of sharding prompts across ranks that are busy with
+other checkpoints (which would deadlock). The Reference is built that way too, by rank 0: the
+selection's float64 statistics are then one process's exactly (merged over ranks they would
+agree only to rounding). Every random number derives from ``config.seed`` (local generators), so
+a checkpoint's rows do not depend on which rank measured it, nor on what it measured before.
+Batch sizes left to memory (``batch_size=None``) are chosen per rank as one process would; set
+``batch_size`` for bit-identical numbers across machines with different free memory. Ranks wait
+for each other once per round (and while rank 0 builds the Reference): one checkpoint's
+measurement must take less than the process group's timeout (30 minutes by default).
 """
 
 from __future__ import annotations
@@ -23,92 +50,33 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from safegeom.artifacts import (
-    check_output_dir,
-    git_sha,
-    read_json,
-    save_parquet,
-    write_json,
-)
+import safegeom.audit.folder as folder_mod
+from safegeom.artifacts import check_output_dir, save_parquet, write_json
 from safegeom.audit.config import AuditConfig
 from safegeom.audit.inputs import AuditInputs, AuditTarget, check_prompt_sets, resolve_inputs
-from safegeom.audit.result import FORMAT, AuditResult, load_audit
+from safegeom.audit.result import AuditResult
 from safegeom.audit.schema import frame
-from safegeom.config import config_dict
-from safegeom.errors import ConfigError, OutputPathError, SafegeomError
+from safegeom.distributed import (
+    all_or_none,
+    alone,
+    broadcast,
+    collect,
+    is_main,
+    main_only,
+    shard,
+    world_size,
+)
+from safegeom.errors import SafegeomError
 from safegeom.models.loading import LoadConfig, LoadedModel, load_model
 
 __all__ = ["audit"]
-
-_IDENTITY_LOAD = ("dtype", "merge_adapter", "revision", "layout", "chat_template")
-"""LoadConfig fields that change the numbers (the device only changes where they are computed)."""
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "peft", "safegeom"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "unknown"
-    return out
-
-
-def _identity(config: AuditConfig, load: LoadConfig, inputs: AuditInputs) -> dict[str, Any]:
-    """What must be equal for a rerun to continue an audit folder."""
-    loading = config_dict(load)
-    return {
-        "config": config_dict(config),
-        "load": {k: loading[k] for k in _IDENTITY_LOAD},
-        "base": inputs.base.path,
-    }
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    names = []
-    for part in ("config", "load"):
-        a, b = old.get(part, {}) or {}, new[part]
-        names += [f"{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if old.get("base") != new["base"]:
-        names.append("base")
-    return names
-
-
-def _prepare(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
-    """Refuse a folder holding another audit (or another thing); clear it with ``overwrite``."""
-    manifest = out / "manifest.json"
-    pieces = ("manifest.json", "audit.parquet", "checkpoints", "reference")
-    if (out / "trajectory.json").exists():
-        raise OutputPathError(f"--out {out} holds a training run; give the audit its own folder")
-    if not any((out / p).exists() for p in pieces):
-        return
-    if overwrite:
-        for piece in pieces:
-            target = out / piece
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        return
-    if not manifest.is_file():
-        raise OutputPathError(
-            f"--out {out} holds part of an audit but no manifest.json; pass --overwrite to "
-            "replace it"
-        )
-    old = read_json(manifest, what="audit manifest")
-    if not isinstance(old, dict) or old.get("format") != FORMAT:
-        raise OutputPathError(f"--out {out} holds something else; pass --overwrite to replace it")
-    changed = _differences(old.get("identity", {}), identity)
-    if changed:
-        raise ConfigError(
-            f"--out {out} holds an audit made with other settings ({', '.join(changed)} "
-            "differ); pass --overwrite to replace it, or choose another --out"
-        )
 
 
 def _task(config: AuditConfig, inputs: AuditInputs) -> Any:
@@ -147,14 +115,21 @@ class _Base:
 
 
 def _reference(out: Path, base: _Base, config: AuditConfig, progress: bool) -> tuple[Any, float]:
-    """Load the saved Reference back, or build it from the base and save it atomically."""
+    """Load the saved Reference back, or build it from the base and save it atomically.
+
+    Run by rank 0 alone (:func:`alone`: the selection's statistics are then one process's).
+
+    Returns:
+        ``(reference, seconds spent building it)`` (0.0 when it was loaded back).
+    """
     import safegeom.audit.reference as reference_mod
 
     folder = out / "reference"
     if folder.is_dir():
         return reference_mod.load_reference(folder), 0.0
     start = time.perf_counter()
-    ref = reference_mod.build_reference(base.get(), config, progress=progress)
+    with alone():
+        ref = reference_mod.build_reference(base.get(), config, progress=progress)
     tmp = out / ".reference.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     ref.save(tmp)
@@ -169,19 +144,24 @@ def _measure(
     config: AuditConfig,
     load: LoadConfig,
     task: Any,
-    out: Path,
     progress: bool,
-) -> None:
-    """Measure one model and write its facts, then its rows (atomically, rows last)."""
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Measure one model, this rank alone (its captures and evaluations shard nothing).
+
+    Returns:
+        ``(facts, rows)``: the checkpoint's record (step, weight hash, seconds, forward passes)
+        and its schema rows; nothing is written here.
+    """
     import safegeom.audit.measure as measure_mod
 
-    is_base = target is base.target
-    start = time.perf_counter()
-    lm = base.get() if is_base else load_model(target.path, load)
-    load_s = base.seconds if is_base else time.perf_counter() - start
-    measured = measure_mod.measure_checkpoint(
-        lm, reference, config, base=base.get(), task=task, progress=progress
-    )
+    with alone():
+        is_base = target is base.target
+        start = time.perf_counter()
+        lm = base.get() if is_base else load_model(target.path, load)
+        load_s = base.seconds if is_base else time.perf_counter() - start
+        measured = measure_mod.measure_checkpoint(
+            lm, reference, config, base=base.get(), task=task, progress=progress
+        )
     rows = [{**row, "checkpoint": target.label, "step": target.step} for row in measured.rows]
     facts = {
         "label": target.label,
@@ -192,50 +172,32 @@ def _measure(
         "seconds": {"load": load_s, **{k: float(v) for k, v in measured.seconds.items()}},
         "forward_passes": int(measured.forward_passes),
     }
-    write_json(out / "checkpoints" / f"{target.label}.json", facts)
-    save_parquet(out / "checkpoints" / f"{target.label}.parquet", frame(rows))
+    return facts, frame(rows)
 
 
-def _manifest(
+def _write(
     out: Path,
-    identity: dict[str, Any],
-    inputs: AuditInputs,
-    task: Any,
-    config: AuditConfig,
-    reference_s: float | None,
-    complete: bool,
-) -> dict[str, Any]:
-    previous: dict[str, Any] = {}
-    if (out / "manifest.json").is_file():
-        previous = read_json(out / "manifest.json", what="audit manifest")
-    timings = dict(previous.get("timings", {}) or {})
-    if reference_s:
-        timings["reference"] = reference_s
-    facts = []
-    for t in inputs.targets:
-        file = out / "checkpoints" / f"{t.label}.json"
-        if file.is_file() and (out / "checkpoints" / f"{t.label}.parquet").is_file():
-            facts.append(read_json(file, what="checkpoint record"))
-    return {
-        "format": FORMAT,
-        "identity": identity,
-        "config": identity["config"],
-        "load": identity["load"],
-        "seeds": {"seed": config.seed},
-        "inputs": {
-            "source": inputs.source,
-            "base": dataclasses.asdict(inputs.base),
-            "checkpoints": [dataclasses.asdict(t) for t in inputs.checkpoints],
-            "task": None if task is None else getattr(task, "name", str(task)),
-        },
-        "versions": _versions(),
-        "git_sha": git_sha(),
-        "base_hash": next((f["weight_hash"] for f in facts if f["step"] == 0), None),
-        "checkpoints": facts,
-        "timings": timings,
-        "forward_passes": sum(int(f.get("forward_passes", 0)) for f in facts),
-        "complete": complete,
-    }
+    measured: Sequence[tuple[dict[str, Any], pd.DataFrame] | None],
+    manifest: Callable[[], dict[str, Any]],
+) -> int:
+    """Write each measured checkpoint's facts, then its rows (atomically, rows last), in the
+    order given (step order), then the manifest (``manifest()``, read after the rows).
+
+    Returns:
+        How many checkpoints were written (``None`` entries, failed or idle ranks, are skipped).
+    """
+    done = [m for m in measured if m is not None]
+    for facts, rows in done:
+        write_json(out / "checkpoints" / f"{facts['label']}.json", facts)
+        save_parquet(out / "checkpoints" / f"{facts['label']}.parquet", rows)
+    write_json(out / "manifest.json", manifest())
+    return len(done)
+
+
+def _raise(error: Exception | None) -> None:
+    """Raise ``error`` (this rank's failure of the round), if any."""
+    if error is not None:
+        raise error
 
 
 def audit(
@@ -261,8 +223,11 @@ def audit(
         overwrite: replace an audit in ``out`` made with other settings.
         progress: show a progress bar over the checkpoints.
 
+    Under a launcher every rank calls it, with the same arguments (module docstring).
+
     Returns:
-        The :class:`AuditResult` (also saved in ``out``; :func:`load_audit` reads it back).
+        The :class:`AuditResult` (also saved in ``out``; :func:`load_audit` reads it back), the
+        same on every rank.
 
     Raises:
         SafegeomError: bad inputs (see :func:`resolve_inputs`), an empty prompt set, an unusable
@@ -274,51 +239,54 @@ def audit(
     except TypeError as err:
         raise TypeError(f"audit(): {err}; the settings are the fields of AuditConfig") from None
     load = load or LoadConfig()
-    folder = check_output_dir(out)
+    folder = Path(main_only(check_output_dir)(out) or out)
     if isinstance(targets_or_spec, AuditInputs):
         inputs = targets_or_spec
     else:
         paths = [targets_or_spec] if isinstance(targets_or_spec, (str, Path)) else targets_or_spec
-        inputs = resolve_inputs(list(paths), base=base, load=load)
-    check_prompt_sets(config)
-    task = _task(config, inputs)
-    identity = _identity(config, load, inputs)
-    _prepare(folder, identity, overwrite)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(
-        folder / "manifest.json", _manifest(folder, identity, inputs, task, config, None, False)
+        inputs = all_or_none(resolve_inputs, list(paths), base=base, load=load)
+    all_or_none(check_prompt_sets, config)
+    with warnings.catch_warnings():
+        if not is_main():  # the task's warning is printed once
+            warnings.simplefilter("ignore")
+        task = all_or_none(_task, config, inputs)
+    identity = folder_mod.identity(config, load, inputs)
+    labels = broadcast(
+        main_only(folder_mod.start)(folder, identity, inputs, task, config, overwrite)
     )
-
-    def done(t: AuditTarget) -> bool:
-        return (folder / "checkpoints" / f"{t.label}.parquet").is_file()
-
-    todo = [t for t in inputs.targets if not done(t)]
+    todo = [t for t in inputs.targets if t.label in set(labels or ())]
     reference_s = None
     if todo:
         from tqdm.auto import tqdm
 
+        show = progress and is_main()
         base_model = _Base(inputs.base, load)
-        reference, reference_s = _reference(folder, base_model, config, progress)
+        built = broadcast(main_only(_reference)(folder, base_model, config, show))
+        assert built is not None  # rank 0's, on every rank
+        reference, reference_s = built
         bar = tqdm(total=len(inputs.targets), initial=len(inputs.targets) - len(todo),
-                   desc="audit", unit="ckpt", disable=not progress)  # fmt: skip
-        for target in todo:
-            bar.set_postfix_str(target.label)
-            _measure(target, base_model, reference, config, load, task, folder, progress)
-            write_json(
-                folder / "manifest.json",
-                _manifest(folder, identity, inputs, task, config, reference_s, False),
-            )
+                   desc="audit", unit="ckpt", disable=not show)  # fmt: skip
+        mine = [todo[i] for i in shard(len(todo))]
+        for k in range(-(-len(todo) // world_size())):  # rounds of one checkpoint per rank
+            result, error = None, None
+            if k < len(mine):
+                bar.set_postfix_str(mine[k].label)
+                try:
+                    result = _measure(mine[k], base_model, reference, config, load, task, show)
+                except Exception as err:  # reported to every rank once the round is written
+                    error = err
+            measured = collect(result, to="main") or []
+            written = main_only(_write)(folder, measured, partial(
+                folder_mod.manifest, folder, identity, inputs, task, config, reference_s, False
+            ))  # fmt: skip
+            all_or_none(_raise, error)
             reference_s = None
-            bar.update(1)
+            bar.update(written or 0)
         bar.close()
-    tables = [
-        pd.read_parquet(folder / "checkpoints" / f"{t.label}.parquet") for t in inputs.targets
-    ]
-    save_parquet(
-        folder / "audit.parquet", frame([]) if not tables else pd.concat(tables, ignore_index=True)
-    )
-    write_json(
-        folder / "manifest.json",
-        _manifest(folder, identity, inputs, task, config, reference_s, True),
-    )
-    return load_audit(folder)
+    finished = main_only(folder_mod.finish)(folder, identity, inputs, task, config, reference_s)
+    if world_size() == 1:
+        assert finished is not None
+        return finished
+    shared = broadcast(None if finished is None else (finished.table, folder_mod.thawed(finished)))
+    assert shared is not None  # rank 0's, on every rank
+    return finished or AuditResult(table=shared[0], manifest=shared[1], root=folder)

@@ -4,6 +4,10 @@ The options are derived from :class:`AuditCommand` (inputs and outputs),
 :class:`~safegeom.audit.config.AuditConfig` (what is measured) and
 :class:`~safegeom.models.LoadConfig` (how every model is loaded). Inputs and ``--out`` are
 checked before any model loads; rerunning the same command continues an interrupted audit.
+
+Under a launcher (``accelerate launch --num_processes N -m safegeom.cli audit ...``) the
+checkpoints are dealt across the ranks (:mod:`safegeom.audit.runner`); rank 0 alone checks
+``--out``, writes and prints, and the table is the one one process writes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from safegeom.audit.config import AuditConfig
 from safegeom.audit.runner import audit
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args
+from safegeom.distributed import is_main, main_only
 from safegeom.models.loading import LoadConfig
 
 __all__ = ["INTERRUPT_HINT", "AuditCommand", "register", "run"]
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     command = config_from_args(AuditCommand, args)
     config = config_from_args(AuditConfig, args)
     load = config_from_args(LoadConfig, args)
-    check_output_dir(command.out)
+    # under a launcher rank 0 alone checks and writes (safegeom.distributed); the others print nothing
+    main_only(check_output_dir)(command.out)
     result = audit(
         list(command.paths),
         command.out,
@@ -78,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=command.overwrite,
         progress=command.progress,
     )
+    if not is_main():
+        return 0
     table = result.table
     if command.json:
         emit_json(table.astype(object).where(table.notna(), None).to_dict("records"))

@@ -1,0 +1,191 @@
+"""The audit folder's bookkeeping: what must match to continue it, preparing it, the manifest,
+and the final table (all written by rank 0 alone; see :mod:`~safegeom.audit.runner`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from safegeom.artifacts import git_sha, read_json, save_parquet, write_json
+from safegeom.audit.config import AuditConfig
+from safegeom.audit.inputs import AuditInputs
+from safegeom.audit.result import FORMAT, AuditResult, load_audit
+from safegeom.audit.schema import frame
+from safegeom.config import config_dict
+from safegeom.errors import ConfigError, OutputPathError
+from safegeom.models.loading import LoadConfig
+
+__all__ = ["finish", "identity", "manifest", "start", "thawed"]
+
+_IDENTITY_LOAD = ("dtype", "merge_adapter", "revision", "layout", "chat_template")
+"""LoadConfig fields that change the numbers (the device only changes where they are computed)."""
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "safegeom"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def identity(config: AuditConfig, load: LoadConfig, inputs: AuditInputs) -> dict[str, Any]:
+    """What must be equal for a rerun to continue an audit folder."""
+    loading = config_dict(load)
+    return {
+        "config": config_dict(config),
+        "load": {k: loading[k] for k in _IDENTITY_LOAD},
+        "base": inputs.base.path,
+    }
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    names = []
+    for part in ("config", "load"):
+        a, b = old.get(part, {}) or {}, new[part]
+        names += [f"{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if old.get("base") != new["base"]:
+        names.append("base")
+    return names
+
+
+def _prepare(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    """Refuse a folder holding another audit (or another thing); clear it with ``overwrite``."""
+    manifest = out / "manifest.json"
+    pieces = ("manifest.json", "audit.parquet", "checkpoints", "reference")
+    if (out / "trajectory.json").exists():
+        raise OutputPathError(f"--out {out} holds a training run; give the audit its own folder")
+    if not any((out / p).exists() for p in pieces):
+        return
+    if overwrite:
+        for piece in pieces:
+            target = out / piece
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        return
+    if not manifest.is_file():
+        raise OutputPathError(
+            f"--out {out} holds part of an audit but no manifest.json; pass --overwrite to "
+            "replace it"
+        )
+    old = read_json(manifest, what="audit manifest")
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise OutputPathError(f"--out {out} holds something else; pass --overwrite to replace it")
+    changed = _differences(old.get("identity", {}), identity)
+    if changed:
+        raise ConfigError(
+            f"--out {out} holds an audit made with other settings ({', '.join(changed)} "
+            "differ); pass --overwrite to replace it, or choose another --out"
+        )
+
+
+def manifest(
+    out: Path,
+    identity: dict[str, Any],
+    inputs: AuditInputs,
+    task: Any,
+    config: AuditConfig,
+    reference_s: float | None,
+    complete: bool,
+) -> dict[str, Any]:
+    """The manifest of ``out`` as it stands: identity, inputs, versions, the finished
+    checkpoints' records (read from their files), timings in seconds (``reference_s``, the
+    Reference's build, added to those already recorded), forward passes, ``complete``.
+
+    Returns:
+        The manifest, JSON-ready (rank 0 writes it).
+    """
+    previous: dict[str, Any] = {}
+    if (out / "manifest.json").is_file():
+        previous = read_json(out / "manifest.json", what="audit manifest")
+    timings = dict(previous.get("timings", {}) or {})
+    if reference_s:
+        timings["reference"] = reference_s
+    facts = []
+    for t in inputs.targets:
+        file = out / "checkpoints" / f"{t.label}.json"
+        if file.is_file() and (out / "checkpoints" / f"{t.label}.parquet").is_file():
+            facts.append(read_json(file, what="checkpoint record"))
+    return {
+        "format": FORMAT,
+        "identity": identity,
+        "config": identity["config"],
+        "load": identity["load"],
+        "seeds": {"seed": config.seed},
+        "inputs": {
+            "source": inputs.source,
+            "base": dataclasses.asdict(inputs.base),
+            "checkpoints": [dataclasses.asdict(t) for t in inputs.checkpoints],
+            "task": None if task is None else getattr(task, "name", str(task)),
+        },
+        "versions": _versions(),
+        "git_sha": git_sha(),
+        "base_hash": next((f["weight_hash"] for f in facts if f["step"] == 0), None),
+        "checkpoints": facts,
+        "timings": timings,
+        "forward_passes": sum(int(f.get("forward_passes", 0)) for f in facts),
+        "complete": complete,
+    }
+
+
+def start(
+    out: Path,
+    identity: dict[str, Any],
+    inputs: AuditInputs,
+    task: Any,
+    config: AuditConfig,
+    overwrite: bool,
+) -> list[str]:
+    """Rank 0: check and prepare ``out``, write the first manifest.
+
+    Returns:
+        The labels of the checkpoints still to measure (no Parquet file yet), in step order.
+    """
+    _prepare(out, identity, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "manifest.json", manifest(out, identity, inputs, task, config, None, False))
+    rows = out / "checkpoints"
+    return [t.label for t in inputs.targets if not (rows / f"{t.label}.parquet").is_file()]
+
+
+def finish(
+    out: Path,
+    identity: dict[str, Any],
+    inputs: AuditInputs,
+    task: Any,
+    config: AuditConfig,
+    reference_s: float | None,
+) -> AuditResult:
+    """Rank 0: every checkpoint's rows as ``audit.parquet`` (step order), the complete manifest.
+
+    Returns:
+        The audit read back (:func:`load_audit`).
+    """
+    tables = [pd.read_parquet(out / "checkpoints" / f"{t.label}.parquet") for t in inputs.targets]
+    table = frame([]) if not tables else pd.concat(tables, ignore_index=True)
+    save_parquet(out / "audit.parquet", table)
+    write_json(
+        out / "manifest.json", manifest(out, identity, inputs, task, config, reference_s, True)
+    )
+    return load_audit(out)
+
+
+def thawed(result: AuditResult) -> dict[str, Any]:
+    """The result's read-only manifest as plain dicts and lists (to send it to the other ranks)."""
+
+    def thaw(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: thaw(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [thaw(v) for v in value]
+        return value
+
+    return thaw(result.manifest)
