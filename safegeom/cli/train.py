@@ -21,6 +21,7 @@ from safegeom.artifacts import check_output_dir
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args, option_dest
 from safegeom.config import flag
+from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError
 from safegeom.models.loading import LoadConfig
 from safegeom.models.positions import LAYER_HELP
@@ -208,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             f"{command.method} needs --unaligned-base: the unaligned model MODEL was aligned from "
             "(METHODS §8 transforms the update with W_aligned − W_unaligned)"
         )
-    check_output_dir(command.out)
+    main_only(check_output_dir)(command.out)  # under a launcher rank 0 alone probes the folder
     task = get_task(
         command.task, prompt_field=command.prompt_field, response_field=command.response_field
     )
@@ -225,6 +226,8 @@ def run(args: argparse.Namespace) -> int:
         regulariser=regulariser,
         posthoc=posthoc,
     )
+    if not is_main():  # every rank holds rank 0's trajectory; rank 0 alone prints it
+        return 0
     if command.json:
         emit_json(trajectory.to_dict())
     else:

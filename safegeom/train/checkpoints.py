@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from safegeom.artifacts import save_safetensors, write_json
+from safegeom.distributed import all_or_none, alone, broadcast
 from safegeom.errors import ArtifactError, TrainingDiverged
 from safegeom.models.checkpoint import safetensors_problem
 from safegeom.train.trajectory import (
@@ -206,29 +207,41 @@ def save_checkpoint(
 ) -> Trajectory:
     """Save the checkpoint at ``step`` (temp folder + rename) and rewrite the manifest.
 
-    ``terms``: the mean loss terms since the previous checkpoint (recorded with it).
+    Rank 0 alone writes (the weights and optimizer state are the same on every rank); every rank
+    then holds rank 0's trajectory, and a failure while writing stops every rank with rank 0's
+    message. The trainer state records the step, the data position (``step × batch_size``, the
+    global batch) and the number of processes. ``terms``: the mean loss terms since the previous
+    checkpoint (recorded with it).
+
+    Returns:
+        The trajectory with the new checkpoint, as written to ``trajectory.json``.
     """
     rel = checkpoint_dirname(step)
-    per_step = int(traj.config["batch_size"]) * acc.num_processes
+    per_step = int(traj.config["batch_size"])
     record = CheckpointRecord(step=step, loss=loss, path=rel, terms=terms or {})
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        final = traj.root / rel
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        digest = trainable.save(tmp, acc.unwrap_model(trainable.module))
-        save_trainer_state(
-            tmp / TRAINER_STATE,
-            optimizer_state=optimizer.state_dict(),
-            scheduler_state=scheduler.state_dict(),
-            extra={"step": step, "data_position": step * per_step},
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        record = dataclasses.replace(record, weight_hash=digest)
-        traj = traj.with_checkpoint(record, complete=complete)
-        write_trajectory(traj)
-    else:
-        traj = traj.with_checkpoint(record, complete=complete)
-    acc.wait_for_everyone()
-    return traj
+
+    def write() -> str | None:
+        if not acc.is_main_process:
+            return None
+        with alone():  # an export (Safe LoRA, LoX) runs whole here, waiting for no other rank
+            final = traj.root / rel
+            tmp = final.with_name(f".{final.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            digest = trainable.save(tmp, acc.unwrap_model(trainable.module))
+            save_trainer_state(
+                tmp / TRAINER_STATE,
+                optimizer_state=optimizer.state_dict(),
+                scheduler_state=scheduler.state_dict(),
+                extra={"step": step, "data_position": step * per_step,
+                       "num_processes": acc.num_processes},
+            )  # fmt: skip
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            saved = traj.with_checkpoint(
+                dataclasses.replace(record, weight_hash=digest), complete=complete
+            )
+            write_trajectory(saved)
+            return digest
+
+    digest = broadcast(all_or_none(write))  # rank 0's weight hash on every rank
+    return traj.with_checkpoint(dataclasses.replace(record, weight_hash=digest), complete=complete)

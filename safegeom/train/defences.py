@@ -77,7 +77,8 @@ def update_of(method: str, guard: GuardConfig) -> Update:
     return "reft" if method == "refusalguard" and guard.variant == "reft" else "lora"
 
 
-def _cones(lm: LoadedModel, guard: GuardConfig, seed: int, folder: Path, resume: bool):
+def _cones(lm: LoadedModel, guard: GuardConfig, seed: int, folder: Path, resume: bool,
+           write: bool):  # fmt: skip
     path = folder / "cones.safetensors"
     harmful, harmless = calibration_sets(guard, seed)
     if resume and path.is_file():
@@ -88,7 +89,8 @@ def _cones(lm: LoadedModel, guard: GuardConfig, seed: int, folder: Path, resume:
         meta = {"layers": [k for k in bases if k != READOUT], "readout": READOUT in bases,
                 "calibration": {harmful.name: harmful.content_hash,
                                 harmless.name: harmless.content_hash}}  # fmt: skip
-        save_safetensors(path, {f"layer.{k}": v.cpu() for k, v in bases.items()}, meta)
+        if write:
+            save_safetensors(path, {f"layer.{k}": v.cpu() for k, v in bases.items()}, meta)
     return bases, harmful, harmless
 
 
@@ -116,9 +118,10 @@ def prepare_defence(
         ConfigError: bad settings (a layer out of range, a critic that is not a critic ...).
     """
     if method == "refusalguard":
-        folder.mkdir(parents=True, exist_ok=True)
+        if write:
+            folder.mkdir(parents=True, exist_ok=True)
         layers = guard_layers(lm, guard)
-        bases, harmful, harmless = _cones(lm, guard, seed, folder, resume)
+        bases, harmful, harmless = _cones(lm, guard, seed, folder, resume, write)
         penalty = None
         if guard.lambda_geom > 0:
             held = bases if guard.layer_cones else {k: v for k, v in bases.items() if k == READOUT}
@@ -146,7 +149,8 @@ def prepare_defence(
         return Defence(record, export=export)
     if method != "adaptive":
         return Defence()
-    folder.mkdir(parents=True, exist_ok=True)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"method": "adaptive", **config_dict(reg)}
     risks_path = folder / "risks.safetensors"
     if critic is None:

@@ -10,8 +10,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from safegeom.distributed import all_or_none
 from safegeom.errors import TrainingDiverged
 from safegeom.train.config import RunConfig
+from safegeom.train.parallel import reseed_step, sum_gradients, sum_values
 from safegeom.train.step import StepLoss
 from safegeom.train.wrap import Trainable
 
@@ -56,29 +58,49 @@ def optimizer_step(
     grad_clip: float | None,
     lr: float,
     saved: int,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer step of any method: loss, backward, clip, AdamW and schedule steps.
 
-    ``saved`` is the last saved checkpoint's step (named in the divergence message).
+    ``indices`` is the step's global batch; under ``acc.num_processes`` > 1 each rank computes
+    its share on its slice (:mod:`safegeom.train.parallel`), the gradients are summed over the
+    ranks, and every rank takes the same step (its dropout masks seeded from ``seed``, the step
+    and the rank). A failure on one rank (a non-finite loss, an error in the forward) stops
+    every rank with that rank's message. ``saved`` is the last saved checkpoint's step (named in
+    the divergence message).
 
     Returns:
-        The step's ``(loss, terms)``, detached.
+        The step's ``(loss, terms)`` over the global batch (nats per answer token or per
+        example, as one process computes them), detached.
 
     Raises:
         TrainingDiverged: the loss is not finite.
+        SafegeomError: another rank failed (the message names it and its error).
     """
-    trainable.module.train()
-    loss, terms = step_loss(indices, step)
-    if not torch.isfinite(loss.detach()).all():
-        raise TrainingDiverged(
-            f"training diverged at step {step + 1}: the loss is {float(loss):.4g}; the run "
-            f"keeps its checkpoints up to step {saved} and is not complete; "
-            f"lower --lr (now {lr:g}) or raise --warmup-steps"
-        )
-    acc.backward(loss)
+    world, rank = acc.num_processes, acc.process_index
+
+    def local() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        trainable.module.train()
+        if world > 1:
+            reseed_step(seed, step, rank)
+        with acc.autocast():
+            loss, terms = step_loss(indices, step, part=(rank, world))
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingDiverged(
+                f"training diverged at step {step + 1}: the loss is {float(loss):.4g}; the run "
+                f"keeps its checkpoints up to step {saved} and is not complete; "
+                f"lower --lr (now {lr:g}) or raise --warmup-steps"
+            )
+        acc.backward(loss)
+        return loss.detach(), terms
+
+    loss, terms = all_or_none(local)
+    params = trainable.parameters()
+    sum_gradients(params, world)
+    loss, terms = sum_values(loss, terms, world)
     if grad_clip:
-        acc.clip_grad_norm_(trainable.parameters(), grad_clip)
+        acc.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), terms
+    return loss, terms

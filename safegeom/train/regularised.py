@@ -98,26 +98,39 @@ def regularised_loss(
     risk: Float[Tensor, " batch"] | None,
     kl_weight: float = 1.0,
     risk_unit: Literal["example", "batch"] = "example",
+    total: int | None = None,
+    batch_risk: Tensor | None = None,
+    world: int = 1,
 ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     """The step loss and its terms: constant-β KL (``risk`` None) or §7's adaptive mix.
 
-    ``answered`` marks the rows with answer tokens (the means are over those rows).
+    ``answered`` marks the rows with answer tokens (the means are over those rows). For one
+    rank's share of a batch cut over ``world`` ranks (:mod:`safegeom.train.parallel`): ``total``
+    is the whole batch's answered rows (the means' divisor) and ``batch_risk`` its mean risk
+    (``risk_unit="batch"``); the terms that are one number for the whole batch (``risk``,
+    ``sft_w``, ``kl_w`` of the batch unit) are then given as that number ``/ world``, so every
+    loss and term adds up over the ranks to the whole batch's.
 
     Returns:
         ``(loss, terms)`` with terms ``task``, ``kl`` (and ``risk``, ``sft_w``, ``kl_w``: means
         over the batch's rows), each a detached scalar tensor.
     """
     w = answered.to(ce.dtype)
-    n = w.sum().clamp(min=1)
+    n = (
+        w.sum().clamp(min=1)
+        if total is None
+        else torch.tensor(float(max(total, 1)), device=w.device)
+    )
     ce_mean, kl_mean = (ce * w).sum() / n, (kl * w).sum() / n
     terms = {"task": ce_mean.detach(), "kl": kl_mean.detach()}
     if risk is None:
         return ce_mean + kl_weight * kl_mean, terms
     risk = risk.to(ce.device, ce.dtype)
     if risk_unit == "batch":
-        mean_risk = (risk * w).sum() / n
+        mean_risk = (risk * w).sum() / n if batch_risk is None else batch_risk.to(ce.device)
         sft_w, kl_w = adaptive_weights(mean_risk)
         loss = sft_w * ce_mean + kl_w * kl_mean
+        mean_risk, sft_w, kl_w = mean_risk / world, sft_w / world, kl_w / world
     else:
         sft_w, kl_w = adaptive_weights(risk)
         loss = ((sft_w * ce + kl_w * kl) * w).sum() / n

@@ -1,11 +1,12 @@
 """The fine-tuning loop of every method (sft, lora, refusalguard, adaptive, kl): a trajectory.
 
 :func:`train` loads ``MODEL`` with :func:`safegeom.models.load_model`, tokenizes the task with
-response-only labels (:mod:`safegeom.train.data`), and runs AdamW under ``accelerate``
-(``Accelerator()``: one process by default, ``accelerate launch`` for more; each process takes its
-own ``batch_size`` slice of every step's global batch). Checkpoints are saved at step 0, every
-``save_every`` steps and at the last step into ``out/checkpoints/step-NNNNNN/`` (written to a temp
-folder, then renamed), and the manifest ``out/trajectory.json`` is rewritten atomically after each.
+response-only labels (:mod:`safegeom.train.data`), and runs AdamW under ``accelerate`` (one
+process by default; under ``accelerate launch``/``torchrun`` N processes share each step's global
+batch of ``batch_size``, with one process's results: :mod:`safegeom.train.parallel`; rank 0
+alone writes). Checkpoints are saved at step 0, every ``save_every`` steps and at the last step
+into ``out/checkpoints/step-NNNNNN/`` (a temp folder, then renamed), and the manifest
+``out/trajectory.json`` is rewritten atomically after each.
 
 Determinism: the seed fixes LoRA initialisation, dropout and the data order (the example at
 position k is ``perm_e[k mod n]`` with ``perm_e`` a permutation seeded by (seed, epoch e = k div n)),
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from safegeom.artifacts import check_output_dir
 from safegeom.config import check
+from safegeom.distributed import all_or_none, alone, broadcast, main_only, world_size
 from safegeom.errors import ArtifactError, ConfigError
 from safegeom.models import LoadConfig, load_model
 from safegeom.models.checkpoint import check_device
@@ -43,6 +45,14 @@ from safegeom.train.data import ExampleOrder, encode_examples
 from safegeom.train.defences import DEFENCE_DIR, METHODS, prepare_defence, update_of
 from safegeom.train.guard import GuardConfig
 from safegeom.train.optim import make_optimizer, optimizer_step
+from safegeom.train.parallel import (
+    broadcast_parameters,
+    check_global_batch,
+    check_resume_world,
+    has_dropout,
+    refuse_sharded_training,
+    sum_values,
+)
 from safegeom.train.posthoc import PosthocConfig
 from safegeom.train.regularised import RegConfig
 from safegeom.train.step import StepLoss
@@ -167,19 +177,28 @@ def train(
             "and save_pretrained) or fine-tune it with sft"
         )
     load = load or LoadConfig()
-    out_dir = check_output_dir(out)
+    if load.device_map is not None:
+        raise ConfigError(
+            "--device-map: training runs one whole model per process (DDP); drop --device-map"
+        )
     the_task = get_task(task)
     if load.device is not None:
         check_device(load.device)
     if accelerator is None:
-        accelerator = Accelerator(cpu=load.device is not None and load.device.startswith("cpu"))
+        # Under a launcher on a machine without GPUs, the gloo group needs a CPU accelerator.
+        cpu = load.device is not None and load.device.startswith("cpu")
+        accelerator = Accelerator(cpu=cpu or (world_size() > 1 and not torch.cuda.is_available()))
     acc = accelerator
+    refuse_sharded_training(acc)
+    check_global_batch(settings.batch_size, acc.num_processes)
+    main_only(check_output_dir)(out)  # rank 0 alone probes (and makes) the folder
+    out_dir = Path(out)
     if load.device is not None and torch.device(load.device).type != acc.device.type:
         raise ConfigError(
             f"--device {load.device}: the accelerator runs on {acc.device}; choose the device "
             "with CUDA_VISIBLE_DEVICES or accelerate launch"
         )
-    previous = prepare_run_dir(out_dir, resume=resume, overwrite=overwrite)
+    previous = broadcast(main_only(prepare_run_dir)(out_dir, resume=resume, overwrite=overwrite))
     base = base_spec(model_spec)
     dtype = dtype or load.dtype or "float32"
     is_adapter = (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file()
@@ -188,15 +207,12 @@ def train(
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         set_seed(settings.seed)
-        lm = load_model(
-            model_spec, load, dtype=dtype, device=str(acc.device), merge_adapter=is_adapter
-        )
-        if lm.edit is not None:
-            raise ConfigError(f"{model_spec} is a RefusalGuard checkpoint; train from its base")
-        defence = prepare_defence(
-            method, lm, list(the_task.prompts), guard=guard, reg=regulariser, critic=critic,
-            posthoc=posthoc, load=load, seed=settings.seed, folder=out_dir / DEFENCE_DIR, resume=previous is not None,
-            write=acc.is_main_process,
+        # Every rank loads and fits the defence by itself, deterministically (rank 0 alone
+        # writes DIR/defence/); a failure on one rank stops them all with its message.
+        lm, defence = all_or_none(
+            _setup, model_spec, load, dtype, str(acc.device), is_adapter, method, the_task,
+            guard=guard, reg=regulariser, critic=critic, posthoc=posthoc, seed=settings.seed,
+            folder=out_dir / DEFENCE_DIR, resume=previous is not None, write=acc.is_main_process,
         )  # fmt: skip
         wrap = wrap_settings(update, settings, guard, lm, sorted(defence.bases))
         lr = settings.lr
@@ -226,11 +242,9 @@ def train(
             previous = resumable(previous)
         base_hash = previous.base_hash if previous is not None else lm.weight_hash
         resume_from = out_dir / previous.last.path if previous is not None else None
-        trainable = wrap_model(lm, model_spec, update, wrap, dtype=dtype, resume_from=resume_from,
-                               bases=defence.bases, export=defence.export)  # fmt: skip
-        examples = encode_examples(
-            lm.tokenizer, the_task.prompts, the_task.responses, system=settings.system,
-            chat_template=lm.chat_template, max_length=config_run.max_length,
+        trainable, examples = all_or_none(
+            _trainable, lm, model_spec, update, wrap, dtype, resume_from, defence, the_task,
+            settings.system, config_run.max_length,
         )  # fmt: skip
         pad = lm.tokenizer.pad_token_id
         step_loss = StepLoss(trainable, examples, int(pad if pad is not None else 0),
@@ -240,6 +254,38 @@ def train(
                      base_hash, previous, settings.progress, callback)  # fmt: skip
     finally:
         torch.use_deterministic_algorithms(deterministic)
+
+
+def _setup(
+    model_spec: str | Path,
+    load: LoadConfig,
+    dtype: str,
+    device: str,
+    is_adapter: bool,
+    method: str,
+    task: Task,
+    **defence: Any,
+) -> tuple[Any, Any]:
+    """This rank's model and defence (``(lm, defence)``), computed as if it were alone."""
+    with alone():
+        lm = load_model(model_spec, load, dtype=dtype, device=device, merge_adapter=is_adapter)
+        if lm.edit is not None:
+            raise ConfigError(f"{model_spec} is a RefusalGuard checkpoint; train from its base")
+        return lm, prepare_defence(method, lm, list(task.prompts), load=load, **defence)
+
+
+def _trainable(
+    lm: Any, model_spec: str | Path, update: Any, wrap: dict[str, Any], dtype: str,
+    resume_from: Path | None, defence: Any, task: Task, system: str | None, max_length: int,
+) -> tuple[Trainable, list[Any]]:  # fmt: skip
+    """The wrapped model (restored from ``resume_from``) and the encoded training examples."""
+    trainable = wrap_model(lm, model_spec, update, wrap, dtype=dtype, resume_from=resume_from,
+                           bases=defence.bases, export=defence.export)  # fmt: skip
+    examples = encode_examples(
+        lm.tokenizer, task.prompts, task.responses, system=system,
+        chat_template=lm.chat_template, max_length=max_length,
+    )  # fmt: skip
+    return trainable, examples
 
 
 def wrap_settings(
@@ -278,28 +324,31 @@ def _loop(
     """Run the optimizer steps; return the trajectory written."""
     from transformers import __version__ as hf_version
 
+    world, rank = acc.num_processes, acc.process_index
     params = trainable.parameters()
+    broadcast_parameters(params, world)  # the same start on every rank, whatever the init
     raw_opt, scheduler = make_optimizer(params, config)
-    trainable.module, optimizer = acc.prepare(trainable.module, raw_opt)
+    # The module is not wrapped in DDP: each rank computes its share of the global batch's loss
+    # and the gradients are summed over the ranks (safegeom.train.parallel says why).
+    optimizer = acc.prepare_optimizer(raw_opt)
     order = ExampleOrder(n_examples, config.seed)
-    per_step = config.batch_size * acc.num_processes
 
     def indices_at(step: int) -> list[int]:
-        start = step * per_step + acc.process_index * config.batch_size
-        return [order.index(start + i) for i in range(config.batch_size)]
-
-    def reduce(terms: dict[str, torch.Tensor]) -> dict[str, float]:
-        return {k: float(acc.reduce(v, reduction="mean")) for k, v in terms.items()}
+        """The step's global batch (each rank computes on its slice of it)."""
+        return [order.index(step * config.batch_size + i) for i in range(config.batch_size)]
 
     if previous is None:
         versions = {"torch": torch.__version__, "transformers": hf_version}
         traj = Trajectory(out_dir, base, base_hash, config.to_dict(), versions=versions)
         trainable.module.eval()
-        with torch.no_grad():
-            first, first_terms = step_loss(indices_at(0), 0)
-        value0 = float(acc.reduce(first.detach(), reduction="mean"))
-        traj = save_checkpoint(acc, trainable, optimizer, scheduler, traj, 0, value0,
-                               terms=reduce(first_terms))  # fmt: skip
+
+        def first_loss() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with torch.no_grad(), acc.autocast():
+                return step_loss(indices_at(0), 0, part=(rank, world))
+
+        first, first_terms = sum_values(*all_or_none(first_loss), world)
+        traj = save_checkpoint(acc, trainable, optimizer, scheduler, traj, 0, float(first),
+                               terms={k: float(v) for k, v in first_terms.items()})  # fmt: skip
         start = 0
     else:
         traj = previous
@@ -307,6 +356,8 @@ def _loop(
         opt_state, sched_state, meta = load_trainer_state(out_dir / traj.last.path / TRAINER_STATE)
         if int(meta["step"]) != start:
             raise ArtifactError(f"trainer state of {traj.last.path} is not at step {start}")
+        check_resume_world(int(meta.get("num_processes", 1)), world,
+                           has_dropout(trainable.model), str(out_dir))  # fmt: skip
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(sched_state)
     log = [dict(r) for r in traj.log if int(r["step"]) <= start]
@@ -319,9 +370,9 @@ def _loop(
         for step in range(start, config.steps):
             loss, terms = optimizer_step(
                 acc, trainable, step_loss, optimizer, scheduler, indices_at(step), step,
-                grad_clip=config.grad_clip, lr=config.lr, saved=traj.last.step,
+                grad_clip=config.grad_clip, lr=config.lr, saved=traj.last.step, seed=config.seed,
             )  # fmt: skip
-            value, values = float(acc.reduce(loss.detach(), reduction="mean")), reduce(terms)
+            value, values = float(loss), {k: float(v) for k, v in terms.items()}
             total, count, done = total + value, count + 1, step + 1
             for key, v in values.items():
                 sums.setdefault(key, []).append(v)
@@ -336,8 +387,8 @@ def _loop(
                                        total / count, terms=means,
                                        complete=done == config.steps)  # fmt: skip
                 total, count, sums = 0.0, 0, {}
-            if callback is not None:
-                callback(done, value)
+            if callback is not None:  # an error on one rank stops every rank
+                all_or_none(callback, done, value)
     finally:
         bar.close()
     trainable.module.eval()

@@ -1,0 +1,219 @@
+"""Trainers over two processes (gloo on CPU) equal one process with the same global batch.
+
+One launch of this module's :func:`worker` as two ranks trains LoRA, SFT and RefusalGuard runs, a
+LoRA run stopped at step 2, one with dropout, and two that must fail (a global batch of 3, a
+planted error on rank 1); the tests compare them with the same runs in one process here.
+
+Tolerance: every weight of the last checkpoint within ``ATOL`` = 1e-6 in float32 of the
+one-process run (max |Δw| measured: LoRA 7.5e-8 after 3 AdamW steps, SFT 3.0e-8 and
+RefusalGuard 1.7e-8 after 2, a resumed run 7.5e-8; the two ranks' gradient shares are summed in
+another order than one process's backward), the losses within 1e-5 relative.
+
+``python -m tests.test_train_ddp CHECKPOINT WORK`` is one rank of the job (with ``RANK``,
+``WORLD_SIZE`` ... set by :func:`tests.launch_helpers.launch`): it writes ``WORK/rank{r}.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.launch_helpers import launch
+from tests.tiny_models import build_checkpoint
+from tests.train_helpers import saved_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ATOL = 1e-6
+"""Largest |Δw| allowed between the two-process and the one-process weights (float32)."""
+TASK = "harmful:6"
+"""Six examples of different lengths: the two ranks' slices hold different token counts."""
+RUN = {"batch_size": 4, "save_every": 1, "lora_dropout": 0.0, "progress": False}
+"""Global batch 4 (2 a rank); three steps go round the six examples twice."""
+GUARD = {"n_calib": 3, "calib_batch": 2, "penalty_every": 1}
+"""RefusalGuard's small calibration (three prompts a class, two every step)."""
+RUNS: dict[str, dict[str, Any]] = {
+    "lora": {"method": "lora", "steps": 3},
+    "sft": {"method": "sft", "steps": 2},
+    "guard": {"method": "refusalguard", "steps": 2},
+    "cut": {"method": "lora", "steps": 3},
+    "dropout": {"method": "lora", "steps": 1, "lora_dropout": 0.1},
+    "odd": {"method": "lora", "steps": 1, "batch_size": 3},
+    "fail": {"method": "lora", "steps": 2},
+}
+"""The worker's runs (``RUN`` plus these settings), in order."""
+
+
+def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
+    """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings)."""
+    from safegeom.train.guard import GuardConfig
+    from safegeom.train.runner import train
+
+    settings = {**RUN, **RUNS[name], **more}
+    guard = GuardConfig(**GUARD) if settings["method"] == "refusalguard" else None
+    return train(ckpt, TASK, out=out, guard=guard, **settings)
+
+
+def _plant_failure(on_rank: int, at_step: int) -> None:
+    """Make the step loss raise on ``on_rank`` from step ``at_step`` on (the worker's ``fail``)."""
+    from safegeom.distributed import rank
+    from safegeom.errors import SafegeomError
+    from safegeom.train import step as step_mod
+
+    real = step_mod.StepLoss.__call__
+
+    def failing(self: Any, indices: Any, step: int, **kwargs: Any) -> Any:
+        if rank() == on_rank and step >= at_step:
+            raise SafegeomError(f"planted failure on rank {on_rank} at step {step}")
+        return real(self, indices, step, **kwargs)
+
+    step_mod.StepLoss.__call__ = failing  # type: ignore[method-assign]
+
+
+class Stopped(Exception):
+    """What the ``cut`` run's callback raises to stop the run (as a Ctrl-C would)."""
+
+
+def _stop_after(last: int) -> Any:
+    """A ``train`` callback that stops the run (every rank) once step ``last`` is done."""
+
+    def callback(step: int, loss: float) -> None:
+        if step == last:
+            raise Stopped(f"stopped after step {step}")
+
+    return callback
+
+
+def worker(ckpt: str, work: Path) -> None:
+    """One rank: every run of :data:`RUNS` into ``work/NAME``; saves ``work/rank{r}.json`` with
+    each run's trajectory (or error) and the paths this rank wrote, made or renamed."""
+    from safegeom import distributed as dist
+    from tests.distributed_worker import _record_made, _record_writes
+
+    torch.set_num_threads(1)
+    r = dist.rank()
+    writes: list[str] = []
+    _record_writes(writes)
+    _record_made(writes)
+    real_rename = os.rename
+
+    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        writes.append(str(dst))
+        real_rename(src, dst, *args, **kwargs)
+
+    os.rename = rename  # type: ignore[assignment]
+    res: dict[str, Any] = {"world": dist.world_size()}
+    for name in RUNS:
+        if name == "fail":
+            _plant_failure(on_rank=1, at_step=1)
+        more = {"callback": _stop_after(2)} if name == "cut" else {}
+        try:
+            traj = _run(ckpt, work / name, name, **more)
+            res[name] = {"steps": list(traj.steps), "losses": list(traj.losses),
+                         "hashes": [c.weight_hash for c in traj.checkpoints]}  # fmt: skip
+        except Exception as err:
+            res[name] = {"error": [type(err).__name__, str(err)]}
+    res["writes"] = writes
+    (work / f"rank{r}.json").write_text(json.dumps(res))
+    dist.close()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """The tiny checkpoint, the two-process job's folder, and each rank's results."""
+    root = tmp_path_factory.mktemp("ddp")
+    ckpt = build_checkpoint(root, "llama", n_layers=2)
+    work = root / "work"
+    work.mkdir()
+    runs = launch("tests.test_train_ddp", [str(ckpt), str(work)], root)
+    for code, out, err in runs:
+        assert code == 0, f"a rank failed:\n{out}\n{err[-4000:]}"
+    return ckpt, work, [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    """Largest |Δ| between the tensors of two checkpoint folders with the same tensor names."""
+    wa, wb = saved_weights(a), saved_weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
+@pytest.mark.parametrize("name", ["lora", "sft", "guard"])
+def test_two_processes_equal_one(job, tmp_path: Path, name: str) -> None:
+    """LoRA, SFT and RefusalGuard over two ranks: the weights of one process within ATOL at every
+    checkpoint, the same losses, and one trajectory, rank 1's the same as rank 0's."""
+    from safegeom.train.trajectory import load_trajectory
+
+    ckpt, work, ranks = job
+    assert ranks[0]["world"] == 2
+    assert ranks[0][name] == ranks[1][name]  # rank 1 holds rank 0's trajectory
+    two = load_trajectory(work / name)
+    one = _run(ckpt, tmp_path / name, name)
+    assert two.steps == one.steps == tuple(range(RUNS[name]["steps"] + 1))
+    assert [c.weight_hash for c in two.checkpoints] == ranks[0][name]["hashes"]
+    for a, b in zip(two.paths[1:], one.paths[1:], strict=True):
+        assert _max_diff(a, b) <= ATOL
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    if name == "guard":
+        assert [c.terms["geom"] > 0 for c in two.checkpoints] == [False, False, True]
+        assert (work / name / "defence" / "cones.safetensors").is_file()
+    else:
+        assert _max_diff(two.paths[0], two.paths[-1]) > 100 * ATOL  # training moved the weights
+
+
+def test_rank_one_writes_nothing(job) -> None:
+    """Every file and folder of every run comes from rank 0, with no temp folder left behind."""
+    _, work, ranks = job
+    assert ranks[1]["writes"] == []
+    written = ranks[0]["writes"]
+    assert str(work / "lora" / "trajectory.json") in written
+    assert any(path.endswith("step-000003") for path in written)
+    assert not list(work.glob("*/checkpoints/.*.tmp"))
+
+
+def test_resume_with_one_process_equals_uninterrupted(job, tmp_path: Path) -> None:
+    """A two-process run of 3 steps stopped after step 2, resumed in one process, equals the
+    uninterrupted one-process run within ATOL."""
+    ckpt, work, ranks = job
+    from safegeom.train.trajectory import load_trajectory
+
+    assert ranks[0]["cut"] == ranks[1]["cut"] == {"error": ["Stopped", "stopped after step 2"]}
+    assert load_trajectory(work / "cut").steps == (0, 1, 2)
+    resumed = _run(ckpt, work / "cut", "cut", resume=True)
+    whole = _run(ckpt, tmp_path / "whole", "lora")
+    assert resumed.steps == whole.steps == (0, 1, 2, 3) and resumed.complete
+    assert _max_diff(resumed.paths[-1], whole.paths[-1]) <= ATOL
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+
+
+def test_resume_with_another_world_is_refused_with_dropout(job) -> None:
+    """Dropout masks depend on the number of processes: resuming with 1 is refused, by name."""
+    from safegeom.errors import ConfigError
+
+    ckpt, work, _ = job
+    with pytest.raises(ConfigError, match=r"with 1 process\(es\): it was trained with 2 .*dropout"):
+        _run(ckpt, work / "dropout", "dropout", steps=2, resume=True)
+
+
+def test_bad_global_batch_and_a_failing_rank(job) -> None:
+    """A global batch of 3 over 2 ranks is refused on each with both numbers; an error on rank 1
+    stops rank 0 too, with rank 1's message."""
+    _, work, ranks = job
+    for res in ranks:
+        kind, message = res["odd"]["error"]
+        assert kind == "ConfigError"
+        assert "batch_size 3 is the global batch" in message and "processes 2" in message
+    assert not (work / "odd" / "trajectory.json").exists()
+    assert ranks[1]["fail"]["error"] == ["SafegeomError", "planted failure on rank 1 at step 1"]
+    kind, message = ranks[0]["fail"]["error"]
+    assert kind == "SafegeomError"
+    assert message == "rank 1 of 2 failed: planted failure on rank 1 at step 1"
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], Path(sys.argv[2]))
