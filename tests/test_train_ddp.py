@@ -215,5 +215,38 @@ def test_bad_global_batch_and_a_failing_rank(job) -> None:
     assert message == "rank 1 of 2 failed: planted failure on rank 1 at step 1"
 
 
+def test_the_command_under_a_launcher_prints_once(job, tmp_path: Path) -> None:
+    """``safegeom train lora`` over two ranks: rank 0 alone prints, and the run is the library's
+    two-process run bit for bit."""
+    ckpt, work, _ = job
+    out = tmp_path / "cli"
+    args = ["train", "lora", str(ckpt), "--task", TASK, "--out", str(out), "--steps", "3",
+            "--save-every", "1", "--batch-size", "4", "--lora-dropout", "0", "--no-progress"]  # fmt: skip
+    (code0, out0, err0), (code1, out1, err1) = launch("safegeom.cli", args, tmp_path)
+    assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
+    assert out0.startswith(f"wrote 4 checkpoints to {out} (step 3") and out1 == ""
+    assert (
+        _max_diff(
+            out / "checkpoints" / "step-000003", work / "lora" / "checkpoints" / "step-000003"
+        )
+        == 0
+    )
+
+
+def test_sharded_engines_are_refused() -> None:
+    """FSDP and DeepSpeed would shard the model, which training does not support yet: refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from safegeom.errors import ConfigError
+    from safegeom.train.parallel import refuse_sharded_training
+
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ConfigError, match=f"training under {kind.value} is not yet supported"):
+            refuse_sharded_training(SimpleNamespace(distributed_type=kind))  # type: ignore[arg-type]
+    refuse_sharded_training(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # type: ignore[arg-type]
+
+
 if __name__ == "__main__":
     worker(sys.argv[1], Path(sys.argv[2]))

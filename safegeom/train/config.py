@@ -33,7 +33,8 @@ class TrainConfig:
     lr: float | None = None
     """Peak AdamW learning rate (default: 1e-4 for sft, 1e-2 for the refusalguard edit, 1e-3 else)."""
     batch_size: int = 8
-    """Examples per step and process."""
+    """Examples per step: the global batch, whatever the number of processes (under a launcher
+    each of N processes takes ``batch_size / N`` of them; N must divide it)."""
     seed: int = 0
     """Seed of LoRA (or edit) initialisation, dropout, data order and calibration batches."""
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -120,7 +121,7 @@ class RunConfig:
     lr: float
     """Peak AdamW learning rate."""
     batch_size: int
-    """Examples per step and process."""
+    """Examples per step, over all processes (the global batch)."""
     steps: int
     """Optimizer steps."""
     save_every: int
