@@ -1,8 +1,10 @@
 """Trainers over two processes (gloo on CPU) equal one process with the same global batch.
 
-One launch of this module's :func:`worker` as two ranks trains LoRA, SFT and RefusalGuard runs, a
-LoRA run stopped at step 2, one with dropout, and two that must fail (a global batch of 3, a
-planted error on rank 1); the tests compare them with the same runs in one process here.
+One launch of this module's :func:`worker` as two ranks trains LoRA, SFT and RefusalGuard runs,
+LoRA runs stopped part way (one resumed here by one process, others by the same two, with and
+without dropout), and two that must fail (a global batch of 3, a planted error on rank 1); the
+tests compare them with the same runs in one process here, and run ``safegeom train`` itself
+under the launcher.
 
 Tolerance: every weight of the last checkpoint within ``ATOL`` = 1e-6 in float32 of the
 one-process run (max |Δw| measured: LoRA 7.5e-8 after 3 AdamW steps, SFT 3.0e-8 and
@@ -42,11 +44,15 @@ RUNS: dict[str, dict[str, Any]] = {
     "sft": {"method": "sft", "steps": 2},
     "guard": {"method": "refusalguard", "steps": 2},
     "cut": {"method": "lora", "steps": 3},
-    "dropout": {"method": "lora", "steps": 1, "lora_dropout": 0.1},
+    "cut2": {"method": "lora", "steps": 3},
+    "dropout": {"method": "lora", "steps": 2, "lora_dropout": 0.1},
+    "dropout_whole": {"method": "lora", "steps": 2, "lora_dropout": 0.1},
     "odd": {"method": "lora", "steps": 1, "batch_size": 3},
     "fail": {"method": "lora", "steps": 2},
 }
 """The worker's runs (``RUN`` plus these settings), in order."""
+STOP = {"cut": 2, "cut2": 2, "dropout": 1}
+"""Runs stopped (on every rank) after this step; the worker resumes ``cut2`` and ``dropout``."""
 
 
 def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
@@ -111,9 +117,14 @@ def worker(ckpt: str, work: Path) -> None:
     for name in RUNS:
         if name == "fail":
             _plant_failure(on_rank=1, at_step=1)
-        more = {"callback": _stop_after(2)} if name == "cut" else {}
+        more = {"callback": _stop_after(STOP[name])} if name in STOP else {}
         try:
-            traj = _run(ckpt, work / name, name, **more)
+            try:
+                traj = _run(ckpt, work / name, name, **more)
+            except Stopped:
+                if name not in ("cut2", "dropout"):
+                    raise
+                traj = _run(ckpt, work / name, name, resume=True)  # by the same two processes
             res[name] = {"steps": list(traj.steps), "losses": list(traj.losses),
                          "hashes": [c.weight_hash for c in traj.checkpoints]}  # fmt: skip
         except Exception as err:
@@ -191,13 +202,25 @@ def test_resume_with_one_process_equals_uninterrupted(job, tmp_path: Path) -> No
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
 
 
+def test_resume_with_the_same_processes_is_exact(job) -> None:
+    """Stopped and resumed by two processes: the uninterrupted two-process run bit for bit, with
+    dropout too (each rank's masks are drawn from the seed, the step and the rank)."""
+    ranks = job[2]
+    for name, whole in (("cut2", "lora"), ("dropout", "dropout_whole")):
+        assert (
+            ranks[0][name] == ranks[1][name] and ranks[0][name]["steps"] == ranks[0][whole]["steps"]
+        )
+        assert ranks[0][name]["losses"] == ranks[0][whole]["losses"]
+        assert ranks[0][name]["hashes"] == ranks[0][whole]["hashes"]
+
+
 def test_resume_with_another_world_is_refused_with_dropout(job) -> None:
     """Dropout masks depend on the number of processes: resuming with 1 is refused, by name."""
     from safegeom.errors import ConfigError
 
     ckpt, work, _ = job
     with pytest.raises(ConfigError, match=r"with 1 process\(es\): it was trained with 2 .*dropout"):
-        _run(ckpt, work / "dropout", "dropout", steps=2, resume=True)
+        _run(ckpt, work / "dropout", "dropout", steps=3, resume=True)
 
 
 def test_bad_global_batch_and_a_failing_rank(job) -> None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from safegeom.artifacts import check_output_dir
 from safegeom.config import check
-from safegeom.distributed import all_or_none, alone, broadcast, main_only, world_size
+from safegeom.distributed import all_or_none, alone, broadcast, is_main, main_only, world_size
 from safegeom.errors import ArtifactError, ConfigError
 from safegeom.models import LoadConfig, load_model
 from safegeom.models.checkpoint import check_device
@@ -57,7 +57,7 @@ from safegeom.train.posthoc import PosthocConfig
 from safegeom.train.regularised import RegConfig
 from safegeom.train.step import StepLoss
 from safegeom.train.tasks import Task, get_task
-from safegeom.train.trajectory import TRAINER_STATE, Trajectory, prepare_run_dir
+from safegeom.train.trajectory import TRAINER_STATE, Trajectory, load_trajectory, prepare_run_dir
 from safegeom.train.wrap import Trainable, base_spec, default_lora_targets, wrap_model
 
 __all__ = [
@@ -198,7 +198,7 @@ def train(
             f"--device {load.device}: the accelerator runs on {acc.device}; choose the device "
             "with CUDA_VISIBLE_DEVICES or accelerate launch"
         )
-    previous = broadcast(main_only(prepare_run_dir)(out_dir, resume=resume, overwrite=overwrite))
+    previous = _run_dir(out_dir, resume=resume, overwrite=overwrite)
     base = base_spec(model_spec)
     dtype = dtype or load.dtype or "float32"
     is_adapter = (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file()
@@ -256,16 +256,19 @@ def train(
         torch.use_deterministic_algorithms(deterministic)
 
 
+def _run_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Trajectory | None:
+    """:func:`prepare_run_dir` on rank 0 (which alone deletes), then the run to resume on every
+    rank (read back from the manifest rank 0 checked)."""
+    prepared = main_only(prepare_run_dir)(out_dir, resume=resume, overwrite=overwrite)
+    if not broadcast(prepared is not None):
+        return None
+    return all_or_none(lambda: prepared if is_main() else load_trajectory(out_dir))
+
+
 def _setup(
-    model_spec: str | Path,
-    load: LoadConfig,
-    dtype: str,
-    device: str,
-    is_adapter: bool,
-    method: str,
-    task: Task,
-    **defence: Any,
-) -> tuple[Any, Any]:
+    model_spec: str | Path, load: LoadConfig, dtype: str, device: str, is_adapter: bool,
+    method: str, task: Task, **defence: Any,
+) -> tuple[Any, Any]:  # fmt: skip
     """This rank's model and defence (``(lm, defence)``), computed as if it were alone."""
     with alone():
         lm = load_model(model_spec, load, dtype=dtype, device=device, merge_adapter=is_adapter)
