@@ -1,15 +1,16 @@
 """Trainers over two processes (gloo on CPU) equal one process with the same global batch.
 
-One launch of this module's :func:`worker` as two ranks trains LoRA, SFT and RefusalGuard runs,
-LoRA runs stopped part way (one resumed here by one process, others by the same two, with and
-without dropout), and two that must fail (a global batch of 3, a planted error on rank 1); the
-tests compare them with the same runs in one process here, and run ``safegeom train`` itself
-under the launcher.
+One launch of this module's :func:`worker` as two ranks trains LoRA, SFT, RefusalGuard, KL and
+adaptive runs, LoRA runs stopped part way (one resumed here by one process, others by the same
+two, with and without dropout), and two that must fail (a global batch of 3, a planted error on
+rank 1); the tests compare them with the same runs in one process here, and run ``safegeom
+train`` itself under the launcher.
 
-Tolerance: every weight of the last checkpoint within ``ATOL`` = 1e-6 in float32 of the
-one-process run (max |Δw| measured: LoRA 7.5e-8 after 3 AdamW steps, SFT 3.0e-8 and
-RefusalGuard 1.7e-8 after 2, a resumed run 7.5e-8; the two ranks' gradient shares are summed in
-another order than one process's backward), the losses within 1e-5 relative.
+Tolerance: every weight of every checkpoint within ``ATOL`` = 1e-6 in float32 of the
+one-process run (max |Δw| measured: LoRA 7.5e-8 after 3 AdamW steps; after 2: SFT 3.0e-8,
+RefusalGuard 1.7e-8, KL 1.5e-8, adaptive 9.3e-8; a resumed run 7.5e-8: the two ranks' gradient
+shares are summed in another order than one process's backward), losses and terms within 1e-5
+relative.
 
 ``python -m tests.test_train_ddp CHECKPOINT WORK`` is one rank of the job (with ``RANK``,
 ``WORLD_SIZE`` ... set by :func:`tests.launch_helpers.launch`): it writes ``WORK/rank{r}.json``.
@@ -43,6 +44,8 @@ RUNS: dict[str, dict[str, Any]] = {
     "lora": {"method": "lora", "steps": 3},
     "sft": {"method": "sft", "steps": 2},
     "guard": {"method": "refusalguard", "steps": 2},
+    "kl": {"method": "kl", "steps": 2},
+    "adaptive": {"method": "adaptive", "steps": 2},
     "cut": {"method": "lora", "steps": 3},
     "cut2": {"method": "lora", "steps": 3},
     "dropout": {"method": "lora", "steps": 2, "lora_dropout": 0.1},
@@ -55,13 +58,25 @@ STOP = {"cut": 2, "cut2": 2, "dropout": 1}
 """Runs stopped (on every rank) after this step; the worker resumes ``cut2`` and ``dropout``."""
 
 
+class LengthCritic:
+    """A risk critic for the tests: ``1 + len(prompt) mod 5`` (varied risks in [1, 5])."""
+
+    def risk(self, lm: Any, prompts: Any) -> torch.Tensor:
+        """One risk per prompt."""
+        return torch.tensor([1.0 + len(p) % 5 for p in prompts])
+
+
 def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
-    """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings)."""
+    """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings); adaptive
+    with :class:`LengthCritic` and §7's per-batch weights (one mean risk over the global batch)."""
     from safegeom.train.guard import GuardConfig
+    from safegeom.train.regularised import RegConfig
     from safegeom.train.runner import train
 
     settings = {**RUN, **RUNS[name], **more}
     guard = GuardConfig(**GUARD) if settings["method"] == "refusalguard" else None
+    if settings["method"] == "adaptive":
+        settings.update(critic=LengthCritic(), regulariser=RegConfig(risk_unit="batch"))
     return train(ckpt, TASK, out=out, guard=guard, **settings)
 
 
@@ -154,10 +169,11 @@ def _max_diff(a: Path, b: Path) -> float:
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 
 
-@pytest.mark.parametrize("name", ["lora", "sft", "guard"])
+@pytest.mark.parametrize("name", ["lora", "sft", "guard", "kl", "adaptive"])
 def test_two_processes_equal_one(job, tmp_path: Path, name: str) -> None:
-    """LoRA, SFT and RefusalGuard over two ranks: the weights of one process within ATOL at every
-    checkpoint, the same losses, and one trajectory, rank 1's the same as rank 0's."""
+    """LoRA, SFT, RefusalGuard, KL and adaptive over two ranks: the weights of one process within
+    ATOL at every checkpoint, the same losses and terms, and one trajectory, rank 1's the same
+    as rank 0's."""
     from safegeom.train.trajectory import load_trajectory
 
     ckpt, work, ranks = job
@@ -170,6 +186,8 @@ def test_two_processes_equal_one(job, tmp_path: Path, name: str) -> None:
     for a, b in zip(two.paths[1:], one.paths[1:], strict=True):
         assert _max_diff(a, b) <= ATOL
     assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    for a, b in zip(two.checkpoints, one.checkpoints, strict=True):
+        assert a.terms == pytest.approx(b.terms, rel=1e-5, abs=1e-9)
     if name == "guard":
         assert [c.terms["geom"] > 0 for c in two.checkpoints] == [False, False, True]
         assert (work / name / "defence" / "cones.safetensors").is_file()
