@@ -1,14 +1,14 @@
 """Trainers over two processes (gloo on CPU) equal one process with the same global batch.
 
-One launch of this module's :func:`worker` as two ranks trains LoRA, SFT, RefusalGuard, KL and
+One launch of this module's :func:`worker` as two ranks trains LoRA, SFT, RefusalGuard, KL, LoX and
 adaptive runs, LoRA runs stopped part way (one resumed here by one process, others by the same
 two, with and without dropout), and two that must fail (a global batch of 3, a planted error on
 rank 1); the tests compare them with the same runs in one process here, and run ``safegeom
 train`` itself under the launcher.
 
-Tolerance: every weight of every checkpoint within ``ATOL`` = 1e-6 in float32 of the
-one-process run (max |Δw| measured: LoRA 7.5e-8 after 3 AdamW steps; after 2: SFT 3.0e-8,
-RefusalGuard 1.7e-8, KL 1.5e-8, adaptive 9.3e-8; a resumed run 7.5e-8: the two ranks' gradient
+Tolerance: every weight of every checkpoint within ``ATOL`` = 1e-6 in float32 of the one-process
+run (max |Δw| measured: LoRA 7.5e-8 after 3 AdamW steps; after 2: SFT 3.0e-8, RefusalGuard
+1.7e-8, KL 1.5e-8, adaptive 9.3e-8, LoX 6.0e-8; a resumed run 7.5e-8: the two ranks' gradient
 shares are summed in another order than one process's backward), losses and terms within 1e-5
 relative.
 
@@ -46,6 +46,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "guard": {"method": "refusalguard", "steps": 2},
     "kl": {"method": "kl", "steps": 2},
     "adaptive": {"method": "adaptive", "steps": 2},
+    "lox": {"method": "lox", "steps": 2},
     "cut": {"method": "lora", "steps": 3},
     "cut2": {"method": "lora", "steps": 3},
     "dropout": {"method": "lora", "steps": 2, "lora_dropout": 0.1},
@@ -68,8 +69,10 @@ class LengthCritic:
 
 def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
     """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings); adaptive
-    with :class:`LengthCritic` and §7's per-batch weights (one mean risk over the global batch)."""
+    with :class:`LengthCritic` and §7's per-batch weights (one mean risk over the global batch),
+    LoX from the ``unaligned`` checkpoint beside ``ckpt``."""
     from safegeom.train.guard import GuardConfig
+    from safegeom.train.posthoc import PosthocConfig
     from safegeom.train.regularised import RegConfig
     from safegeom.train.runner import train
 
@@ -77,6 +80,11 @@ def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
     guard = GuardConfig(**GUARD) if settings["method"] == "refusalguard" else None
     if settings["method"] == "adaptive":
         settings.update(critic=LengthCritic(), regulariser=RegConfig(risk_unit="batch"))
+    if settings["method"] == "lox":
+        unaligned = Path(ckpt).parent / "unaligned" / "llama"
+        settings["posthoc"] = PosthocConfig(
+            unaligned_base=str(unaligned), lox_rank=1, lox_alpha=0.5
+        )
     return train(ckpt, TASK, out=out, guard=guard, **settings)
 
 
@@ -154,6 +162,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict
     """The tiny checkpoint, the two-process job's folder, and each rank's results."""
     root = tmp_path_factory.mktemp("ddp")
     ckpt = build_checkpoint(root, "llama", n_layers=2)
+    build_checkpoint(root / "unaligned", "llama", n_layers=2, seed=1)  # LoX's unaligned base
     work = root / "work"
     work.mkdir()
     runs = launch("tests.test_train_ddp", [str(ckpt), str(work)], root)
@@ -169,9 +178,10 @@ def _max_diff(a: Path, b: Path) -> float:
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 
 
-@pytest.mark.parametrize("name", ["lora", "sft", "guard", "kl", "adaptive"])
+@pytest.mark.parametrize("name", ["lora", "sft", "guard", "kl", "adaptive", "lox"])
 def test_two_processes_equal_one(job, tmp_path: Path, name: str) -> None:
-    """LoRA, SFT, RefusalGuard, KL and adaptive over two ranks: the weights of one process within
+    """LoRA, SFT, RefusalGuard, KL, adaptive and LoX (its transform at every checkpoint, on rank
+    0) over two ranks: the weights of one process within
     ATOL at every checkpoint, the same losses and terms, and one trajectory, rank 1's the same
     as rank 0's."""
     from safegeom.train.trajectory import load_trajectory
