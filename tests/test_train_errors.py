@@ -161,3 +161,13 @@ def test_a_damaged_manifest_is_named(tmp_path: Path) -> None:
     (tmp_path / "trajectory.json").write_text('{"format": "other/1"}')
     with pytest.raises(ArtifactError, match=r"is not a safegeom trajectory manifest \(format"):
         load_trajectory(tmp_path)
+
+
+def test_a_device_map_is_refused_for_training(ckpt: Path, tmp_path: Path) -> None:
+    """Training keeps one whole model per process: a device map is refused before any work."""
+    from safegeom.models import LoadConfig
+
+    with pytest.raises(ConfigError, match="training runs one whole model per process"):
+        train(ckpt, TINY, method="sft", out=tmp_path / "m", load=LoadConfig(device_map="auto"),
+              steps=1, save_every=1, **FAST)  # fmt: skip
+    assert not (tmp_path / "m").exists()

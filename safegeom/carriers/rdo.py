@@ -105,7 +105,7 @@ def _ablating(lm: LoadedModel, u: Float[Tensor, " d"]) -> Iterator[None]:
     output (the hook keeps the graph to ``u``)."""
 
     def fn(hidden: Tensor) -> Tensor:
-        v = u.to(hidden.dtype)
+        v = u.to(hidden.device, hidden.dtype)
         return hidden - (hidden @ v)[..., None] * v
 
     sites = [site_hook_point(lm, s, i) for i in range(lm.n_layers) for s in ABLATION_SITES]
@@ -115,7 +115,7 @@ def _ablating(lm: LoadedModel, u: Float[Tensor, " d"]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _adding(lm: LoadedModel, vector: Float[Tensor, " d"], layer: int) -> Iterator[None]:
-    with attach([Hook(lm.blocks[layer], "pre", lambda h: h + vector.to(h.dtype))]):
+    with attach([Hook(lm.blocks[layer], "pre", lambda h: h + vector.to(h.device, h.dtype))]):
         yield
 
 
