@@ -1,4 +1,9 @@
-"""Carriers: directions and subspaces that carry refusal or harmfulness, with provenance."""
+"""Carriers: directions and subspaces that carry refusal or harmfulness, with provenance.
+
+Under a launcher the captures shard through :mod:`safegeom.capture` and the scoring passes
+(refusal filter, candidate selection, cone and admissibility scores) through
+:mod:`safegeom.carriers.dealt`: every rank gets one process's carriers.
+"""
 
 from safegeom.carriers.admissible import (
     admissibility_table,

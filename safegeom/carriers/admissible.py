@@ -17,6 +17,9 @@ the unmodified model:
 
 A candidate is *admissible* when ``kl ≤ max_kl`` (0.1 by default) and its ranking effect exceeds
 ``min_effect``; the best admissible candidate is returned.
+
+Under a launcher every forward pass is shared out over the processes
+(:func:`~safegeom.carriers.dealt.row_scores`); every rank gets one process's table.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ from torch import Tensor
 
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts
+from safegeom.carriers.dealt import row_scores
 from safegeom.carriers.refusal import dim_candidates
 from safegeom.carriers.scoring import refusal_log_odds, score_candidates
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.evaluate import refusal_token_ids
-from safegeom.generation import last_position_logprobs
 from safegeom.geometry import effective_rank
 from safegeom.interventions import ablate, add
 from safegeom.models.chat import encode_prompts
@@ -160,8 +163,15 @@ def admissibility_table(
         )
         for p in (harmful, harmless)
     )
-    base_h = last_position_logprobs(lm, enc_h, batch_size=batch_size, progress=False)
-    base_s = last_position_logprobs(lm, enc_s, batch_size=batch_size, progress=False)
+
+    def odds(lp: Tensor, rows: list[int]) -> Tensor:
+        return refusal_log_odds(lp, ids)
+
+    def kl_of(lp: Tensor, rows: list[int]) -> Tensor:
+        return (base_s[rows].exp() * (base_s[rows] - lp)).sum(-1)
+
+    base_h = row_scores(lm, enc_h, odds, batch_size=batch_size)  # log-odds [n_h]
+    base_s = row_scores(lm, enc_s, lambda lp, rows: lp, batch_size=batch_size)  # [n_s, vocab]
     n = len(candidates)
     kl, bypass, induce = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     batched = [i for i, c in enumerate(candidates) if c.k == 1 and c.site == "resid_pre"]
@@ -178,19 +188,13 @@ def admissibility_table(
         basis, vec = c.basis, _addition_vector(c)
         ablation = lambda _, b=basis: ablate(lm, b)  # noqa: E731
         addition = lambda _, c=c, v=vec: add(lm, v, layers=c.layer, site=c.site)  # noqa: E731
-        abl_h = last_position_logprobs(
-            lm, enc_h, batch_size=batch_size, batch_context=ablation, progress=False
-        )
-        abl_s = last_position_logprobs(
-            lm, enc_s, batch_size=batch_size, batch_context=ablation, progress=False
-        )
-        add_s = last_position_logprobs(
-            lm, enc_s, batch_size=batch_size, batch_context=addition, progress=False
-        )
-        kl[i] = float((base_s.exp() * (base_s - abl_s)).sum(-1).mean())
-        bypass[i] = float(refusal_log_odds(abl_h, ids).mean())
-        induce[i] = float(refusal_log_odds(add_s, ids).mean())
-    base_harmful = float(refusal_log_odds(base_h, ids).mean())
+        abl_h = row_scores(lm, enc_h, odds, batch_size=batch_size, batch_context=ablation)
+        abl_s = row_scores(lm, enc_s, kl_of, batch_size=batch_size, batch_context=ablation)
+        add_s = row_scores(lm, enc_s, odds, batch_size=batch_size, batch_context=addition)
+        kl[i] = float(abl_s.mean())
+        bypass[i] = float(abl_h.mean())
+        induce[i] = float(add_s.mean())
+    base_harmful = float(base_h.mean())
     base_harmless = float(refusal_log_odds(base_s, ids).mean())
     table = pd.DataFrame(
         {

@@ -9,6 +9,11 @@
    ≥ ``max_layer_fraction``·n_layers, KL > ``max_kl`` and induce < ``min_induce``; pick the
    lowest bypass score. Non-finite scores are an error (a model with NaN weights or logits).
 
+Under a launcher (:mod:`safegeom.distributed`) every forward pass is shared out: the captures
+shard through :mod:`safegeom.capture`, the filter and the selection scores through
+:func:`~safegeom.carriers.dealt.row_scores` (each rank runs its share of one process's batches),
+and every rank ends with one process's selection (the CLI writes on rank 0 alone).
+
 Each prompt set is tokenized once (:func:`safegeom.models.chat.encode_set`) and the
 :class:`~safegeom.models.chat.EncodedSet` is passed to the filter, the capture and the scoring.
 """
@@ -27,6 +32,7 @@ import torch
 from safegeom.capture import capture_stats
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts, encode, prompt_provenance, subset
+from safegeom.carriers.dealt import row_scores
 from safegeom.carriers.scoring import (
     ForwardCounter,
     refusal_log_odds,
@@ -40,7 +46,6 @@ from safegeom.carriers.selection import (
 )
 from safegeom.errors import NonFiniteError, SafegeomError
 from safegeom.evaluate import refusal_token_ids
-from safegeom.generation import last_position_logprobs
 from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, load_prompts
@@ -68,10 +73,10 @@ def _filter_encoded(
     ids = refusal_token_ids(lm, tokens)
     kept = []
     for enc, sign, label in ((harmful, 1, "harmful"), (harmless, -1, "harmless")):
-        scores = refusal_log_odds(
-            last_position_logprobs(lm, enc.encoded, batch_size=64, counter=counter, progress=False),
-            ids,
-        )
+        scores = row_scores(
+            lm, enc.encoded, lambda lp, rows: refusal_log_odds(lp, ids), batch_size=64,
+            counter=counter,
+        )  # fmt: skip
         bad = int((~torch.isfinite(scores)).sum())
         if bad:
             raise NonFiniteError(

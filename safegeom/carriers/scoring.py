@@ -3,7 +3,8 @@
 Candidates are scored in *batched* forward passes: each prompt is repeated once per candidate and
 every batch row gets its own candidate through the row-wise interventions
 (:func:`~safegeom.interventions.ablate_rows`, :func:`~safegeom.interventions.add_rows`). Only
-last-position logits are computed (``logits_to_keep=1``).
+last-position logits are computed (``logits_to_keep=1``). Under a launcher the batches are dealt
+over the processes (:mod:`safegeom.carriers.dealt`): one process's scores on every rank.
 
 Refusal score (METHODS §1): ``p = Σ softmax(logits)[refusal tokens]`` in float64 and
 ``log(p + 1e-8) − log(1 − p + 1e-8)`` (nats of log-odds).
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from safegeom.carriers.dealt import row_scores
 from safegeom.evaluate import refusal_log_odds
-from safegeom.generation import ForwardCounter, last_position_logprobs
+from safegeom.generation import ForwardCounter
 from safegeom.interventions import ablate_rows, add_rows
 from safegeom.models.chat import EncodedPrompt
 from safegeom.models.loading import LoadedModel
@@ -67,7 +69,12 @@ def score_candidates(
 
     ``directions[c]`` is added unnormalised (coefficient +1) at the block input of ``layers[c]``
     for the induce score, and ablated (as a unit direction) at every block input and every
-    attention and MLP output for the bypass and KL scores.
+    attention and MLP output for the bypass and KL scores. Under a launcher every rank runs its
+    share of the batches one process runs (:func:`~safegeom.carriers.dealt.row_scores`) and
+    every rank gets every score, equal to one process's bit for bit.
+
+    Returns:
+        :class:`CandidateScores` (refusal log-odds in nats; KL in nats).
     """
     n_cand = directions.shape[0]
     dirs = directions.float()
@@ -77,35 +84,36 @@ def score_candidates(
     def rows_of(n_prompts: int, rows: list[int]) -> list[int]:
         return [r // n_prompts for r in rows]
 
-    base_h = last_position_logprobs(
-        lm, harmful, batch_size=batch_size, counter=counter, progress=False
-    )
-    base_s = last_position_logprobs(
-        lm, harmless, batch_size=batch_size, counter=counter, progress=False
-    )
-    bypass_lp = last_position_logprobs(
-        lm, _repeat(harmful, n_cand), batch_size=batch_size, counter=counter, progress=progress,
-        desc="bypass", batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_h, rows)]),
+    def odds(lp: Tensor, rows: list[int]) -> Tensor:
+        return refusal_log_odds(lp, tokens)
+
+    common = {"batch_size": batch_size, "counter": counter}
+    base_h = row_scores(lm, harmful, odds, **common)
+    base_s = row_scores(lm, harmless, lambda lp, rows: lp, **common)  # [n_s, vocab]
+
+    def kl(lp: Tensor, rows: list[int]) -> Tensor:
+        base = base_s[[r % n_s for r in rows]]
+        return (base.exp() * (base - lp)).sum(-1)
+
+    bypass = row_scores(
+        lm, _repeat(harmful, n_cand), odds, progress=progress, desc="bypass",
+        batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_h, rows)]), **common,
     )  # fmt: skip
-    ablated_s = last_position_logprobs(
-        lm, _repeat(harmless, n_cand), batch_size=batch_size, counter=counter, progress=progress,
-        desc="kl", batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_s, rows)]),
+    kls = row_scores(
+        lm, _repeat(harmless, n_cand), kl, progress=progress, desc="kl",
+        batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_s, rows)]), **common,
     )  # fmt: skip
-    induce_lp = last_position_logprobs(
-        lm, _repeat(harmless, n_cand), batch_size=batch_size, counter=counter, progress=progress,
-        desc="induce",
+    induce = row_scores(
+        lm, _repeat(harmless, n_cand), odds, progress=progress, desc="induce",
         batch_context=lambda rows: add_rows(
             lm, dirs[rows_of(n_s, rows)], [layer_t[c] for c in rows_of(n_s, rows)]
         ),
+        **common,
     )  # fmt: skip
-    bypass = refusal_log_odds(bypass_lp, tokens).view(n_cand, n_h).mean(-1)
-    induce = refusal_log_odds(induce_lp, tokens).view(n_cand, n_s).mean(-1)
-    base_rep = base_s.repeat(n_cand, 1)
-    kl = (base_rep.exp() * (base_rep - ablated_s)).sum(-1).view(n_cand, n_s).mean(-1)
     return CandidateScores(
-        bypass=bypass,
-        induce=induce,
-        kl=kl,
-        base_harmful=float(refusal_log_odds(base_h, tokens).mean()),
+        bypass=bypass.view(n_cand, n_h).mean(-1),
+        induce=induce.view(n_cand, n_s).mean(-1),
+        kl=kls.view(n_cand, n_s).mean(-1),
+        base_harmful=float(base_h.mean()),
         base_harmless=float(refusal_log_odds(base_s, tokens).mean()),
     )

@@ -1,4 +1,8 @@
-"""``safegeom carriers``: refusal direction, harmfulness direction and refusal cone of a model."""
+"""``safegeom carriers``: refusal direction, harmfulness direction and refusal cone of a model.
+
+Under a launcher the captures and scoring passes are shared out over the ranks
+(:mod:`safegeom.carriers`); rank 0 alone checks ``--out``, writes and prints.
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ The options are derived from :class:`~safegeom.sweeps.SweepConfig` (the grid),
 :class:`SweepCommand` (the model, carriers, prompt sets and outputs) and
 :class:`~safegeom.models.LoadConfig`. Carriers are named ``NAME=PATH`` or by file stem; two
 files with the same stem (``a/refusal.safetensors``, ``b/refusal.safetensors``) are named by
-their folder too (``a/refusal``, ``b/refusal``), so no carrier is dropped.
+their folder too (``a/refusal``, ``b/refusal``), so no carrier is dropped. Under a launcher the
+sweep's forward passes and generations are shared out over the ranks; rank 0 alone writes and
+prints.
 """
 
 from __future__ import annotations

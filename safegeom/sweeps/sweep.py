@@ -18,6 +18,14 @@ Output: a tidy table with, per cell, ``effect`` (mean change of the metric again
 intervention), ``control_mean``/``control_std`` (over the random directions),
 ``effect_minus_control`` and its paired bootstrap CI over prompts, and ``control_rank`` (fraction
 of controls whose effect is at least as large in magnitude: a permutation-style p-value).
+
+Under a launcher (:mod:`safegeom.distributed`) the prompts × directions of every cell are shared
+out: each rank runs its share of the batches one process runs, scored
+(:func:`~safegeom.carriers.dealt.row_scores`) or generated
+(:func:`~safegeom.sweeps.generated.generated_refusals`), and every rank gets all values back in
+order, so every rank builds one process's table (the same controls, from the same seed, and the
+same bootstrap draws); the CLI writes on rank 0 alone. Inside
+:func:`~safegeom.distributed.alone` (the audit) the sweep runs every batch itself.
 """
 
 from __future__ import annotations
@@ -36,16 +44,19 @@ from tqdm.auto import tqdm
 from safegeom.artifacts import Provenance
 from safegeom.bootstrap import bootstrap_diff_ci
 from safegeom.carriers.carrier import Carrier
+from safegeom.carriers.dealt import row_scores
 from safegeom.config import config_dict
+from safegeom.distributed import is_main
 from safegeom.errors import SafegeomError
 from safegeom.evaluate import refusal_log_odds, refusal_token_ids
-from safegeom.generation import check_finite, last_position_logprobs
-from safegeom.interventions import ablate_rows, add_rows, vectors_hash
+from safegeom.generation import check_finite
+from safegeom.interventions import ablate, ablate_rows, add, add_rows, vectors_hash
 from safegeom.models.chat import EncodedPrompt, encode_prompts
 from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import parse_layers
 from safegeom.prompts import PromptSet, load_prompts
 from safegeom.sweeps.config import SweepConfig
+from safegeom.sweeps.generated import generated_refusals
 from safegeom.sweeps.result import SweepResult
 
 __all__ = ["causal_sweep", "causal_sweep_result", "random_controls"]
@@ -85,10 +96,10 @@ def _scores(
     batch_size: int,
 ) -> Float[Tensor, "dirs n"]:
     rows = [e for _ in range(n_dirs) for e in encoded]
-    lp = last_position_logprobs(
-        lm, rows, batch_size=batch_size, batch_context=make_context, progress=False
-    )
-    scores = refusal_log_odds(lp, tokens).view(n_dirs, len(encoded))
+    scores = row_scores(
+        lm, rows, lambda lp, _: refusal_log_odds(lp, tokens), batch_size=batch_size,
+        batch_context=make_context,
+    ).view(n_dirs, len(encoded))  # fmt: skip
     check_finite(scores, "sweep refusal scores")
     return scores
 
@@ -182,8 +193,8 @@ def causal_sweep_result(
         for name, p in populations.items()
     }
     base = {
-        name: refusal_log_odds(
-            last_position_logprobs(lm, enc, batch_size=config.batch_size, progress=False), tokens
+        name: row_scores(
+            lm, enc, lambda lp, _: refusal_log_odds(lp, tokens), batch_size=config.batch_size
         ).numpy()
         for name, enc in encoded.items()
     }
@@ -191,7 +202,9 @@ def causal_sweep_result(
         check_finite(torch.from_numpy(values), f"refusal scores of the {name} prompts")
     rows: list[dict] = []
     cells = _cells(lm, named, config)
-    bar = tqdm(total=len(cells) * len(encoded), desc="sweep", unit="cell", disable=not progress)
+    show = progress and is_main()
+    bar = tqdm(total=len(cells) * len(encoded), desc="sweep", unit="cell", disable=not show)
+    base_rates: dict[str, np.ndarray] = {}  # generated without intervention: the same every cell
     for name, carrier in named.items():
         carrier.check_model(lm.d_model, lm.weight_hash)
         dirs = torch.cat(
@@ -211,11 +224,13 @@ def causal_sweep_result(
                     _summarise(cell, pop, "refusal_score", scores.numpy(), base[pop], config)
                 )
                 if config.generate:
-                    rates = _generated_refusals(lm, populations[pop], dirs, cell, norm, config)
-                    base_rate = _generated_refusals(lm, populations[pop], None, cell, norm, config)[
-                        0
-                    ]
-                    rows.append(_summarise(cell, pop, "refusal_rate", rates, base_rate, config))
+                    if pop not in base_rates:
+                        base_rates[pop] = _generated(lm, populations[pop], [None], config)[0]
+                    makers = [_intervention(lm, d, cell, norm) for d in dirs]
+                    rates = _generated(lm, populations[pop], makers, config)
+                    rows.append(
+                        _summarise(cell, pop, "refusal_rate", rates, base_rates[pop], config)
+                    )
                 bar.update(1)
     bar.close()
     provenance = Provenance(
@@ -285,38 +300,17 @@ def _cells(lm: LoadedModel, named: Mapping[str, Carrier], config: SweepConfig) -
     return cells
 
 
-def _generated_refusals(
-    lm: LoadedModel,
-    prompts: PromptSet,
-    dirs: Tensor | None,
-    cell: _Cell,
-    norm: float,
-    config: SweepConfig,
+def _generated(
+    lm: LoadedModel, prompts: PromptSet, makers: list[Any], config: SweepConfig
 ) -> np.ndarray:
-    """Substring-judged refusals (1/0) per direction and prompt: ``[n_dirs, n]`` (or ``[1, n]``
-    without intervention when ``dirs`` is None)."""
-    from safegeom.evaluate import generate
-    from safegeom.interventions import ablate, add
-    from safegeom.judges import SubstringJudge
-
-    judge = SubstringJudge()
-    out = []
-    for d in [None] if dirs is None else list(dirs):
-        if d is None:
-            context = None
-        elif cell.op == "ablate":
-            context = (
-                ablate(lm, d, layers=cell.layer) if cell.strength == 1.0 else _partial(lm, d, cell)
-            )
-        else:
-            context = add(lm, d * (cell.strength * norm), layers=int(cell.layer))
-        completions = generate(
-            lm, prompts, max_new_tokens=config.max_new_tokens, intervention=context,
-            progress=False,
-        )  # fmt: skip
-        out.append(np.asarray(judge(prompts.prompts, completions), dtype=float))
-    return np.stack(out)
+    """Substring-judged refusals (1/0) ``[len(makers), n]`` (:func:`generated_refusals`)."""
+    return generated_refusals(lm, prompts, makers, max_new_tokens=config.max_new_tokens)
 
 
-def _partial(lm: LoadedModel, direction: Tensor, cell: _Cell):
-    return ablate_rows(lm, direction[None], layers=cell.layer, strength=cell.strength)
+def _intervention(lm: LoadedModel, direction: Tensor, cell: _Cell, norm: float):
+    """A maker of the cell's intervention along one unit ``direction`` (for generation)."""
+    if cell.op == "ablate":
+        if cell.strength == 1.0:
+            return lambda: ablate(lm, direction, layers=cell.layer)
+        return lambda: ablate_rows(lm, direction[None], layers=cell.layer, strength=cell.strength)
+    return lambda: add(lm, direction * (cell.strength * norm), layers=int(cell.layer))
