@@ -3,13 +3,13 @@
 Each rank runs this file as a module (``python -m tests.test_sweeps_sharded CHECKPOINT WORK``,
 with the environment a launcher sets): the library calls of :func:`_library` (the refusal filter,
 candidate scores of fixed directions, ``refusal_direction`` end to end, a causal sweep with two
-random controls, scored and generated), two planted failures on rank 1, then ``safegeom sweep``
-with ``--out``. The test runs :func:`_library` and the CLI in its own process as the reference.
+random controls, scored and generated, an RDO cone: its targets generated, its scores), two
+planted failures on rank 1, then ``safegeom sweep`` with ``--out``. The test runs :func:`_library` and the CLI in its own process as the reference.
 
 Tolerances: everything computed per prompt in the batches one process runs (the filter's and
 the fixed directions' scores, the sweep table with its controls and bootstrap intervals, the
-forward-pass counts, the CLI's table) is compared bit for bit. The diff-in-means candidates are
-means merged over the ranks (Chan merge in float64), so they and the selection scores of
+RDO cone trained on those targets and scored, the forward-pass counts, the CLI's table) is
+compared bit for bit. The diff-in-means candidates are means merged over the ranks (Chan merge in float64), so they and the selection scores of
 ``refusal_direction``, which score those candidates, are compared to float64 rounding of the
 merged means (relative 1e-12 for the vectors, 1e-6 for the float32 forward passes' scores).
 """
@@ -61,6 +61,7 @@ def _library(lm: Any, carrier: Any) -> dict[str, Any]:
     """Every sharded carrier and sweep path on ``lm``, as plain values (tables as column lists)."""
     from safegeom.carriers import SelectionConfig, refusal_direction
     from safegeom.carriers.common import encode
+    from safegeom.carriers.rdo import RDOConfig, rdo_cone
     from safegeom.carriers.refusal import filter_by_refusal
     from safegeom.carriers.scoring import score_candidates
     from safegeom.evaluate import refusal_token_ids
@@ -95,6 +96,12 @@ def _library(lm: Any, carrier: Any) -> dict[str, Any]:
     res["sweep"] = result.table.to_dict("list")
     handle.remove()
     res["forwards"] = calls[0]
+    # the targets and the scores are shared out; the descent (2 steps) runs whole on every rank
+    rdo = rdo_cone(
+        lm, HARMFUL[:4], HARMLESS[:4], carrier, k=2, steps=2,
+        config=RDOConfig(max_new_tokens=3, batch_size=4, n_combinations=1, n_score_combinations=2),
+    )  # fmt: skip
+    res["rdo"] = [rdo.vectors, rdo.scores]
     return res
 
 

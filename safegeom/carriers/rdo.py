@@ -12,6 +12,10 @@ harmless prompts; the base model on harmless prompts (retain, for the KL). AdamW
 renormalised (a basis re-orthonormalised by sign-fixed QR) after each step. The model's parameters
 are frozen (``requires_grad`` False, restored afterwards); hooks let gradients flow into r̂ only.
 Initialisation is our choice (:class:`RDOConfig`: r̂_DIM by default, or seeded random).
+
+Under a launcher the targets' generations and the cone's scores are shared out over the ranks;
+the gradient descent itself runs whole on every rank, and every rank continues with rank 0's
+vector (:func:`~safegeom.distributed.broadcast`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from tqdm.auto import tqdm
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts, check_k, prompt_provenance
 from safegeom.carriers.cones import score_cone
+from safegeom.distributed import all_or_none, broadcast, is_main
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.hooks import Hook, attach, site_hook_point
 from safegeom.interventions import ABLATION_SITES, ablate, add
@@ -72,17 +77,23 @@ def rdo_targets(
     progress: bool = False,
 ) -> RDOTargets:
     """Greedy targets for RDO (METHODS §3), ``max_new_tokens`` each; an empty completion becomes
-    the EOS token (the model stopping is its target)."""
-    from safegeom.evaluate import generate
+    the EOS token (the model stopping is its target). Under a launcher the generations are
+    shared out over the ranks (:func:`~safegeom.evaluate_sharded.generate_sharded`) and every
+    rank gets one process's targets."""
+    from safegeom.distributed import world_size
+    from safegeom.evaluate_sharded import generate_sharded
+    from safegeom.generation import as_context, generate
 
     h_set, s_set = load_prompts(harmful), load_prompts(harmless)
     r = dim_carrier.direction
 
     def run(prompts, intervention, cut=lambda t: t):
-        texts = generate(
-            lm, prompts, max_new_tokens=max_new_tokens, system=system, progress=progress,
-            intervention=intervention,
-        )  # fmt: skip
+        common = {"max_new_tokens": max_new_tokens, "system": system, "progress": progress}
+        if world_size() == 1:
+            texts = generate(lm, prompts, intervention=intervention, **common)
+        else:
+            with as_context(intervention, lm):
+                texts = generate_sharded(lm, prompts, batch_size=None, **common)
         enc = encode_prompts(
             lm.tokenizer, prompts.prompts, system=system, chat_template=lm.chat_template
         )
@@ -304,10 +315,11 @@ def rdo_cone(
     if config.init == "dim":
         start[0] = dim.unit
     n_comb = config.n_combinations if k > 1 else 0
-    final, history, terms = _train(
-        lm, start, targets, dim, n_comb, steps=steps, lr=lr, lambdas=lambdas, seed=seed,
-        config=config, progress=progress,
+    trained = all_or_none(
+        _train, lm, start, targets, dim, n_comb, steps=steps, lr=lr, lambdas=lambdas, seed=seed,
+        config=config, progress=progress and is_main(),
     )  # fmt: skip
+    final, history, terms = broadcast(trained)  # rank 0's, should a GPU's steps differ by rank
     alpha = float(dim.direction.norm())
     scores = {"alpha": alpha, "loss_initial": history[0], "loss_final": history[-1], **terms}
     scores["cos_dim"] = float(final[0] @ dim.unit)
