@@ -4,14 +4,16 @@ Each rank runs this file as a module (``python -m tests.test_sweeps_sharded CHEC
 with the environment a launcher sets): the library calls of :func:`_library` (the refusal filter,
 candidate scores of fixed directions, ``refusal_direction`` end to end, a causal sweep with two
 random controls, scored and generated, an RDO cone: its targets generated, its scores), two
-planted failures on rank 1, then ``safegeom sweep`` with ``--out``. The test runs :func:`_library` and the CLI in its own process as the reference.
+planted failures on rank 1, then ``safegeom sweep`` with ``--out``. The test runs
+:func:`_library` and the CLI in its own process as the reference.
 
 Tolerances: everything computed per prompt in the batches one process runs (the filter's and
 the fixed directions' scores, the sweep table with its controls and bootstrap intervals, the
 RDO cone trained on those targets and scored, the forward-pass counts, the CLI's table) is
-compared bit for bit. The diff-in-means candidates are means merged over the ranks (Chan merge in float64), so they and the selection scores of
-``refusal_direction``, which score those candidates, are compared to float64 rounding of the
-merged means (relative 1e-12 for the vectors, 1e-6 for the float32 forward passes' scores).
+compared bit for bit. The diff-in-means candidates are means merged over the ranks (Chan merge
+in float64), so they and the selection scores of ``refusal_direction``, which score those
+candidates, are compared to float64 rounding of the merged means (relative 1e-12 for the
+vectors, 1e-6 for the float32 forward passes' scores).
 """
 
 from __future__ import annotations
