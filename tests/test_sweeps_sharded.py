@@ -3,17 +3,17 @@
 Each rank runs this file as a module (``python -m tests.test_sweeps_sharded CHECKPOINT WORK``,
 with the environment a launcher sets): the library calls of :func:`_library` (the refusal filter,
 candidate scores of fixed directions, ``refusal_direction`` end to end, a causal sweep with two
-random controls, scored and generated, an RDO cone: its targets generated, its scores), two
-planted failures on rank 1, then ``safegeom sweep`` with ``--out``. The test runs
-:func:`_library` and the CLI in its own process as the reference.
+random controls, scored and generated, an admissibility table, an RDO cone: its targets
+generated, its scores), two planted failures on rank 1, then ``safegeom sweep`` with ``--out``.
+The test runs :func:`_library` and the CLI in its own process as the reference.
 
 Tolerances: everything computed per prompt in the batches one process runs (the filter's and
 the fixed directions' scores, the sweep table with its controls and bootstrap intervals, the
-RDO cone trained on those targets and scored, the forward-pass counts, the CLI's table) is
-compared bit for bit. The diff-in-means candidates are means merged over the ranks (Chan merge
-in float64), so they and the selection scores of ``refusal_direction``, which score those
-candidates, are compared to float64 rounding of the merged means (relative 1e-12 for the
-vectors, 1e-6 for the float32 forward passes' scores).
+admissibility table, the RDO cone trained on those targets and scored, the forward-pass counts,
+the CLI's table) is compared bit for bit. The diff-in-means candidates are means merged over the
+ranks (Chan merge in float64), so they and the selection scores of ``refusal_direction``, which
+score those candidates, are compared to float64 rounding of the merged means (relative 1e-12 for
+the vectors, 1e-6 for the float32 forward passes' scores).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ SWEEP_FLAGS += ["--generate", "--max-new-tokens", "3", "--no-progress"]
 
 def _library(lm: Any, carrier: Any) -> dict[str, Any]:
     """Every sharded carrier and sweep path on ``lm``, as plain values (tables as column lists)."""
-    from safegeom.carriers import SelectionConfig, refusal_direction
+    from safegeom.carriers import Carrier, SelectionConfig, admissibility_table, refusal_direction
     from safegeom.carriers.common import encode
     from safegeom.carriers.rdo import RDOConfig, rdo_cone
     from safegeom.carriers.refusal import filter_by_refusal
@@ -96,6 +96,11 @@ def _library(lm: Any, carrier: Any) -> dict[str, Any]:
     )  # fmt: skip
     result = causal_sweep_result(lm, {"r": carrier}, HARMFUL, HARMLESS, sweep, progress=False)
     res["sweep"] = result.table.to_dict("list")
+    plane = torch.linalg.qr(torch.randn(lm.d_model, 2, generator=torch.Generator().manual_seed(3)))
+    subspace = Carrier(vectors=plane[0].T.contiguous(), kind="refusal", method="cone", layer=2,
+                       position="t_post[-1]")  # fmt: skip
+    table = admissibility_table(lm, [carrier, subspace], HARMFUL, HARMLESS, batch_size=4)
+    res["admissible"] = table.to_dict("list")  # a direction batched, a plane one by one
     handle.remove()
     res["forwards"] = calls[0]
     # the targets and the scores are shared out; the descent (2 steps) runs whole on every rank
