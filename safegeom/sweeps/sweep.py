@@ -56,7 +56,7 @@ from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import parse_layers
 from safegeom.prompts import PromptSet, load_prompts
 from safegeom.sweeps.config import SweepConfig
-from safegeom.sweeps.generated import generated_refusals
+from safegeom.sweeps.generated import MakeIntervention, generated_refusals
 from safegeom.sweeps.result import SweepResult
 
 __all__ = ["causal_sweep", "causal_sweep_result", "random_controls"]
@@ -301,13 +301,16 @@ def _cells(lm: LoadedModel, named: Mapping[str, Carrier], config: SweepConfig) -
 
 
 def _generated(
-    lm: LoadedModel, prompts: PromptSet, makers: list[Any], config: SweepConfig
+    lm: LoadedModel,
+    prompts: PromptSet,
+    makers: list[MakeIntervention | None],
+    config: SweepConfig,
 ) -> np.ndarray:
     """Substring-judged refusals (1/0) ``[len(makers), n]`` (:func:`generated_refusals`)."""
     return generated_refusals(lm, prompts, makers, max_new_tokens=config.max_new_tokens)
 
 
-def _intervention(lm: LoadedModel, direction: Tensor, cell: _Cell, norm: float):
+def _intervention(lm: LoadedModel, direction: Tensor, cell: _Cell, norm: float) -> MakeIntervention:
     """A maker of the cell's intervention along one unit ``direction`` (for generation)."""
     if cell.op == "ablate":
         if cell.strength == 1.0:
