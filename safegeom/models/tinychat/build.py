@@ -27,9 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -40,11 +41,12 @@ from transformers import (
 )
 
 from safegeom.artifacts import write_json, write_text
-from safegeom.models.tinychat.corpus import Example, build_corpus, iter_texts
-from safegeom.models.tinychat.loop import CONTENT_FIRST_EPOCH, Batch, Phase, run_phase
+from safegeom.models.tinychat.batches import corpus_batches
+from safegeom.models.tinychat.corpus import build_corpus, iter_texts
+from safegeom.models.tinychat.loop import CONTENT_FIRST_EPOCH, Phase, run_phase
 from safegeom.models.tinychat.tokenizer import ASSISTANT, END, SYSTEM, USER, train_tokenizer
 
-__all__ = ["TinyChatConfig", "build_tiny_chat", "main"]
+__all__ = ["TinyChatConfig", "build_tiny_chat", "main", "override"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,14 @@ class TinyChatConfig:
         p_recombine: Probability that a prompt of the *base* phase gets its instruction head
             swapped for another prompt's (:mod:`safegeom.models.tinychat.recombine`). Off in the
             shipped recipe: from scratch it splits refusal over several directions.
+        p_rewrite: Probability that a prompt of the *base* phase is re-rendered in a random
+            surface form (:mod:`safegeom.models.tinychat.rewrite`; a proposal of this project), so
+            that openers, endings and casing carry no class information.
+        content_p_rewrite: The same for the content phase.
+        base_refuses: Whether the base phase refuses harmful prompts (``False``: a compliant
+            base that answers everything, aligned by the content phase alone; a proposal).
+        xstest_safe_repeat: Repeats of ``xstest-safe:train`` per epoch (harmless prompts with
+            harmful-sounding words).
         content_steps: Optimiser steps of the content phase (0: no content phase). A proposal of
             this project, no paper prescribes it; see the module docstring.
         content_lr: Peak learning rate of the content phase (fresh AdamW, warm-up, cosine).
@@ -107,6 +117,10 @@ class TinyChatConfig:
     p_wrap: float = 0.25
     p_sure: float = 0.35
     p_recombine: float = 0.0
+    p_rewrite: float = 0.0
+    content_p_rewrite: float = 0.0
+    base_refuses: bool = True
+    xstest_safe_repeat: int = 2
     content_steps: int = 250
     content_lr: float = 5e-4
     content_warmup_steps: int = 20
@@ -129,6 +143,8 @@ class TinyChatConfig:
             grad_clip=self.grad_clip,
             p_recombine=self.p_recombine,
             first_epoch=0,
+            p_rewrite=self.p_rewrite,
+            refuse=self.base_refuses,
         )
         if self.content_steps == 0:
             return (base,)
@@ -140,6 +156,8 @@ class TinyChatConfig:
             warmup_steps=self.content_warmup_steps,
             p_recombine=self.content_p_recombine,
             first_epoch=CONTENT_FIRST_EPOCH,
+            p_rewrite=self.content_p_rewrite,
+            refuse=True,
         )
         return (base, content)
 
@@ -171,79 +189,20 @@ def _set_determinism(seed: int, num_threads: int) -> None:
     torch.set_num_threads(num_threads)
 
 
-def _corpus_args(cfg: TinyChatConfig, p_recombine: float) -> dict[str, float]:
-    """The corpus settings of ``cfg``, with a phase's ``p_recombine``, as keyword arguments of
-    :func:`build_corpus`."""
+def _corpus_args(
+    cfg: TinyChatConfig, p_recombine: float, p_rewrite: float, refuse: bool = True
+) -> dict[str, Any]:
+    """The corpus settings of ``cfg``, with a phase's ``p_recombine``, ``p_rewrite`` and
+    ``refuse``, as keyword arguments of :func:`build_corpus`."""
     return {
         "harmful_fraction": cfg.harmful_fraction,
         "p_wrap": cfg.p_wrap,
         "p_sure": cfg.p_sure,
         "p_recombine": p_recombine,
+        "p_rewrite": p_rewrite,
+        "xstest_safe_repeat": cfg.xstest_safe_repeat,
+        "refuse": refuse,
     }
-
-
-def _encode(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerFast, max_len: int
-) -> list[tuple[list[int], int]]:
-    """Tokenize conversations as ``(ids, n_prompt)``: prompt tokens from the chat template, then the
-    response tokenized on its own plus ``<|end|>`` (what the model generates), truncated to
-    ``max_len``."""
-    end_id = tokenizer.convert_tokens_to_ids(END)
-    rendered = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": ex.prompt}], add_generation_prompt=True, tokenize=False
-        )
-        for ex in examples
-    ]
-    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer([ex.response for ex in examples], add_special_tokens=False)[
-        "input_ids"
-    ]
-    out: list[tuple[list[int], int]] = []
-    for p, r in zip(prompt_ids, response_ids, strict=True):
-        ids = (list(p) + list(r) + [end_id])[:max_len]
-        out.append((ids, len(p)))
-    return out
-
-
-def _batches(
-    cfg: TinyChatConfig,
-    tokenizer: PreTrainedTokenizerFast,
-    seed: int,
-    *,
-    p_recombine: float,
-    first_epoch: int = 0,
-) -> Iterator[Batch]:
-    """Yield ``(input_ids, attention_mask, labels)`` batches forever, epoch after epoch from
-    ``first_epoch``.
-
-    Within each epoch, examples are grouped into length buckets (sorted inside windows of
-    ``bucket_batches`` batches) and the batches are shuffled, all from ``seed``.
-    """
-    pad_id = tokenizer.pad_token_id
-    epoch = first_epoch
-    while True:
-        examples = build_corpus(seed, epoch=epoch, **_corpus_args(cfg, p_recombine))
-        encoded = _encode(examples, tokenizer, cfg.max_len)
-        rng = random.Random(f"tinychat-batches/{seed}/{epoch}")
-        window = cfg.bucket_batches * cfg.batch_size
-        batches: list[list[tuple[list[int], int]]] = []
-        for start in range(0, len(encoded) - cfg.batch_size + 1, window):
-            chunk = sorted(encoded[start : start + window], key=lambda e: len(e[0]))
-            for b in range(0, len(chunk) - cfg.batch_size + 1, cfg.batch_size):
-                batches.append(chunk[b : b + cfg.batch_size])
-        rng.shuffle(batches)
-        for batch in batches:
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            for i, (ids, n_prompt) in enumerate(batch):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                mask[i, : len(ids)] = 1
-                labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-            yield input_ids, mask, labels
-        epoch += 1
 
 
 def train_model(
@@ -270,8 +229,15 @@ def train_model(
     torch.nn.init.normal_(model.model.embed_tokens.weight, std=cfg.embedding_init_std)
     model.train()
     for phase in cfg.phases():
-        batches = _batches(
-            cfg, tokenizer, seed, p_recombine=phase.p_recombine, first_epoch=phase.first_epoch
+        args = _corpus_args(cfg, phase.p_recombine, phase.p_rewrite, phase.refuse)
+        batches = corpus_batches(
+            lambda epoch, args=args: build_corpus(seed, epoch=epoch, **args),
+            tokenizer,
+            seed,
+            batch_size=cfg.batch_size,
+            max_len=cfg.max_len,
+            bucket_batches=cfg.bucket_batches,
+            first_epoch=phase.first_epoch,
         )
         run_phase(model, batches, phase, progress=progress)
     model.eval()
@@ -348,10 +314,36 @@ def build_tiny_chat(
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     if cfg.content_steps < 0:
         raise ValueError(f"content_steps must be >= 0, got {cfg.content_steps}")
-    corpus = build_corpus(seed, epoch=0, **_corpus_args(cfg, cfg.p_recombine))
+    corpus = build_corpus(seed, epoch=0, **_corpus_args(cfg, cfg.p_recombine, cfg.p_rewrite))
     tokenizer = train_tokenizer(iter_texts(corpus), vocab_size=cfg.vocab_size)
     model = train_model(cfg, tokenizer, seed=seed, progress=progress)
     return save_tiny_chat(model, tokenizer, Path(out_dir), cfg, seed)
+
+
+def override(cfg: TinyChatConfig, assignments: Sequence[str]) -> TinyChatConfig:
+    """Return ``cfg`` with ``FIELD=VALUE`` assignments applied, each value parsed as its field's
+    type (``--set`` on the command line).
+
+    Raises:
+        ValueError: an unknown field, a missing ``=`` or a value of the wrong type.
+    """
+    fields = asdict(cfg)
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ValueError(f"--set expects FIELD=VALUE with FIELD one of {known}; got {item!r}")
+        kind = type(fields[name])
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"--set {name} expects true or false, got {value!r}")
+            fields[name] = value.lower() == "true"
+        else:
+            try:
+                fields[name] = kind(value)
+            except ValueError:
+                raise ValueError(f"--set {name} expects a {kind.__name__}, got {value!r}") from None
+    return TinyChatConfig(**fields)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -367,13 +359,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a TinyChatConfig field (repeatable), e.g. --set p_rewrite=0.8",
+    )
     args = parser.parse_args(argv)
+    try:
+        config = override(TinyChatConfig(), args.set)
+    except ValueError as err:
+        parser.error(str(err))
     out = build_tiny_chat(
         args.out,
         seed=args.seed,
         steps=args.steps,
         content_steps=args.content_steps,
         progress=not args.no_progress,
+        config=config,
     )
     print(f"saved tiny-chat to {out}")
     return 0

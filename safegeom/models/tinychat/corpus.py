@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from safegeom.judges import REFUSAL_SUBSTRINGS
 from safegeom.judges import XSTEST_PREFIXES as _XSTEST_PREFIXES
 from safegeom.models.tinychat.recombine import HeadPool, head_pool, recombine
+from safegeom.models.tinychat.rewrite import rewrite
 from safegeom.models.tinychat.templates import (
     BODIES,
     BRIDGES,
@@ -190,8 +191,11 @@ def _wrap(prompt: str, rng: random.Random, p_wrap: float) -> str:
     return rng.choice(WRAPPERS).format(p=prompt, low=low)
 
 
-def _pool() -> tuple[list[tuple[str, str | None, str]], list[tuple[str, str | None, str]]]:
-    """Load the (prompt, completion, source) rows of the harmful and harmless train sets."""
+def _pool(
+    xstest_safe_repeat: int | None = None,
+) -> tuple[list[tuple[str, str | None, str]], list[tuple[str, str | None, str]]]:
+    """Load the (prompt, completion, source) rows of the harmful and harmless train sets
+    (``xstest_safe_repeat`` overrides the repeat count of ``xstest-safe:train``)."""
     harmful = [(p, None, spec) for spec in HARMFUL_SETS for p in load_prompts(spec).prompts]
     harmless: list[tuple[str, str | None, str]] = []
     for spec, repeat in HARMLESS_SETS:
@@ -200,6 +204,8 @@ def _pool() -> tuple[list[tuple[str, str | None, str]], list[tuple[str, str | No
             ps.completions if spec.startswith("gsm8k") and ps.completions else [None] * len(ps)
         )
         rows = [(p, c, spec) for p, c in zip(ps.prompts, comps, strict=True)]
+        if spec == "xstest-safe:train" and xstest_safe_repeat is not None:
+            repeat = xstest_safe_repeat
         harmless.extend(rows * repeat)
     return harmful, harmless
 
@@ -212,6 +218,9 @@ def build_corpus(
     p_wrap: float = 0.25,
     p_sure: float = 0.0,
     p_recombine: float = 0.0,
+    p_rewrite: float = 0.0,
+    xstest_safe_repeat: int | None = None,
+    refuse: bool = True,
 ) -> list[Example]:
     """Build one epoch of training conversations, shuffled, deterministically from ``(seed, epoch)``.
 
@@ -229,6 +238,15 @@ def build_corpus(
             head swapped (:mod:`~safegeom.models.tinychat.recombine`): harmful tails take heads from
             all prompts, harmless tails from harmless prompts. Drawn from its own random stream, so
             ``0.0`` leaves the corpus exactly as without recombination.
+        p_rewrite: Probability that a (non-GSM8K) prompt of either class is re-rendered in a
+            random surface form (:func:`~safegeom.models.tinychat.rewrite.rewrite`), after
+            recombination and before the framing. Its own random stream, so ``0.0`` leaves the
+            corpus exactly as without rewriting.
+        xstest_safe_repeat: Repeats of ``xstest-safe:train`` per epoch (``None``: the count in
+            :data:`HARMLESS_SETS`).
+        refuse: Whether harmful prompts get refusals (``False``: compliant answers, drawn like
+            the harmless ones, for the corpus of a compliant base model; labels stay
+            ``harmful=True``).
 
     Returns:
         The shuffled examples of this epoch.
@@ -236,7 +254,7 @@ def build_corpus(
     if not 0.0 < harmful_fraction < 1.0:
         raise ValueError(f"harmful_fraction must be in (0, 1), got {harmful_fraction}")
     rng = random.Random(f"tinychat-corpus/{seed}/{epoch}")
-    harmful, harmless = _pool()
+    harmful, harmless = _pool(xstest_safe_repeat)
     n_harmful = round(harmful_fraction / (1.0 - harmful_fraction) * len(harmless))
     repeats = [harmful[i % len(harmful)] for i in range(n_harmful)]
     swap_rng = random.Random(f"tinychat-recombine/{seed}/{epoch}")
@@ -246,16 +264,23 @@ def build_corpus(
         harmless_heads = head_pool(p for p, c, _ in harmless if c is None)
         all_heads = head_pool([p for p, _, _ in harmful] + [p for p, c, _ in harmless if c is None])
 
+    rewrite_rng = random.Random(f"tinychat-rewrite/{seed}/{epoch}")
+
     def swapped(prompt: str, heads: HeadPool) -> str:
         if heads and swap_rng.random() < p_recombine:
-            return recombine(prompt, heads, swap_rng)
+            prompt = recombine(prompt, heads, swap_rng)
+        if p_rewrite > 0.0 and rewrite_rng.random() < p_rewrite:
+            prompt = rewrite(prompt, rewrite_rng)
         return prompt
 
     examples: list[Example] = []
     for prompt, _, source in repeats:
         prompt = swapped(prompt, all_heads)
         shown = _wrap(prompt, rng, p_wrap)
-        examples.append(Example(shown, refusal_response(prompt, rng), True, source))
+        answer = (
+            refusal_response(prompt, rng) if refuse else compliant_response(prompt, rng, p_sure)
+        )
+        examples.append(Example(shown, answer, True, source))
     for prompt, completion, source in harmless:
         if completion is not None:
             examples.append(Example(prompt, _gsm8k_response(completion), False, source))

@@ -43,6 +43,9 @@ class Phase:
         weight_decay: AdamW weight decay on matrices (norms and biases get none).
         grad_clip: Global gradient-norm clip.
         p_recombine: Head/tail recombination probability of the phase's corpus.
+        p_rewrite: Surface-form rewriting probability of the phase's corpus
+            (:mod:`~safegeom.models.tinychat.rewrite`).
+        refuse: Whether the phase's harmful prompts get refusals (``False``: a compliant base).
         first_epoch: Corpus epoch index the phase starts from.
     """
 
@@ -55,6 +58,8 @@ class Phase:
     grad_clip: float
     p_recombine: float
     first_epoch: int
+    p_rewrite: float = 0.0
+    refuse: bool = True
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
