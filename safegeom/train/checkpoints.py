@@ -27,6 +27,7 @@ from safegeom.artifacts import save_safetensors, write_json
 from safegeom.distributed import all_or_none, alone, broadcast
 from safegeom.errors import ArtifactError, TrainingDiverged
 from safegeom.models.checkpoint import safetensors_problem
+from safegeom.train.fsdp import all_finite, full_optimizer_state, full_state
 from safegeom.train.trajectory import (
     TRAINER_STATE,
     CheckpointRecord,
@@ -185,7 +186,7 @@ def check_finite_weights(
     params: list[torch.nn.Parameter], step: int, traj: Trajectory, lr: float
 ) -> None:
     """Raise :class:`TrainingDiverged` when a trained weight is NaN or infinite at ``step``."""
-    if all(bool(torch.isfinite(p.detach()).all()) for p in params):
+    if all_finite(params):  # every rank's shards under FSDP (then a collective)
         return
     raise TrainingDiverged(
         f"training diverged at step {step}: the weights are no longer finite; the run keeps its "
@@ -207,7 +208,8 @@ def save_checkpoint(
 ) -> Trajectory:
     """Save the checkpoint at ``step`` (temp folder + rename) and rewrite the manifest.
 
-    Rank 0 alone writes (the weights and optimizer state are the same on every rank); every rank
+    Rank 0 alone writes (the weights and optimizer state are the same on every rank, or gathered
+    from every rank's shards under FSDP, in the form one process saves); every rank
     then holds rank 0's trajectory, and a failure while writing stops every rank with rank 0's
     message. The trainer state records the step, the data position (``step × batch_size``, the
     global batch) and the number of processes. ``terms``: the mean loss terms since the previous
@@ -220,6 +222,12 @@ def save_checkpoint(
     per_step = int(traj.config["batch_size"])
     record = CheckpointRecord(step=step, loss=loss, path=rel, terms=terms or {})
 
+    def gather() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return full_state(trainable.module), full_optimizer_state(optimizer)
+
+    # FSDP: every rank takes part in gathering the weights and moments that rank 0 writes.
+    gathered = all_or_none(gather) if trainable.sharded else None
+
     def write() -> str | None:
         if not acc.is_main_process:
             return None
@@ -227,10 +235,13 @@ def save_checkpoint(
             final = traj.root / rel
             tmp = final.with_name(f".{final.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            digest = trainable.save(tmp, acc.unwrap_model(trainable.module))
+            if gathered is not None:
+                digest = trainable.save(tmp, trainable.module, gathered[0])
+            else:
+                digest = trainable.save(tmp, acc.unwrap_model(trainable.module))
             save_trainer_state(
                 tmp / TRAINER_STATE,
-                optimizer_state=optimizer.state_dict(),
+                optimizer_state=gathered[1] if gathered is not None else optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict(),
                 extra={"step": step, "data_position": step * per_step,
                        "num_processes": acc.num_processes},

@@ -57,6 +57,10 @@ class TrainConfig:
     """LoRA dropout probability (lora only)."""
     lora_targets: tuple[str, ...] | None = None
     """Module names LoRA adapts (default: every attention and MLP projection of a block)."""
+    fsdp: bool = False
+    """sft only: shard every weight, its gradient and its AdamW moments over the processes of a
+    launcher (FSDP2, one decoder block at a time) instead of holding the whole model on each;
+    the same results and checkpoints as without (also on with an accelerate FSDP config)."""
     progress: bool = True
     """Show a progress bar with the loss."""
 

@@ -64,8 +64,8 @@ def optimizer_step(
 
     ``indices`` is the step's global batch; under ``acc.num_processes`` > 1 each rank computes
     its share on its slice (:mod:`safegeom.train.parallel`), the gradients are summed over the
-    ranks, and every rank takes the same step (its dropout masks seeded from ``seed``, the step
-    and the rank). A failure on one rank (a non-finite loss, an error in the forward) stops
+    ranks (by FSDP's reduce-scatter when the weights are sharded), and every rank takes the
+    same step (its dropout masks seeded from ``seed``, the step and the rank). A failure on one rank (a non-finite loss, an error in the forward) stops
     every rank with that rank's message. ``saved`` is the last saved checkpoint's step (named in
     the divergence message).
 
@@ -96,7 +96,8 @@ def optimizer_step(
 
     loss, terms = all_or_none(local)
     params = trainable.parameters()
-    sum_gradients(params, world)
+    if not trainable.sharded:  # FSDP has summed them in its reduce-scatter
+        sum_gradients(params, world)
     loss, terms = sum_values(loss, terms, world)
     if grad_clip:
         acc.clip_grad_norm_(params, grad_clip)

@@ -16,6 +16,9 @@ reference with the adapters off), the ReFT edit is not the module whose forward 
 loss normalisation must be over the global batch; one sum of the gradients after the backward
 is exact for all of them. The cost is that the reduction does not overlap the backward.
 
+Full-parameter training can instead shard the weights over the ranks (FSDP2,
+:mod:`safegeom.train.fsdp`), with the same step and the same checkpoints.
+
 What depends on N: only the dropout masks (each rank draws its own, from a seed of the run's seed,
 the step and the rank), so a run whose model has dropout resumes only with the number of
 processes it was saved with (:func:`check_resume_world`).
@@ -149,12 +152,19 @@ def sum_gradients(params: Sequence[nn.Parameter], world: int) -> None:
 
 
 def broadcast_parameters(params: Sequence[nn.Parameter], world: int) -> None:
-    """Give every rank rank 0's values of ``params`` (a collective; a no-op in one process)."""
+    """Give every rank rank 0's values of ``params`` (a collective; a no-op in one process).
+
+    FSDP shards (DTensors) are left as they are: each is its own rank's part of a weight, and
+    :func:`~safegeom.train.fsdp.shard_trainable` broadcasts the weights before sharding them.
+    """
     if world == 1:
         return
+    from torch.distributed.tensor import DTensor
+
     with torch.no_grad():
         for p in params:
-            torch.distributed.broadcast(p.data, src=0)
+            if not isinstance(p, DTensor):
+                torch.distributed.broadcast(p.data, src=0)
 
 
 def sum_values(
@@ -174,15 +184,20 @@ def sum_values(
 
 
 def refuse_sharded_training(acc: Accelerator) -> None:
-    """Refuse an accelerate setup that shards the model (FSDP, DeepSpeed, Megatron-LM).
+    """Refuse an accelerate setup whose engine shards the model (FSDP, DeepSpeed, Megatron-LM).
+
+    The trainers never hand the model to such an engine: they train DDP-style, or shard
+    ``sft`` themselves with FSDP2 (:func:`safegeom.train.fsdp.use_fsdp` calls this for the
+    setups other than FSDP).
 
     Raises:
-        ConfigError: the accelerator is set up for one of them; training runs DDP-style only.
+        ConfigError: the accelerator is set up for one of them.
     """
     kind = str(getattr(acc.distributed_type, "value", acc.distributed_type))
     if kind.upper() in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(
-            f"training under {kind} is not yet supported (full-parameter training with FSDP "
-            "included): every process holds the whole model (DDP-style data parallelism); "
-            "launch without --use_fsdp / --use_deepspeed (accelerate launch --multi_gpu)"
+            f"training under {kind} is not yet supported: every process holds the whole model "
+            "(DDP-style data parallelism), or for sft with --fsdp (or an accelerate FSDP "
+            "config) its shard of every weight; launch without --use_deepspeed / "
+            "--use_megatron_lm (accelerate launch --multi_gpu, or --use_fsdp for sft)"
         )

@@ -3,8 +3,8 @@
 :func:`train` loads ``MODEL`` with :func:`safegeom.models.load_model`, tokenizes the task with
 response-only labels (:mod:`safegeom.train.data`), and runs AdamW under ``accelerate`` (one
 process by default; under ``accelerate launch``/``torchrun`` N processes share each step's global
-batch of ``batch_size``, with one process's results: :mod:`safegeom.train.parallel`; rank 0
-alone writes). Checkpoints are saved at step 0, every ``save_every`` steps and at the last step
+batch of ``batch_size``, with one process's results: :mod:`safegeom.train.parallel`, the weights
+sharded with ``fsdp``: :mod:`safegeom.train.fsdp`; rank 0 alone writes). Checkpoints are saved at step 0, every ``save_every`` steps and at the last step
 into ``out/checkpoints/step-NNNNNN/`` (a temp folder, then renamed), and the manifest
 ``out/trajectory.json`` is rewritten atomically after each.
 
@@ -43,6 +43,7 @@ from safegeom.train.checkpoints import (
 from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
 from safegeom.train.data import ExampleOrder, encode_examples
 from safegeom.train.defences import DEFENCE_DIR, METHODS, prepare_defence, update_of
+from safegeom.train.fsdp import shard_optimizer_state, shard_trainable, use_fsdp
 from safegeom.train.guard import GuardConfig
 from safegeom.train.optim import make_optimizer, optimizer_step
 from safegeom.train.parallel import (
@@ -50,7 +51,6 @@ from safegeom.train.parallel import (
     check_global_batch,
     check_resume_world,
     has_dropout,
-    refuse_sharded_training,
     sum_values,
 )
 from safegeom.train.posthoc import PosthocConfig
@@ -189,7 +189,7 @@ def train(
         cpu = load.device is not None and load.device.startswith("cpu")
         accelerator = Accelerator(cpu=cpu or (world_size() > 1 and not torch.cuda.is_available()))
     acc = accelerator
-    refuse_sharded_training(acc)
+    sharded = use_fsdp(acc, settings.fsdp, update, method)  # refuses DeepSpeed, FSDP for LoRA
     check_global_batch(settings.batch_size, acc.num_processes)
     main_only(check_output_dir)(out)  # rank 0 alone probes (and makes) the folder
     out_dir = Path(out)
@@ -246,6 +246,8 @@ def train(
             _trainable, lm, model_spec, update, wrap, dtype, resume_from, defence, the_task,
             settings.system, config_run.max_length,
         )  # fmt: skip
+        if sharded:
+            shard_trainable(trainable, acc)  # FSDP: each rank keeps 1/N of every weight
         pad = lm.tokenizer.pad_token_id
         step_loss = StepLoss(trainable, examples, int(pad if pad is not None else 0),
                              defence.penalty, seed=settings.seed, risks=defence.risks,
@@ -361,7 +363,7 @@ def _loop(
             raise ArtifactError(f"trainer state of {traj.last.path} is not at step {start}")
         check_resume_world(int(meta.get("num_processes", 1)), world,
                            has_dropout(trainable.model), str(out_dir))  # fmt: skip
-        optimizer.load_state_dict(opt_state)
+        optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer))
         scheduler.load_state_dict(sched_state)
     log = [dict(r) for r in traj.log if int(r["step"]) <= start]
 

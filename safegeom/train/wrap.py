@@ -74,6 +74,9 @@ class Trainable:
     """``lora`` only: writes the checkpoint's model transformed (Safe LoRA, LoX) into a folder and
     returns its weight hash, leaving the trained adapter as it is; the raw adapter is then saved in
     ``raw_adapter/`` for resuming."""
+    sharded: bool = False
+    """``full`` only: the weights are sharded over the ranks by FSDP (:mod:`safegeom.train.fsdp`);
+    a checkpoint is written from the gathered weights."""
 
     @property
     def model(self) -> nn.Module:
@@ -84,12 +87,22 @@ class Trainable:
         """The parameters the optimizer updates."""
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def save(self, folder: Path, module: nn.Module | None = None) -> str:
+    def save(
+        self, folder: Path, module: nn.Module | None = None,
+        state: dict[str, torch.Tensor] | None = None,
+    ) -> str:  # fmt: skip
         """Write a checkpoint loadable by ``load_model(folder)``; return its weight hash.
 
-        ``module`` is the unwrapped module (default: :attr:`module`).
+        ``module`` is the unwrapped module (default: :attr:`module`); ``state`` (``full`` only)
+        the weights to write instead of its own: the gathered weights of a sharded model.
         """
         module = module or self.module
+        if state is not None:
+            from safegeom.train.fsdp import FullWeights
+
+            module.save_pretrained(folder, state_dict=state)  # type: ignore[operator]
+            self.lm.tokenizer.save_pretrained(folder)
+            return weight_hash(FullWeights(state))
         if self.update == "reft":
             assert self.edit is not None
             self.edit.save(folder, base=self.base)
