@@ -41,10 +41,12 @@ RUNS: dict[str, dict[str, Any]] = {
     "sft": {"fsdp": True},
     "cut": {"fsdp": True},
     "cut1": {"fsdp": True},
+    "noclip": {"fsdp": True, "steps": 1, "grad_clip": None},
     "lora": {"fsdp": True, "method": "lora"},
 }
 """The worker's runs (``RUN`` plus these settings), in order; ``cut`` and ``cut1`` are stopped
-after step 1, ``cut`` resumed at once by the same two ranks."""
+after step 1, ``cut`` resumed at once by the same two ranks; ``noclip`` leaves the gradients'
+scale in the AdamW moments (a clip to norm 1 would hide a mean in place of the sum)."""
 LORA_REFUSED = "FSDP shards full weights and is for sft only; lora trains small adapters"
 
 
@@ -173,6 +175,24 @@ def test_checkpoints_hold_full_tensors(job, one) -> None:
     assert json.loads((state / "state.json").read_text())["num_processes"] == 2
 
 
+def test_gradients_are_summed_over_the_ranks(job, tmp_path: Path) -> None:
+    """Without a clip the first AdamW moments are the gradient's scale: the two-process ones
+    equal one process's within ATOL (a mean over the ranks would halve them)."""
+    from safetensors.torch import load_file
+
+    from safegeom.train.trajectory import load_trajectory
+
+    ckpt, work, _ = job
+    one = _run(ckpt, tmp_path / "noclip", "noclip", fsdp=False)
+    two = load_trajectory(work / "noclip")
+    name = "trainer_state/state.safetensors"
+    a, b = load_file(str(two.paths[-1] / name)), load_file(str(one.paths[-1] / name))
+    moments = [k for k in a if k.endswith(".exp_avg")]
+    assert moments and a.keys() == b.keys()
+    assert max(float(b[k].abs().max()) for k in moments) > 1000 * ATOL
+    assert max(float((a[k] - b[k]).abs().max()) for k in moments) <= ATOL
+
+
 def test_rank_one_writes_nothing(job) -> None:
     """Every file and folder of every run comes from rank 0, with no temp folder left behind."""
     _, work, ranks = job
@@ -196,9 +216,12 @@ def test_resume_from_fsdp_checkpoints(job, one) -> None:
     assert resumed.losses == pytest.approx(one.losses, rel=1e-5)
 
 
-def test_fsdp_is_refused_for_lora(job, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fsdp_is_refused_for_lora(
+    job, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """LoRA with FSDP is refused, by name, on both ranks, in one process by ``safegeom train
-    lora --fsdp``, and under an accelerate FSDP launch; sft there shards."""
+    lora --fsdp``, and under an accelerate FSDP launch; sft there shards, unless the config
+    loads the weights on rank 0 only (refused, by the setting's name)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -221,6 +244,10 @@ def test_fsdp_is_refused_for_lora(job, tmp_path: Path, capsys: pytest.CaptureFix
     assert use_fsdp(launched, False, "full", "sft") is True  # type: ignore[arg-type]
     plain = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
     assert use_fsdp(plain, False, "full", "sft") is False  # type: ignore[arg-type]
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(ConfigError, match="set fsdp_cpu_ram_efficient_loading: false"):
+        use_fsdp(launched, False, "full", "sft")  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ small and train DDP-style, so :func:`use_fsdp` refuses FSDP for them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,9 +56,17 @@ def use_fsdp(acc: Accelerator, requested: bool, update: str, method: str) -> boo
         ``True`` for FSDP (full weights only), ``False`` for DDP-style training.
 
     Raises:
-        ConfigError: a DeepSpeed or Megatron-LM launch; FSDP is asked for a method that does not train full weights (lora, kl,
+        ConfigError: a DeepSpeed or Megatron-LM launch; an accelerate FSDP config with
+            ``fsdp_cpu_ram_efficient_loading`` on; FSDP is asked for a method that does not train full weights (lora, kl,
             adaptive, refusalguard, safe-lora, lox); the message names the method and the fix.
     """
+    if all(os.environ.get(k, "").lower() in ("1", "true", "yes")
+           for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")):  # fmt: skip
+        raise ConfigError(
+            "fsdp_cpu_ram_efficient_loading: transformers would load the weights on rank 0 "
+            "only, but every process loads the whole model before it is sharded (to fit the "
+            "defence and check its hash); set fsdp_cpu_ram_efficient_loading: false"
+        )
     launched = _launched_with_fsdp(acc)
     if not launched:
         refuse_sharded_training(acc)  # DeepSpeed, Megatron-LM
