@@ -28,7 +28,7 @@ from torch import nn
 
 from safegeom.errors import ConfigError
 from safegeom.models.layout import resolve
-from safegeom.train.parallel import broadcast_parameters, refuse_sharded_training
+from safegeom.train.parallel import refuse_sharded_training
 
 __all__ = [
     "FullWeights",
@@ -102,14 +102,15 @@ def shard_model(model: nn.Module, blocks: str, device: torch.device, world: int,
 
 
 def shard_trainable(trainable: Any, acc: Accelerator) -> None:
-    """Give every rank rank 0's full weights, then shard ``trainable`` (a ``full``
-    :class:`~safegeom.train.wrap.Trainable`) over ``acc``'s processes and mark it
-    :attr:`~safegeom.train.wrap.Trainable.sharded`; a no-op in one process. Honours the
-    accelerate FSDP plugin's ``reshard_after_forward`` (default on)."""
+    """Shard ``trainable`` (a ``full`` :class:`~safegeom.train.wrap.Trainable`, loaded the same
+    on every rank, on CPU or on ``acc.device``) over ``acc``'s processes, moving each block to
+    ``acc.device`` as it is sharded (so no device ever holds the whole model), and mark it
+    :attr:`~safegeom.train.wrap.Trainable.sharded`; in one process, move it to ``acc.device``.
+    Honours the accelerate FSDP plugin's ``reshard_after_forward`` (default on)."""
     world = acc.num_processes
     if world == 1:
+        trainable.module.to(acc.device)
         return
-    broadcast_parameters(trainable.parameters(), world)
     plugin = getattr(acc.state, "fsdp_plugin", None)
     reshard = getattr(plugin, "reshard_after_forward", True)
     shard_model(trainable.module, trainable.lm.layout.blocks, acc.device, world,

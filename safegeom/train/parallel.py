@@ -155,7 +155,8 @@ def broadcast_parameters(params: Sequence[nn.Parameter], world: int) -> None:
     """Give every rank rank 0's values of ``params`` (a collective; a no-op in one process).
 
     FSDP shards (DTensors) are left as they are: each is its own rank's part of a weight, and
-    :func:`~safegeom.train.fsdp.shard_trainable` broadcasts the weights before sharding them.
+    every rank loads the same full weights before :func:`~safegeom.train.fsdp.shard_trainable`
+    shards them.
     """
     if world == 1:
         return

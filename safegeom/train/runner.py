@@ -207,10 +207,10 @@ def train(
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         set_seed(settings.seed)
-        # Every rank loads and fits the defence by itself, deterministically (rank 0 alone
-        # writes DIR/defence/); a failure on one rank stops them all with its message.
+        # Each rank loads (to CPU under FSDP: sharding moves it) and fits the defence itself.
         lm, defence = all_or_none(
-            _setup, model_spec, load, dtype, str(acc.device), is_adapter, method, the_task,
+            _setup, model_spec, load, dtype, "cpu" if sharded else str(acc.device), is_adapter,
+            method, the_task,
             guard=guard, reg=regulariser, critic=critic, posthoc=posthoc, seed=settings.seed,
             folder=out_dir / DEFENCE_DIR, resume=previous is not None, write=acc.is_main_process,
         )  # fmt: skip
