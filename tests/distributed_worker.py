@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,14 +51,14 @@ def _fails(fn: Callable[[], Any]) -> tuple[str, str] | None:
 
 @contextlib.contextmanager
 def _planted(lm: Any, on_rank: int, after: int, error: Exception) -> Iterator[None]:
-    """Raise ``error`` from the model's forward on ``on_rank`` from its ``after + 1``-th call."""
-    from safegeom.distributed import rank
-
+    """Raise ``error`` from the model's forward on ``on_rank`` from its ``after + 1``-th call (the
+    process's rank by ``RANK``, so also inside :func:`~safegeom.distributed.alone`, where every
+    rank calls itself 0)."""
     calls = [0]
 
     def hook(module: Any, args: Any, kwargs: Any) -> None:
         calls[0] += 1
-        if rank() == on_rank and calls[0] > after:
+        if int(os.environ.get("RANK", "0")) == on_rank and calls[0] > after:
             raise error
 
     handle = lm.model.register_forward_pre_hook(hook, with_kwargs=True)

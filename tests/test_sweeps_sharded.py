@@ -18,11 +18,9 @@ the vectors, 1e-6 for the float32 forward passes' scores).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,13 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.distributed_worker import _fails, _record_writes, load_results, save_results
+from tests.distributed_worker import (
+    _fails,
+    _planted,
+    _record_writes,
+    load_results,
+    save_results,
+)
 from tests.launch_helpers import launch
 from tests.tiny_models import build_checkpoint
 
@@ -112,22 +116,6 @@ def _library(lm: Any, carrier: Any) -> dict[str, Any]:
     return res
 
 
-@contextlib.contextmanager
-def _planted(lm: Any, on_rank: int, error: Exception) -> Iterator[None]:
-    """Raise ``error`` from every forward of the model on the process of rank ``on_rank`` (by
-    ``RANK``: inside :func:`~safegeom.distributed.alone` every rank calls itself 0)."""
-
-    def hook(module: Any, args: Any, kwargs: Any) -> None:
-        if int(os.environ["RANK"]) == on_rank:
-            raise error
-
-    handle = lm.model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _carrier(lm: Any) -> Any:
     from safegeom.carriers import Carrier
 
@@ -161,13 +149,13 @@ def _rank_main(checkpoint: Path, work: Path) -> None:
     res = _library(lm, carrier)
     planted = SafegeomError(f"planted failure on rank {r}")
     candidates = dim_candidates(lm, HARMFUL, HARMLESS, progress=False)
-    with _planted(lm, on_rank=1, error=planted):
+    with _planted(lm, on_rank=1, after=0, error=planted):
         res["fail_select"] = _fails(
             lambda: select_refusal_direction(
                 lm, candidates, HARMFUL, HARMLESS, SelectionConfig(**LENIENT), progress=False
             )
         )
-    with _planted(lm, on_rank=1, error=planted):
+    with _planted(lm, on_rank=1, after=0, error=planted):
         res["fail_generate"] = _fails(
             lambda: generated_refusals(lm, load_prompts(HARMLESS), [None, None], max_new_tokens=2)
         )

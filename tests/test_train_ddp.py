@@ -19,7 +19,6 @@ relative.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 
 from tests.launch_helpers import launch
 from tests.tiny_models import build_checkpoint
-from tests.train_helpers import saved_weights
+from tests.train_parallel_helpers import launch_job, max_diff, record_every_write, trajectory_row
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-6
@@ -122,20 +121,11 @@ def worker(ckpt: str, work: Path) -> None:
     """One rank: every run of :data:`RUNS` into ``work/NAME``; saves ``work/rank{r}.json`` with
     each run's trajectory (or error) and the paths this rank wrote, made or renamed."""
     from safegeom import distributed as dist
-    from tests.distributed_worker import _record_made, _record_writes
 
     torch.set_num_threads(1)
     r = dist.rank()
     writes: list[str] = []
-    _record_writes(writes)
-    _record_made(writes)
-    real_rename = os.rename
-
-    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        writes.append(str(dst))
-        real_rename(src, dst, *args, **kwargs)
-
-    os.rename = rename  # type: ignore[assignment]
+    record_every_write(writes)
     res: dict[str, Any] = {"world": dist.world_size()}
     for name in RUNS:
         if name == "fail":
@@ -148,8 +138,7 @@ def worker(ckpt: str, work: Path) -> None:
                 if name not in ("cut2", "dropout"):
                     raise
                 traj = _run(ckpt, work / name, name, resume=True)  # by the same two processes
-            res[name] = {"steps": list(traj.steps), "losses": list(traj.losses),
-                         "hashes": [c.weight_hash for c in traj.checkpoints]}  # fmt: skip
+            res[name] = trajectory_row(traj)
         except Exception as err:
             res[name] = {"error": [type(err).__name__, str(err)]}
     res["writes"] = writes
@@ -165,17 +154,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict
     build_checkpoint(root / "unaligned", "llama", n_layers=2, seed=1)  # LoX's unaligned base
     work = root / "work"
     work.mkdir()
-    runs = launch("tests.test_train_ddp", [str(ckpt), str(work)], root)
-    for code, out, err in runs:
-        assert code == 0, f"a rank failed:\n{out}\n{err[-4000:]}"
-    return ckpt, work, [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
-
-
-def _max_diff(a: Path, b: Path) -> float:
-    """Largest |Δ| between the tensors of two checkpoint folders with the same tensor names."""
-    wa, wb = saved_weights(a), saved_weights(b)
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    return ckpt, work, launch_job("tests.test_train_ddp", ckpt, work, root)
 
 
 @pytest.mark.parametrize("name", ["lora", "sft", "guard", "kl", "adaptive", "lox"])
@@ -194,7 +173,7 @@ def test_two_processes_equal_one(job, tmp_path: Path, name: str) -> None:
     assert two.steps == one.steps == tuple(range(RUNS[name]["steps"] + 1))
     assert [c.weight_hash for c in two.checkpoints] == ranks[0][name]["hashes"]
     for a, b in zip(two.paths[1:], one.paths[1:], strict=True):
-        assert _max_diff(a, b) <= ATOL
+        assert max_diff(a, b) <= ATOL
     assert two.losses == pytest.approx(one.losses, rel=1e-5)
     for a, b in zip(two.checkpoints, one.checkpoints, strict=True):
         assert a.terms == pytest.approx(b.terms, rel=1e-5, abs=1e-9)
@@ -202,7 +181,7 @@ def test_two_processes_equal_one(job, tmp_path: Path, name: str) -> None:
         assert [c.terms["geom"] > 0 for c in two.checkpoints] == [False, False, True]
         assert (work / name / "defence" / "cones.safetensors").is_file()
     else:
-        assert _max_diff(two.paths[0], two.paths[-1]) > 100 * ATOL  # training moved the weights
+        assert max_diff(two.paths[0], two.paths[-1]) > 100 * ATOL  # training moved the weights
 
 
 def test_rank_one_writes_nothing(job) -> None:
@@ -226,7 +205,7 @@ def test_resume_with_one_process_equals_uninterrupted(job, tmp_path: Path) -> No
     resumed = _run(ckpt, work / "cut", "cut", resume=True)
     whole = _run(ckpt, tmp_path / "whole", "lora")
     assert resumed.steps == whole.steps == (0, 1, 2, 3) and resumed.complete
-    assert _max_diff(resumed.paths[-1], whole.paths[-1]) <= ATOL
+    assert max_diff(resumed.paths[-1], whole.paths[-1]) <= ATOL
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
 
 
@@ -277,15 +256,14 @@ def test_the_command_under_a_launcher_prints_once(job, tmp_path: Path) -> None:
     assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
     assert out0.startswith(f"wrote 4 checkpoints to {out} (step 3") and out1 == ""
     assert (
-        _max_diff(
-            out / "checkpoints" / "step-000003", work / "lora" / "checkpoints" / "step-000003"
-        )
+        max_diff(out / "checkpoints" / "step-000003", work / "lora" / "checkpoints" / "step-000003")
         == 0
     )
 
 
 def test_sharded_engines_are_refused() -> None:
-    """FSDP and DeepSpeed would shard the model, which training does not support yet: refused."""
+    """DeepSpeed and Megatron-LM would take the model into their engine: refused (FSDP is
+    handled by :mod:`safegeom.train.fsdp`, which calls this only for the other engines)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
@@ -293,7 +271,7 @@ def test_sharded_engines_are_refused() -> None:
     from safegeom.errors import ConfigError
     from safegeom.train.parallel import refuse_sharded_training
 
-    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    for kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         with pytest.raises(ConfigError, match=f"training under {kind.value} is not yet supported"):
             refuse_sharded_training(SimpleNamespace(distributed_type=kind))  # type: ignore[arg-type]
     refuse_sharded_training(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # type: ignore[arg-type]

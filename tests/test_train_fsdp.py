@@ -18,7 +18,6 @@ within 1e-5 relative; the step-0 checkpoint (gathered from the shards) is the ba
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ from typing import Any
 import pytest
 import torch
 
-from tests.launch_helpers import launch
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import saved_weights
+from tests.train_parallel_helpers import launch_job, max_diff, record_every_write, trajectory_row
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-6
@@ -71,19 +70,10 @@ def worker(ckpt: str, work: Path) -> None:
     """One rank: every run of :data:`RUNS` into ``work/NAME``; saves ``work/rank{r}.json`` with
     each run's trajectory (or error) and the paths this rank wrote, made or renamed."""
     from safegeom import distributed as dist
-    from tests.distributed_worker import _record_made, _record_writes
 
     torch.set_num_threads(1)
     writes: list[str] = []
-    _record_writes(writes)
-    _record_made(writes)
-    real_rename = os.rename
-
-    def rename(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        writes.append(str(dst))
-        real_rename(src, dst, *args, **kwargs)
-
-    os.rename = rename  # type: ignore[assignment]
+    record_every_write(writes)
     res: dict[str, Any] = {"world": dist.world_size()}
     for name in RUNS:
         more = {"callback": _stop_after_one} if name.startswith("cut") else {}
@@ -94,8 +84,7 @@ def worker(ckpt: str, work: Path) -> None:
                 if name != "cut":
                     raise
                 traj = _run(ckpt, work / name, name, resume=True)  # by the same two processes
-            res[name] = {"steps": list(traj.steps), "losses": list(traj.losses),
-                         "hashes": [c.weight_hash for c in traj.checkpoints]}  # fmt: skip
+            res[name] = trajectory_row(traj)
         except Exception as err:
             res[name] = {"error": [type(err).__name__, str(err)]}
     res["writes"] = writes
@@ -110,23 +99,13 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict
     ckpt = build_checkpoint(root, "llama", n_layers=2)
     work = root / "work"
     work.mkdir()
-    runs = launch("tests.test_train_fsdp", [str(ckpt), str(work)], root)
-    for code, out, err in runs:
-        assert code == 0, f"a rank failed:\n{out}\n{err[-4000:]}"
-    return ckpt, work, [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
+    return ckpt, work, launch_job("tests.test_train_fsdp", ckpt, work, root)
 
 
 @pytest.fixture(scope="module")
 def one(job, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The same sft run in one process, without FSDP."""
     return _run(job[0], tmp_path_factory.mktemp("one") / "sft", "sft", fsdp=False)
-
-
-def _max_diff(a: Path, b: Path) -> float:
-    """Largest |Δ| between the tensors of two checkpoint folders with the same tensor names."""
-    wa, wb = saved_weights(a), saved_weights(b)
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 
 
 def test_two_fsdp_processes_equal_one(job, one) -> None:
@@ -142,9 +121,9 @@ def test_two_fsdp_processes_equal_one(job, one) -> None:
     assert [c.weight_hash for c in two.checkpoints] == ranks[0]["sft"]["hashes"]
     assert two.checkpoints[0].weight_hash == one.checkpoints[0].weight_hash
     for a, b in zip(two.paths, one.paths, strict=True):
-        assert _max_diff(a, b) <= ATOL
+        assert max_diff(a, b) <= ATOL
     assert two.losses == pytest.approx(one.losses, rel=1e-5)
-    assert _max_diff(two.paths[0], two.paths[-1]) > 100 * ATOL  # training moved the weights
+    assert max_diff(two.paths[0], two.paths[-1]) > 100 * ATOL  # training moved the weights
 
 
 def test_checkpoints_hold_full_tensors(job, one) -> None:
@@ -212,7 +191,7 @@ def test_resume_from_fsdp_checkpoints(job, one) -> None:
     assert ranks[0]["cut1"] == {"error": ["Stopped", "stopped after step 1"]}
     resumed = _run(ckpt, work / "cut1", "cut1", fsdp=False, resume=True)
     assert resumed.steps == one.steps and resumed.complete
-    assert _max_diff(resumed.paths[-1], one.paths[-1]) <= ATOL
+    assert max_diff(resumed.paths[-1], one.paths[-1]) <= ATOL
     assert resumed.losses == pytest.approx(one.losses, rel=1e-5)
 
 
