@@ -18,7 +18,6 @@ relative.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,13 @@ import torch
 
 from tests.launch_helpers import launch
 from tests.tiny_models import build_checkpoint
-from tests.train_parallel_helpers import launch_job, max_diff, record_every_write, trajectory_row
+from tests.train_parallel_helpers import (
+    finish_rank,
+    launch_job,
+    max_diff,
+    outcome,
+    record_every_write,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-6
@@ -123,7 +128,6 @@ def worker(ckpt: str, work: Path) -> None:
     from safegeom import distributed as dist
 
     torch.set_num_threads(1)
-    r = dist.rank()
     writes: list[str] = []
     record_every_write(writes)
     res: dict[str, Any] = {"world": dist.world_size()}
@@ -131,19 +135,17 @@ def worker(ckpt: str, work: Path) -> None:
         if name == "fail":
             _plant_failure(on_rank=1, at_step=1)
         more = {"callback": _stop_after(STOP[name])} if name in STOP else {}
-        try:
+
+        def run(name: str = name, more: dict[str, Any] = more) -> Any:
             try:
-                traj = _run(ckpt, work / name, name, **more)
+                return _run(ckpt, work / name, name, **more)
             except Stopped:
                 if name not in ("cut2", "dropout"):
                     raise
-                traj = _run(ckpt, work / name, name, resume=True)  # by the same two processes
-            res[name] = trajectory_row(traj)
-        except Exception as err:
-            res[name] = {"error": [type(err).__name__, str(err)]}
-    res["writes"] = writes
-    (work / f"rank{r}.json").write_text(json.dumps(res))
-    dist.close()
+                return _run(ckpt, work / name, name, resume=True)  # by the same two processes
+
+        res[name] = outcome(run)
+    finish_rank(work, res, writes)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,13 @@ import torch
 
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import saved_weights
-from tests.train_parallel_helpers import launch_job, max_diff, record_every_write, trajectory_row
+from tests.train_parallel_helpers import (
+    finish_rank,
+    launch_job,
+    max_diff,
+    outcome,
+    record_every_write,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-6
@@ -77,19 +83,17 @@ def worker(ckpt: str, work: Path) -> None:
     res: dict[str, Any] = {"world": dist.world_size()}
     for name in RUNS:
         more = {"callback": _stop_after_one} if name.startswith("cut") else {}
-        try:
+
+        def run(name: str = name, more: dict[str, Any] = more) -> Any:
             try:
-                traj = _run(ckpt, work / name, name, **more)
+                return _run(ckpt, work / name, name, **more)
             except Stopped:
                 if name != "cut":
                     raise
-                traj = _run(ckpt, work / name, name, resume=True)  # by the same two processes
-            res[name] = trajectory_row(traj)
-        except Exception as err:
-            res[name] = {"error": [type(err).__name__, str(err)]}
-    res["writes"] = writes
-    (work / f"rank{dist.rank()}.json").write_text(json.dumps(res))
-    dist.close()
+                return _run(ckpt, work / name, name, resume=True)  # by the same two processes
+
+        res[name] = outcome(run)
+    finish_rank(work, res, writes)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,20 @@ def max_diff(a: Path, b: Path) -> float:
     wa, wb = saved_weights(a), saved_weights(b)
     assert wa.keys() == wb.keys()
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
+def outcome(run: Callable[[], Any]) -> dict[str, Any]:
+    """:func:`trajectory_row` of what ``run`` returned, or ``{"error": [type, message]}``."""
+    try:
+        return trajectory_row(run())
+    except Exception as err:
+        return {"error": [type(err).__name__, str(err)]}
+
+
+def finish_rank(work: Path, results: dict[str, Any], writes: list[str]) -> None:
+    """Save this rank's results and recorded writes as ``WORK/rank{r}.json``; close the group."""
+    from safegeom import distributed as dist
+
+    results["writes"] = writes
+    (work / f"rank{dist.rank()}.json").write_text(json.dumps(results))
+    dist.close()
