@@ -21,7 +21,10 @@ the job is a single process: every function here is then the identity or a plain
 
 Every rank must make the same collective calls in the same order. The rule that keeps a job from
 hanging: no collective inside an :func:`all_or_none` body, and every step between two collectives
-inside one.
+inside one. A rank waits in a collective at most ``SAFEGEOM_DIST_TIMEOUT_S`` seconds
+(:data:`TIMEOUT_ENV`; PyTorch's default, 30 minutes, when unset), then fails with a message that
+says so; :func:`close` tears the group down (it also runs at exit, so a script need not call it).
+The process group itself lives in :mod:`safegeom.process_group`.
 
 Launch (the library picks the processes up by itself; one process needs no launcher)::
 
@@ -38,7 +41,6 @@ the current CUDA device.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import wraps
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -47,8 +49,10 @@ import torch
 from torch import Tensor
 
 from safegeom.errors import SafegeomError
+from safegeom.process_group import TIMEOUT_ENV, close, launched, object_group, state, waiting
 
 __all__ = [
+    "TIMEOUT_ENV",
     "all_or_none",
     "alone",
     "broadcast",
@@ -66,35 +70,15 @@ __all__ = [
 
 P = ParamSpec("P")
 T = TypeVar("T")
-_GROUP: dict[str, Any] = {}
-"""The gloo process group objects travel over (made once, on the first collective)."""
 _ALONE = [0]
 """How many :func:`alone` blocks this process is inside (0: none)."""
-
-
-def _launched() -> bool:
-    """Whether a launcher started several processes (or a caller set up the process group)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size() > 1
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _state() -> Any:
-    """The accelerate state (the process group is made on first use)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    # On a machine without GPUs accelerate forms a CPU (gloo) group only when asked for the CPU.
-    cpu = not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
-    return PartialState(cpu=cpu)
 
 
 def world_size() -> int:
     """Number of processes in this job (1 without a launcher, and inside :func:`alone`)."""
     if _ALONE[0]:
         return 1
-    return int(_state().num_processes) if _launched() else 1
+    return int(state().num_processes) if launched() else 1
 
 
 def rank() -> int:
@@ -102,7 +86,7 @@ def rank() -> int:
     inside :func:`alone`)."""
     if _ALONE[0]:
         return 0
-    return int(_state().process_index) if _launched() else 0
+    return int(state().process_index) if launched() else 0
 
 
 @contextlib.contextmanager
@@ -132,26 +116,10 @@ def is_main() -> bool:
 def device() -> torch.device:
     """This rank's device: ``cuda:LOCAL_RANK`` under a launcher on GPUs (made the current CUDA
     device), the CPU under a launcher on CPUs; without one, CUDA when available, else the CPU."""
-    if _launched():
-        where = torch.device(_state().device)
+    if launched():
+        where = torch.device(state().device)
         return torch.device("cpu") if where.type == "cpu" else where  # accelerate says cpu:0
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def close() -> None:
-    """Tear down the process group (and the gloo group of :func:`collect`), if any.
-
-    Left to the interpreter's exit, a gloo group at times aborts the process ("terminate called
-    without an active exception", status −6) after all its work is done. A no-op in one process.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    group = _GROUP.pop("group", None)
-    if group is not None and group is not dist.group.WORLD:
-        dist.destroy_process_group(group)
-    _GROUP.clear()
-    dist.destroy_process_group()
 
 
 def shard(n: int) -> range:
@@ -182,14 +150,6 @@ def deal(batches: Iterable[Sequence[int]]) -> list[list[int]]:
     return [plan[i] for i in shard(len(plan))]
 
 
-def _group() -> Any:
-    dist = torch.distributed
-    if "group" not in _GROUP:
-        cpu = dist.get_backend() == "gloo"
-        _GROUP["group"] = None if cpu else dist.new_group(backend="gloo")
-    return _GROUP["group"]
-
-
 def _to_cpu(value: Any) -> Any:
     """``value`` with its tensors on the CPU (objects travel as CPU bytes)."""
     if isinstance(value, Tensor):
@@ -213,12 +173,13 @@ def collect(value: T, *, to: Literal["main", "all"] = "all") -> list[T] | None:
     if world_size() == 1:
         return [value]
     dist = torch.distributed
-    _state()
+    state()
     out: list[Any] = [None] * dist.get_world_size()
-    if to == "all":
-        dist.all_gather_object(out, _to_cpu(value), group=_group())
-        return out
-    dist.gather_object(_to_cpu(value), out if is_main() else None, dst=0, group=_group())
+    with waiting():
+        if to == "all":
+            dist.all_gather_object(out, _to_cpu(value), group=object_group())
+            return out
+        dist.gather_object(_to_cpu(value), out if is_main() else None, dst=0, group=object_group())
     return out if is_main() else None
 
 
@@ -233,9 +194,10 @@ def broadcast(value: T) -> T:
     if world_size() == 1:
         return value
     dist = torch.distributed
-    _state()
+    state()
     box: list[Any] = [_to_cpu(value) if is_main() else None]
-    dist.broadcast_object_list(box, src=0, group=_group())
+    with waiting():
+        dist.broadcast_object_list(box, src=0, group=object_group())
     return box[0]
 
 

@@ -175,10 +175,17 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
 
 def helpers(work: Path) -> None:
     """Broadcast and :func:`~safegeom.distributed.alone` over the ranks; saves
-    ``WORK/helpers-rank{r}``."""
+    ``WORK/helpers-rank{r}``, and at exit ``WORK/exit-rank{r}.json``: whether the process group
+    was still up once the library's exit handler had run (this path never calls ``close``)."""
+    import atexit
+
     from safegeom import distributed as dist
 
-    r = dist.rank()
+    r = int(os.environ["RANK"])
+    exit_file = work / f"exit-rank{r}.json"
+    # registered before the library's handler, so it runs after it (atexit runs last in, first out)
+    atexit.register(lambda: exit_file.write_text(json.dumps(torch.distributed.is_initialized())))
+    assert dist.rank() == r
     res: dict[str, Any] = {"rank": r}
     res["broadcast"] = dist.broadcast({"from": r, "tensor": torch.tensor([r, 10])})
     res["broadcast_none"] = dist.broadcast(None if r == 0 else "ignored")
@@ -194,7 +201,23 @@ def helpers(work: Path) -> None:
         res["alone_fail"] = _fails(lambda: dist.all_or_none(_fail_on, 1, r))
     res["after"] = [dist.rank(), dist.world_size(), dist.collect(r)]
     save_results(work / f"helpers-rank{r}", res)
-    dist.close()  # a gloo group left to the interpreter's exit at times aborts the process
+
+
+def late(work: Path) -> None:
+    """Rank 1 comes to a collective 8 s late, under ``SAFEGEOM_DIST_TIMEOUT_S`` (set by the test):
+    saves each rank's failure and seconds waited as ``WORK/late-rank{r}.json``."""
+    import time
+
+    from safegeom import distributed as dist
+
+    r = int(os.environ["RANK"])
+    dist.collect(r)  # forms the group, with the environment's timeout
+    if r == 1:
+        time.sleep(8)
+    start = time.monotonic()
+    failure = _fails(lambda: dist.collect(r))
+    record = {"failure": failure, "waited": time.monotonic() - start}
+    (work / f"late-rank{r}.json").write_text(json.dumps(record))
 
 
 def _fail_on(bad: int, r: int) -> None:
@@ -262,9 +285,14 @@ def audit_cli(work: Path, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from safegeom.distributed import close
+
     if sys.argv[1] == "helpers":
-        helpers(Path(sys.argv[2]))
+        helpers(Path(sys.argv[2]))  # left to the library's exit handler
+    elif sys.argv[1] == "late":
+        late(Path(sys.argv[2]))
     elif sys.argv[1] == "audit":
-        audit_cli(Path(sys.argv[2]), sys.argv[3:])
+        audit_cli(Path(sys.argv[2]), sys.argv[3:])  # the CLI closes the group itself
     else:
         main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]))
+        close()  # as a script should: tear the gloo group down before the interpreter exits

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ import torch
 from safegeom import distributed as dist
 from safegeom.activations import load_activations
 from safegeom.capture import capture, capture_stats, capture_to_disk
+from safegeom.errors import SafegeomError
 from safegeom.evaluate import evaluate, refusal_scores
 from safegeom.models import load_model
+from safegeom.process_group import TIMEOUT_ENV, timeout
 from tests.distributed_worker import CAPTURE, PROMPTS, load_results
 from tests.launch_helpers import ROOT, TIMEOUT_S, free_port
 from tests.launch_helpers import launch as run_ranks
@@ -219,6 +222,43 @@ def test_broadcast_and_alone_over_two_ranks(tmp_path: Path) -> None:
     assert zero["alone_broadcast"] == "own 0" and one["alone_broadcast"] == "own 1"
     assert zero["alone_fail"] is None  # rank 1's failure stayed on rank 1
     assert one["alone_fail"] == ["SafegeomError", "failed alone on rank 1"]
+    # no close() in that script: the library's exit handler tore the group down before exit
+    for r in range(2):
+        assert json.loads((tmp_path / f"exit-rank{r}.json").read_text()) is False
+
+
+def test_a_late_rank_fails_the_wait_after_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 1 comes 8 s late under a 3 s timeout: rank 0 stops waiting and says why."""
+    monkeypatch.setenv(TIMEOUT_ENV, "3")
+    runs = run_ranks("tests.distributed_worker", ["late", str(tmp_path)], tmp_path)
+    for r, (code, out, err) in enumerate(runs):
+        assert code == 0, f"rank {r} failed:\n{(out + err)[-4000:]}"
+    zero, one = (json.loads((tmp_path / f"late-rank{r}.json").read_text()) for r in range(2))
+    assert zero["failure"][0] == "SafegeomError"
+    assert zero["failure"][1].startswith(
+        "rank 0 waited longer than 3 s for the other ranks in a collective "
+        "(set SAFEGEOM_DIST_TIMEOUT_S to wait longer): Timed out waiting 3000ms"
+    )
+    assert zero["waited"] >= 2.5  # it waited out the timeout, and failed before rank 1 came
+    # rank 1 comes to a job whose other rank has gone (or stopped waiting): it fails too, and says so
+    assert one["failure"][0] == "SafegeomError" and one["failure"][1].startswith("rank 1")
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-5", "inf", "nan"])
+def test_a_bad_timeout_is_refused(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv(TIMEOUT_ENV, text)
+    with pytest.raises(SafegeomError, match=rf"^SAFEGEOM_DIST_TIMEOUT_S='{text}': expected a "
+                       r"number of seconds > 0$"):  # fmt: skip
+        timeout()
+
+
+def test_the_timeout_is_read_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert timeout() is None  # PyTorch's default
+    monkeypatch.setenv(TIMEOUT_ENV, " 5400 ")
+    assert timeout() == timedelta(minutes=90)
 
 
 def test_broadcast_and_alone_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:

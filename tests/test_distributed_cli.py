@@ -116,11 +116,7 @@ def _rank_main(work: Path, argv: list[str]) -> int:
     torch.set_num_threads(1)
     log: list[str] = []
     artifacts.atomic_write = partial(_logged, artifacts.atomic_write, log)  # type: ignore[assignment]
-    code = main(argv)
-    # Tear the process group down before exit: left to the interpreter's exit, a gloo group at
-    # times aborts the process ("terminate called without an active exception", status -6).
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    code = main(argv)  # the CLI tears the process group down before it returns
     (work / f"rank{rank()}.writes.json").write_text(json.dumps(log))
     return code
 
