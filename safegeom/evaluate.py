@@ -61,6 +61,7 @@ from safegeom.judges import (
     refusal_rate,
     task_accuracy,
 )
+from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import Prompts, load_prompts
 from safegeom.results import EvalResult
@@ -169,7 +170,7 @@ def refusal_scores(
 
 def _refusal_scores(
     lm: LoadedModel,
-    prompts: Prompts,
+    prompts: Prompts | EncodedSet,
     *,
     tokens: Sequence[int] | None = None,
     batch_size: int | None = None,

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from safegeom.batching import longest_first
 from safegeom.distributed import all_or_none, collect, deal, gather, is_main
-from safegeom.generation import _batch_size, encode_chat, generate
+from safegeom.generation import _batch_size, generate
+from safegeom.models.chat import EncodedSet, encode_set
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import Prompts, load_prompts
 
@@ -53,15 +54,18 @@ def _sharded(
     system: str | None,
     extra: int,
     batch_size: int | None,
-    run: Callable[[list[str], int], Any],
+    run: Callable[[EncodedSet, int], Any],
 ) -> tuple[list[int], Any, int]:
     """This rank's prompt indices, ``run(its prompts, batch size)`` (``None``: it has none), and
-    the number of prompts."""
-    texts = list(all_or_none(load_prompts, prompts).prompts)
-    lengths = all_or_none(lambda: [len(e) for e in encode_chat(lm, texts, system)])
-    mine, size = my_prompts(lm, lengths, extra, batch_size)
-    local = all_or_none(lambda: run([texts[i] for i in mine], size) if mine else None)
-    return mine, local, len(texts)
+    the number of prompts. Each rank tokenizes its share of the prompts once (dealt)."""
+    texts = all_or_none(load_prompts, prompts)
+    encoded = encode_set(
+        lm.tokenizer, texts, system=system, chat_template=lm.chat_template,
+        max_positions=lm.max_positions, dealt=True,
+    )  # fmt: skip
+    mine, size = my_prompts(lm, [len(e) for e in encoded.encoded], extra, batch_size)
+    local = all_or_none(lambda: run(encoded.select(mine), size) if mine else None)
+    return mine, local, len(encoded)
 
 
 def generate_sharded(
@@ -79,7 +83,7 @@ def generate_sharded(
         On every rank, one completion per prompt, in input order.
     """
 
-    def run(texts: list[str], size: int) -> tuple[str, ...]:
+    def run(texts: EncodedSet, size: int) -> tuple[str, ...]:
         return generate(
             lm, texts, max_new_tokens=max_new_tokens, batch_size=size, system=system,
             progress=progress and is_main(),
@@ -105,7 +109,7 @@ def refusal_scores_sharded(
         On every rank, the float64 CPU tensor ``[n]`` of log-odds (nats), in input order.
     """
 
-    def run(texts: list[str], size: int) -> Tensor:
+    def run(texts: EncodedSet, size: int) -> Tensor:
         return local_scores(
             lm, texts, tokens=tokens, batch_size=size, system=system,
             progress=progress and is_main(),

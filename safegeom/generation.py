@@ -115,11 +115,13 @@ def check_finite(values: Tensor, what: str) -> None:
         )
 
 
-def encode_chat(lm: LoadedModel, prompts: Prompts, system: str | None) -> list[EncodedPrompt]:
-    """``prompts`` encoded for ``lm``; a prompt longer than the model's positions is refused."""
+def encode_chat(
+    lm: LoadedModel, prompts: Prompts | EncodedSet, system: str | None
+) -> list[EncodedPrompt]:
+    """``prompts`` encoded for ``lm`` (a matching :class:`EncodedSet` as it is); too long: refused."""
     encoded = encode_set(
         lm.tokenizer,
-        load_prompts(prompts).prompts,
+        prompts if isinstance(prompts, EncodedSet) else load_prompts(prompts).prompts,
         system=system,
         chat_template=lm.chat_template,
         max_positions=lm.max_positions,
@@ -267,7 +269,7 @@ def generate_from_ids(
 
 def generate(
     lm: LoadedModel,
-    prompts: Prompts,
+    prompts: Prompts | EncodedSet,
     *,
     max_new_tokens: int = 48,
     batch_size: int | None = None,

@@ -140,6 +140,7 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
     res["gather_all"] = dist.gather([f"item{i}" for i in dist.shard(7)], dist.shard(7), 7, to="all")
     res["gather_main"] = dist.gather(torch.tensor(list(dist.shard(5))) * 10, dist.shard(5), 5)
     res["gather_bad"] = _fails(lambda: dist.gather([0], [0], 2, to="all"))
+    res.update(_dealt_encoding(lm))
     res["acts"] = capture(lm, PROMPTS, batch_size=3, **CAPTURE).data
     res["acts_auto"] = capture(lm, PROMPTS, layers="1", **CAPTURE).data
     res["acts_lens"] = capture(
@@ -171,6 +172,42 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
     res["fail_write"] = _fails(lambda: capture_to_disk(lm, PROMPTS, out / "a_file", **CAPTURE))
     res["writes"] = writes
     save_results(work / f"rank{r}", res)
+
+
+def _dealt_encoding(lm: Any) -> dict[str, Any]:
+    """``encode_set(..., dealt=True)``: the whole set on every rank, and how many prompts this
+    rank tokenized for it (and for a capture); a 1-prompt set; a prompt too long."""
+    import safegeom.models.chat as chat
+    from safegeom.capture import capture
+
+    counted: list[int] = []
+    real = chat.encode_prompts
+
+    def counting(tokenizer: Any, prompts: Any, **kwargs: Any) -> Any:
+        counted.append(len(prompts))
+        return real(tokenizer, prompts, **kwargs)
+
+    kw = {"system": None, "chat_template": lm.chat_template, "dealt": True}
+    chat.encode_prompts = counting  # type: ignore[assignment]
+    try:
+        whole = chat.encode_set(lm.tokenizer, PROMPTS, **kw)
+        res: dict[str, Any] = {"encoded_counted": list(counted)}
+        counted.clear()
+        capture(lm, PROMPTS, batch_size=3, **CAPTURE)
+        res["capture_counted"] = list(counted)
+    finally:
+        chat.encode_prompts = real  # type: ignore[assignment]
+    res["encoded"] = [[list(e.input_ids), e.t_inst, e.inst_start] for e in whole.encoded]
+    res["encoded_meta"] = [list(whole.prompts), whole.template_hash]
+    res["encoded_one"] = [
+        list(e.input_ids) for e in chat.encode_set(lm.tokenizer, PROMPTS[:1], **kw).encoded
+    ]
+    shortest = min(len(e) for e in whole.encoded)
+    res["too_long"] = _fails(
+        lambda: chat.encode_set(lm.tokenizer, PROMPTS, max_positions=shortest, **kw)
+    )
+    res["empty"] = _fails(lambda: chat.encode_set(lm.tokenizer, [], **kw))
+    return res
 
 
 def helpers(work: Path) -> None:

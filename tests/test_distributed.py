@@ -25,6 +25,7 @@ from safegeom.capture import capture, capture_stats, capture_to_disk
 from safegeom.errors import SafegeomError
 from safegeom.evaluate import evaluate, refusal_scores
 from safegeom.models import load_model
+from safegeom.models.chat import encode_set
 from safegeom.process_group import TIMEOUT_ENV, timeout
 from tests.distributed_worker import CAPTURE, PROMPTS, load_results
 from tests.launch_helpers import ROOT, TIMEOUT_S, free_port
@@ -81,6 +82,26 @@ def test_ranks_and_gather(job: dict[str, Any]) -> None:
     for rank in (zero, one):
         assert rank["gather_bad"][0] == "SafegeomError"
         assert "should cover 0..1 once each" in rank["gather_bad"][1]
+
+
+def test_dealt_encoding_equals_one_process(job: dict[str, Any], lm: Any) -> None:
+    """Each rank tokenizes its round-robin share (5 of the 10 prompts), every rank gets all."""
+    whole = encode_set(lm.tokenizer, PROMPTS, chat_template=lm.chat_template)
+    expected = [[list(e.input_ids), e.t_inst, e.inst_start] for e in whole.encoded]
+    shortest = min(len(e) for e in whole.encoded)
+    longest = max(range(len(PROMPTS)), key=lambda i: len(whole.encoded[i]))
+    for rank, share in zip(job["ranks"], (5, 5), strict=True):
+        assert rank["encoded"] == expected
+        assert rank["encoded_meta"] == [PROMPTS, whole.template_hash]
+        assert rank["encoded_counted"] == [share]  # its share only, once
+        assert rank["capture_counted"] == [share]  # capture tokenizes each prompt once per job
+        assert rank["encoded_one"] == [expected[0][0]]  # rank 1 has no prompt of a set of one
+        # the index of the too-long prompt is the set's, not the rank's share's
+        assert rank["too_long"] == ["SafegeomError", (
+            f"prompt {longest} is {len(whole.encoded[longest])} tokens long but the model takes "
+            f"at most {shortest} positions; shorten or drop it"
+        )]  # fmt: skip
+        assert rank["empty"] == ["SafegeomError", "empty prompt set: pass at least one prompt"]
 
 
 def test_sharded_capture_equals_one_process(job: dict[str, Any], lm: Any) -> None:

@@ -17,11 +17,12 @@ from safegeom.artifacts import Provenance
 from safegeom.batching import auto_batch_size as _auto_batch_size
 from safegeom.capture.config import CaptureConfig
 from safegeom.config import config_dict
+from safegeom.distributed import all_or_none
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.models.chat import EncodedPrompt, EncodedSet, encode_set
 from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import PositionPlan, plan_positions
-from safegeom.prompts import Prompts, load_prompts
+from safegeom.prompts import Prompts, PromptSet, load_prompts
 
 __all__ = [
     "CapturePlan",
@@ -109,9 +110,12 @@ def _user_error(err: ValueError) -> SafegeomError:
     return err if isinstance(err, SafegeomError) else ConfigError(str(err))
 
 
-def encode_for(lm: LoadedModel, prompts: Prompts | EncodedSet, system: str | None) -> EncodedSet:
+def encode_for(
+    lm: LoadedModel, prompts: Prompts | EncodedSet, system: str | None, *, dealt: bool = False
+) -> EncodedSet:
     """``prompts`` encoded for ``lm`` (an :class:`EncodedSet` with the same system prompt and
-    template is used as it is).
+    template is used as it is). ``dealt``: each rank encodes its share, a collective
+    (:func:`~safegeom.models.chat.encode_set`).
 
     Raises:
         SafegeomError: an unknown or empty prompt set, or a prompt longer than the model's
@@ -119,10 +123,13 @@ def encode_for(lm: LoadedModel, prompts: Prompts | EncodedSet, system: str | Non
     """
     limit = lm.max_positions
     try:
-        source = prompts if isinstance(prompts, EncodedSet) else load_prompts(prompts)
+        if isinstance(prompts, EncodedSet):
+            source: PromptSet | EncodedSet = prompts
+        else:  # loaded by every rank; a failure on one stops them all before the collective
+            source = all_or_none(load_prompts, prompts) if dealt else load_prompts(prompts)
         encoded = encode_set(
             lm.tokenizer, source, system=system, chat_template=lm.chat_template,
-            max_positions=limit,
+            max_positions=limit, dealt=dealt,
         )  # fmt: skip
     except ValueError as err:
         raise _user_error(err) from None

@@ -4,10 +4,11 @@
 :func:`~safegeom.capture.capture_to_disk` come here by themselves when a launcher started more
 than one process (:mod:`safegeom.distributed`); nothing changes for one process.
 
-- Every rank plans the whole prompt set (tokenizing is cheap), the ranks agree on the smallest
-  batch size any of them chose, and the batch plan one process would run (longest first) is dealt
-  round robin (:func:`~safegeom.distributed.deal`). Each rank thus runs exactly the batches of one
-  process, and the activations equal one process's bit for bit.
+- Every rank tokenizes its round-robin share of the prompts and receives the others' (the
+  tokenizing is split too), plans the whole set, the ranks agree on the smallest batch size any
+  of them chose, and the batch plan one process would run (longest first) is dealt round robin
+  (:func:`~safegeom.distributed.deal`). Each rank thus runs exactly the batches of one process,
+  and the activations equal one process's bit for bit.
 - In memory: every rank returns the whole :class:`Activations`, in input order (so code that uses
   them runs unchanged on every rank; the CLI writes on rank 0 only). Every rank then holds all
   activations: for sets that do not fit that many times in host memory, use statistics or disk.
@@ -44,7 +45,7 @@ from safegeom.activations import Activations, ActivationStats
 from safegeom.artifacts import check_output_dir
 from safegeom.capture.config import CaptureConfig
 from safegeom.capture.engine import ShardWriter, disk_config, iter_capture, plan_batches
-from safegeom.capture.plan import CapturePlan, plan_capture
+from safegeom.capture.plan import CapturePlan, encode_for, plan_capture
 from safegeom.distributed import all_or_none, collect, deal, gather, is_main, main_only, world_size
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import Prompts
@@ -67,7 +68,8 @@ def shard_plan(
     Raises:
         SafegeomError: planning failed on any rank (bad prompts, sites, layers, positions).
     """
-    plan = all_or_none(plan_capture, lm, prompts, cfg)
+    encoded = encode_for(lm, prompts, cfg.system, dealt=True)  # each rank tokenizes its share
+    plan = all_or_none(plan_capture, lm, encoded, cfg)
     size = min(collect(plan.batch_size, to="all") or [plan.batch_size])
     if size != plan.batch_size:
         plan = dataclasses.replace(plan, batch_size=size)

@@ -18,8 +18,9 @@ import numpy as np
 
 from safegeom.carriers.dealt import batch_plan
 from safegeom.distributed import all_or_none, alone, gather, shard
-from safegeom.generation import Intervention, encode_chat, generate
+from safegeom.generation import Intervention, generate
 from safegeom.judges import SubstringJudge
+from safegeom.models.chat import encode_set
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet
 
@@ -45,8 +46,14 @@ def generated_refusals(
         float array ``[len(interventions), len(prompts)]``, prompts in input order, on every rank.
     """
     texts = list(prompts.prompts)
-    lengths = all_or_none(lambda: [len(e.input_ids) for e in encode_chat(lm, texts, None)])
-    plan = batch_plan(lm, [n + max_new_tokens for n in lengths], None)
+    encoded = encode_set(
+        lm.tokenizer,
+        texts,
+        chat_template=lm.chat_template,
+        max_positions=lm.max_positions,
+        dealt=True,
+    )  # each rank tokenizes its share, once
+    plan = batch_plan(lm, [len(e) + max_new_tokens for e in encoded.encoded], None)
     units = [(d, b) for d in range(len(interventions)) for b in range(len(plan))]
     mine = shard(len(units))
     judge = SubstringJudge()
@@ -59,7 +66,7 @@ def generated_refusals(
             make = interventions[d]
             with alone():  # one batch of this rank's own: nothing shards inside
                 completions = generate(
-                    lm, batch, max_new_tokens=max_new_tokens, batch_size=len(batch),
+                    lm, encoded.select(plan[b]), max_new_tokens=max_new_tokens, batch_size=len(batch),
                     intervention=None if make is None else make(), progress=False,
                 )  # fmt: skip
             out.append([float(j) for j in judge(batch, completions)])
