@@ -3,8 +3,9 @@ process with the same global batch, and its checkpoints are those of one process
 
 One launch of this module's :func:`worker` as two ranks trains a tiny random Llama with ``sft``
 and ``fsdp=True`` (every weight sharded per decoder block), two such runs stopped after step 1
-(one resumed here by the same two ranks, the other here by one process without FSDP), and a LoRA
-run with ``fsdp=True`` that must be refused.
+(one resumed here by the same two ranks, the other here by one process without FSDP), a LoRA
+run with ``fsdp=True`` that must be refused, and an sft run of a twin whose output head is its
+input embedding (tied).
 
 Tolerance: every weight of every checkpoint within ``ATOL`` = 1e-6 in float32 of the one-process
 run without FSDP (max |Δw| measured after 2 AdamW steps: 3.0e-8; the AdamW moments saved within
@@ -48,10 +49,12 @@ RUNS: dict[str, dict[str, Any]] = {
     "cut1": {"fsdp": True},
     "noclip": {"fsdp": True, "steps": 1, "grad_clip": None},
     "lora": {"fsdp": True, "method": "lora"},
+    "tied": {"fsdp": True},
 }
 """The worker's runs (``RUN`` plus these settings), in order; ``cut`` and ``cut1`` are stopped
 after step 1, ``cut`` resumed at once by the same two ranks; ``noclip`` leaves the gradients'
-scale in the AdamW moments (a clip to norm 1 would hide a mean in place of the sum)."""
+scale in the AdamW moments (a clip to norm 1 would hide a mean in place of the sum); ``tied``
+trains the model whose output head is its input embedding (:func:`_tied`)."""
 LORA_REFUSED = "FSDP shards full weights and is for sft only; lora trains small adapters"
 
 
@@ -72,6 +75,11 @@ def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
     return train(ckpt, TASK, out=out, **{**RUN, **RUNS[name], **more})
 
 
+def _tied(ckpt: Path | str) -> Path:
+    """The tied-embedding twin of the job's checkpoint (built by the fixture beside it)."""
+    return Path(ckpt).parent / "tied" / "llama"
+
+
 def worker(ckpt: str, work: Path) -> None:
     """One rank: every run of :data:`RUNS` into ``work/NAME``; saves ``work/rank{r}.json`` with
     each run's trajectory (or error) and the paths this rank wrote, made or renamed."""
@@ -85,8 +93,9 @@ def worker(ckpt: str, work: Path) -> None:
         more = {"callback": _stop_after_one} if name.startswith("cut") else {}
 
         def run(name: str = name, more: dict[str, Any] = more) -> Any:
+            source = _tied(ckpt) if name == "tied" else ckpt
             try:
-                return _run(ckpt, work / name, name, **more)
+                return _run(source, work / name, name, **more)
             except Stopped:
                 if name != "cut":
                     raise
@@ -101,6 +110,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict
     """The tiny checkpoint, the two-process job's folder, and each rank's results."""
     root = tmp_path_factory.mktemp("fsdp")
     ckpt = build_checkpoint(root, "llama", n_layers=2)
+    build_checkpoint(root / "tied", "llama", n_layers=2, tied=True)
     work = root / "work"
     work.mkdir()
     return ckpt, work, launch_job("tests.test_train_fsdp", ckpt, work, root)
@@ -128,6 +138,27 @@ def test_two_fsdp_processes_equal_one(job, one) -> None:
         assert max_diff(a, b) <= ATOL
     assert two.losses == pytest.approx(one.losses, rel=1e-5)
     assert max_diff(two.paths[0], two.paths[-1]) > 100 * ATOL  # training moved the weights
+
+
+def test_tied_embeddings_stay_tied(job, tmp_path: Path) -> None:
+    """A model whose output head is its input embedding (one parameter, sharded once with the
+    rest of the model): two FSDP ranks equal one process within ATOL, and every checkpoint
+    loads back with the head still the embedding."""
+    from safegeom.models import load_model
+    from safegeom.train.trajectory import load_trajectory
+
+    ckpt, work, ranks = job
+    assert ranks[0]["tied"] == ranks[1]["tied"]
+    one = _run(_tied(ckpt), tmp_path / "tied", "tied", fsdp=False)
+    two = load_trajectory(work / "tied")
+    assert two.steps == one.steps == (0, 1, 2)
+    for a, b in zip(two.paths, one.paths, strict=True):
+        assert max_diff(a, b) <= ATOL
+    assert max_diff(two.paths[0], two.paths[-1]) > 100 * ATOL  # training moved the weights
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    model = load_model(two.paths[-1]).base
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head.data_ptr() == embedding.data_ptr()
 
 
 def test_checkpoints_hold_full_tensors(job, one) -> None:

@@ -73,8 +73,11 @@ def build_tokenizer(template: str) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_checkpoint(root: Path, arch: str, *, n_layers: int = 3, seed: int = 0) -> Path:
-    """Save a tiny random model of ``arch`` with a chat-template tokenizer under ``root/arch``."""
+def build_checkpoint(
+    root: Path, arch: str, *, n_layers: int = 3, seed: int = 0, tied: bool = False
+) -> Path:
+    """Save a tiny random model of ``arch`` with a chat-template tokenizer under ``root/arch``
+    (``tied``: the output head shares the input embedding's weight)."""
     overrides, template = ARCHS[arch]
     tokenizer = build_tokenizer(template)
     vocab = len(tokenizer)
@@ -95,7 +98,7 @@ def build_checkpoint(root: Path, arch: str, *, n_layers: int = 3, seed: int = 0)
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

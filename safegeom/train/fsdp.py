@@ -143,9 +143,20 @@ def _keep() -> bool:
 
 def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every entry of ``module.state_dict()`` whole on CPU, gathered from the shards (a
-    collective: every rank calls it); rank 0 gets the tensors, the others empty placeholders."""
+    collective: every rank calls it); rank 0 gets the tensors, the others empty placeholders.
+
+    A parameter held under several names (tied input and output embeddings) is gathered once and
+    its names share the one CPU tensor, as in the unsharded model, so the checkpoint is saved as
+    one process saves it (the tied copy left out).
+    """
     keep = _keep()
-    return {name: _full(value, keep) for name, value in module.state_dict().items()}
+    gathered: dict[int, Any] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if id(value) not in gathered:
+            gathered[id(value)] = _full(value, keep)
+        out[name] = gathered[id(value)]
+    return out
 
 
 def full_optimizer_state(optimizer: Any) -> dict[str, Any]:
