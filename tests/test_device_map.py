@@ -225,3 +225,41 @@ def test_cli_refuses_device_with_device_map(
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--device-map 'auto' and --device 'cpu' both given" in err
+
+
+def test_adapter_on_a_split_model(checkpoint: Path, tmp_path: Path, one_thread) -> None:
+    """A LoRA adapter folder loaded with the cpu+disk map: its activations, refusal scores and
+    generations equal the adapter on the model in one piece (and differ from the base)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(checkpoint, dtype="float32", device="cpu")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    peft_model = get_peft_model(base.model, lora)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # LoRA starts at B = 0: make the adapter act
+    peft_model.save_pretrained(tmp_path / "adapter")
+    plain = load_model(checkpoint, dtype="float32", device="cpu")
+    whole = load_model(tmp_path / "adapter", dtype="float32", device="cpu")
+    split = load_model(
+        tmp_path / "adapter", dtype="float32", device_map=PLACEMENTS["cpu+disk"][1],
+        offload_folder=tmp_path / "offload",
+    )  # fmt: skip
+    assert split.split and split.adapter and not split.merged
+    assert all(p.device.type == "meta" for p in split.blocks[1].parameters() if p.dim() > 1)
+    config = {"sites": SITES, "positions": "t_inst,-1", "batch_size": 2, "progress": False}
+    a, b = capture(whole, PROMPTS, **config), capture(split, PROMPTS, **config)
+    for site in SITES:
+        _same(b[site], a[site], 0.0)
+    scores = refusal_scores(whole, PROMPTS, progress=False)
+    _same(refusal_scores(split, PROMPTS, progress=False), scores, 0.0)
+    assert (scores - refusal_scores(plain, PROMPTS, progress=False)).abs().max() > 1e-3
+    greedy = {"max_new_tokens": 6, "progress": False}
+    assert generate(split, PROMPTS, **greedy) == generate(whole, PROMPTS, **greedy)
+    merged = load_model(
+        tmp_path / "adapter", dtype="float32", device_map=PLACEMENTS["cpu+disk"][1],
+        offload_folder=tmp_path / "offload-merged", merge_adapter=True,
+    )  # fmt: skip
+    assert merged.split and merged.merged
+    _same(refusal_scores(merged, PROMPTS, progress=False), scores, 1e-4)  # merged: fp rounding

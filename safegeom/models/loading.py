@@ -31,7 +31,7 @@ from safegeom.errors import ConfigError, ModelLoadError, NotFoundError, Safegeom
 from safegeom.models.checkpoint import check_device, check_weight_files, resolve_source
 from safegeom.models.hashing import weight_hash
 from safegeom.models.layout import ArchLayout, layout_for, resolve
-from safegeom.models.placement import execution_device, is_split, placement
+from safegeom.models.placement import adapter_placement, execution_device, is_split, placement
 from safegeom.models.tokenizer_loading import load_tokenizer
 
 __all__ = ["TINY_CHAT", "LoadConfig", "LoadedModel", "load_model", "tiny_chat_path", "weight_hash"]
@@ -363,7 +363,7 @@ def load_model(
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = PeftModel.from_pretrained(model, adapter_dir, **adapter_placement(model, placed))
         if merge_adapter:
             model = model.merge_and_unload()
     if not placed:

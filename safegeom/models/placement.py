@@ -127,6 +127,27 @@ def parse_max_memory(value: str | Mapping[Any, Any] | None) -> dict[int | str, i
     return out
 
 
+def adapter_placement(model: nn.Module, placed: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``PeftModel.from_pretrained`` needs to keep a base placed by a device map where it is.
+
+    With ``cpu`` or ``disk`` in the map, peft dispatches the wrapped model again (``auto`` by
+    default, which fails on weights offloaded to disk): it gets the map the base was dispatched
+    with, under the wrapper's module names, and the offload folder.
+
+    Returns:
+        Keyword arguments (``{}`` for a model placed on one device).
+    """
+    if not placed:
+        return {}
+    resolved = getattr(model, "hf_device_map", None) or {}
+    out: dict[str, Any] = {
+        "device_map": {f"base_model.model.{k}".rstrip("."): v for k, v in resolved.items()}
+    }
+    if placed.get("offload_folder"):
+        out["offload_folder"] = placed["offload_folder"]
+    return out
+
+
 def _hooks(module: nn.Module) -> list[Any]:
     """The accelerate hooks on a module (a ``SequentialHook`` holds several)."""
     hook = getattr(module, "_hf_hook", None)
