@@ -227,9 +227,9 @@ def test_cli_refuses_device_with_device_map(
     assert "--device-map 'auto' and --device 'cpu' both given" in err
 
 
-def test_adapter_on_a_split_model(checkpoint: Path, tmp_path: Path, one_thread) -> None:
-    """A LoRA adapter folder loaded with the cpu+disk map: its activations, refusal scores and
-    generations equal the adapter on the model in one piece (and differ from the base)."""
+@pytest.fixture(scope="module")
+def adapter(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter folder for the checkpoint, with B drawn (LoRA starts at B = 0) so it acts."""
     from peft import LoraConfig, get_peft_model
 
     base = load_model(checkpoint, dtype="float32", device="cpu")
@@ -238,28 +238,63 @@ def test_adapter_on_a_split_model(checkpoint: Path, tmp_path: Path, one_thread) 
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5)  # LoRA starts at B = 0: make the adapter act
-    peft_model.save_pretrained(tmp_path / "adapter")
-    plain = load_model(checkpoint, dtype="float32", device="cpu")
-    whole = load_model(tmp_path / "adapter", dtype="float32", device="cpu")
-    split = load_model(
-        tmp_path / "adapter", dtype="float32", device_map=PLACEMENTS["cpu+disk"][1],
-        offload_folder=tmp_path / "offload",
-    )  # fmt: skip
-    assert split.split and split.adapter and not split.merged
-    assert all(p.device.type == "meta" for p in split.blocks[1].parameters() if p.dim() > 1)
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    peft_model.save_pretrained(out)
+    return out
+
+
+ADAPTER_PLACEMENTS = {
+    # name: (device of the adapter in one piece, device map of the split one)
+    "cpu-map": ("cpu", _map("cpu", "cpu", "cpu")),
+    "gpu+cpu-offload": ("cuda:0", _map(0, "cpu", 0)),
+    "two-gpu": ("cuda:0", _map(0, 0, 1) | {"model.layers.2": 1}),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.skipif(NEEDS.get(n, 0) > N_GPU, reason="needs GPUs"))
+        for n in ADAPTER_PLACEMENTS
+    ],
+)
+def test_adapter_on_a_placed_base(
+    adapter: Path, checkpoint: Path, tmp_path: Path, name: str, one_thread
+) -> None:
+    """A LoRA adapter folder loaded onto a base placed by a map (CPU offload in it: peft then
+    dispatches again, with this map): its activations, refusal scores and generations equal the
+    adapter on the model in one piece (and differ from the base); merged too."""
+    device, device_map = ADAPTER_PLACEMENTS[name]
+    tol = 0.0 if device == "cpu" else 1e-5
+    plain = load_model(checkpoint, dtype="float32", device=device)
+    whole = load_model(adapter, dtype="float32", device=device)
+    placed = load_model(adapter, dtype="float32", device_map=device_map)
+    assert placed.adapter and not placed.merged
     config = {"sites": SITES, "positions": "t_inst,-1", "batch_size": 2, "progress": False}
-    a, b = capture(whole, PROMPTS, **config), capture(split, PROMPTS, **config)
+    a, b = capture(whole, PROMPTS, **config), capture(placed, PROMPTS, **config)
     for site in SITES:
-        _same(b[site], a[site], 0.0)
+        _same(b[site], a[site], tol)
     scores = refusal_scores(whole, PROMPTS, progress=False)
-    _same(refusal_scores(split, PROMPTS, progress=False), scores, 0.0)
+    _same(refusal_scores(placed, PROMPTS, progress=False), scores, tol)
     assert (scores - refusal_scores(plain, PROMPTS, progress=False)).abs().max() > 1e-3
     greedy = {"max_new_tokens": 6, "progress": False}
-    assert generate(split, PROMPTS, **greedy) == generate(whole, PROMPTS, **greedy)
-    merged = load_model(
-        tmp_path / "adapter", dtype="float32", device_map=PLACEMENTS["cpu+disk"][1],
-        offload_folder=tmp_path / "offload-merged", merge_adapter=True,
-    )  # fmt: skip
-    assert merged.split and merged.merged
+    assert generate(placed, PROMPTS, **greedy) == generate(whole, PROMPTS, **greedy)
+    merged = load_model(adapter, dtype="float32", device_map=device_map, merge_adapter=True)
+    assert merged.merged
     _same(refusal_scores(merged, PROMPTS, progress=False), scores, 1e-4)  # merged: fp rounding
+
+
+def test_adapter_on_a_base_offloaded_to_disk_is_refused(
+    adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """peft would write the offloaded weights again under the working directory: refused, and
+    nothing is written there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_model(adapter, device_map=PLACEMENTS["cpu+disk"][1], offload_folder=tmp_path / "off")
+    assert str(err.value).startswith(
+        "a PEFT adapter on a base with weights offloaded to disk ('model.layers.1' and 1 more) is "
+        "refused: peft writes the offloaded weights again, relative to the working directory."
+    )
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["off"])

@@ -130,16 +130,29 @@ def parse_max_memory(value: str | Mapping[Any, Any] | None) -> dict[int | str, i
 def adapter_placement(model: nn.Module, placed: Mapping[str, Any]) -> dict[str, Any]:
     """What ``PeftModel.from_pretrained`` needs to keep a base placed by a device map where it is.
 
-    With ``cpu`` or ``disk`` in the map, peft dispatches the wrapped model again (``auto`` by
-    default, which fails on weights offloaded to disk): it gets the map the base was dispatched
-    with, under the wrapper's module names, and the offload folder.
+    With ``cpu`` in the map, peft dispatches the wrapped model again (with ``auto`` by default,
+    which would move the CPU-offloaded weights to the GPUs): it gets the map the base was
+    dispatched with, under the wrapper's module names, and the offload folder.
 
     Returns:
         Keyword arguments (``{}`` for a model placed on one device).
+
+    Raises:
+        ConfigError: the map offloads weights to disk. peft (0.21) then writes a copy of the
+            base's weights file, with the adapter in it, at the file's absolute path taken as
+            relative to the working directory (from ``/`` it would overwrite the base itself).
     """
     if not placed:
         return {}
     resolved = getattr(model, "hf_device_map", None) or {}
+    on_disk = sorted(k for k, v in resolved.items() if v == "disk")
+    if on_disk:
+        raise ConfigError(
+            f"a PEFT adapter on a base with weights offloaded to disk ({on_disk[0]!r} and "
+            f"{len(on_disk) - 1} more) is refused: peft writes the offloaded weights again, "
+            "relative to the working directory. Leave disk out of the map (more --max-memory "
+            "for GPUs and CPU), or merge the adapter into a full checkpoint first"
+        )
     out: dict[str, Any] = {
         "device_map": {f"base_model.model.{k}".rstrip("."): v for k, v in resolved.items()}
     }
