@@ -12,9 +12,10 @@ Method: every *job* is started as a launcher starts one: a process per rank with
 ``OMP_NUM_THREADS=1`` (one torch thread) and no GPU (gloo between the ranks). The 1-process job
 (``WORLD_SIZE=1``) runs the library's plain one-process path. Each rank builds the same
 random-weight Llama (a config and a seed, tiny-chat's shipped tokenizer and chat template; nothing
-is downloaded) and the same random prompts, runs every path on two batches per rank (warm-up; it
-also forms the process group), then per path waits for every rank (a barrier) and times the call
-alone. A job's time is its slowest rank's; throughput is prompts / that time.
+is downloaded) and the same random prompts, runs every path once on the whole prompt set
+(warm-up: it also forms the process group; warmed on two batches per rank only, the first timed
+call ran 7-20% slower than the next ones, one or two processes alike), then per path waits for
+every rank (a barrier) and times the call alone. A job's time is its slowest rank's; throughput is prompts / that time.
 
 A *repeat* runs one 1-process job and one 2-process job back to back (the order alternates from
 repeat to repeat, so a change in background load hits both alike). Reported per path: the median
@@ -176,9 +177,8 @@ def worker(spec: dict[str, Any]) -> None:
     hf_logging.disable_progress_bar()
     lm, prompts = build(preset)
     world, r = dist.world_size(), dist.rank()
-    warm = prompts[: 2 * world * preset.batch_size]  # two batches per rank
-    for path in spec["paths"]:
-        run_path(lm, path, warm, preset)
+    for path in spec["paths"]:  # warm-up on the whole set (a smaller one left the first call slow)
+        run_path(lm, path, prompts, preset)
     out: dict[str, Any] = {"rank": r, "world": world, "threads": torch.get_num_threads(),
                            "seconds": {}, "check": {}}  # fmt: skip
     for path in spec["paths"]:
