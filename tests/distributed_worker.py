@@ -248,6 +248,9 @@ def late(work: Path) -> None:
     from safegeom import distributed as dist
 
     r = int(os.environ["RANK"])
+    (work / f"ready{r}").touch()  # both ranks imported: the group forms within the short timeout
+    while not all((work / f"ready{i}").exists() for i in range(2)):
+        time.sleep(0.02)
     dist.collect(r)  # forms the group, with the environment's timeout
     if r == 1:
         time.sleep(8)
