@@ -20,7 +20,7 @@ from safegeom.config import config_dict
 from safegeom.errors import ConfigError, OutputPathError
 from safegeom.models.loading import LoadConfig
 
-__all__ = ["finish", "identity", "manifest", "start", "thawed"]
+__all__ = ["AuditRun", "finish", "identity", "manifest", "start", "thawed"]
 
 _IDENTITY_LOAD = ("dtype", "merge_adapter", "revision", "layout", "chat_template")
 """LoadConfig fields that change the numbers (the device only changes where they are computed)."""
@@ -46,6 +46,22 @@ def identity(config: AuditConfig, load: LoadConfig, inputs: AuditInputs) -> dict
         "load": {k: loading[k] for k in _IDENTITY_LOAD},
         "base": inputs.base.path,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditRun:
+    """What every write to one audit folder needs: where, what is audited, and how."""
+
+    out: Path
+    """The audit folder."""
+    identity: dict[str, Any]
+    """What must be equal for a rerun to continue the folder (:func:`identity`)."""
+    inputs: AuditInputs
+    """The base and the checkpoints."""
+    task: Any
+    """The behavioural task, or ``None``."""
+    config: AuditConfig
+    """The audit's settings."""
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -87,22 +103,15 @@ def _prepare(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
         )
 
 
-def manifest(
-    out: Path,
-    identity: dict[str, Any],
-    inputs: AuditInputs,
-    task: Any,
-    config: AuditConfig,
-    reference_s: float | None,
-    complete: bool,
-) -> dict[str, Any]:
-    """The manifest of ``out`` as it stands: identity, inputs, versions, the finished
+def manifest(run: AuditRun, reference_s: float | None, complete: bool) -> dict[str, Any]:
+    """The manifest of ``run.out`` as it stands: identity, inputs, versions, the finished
     checkpoints' records (read from their files), timings in seconds (``reference_s``, the
     Reference's build, added to those already recorded), forward passes, ``complete``.
 
     Returns:
         The manifest, JSON-ready (rank 0 writes it).
     """
+    out, identity, inputs, task = run.out, run.identity, run.inputs, run.task
     previous: dict[str, Any] = {}
     if (out / "manifest.json").is_file():
         previous = read_json(out / "manifest.json", what="audit manifest")
@@ -119,7 +128,7 @@ def manifest(
         "identity": identity,
         "config": identity["config"],
         "load": identity["load"],
-        "seeds": {"seed": config.seed},
+        "seeds": {"seed": run.config.seed},
         "inputs": {
             "source": inputs.source,
             "base": dataclasses.asdict(inputs.base),
@@ -136,45 +145,33 @@ def manifest(
     }
 
 
-def start(
-    out: Path,
-    identity: dict[str, Any],
-    inputs: AuditInputs,
-    task: Any,
-    config: AuditConfig,
-    overwrite: bool,
-) -> list[str]:
-    """Rank 0: check and prepare ``out``, write the first manifest.
+def start(run: AuditRun, overwrite: bool) -> list[str]:
+    """Rank 0: check and prepare ``run.out``, write the first manifest.
 
     Returns:
         The labels of the checkpoints still to measure (no Parquet file yet), in step order.
     """
-    _prepare(out, identity, overwrite)
+    out = run.out
+    _prepare(out, run.identity, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "manifest.json", manifest(out, identity, inputs, task, config, None, False))
+    write_json(out / "manifest.json", manifest(run, None, False))
     rows = out / "checkpoints"
-    return [t.label for t in inputs.targets if not (rows / f"{t.label}.parquet").is_file()]
+    return [t.label for t in run.inputs.targets if not (rows / f"{t.label}.parquet").is_file()]
 
 
-def finish(
-    out: Path,
-    identity: dict[str, Any],
-    inputs: AuditInputs,
-    task: Any,
-    config: AuditConfig,
-    reference_s: float | None,
-) -> AuditResult:
+def finish(run: AuditRun, reference_s: float | None) -> AuditResult:
     """Rank 0: every checkpoint's rows as ``audit.parquet`` (step order), the complete manifest.
 
     Returns:
         The audit read back (:func:`load_audit`).
     """
-    tables = [pd.read_parquet(out / "checkpoints" / f"{t.label}.parquet") for t in inputs.targets]
+    out = run.out
+    tables = [
+        pd.read_parquet(out / "checkpoints" / f"{t.label}.parquet") for t in run.inputs.targets
+    ]
     table = frame([]) if not tables else pd.concat(tables, ignore_index=True)
     save_parquet(out / "audit.parquet", table)
-    write_json(
-        out / "manifest.json", manifest(out, identity, inputs, task, config, reference_s, True)
-    )
+    write_json(out / "manifest.json", manifest(run, reference_s, True))
     return load_audit(out)
 
 

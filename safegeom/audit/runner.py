@@ -250,10 +250,10 @@ def audit(
         if not is_main():  # the task's warning is printed once
             warnings.simplefilter("ignore")
         task = all_or_none(_task, config, inputs)
-    identity = folder_mod.identity(config, load, inputs)
-    labels = broadcast(
-        main_only(folder_mod.start)(folder, identity, inputs, task, config, overwrite)
+    run = folder_mod.AuditRun(
+        folder, folder_mod.identity(config, load, inputs), inputs, task, config
     )
+    labels = broadcast(main_only(folder_mod.start)(run, overwrite))
     todo = [t for t in inputs.targets if t.label in set(labels or ())]
     reference_s = None
     if todo:
@@ -276,14 +276,14 @@ def audit(
                 except Exception as err:  # reported to every rank once the round is written
                     error = err
             measured = collect(result, to="main") or []
-            written = main_only(_write)(folder, measured, partial(
-                folder_mod.manifest, folder, identity, inputs, task, config, reference_s, False
-            ))  # fmt: skip
+            written = main_only(_write)(
+                folder, measured, partial(folder_mod.manifest, run, reference_s, False)
+            )
             all_or_none(_raise, error)
             reference_s = None
             bar.update(written or 0)
         bar.close()
-    finished = main_only(folder_mod.finish)(folder, identity, inputs, task, config, reference_s)
+    finished = main_only(folder_mod.finish)(run, reference_s)
     if world_size() == 1:
         assert finished is not None
         return finished
