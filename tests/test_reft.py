@@ -70,6 +70,22 @@ def test_edit_never_moves_the_cone_coordinates(d: int, k: int, r: int, seed: int
     assert torch.allclose(rot @ rot.T, torch.eye(r), atol=1e-5)  # orthonormal rows
 
 
+def test_a_column_major_basis_is_stored_row_major() -> None:
+    """QR returns a column-major Q; the layer stores its basis row-major, as a checkpoint loads
+    it, so the edit in memory and the edit read back run the same kernels: equal bit for bit
+    (with the strides kept, tiny-chat's logits differed by 3.8e-6)."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 2, generator=g))[0]
+    assert not basis.is_contiguous()
+    layer = ReftLayer(basis, 3, g)
+    assert layer.basis.is_contiguous() and torch.equal(layer.basis, basis)
+    again = ReftLayer(basis.contiguous(), 3, torch.Generator().manual_seed(0))
+    again.load_state_dict(layer.state_dict())
+    h = torch.randn(4, 5, 16, generator=g)
+    with torch.no_grad():
+        assert torch.equal(layer(h), again(h))
+
+
 def test_rotation_is_qr_of_the_free_matrix_with_positive_diagonal() -> None:
     free = torch.randn(3, 8)
     rot = orthonormal_rows(free)

@@ -106,7 +106,9 @@ class ReftLayer(nn.Module):
     def __init__(self, basis: Float[Tensor, "d k"], rank: int, generator: torch.Generator) -> None:
         super().__init__()
         d = basis.shape[0]
-        self.register_buffer("basis", basis.clone())
+        # Row-major, as a checkpoint loads it (QR gives column-major): the same kernels run on the
+        # edit in memory and on its reloaded copy, so their outputs are equal bit for bit.
+        self.register_buffer("basis", basis.clone(memory_format=torch.contiguous_format))
         self.free = nn.Parameter(torch.randn(rank, d, generator=generator).to(basis.device))
         self.weight = nn.Parameter(orthonormal_rows(self.free.detach()).clone())
         self.bias = nn.Parameter(torch.zeros(rank, device=basis.device))
