@@ -63,6 +63,7 @@ from safegeom.judges import (
 )
 from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
+from safegeom.models.plain_text import encode_plain
 from safegeom.prompts import Prompts, load_prompts
 from safegeom.results import EvalResult
 
@@ -246,7 +247,7 @@ def completion_nll(
         raise SafegeomError(f"{len(completions)} completions for {len(encoded)} prompts")
     end = end_of_turn_id(tok, lm.chat_template)
     end = [end] if end is not None else [tok.eos_token_id] if tok.eos_token_id is not None else []
-    tails = [[*tok(c, add_special_tokens=False)["input_ids"], *end] for c in completions]
+    tails = [[*encode_plain(tok, c), *end] for c in completions]
     seqs = [list(e.input_ids) + t for e, t in zip(encoded, tails, strict=True)]
     counts = torch.tensor([len(t) for t in tails], dtype=torch.long)
     nll = torch.zeros(len(seqs), dtype=torch.float64)

@@ -30,6 +30,7 @@ import torch
 from safegeom.bootstrap import Metric
 from safegeom.errors import NotFoundError, SafegeomError
 from safegeom.generation import generate_from_ids
+from safegeom.models.plain_text import content_spans, encode_chat_text
 from safegeom.scoring import exact_match
 
 __all__ = [
@@ -237,6 +238,15 @@ class ModelJudge:
             for conv in convs
         ]
 
+    def _chat_ids(self, prompt: str, completion: str) -> list[int]:
+        """Token ids of one rendered pair; special-token strings in the prompt and the completion
+        are encoded as text, so a completion cannot forge the judge's own turn."""
+        _check_pairs([prompt], [completion])
+        text, spans = content_spans(
+            lambda pair: self.render(pair[:1], pair[1:])[0], [prompt, completion]
+        )
+        return encode_chat_text(self.tokenizer, text, spans)[0]
+
     def _refused_by_index(self) -> dict[int, bool]:
         id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
         if self.refused is None:
@@ -261,11 +271,10 @@ class ModelJudge:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[bool, ...]:
         """One bool per pair, ``True`` = refused (see the class docstring for each kind)."""
-        texts = self.render(prompts, completions)
         if self.kind == "chat":
             ids = [
-                self.tokenizer(t, add_special_tokens=False)["input_ids"][-self.max_length :]
-                for t in texts
+                self._chat_ids(p, c)[-self.max_length :]
+                for p, c in zip(prompts, completions, strict=True)
             ]
             outputs = generate_from_ids(
                 self.model,
@@ -276,6 +285,7 @@ class ModelJudge:
                 progress=False,
             )
             return tuple(bool(self.parse(text)) for text in outputs)
+        texts = self.render(prompts, completions)
         verdict = self._refused_by_index()
         device = next(self.model.parameters()).device
         out: list[bool] = []

@@ -41,6 +41,7 @@ from safegeom.hooks import Hook, attach, site_hook_point
 from safegeom.interventions import ABLATION_SITES, ablate, add
 from safegeom.models.chat import EncodedPrompt, collate_left, encode_prompts
 from safegeom.models.loading import LoadedModel
+from safegeom.models.plain_text import encode_plain
 from safegeom.prompts import load_prompts
 
 __all__ = ["RDOConfig", "RDOTargets", "first_sentence", "rdo_cone", "rdo_direction", "rdo_targets"]
@@ -99,7 +100,7 @@ def rdo_targets(
         )
         pairs = []
         for e, text in zip(enc, texts, strict=True):
-            ids = lm.tokenizer(cut(text), add_special_tokens=False)["input_ids"][:max_new_tokens]
+            ids = encode_plain(lm.tokenizer, cut(text))[:max_new_tokens]
             pairs.append((e.input_ids, tuple(ids) or (int(lm.tokenizer.eos_token_id),)))
         return tuple(pairs)
 

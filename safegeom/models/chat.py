@@ -26,6 +26,7 @@ from torch import Tensor
 from safegeom.artifacts import sha256_text
 from safegeom.distributed import all_or_none, gather, shard, world_size
 from safegeom.errors import SafegeomError
+from safegeom.models.plain_text import encode_chat_text, find_span
 
 __all__ = [
     "ChatBatch",
@@ -144,10 +145,32 @@ def encode_prompts(
     if len(prompts) == 0:
         raise SafegeomError("empty prompt set: pass at least one prompt")
     rendered = render_prompts(tokenizer, prompts, system=system, chat_template=chat_template)
-    encoded = []
-    for prompt, text in zip(prompts, rendered, strict=True):
-        encoded.append(_locate(tokenizer, prompt, text))
-    return encoded
+    at = instruction_start(tokenizer, system=system, chat_template=chat_template)
+    return [_locate(tokenizer, p, text, at) for p, text in zip(prompts, rendered, strict=True)]
+
+
+_MARKER = "SAFEGEOMINSTRUCTIONMARKER"
+
+
+def instruction_start(
+    tokenizer, *, system: str | None = None, chat_template: str | None = None
+) -> int | None:
+    """Where the chat template puts the user's instruction: the character index of a marker
+    instruction in its rendering, or ``None`` if the template does not insert it verbatim."""
+    (text,) = render_prompts(tokenizer, [_MARKER], system=system, chat_template=chat_template)
+    at = text.find(_MARKER)
+    return at if at >= 0 else None
+
+
+def instruction_span(prompt: str, text: str, start: int | None) -> tuple[int, int] | None:
+    """Character span of ``prompt`` in its rendering ``text``: at ``start`` (from
+    :func:`instruction_start`; stripped where the template trims), else its last occurrence.
+    A prompt that repeats the template's own text is thus found where the user put it."""
+    if start is not None:
+        for needle in (prompt, prompt.strip()):
+            if needle and text.startswith(needle, start):
+                return start, start + len(needle)
+    return find_span(text, prompt)
 
 
 @dataclass(frozen=True)
@@ -268,31 +291,21 @@ def _content_hash(prompts: Sequence[str]) -> str:
     return str(value() if callable(value) else value)
 
 
-def _locate(tokenizer, prompt: str, text: str) -> EncodedPrompt:
+def _locate(tokenizer, prompt: str, text: str, at: int | None) -> EncodedPrompt:
     if not prompt.strip():
         raise SafegeomError("empty prompt: every instruction needs text")
-    start = text.rfind(prompt)
-    needle = prompt
-    if start < 0:  # templates such as Gemma's trim the content
-        needle = prompt.strip()
-        start = text.rfind(needle)
-    if start < 0:
+    span = instruction_span(prompt, text, at)
+    if span is None:
         raise SafegeomError(
             "the chat template does not insert the instruction verbatim, so t_inst cannot be "
             f"located; instruction starts {prompt[:40]!r}"
         )
-    end = start + len(needle)
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        raise SafegeomError(
-            "positions need a fast tokenizer (offset mappings); use_fast=True"
-        ) from None
-    offsets = enc["offset_mapping"]
+    start, end = span
+    ids, offsets = encode_chat_text(tokenizer, text, [span])
     inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     if not inside:
         raise SafegeomError(f"no token covers the instruction {prompt[:40]!r}")
-    return EncodedPrompt(input_ids=tuple(enc["input_ids"]), t_inst=inside[-1], inst_start=inside[0])
+    return EncodedPrompt(input_ids=tuple(ids), t_inst=inside[-1], inst_start=inside[0])
 
 
 def collate_left(encoded: Sequence[EncodedPrompt], pad_token_id: int) -> ChatBatch:

@@ -11,7 +11,8 @@ template writes no special token after the response, the EOS token is appended.
 
 Prompt tokens are exactly those of :func:`safegeom.models.render_prompts` tokenized without added
 special tokens (what the model sees at inference), and get label ``-100``; completion tokens are
-their own labels.
+their own labels. Special-token strings inside a prompt or a response are encoded as text
+(:mod:`safegeom.models.plain_text`), so a training pair cannot forge a chat turn.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch import Tensor
 
 from safegeom.errors import SafegeomError
 from safegeom.models import render_prompts
+from safegeom.models.chat import instruction_span, instruction_start
+from safegeom.models.plain_text import encode_chat_text
 
 __all__ = [
     "IGNORE_INDEX",
@@ -96,9 +99,7 @@ def _completion_ids(tokenizer, completion: str, response: str, specials: set[int
             f"{response[:40]!r}"
         )
     end = start + len(needle)
-    enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
-    offsets = enc["offset_mapping"]
+    ids, offsets = encode_chat_text(tokenizer, completion, [(start, end)])
     for i, (tok, (a, _)) in enumerate(zip(ids, offsets, strict=True)):
         if tok in specials and a >= end:
             return ids[: i + 1]
@@ -144,6 +145,7 @@ def encode_examples(
     rendered = render_prompts(tokenizer, prompts, system=system, chat_template=chat_template)
     template = chat_template or tokenizer.chat_template
     specials = _special_ids(tokenizer)
+    at = instruction_start(tokenizer, system=system, chat_template=chat_template)
     examples = []
     for prompt, response, prompt_text in zip(prompts, responses, rendered, strict=True):
         messages = [{"role": "system", "content": system}] if system else []
@@ -158,7 +160,8 @@ def encode_examples(
                 "generation prompt, so response-only labels cannot be derived; pass a template "
                 "(chat_template=...) whose assistant turn starts with its generation prompt"
             )
-        prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+        span = instruction_span(prompt, prompt_text, at)
+        prompt_ids = encode_chat_text(tokenizer, prompt_text, [span] if span else [])[0]
         ids = prompt_ids + _completion_ids(tokenizer, full[len(prompt_text) :], response, specials)
         if max_length is not None:
             if len(prompt_ids) >= max_length:
