@@ -1,4 +1,4 @@
-"""KL-constrained ("admissible") carriers (Lan et al. 2026, METHODS §4).
+"""KL-constrained ("admissible") carriers (Lan et al. 2026, docs/methods.md §4).
 
 A carrier is a direction or small subspace that causally modulates refusal while the next-token KL
 on safe prompts stays small. For each candidate (e.g. the diff-in-means at every layer for refusal
@@ -60,7 +60,8 @@ RankBy = Literal["effect", "bypass_effect", "induce_effect"]
 
 def carrier_effective_rank(carrier_or_vectors: Carrier | Tensor | np.ndarray) -> float:
     """Effective rank ``exp(H(σ/Σσ))`` of a carrier's vectors or of raw vectors ``[m, d]``, in
-    [1, min(m, d)], dimensionless (METHODS §4 proposal; :func:`safegeom.geometry.effective_rank`).
+    [1, min(m, d)], dimensionless (our choice, docs/methods.md §4; see
+    :func:`safegeom.geometry.effective_rank`).
 
     An orthonormal basis has effective rank exactly k, so measure concentration on *raw* vectors
     (e.g. diff-in-means across positions or categories; the cheap cone records that of its sources
