@@ -6,7 +6,7 @@ every batch row gets its own candidate through the row-wise interventions
 last-position logits are computed (``logits_to_keep=1``). Under a launcher the batches are dealt
 over the processes (:mod:`safegeom.carriers.dealt`): one process's scores on every rank.
 
-Refusal score (METHODS §1): ``p = Σ softmax(logits)[refusal tokens]`` in float64 and
+Refusal score (docs/methods.md §1): ``p = Σ softmax(logits)[refusal tokens]`` in float64 and
 ``log(p + 1e-8) − log(1 − p + 1e-8)`` (nats of log-odds).
 """
 
@@ -35,7 +35,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class CandidateScores:
-    """Selection scores of ``C`` candidates (METHODS §1), each a float64 tensor ``[C]``."""
+    """Selection scores of ``C`` candidates (docs/methods.md §1), each a float64 tensor ``[C]``."""
 
     bypass: Float[Tensor, " C"]
     """Mean refusal score on harmful prompts with the candidate ablated everywhere."""
