@@ -1,4 +1,4 @@
-"""Refusal Direction Optimisation and RDO cones (Wollschläger et al. 2025, METHODS §3).
+"""Refusal Direction Optimisation and RDO cones (Wollschläger et al. 2025, docs/methods.md §3).
 
 A unit vector ``r̂`` (or an orthonormal basis) is trained by gradient descent on
 
@@ -77,8 +77,8 @@ def rdo_targets(
     system: str | None = None,
     progress: bool = False,
 ) -> RDOTargets:
-    """Greedy targets for RDO (METHODS §3), ``max_new_tokens`` each; an empty completion becomes
-    the EOS token (the model stopping is its target). Under a launcher the generations are
+    """Greedy targets for RDO (docs/methods.md §3), ``max_new_tokens`` each; an empty
+    completion becomes the EOS token (the model stopping is its target). Under a launcher the generations are
     shared out over the ranks (:func:`~safegeom.evaluate_sharded.generate_sharded`) and every
     rank gets one process's targets."""
     from safegeom.distributed import world_size
@@ -270,7 +270,7 @@ def rdo_cone(
     system: str | None = None,
     progress: bool = True,
 ) -> Carrier:
-    """Train an RDO refusal cone of ``k`` orthonormal rows (METHODS §3; the paper uses k = 2–5).
+    """Train an RDO refusal cone of ``k`` orthonormal rows (docs/methods.md §3; k = 2–5 there).
 
     Each step samples ``config.n_combinations`` combinations ``normalise(sᵀB)``,
     ``s = |N(0, I_k)|``, and averages the RDO loss over the ``k`` basis vectors and them, so every
@@ -353,7 +353,7 @@ def rdo_direction(
     lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0),
     **options: Any,
 ) -> Carrier:
-    """Train a refusal direction with RDO (METHODS §3): :func:`rdo_cone` with ``k = 1``.
+    """Train a refusal direction with RDO (docs/methods.md §3): :func:`rdo_cone` with ``k = 1``.
 
     ``options``: ``seed``, ``config``, ``targets``, ``harmful_val``, ``harmless_val``, ``system``,
     ``progress``, as in :func:`rdo_cone`.
