@@ -18,8 +18,8 @@ class AuditConfig:
     """What the audit measures at every checkpoint, and with which prompts.
 
     The base (the aligned model, step 0) is the reference for every drift and fixed-source
-    number: its refusal direction r₀ is selected once (METHODS §1), its harmfulness direction h₀
-    (§2) and cheap cone B₀ (§3) extracted once, and all three applied to every checkpoint.
+    number: its refusal direction r₀ is selected once (docs/methods.md §1), its harmfulness
+    direction h₀ (§2) and cheap cone B₀ (§3) extracted once, and all three applied to every checkpoint.
 
     Example:
         >>> AuditConfig(n_per_class=16, generate=False).families
@@ -51,7 +51,7 @@ class AuditConfig:
     layers: LayerSpec = LayerSpec("all")
     """Layers of the per-layer metrics: all, 5, -1, 2:6 (end-exclusive), 2-5 (inclusive), lists."""
     cone_k: int = 3
-    """Dimension of the cheap refusal cone B (METHODS §3)."""
+    """Dimension of the cheap refusal cone B (docs/methods.md §3)."""
     n_random: int = 20
     """Matched random directions per causal test (at least 20)."""
     judge: str = "substring"
