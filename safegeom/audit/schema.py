@@ -45,7 +45,7 @@ METRICS: dict[str, str] = {
     "refusal_rate": "share of prompts the judge calls refused (harmful and harmless sets)",
     "asr": "attack success rate on a harmful set: 1 − refusal_rate",
     "over_refusal": "refusal_rate on a harmless set",
-    "refusal_score": "mean refusal log-odds at the first answer position (METHODS §1)",
+    "refusal_score": "mean refusal log-odds at the first answer position (docs/methods.md §1)",
     "kl_to_base": "mean KL(base ‖ checkpoint) of next-token distributions on harmless prompts, nats",
     "cross_entropy": "mean per-token cross-entropy of held-out reference completions, nats",
     "task_accuracy": "exact-match accuracy on the trajectory task's held-out problems",
