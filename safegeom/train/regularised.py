@@ -1,4 +1,4 @@
-"""KL-regularised LoRA (``kl``) and adaptive regularisation (``adaptive``, METHODS §7).
+"""KL-regularised LoRA (``kl``) and adaptive regularisation (``adaptive``, docs/methods.md §7).
 
 Both train LoRA adapters and keep the reference policy for free: the reference is the same model
 with its adapters disabled (``peft``'s ``disable_adapter``), i.e. the frozen initial model, so no
