@@ -1,4 +1,4 @@
-"""Adaptive regularisation (METHODS §7, "Learning to Stay Safe", 2026): weights, loss and risk.
+"""Adaptive regularisation (docs/methods.md §7, "Learning to Stay Safe", 2026): weights, loss, risk.
 
 Each batch gets a risk ``r ∈ [1, 5]``; the loss mixes the task loss and the KL to a frozen
 reference copy of the initial model with weights that follow the risk:
@@ -6,7 +6,7 @@ reference copy of the initial model with weights that follow the risk:
 ``loss = sft_w · L_SFT + kl_w · KL(P_ref ‖ P_θ)`` over answer tokens.
 
 The risk comes from a :class:`RiskCritic`: the activation probe :class:`RiskProbe` (the paper's
-predictor, with a logistic probe in place of its d→512→2 MLP, which METHODS allows) or the
+predictor, with a logistic probe in place of its d→512→2 MLP, as docs/methods.md §7 allows) or the
 :class:`JudgeCritic` around any :class:`~safegeom.judges.Judge` (our proposal, see there).
 """
 
