@@ -1,4 +1,4 @@
-"""Weight-space safety baselines (METHODS §8): Safe LoRA's projection and LoX's extrapolation.
+"""Weight-space safety baselines (docs/methods.md §8): Safe LoRA's projection, LoX's extrapolation.
 
 Both need the *unaligned* base model besides the aligned one: the alignment update
 ``V = W_aligned − W_unaligned`` of each weight matrix is what they keep safe.
@@ -64,7 +64,7 @@ def _same_shape(a: Tensor, b: Tensor, names: str) -> None:
 
 
 def alignment_matrix(V: Float[Tensor, "out in"]) -> Float[Tensor, "out out"]:
-    """Safe LoRA's alignment matrix ``C = V Vᵀ / ‖V‖_F`` (float64), exactly as METHODS §8 writes it.
+    """Safe LoRA's alignment matrix ``C = V Vᵀ / ‖V‖_F`` (float64), as docs/methods.md §8 has it.
 
     The paper (Hsu et al. 2024, eq. for ``Ĉ``) writes the same expression. It is the orthogonal
     projector onto ``span(V)`` only when ``V``'s non-zero singular values all equal ``√‖V‖_F``;
