@@ -95,7 +95,7 @@ class Example:
 
 
 def is_refusal(text: str) -> bool:
-    """Return whether ``text`` contains a METHODS §1 refusal substring or starts with an XSTest
+    """Return whether ``text`` holds a docs/methods.md §1 refusal substring or starts with an XSTest
     refusal prefix (both case-insensitive)."""
     low = text.lower().replace("\u2019", "'")
     if any(s.lower() in low for s in REFUSAL_SUBSTRINGS):
