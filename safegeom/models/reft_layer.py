@@ -1,6 +1,6 @@
 """The pieces of the RefusalGuard edit: its config, the orthonormal rows R, one layer's Φ − id.
 
-See :mod:`safegeom.models.reft` for the edit as a whole (METHODS §6, a proposal).
+See :mod:`safegeom.models.reft` for the edit as a whole (docs/methods.md §6, a proposal).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _ORTHO_TOL = 1e-4
 
 @dataclass(frozen=True)
 class ReftConfig:
-    """Where and how wide the RefusalGuard edit is (METHODS §6, a proposal)."""
+    """Where and how wide the RefusalGuard edit is (docs/methods.md §6, a proposal)."""
 
     layers: tuple[int, ...]
     """Decoder blocks edited (the set S), 0-based."""
