@@ -1,4 +1,4 @@
-"""RefusalGuard's representation edit (METHODS §6, a proposal): a LoReFT edit kept off the cone.
+"""RefusalGuard's representation edit (docs/methods.md §6, ours): a LoReFT edit kept off the cone.
 
 At each edited layer l the hidden state at the edited positions becomes
 
