@@ -2,7 +2,7 @@
 
 - :func:`generate`: batched greedy decoding of chat-formatted prompts (the library's own
   tokenization, left padding and position ids; stops at EOS or the template's end-of-turn token).
-- :func:`refusal_scores` (METHODS §1): one forward per batch, last position only, no generation.
+- :func:`refusal_scores` (docs/methods.md §1): one forward per batch, last position, no generation.
 - Rates from judgements (:mod:`safegeom.judges`): :func:`refusal_rate`,
   :func:`attack_success_rate`, :func:`over_refusal`; utility: :func:`task_accuracy`,
   :func:`cross_entropy`, :func:`kl_to_reference`. Each returns a :class:`~safegeom.bootstrap.Metric`.
@@ -94,7 +94,7 @@ __all__ = [
 
 
 DEFAULT_REFUSAL_PREFIXES: tuple[str, ...] = (*REFUSAL_SUBSTRINGS, "Sorry")
-"""Refusal openings whose first tokens are the refusal tokens (METHODS §1 substrings + "Sorry")."""
+"""Refusal openings whose first tokens are the refusal tokens (docs/methods.md §1's + "Sorry")."""
 
 _EPS = 1e-8
 
@@ -120,7 +120,7 @@ def refusal_tokens(
 
 
 def refusal_log_odds(logits: Float[Tensor, "n vocab"], tokens: Tensor) -> Float[Tensor, " n"]:
-    """Refusal score from next-token logits or log-probabilities (METHODS §1).
+    """Refusal score from next-token logits or log-probabilities (docs/methods.md §1).
 
     ``p = Σ softmax(logits)[tokens]`` in float64, ``score = log(p + 1e-8) − log(1 − p + 1e-8)``.
 
@@ -146,7 +146,7 @@ def refusal_scores(
     intervention: Intervention = None,
     progress: bool = True,
 ) -> Float[Tensor, " n"]:
-    """Refusal score of each prompt (METHODS §1), no generation.
+    """Refusal score of each prompt (docs/methods.md §1), no generation.
 
     ``p = Σ softmax(last-position logits)[tokens]`` in float64 (``tokens`` default:
     :func:`refusal_tokens`), ``score = log(p + 1e-8) − log(1 − p + 1e-8)``.
