@@ -1,6 +1,6 @@
 """The three consumers of the batch loop: tensors, float64 statistics and shards on disk.
 
-Design (see DESIGN.md, "Performance design"):
+Design (see docs/design.md, "Speed"):
 
 - The loop (:func:`~safegeom.capture.engine.iter_capture`) runs batches longest first; results
   are put back in input order here.
