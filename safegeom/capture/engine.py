@@ -1,6 +1,6 @@
 """The batch loop of capture (:func:`iter_capture`), and the writer of activation shards.
 
-Design (see DESIGN.md, "Performance design"):
+Design (see docs/design.md, "Speed"):
 
 - Prompts are sorted by length (stable) to cut padding; :func:`plan_batches` is the batch plan.
 - Each backend (``hooks``, ``transformer_lens``) fills preallocated device buffers
