@@ -1,13 +1,13 @@
 """The causal sweep: layer × strength × carrier, for ablation and addition, against matched controls.
 
 Every cell (carrier, op, layer, strength, population) is compared with ``n_random`` (≥ 20)
-random unit directions at the same layer, the same positions and the same norm (METHODS §4):
+random unit directions at the same layer, the same positions and the same norm (docs/methods.md §4):
 
 - ``ablate``: ``h ← h − s (h·r̂) r̂`` at the block inputs and attention/MLP outputs of the cell's
   layers (``all`` by default, as in Arditi et al.), ``s`` = strength (1 removes the component);
 - ``add``: ``h ← h + α r`` at the block input of one layer, all positions, ``α`` = strength in
   multiples of the carrier (``r`` keeps the diff-in-means norm; controls are random unit vectors
-  scaled to ``‖r‖``). The METHODS §4 proposal sweeps α ∈ [−2, 2].
+  scaled to ``‖r‖``). The docs/methods.md §4 proposal sweeps α ∈ [−2, 2].
 
 The fast metric is the refusal score (last-position log-odds of refusal tokens, no generation).
 All rows of a cell (prompts × [carrier + controls]) run in batched forward passes with
