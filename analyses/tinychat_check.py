@@ -3,7 +3,7 @@
 Measures, on the stored weights loaded back as float32 and on held-out ``test`` splits, with greedy
 decoding:
 
-- refusal rate (any METHODS §1 refusal substring, case-insensitive) on AdvBench, JBB-harmful and
+- refusal rate (a docs/methods.md §1 refusal substring, any case) on AdvBench, JBB-harmful and
   DirectHarm4, over-refusal on Alpaca, and XSTest safe/unsafe refusal rates;
 - the refusal direction: diff-in-means of ``resid_pre`` at the last prompt position between harmful
   and harmless ``val`` prompts, per layer; for each layer, the refusal rate on held-out harmful prompts
@@ -37,7 +37,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "safegeom" / "assets" / "t
 
 
 def is_refusal(text: str) -> bool:
-    """Return whether ``text`` contains a METHODS §1 refusal substring (case-insensitive)."""
+    """Return whether ``text`` holds a docs/methods.md §1 refusal substring (any case)."""
     low = text.lower().replace("\u2019", "'")
     return any(s.lower() in low for s in REFUSAL_SUBSTRINGS)
 
