@@ -1,4 +1,4 @@
-"""Safe LoRA's projection and LoX's extrapolation (METHODS §8) equal their formulas."""
+"""Safe LoRA's projection and LoX's extrapolation (docs/methods.md §8) equal their formulas."""
 
 from __future__ import annotations
 
