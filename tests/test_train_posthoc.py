@@ -1,4 +1,4 @@
-"""safe-lora and lox runs (METHODS §8): checkpoints equal the formulas, resume, bad input.
+"""safe-lora and lox runs (docs/methods.md §8): checkpoints equal the formulas, resume, bad input.
 
 The model pair: a tiny random Llama (the "unaligned" base) and the same model with crafted
 alignment updates V: ``q_proj`` gets ε·(an orthogonal matrix), so ``C = V Vᵀ/‖V‖_F ∝ I`` and
