@@ -1,4 +1,4 @@
-"""Adaptive regularisation (METHODS §7): weights on crafted risks, the answer KL, the risk critics."""
+"""Adaptive regularisation (docs/methods.md §7): weights on crafted risks, answer KL, critics."""
 
 from __future__ import annotations
 
