@@ -12,8 +12,8 @@ Conventions:
 - Bad inputs (NaN/inf, zero vectors, mismatched hidden sizes, wrong ranks) raise SafegeomError (a ValueError)
   with a one-line message.
 
-Where the papers are silent (METHODS.md §4 and §5) the choices are ours and are marked *proposal*:
-effective rank, coordinate statistics and imbalance, the subspace form of coupling.
+Where the papers are silent (docs/methods.md §4 and §5) the choices are ours and are marked
+*proposal*: effective rank, coordinate statistics and imbalance, the subspace form of coupling.
 """
 
 from __future__ import annotations
@@ -191,8 +191,8 @@ def sign_fix(r: ArrayLike, reference: ArrayLike) -> F64:
     """Return ``r`` or ``−r`` (float64) so that ``r · reference ≥ 0``.
 
     ``reference`` is normally the harmful − harmless mean difference at the carrier's layer and
-    position, which fixes the otherwise arbitrary sign of a direction (METHODS §5). ``r`` is returned
-    unchanged when it is exactly orthogonal to the reference.
+    position, which fixes the otherwise arbitrary sign of a direction (docs/methods.md §5). ``r``
+    is returned unchanged when it is exactly orthogonal to the reference.
     """
     x, ref = _vector(r, "r"), _vector(reference, "reference")
     _same_size(x, ref, "r", "reference")
@@ -204,7 +204,7 @@ def direction_drift(
     rt: ArrayLike,
     reference: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
 ) -> float:
-    """Drift of a direction between step 0 and step t (METHODS §5), dimensionless.
+    """Drift of a direction between step 0 and step t (docs/methods.md §5), dimensionless.
 
     Without ``reference``: ``1 − |cos(r0, rt)|`` in [0, 1]: 0 for the same line (whatever the sign),
     1 for orthogonal directions. It equals ``1 − cos θ`` for the angle θ ∈ [0, π/2] (radians) between
@@ -231,8 +231,8 @@ def direction_drift(
 
 def subspace_drift(B0: ArrayLike, Bt: ArrayLike, *, hidden_size: int | None = None) -> F64:
     """Drift of a subspace carrier: principal angles (radians, ascending, in [0, π/2]) between the
-    step-t carrier ``Bt`` and the step-0 carrier ``B0`` (METHODS §4 proposal: drift = principal
-    angles to the step-0 carrier). Reduce with :func:`grassmann_distance` for one number.
+    step-t carrier ``Bt`` and the step-0 carrier ``B0`` (docs/methods.md §4 proposal: drift =
+    principal angles to the step-0 carrier). Reduce with :func:`grassmann_distance` for one number.
     """
     return principal_angles(B0, Bt, hidden_size=hidden_size)
 
@@ -240,9 +240,9 @@ def subspace_drift(B0: ArrayLike, Bt: ArrayLike, *, hidden_size: int | None = No
 def effective_rank(M_or_singular_values: ArrayLike) -> float:
     """Effective rank ``exp(H(p))`` with ``p = σ / Σσ`` and ``H`` the Shannon entropy (nats).
 
-    This is our choice (METHODS §4 proposal; the Roy & Vetterli 2007 definition). A 2-D input is a
-    matrix whose singular values are taken; a 1-D input is read as the singular values themselves
-    (non-negative). The result lies in [1, number of singular values]: 1.0 for a rank-1 matrix, k
+    This is our choice (docs/methods.md §4 proposal; the Roy & Vetterli 2007 definition). A 2-D
+    input is a matrix whose singular values are taken; a 1-D input is read as the singular values
+    themselves (non-negative). The result lies in [1, number of singular values]: 1.0 for a rank-1 matrix, k
     for k equal non-zero singular values. Raises ValueError for a zero matrix or negative values.
     """
     x = _to_f64(M_or_singular_values, "M_or_singular_values")
@@ -269,9 +269,9 @@ def coordinate_statistics(
 ) -> pd.DataFrame:
     """Per-coordinate statistics of a carrier basis on harmful vs harmless activations.
 
-    METHODS §5 *proposal* (our choice). ``basis`` is a direction (``d``) or a ``d × k`` / ``k × d``
-    basis; ``harmful`` and ``harmless`` are ``[n, d]`` activations (n ≥ 2 each). Each basis vector
-    is normalised to unit length (not orthogonalised), so coordinate ``j`` of ``h`` is the scalar
+    docs/methods.md §5 *proposal* (our choice). ``basis`` is a direction (``d``) or a
+    ``d × k`` / ``k × d`` basis; ``harmful`` and ``harmless`` are ``[n, d]`` activations (n ≥ 2
+    each). Each basis vector is normalised to unit length (not orthogonalised), so coordinate ``j`` of ``h`` is the scalar
     projection ``⟨h, b̂_j⟩`` in activation units.
 
     Returns a DataFrame with one row per basis vector and columns
@@ -326,7 +326,7 @@ def coordinate_imbalance(
 ) -> float:
     """Imbalance of a basis: dispersion of the per-coordinate separation (Cohen's d) across j.
 
-    METHODS §5 *proposal* (our choice). ``df`` is the output of :func:`coordinate_statistics`.
+    docs/methods.md §5 *proposal* (our choice). ``df`` comes from :func:`coordinate_statistics`.
     ``measure="std"`` (default) is the population standard deviation (ddof=0) across coordinates;
     ``"range"`` is max − min. With ``absolute=True`` (default) the dispersion is of ``|d|``, because
     the sign of a basis vector (from QR or SVD) is arbitrary. 0.0 for a single coordinate or evenly
@@ -364,7 +364,7 @@ def coupling(
 ) -> float:
     """Coupling of a harmfulness carrier ``h`` and a refusal carrier ``r``, in [0, 1] (dimensionless).
 
-    METHODS §4 *proposal* (our choice; the papers report coupling without a formula):
+    docs/methods.md §4 *proposal* (our choice; the papers report coupling without a formula):
     - two one-dimensional carriers (each a 1-D direction ``[d]`` or a one-vector basis ``[d, 1]``
       or ``[1, d]``, which is the same carrier): ``|cos(h, r)|``, whatever ``reduce``;
     - otherwise (either spans two or more dimensions; a direction is its 1-dimensional span): a
