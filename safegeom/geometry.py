@@ -242,8 +242,9 @@ def effective_rank(M_or_singular_values: ArrayLike) -> float:
 
     This is our choice (docs/methods.md §4 proposal; the Roy & Vetterli 2007 definition). A 2-D
     input is a matrix whose singular values are taken; a 1-D input is read as the singular values
-    themselves (non-negative). The result lies in [1, number of singular values]: 1.0 for a rank-1 matrix, k
-    for k equal non-zero singular values. Raises ValueError for a zero matrix or negative values.
+    themselves (non-negative). The result lies in [1, number of singular values]: 1.0 for a rank-1
+    matrix, k for k equal non-zero singular values. Raises ValueError for a zero matrix or negative
+    values.
     """
     x = _to_f64(M_or_singular_values, "M_or_singular_values")
     if x.ndim == 2:
@@ -271,8 +272,8 @@ def coordinate_statistics(
 
     docs/methods.md §5 *proposal* (our choice). ``basis`` is a direction (``d``) or a
     ``d × k`` / ``k × d`` basis; ``harmful`` and ``harmless`` are ``[n, d]`` activations (n ≥ 2
-    each). Each basis vector is normalised to unit length (not orthogonalised), so coordinate ``j`` of ``h`` is the scalar
-    projection ``⟨h, b̂_j⟩`` in activation units.
+    each). Each basis vector is normalised to unit length (not orthogonalised), so coordinate ``j``
+    of ``h`` is the scalar projection ``⟨h, b̂_j⟩`` in activation units.
 
     Returns a DataFrame with one row per basis vector and columns
     ``coordinate`` (j), ``mean_harmful``, ``var_harmful``, ``mean_harmless``, ``var_harmless``
