@@ -19,7 +19,8 @@ class AuditConfig:
 
     The base (the aligned model, step 0) is the reference for every drift and fixed-source
     number: its refusal direction r₀ is selected once (docs/methods.md §1), its harmfulness
-    direction h₀ (§2) and cheap cone B₀ (§3) extracted once, and all three applied to every checkpoint.
+    direction h₀ (§2) and cheap cone B₀ (§3) extracted once, and all three applied to every
+    checkpoint.
 
     Example:
         >>> AuditConfig(n_per_class=16, generate=False).families
