@@ -78,9 +78,9 @@ def rdo_targets(
     progress: bool = False,
 ) -> RDOTargets:
     """Greedy targets for RDO (docs/methods.md §3), ``max_new_tokens`` each; an empty
-    completion becomes the EOS token (the model stopping is its target). Under a launcher the generations are
-    shared out over the ranks (:func:`~safegeom.evaluate_sharded.generate_sharded`) and every
-    rank gets one process's targets."""
+    completion becomes the EOS token (the model stopping is its target). Under a launcher the
+    generations are shared out over the ranks (:func:`~safegeom.evaluate_sharded.generate_sharded`)
+    and every rank gets one process's targets."""
     from safegeom.distributed import world_size
     from safegeom.evaluate_sharded import generate_sharded
     from safegeom.generation import as_context, generate
