@@ -333,15 +333,3 @@ class AffineEdit(_Value):
         info["site"] = self.site
         info["reference_mean_sha256"] = vectors_hash(self.reference_mean)
         return info
-
-
-def bind(intervention: Any, lm: LoadedModel | None) -> Any:
-    """``intervention`` bound to ``lm`` when it is an unbound value, else unchanged."""
-    if isinstance(intervention, _Value) and lm is not None:
-        return intervention.on(lm)
-    return intervention
-
-
-def is_value(intervention: Any) -> bool:
-    """Whether ``intervention`` is an unbound :class:`Ablation`/:class:`Addition`/:class:`AffineEdit`."""
-    return isinstance(intervention, _Value)
