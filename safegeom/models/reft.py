@@ -66,7 +66,6 @@ __all__ = [
     "ReftEdit",
     "ReftHandle",
     "ReftLayer",
-    "is_reft_checkpoint",
     "load_edited",
     "load_reft",
     "orthonormal_rows",
@@ -261,11 +260,6 @@ class ReftEdit(nn.Module):
         }
         write_json(out / CONFIG_FILE, payload)
         return out
-
-
-def is_reft_checkpoint(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a RefusalGuard edit (its ``refusalguard.json``)."""
-    return (Path(folder) / CONFIG_FILE).is_file()
 
 
 def load_reft(folder: str | Path, *, device: str | torch.device = "cpu") -> ReftEdit:
