@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from safegeom.bootstrap import Metric
-from safegeom.errors import NotFoundError, SafegeomError
+from safegeom.errors import ModelLoadError, NotFoundError, SafegeomError
 from safegeom.generation import generate_from_ids
 from safegeom.models.plain_text import content_spans, encode_chat_text
 from safegeom.scoring import exact_match
@@ -174,7 +174,9 @@ def parse_guard(text: str) -> bool:
     if head.startswith("safe"):
         return True
     raise SafegeomError(
-        f"chat judge output {text[:40]!r} is neither 'safe' nor 'unsafe'; pass parse= to read it"
+        f"chat judge output {text[:40]!r} is neither 'safe' nor 'unsafe'; on the command line "
+        "chat-judge: needs a judge that answers safe/unsafe (LlamaGuard style); in Python pass "
+        "parse= to read its answer"
     )
 
 
@@ -254,7 +256,8 @@ class ModelJudge:
             if not any(found.values()):
                 raise SafegeomError(
                     f"cannot tell which classifier labels mean refused ({sorted(id2label.values())});"
-                    " pass refused={label: True/False}"
+                    " on the command line write --judge hf-classifier:PATH#LABEL (LABEL: the one "
+                    "meaning refused); in Python pass refused={label: True/False}"
                 )
             return found
         by_name = {name: i for i, name in id2label.items()}
@@ -335,20 +338,31 @@ def _load_model_judge(kind: str, location: str, **kwargs: Any) -> ModelJudge:
     )
 
     path, _, label = location.partition("#") if kind == "hf-classifier" else (location, "", "")
-    if not Path(path).expanduser().is_dir():
-        raise NotFoundError(
-            f"no judge model directory at {path}; pass a local checkpoint directory"
-        )
+    _check_judge_folder(kind, path)
     auto = AutoModelForSequenceClassification if kind == "hf-classifier" else AutoModelForCausalLM
-    model = auto.from_pretrained(path, use_safetensors=True)
+    try:
+        model, info = auto.from_pretrained(
+            path, use_safetensors=True, local_files_only=True, output_loading_info=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:  # no config, no weights, an unknown model type
+        raise ModelLoadError(
+            f"cannot load the judge model at {path} ({str(err).splitlines()[0]}); pass a folder "
+            "holding config.json, safetensors weights and a tokenizer"
+        ) from None
+    _check_head(kind, path, list(info.get("missing_keys", ())))
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if kind == "chat-judge":
         tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if label:
         names = [str(v) for v in model.config.id2label.values()]
+        if label not in names:
+            raise SafegeomError(
+                f"unknown classifier label {label!r} in --judge {kind}:{location}; the labels "
+                f"are {names}: write {kind}:{path}#LABEL with one of them"
+            )
         kwargs.setdefault("refused", {n: n == label for n in names})
     return ModelJudge(
         model,
@@ -356,6 +370,36 @@ def _load_model_judge(kind: str, location: str, **kwargs: Any) -> ModelJudge:
         kind="classifier" if kind == "hf-classifier" else "chat",
         name=f"{kind}:{location}",
         **kwargs,
+    )
+
+
+def _check_judge_folder(kind: str, path: str) -> None:
+    """Refuse a judge location that is no local full checkpoint, before anything loads."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise NotFoundError(
+            f"no judge model directory at {path}; pass a local checkpoint directory"
+        )
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is a PEFT adapter, not a full model; a {kind} judge needs a complete "
+            "checkpoint: merge the adapter into its base (merge_and_unload) and save that folder"
+        )
+
+
+def _check_head(kind: str, path: str, missing: list[str]) -> None:
+    """Refuse a judge whose weights lack parameters the model needs (they would be random)."""
+    if not missing:
+        return
+    what = "classification head" if kind == "hf-classifier" else "weights"
+    shown = ", ".join(sorted(missing)[:3]) + (" ..." if len(missing) > 3 else "")
+    raise ModelLoadError(
+        f"{path} has no trained {what}: {shown} would be newly initialised; pass a "
+        + (
+            "sequence-classification checkpoint to hf-classifier:"
+            if kind == "hf-classifier"
+            else "complete causal LM checkpoint to chat-judge:"
+        )
     )
 
 
