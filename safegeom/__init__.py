@@ -18,7 +18,7 @@ No module of the package imports this one, so the import graph stays acyclic.
 import safegeom.capture as capture
 import safegeom.evaluate as evaluate
 import safegeom.train as train
-from safegeom.artifacts import Provenance
+from safegeom.artifacts import VERSION, Provenance
 from safegeom.capture import Activations, ActivationStats, CaptureConfig, capture_stats
 from safegeom.carriers import (
     Carrier,
@@ -36,7 +36,8 @@ from safegeom.results import EvalResult
 from safegeom.sweeps import SweepConfig, SweepResult, causal_sweep
 from safegeom.train import TrainConfig, load_trajectory
 
-__version__ = "0.1.0"
+__version__ = VERSION
+"""The installed package's version (pyproject.toml is its one source)."""
 
 __all__ = [
     "Ablation",

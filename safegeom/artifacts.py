@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -38,6 +39,7 @@ from typing import Any
 from safegeom.errors import ArtifactError, NotFoundError, OutputPathError
 
 __all__ = [
+    "VERSION",
     "Provenance",
     "atomic_write",
     "check_output_dir",
@@ -54,8 +56,18 @@ __all__ = [
     "write_text",
 ]
 
-_VERSION = "0.1.0"
-"""Kept equal to ``safegeom.__version__`` (imported lazily there would make a cycle)."""
+
+def _installed_version() -> str:
+    """The version of the installed package (pyproject.toml's, its one source), or ``unknown``
+    when the code runs from a checkout that was never installed."""
+    try:
+        return importlib.metadata.version("safegeom")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = _installed_version()
+"""safegeom's version (also ``safegeom.__version__``), read once from the package metadata."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -321,7 +333,7 @@ class Provenance(Mapping[str, Any]):
     """The config that produced the result, as a JSON-ready mapping."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Result-specific facts (sites, layers, positions, intervention, seed, …)."""
-    version: str = _VERSION
+    version: str = VERSION
     """safegeom version that wrote the result."""
     git_sha: str | None = field(default_factory=git_sha)
     """git commit of the safegeom checkout, when there is one."""

@@ -124,3 +124,20 @@ def test_format_tags_and_parquet_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ArtifactError, match="is not a readable audit table"):
         read_parquet(tmp_path / "bad.parquet", what="audit table")
+
+
+def test_version_has_one_source() -> None:
+    """pyproject.toml's version reaches __version__ and Provenance; no module writes it again."""
+    import importlib.metadata
+    import re
+
+    import safegeom
+
+    root = Path(safegeom.__file__).resolve().parent
+    declared = re.search(r'^version = "(.+)"$', (root.parent / "pyproject.toml").read_text(), re.M)
+    assert declared is not None
+    assert safegeom.__version__ == importlib.metadata.version("safegeom") == declared.group(1)
+    assert Provenance().version == safegeom.__version__
+    literal = f'"{safegeom.__version__}"'
+    copies = [p.name for p in root.rglob("*.py") if literal in p.read_text(encoding="utf-8")]
+    assert copies == []
