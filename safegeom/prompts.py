@@ -10,20 +10,33 @@ completions and categories. :func:`load_prompts` turns a *spec* into one:
 
 Bundled sets (files under ``safegeom/data/``, see its README for provenance and licences):
 
-================  =========================================  ===========  ==============  ==========
-name              file                                       prompt       completion      category
-================  =========================================  ===========  ==============  ==========
-advbench          advbench/harmful_behaviors.csv             goal         target          --
-jbb-harmful       jailbreakbench/harmful-behaviors.csv       Goal         Target          Category
-jbb-benign        jailbreakbench/benign-behaviors.csv        Goal         Target          Category
-xstest-safe       xstest/xstest_prompts.csv, label=safe      prompt       --              type
-xstest-unsafe     xstest/xstest_prompts.csv, label=unsafe    prompt       --              type
-directharm4       directharm4/directharm4.jsonl              instruction  --              category
-alpaca            alpaca/alpaca.json                         instruction  --              --
-gsm8k             gsm8k/test.jsonl (train: train_first1000)  question     answer          --
-================  =========================================  ===========  ==============  ==========
+=======================  ==================================================  ================  ==============  ================
+name                     file                                                prompt            completion      category
+=======================  ==================================================  ================  ==============  ================
+advbench                 advbench/harmful_behaviors.csv                      goal              target          --
+jbb-harmful              jailbreakbench/harmful-behaviors.csv                Goal              Target          Category
+jbb-benign               jailbreakbench/benign-behaviors.csv                 Goal              Target          Category
+xstest-safe              xstest/xstest_prompts.csv, label=safe               prompt            --              type
+xstest-unsafe            xstest/xstest_prompts.csv, label=unsafe             prompt            --              type
+directharm4              directharm4/directharm4.jsonl                       instruction       --              category
+alpaca                   alpaca/alpaca.json                                  instruction       --              --
+gsm8k                    gsm8k/test.jsonl (train: train_first1000)           question          answer          --
+harmbench                harmbench/harmbench_behaviors_text_{test,val}.csv,  Behavior          target (JSON)   SemanticCategory
+                         FunctionalCategory=standard
+harmbench-contextual     the same, FunctionalCategory=contextual             context, Behavior target (JSON)   SemanticCategory
+harmbench-train          harmbench/adv_training_behaviors_safe_responses     Behavior          Safe_Response   --
+strongreject             strongreject/strongreject_dataset.csv               forbidden_prompt  --              category
+strongreject-noadvbench  the same, without its rows of source=AdvBench       forbidden_prompt  --              category
+=======================  ==================================================  ================  ==============  ================
 
-Texts are returned exactly as stored in the files (no stripping or normalisation).
+Texts are returned exactly as stored in the files (no stripping or normalisation). HarmBench's
+targets (``harmbench_targets_text.json``, keyed by ``BehaviorID``) are the completions of
+``harmbench`` and ``harmbench-contextual``, as AdvBench's ``target`` column is advbench's;
+:func:`safegeom.prompt_roles.attack_targets` returns them. A contextual prompt is the context,
+:data:`~safegeom.bundled.CONTEXT_SEPARATOR` (a blank line, ``---``, a blank line) and the request,
+as HarmBench's own baselines join them. HarmBench's ``copyright`` rows are never loaded: upstream
+judges them by a hash of the generated text, not by refusal. Which sets may be trained on:
+:func:`safegeom.prompt_roles.check_trainable`.
 
 Split rule (fixed; changing it would silently change every published number):
 
@@ -40,20 +53,33 @@ This uses only ``hashlib``, so it does not depend on numpy, ``random`` or Python
 GSM8K test file by the same hash order, half each (``val = floor(n / 2)``, test the rest). GSM8K's own
 train/test separation is thus kept. The split-less name ``gsm8k`` is the full test file.
 
-A split-less name returns the whole set in file order. The resulting sizes (:func:`split_counts`):
+Sets that upstream ships already separated keep upstream's separation and have only its splits,
+each a whole file in file order: ``harmbench`` and ``harmbench-contextual`` have ``val`` and ``test``
+(HarmBench's val and test files; the split-less name is test), ``harmbench-train`` only ``train``
+(HarmBench's adversarial-training file), ``strongreject`` and ``strongreject-noadvbench`` only
+``test`` (the whole benchmark: it has no training rows, and its published numbers use every
+prompt). Asking for a split a set lacks is an error that names the set to use instead.
 
-=============  =====  =====  ===  ====
-name           whole  train  val  test
-=============  =====  =====  ===  ====
-advbench         520    312  104   104
-jbb-harmful      100     60   20    20
-jbb-benign       100     60   20    20
-xstest-safe      250    150   50    50
-xstest-unsafe    200    120   40    40
-directharm4      400    240   80    80
-alpaca         31323  18793 6264  6266
-gsm8k           1319   1000  659   660
-=============  =====  =====  ===  ====
+A split-less name returns the whole set in file order. The resulting sizes (:func:`split_counts`;
+0 where a set has no such split):
+
+=======================  =====  =====  ====  ====
+name                     whole  train  val   test
+=======================  =====  =====  ====  ====
+advbench                   520    312   104   104
+jbb-harmful                100     60    20    20
+jbb-benign                 100     60    20    20
+xstest-safe                250    150    50    50
+xstest-unsafe              200    120    40    40
+directharm4                400    240    80    80
+alpaca                   31323  18793  6264  6266
+gsm8k                     1319   1000   659   660
+harmbench                  159      0    41   159
+harmbench-contextual        81      0    19    81
+harmbench-train            100    100     0     0
+strongreject               313      0     0   313
+strongreject-noadvbench    288      0     0   288
+=======================  =====  =====  ====  ====
 """
 
 from __future__ import annotations
@@ -72,6 +98,9 @@ from safegeom.bundled import (
     SPLITS,
     _bundled_rows,
     _check_name,
+    _check_split,
+    _has_split,
+    _pool_file,
     _split_indices,
 )
 from safegeom.errors import NotFoundError, SafegeomError
@@ -300,10 +329,11 @@ def split_counts(name: str) -> dict[str, int]:
         name: A bundled name from :data:`BUNDLED` (without a split suffix).
 
     Returns:
-        ``{"train": int, "val": int, "test": int}``.
+        ``{"train": int, "val": int, "test": int}``; a split the set does not have counts 0
+        (``harmbench`` has no train split, ``strongreject`` only a test split).
     """
     _check_name(name)
-    return {split: len(_split_indices(name, split)) for split in SPLITS}
+    return {s: len(_split_indices(name, s)) if _has_split(name, s) else 0 for s in SPLITS}
 
 
 def _load_spec(spec: str, *, column: str | None, completion_column: str | None) -> PromptSet:
@@ -313,9 +343,10 @@ def _load_spec(spec: str, *, column: str | None, completion_column: str | None) 
         if not sep:
             return _load_bundled(base, None)
         if split not in SPLITS:
-            raise NotFoundError(
-                f"unknown split {split!r} in {spec!r}; use {base}:train, {base}:val or {base}:test"
-            )
+            have = [f"{base}:{s}" for s in SPLITS if _has_split(base, s)]
+            use = " or ".join(filter(None, (", ".join(have[:-1]), have[-1])))
+            raise NotFoundError(f"unknown split {split!r} in {spec!r}; use {use}")
+        _check_split(base, split)
         return _load_bundled(base, split)
     path = Path(spec).expanduser()
     if path.suffix.lower() in SUFFIXES or path.exists() or "/" in spec or "\\" in spec:
@@ -329,15 +360,14 @@ def _load_spec(spec: str, *, column: str | None, completion_column: str | None) 
 def _load_bundled(name: str, split: str | None) -> PromptSet:
     """Build the PromptSet for a bundled set, whole (file order) or one split."""
     spec = _BUNDLED_SPECS[name]
-    train_pool = split == "train" and spec.train_file is not None
-    rows = _bundled_rows(name, train=train_pool)
+    rel = _pool_file(name, split)
+    rows = _bundled_rows(name, rel)
     indices = range(len(rows)) if split is None else _split_indices(name, split)
     picked = [rows[i] for i in indices]
-    rel = spec.train_file if train_pool and spec.train_file else spec.file
     return PromptSet(
         name=name if split is None else f"{name}:{split}",
         prompts=tuple(r[0] for r in picked),
-        completions=tuple(str(r[1]) for r in picked) if spec.completion else None,
+        completions=tuple(str(r[1]) for r in picked) if spec.completion or spec.targets else None,
         categories=tuple(str(r[2]) for r in picked) if spec.category else None,
         source=f"safegeom/data/{rel}",
         split=split,

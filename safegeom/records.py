@@ -32,10 +32,15 @@ def read_records_cached(path: str, mtime_ns: int, size: int) -> tuple[Record, ..
     return read_records(Path(path))
 
 
-def read_records(path: Path) -> tuple[Record, ...]:
+def read_records(path: Path, *, check_quotes: bool = True) -> tuple[Record, ...]:
     """Parse a CSV, JSON (array) or JSONL file into a tuple of records (dicts).
 
-    A JSON/JSONL item that is a bare string becomes ``{"prompt": item}``.
+    A JSON/JSONL item that is a bare string becomes ``{"prompt": item}``. ``check_quotes=False``
+    skips the CSV check for a quote closed rows later (a heuristic for user files; the bundled
+    files, whose bytes are pinned by hash, hold multi-line fields that it would misread).
+
+    Returns:
+        The records, in file order.
     """
     suffix = path.suffix.lower()
     try:
@@ -50,7 +55,7 @@ def read_records(path: Path) -> tuple[Record, ...]:
     if text.startswith("\ufeff"):
         text = text[1:]
     if suffix == ".csv":
-        return _read_csv(text, path)
+        return _read_csv(text, path, check_quotes=check_quotes)
     try:
         if suffix == ".jsonl":
             items = [json.loads(line) for line in text.split("\n") if line.strip()]
@@ -73,13 +78,17 @@ def read_records(path: Path) -> tuple[Record, ...]:
     return tuple(records)
 
 
-def _read_csv(text: str, path: Path) -> tuple[Record, ...]:
+def _read_csv(text: str, path: Path, *, check_quotes: bool = True) -> tuple[Record, ...]:
     """Parse CSV ``text`` into records, refusing an unterminated quote.
 
     An unterminated quote makes ``csv`` read every following line into one field, so rows merge
     into one prompt without a word. It is caught two ways: ``csv`` reaching the end of the file
     inside a quoted field (``strict`` mode), and a field holding a line break followed by a line
-    that would have parsed as a row of the same width on its own.
+    that would have parsed as a row of the same width on its own (skipped with
+    ``check_quotes=False``).
+
+    Returns:
+        The rows as records, in file order.
 
     Raises:
         SafegeomError: a quote is not closed; the message names the file and the row.
@@ -98,7 +107,7 @@ def _read_csv(text: str, path: Path) -> tuple[Record, ...]:
             'a quote (") is not closed, so the rows after it would merge into one prompt'
         ) from None
     width = len(reader.fieldnames or ())
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows if check_quotes else ()):
         for value in row.values():
             if not isinstance(value, str) or "\n" not in value:
                 continue

@@ -30,6 +30,11 @@ EXPECTED_ROWS = {
     "directharm4": 400,
     "alpaca": 31323,
     "gsm8k": 1319,
+    "harmbench": 159,
+    "harmbench-contextual": 81,
+    "harmbench-train": 100,
+    "strongreject": 313,
+    "strongreject-noadvbench": 288,
 }
 
 # The table in the module docstring; pinned so that a change to the split rule fails loudly.
@@ -42,6 +47,18 @@ EXPECTED_SPLITS = {
     "directharm4": (240, 80, 80),
     "alpaca": (18793, 6264, 6266),
     "gsm8k": (1000, 659, 660),
+    "harmbench": (0, 41, 159),  # HarmBench's own val and test files; 0: no such split
+    "harmbench-contextual": (0, 19, 81),
+    "harmbench-train": (100, 0, 0),
+    "strongreject": (0, 0, 313),
+    "strongreject-noadvbench": (0, 0, 288),
+}
+
+# Which splits a split-less name covers (the default: all three).
+WHOLE_IS = {
+    "gsm8k": ("val", "test"),
+    "harmbench": ("test",),
+    "harmbench-contextual": ("test",),
 }
 
 # sha256 of the bundled files as recorded in their PROVENANCE.md (byte-exact copies).
@@ -52,6 +69,12 @@ FILE_SHA256 = {
     "alpaca/alpaca.json": "c4ce1bdc5c9b92caabcb171c27c7ec1e79832836bae10291d7c8ab8c6245f600",
     "gsm8k/test.jsonl": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
     "gsm8k/train_first1000.jsonl": "73e81c100d0c321f074b5740e4365cad29bae7577d770d7f9cce722f00b4ff3e",
+    "harmbench/harmbench_behaviors_text_test.csv": "bf2bfd36f765d97cbbe27a3191b492ea76b1771e9116af80a587647831de75ce",
+    "harmbench/harmbench_behaviors_text_val.csv": "7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534",
+    "harmbench/adv_training_behaviors.csv": "73b38848f6a38e1ad3b67747fc9412c8bac114a12cedc2c26579a31387329f7a",
+    "harmbench/adv_training_behaviors_safe_responses.csv": "0a8b547ae00f99396d09f07bda9cb0413b302d60b43df902caa77b66bfd6c5d8",
+    "harmbench/harmbench_targets_text.json": "dedcac1f8c0108ca79e36589ef9693d5af916ed70878e60fb2c4c20482872e3f",
+    "strongreject/strongreject_dataset.csv": "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381",
 }
 
 
@@ -87,6 +110,8 @@ def test_bundled_files_are_byte_exact(rel: str) -> None:
         ("directharm4", ["PROVENANCE.md"]),
         ("alpaca", ["PROVENANCE.md", "DATA_LICENSE"]),
         ("gsm8k", ["PROVENANCE.md", "LICENSE"]),
+        ("harmbench", ["PROVENANCE.md", "LICENSE"]),
+        ("strongreject", ["PROVENANCE.md"]),  # MIT, recorded in PROVENANCE.md
     ],
 )
 def test_licence_and_provenance_beside_data(folder: str, files: list[str]) -> None:
@@ -147,22 +172,21 @@ def test_gsm8k_train_is_separate_file() -> None:
 
 @pytest.mark.parametrize("name", BUNDLED)
 def test_splits_disjoint_cover_and_match_counts(name: str) -> None:
-    parts = {s: load_prompts(f"{name}:{s}") for s in SPLITS}
     counts = split_counts(name)
     assert tuple(counts[s] for s in SPLITS) == EXPECTED_SPLITS[name]
+    parts = {s: load_prompts(f"{name}:{s}") for s in SPLITS if counts[s]}  # 0: no such split
     for s, ps in parts.items():
         assert len(ps) == counts[s]
         assert ps.split == s
         assert ps.name == f"{name}:{s}"
-    train, val, test = (set(parts[s]) for s in SPLITS)
+    texts = {s: set(parts[s]) if s in parts else set() for s in SPLITS}
+    train, val, test = (texts[s] for s in SPLITS)
     assert not train & val and not train & test and not val & test
     whole = set(load_prompts(name))
-    if name == "gsm8k":  # train comes from GSM8K's train file; val + test cover the test file
-        assert val | test == whole
-        assert not train & whole
-    else:
-        assert train | val | test == whole
-        assert sum(counts.values()) == len(whole)
+    covered = WHOLE_IS.get(name, SPLITS)  # gsm8k's train and HarmBench's val are other files
+    assert set().union(*(texts[s] for s in covered)) == whole
+    assert not set().union(*(texts[s] for s in SPLITS if s not in covered)) & whole
+    assert sum(counts[s] for s in covered) == len(whole)
 
 
 @pytest.mark.parametrize("name", ["advbench", "jbb-harmful", "xstest-unsafe", "gsm8k"])
