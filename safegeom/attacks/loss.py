@@ -202,15 +202,17 @@ def sequence_losses(
     targets: Sequence[Sequence[int]],
     *,
     batch_size: int = 16,
-) -> Float[Tensor, " n"]:
+) -> tuple[Float[Tensor, " n"], Bool[Tensor, " n"]]:
     """Mean target cross-entropy of ``prompt + target`` sequences of any lengths (left-padded
     batches; positions from the mask), for attacks whose prompts differ in length.
 
     Returns:
-        float32 CPU tensor ``[n]``, nats per target token.
+        ``(loss, hit)``: float32 CPU tensor ``[n]`` in nats per target token, and whether each
+        target is the greedy continuation of its prompt.
     """
     device = model.get_input_embeddings().weight.device
     out = torch.empty(len(prompts), dtype=torch.float32)
+    hits = torch.zeros(len(prompts), dtype=torch.bool)
     for start in range(0, len(prompts), batch_size):
         rows = range(start, min(start + batch_size, len(prompts)))
         seqs = [EncodedPrompt((*prompts[i], *targets[i]), 0, 0) for i in rows]
@@ -232,4 +234,5 @@ def sequence_losses(
             t = len(targets[i])
             tgt = torch.tensor(list(targets[i]), device=device)
             out[i] = F.cross_entropy(logits[row, k - t :], tgt).cpu()
-    return out
+            hits[i] = bool((logits[row, k - t :].argmax(-1) == tgt).all())
+    return out, hits
