@@ -163,8 +163,8 @@ def test_task_accuracy_and_reselect(lm, ref: Reference) -> None:
 
 def test_bad_inputs(lm, ref: Reference, checkpoints: dict[str, Path]) -> None:
     other = load_model(checkpoints["gpt2"])
-    shrunk = dataclasses.replace(ref, refusal=dataclasses.replace(
-        ref.refusal, vectors=ref.refusal.vectors[:, :16]))  # fmt: skip
+    narrow_r0 = dataclasses.replace(ref.refusal, vectors=ref.refusal.vectors[:, :16])
+    shrunk = dataclasses.replace(ref, carriers={**ref.carriers, "refusal": narrow_r0})
     with pytest.raises(ArtifactError, match="audit checkpoints of the base's architecture"):
         measure_checkpoint(other, shrunk, CONFIG, base=lm, progress=False)
     narrow = dataclasses.replace(ref, layers=(ref.refusal.layer,))

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from safegeom.audit import reference as reference_module
+from safegeom.audit.activations import layer_inputs
 from safegeom.audit.config import AuditConfig
-from safegeom.audit.geometry_rows import capture_carriers, carrier_prompts, cone_at
+from safegeom.audit.geometry_rows import capture_carriers, carrier_prompts
 from safegeom.audit.reference import Reference, build_reference, load_reference
 from safegeom.carriers.cones import cheap_cone
+from safegeom.carriers.fit import cone_basis
 from safegeom.carriers.harmfulness import harmfulness_direction
 from safegeom.errors import ArtifactError, NotFoundError, SafegeomError
 from safegeom.geometry import principal_angles
@@ -64,8 +66,10 @@ def test_h0_and_b0_equal_the_carrier_functions(lm, ref: Reference) -> None:
     theta = principal_angles(ref.cone.vectors, cone.vectors, hidden_size=lm.d_model)
     assert float(np.max(theta)) < 1e-3
     acts = capture_carriers(lm, CONFIG, ref.layers)
-    basis, rank = cone_at(acts, ref.refusal.layer, 2)
-    assert basis is not None and rank == pytest.approx(cone.scores["effective_rank"], rel=1e-5)
+    inputs = layer_inputs(acts, ref.refusal.layer, "t_post", 2)
+    fitted = cone_basis(inputs.harmful, inputs.harmless, 2, positions=inputs.positions)
+    rank = fitted.scores["effective_rank"]
+    assert rank == pytest.approx(cone.scores["effective_rank"], rel=1e-5)
 
 
 def test_reference_round_trip(tmp_path: Path, ref: Reference) -> None:

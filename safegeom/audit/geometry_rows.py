@@ -1,169 +1,55 @@
-"""The audit's one capture pass over the carrier prompts, the carriers re-extracted from it, and
-the geometry rows (drift, principal angles, coupling, effective rank, coordinate statistics,
-projection separation).
+"""The geometry rows of one checkpoint: drift, principal angles, coupling, effective rank,
+coordinate statistics and projection separation of every carrier in the audit's reference.
 
-Every carrier here is extracted from the same per-prompt activations
-(:class:`CarrierActivations`: ``resid_pre`` at every audited layer, positions ``t_inst`` and every
-``t_post`` token, float32 storage, float64 arithmetic), so the base measured against itself gives
-drift 0, cosine 1 and principal angles 0 exactly.
+Every carrier is refitted from the same per-prompt activations
+(:mod:`~safegeom.audit.activations`) by its registered fit function
+(:data:`~safegeom.carriers.types.CARRIER_TYPES`), so the base measured against itself gives drift
+0, cosine 1 and principal angles 0 exactly. What a carrier gets depends on its shape: a direction
+(one vector per layer, e.g. refusal and harmfulness) drift, cosine to base and projection
+separation; a subspace (``k`` rows per layer, e.g. the cone) principal angles, Grassmann distance,
+effective rank (when its fit measures one) and coordinate statistics. The couplings pair named
+carriers (:data:`COUPLINGS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
+from safegeom.audit.activations import (
+    CarrierActivations,
+    capture_carriers,
+    carrier_prompts,
+    live,
+    refit,
+)
 from safegeom.audit.config import AuditConfig
-from safegeom.capture import capture
-from safegeom.carriers.cones import gram_schmidt
-from safegeom.errors import SafegeomError
+from safegeom.carriers.fit import Fitted
 from safegeom.geometry import (
     coordinate_imbalance,
     coordinate_statistics,
     coupling,
     direction_drift,
-    effective_rank,
     principal_angles,
 )
-from safegeom.models.loading import LoadedModel
-from safegeom.prompts import PromptSet, combine_prompts
 
 __all__ = [
+    "COUPLINGS",
     "CarrierActivations",
     "capture_carriers",
     "carrier_prompts",
     "cohens_d",
-    "cone_at",
     "geometry_rows",
     "projection_separation",
 ]
 
-SITE = "resid_pre"
-POSITIONS = "t_inst,t_post"
-
-
-def carrier_prompts(config: AuditConfig) -> tuple[PromptSet, PromptSet]:
-    """The carrier prompts: the first ``n_per_class`` of the combined harmful and harmless sets.
-
-    Returns:
-        ``(harmful, harmless)`` prompt sets.
-    """
-    harmful = combine_prompts(config.harmful).take(config.n_per_class)
-    harmless = combine_prompts(config.harmless).take(config.n_per_class)
-    return harmful, harmless
-
-
-@dataclass(frozen=True)
-class CarrierActivations:
-    """Per-prompt ``resid_pre`` activations of the carrier prompts, float64 ``[n, layer, pos, d]``."""
-
-    harmful: Float[Tensor, "n layer pos d"]
-    harmless: Float[Tensor, "m layer pos d"]
-    layers: tuple[int, ...]
-    positions: tuple[str, ...]
-    name: str
-    """The carrier sets' name (the ``prompts`` column of geometry and causal rows)."""
-
-    def index(self, layer: int, position: str) -> tuple[int, int]:
-        """Indices of ``layer`` and ``position`` in the tensors.
-
-        Raises:
-            SafegeomError: the layer or position was not captured.
-        """
-        if layer not in self.layers or position not in self.positions:
-            raise SafegeomError(
-                f"layer {layer} / position {position!r} was not captured (layers {self.layers}, "
-                f"positions {self.positions})"
-            )
-        return self.layers.index(layer), self.positions.index(position)
-
-    def at(self, layer: int, position: str) -> tuple[Tensor, Tensor]:
-        """``(harmful [n, d], harmless [m, d])`` at one layer and position."""
-        j, p = self.index(layer, position)
-        return self.harmful[:, j, p], self.harmless[:, j, p]
-
-    def diff(self, position: str) -> Float[Tensor, "layer d"]:
-        """Diff-in-means ``mean_harmful − mean_harmless`` at ``position``, every layer (float64)."""
-        p = self.positions.index(position)
-        return self.harmful[:, :, p].mean(0) - self.harmless[:, :, p].mean(0)
-
-    def scale(self, layer: int) -> float:
-        """Root-mean-square activation norm at ``layer`` (the size float noise is measured by)."""
-        j = self.layers.index(layer)
-        both = torch.cat([self.harmful[:, j], self.harmless[:, j]])
-        return float(both.norm(dim=-1).pow(2).mean().sqrt())
-
-    @property
-    def post(self) -> tuple[int, ...]:
-        """Indices of the ``t_post`` positions, in template order."""
-        return tuple(i for i, p in enumerate(self.positions) if p.startswith("t_post"))
-
-
-def capture_carriers(
-    lm: LoadedModel,
-    config: AuditConfig,
-    layers: Sequence[int],
-    *,
-    progress: bool = False,
-) -> CarrierActivations:
-    """One capture pass over both carrier sets (harmful then harmless, as one prompt list).
-
-    Returns:
-        The :class:`CarrierActivations` at ``layers`` and positions ``t_inst``, ``t_post[...]``.
-    """
-    harmful, harmless = carrier_prompts(config)
-    both = combine_prompts([harmful, harmless])
-    acts = capture(
-        lm, both, layers=list(layers), positions=POSITIONS, dtype=torch.float32,
-        system=config.system, batch_size=config.batch_size, progress=progress,
-    )  # fmt: skip
-    data = acts[SITE].double()
-    n = len(harmful)
-    return CarrierActivations(
-        harmful=data[:n],
-        harmless=data[n:],
-        layers=tuple(int(x) for x in acts.layers),
-        positions=tuple(acts.positions),
-        name=f"{harmful.name} vs {harmless.name}",
-    )
-
-
-def cone_at(acts: CarrierActivations, layer: int, k: int) -> tuple[Tensor | None, float]:
-    """The cheap cone (METHODS §3, ``source="positions"``, ``n_svd = k``) at one layer, computed
-    exactly as :func:`safegeom.carriers.cones.cheap_cone` does from these activations.
-
-    Returns:
-        ``(basis [k, d] float64 orthonormal rows, effective rank of the raw source vectors)``;
-        ``(None, nan)`` where the sources span fewer than ``k`` dimensions (e.g. the embedding
-        layer, where every prompt has the same ``t_post`` tokens).
-    """
-    j = acts.layers.index(layer)
-    post = list(acts.post)
-    h, s = acts.harmful[:, j, post], acts.harmless[:, j, post]  # [n, P, d]
-    dim = h.mean(0) - s.mean(0)
-    raw = list(dim.flip(0))
-    diffs = h[:, -1] - s[:, -1].mean(0)
-    _, sv, vh = torch.linalg.svd(diffs, full_matrices=False)
-    top = min(k, len(sv))
-    raw += list(vh[:top] * (sv[:top, None] / len(diffs) ** 0.5))
-    stacked = torch.stack(raw)
-    if not _live(stacked, acts.scale(layer)):
-        return None, float("nan")
-    try:
-        return gram_schmidt(stacked, k), effective_rank(stacked)
-    except SafegeomError:
-        return None, float("nan")
-
-
-def _live(v: Tensor, scale: float) -> bool:
-    """Whether ``v`` is more than float noise against activations of size ``scale``."""
-    return bool(v.norm() > 1e-7 * max(scale, 1e-300))
+COUPLINGS = (("hr", "harmfulness", "refusal"), ("hr-cone", "harmfulness", "cone"))
+"""``(carrier label, direction, direction or subspace)``: the couplings written per layer, where
+the reference holds both carriers."""
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray, floor: float = 0.0) -> float:
@@ -220,12 +106,16 @@ def _row(metric: str, value: float, **fields: Any) -> dict[str, Any]:
     return {"metric": metric, "value": float(value), **fields}
 
 
+def _row(metric: str, value: float, **fields: Any) -> dict[str, Any]:
+    return {"metric": metric, "value": float(value), **fields}
+
+
 def direction_rows(
     carrier: str, base: Tensor, own: Tensor, acts: CarrierActivations, layers: Sequence[int]
 ) -> list[dict[str, Any]]:
-    """Drift and cosine to base of one carrier kind at every layer: ``base`` and ``own`` are
-    ``[layer, d]`` diff-in-means (each its own sign reference, METHODS §5). Layers where either
-    is zero up to float noise (no direction, e.g. ``t_post`` at the embedding layer) get no row.
+    """Drift and cosine to base of one direction carrier at every layer: ``base`` and ``own`` are
+    ``[layer, d]`` (each its own sign reference, METHODS §5). Layers where either is zero up to
+    float noise (no direction, e.g. ``t_post`` at the embedding layer) get no row.
 
     Returns:
         ``direction_drift`` and ``cosine_to_base`` rows (source ``reextracted``).
@@ -234,21 +124,32 @@ def direction_rows(
     n = len(acts.harmful) + len(acts.harmless)
     for j, layer in enumerate(layers):
         scale = acts.scale(layer)
-        if not (_live(base[j], scale) and _live(own[j], scale)):
+        if not (live(base[j], scale) and live(own[j], scale)):
             continue
         drift = direction_drift(base[j], own[j], reference=(base[j], own[j]))
-        common = {"layer": layer, "carrier": carrier, "source": "reextracted",
-                  "prompts": acts.name, "n": n}  # fmt: skip
+        common = {
+            "layer": layer,
+            "carrier": carrier,
+            "source": "reextracted",
+            "prompts": acts.name,
+            "n": n,
+        }
         rows.append(_row("direction_drift", drift, **common))
         rows.append(_row("cosine_to_base", 1.0 - drift, **common))
     return rows
 
 
 def coordinate_rows(
-    basis: Tensor, harmful: Tensor, harmless: Tensor, source: str, layer: int, prompts: str
+    basis: Tensor,
+    harmful: Tensor,
+    harmless: Tensor,
+    source: str,
+    layer: int,
+    prompts: str,
+    carrier: str = "cone",
 ) -> list[dict[str, Any]]:
-    """Per-basis-vector Cohen's d (``coordinate_separation``, carrier ``cone[j]``) and the
-    imbalance (carrier ``cone``) of a cone on activations at one layer.
+    """Per-basis-vector Cohen's d (``coordinate_separation``, carrier ``NAME[j]``) and the
+    imbalance (carrier ``NAME``) of a subspace carrier on activations at one layer.
 
     Returns:
         The rows (``n`` = prompts of both classes).
@@ -257,85 +158,152 @@ def coordinate_rows(
     n = len(harmful) + len(harmless)
     common = {"layer": layer, "source": source, "prompts": prompts, "n": n}
     rows = [
-        _row("coordinate_separation", sep, carrier=f"cone[{j}]", **common)
+        _row("coordinate_separation", sep, carrier=f"{carrier}[{j}]", **common)
         for j, sep in enumerate(stats["separation"])
     ]
     if np.isfinite(stats["separation"]).all():
-        rows.append(_row("coordinate_imbalance", coordinate_imbalance(stats), carrier="cone",
-                         **common))  # fmt: skip
+        value = coordinate_imbalance(stats)
+        rows.append(_row("coordinate_imbalance", value, carrier=carrier, **common))
     return rows
+
+
+def _subspace_rows(
+    name: str, fit: Fitted | None, base: Tensor, common: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Principal angles to the base's subspace and effective rank of one refitted subspace."""
+    if fit is None:
+        return []
+    rows = []
+    basis = fit.vectors
+    if bool(base.abs().sum() > 0):
+        theta = principal_angles(base, basis, hidden_size=basis.shape[-1])
+        rows.append(_row("principal_angle_max", float(np.max(theta)), carrier=name, **common))
+        distance = float(np.sqrt(np.sum(theta**2)))
+        rows.append(_row("grassmann_distance", distance, carrier=name, **common))
+    if "effective_rank" in fit.scores:
+        rows.append(_row("effective_rank", fit.scores["effective_rank"], carrier=name, **common))
+    return rows
+
+
+def _coupling(a: Fitted | None, b: Fitted | None, scale: float) -> float | None:
+    """|cos| of direction ``a`` with direction ``b``, or its subspace coupling with subspace ``b``;
+    ``None`` where either is missing or a direction is float noise."""
+    if a is None or b is None or not live(a.vectors, scale):
+        return None
+    if b.vectors.dim() == 1:
+        return coupling(a.vectors, b.vectors) if live(b.vectors, scale) else None
+    return coupling(a.vectors, b.vectors, hidden_size=b.vectors.shape[-1])
+
+
+def _read_at(position: str, acts: CarrierActivations) -> str:
+    """The one position a carrier's coordinates are read at: ``t_post[-1]`` for ``t_post``."""
+    return acts.positions[acts.post[-1]] if position == "t_post" else position
 
 
 def geometry_rows(
     reference: Any, acts: CarrierActivations, config: AuditConfig, layers: Sequence[int]
-) -> tuple[list[dict[str, Any]], dict[str, Tensor]]:
+) -> tuple[list[dict[str, Any]], dict[str, Tensor | None]]:
     """The geometry family on one checkpoint's carrier activations.
 
     ``reference`` is the :class:`~safegeom.audit.reference.Reference` (typed loosely to keep this
-    module free of it). Per layer in ``layers``: drift and cosine to base of refusal (at r₀'s
-    position) and harmfulness (at ``t_inst``), principal_angle_max and grassmann_distance between
-    the base's and the checkpoint's cones, hr_coupling (``hr``: |cos(h_t, r_t)|; ``hr-cone``:
-    mean cos² between h_t and B_t), effective rank of B_t's sources. At r₀'s layer: coordinate
-    statistics of B₀ (``fixed``) and B_t (``reextracted``) at ``t_post[-1]``; projection
-    separation on r₀, h₀ (``fixed``) and r_t, h_t (``reextracted``) with bootstrap CIs.
+    module free of it). Every carrier of the reference is refitted at every layer in ``layers``
+    and at r₀'s, at the base carrier's position and dimension. Per layer: drift and cosine to base
+    of every direction (refusal at r₀'s position, harmfulness at ``t_inst``), principal_angle_max,
+    grassmann_distance and effective rank of every subspace (the cone), then the couplings
+    (:data:`COUPLINGS`: ``hr``, |cos(h_t, r_t)|; ``hr-cone``, mean cos² between h_t and B_t). At
+    r₀'s layer: coordinate statistics of every subspace, the base's (``fixed``) and the
+    checkpoint's (``reextracted``), at ``t_post[-1]``; projection separation on every direction,
+    the base's and the checkpoint's, with bootstrap CIs.
 
     Returns:
-        ``(rows, carriers)`` with ``carriers`` the re-extracted ``refusal`` (r_t) and
-        ``harmfulness`` (h_t) at the base's layer and position, ``cone`` (B_t, [k, d]).
+        ``(rows, carriers)`` with ``carriers`` every refitted carrier's float64 vectors at r₀'s
+        layer by name (``refusal``: r_t, ``harmfulness``: h_t, ``cone``: B_t ``[k, d]``; ``None``
+        where undefined).
     """
     name, n = acts.name, len(acts.harmful) + len(acts.harmless)
-    r0, h0 = reference.refusal, reference.harmfulness
+    at = reference.refusal.layer
+    wanted = [*layers, *([] if at in layers else [at])]
+    own = {
+        cname: {layer: refit(acts, cname, layer, c.position, c.k) for layer in wanted}
+        for cname, c in reference.carriers.items()
+    }
+    directions = [c for c in reference.carriers if reference.layer_vectors[c].dim() == 2]
+    subspaces = [c for c in reference.carriers if reference.layer_vectors[c].dim() == 3]
     pick = [reference.layer_index(x) for x in layers]
-    own_r, own_h = acts.diff(r0.position), acts.diff("t_inst")
-    own_idx = [acts.layers.index(x) for x in layers]
-    rows = direction_rows("refusal", reference.refusal_layers[pick], own_r[own_idx], acts, layers)
-    rows += direction_rows(
-        "harmfulness", reference.harmfulness_layers[pick], own_h[own_idx], acts, layers
-    )
-    cones: dict[int, Tensor | None] = {}
-    for j, layer in zip(own_idx, layers, strict=True):
-        basis, rank = cone_at(acts, layer, reference.cone.k)
-        cones[layer] = basis
-        base_cone = reference.cone_layers[reference.layer_index(layer)]
-        scale = acts.scale(layer)
+    rows: list[dict[str, Any]] = []
+    for cname in directions:
+        base = reference.layer_vectors[cname][pick]
+        mine = torch.stack([_vector(own[cname][layer], base.shape[-1]) for layer in layers])
+        rows += direction_rows(cname, base, mine, acts, layers)
+    for layer in layers:
         common = {"layer": layer, "source": "reextracted", "prompts": name, "n": n}
-        if basis is not None and bool(base_cone.abs().sum() > 0):
-            theta = principal_angles(base_cone, basis, hidden_size=basis.shape[-1])
-            rows.append(_row("principal_angle_max", float(np.max(theta)), carrier="cone",
-                             **common))  # fmt: skip
-            rows.append(_row("grassmann_distance", float(np.sqrt(np.sum(theta**2))),
-                             carrier="cone", **common))  # fmt: skip
-        if basis is not None:
-            rows.append(_row("effective_rank", rank, carrier="cone", **common))
-        if _live(own_h[j], scale) and _live(own_r[j], scale):
-            rows.append(_row("hr_coupling", coupling(own_h[j], own_r[j]), carrier="hr", **common))
-        if basis is not None and _live(own_h[j], scale):
-            value = coupling(own_h[j], basis, hidden_size=basis.shape[-1])
-            rows.append(_row("hr_coupling", value, carrier="hr-cone", **common))
-    at = r0.layer
-    j = acts.layers.index(at)
-    r_t, h_t = own_r[j], own_h[j]
-    b_t = cones[at] if at in cones else cone_at(acts, at, reference.cone.k)[0]
-    h_post, s_post = acts.at(at, acts.positions[acts.post[-1]])
-    rows += coordinate_rows(reference.cone.vectors.double(), h_post, s_post, "fixed", at, name)
-    if b_t is not None:
-        rows += coordinate_rows(b_t, h_post, s_post, "reextracted", at, name)
-    for carrier, position, fixed, own in (
-        ("refusal", r0.position, r0.direction, r_t),
-        ("harmfulness", "t_inst", h0.direction, h_t),
+        for cname in subspaces:
+            base = reference.layer_vectors[cname][reference.layer_index(layer)]
+            rows += _subspace_rows(cname, own[cname][layer], base, common)
+        for label, a, b in COUPLINGS:
+            if a in own and b in own:
+                value = _coupling(own[a][layer], own[b][layer], acts.scale(layer))
+                if value is not None:
+                    rows.append(_row("hr_coupling", value, carrier=label, **common))
+    for cname in subspaces:
+        carrier = reference.carriers[cname]
+        harmful, harmless = acts.at(at, _read_at(carrier.position, acts))
+        fixed = carrier.vectors.double()
+        rows += coordinate_rows(fixed, harmful, harmless, "fixed", at, name, cname)
+        mine = own[cname][at]
+        if mine is not None:
+            rows += coordinate_rows(mine.vectors, harmful, harmless, "reextracted", at, name, cname)
+    for cname in directions:
+        rows += _separation_rows(cname, reference.carriers[cname], own[cname][at], acts, config, at)
+    return rows, {
+        cname: None if fits[at] is None else fits[at].vectors for cname, fits in own.items()
+    }
+
+
+def _vector(fit: Fitted | None, d: int) -> Tensor:
+    """A refitted direction's vector, zeros where it is undefined (then it gets no row)."""
+    return torch.zeros(d, dtype=torch.float64) if fit is None else fit.vectors
+
+
+def _separation_rows(
+    cname: str,
+    carrier: Any,
+    mine: Fitted | None,
+    acts: CarrierActivations,
+    config: AuditConfig,
+    at: int,
+) -> list[dict[str, Any]]:
+    """Projection separation on the base's direction (``fixed``) and the checkpoint's
+    (``reextracted``) at r₀'s layer, at the carrier's position."""
+    harmful, harmless = acts.at(at, carrier.position)
+    scale = acts.scale(at)
+    n = len(acts.harmful) + len(acts.harmless)
+    rows = []
+    for source, vector in (
+        ("fixed", carrier.direction),
+        ("reextracted", None if mine is None else mine.vectors),
     ):
-        harmful, harmless = acts.at(at, position)
-        for source, vector in (("fixed", fixed), ("reextracted", own)):
-            if not _live(vector.double(), acts.scale(at)):
-                continue
-            d, low, high = projection_separation(
-                harmful,
-                harmless,
-                vector,
-                n_resamples=config.n_resamples,
-                seed=config.seed,
-                scale=acts.scale(at),
+        if vector is None or not live(vector.double(), scale):
+            continue
+        d, low, high = projection_separation(
+            harmful,
+            harmless,
+            vector,
+            n_resamples=config.n_resamples,
+            seed=config.seed,
+            scale=scale,
+        )
+        rows.append(
+            _row(
+                "projection_separation",
+                d,
+                layer=at,
+                carrier=cname,
+                source=source,
+                prompts=acts.name,
+                ci_low=low,
+                ci_high=high,
+                n=n,
             )
-            rows.append(_row("projection_separation", d, layer=at, carrier=carrier,
-                             source=source, prompts=name, ci_low=low, ci_high=high, n=n))  # fmt: skip
-    return rows, {"refusal": r_t, "harmfulness": h_t, "cone": b_t}
+        )
+    return rows

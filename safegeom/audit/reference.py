@@ -6,24 +6,28 @@
   provenance says so (``filters_passed: false``, ``filters_note``). When no prompt survives the
   refusal-score data filter (a model that never refuses), the selection runs without it and the
   provenance says so (``filter_train: false``).
-- h₀: diff-in-means at ``t_inst`` at r₀'s layer (§2); B₀: the cheap cone, ``k = cone_k``, at r₀'s
-  layer (§3). Both come from the audit's own capture of the carrier prompts on the base
-  (:func:`~safegeom.audit.geometry_rows.capture_carriers`), the same pass every checkpoint gets.
-- Per layer: the base's refusal diff-in-means at r₀'s position, harmfulness diff-in-means at
-  ``t_inst`` and cheap cone, the step-0 side of every per-layer drift.
+- Every other registered carrier type (:data:`~safegeom.carriers.types.CARRIER_TYPES`) fitted at
+  r₀'s layer by its fit function: h₀, diff-in-means at ``t_inst`` (§2); B₀, the cheap cone with
+  ``k = cone_k`` (§3); and any type registered since. They come from the audit's own capture of the
+  carrier prompts on the base (:func:`~safegeom.audit.activations.capture_carriers`), the same pass
+  every checkpoint gets.
+- Per layer: every carrier refitted (the refusal direction as diff-in-means at r₀'s position), the
+  step-0 side of every per-layer drift.
 
-On disk (``Reference.save(folder)``): ``refusal``/``harmfulness``/``cone`` carriers
-(``.safetensors`` + ``.json``), ``layers.safetensors`` (the per-layer tensors, float64),
-``candidates.parquet`` (the selection's score table) and ``reference.json`` (format, layers,
-provenance).
+On disk (``Reference.save(folder)``): every carrier as ``NAME.safetensors`` + ``.json``,
+``layers.safetensors`` (the per-layer tensors by name, float64), ``candidates.parquet`` (the
+selection's score table) and ``reference.json`` (format, carrier names, layers, provenance). A
+reference saved before the names were listed holds ``refusal``, ``harmfulness`` and ``cone``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import pandas as pd
 import torch
@@ -38,45 +42,112 @@ from safegeom.artifacts import (
     save_safetensors,
     write_json,
 )
+from safegeom.audit.activations import (
+    CarrierActivations,
+    capture_carriers,
+    carrier_prompts,
+    layer_inputs,
+    refit,
+)
 from safegeom.audit.config import AuditConfig
-from safegeom.audit.geometry_rows import capture_carriers, carrier_prompts, cone_at
 from safegeom.carriers.carrier import Carrier, load_carrier
 from safegeom.carriers.refusal import RefusalSelection, SelectionConfig, refusal_direction
+from safegeom.carriers.types import CARRIER_TYPES, CarrierType
 from safegeom.config import config_dict
-from safegeom.errors import ArtifactError, NonFiniteError, NotFoundError, SafegeomError
+from safegeom.errors import (
+    ArtifactError,
+    ConfigError,
+    NonFiniteError,
+    NotFoundError,
+    SafegeomError,
+)
 from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import parse_layers
 from safegeom.prompts import combine_prompts
 
-__all__ = ["FORMAT", "Reference", "build_reference", "load_reference"]
+__all__ = ["DEFAULT_CARRIERS", "FORMAT", "Reference", "build_reference", "load_reference"]
 
 FORMAT = "safegeom.audit_reference/1"
 """Format tag of ``reference.json``."""
 
 
+DEFAULT_CARRIERS = ("refusal", "harmfulness", "cone")
+"""The carriers of a reference saved before ``reference.json`` listed them."""
+
+
 @dataclass(frozen=True, eq=False)
 class Reference:
-    """The base's carriers (r₀, h₀, B₀) and its per-layer directions and cones."""
+    """The base's carriers by name (r₀, h₀, B₀, ...) and each one refitted at every layer."""
 
-    refusal: Carrier
-    """r₀: the selected refusal direction (raw diff-in-means)."""
-    harmfulness: Carrier
-    """h₀: diff-in-means at ``t_inst`` at r₀'s layer."""
-    cone: Carrier
-    """B₀: cheap cone (orthonormal ``[k, d]``) at r₀'s layer."""
+    carriers: Mapping[str, Carrier]
+    """Carriers at r₀'s layer by name: ``refusal`` (r₀, the selected raw diff-in-means),
+    ``harmfulness`` (h₀), ``cone`` (B₀, orthonormal ``[k, d]``) and other registered types."""
     layers: tuple[int, ...]
     """Layers of the per-layer tensors (the audited layers and r₀'s)."""
-    refusal_layers: Float[Tensor, "layer d"]
-    """Base refusal diff-in-means at r₀'s position, per layer (float64)."""
-    harmfulness_layers: Float[Tensor, "layer d"]
-    """Base harmfulness diff-in-means at ``t_inst``, per layer (float64)."""
-    cone_layers: Float[Tensor, "layer k d"]
-    """Base cheap cone per layer (float64 orthonormal rows; zeros where undefined, e.g. the
+    layer_vectors: Mapping[str, Tensor]
+    """Per carrier, the base's fit at every layer (float64): ``[layer, d]`` for a direction,
+    ``[layer, k, d]`` orthonormal rows for a subspace (zeros where undefined, e.g. the cone at the
     embedding layer, whose ``t_post`` activations are the same for every prompt)."""
     candidates: pd.DataFrame = field(default_factory=pd.DataFrame)
     """The selection's candidate table (position, layer, bypass, induce, kl, norm, kept, reason)."""
     provenance: Provenance = field(default_factory=Provenance)
     """Model, weight hash, prompt sets, the config and how r₀ was selected."""
+
+    def __post_init__(self) -> None:
+        if "refusal" not in self.carriers:
+            raise ConfigError(
+                "an audit reference needs its refusal carrier: pass carriers['refusal']"
+            )
+        if set(self.layer_vectors) != set(self.carriers):
+            raise ConfigError(
+                f"per-layer vectors for {sorted(self.layer_vectors)} but carriers "
+                f"{sorted(self.carriers)}; give layer_vectors for every carrier"
+            )
+        object.__setattr__(self, "carriers", MappingProxyType(dict(self.carriers)))
+        object.__setattr__(self, "layer_vectors", MappingProxyType(dict(self.layer_vectors)))
+
+    def carrier(self, name: str) -> Carrier:
+        """The base carrier called ``name``.
+
+        Raises:
+            NotFoundError: the reference has none (the message lists what it holds).
+        """
+        if name not in self.carriers:
+            raise NotFoundError(
+                f"the audit reference has no {name!r} carrier (it holds "
+                f"{', '.join(self.carriers)}); rebuild it with that type registered"
+            )
+        return self.carriers[name]
+
+    @property
+    def refusal(self) -> Carrier:
+        """r₀: the selected refusal direction (raw diff-in-means)."""
+        return self.carrier("refusal")
+
+    @property
+    def harmfulness(self) -> Carrier:
+        """h₀: diff-in-means at ``t_inst`` at r₀'s layer."""
+        return self.carrier("harmfulness")
+
+    @property
+    def cone(self) -> Carrier:
+        """B₀: cheap cone (orthonormal ``[k, d]``) at r₀'s layer."""
+        return self.carrier("cone")
+
+    @property
+    def refusal_layers(self) -> Float[Tensor, "layer d"]:
+        """Base refusal diff-in-means at r₀'s position, per layer (float64)."""
+        return self.layer_vectors["refusal"]
+
+    @property
+    def harmfulness_layers(self) -> Float[Tensor, "layer d"]:
+        """Base harmfulness diff-in-means at ``t_inst``, per layer (float64)."""
+        return self.layer_vectors["harmfulness"]
+
+    @property
+    def cone_layers(self) -> Float[Tensor, "layer k d"]:
+        """Base cheap cone per layer (float64 orthonormal rows; zeros where undefined)."""
+        return self.layer_vectors["cone"]
 
     def layer_index(self, layer: int) -> int:
         """Row of ``layer`` in the per-layer tensors.
@@ -99,23 +170,24 @@ class Reference:
         """
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("refusal", "harmfulness", "cone"):
-            getattr(self, name).save(out / name)
-        tensors = {
-            "refusal": self.refusal_layers.double().contiguous(),
-            "harmfulness": self.harmfulness_layers.double().contiguous(),
-            "cone": self.cone_layers.double().contiguous(),
-        }
+        for name, carrier in self.carriers.items():
+            carrier.save(out / name)
+        tensors = {name: v.double().contiguous() for name, v in self.layer_vectors.items()}
         save_safetensors(out / "layers.safetensors", tensors, {"layers": list(self.layers)})
         save_parquet(out / "candidates.parquet", self.candidates)
-        meta = {"format": FORMAT, "layers": list(self.layers),
-                "provenance": self.provenance.to_dict()}  # fmt: skip
+        meta = {
+            "format": FORMAT,
+            "carriers": list(self.carriers),
+            "layers": list(self.layers),
+            "provenance": self.provenance.to_dict(),
+        }
         write_json(out / "reference.json", meta)
         return out
 
 
 def load_reference(folder: str | os.PathLike[str]) -> Reference:
-    """Read a reference written by :meth:`Reference.save`.
+    """Read a reference written by :meth:`Reference.save` (also one saved before the carrier
+    names were listed).
 
     Returns:
         The :class:`Reference`.
@@ -130,8 +202,9 @@ def load_reference(folder: str | os.PathLike[str]) -> Reference:
     meta = read_json(src / "reference.json", what="audit reference")
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{src / 'reference.json'} is not a safegeom audit reference")
+    names = list(meta.get("carriers", DEFAULT_CARRIERS))
     tensors, _ = read_safetensors(src / "layers.safetensors", what="audit reference layers")
-    if set(tensors) != {"refusal", "harmfulness", "cone"}:
+    if set(tensors) != set(names):
         raise ArtifactError(f"{src / 'layers.safetensors'} lacks the per-layer tensors")
     table_path = src / "candidates.parquet"
     if not table_path.is_file():
@@ -141,13 +214,9 @@ def load_reference(folder: str | os.PathLike[str]) -> Reference:
     except Exception as err:  # pyarrow raises several kinds for a damaged file
         raise ArtifactError(f"{table_path} is not a readable candidate table ({err})") from None
     return Reference(
-        refusal=load_carrier(src / "refusal.safetensors"),
-        harmfulness=load_carrier(src / "harmfulness.safetensors"),
-        cone=load_carrier(src / "cone.safetensors"),
+        carriers={name: load_carrier(src / f"{name}.safetensors") for name in names},
         layers=tuple(int(x) for x in meta["layers"]),
-        refusal_layers=tensors["refusal"],
-        harmfulness_layers=tensors["harmfulness"],
-        cone_layers=tensors["cone"],
+        layer_vectors={name: tensors[name] for name in names},
         candidates=candidates,
         provenance=Provenance.from_dict(meta.get("provenance", {})),
     )
@@ -229,9 +298,6 @@ def build_reference(lm: LoadedModel, config: AuditConfig, *, progress: bool = Tr
     selection, r0, how = _select(lm, config, progress)
     layers = tuple(sorted({*parse_layers(config.layers, lm.n_layers), r0.layer}))
     acts = capture_carriers(lm, config, layers, progress=progress)
-    refusal_layers, harmfulness_layers = acts.diff(r0.position), acts.diff("t_inst")
-    cones = [cone_at(acts, layer, config.cone_k) for layer in layers]
-    at = layers.index(r0.layer)
     harmful, harmless = carrier_prompts(config)
     provenance = Provenance(
         model=lm.name,
@@ -250,39 +316,51 @@ def build_reference(lm: LoadedModel, config: AuditConfig, *, progress: bool = Tr
             "selection_seconds": selection.seconds,
         },
     )
-    cone_prov = dataclasses.replace(
-        provenance, extra={"source": "positions", "n_svd": config.cone_k}
-    )
-    h0 = Carrier(
-        vectors=harmfulness_layers[at], kind="harmfulness", method="dim", layer=r0.layer,
-        position="t_inst", scores={"norm": float(harmfulness_layers[at].norm())},
-        provenance=provenance,
-    )  # fmt: skip
-    basis, rank = cones[at]
-    if basis is None:
-        raise SafegeomError(
-            f"the cheap cone at r0's layer {r0.layer} is undefined: its sources span fewer than "
-            f"cone_k={config.cone_k} dimensions; lower --cone-k"
-        )
-    post_last = [p for p in acts.positions if p.startswith("t_post")][-1]
-    alpha = float(acts.diff(post_last)[at].norm())
-    b0 = Carrier(
-        vectors=basis, kind="refusal", method="cone-cheap", layer=r0.layer, position="t_post",
-        scores={"alpha": alpha, "effective_rank": rank}, provenance=cone_prov,
-    )  # fmt: skip
+    carriers = {"refusal": r0}
+    for name, ctype in CARRIER_TYPES.items():
+        if name not in carriers:
+            carriers[name] = _fit_at(acts, ctype, r0.layer, config.cone_k, provenance)
     return Reference(
-        refusal=r0,
-        harmfulness=h0,
-        cone=b0,
+        carriers=carriers,
         layers=layers,
-        refusal_layers=refusal_layers,
-        harmfulness_layers=harmfulness_layers,
-        cone_layers=torch.stack(
-            [
-                c if c is not None else torch.zeros(config.cone_k, lm.d_model, dtype=torch.float64)
-                for c, _ in cones
-            ]
-        ),
+        layer_vectors={
+            name: _per_layer(acts, name, c.position, c.k, layers) for name, c in carriers.items()
+        },
         candidates=selection.table,
         provenance=provenance,
     )
+
+
+def _fit_at(
+    acts: CarrierActivations, ctype: CarrierType, layer: int, k: int, provenance: Provenance
+) -> Carrier:
+    """A registered type fitted at r₀'s layer; a fit recording what it was made from (the cone's
+    sources) carries that as its provenance's extras in place of the audit's.
+
+    Raises:
+        SafegeomError: the carrier is undefined there (e.g. a cone spanning fewer than k
+            dimensions).
+    """
+    try:
+        fitted = ctype.fit(layer_inputs(acts, layer, ctype.position, k))
+    except SafegeomError as err:
+        raise SafegeomError(
+            f"the {ctype.name} carrier at r0's layer {layer} is undefined ({err}); lower --cone-k"
+        ) from None
+    if fitted.extra:
+        provenance = dataclasses.replace(provenance, extra={})
+    return ctype.carrier(fitted, layer, provenance)
+
+
+def _per_layer(
+    acts: CarrierActivations,
+    name: str,
+    position: str,
+    k: int,
+    layers: Sequence[int],
+) -> Tensor:
+    """The base's fit of carrier ``name`` at every layer, stacked (zeros where undefined)."""
+    fits = [refit(acts, name, layer, position, k) for layer in layers]
+    shape = next(f.vectors.shape for f in fits if f is not None)  # r₀'s layer has one
+    zeros = torch.zeros(shape, dtype=torch.float64)
+    return torch.stack([f.vectors if f is not None else zeros for f in fits])

@@ -16,7 +16,8 @@ the unmodified model:
 - ``effect = bypass_effect + induce_effect``.
 
 A candidate is *admissible* when ``kl ≤ max_kl`` (0.1 by default) and its ranking effect exceeds
-``min_effect``; the best admissible candidate is returned.
+``min_effect``; the best admissible candidate is returned. The choice is maths on the scored table
+(:func:`choose_admissible`, no model); :func:`admissible_carrier` scores and chooses.
 
 Under a launcher every forward pass is shared out over the processes
 (:func:`~safegeom.carriers.dealt.row_scores`); every rank gets one process's table.
@@ -51,6 +52,7 @@ __all__ = [
     "admissibility_table",
     "admissible_carrier",
     "carrier_effective_rank",
+    "choose_admissible",
     "dim_layer_candidates",
     "leading_subspaces",
 ]
@@ -252,16 +254,53 @@ def admissible_carrier(
         SafegeomError: an unknown ``rank_by``, a negative ``max_kl``, or no admissible candidate
             (the message lists the lowest-KL ones).
     """
+    _check_choice(max_kl, rank_by)
+    table = admissibility_table(
+        lm, candidates, harmful, harmless, tokens=tokens, batch_size=batch_size, system=system,
+        progress=progress,
+    )  # fmt: skip
+    return choose_admissible(
+        candidates, table, max_kl=max_kl, min_effect=min_effect, rank_by=rank_by
+    )
+
+
+def _check_choice(max_kl: float, rank_by: str) -> None:
     if rank_by not in ("effect", "bypass_effect", "induce_effect"):
         raise ConfigError(
             f"unknown rank_by {rank_by!r}: use effect, bypass_effect or induce_effect"
         )
     if max_kl < 0:
         raise SafegeomError(f"max_kl must be ≥ 0, got {max_kl}")
-    table = admissibility_table(
-        lm, candidates, harmful, harmless, tokens=tokens, batch_size=batch_size, system=system,
-        progress=progress,
-    )  # fmt: skip
+
+
+def choose_admissible(
+    candidates: Sequence[Carrier],
+    table: pd.DataFrame,
+    *,
+    max_kl: float = 0.1,
+    min_effect: float = 0.0,
+    rank_by: RankBy = "effect",
+) -> Carrier:
+    """The best admissible candidate of a scored table (no model): ``kl ≤ max_kl`` and
+    ``rank_by > min_effect``, highest ``rank_by`` (ties: the earlier candidate).
+
+    Args:
+        candidates: the carriers ``table`` scores, in its row order.
+        table: :func:`admissibility_table` of ``candidates`` (its ``attrs`` hold the base scores).
+
+    Returns:
+        The chosen candidate as in :func:`admissible_carrier`.
+
+    Raises:
+        ConfigError: an unknown ``rank_by``; SafegeomError: a negative ``max_kl``, a table of
+            another length, or no admissible candidate (the message lists the lowest-KL ones).
+    """
+    _check_choice(max_kl, rank_by)
+    if len(table) != len(candidates):
+        raise SafegeomError(
+            f"the table scores {len(table)} candidates but {len(candidates)} were given; pass "
+            "the candidates the table was computed for"
+        )
     ok = table[(table["kl"] <= max_kl) & (table[rank_by] > min_effect)]
     if ok.empty:
         closest = table.sort_values("kl").head(3)[["candidate", "layer", "kl", rank_by]]

@@ -10,7 +10,9 @@ are wanted: at one layer, orthonormalise (greedy Gram–Schmidt, i.e. QR with ra
 2. the top ``n_svd`` right singular vectors of the per-prompt differences
    ``h_i − mean_harmless`` at ``t_post[-1]``, scaled by ``σ/√n`` (activation units),
 
-and keep the first ``k`` independent directions. Every choice here is configurable.
+and keep the first ``k`` independent directions. Every choice here is configurable. The maths is
+:func:`~safegeom.carriers.fit.cone_basis` (activations in); :func:`cheap_cone` captures, fits and
+scores.
 
 :func:`score_cone` scores a cone as the paper does: each basis vector and random positive-orthant
 combinations ``normalise(sᵀB)``, ``s = |N(0, I_k)|``, must ablate (bypass) and induce refusal.
@@ -35,40 +37,14 @@ from safegeom.carriers.common import (
     encode,
     prompt_provenance,
 )
+from safegeom.carriers.fit import cone_basis, gram_schmidt
 from safegeom.carriers.scoring import score_candidates
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.evaluate import refusal_token_ids
-from safegeom.geometry import effective_rank
 from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
-from safegeom.prompts import PromptSet
 
 __all__ = ["cheap_cone", "cone_directions", "gram_schmidt", "score_cone"]
-
-
-def gram_schmidt(
-    vectors: Float[Tensor, "m d"], k: int, *, rel_tol: float = 1e-6
-) -> Float[Tensor, "k d"]:
-    """The first ``k`` orthonormal rows obtained from ``vectors`` in order (float64), skipping
-    vectors whose residual is below ``rel_tol`` of their norm (dependent on earlier ones).
-
-    Raises:
-        SafegeomError: the vectors span fewer than ``k`` dimensions.
-    """
-    rows: list[Tensor] = []
-    for v in vectors.double():
-        r = v.clone()
-        for _ in range(2):  # re-orthogonalise once for numerical safety
-            for b in rows:
-                r = r - (r @ b) * b
-        if r.norm() > rel_tol * max(float(v.norm()), 1e-300):
-            rows.append(r / r.norm())
-        if len(rows) == k:
-            return torch.stack(rows)
-    raise SafegeomError(
-        f"the cone's source vectors span only {len(rows)} dimensions, fewer than k={k}; "
-        "lower k, raise n_svd or use more positions/categories"
-    )
 
 
 def cone_directions(
@@ -138,22 +114,6 @@ def score_cone(
     return out | {"base_harmful": s.base_harmful, "base_harmless": s.base_harmless}
 
 
-def _category_means(
-    acts: Float[Tensor, "n d"], prompts: PromptSet | EncodedSet
-) -> tuple[list[str], list[Tensor]]:
-    if getattr(prompts, "categories", None) is None:
-        raise SafegeomError(
-            f"prompt set {prompts.name!r} has no categories; use source='positions' or a set "
-            "with categories (directharm4, jbb-harmful)"
-        )
-    names = sorted(set(prompts.categories), key=lambda c: (-prompts.categories.count(c), c))
-    means = []
-    for name in names:
-        rows = [i for i, c in enumerate(prompts.categories) if c == name]
-        means.append(acts[rows].mean(0))
-    return names, means
-
-
 def cheap_cone(
     lm: LoadedModel,
     harmful: Prompts | EncodedSet,
@@ -207,8 +167,12 @@ def cheap_cone(
     at = default_layer(lm, layer, refusal)
     if source not in ("positions", "categories"):
         raise ConfigError(f"unknown cone source {source!r}: use positions or categories")
-    n_svd = k if n_svd is None else n_svd
-    if n_svd < 0:
+    if source == "categories" and getattr(h_set, "categories", None) is None:
+        raise SafegeomError(
+            f"prompt set {h_set.name!r} has no categories; use source='positions' or a set "
+            "with categories (directharm4, jbb-harmful)"
+        )
+    if n_svd is not None and n_svd < 0:
         raise SafegeomError(f"n_svd must be ≥ 0, got {n_svd}")
     acts = [
         capture(
@@ -221,47 +185,31 @@ def cheap_cone(
         raise SafegeomError(
             "harmful and harmless prompts have different post-instruction positions"
         )
-    h, s = (a["resid_pre"][:, 0].double() for a in acts)  # [n, pos, d]
-    dim = h.mean(0) - s.mean(0)  # [pos, d]
-    if source == "positions":
-        raw = list(dim.flip(0))  # t_post[-1] first
-        names = list(reversed(acts[0].positions))
-    else:
-        cats, means = _category_means(h[:, -1], h_set)
-        raw = [dim[-1], *(m - s[:, -1].mean(0) for m in means)]
-        names = ["all", *cats]
-    if n_svd:
-        diffs = h[:, -1] - s[:, -1].mean(0)
-        _, sv, vh = torch.linalg.svd(diffs, full_matrices=False)
-        top = min(n_svd, len(sv))
-        raw += list(vh[:top] * (sv[:top, None] / len(diffs) ** 0.5))
-        names += [f"svd{j}" for j in range(top)]
-    stacked = torch.stack(raw)
-    basis = gram_schmidt(stacked, k)
-    alpha = float(dim[-1].norm())
-    scores = {"alpha": alpha, "effective_rank": effective_rank(stacked), "n_raw": float(len(raw))}
+    fitted = cone_basis(
+        acts[0]["resid_pre"][:, 0],
+        acts[1]["resid_pre"][:, 0],
+        k,
+        positions=acts[0].positions,
+        source=source,
+        categories=getattr(h_set, "categories", None),
+        n_svd=n_svd,
+    )
+    scores = dict(fitted.scores)
     if score:
         scores |= score_cone(
-            lm, basis, alpha, at, harmful_val if harmful_val is not None else h_set,
+            lm, fitted.vectors, scores["alpha"], at,
+            harmful_val if harmful_val is not None else h_set,
             harmless_val if harmless_val is not None else s_set, n_combinations=n_combinations,
             seed=seed, batch_size=batch_size, system=system, progress=progress,
         )  # fmt: skip
+    provenance = prompt_provenance(lm, h_set, s_set, **fitted.extra, seed=seed, system=system)
     return Carrier(
-        vectors=basis,
+        vectors=fitted.vectors,
         kind=kind,
         method="cone-cheap",
         site="resid_pre",
         layer=at,
         position="t_post" if source == "positions" else "t_post[-1]",
         scores=scores,
-        provenance=prompt_provenance(
-            lm,
-            h_set,
-            s_set,
-            source=source,
-            raw_vectors=names,
-            n_svd=n_svd,
-            seed=seed,
-            system=system,
-        ),
+        provenance=provenance,
     )

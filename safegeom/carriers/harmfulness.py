@@ -3,7 +3,9 @@
 Harmfulness is read at **t_inst**, the last token of the user's instruction, before the chat
 template's post-instruction tokens, where the refusal carrier lives (``t_post[-1]``). The carrier is
 the float64 diff-in-means ``mean_harmful − mean_harmless`` of ``resid_pre`` at one layer; in
-aligned models it is nearly orthogonal to the refusal direction (METHODS §2).
+aligned models it is nearly orthogonal to the refusal direction (METHODS §2). The maths is
+:func:`~safegeom.carriers.fit.fit_dim`; :func:`harmfulness_direction` captures the two class means
+(streamed in float64) and fits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from safegeom.capture import capture_stats
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.common import Prompts, as_prompts, default_layer, prompt_provenance
+from safegeom.carriers.fit import diff_in_means
 from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
 
@@ -60,14 +63,12 @@ def harmfulness_direction(
         ).mean(site)[0, 0]
         for p in (h_set, s_set)
     ]  # fmt: skip
-    diff = means[0] - means[1]  # float64 [d]
-    return Carrier(
-        vectors=diff,
+    fitted = diff_in_means(means[0][None], means[1][None])  # each class mean as one row
+    return fitted.carrier(
         kind="harmfulness",
         method="dim",
-        site=site,
         layer=at,
         position="t_inst",
-        scores={"norm": float(diff.norm())},
+        site=site,
         provenance=prompt_provenance(lm, h_set, s_set, system=system),
     )

@@ -3,14 +3,15 @@
 A scikit-learn :class:`~sklearn.linear_model.LogisticRegression` is fitted on standardised
 activations (harmful = 1, harmless = 0) with a deterministic stratified train/test split; the
 held-out accuracy and AUROC say how linearly readable the concept is at each (layer, position).
-:func:`probe_carrier` turns one probe into a :class:`Carrier`: the weight vector mapped back from
-standardised to activation coordinates.
+:func:`fit_probe_carrier` turns the best probe over some layers into a :class:`Carrier` (activations
+in): the weight vector mapped back from standardised to activation coordinates;
+:func:`probe_carrier` captures, fits and records provenance.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -29,7 +30,14 @@ from safegeom.errors import NonFiniteError, SafegeomError
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import load_prompts
 
-__all__ = ["ProbeFit", "fit_probe", "probe_carrier", "probe_layers", "probe_split"]
+__all__ = [
+    "ProbeFit",
+    "fit_probe",
+    "fit_probe_carrier",
+    "probe_carrier",
+    "probe_layers",
+    "probe_split",
+]
 
 
 @dataclass(frozen=True)
@@ -212,18 +220,77 @@ def probe_carrier(
     Raises:
         SafegeomError: as :func:`probe_layers`; a position that names more than one token.
     """
-    h_set, s_set, x, y, layer_ids, labels = _activations(
+    h_set, s_set, x, _, layer_ids, labels = _activations(
         lm, harmful, harmless, position, "all" if layer is None else layer, system, progress
     )
     if len(labels) != 1:
         raise SafegeomError(f"probe_carrier needs one position, {position!r} gives {list(labels)}")
+    n = len(h_set)
+    carrier = fit_probe_carrier(
+        x[:n, :, 0],
+        x[n:, :, 0],
+        layer_ids,
+        position=labels[0],
+        kind=kind,
+        test_fraction=test_fraction,
+        seed=seed,
+        C=C,
+    )
+    provenance = prompt_provenance(lm, h_set, s_set, seed=seed, system=system)
+    return replace(carrier, provenance=provenance)
+
+
+def fit_probe_carrier(
+    harmful: Float[torch.Tensor, "n layer d"],
+    harmless: Float[torch.Tensor, "m layer d"],
+    layers: Sequence[int],
+    *,
+    position: str,
+    kind: str = "harmfulness",
+    test_fraction: float = 0.3,
+    seed: int = 0,
+    C: float = 1.0,
+) -> Carrier:
+    """The best probe direction over ``layers`` as a :class:`Carrier` (``method="probe"``), from
+    activations alone.
+
+    One stratified split (seeded) is shared by every layer; the best layer has the highest
+    held-out AUROC (then accuracy, then the earliest). The vector is the unit activation-space
+    probe normal, pointing to harmful, scaled by the projection of ``mean_harmful −
+    mean_harmless`` (all prompts) on it, so its norm is in activation units like a diff-in-means
+    direction (our choice).
+
+    Args:
+        harmful, harmless: per-prompt activations ``[n, layer, d]`` of each class.
+        layers: the block index of each layer column.
+        position: the token position the activations were read at.
+
+    Returns:
+        A :class:`Carrier` with ``scores`` ``accuracy``, ``auroc`` (held-out), ``n_train``,
+        ``n_test``, ``C`` and ``separation`` (the norm, activation units).
+
+    Raises:
+        SafegeomError: shapes that disagree, fewer than 2 prompts per class, or classes the probe
+            cannot separate (a zero weight).
+    """
+    if harmful.dim() != 3 or harmless.shape[1:] != harmful.shape[1:]:
+        raise SafegeomError(
+            f"probe activations must be [n, layer, d] for both classes, got "
+            f"{tuple(harmful.shape)} and {tuple(harmless.shape)}"
+        )
+    if len(layers) != harmful.shape[1]:
+        raise SafegeomError(
+            f"{len(layers)} layer indices for {harmful.shape[1]} layer columns; name every layer"
+        )
+    x = torch.cat([harmful, harmless])
+    y = np.r_[np.ones(len(harmful), np.int64), np.zeros(len(harmless), np.int64)]
     split = probe_split(y, test_fraction=test_fraction, seed=seed)
-    fits = [fit_probe(x[:, j, 0], y, seed=seed, C=C, split=split) for j in range(len(layer_ids))]
+    fits = [fit_probe(x[:, j], y, seed=seed, C=C, split=split) for j in range(len(layers))]
     best = max(
         range(len(fits)),
         key=lambda j: (np.nan_to_num(fits[j].auroc, nan=-1.0), fits[j].accuracy, -j),
     )
-    fit, feats = fits[best], x[:, best, 0].double().numpy()
+    fit, feats = fits[best], x[:, best].double().numpy()
     if not np.any(fit.weight):
         raise SafegeomError("the probe weight is zero: the classes are not separable at this site")
     w = fit.weight / np.linalg.norm(fit.weight)
@@ -234,8 +301,8 @@ def probe_carrier(
         kind=kind,
         method="probe",
         site="resid_pre",
-        layer=int(layer_ids[best]),
-        position=labels[0],
+        layer=int(layers[best]),
+        position=position,
         scores={
             "accuracy": fit.accuracy,
             "auroc": float(fit.auroc),
@@ -244,5 +311,4 @@ def probe_carrier(
             "C": float(C),
             "separation": float(np.linalg.norm(vector)),
         },
-        provenance=prompt_provenance(lm, h_set, s_set, seed=seed, system=system),
     )
