@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from safegeom.carriers.fit import cone_basis, diff_in_means, fit_cone, fit_dim, gram_schmidt
 from safegeom.carriers.probes import fit_probe_carrier
-from safegeom.carriers.types import CarrierType, ClassActivations, read_positions
+from safegeom.carriers.registry import CarrierType, ClassActivations, read_positions
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.geometry import principal_angles
 

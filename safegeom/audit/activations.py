@@ -4,7 +4,7 @@ from it.
 :func:`capture_carriers` captures ``resid_pre`` of the carrier prompts at every audited layer,
 positions ``t_inst`` and every ``t_post`` token (float32 storage, float64 arithmetic), as
 :class:`CarrierActivations`. :func:`refit` fits one registered carrier type
-(:data:`~safegeom.carriers.types.CARRIER_TYPES`) at one layer from them, so the base measured
+(:data:`~safegeom.carriers.registry.CARRIER_TYPES`) at one layer from them, so the base measured
 against itself gives drift 0, cosine 1 and principal angles 0 exactly.
 """
 
@@ -20,7 +20,7 @@ from torch import Tensor
 from safegeom.audit.config import AuditConfig
 from safegeom.capture import capture
 from safegeom.carriers.fit import Fitted
-from safegeom.carriers.types import CAPTURED, ClassActivations, carrier_type, read_positions
+from safegeom.carriers.registry import CAPTURED, ClassActivations, carrier_type, read_positions
 from safegeom.errors import SafegeomError
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, combine_prompts
@@ -144,11 +144,11 @@ def layer_inputs(
     acts: CarrierActivations, layer: int, position: str, k: int = 1
 ) -> ClassActivations:
     """The fit input of a carrier reading ``position`` at ``layer`` (see
-    :func:`~safegeom.carriers.types.read_positions`), its noise floor set by the layer's RMS
+    :func:`~safegeom.carriers.registry.read_positions`), its noise floor set by the layer's RMS
     activation norm.
 
     Returns:
-        :class:`~safegeom.carriers.types.ClassActivations` asking for ``k`` dimensions.
+        :class:`~safegeom.carriers.registry.ClassActivations` asking for ``k`` dimensions.
 
     Raises:
         SafegeomError: the layer or position was not captured.

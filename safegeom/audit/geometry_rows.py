@@ -3,7 +3,7 @@ coordinate statistics and projection separation of every carrier in the audit's 
 
 Every carrier is refitted from the same per-prompt activations
 (:mod:`~safegeom.audit.activations`) by its registered fit function
-(:data:`~safegeom.carriers.types.CARRIER_TYPES`), so the base measured against itself gives drift
+(:data:`~safegeom.carriers.registry.CARRIER_TYPES`), so the base measured against itself gives drift
 0, cosine 1 and principal angles 0 exactly. What a carrier gets depends on its shape: a direction
 (one vector per layer, e.g. refusal and harmfulness) drift, cosine to base and projection
 separation; a subspace (``k`` rows per layer, e.g. the cone) principal angles, Grassmann distance,

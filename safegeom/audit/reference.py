@@ -6,7 +6,7 @@
   provenance says so (``filters_passed: false``, ``filters_note``). When no prompt survives the
   refusal-score data filter (a model that never refuses), the selection runs without it and the
   provenance says so (``filter_train: false``).
-- Every other registered carrier type (:data:`~safegeom.carriers.types.CARRIER_TYPES`) fitted at
+- Every other registered carrier type (:data:`~safegeom.carriers.registry.CARRIER_TYPES`) fitted at
   r₀'s layer by its fit function: h₀, diff-in-means at ``t_inst`` (§2); B₀, the cheap cone with
   ``k = cone_k`` (§3); and any type registered since. They come from the audit's own capture of the
   carrier prompts on the base (:func:`~safegeom.audit.activations.capture_carriers`), the same pass
@@ -52,7 +52,7 @@ from safegeom.audit.activations import (
 from safegeom.audit.config import AuditConfig
 from safegeom.carriers.carrier import Carrier, load_carrier
 from safegeom.carriers.refusal import RefusalSelection, SelectionConfig, refusal_direction
-from safegeom.carriers.types import CARRIER_TYPES, CarrierType
+from safegeom.carriers.registry import CARRIER_TYPES, CarrierType
 from safegeom.config import config_dict
 from safegeom.errors import (
     ArtifactError,

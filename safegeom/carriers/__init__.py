@@ -2,7 +2,7 @@
 
 The maths is on tensors (:mod:`safegeom.carriers.fit`: activations in, carrier out); the extraction
 functions capture, fit and score; :data:`CARRIER_TYPES` names every carrier a suite and an audit
-fit (:mod:`safegeom.carriers.types`).
+fit (:mod:`safegeom.carriers.registry`).
 
 Under a launcher the captures shard through :mod:`safegeom.capture` and the scoring passes
 (refusal filter, candidate selection, cone and admissibility scores) through
@@ -37,16 +37,16 @@ from safegeom.carriers.refusal import (
     refusal_direction,
     select_refusal_direction,
 )
-from safegeom.carriers.scoring import CandidateScores, ForwardCounter, score_candidates
-from safegeom.carriers.selection import load_selection
-from safegeom.carriers.suite import CarriersConfig, CarrierSuite, extract_carriers, load_suite
-from safegeom.carriers.types import (
+from safegeom.carriers.registry import (
     CARRIER_TYPES,
     CarrierType,
     ClassActivations,
     carrier_type,
     register_carrier_type,
 )
+from safegeom.carriers.scoring import CandidateScores, ForwardCounter, score_candidates
+from safegeom.carriers.selection import load_selection
+from safegeom.carriers.suite import CarriersConfig, CarrierSuite, extract_carriers, load_suite
 
 __all__ = [
     "CARRIER_TYPES",

@@ -2,7 +2,7 @@
 
 :func:`extract_carriers` runs refusal-direction selection (diff-in-means at ``t_post`` + bypass,
 induce and KL selection), then every other registered carrier type at the same layer
-(:data:`~safegeom.carriers.types.CARRIER_TYPES`: the harmfulness direction at ``t_inst``, the cheap
+(:data:`~safegeom.carriers.registry.CARRIER_TYPES`: the harmfulness direction at ``t_inst``, the cheap
 refusal cone, and any type registered since); it reports the H/R coupling and the cone's effective
 rank. :meth:`CarrierSuite.save` writes the selection (``refusal`` carrier, ``candidates.parquet``,
 ``dim_candidates.safetensors``, ``selection.json``), every other carrier as ``NAME.safetensors`` +
@@ -23,8 +23,8 @@ from safegeom.artifacts import Provenance, read_json, write_json
 from safegeom.carriers.carrier import Carrier, load_carrier
 from safegeom.carriers.common import encode
 from safegeom.carriers.refusal import RefusalSelection, SelectionConfig, refusal_direction
+from safegeom.carriers.registry import CARRIER_TYPES, ExtractionSets
 from safegeom.carriers.selection import load_selection
-from safegeom.carriers.types import CARRIER_TYPES, ExtractionSets
 from safegeom.config import check
 from safegeom.errors import ConfigError, NotFoundError
 from safegeom.geometry import coupling
@@ -69,7 +69,7 @@ def _check_cone_k(cone_k: int) -> None:
 class CarrierSuite:
     """Every carrier of one model by name: the selected refusal direction, the harmfulness
     direction, the refusal cone and any other registered type
-    (:data:`~safegeom.carriers.types.CARRIER_TYPES`)."""
+    (:data:`~safegeom.carriers.registry.CARRIER_TYPES`)."""
 
     selection: RefusalSelection
     """The refusal-direction selection (its carrier is ``carriers["refusal"]``)."""
@@ -221,7 +221,7 @@ def extract_carriers(
     progress: bool = True,
 ) -> CarrierSuite:
     """Extract the refusal direction, then every other registered carrier type
-    (:data:`~safegeom.carriers.types.CARRIER_TYPES`): the harmfulness direction, the cheap cone
+    (:data:`~safegeom.carriers.registry.CARRIER_TYPES`): the harmfulness direction, the cheap cone
     (``cone_k > 0``) and any registered since.
 
     The other carriers use the same training prompts (first ``n_train`` of each class) and the

@@ -1,4 +1,4 @@
-"""Carrier types: the one mapping from a carrier's name to how it is fitted.
+"""The carrier registry: the one mapping from a carrier type's name to how it is fitted.
 
 A :class:`CarrierType` names a carrier (``refusal``, ``harmfulness``, ``cone``), the positions it
 reads and its fit function: per-prompt activations of both classes at one layer

@@ -22,14 +22,14 @@ from safegeom.capture import capture
 from safegeom.carriers import SelectionConfig
 from safegeom.carriers.common import encode
 from safegeom.carriers.fit import Fitted
-from safegeom.carriers.suite import CarrierSuite, extract_carriers, load_suite
-from safegeom.carriers.types import (
+from safegeom.carriers.registry import (
     CARRIER_TYPES,
     CarrierType,
     ClassActivations,
     carrier_type,
     register_carrier_type,
 )
+from safegeom.carriers.suite import CarrierSuite, extract_carriers, load_suite
 from safegeom.errors import ConfigError, NotFoundError
 from safegeom.models import load_model
 
