@@ -155,3 +155,34 @@ def test_a_tuple_positional_takes_one_or_more_values() -> None:
     assert config_from_args(Paths, parser.parse_args(["a", "b"])).paths == ("a", "b")
     with pytest.raises(SystemExit):
         parser.parse_args([])
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """A config with a prompt SPEC option and a positional one."""
+
+    source: str = field(metadata={"positional": True})
+    """Where: a bundled set[:split] or a file."""
+    harmful: str = "advbench:val"
+    """Harmful prompt set: bundled set[:split] or a CSV/JSON/JSONL file."""
+    note: str = "x"
+    """Not a prompt set."""
+
+
+def test_a_prompt_spec_help_lists_every_bundled_set(capsys: pytest.CaptureFixture) -> None:
+    from safegeom.prompts import BUNDLED
+
+    parser = argparse.ArgumentParser()
+    add_config(parser, PromptOptions)
+    helps = {a.dest: a.help for a in parser._actions}
+    names = f"bundled set[:train|val|test] ({', '.join(BUNDLED)})"
+    assert helps["PromptOptions.harmful"] == (
+        f"Harmful prompt set: {names} or a CSV/JSON/JSONL file. (default: advbench:val)"
+    )
+    assert helps["PromptOptions.source"] == f"Where: a {names} or a file."
+    assert helps["PromptOptions.note"] == "Not a prompt set. (default: x)"
+    assert {"harmbench", "harmbench-train", "strongreject-noadvbench"} <= set(BUNDLED)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
+    assert "(" + ",".join(BUNDLED) + ")oraCSV/JSON/JSONLfile" in out

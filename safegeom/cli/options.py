@@ -17,6 +17,9 @@ field is a positional argument), ``repeat=True`` (a ``tuple[X, ...]`` option tha
 several times, each a comma list, the items joined in order) or ``cli=False`` (not on the command
 line; say why in its doc).
 
+A doc that says ``bundled set[:split]`` (a prompt SPEC) gets the names of the bundled prompt sets
+in its help, from :data:`safegeom.prompts.BUNDLED`, so the help lists every set the data holds.
+
 Example:
     >>> import argparse
     >>> from safegeom.models import LoadConfig
@@ -37,8 +40,13 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from safegeom.config import field_docs, flag
+from safegeom.prompts import BUNDLED
 
-__all__ = ["add_config", "config_from_args", "configs_of", "option_dest"]
+__all__ = ["PROMPT_SPEC_HELP", "add_config", "config_from_args", "configs_of", "option_dest"]
+
+_BUNDLED_PHRASE = "bundled set[:split]"
+PROMPT_SPEC_HELP = f"bundled set[:train|val|test] ({', '.join(BUNDLED)})"
+"""What a prompt SPEC's bundled name may be: replaces ``bundled set[:split]`` in an option's help."""
 
 _CONFIGS = "_safegeom_configs"
 
@@ -114,8 +122,13 @@ def _tuple_parser(item: Any) -> Any:
     return parse_list
 
 
+def _expand(doc: str) -> str:
+    """Return ``doc`` with ``bundled set[:split]`` spelled out as :data:`PROMPT_SPEC_HELP`."""
+    return doc.replace(_BUNDLED_PHRASE, PROMPT_SPEC_HELP)
+
+
 def _help(doc: str, default: Any) -> str:
-    text = doc.replace("%", "%%") if doc else ""
+    text = _expand(doc).replace("%", "%%") if doc else ""
     if default is dataclasses.MISSING or default is None:
         return text
     if isinstance(default, tuple):
@@ -159,7 +172,7 @@ def add_config(
         kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
         if f.metadata.get("positional"):
             kwargs.pop("dest")
-            kwargs["help"] = docs.get(f.name, "")
+            kwargs["help"] = _expand(docs.get(f.name, ""))
             if get_origin(tp) is tuple:  # PATH [PATH ...]
                 kwargs["type"] = _scalar_parser(get_args(tp)[0])
                 kwargs["nargs"] = "+" if default is dataclasses.MISSING else "*"
