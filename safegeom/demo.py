@@ -26,6 +26,7 @@ from safegeom.config import check, config_dict
 from safegeom.errors import SafegeomError
 from safegeom.evaluate import evaluate
 from safegeom.models import load_model
+from safegeom.outputs import claims_folder
 from safegeom.prompts import load_prompts
 from safegeom.sweeps import SweepConfig, causal_sweep
 
@@ -107,12 +108,18 @@ def _markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+@claims_folder("demo")  # locks and records out
 def run_demo(
-    out: str | Path, config: DemoConfig = DemoConfig(), *, echo: bool = True
+    out: str | Path,
+    config: DemoConfig = DemoConfig(),
+    *,
+    echo: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return its summary (also written to ``summary.json``).
 
-    ``echo`` prints the section headers and the final report to stdout.
+    ``echo`` prints the section headers and the final report to stdout; ``overwrite`` lets it
+    write into a folder holding files safegeom did not write (they are kept).
     """
     from safegeom.train import train
 

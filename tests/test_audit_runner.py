@@ -86,8 +86,12 @@ def test_out_is_checked_before_any_work(trajectory, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputPathError, match="is a file; give a folder"):
         audit(trajectory, tmp_path / "file", progress=False, **FAKE_CONFIG)
-    with pytest.raises(OutputPathError, match="holds a training run"):
+    with pytest.raises(OutputPathError, match=r"is also an input .*; choose another --out"):
         audit(trajectory, trajectory, progress=False, **FAKE_CONFIG)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "trajectory.json").write_text((trajectory / "trajectory.json").read_text())
+    with pytest.raises(OutputPathError, match="holds a training run; give the audit its own"):
+        audit(trajectory, tmp_path / "run", progress=False, overwrite=True, **FAKE_CONFIG)
     assert calls.measured == [] and calls.built == 0
 
 

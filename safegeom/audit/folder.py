@@ -4,7 +4,6 @@ and the final table (all written by rank 0 alone; see :mod:`~safegeom.audit.runn
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from safegeom.audit.schema import frame
 from safegeom.config import config_dict
 from safegeom.errors import ConfigError, OutputPathError
 from safegeom.models.loading import LoadConfig
+from safegeom.outputs import remove_written
 
 __all__ = ["AuditRun", "finish", "identity", "manifest", "start", "thawed"]
 
@@ -75,17 +75,20 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _prepare(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
-    """Refuse a folder holding another audit (or another thing); clear it with ``overwrite``."""
+    """Refuse a folder holding another audit; with ``overwrite`` delete the files safegeom wrote
+    there (:func:`~safegeom.outputs.remove_written`), never the user's own.
+
+    The folder is claimed (:func:`~safegeom.outputs.claim_folder`): without ``overwrite`` every
+    file in it is safegeom's, so a piece of an audit found here is one safegeom wrote.
+    """
     manifest = out / "manifest.json"
     pieces = ("manifest.json", "audit.parquet", "checkpoints", "reference")
     if (out / "trajectory.json").exists():
         raise OutputPathError(f"--out {out} holds a training run; give the audit its own folder")
-    if not any((out / p).exists() for p in pieces):
-        return
     if overwrite:
-        for piece in pieces:
-            target = out / piece
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        remove_written(out)
+        return
+    if not any((out / p).exists() for p in pieces):
         return
     if not manifest.is_file():
         raise OutputPathError(

@@ -75,6 +75,7 @@ from safegeom.distributed import (
 )
 from safegeom.errors import SafegeomError
 from safegeom.models.loading import LoadConfig, LoadedModel, load_model
+from safegeom.outputs import claims_folder
 
 __all__ = ["audit"]
 
@@ -200,6 +201,7 @@ def _raise(error: Exception | None) -> None:
         raise error
 
 
+@claims_folder("audit", inputs=("targets_or_spec", "base"))  # locks and records out
 def audit(
     targets_or_spec: AuditInputs | str | Path | Sequence[str | Path],
     out: str | Path,
@@ -220,7 +222,8 @@ def audit(
         config: what to measure (default :class:`AuditConfig`); ``fields`` replace its fields.
         load: how to load every model.
         base: the base model, overriding the one the inputs name.
-        overwrite: replace an audit in ``out`` made with other settings.
+        overwrite: replace an audit in ``out`` made with other settings (only the files
+            safegeom wrote there are deleted), or write into a folder holding the user's files.
         progress: show a progress bar over the checkpoints.
 
     Under a launcher every rank calls it, with the same arguments (module docstring).

@@ -11,6 +11,7 @@ to ``--out`` files or, with ``--json``, to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
 import sys
@@ -63,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        with _claimed(args):
+            return int(args.func(args) or 0)
     except SafegeomError as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"safegeom {args.command}: error: {message}", file=sys.stderr)
@@ -74,6 +76,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         close()  # under a launcher: tear the process group down before the interpreter exits
+
+
+def _claimed(args: argparse.Namespace) -> contextlib.AbstractContextManager[Any]:
+    """``train``'s run folder, claimed around the whole command (:mod:`safegeom.outputs`: the
+    lock, the check that the folder is empty or safegeom's, the record of what the run writes).
+
+    The other commands claim their ``--out`` themselves; a claim nested in this one is the same.
+    """
+    if args.command != "train":
+        return contextlib.nullcontext()
+    from safegeom.cli.options import config_from_args
+    from safegeom.cli.train import TrainCommand
+    from safegeom.outputs import claim_folder, inputs_of
+
+    command = config_from_args(TrainCommand, args)
+    return claim_folder(
+        command.out, command="train", overwrite=command.overwrite, inputs=inputs_of(command)
+    )
 
 
 def _quiet_libraries() -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from safegeom.activations import Activations, ActivationStats
-from safegeom.artifacts import check_output_dir, check_output_file
 from safegeom.capture import CaptureConfig, capture, capture_stats, capture_to_disk
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args
@@ -16,6 +15,7 @@ from safegeom.config import check
 from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.models.loading import LoadConfig, load_model
+from safegeom.outputs import check_file_output, claim_folder, inputs_of
 from safegeom.prompts import PromptSet, load_prompts
 
 
@@ -29,6 +29,8 @@ class CaptureCommand:
     """Prompt set: a bundled set[:split] or a CSV/JSON/JSONL file."""
     out: str = field(metadata={"metavar": "PATH"})
     """Output file (a folder with --shard-size); checked before the model is loaded."""
+    overwrite: bool = False
+    """Replace an output safegeom did not write (a folder: write beside its files, kept)."""
     column: str | None = None
     """Prompt column of a user file (default: prompt, instruction, goal or question)."""
     limit: int | None = None
@@ -75,7 +77,21 @@ def run(args: argparse.Namespace) -> int:
     command = config_from_args(CaptureCommand, args)
     config = config_from_args(CaptureConfig, args)
     # under a launcher rank 0 alone checks and writes (safegeom.distributed); the others print nothing
-    main_only(check_output_dir if config.shard_size is not None else check_output_file)(command.out)
+    inputs = inputs_of(command, config, config_from_args(LoadConfig, args))
+    if config.shard_size is not None:
+        with claim_folder(
+            command.out, command="capture", overwrite=command.overwrite, inputs=inputs
+        ):
+            return _capture(args, command, config)
+    main_only(check_file_output)(
+        command.out, inputs=inputs, overwrite=command.overwrite, sidecars=[f"{command.out}.json"]
+    )
+    return _capture(args, command, config)
+
+
+def _capture(args: argparse.Namespace, command: CaptureCommand, config: CaptureConfig) -> int:
+    """Load the prompts and the model, capture, write ``--out`` (checked by the caller), print;
+    returns 0."""
     prompts = _prompts(command)
     lm = load_model(command.model, config_from_args(LoadConfig, args))
     summary: dict[str, Any]

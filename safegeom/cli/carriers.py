@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from safegeom.artifacts import check_output_dir
 from safegeom.carriers import SelectionConfig
 from safegeom.carriers.suite import CarriersConfig, extract_carriers
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.distributed import is_main, main_only
 from safegeom.models.loading import LoadConfig, load_model
+from safegeom.outputs import claim_folder, inputs_of
 
 __all__ = ["CarriersCommand", "register", "run"]
 
@@ -29,6 +28,8 @@ class CarriersCommand:
     """tiny-chat, a checkpoint or adapter folder, or a hub id."""
     out: str = field(metadata={"metavar": "DIR"})
     """Output folder (checked before any work starts)."""
+    overwrite: bool = False
+    """Write into a --out folder that holds files safegeom did not write (they are kept)."""
     json: bool = False
     """Print summary.json to stdout."""
     progress: bool = True
@@ -57,15 +58,18 @@ def run(args: argparse.Namespace) -> int:
     carriers = config_from_args(CarriersConfig, args)
     selection = config_from_args(SelectionConfig, args)
     # under a launcher rank 0 alone checks and writes (safegeom.distributed); the others print nothing
-    out = main_only(check_output_dir)(command.out) or Path(command.out)
-    lm = load_model(command.model, config=config_from_args(LoadConfig, args))
-    suite = extract_carriers(
-        lm, carriers.harmful, carriers.harmless, carriers.harmful_val, carriers.harmless_val,
-        selection, cone_k=carriers.cone_k, progress=command.progress,
-    )  # fmt: skip
-    main_only(suite.save)(out)
-    if not is_main():
-        return 0
+    inputs = inputs_of(command, carriers, selection, config_from_args(LoadConfig, args))
+    with claim_folder(
+        command.out, command="carriers", overwrite=command.overwrite, inputs=inputs
+    ) as out:
+        lm = load_model(command.model, config=config_from_args(LoadConfig, args))
+        suite = extract_carriers(
+            lm, carriers.harmful, carriers.harmless, carriers.harmful_val, carriers.harmless_val,
+            selection, cone_k=carriers.cone_k, progress=command.progress,
+        )  # fmt: skip
+        main_only(suite.save)(out)
+        if not is_main():
+            return 0
     summary = suite.summary()
     if command.json:
         emit_json(summary)

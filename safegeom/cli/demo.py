@@ -18,6 +18,8 @@ class DemoCommand:
     """Run folder (outside the package): report.md, summary.json, tables, carriers, trajectory."""
     json: bool = False
     """Print summary.json to stdout instead of the report."""
+    overwrite: bool = False
+    """Write into a --out folder that holds files safegeom did not write (they are kept)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute ``safegeom demo``."""
     command = config_from_args(DemoCommand, args)
-    summary = run_demo(command.out, config_from_args(DemoConfig, args), echo=not command.json)
+    summary = run_demo(
+        command.out,
+        config_from_args(DemoConfig, args),
+        echo=not command.json,
+        overwrite=command.overwrite,
+    )
     if command.json:
         emit_json(summary)
     return 0

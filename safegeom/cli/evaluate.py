@@ -17,7 +17,6 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from safegeom.artifacts import check_output_file
 from safegeom.bootstrap import Metric
 from safegeom.cli import CliError
 from safegeom.cli.common import emit_json
@@ -27,6 +26,7 @@ from safegeom.errors import ConfigError
 from safegeom.evaluate import Intervention, evaluate
 from safegeom.judges import get_judge
 from safegeom.models import LoadConfig, LoadedModel, load_model
+from safegeom.outputs import check_file_output, inputs_of
 from safegeom.prompts import load_prompts
 from safegeom.results import EvalResult
 
@@ -93,6 +93,8 @@ class EvaluateCommand:
     """Carrier file (.safetensors) for --intervene."""
     out: str | None = field(default=None, metadata={"metavar": "FILE"})
     """Write the result as JSON to FILE."""
+    overwrite: bool = False
+    """Replace an existing output file that safegeom did not write."""
     json: bool = False
     """Print the result as JSON."""
     progress: bool = True
@@ -156,7 +158,11 @@ def run(args: argparse.Namespace, *, intervention: Intervention = None) -> int:
     config = config_from_args(EvaluateConfig, args)
     load = config_from_args(LoadConfig, args)
     if command.out:  # before any work; under a launcher rank 0 alone checks and writes
-        main_only(check_output_file)(command.out)
+        main_only(check_file_output)(
+            command.out,
+            inputs=inputs_of(command, config, load),
+            overwrite=command.overwrite,
+        )
     # bad prompt specs and judges fail before the model loads
     prompts = load_prompts(command.prompts, column=command.column, n=command.limit)
     judge = get_judge(config.judge)

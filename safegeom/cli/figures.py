@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from safegeom.artifacts import check_output_dir
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.config import check
 from safegeom.errors import SafegeomError
 from safegeom.figure_files import FORMATS, read_tables, write_figures
+from safegeom.outputs import claim_folder
 
 __all__ = ["FiguresCommand", "register", "run"]
 
@@ -29,6 +29,8 @@ class FiguresCommand:
     """Audit folders written by safegeom audit; several are overlaid, in the order given."""
     out: str = field(metadata={"metavar": "DIR"})
     """Output folder for the figures (checked before any work starts)."""
+    overwrite: bool = False
+    """Write into a --out folder that holds files safegeom did not write (they are kept)."""
     labels: tuple[str, ...] = ()
     """Run labels, one per audit folder, comma-separated (default: the folders' names)."""
     formats: tuple[str, ...] = ("png", "pdf")
@@ -68,24 +70,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute ``safegeom figures``; returns the exit status."""
     command = config_from_args(FiguresCommand, args)
-    out = check_output_dir(command.out)
-    tables = read_tables(command.audits, command.labels)
-    written, skipped = write_figures(
-        tables, out, formats=command.formats, progress=command.progress
-    )
-    if not written:
-        raise SafegeomError(
-            "the audits hold no rows any figure draws (" + "; ".join(skipped.values()) + ")"
+    with claim_folder(
+        command.out, command="figures", overwrite=command.overwrite, inputs=command.audits
+    ) as out:
+        tables = read_tables(command.audits, command.labels)
+        written, skipped = write_figures(
+            tables, out, formats=command.formats, progress=command.progress
         )
-    if command.json:
-        emit_json({
-            "written": [str(p) for p in written],
-            "skipped": skipped,
-            "runs": dict(zip(tables, command.audits, strict=True)),
-        })  # fmt: skip
+        if not written:
+            raise SafegeomError(
+                "the audits hold no rows any figure draws (" + "; ".join(skipped.values()) + ")"
+            )
+        if command.json:
+            emit_json({
+                "written": [str(p) for p in written],
+                "skipped": skipped,
+                "runs": dict(zip(tables, command.audits, strict=True)),
+            })  # fmt: skip
+            return 0
+        for name, why in skipped.items():
+            print(f"skipped {name}: {why}")
+        for path in written:
+            print(f"wrote {path}")
         return 0
-    for name, why in skipped.items():
-        print(f"skipped {name}: {why}")
-    for path in written:
-        print(f"wrote {path}")
-    return 0

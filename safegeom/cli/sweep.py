@@ -15,12 +15,12 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safegeom.artifacts import check_output_dir, check_output_file
 from safegeom.cli.common import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError
 from safegeom.models import LoadConfig, load_model
+from safegeom.outputs import check_file_output, claim_folder, inputs_of
 from safegeom.sweeps import SweepConfig, causal_sweep_result
 
 __all__ = ["SweepCommand", "carrier_names", "register", "run"]
@@ -40,6 +40,8 @@ class SweepCommand:
     """Harmless prompt set: bundled set[:split] or a CSV/JSON/JSONL file."""
     out: str | None = field(default=None, metadata={"metavar": "PATH"})
     """Write the table: a .parquet file (with a .json sidecar beside it) or a folder."""
+    overwrite: bool = False
+    """Replace an output safegeom did not write (a folder: write beside its files, kept)."""
     json: bool = False
     """Print the table as JSON records."""
     progress: bool = True
@@ -98,14 +100,30 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         The exit status (0).
     """
-    from safegeom.carriers import load_carrier
-
     command = config_from_args(SweepCommand, args)
     config = config_from_args(SweepConfig, args)
     load = config_from_args(LoadConfig, args)
-    if command.out:  # before any work; under a launcher rank 0 alone checks, writes and prints
-        is_file = command.out.endswith((".parquet", ".json"))
-        main_only(check_output_file if is_file else check_output_dir)(command.out)
+    if not command.out:
+        return _sweep(command, config, load)
+    # before any work; under a launcher rank 0 alone checks, writes and prints
+    inputs = inputs_of(command, config, load)
+    if command.out.endswith((".parquet", ".json")):  # the table and its sidecar
+        out = Path(command.out)
+        main_only(check_file_output)(
+            out.with_suffix(".parquet"),
+            inputs=inputs,
+            overwrite=command.overwrite,
+            sidecars=[out.with_suffix(".json")],
+        )
+        return _sweep(command, config, load)
+    with claim_folder(command.out, command="sweep", overwrite=command.overwrite, inputs=inputs):
+        return _sweep(command, config, load)
+
+
+def _sweep(command: SweepCommand, config: SweepConfig, load: LoadConfig) -> int:
+    """Run the sweep, write ``--out`` (checked by the caller) and print; returns 0."""
+    from safegeom.carriers import load_carrier
+
     paths = carrier_names(command.carrier)
     lm = load_model(command.model, load)
     carriers = {
