@@ -125,7 +125,7 @@ def spec(method: str, task: str, seed: int, lr: float, lam: float | None = None)
 
 def train_kwargs(run: RunSpec) -> dict[str, Any]:
     """The :func:`safegeom.train.train` keywords of a run's method (method, guard, regulariser)."""
-    from safegeom.train.guard import GuardConfig
+    from safegeom.train.methods.refusalguard import GuardConfig
     from safegeom.train.regularised import RegConfig
 
     if run.method == "rg-lora":

@@ -1,7 +1,7 @@
 """The training methods bench_train.py compares: each a :class:`Runner` that steps like train().
 
-A runner holds what :func:`safegeom.train.train` builds for its method (``load_model``,
-``prepare_defence``, :func:`~safegeom.train.runner.wrap_settings`, ``wrap_model``,
+A runner holds what :func:`safegeom.train.train` builds for its method (``load_model``, the
+method's ``prepare`` and :func:`~safegeom.train.runner.run_config`, the state's ``wrap``,
 ``encode_examples``, :class:`~safegeom.train.step.StepLoss`, the optimizer and schedule of
 :func:`~safegeom.train.optim.make_optimizer`, ``accelerate``), and :meth:`Runner.step` is train's
 loop body: :func:`~safegeom.train.optim.optimizer_step` (loss, backward, gradient clip, optimizer
@@ -29,16 +29,16 @@ from accelerate.utils import set_seed
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.models.layout import resolve
 from safegeom.train.adaptive import RiskProbe, RiskProbeConfig, fit_risk_probe
-from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
+from safegeom.train.config import RunConfig, TrainConfig
 from safegeom.train.data import ExampleOrder, encode_examples
-from safegeom.train.defences import Defence, prepare_defence, update_of
-from safegeom.train.guard import GuardConfig
+from safegeom.train.methods import METHODS, Prepared, Setup
+from safegeom.train.methods.refusalguard import GuardConfig
 from safegeom.train.optim import make_optimizer, optimizer_step
 from safegeom.train.regularised import RegConfig
-from safegeom.train.runner import wrap_settings
+from safegeom.train.runner import method_options, run_config
 from safegeom.train.step import StepLoss
 from safegeom.train.tasks import Task, get_task
-from safegeom.train.wrap import Trainable, wrap_model
+from safegeom.train.wrap import Trainable
 
 SEED = 0
 """Seed of the weights, adapters, data order and calibration batches (train's ``seed``)."""
@@ -167,8 +167,8 @@ def defence_key(variant: Variant) -> str:
 
 def make_defence(
     variant: Variant, lm: LoadedModel, task: Task, root: Path, fresh: bool
-) -> tuple[Defence, dict[str, float]]:
-    """``prepare_defence`` as train() calls it, timed; ``fresh=False`` reads back the cones (and
+) -> tuple[Prepared, dict[str, float]]:
+    """The method's ``prepare`` as train() calls it, timed; ``fresh=False`` reads back the cones (and
     the risk probe and risks) an earlier row with the same :func:`defence_key` saved under ``root``.
 
     Returns:
@@ -177,16 +177,20 @@ def make_defence(
     folder, critic, parts = root / defence_key(variant), None, {}
     if variant.method == "adaptive":
         started = time.perf_counter()
-        if fresh:  # the probe prepare_defence would fit, fitted here so that it is timed alone
+        if fresh:  # the probe the method would fit, fitted here so that it is timed alone
             critic = fit_risk_probe(lm, RiskProbeConfig(layers=REG.probe_layers, seed=SEED,
                                     scale=REG.probe_scale, n_per_class=REG.probe_n))  # fmt: skip
             parts["risk probe fit"] = time.perf_counter() - started
         else:
             critic = RiskProbe.load(folder / "risk_probe.safetensors")
     started = time.perf_counter()
-    defence = prepare_defence(variant.method, lm, list(task.prompts), guard=variant.guard, reg=REG,
-                              critic=critic, seed=SEED, folder=folder, resume=not fresh,
-                              write=fresh)  # fmt: skip
+    given = {"guard": variant.guard, "regulariser": REG, "critic": critic}
+    takes = (METHODS[variant.method].keyword, *METHODS[variant.method].extras)
+    options = {k: v for k, v in given.items() if k in takes}
+    method, settings, extras = method_options(variant.method, options)
+    setup = Setup(method=variant.method, lm=lm, prompts=tuple(task.prompts), seed=SEED,
+                  folder=folder, resume=not fresh, write=fresh)  # fmt: skip
+    defence = method.prepare(setup, settings, **extras)
     took = time.perf_counter() - started
     if variant.method == "refusalguard":
         parts["cones + calibration cache" if fresh else "calibration cache (cones shared)"] = took
@@ -229,11 +233,11 @@ class Runner:
 
     def step(self, step: int) -> float:
         """One optimizer step at data position ``step`` (train's loop body); returns the loss."""
-        size = self.config.batch_size
+        size = self.config.train.batch_size
         indices = [self.order.index(step * size + i) for i in range(size)]
         loss, terms = optimizer_step(
             self.acc, self.trainable, self.step_loss, self.optimizer, self.scheduler, indices,
-            step, grad_clip=self.config.grad_clip, lr=self.config.lr, saved=0,
+            step, grad_clip=self.config.train.grad_clip, lr=self.config.lr, saved=0,
         )  # fmt: skip
         for value in terms.values():  # read back as train() does for its log
             float(self.acc.reduce(value, reduction="mean"))
@@ -252,22 +256,13 @@ def build_runner(
     set_seed(SEED)
     lm = build_model(preset, str(acc.device))
     defence, parts = make_defence(variant, lm, task, root, fresh)
-    update = update_of(variant.method, variant.guard)
-    wrap = wrap_settings(update, TRAIN, variant.guard, lm, sorted(defence.bases))
-    config = RunConfig(
-        method=variant.method, task=task.name, task_size=len(task), task_hash=task.content_hash,
-        seed=SEED, lr=DEFAULT_LR[update], batch_size=preset.batch_size, steps=total_steps,
-        save_every=TRAIN.save_every, schedule=TRAIN.schedule, warmup_steps=TRAIN.warmup_steps,
-        weight_decay=TRAIN.weight_decay, grad_clip=TRAIN.grad_clip, max_length=lm.max_positions,
-        system=TRAIN.system, defence=defence.record, **(wrap if update == "lora" else {}),
-    )  # fmt: skip
-    trainable = wrap_model(lm, "tiny-chat", update, wrap, dtype=preset.dtype, resume_from=None,
-                           bases=defence.bases)  # fmt: skip
-    examples = encode_examples(lm.tokenizer, task.prompts, task.responses, system=config.system,
+    settings = replace(TRAIN, seed=SEED, batch_size=preset.batch_size, steps=total_steps)
+    config = run_config(variant.method, task, settings, defence, lm)
+    trainable = defence.wrap(lm, "tiny-chat", config, dtype=preset.dtype, resume_from=None)
+    examples = encode_examples(lm.tokenizer, task.prompts, task.responses, system=settings.system,
                                chat_template=lm.chat_template, max_length=config.max_length)  # fmt: skip
     pad = lm.tokenizer.pad_token_id
-    step_loss = StepLoss(trainable, examples, int(pad if pad is not None else 0), defence.penalty,
-                         seed=SEED, risks=defence.risks, **defence.step_options)  # fmt: skip
+    step_loss = StepLoss(trainable, examples, int(pad if pad is not None else 0), defence)
     raw, scheduler = make_optimizer(trainable.parameters(), config)
     trainable.module, optimizer = acc.prepare(trainable.module, raw)
     order = ExampleOrder(len(examples), SEED)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import typing
 from pathlib import Path
 
 import pytest
 
-import safegeom.train.runner as runner
 from safegeom.cli import main
-from safegeom.cli.train import METHOD_GROUPS, TrainCommand
-from safegeom.train.defences import METHODS
+from safegeom.cli.train import TrainCommand, method_groups
+from safegeom.errors import ConfigError
+from safegeom.train.methods import METHODS
 from safegeom.train.trajectory import load_trajectory
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import TINY
@@ -37,15 +36,26 @@ def _args(method: str, ckpt: Path, task: Path, out: Path, *extra: str) -> list[s
             "--save-every", "1", "--batch-size", "2", "--no-progress", *extra]  # fmt: skip
 
 
-def test_method_choices_are_the_methods() -> None:
-    hint = typing.get_type_hints(TrainCommand)["method"]
-    assert typing.get_args(hint) == METHODS
-    assert typing.get_args(runner.Method) == METHODS
-    users = {m for group in METHOD_GROUPS for m in group.methods}
+def test_method_choices_are_the_registry(
+    ckpt: Path, task_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    groups = method_groups()
+    users = {m for group in groups for m in group.methods}
     assert users == set(METHODS) - {"sft", "lora"}
-    for group in METHOD_GROUPS:  # every field's methods are among its group's
+    assert [g.heading for g in groups] == [
+        "refusalguard (refusalguard only)",
+        "regularisation (kl, adaptive)",
+        "weight-space baselines (safe-lora, lox)",
+    ]
+    for group in groups:  # every field's methods are among its group's
         for name in group.cls.__dataclass_fields__:
             assert set(group.methods_of(name)) <= set(group.methods), name
+    with pytest.raises(ConfigError, match="unknown method 'nope'; use one of sft, lora, "):
+        TrainCommand(method="nope", model="m", task="t", out="o")
+    out = tmp_path / "never"
+    assert main(_args("nope", ckpt, task_file, out)) == 2
+    assert "unknown method 'nope'; use one of sft, lora, refusalguard" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_help_lists_every_method_and_the_new_groups(capsys: pytest.CaptureFixture[str]) -> None:

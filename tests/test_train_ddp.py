@@ -79,7 +79,7 @@ def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
     """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings); adaptive
     with :class:`LengthCritic` and §7's per-batch weights (one mean risk over the global batch),
     LoX from the ``unaligned`` checkpoint beside ``ckpt``."""
-    from safegeom.train.guard import GuardConfig
+    from safegeom.train.methods.refusalguard import GuardConfig
     from safegeom.train.posthoc import PosthocConfig
     from safegeom.train.regularised import RegConfig
     from safegeom.train.runner import train

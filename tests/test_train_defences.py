@@ -15,7 +15,7 @@ from safegeom.models import LoadedModel, collate_left, encode_prompts, load_mode
 from safegeom.prompts import Prompts, load_prompts
 from safegeom.train.adaptive import JudgeCritic
 from safegeom.train.data import ExampleOrder
-from safegeom.train.guard import GuardConfig
+from safegeom.train.methods.refusalguard import GuardConfig
 from safegeom.train.regularised import RegConfig
 from safegeom.train.runner import train
 from safegeom.train.tasks import Task

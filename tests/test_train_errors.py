@@ -11,7 +11,7 @@ import torch
 
 from safegeom.cli import main
 from safegeom.errors import ConfigError, OutputPathError, TrainingDiverged
-from safegeom.train import TrainConfig, load_trajectory, runner, train
+from safegeom.train import TrainConfig, load_trajectory, loop, train
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY, saved_weights
 
@@ -73,20 +73,20 @@ def test_interrupt_keeps_checkpoints_and_says_resume(
     out = tmp_path / "cut"
     args = ["train", "lora", str(ckpt), "--task", "harmful:4", "--out", str(out), "--steps", "4",
             "--save-every", "1", "--batch-size", "2", "--no-progress"]  # fmt: skip
-    real = runner.check_finite_weights
+    real = loop.check_finite_weights
 
     def interrupt_at_3(params, step, traj, lr):  # type: ignore[no-untyped-def]
         if step == 3:
             raise KeyboardInterrupt
         real(params, step, traj, lr)
 
-    monkeypatch.setattr(runner, "check_finite_weights", interrupt_at_3)
+    monkeypatch.setattr(loop, "check_finite_weights", interrupt_at_3)
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "safegeom train: interrupted; rerun with --resume" in err and "Traceback" not in err
     cut = load_trajectory(out)
     assert cut.steps == (0, 1, 2) and not cut.complete
-    monkeypatch.setattr(runner, "check_finite_weights", real)
+    monkeypatch.setattr(loop, "check_finite_weights", real)
     assert main([*args, "--resume"]) == 0
     assert load_trajectory(out).steps == (0, 1, 2, 3, 4)
 

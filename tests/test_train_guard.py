@@ -12,7 +12,7 @@ from safegeom.errors import ConfigError, SafegeomError
 from safegeom.models import LoadedModel, collate_left, encode_prompts, load_model
 from safegeom.models.layout import resolve
 from safegeom.train.data import collate_right, encode_examples
-from safegeom.train.guard import (
+from safegeom.train.methods.refusalguard import (
     READOUT,
     GeometryPenalty,
     GuardConfig,

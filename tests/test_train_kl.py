@@ -9,6 +9,7 @@ import torch
 
 from safegeom.models import load_model
 from safegeom.train.data import collate_right, encode_examples
+from safegeom.train.methods.kl import KLState
 from safegeom.train.regularised import RegConfig, per_example_terms
 from safegeom.train.runner import train
 from safegeom.train.step import StepLoss
@@ -71,7 +72,7 @@ def test_the_reference_is_the_frozen_model_without_dropout(ckpts) -> None:
     trainable = wrap_model(lm, ckpts["gpt2"], "lora", settings, dtype="float32",
                            resume_from=None)  # fmt: skip
     examples = encode_examples(lm.tokenizer, TINY.prompts, TINY.responses)
-    step = StepLoss(trainable, examples, int(lm.tokenizer.pad_token_id), reference=True)
+    step = StepLoss(trainable, examples, int(lm.tokenizer.pad_token_id), KLState(kl_weight=1.0))
     batch = collate_right(examples, int(lm.tokenizer.pad_token_id))
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     model = trainable.model

@@ -1,21 +1,21 @@
 """``safegeom train METHOD``: fine-tune a model on a task and save a checkpoint trajectory.
 
 The options are derived from :class:`TrainCommand` (what to train and where), :class:`TrainConfig`
-(how), :class:`~safegeom.models.LoadConfig` (how to load the model) and the methods' own configs:
-:class:`~safegeom.train.guard.GuardConfig` (refusalguard),
-:class:`~safegeom.train.regularised.RegConfig` (kl, adaptive) and
-:class:`~safegeom.train.posthoc.PosthocConfig` (safe-lora, lox), each in a ``--help`` group whose
-title names the methods that use it (:data:`METHOD_GROUPS`). A method's flag given with another
-method is refused before any work (a flag counts as given when its value differs from its
-default). Ctrl-C stops the run with its checkpoints consistent and says how to continue.
+(how), :class:`~safegeom.models.LoadConfig` (how to load the model) and the methods' own configs,
+all taken from :data:`~safegeom.train.methods.METHODS`: the choices of METHOD, one ``--help`` line
+per method, and one option group per method config whose title names the methods that use it
+(:func:`method_groups`). A method's flag given with another method is refused before any work (a
+flag counts as given when its value differs from its default). Ctrl-C stops the run with its
+checkpoints consistent and says how to continue.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from safegeom.artifacts import check_output_dir
 from safegeom.cli.common import emit_json
@@ -26,18 +26,17 @@ from safegeom.errors import ConfigError
 from safegeom.models.loading import LoadConfig
 from safegeom.models.positions import LAYER_HELP
 from safegeom.train.config import TrainConfig
-from safegeom.train.guard import GuardConfig
-from safegeom.train.posthoc import PosthocConfig
-from safegeom.train.regularised import RegConfig
+from safegeom.train.methods import METHODS, get_method
 from safegeom.train.runner import train
 from safegeom.train.tasks import get_task
 
 __all__ = [
     "INTERRUPT_HINT",
-    "METHOD_GROUPS",
     "MethodGroup",
     "TrainCommand",
     "check_method_flags",
+    "description",
+    "method_groups",
     "register",
     "run",
 ]
@@ -45,31 +44,35 @@ __all__ = [
 INTERRUPT_HINT = "interrupted; rerun with --resume to continue from the last checkpoint"
 """What the command prints on Ctrl-C (the checkpoints and manifest stay consistent)."""
 
-DESCRIPTION = """\
+_INTRO = """\
 Fine-tune MODEL on a task (loss on response tokens only) under accelerate; saves
 DIR/checkpoints/step-NNNNNN/ every --save-every steps (step 0 included), each loadable as a
 MODEL, and the manifest DIR/trajectory.json (the method's settings in config["defence"]).
-
-methods:
-  sft           all weights
-  lora          LoRA adapters on --lora-targets
-  refusalguard  METHODS §6: the cone-projected edit (--variant reft) or LoRA (--variant lora),
-                with the geometry penalty --lambda-geom on the refusal cones
-  adaptive      METHODS §7: LoRA with a risk-weighted KL to the reference (--critic probe|judge)
-  kl            LoRA with a constant-weight KL to the reference (--kl-weight)
-  safe-lora     METHODS §8: LoRA, each checkpoint projected by Safe LoRA; needs --unaligned-base
-  lox           METHODS §8: LoRA, each checkpoint extrapolated by LoX; needs --unaligned-base
 """
+
+
+def description() -> str:
+    """The ``--help`` description: what the command does, then one entry per registered method."""
+    width = max(len(name) for name in METHODS) + 2
+    lines = [_INTRO, "methods:"]
+    for name, method in METHODS.items():
+        lines.append(
+            textwrap.fill(
+                method.summary,
+                width=98,
+                initial_indent=f"  {name.ljust(width)}",
+                subsequent_indent=" " * (width + 2),
+            )
+        )
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
 class TrainCommand:
     """What to train, on what, and where the run goes."""
 
-    method: Literal["sft", "lora", "refusalguard", "adaptive", "kl", "safe-lora", "lox"] = field(
-        metadata={"positional": True, "metavar": "METHOD"}
-    )
-    """sft, lora, refusalguard, adaptive, kl, safe-lora or lox (one line each above)."""
+    method: str = field(metadata={"positional": True, "metavar": "METHOD"})
+    """The training method: one of the methods listed above."""
     model: str = field(metadata={"positional": True, "metavar": "MODEL"})
     """tiny-chat, a checkpoint or adapter folder, or a hub id."""
     task: str = field(metadata={"metavar": "SPEC"})
@@ -88,7 +91,8 @@ class TrainCommand:
     """Print the manifest as JSON."""
 
     def __post_init__(self) -> None:
-        """Refuse --resume together with --overwrite."""
+        """Refuse an unknown method, and --resume together with --overwrite."""
+        get_method(self.method)
         if self.resume and self.overwrite:
             raise ConfigError("pass either --resume or --overwrite, not both")
 
@@ -103,14 +107,12 @@ class MethodGroup:
     """Group title in ``--help`` (the methods are added in brackets)."""
     methods: tuple[str, ...]
     """The methods that take this config."""
-    only: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    """Fields used by fewer methods than ``methods``: field name → those methods."""
-    rest: tuple[str, ...] | None = None
-    """The methods of the fields not in ``only`` (default: ``methods``)."""
+    users: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Field name → the methods that read it (every field of the config is a key)."""
 
     def methods_of(self, name: str) -> tuple[str, ...]:
         """The methods that use field ``name``."""
-        return self.only.get(name, self.rest or self.methods)
+        return self.users.get(name, self.methods)
 
     @property
     def heading(self) -> str:
@@ -119,18 +121,21 @@ class MethodGroup:
         return f"{self.title} ({which})"
 
 
-METHOD_GROUPS = (
-    MethodGroup(GuardConfig, "refusalguard", ("refusalguard",)),
-    MethodGroup(
-        RegConfig,
-        "regularisation",
-        ("kl", "adaptive"),
-        only={"kl_weight": ("kl",)},
-        rest=("adaptive",),
-    ),
-    MethodGroup(PosthocConfig, "weight-space baselines", ("safe-lora", "lox")),
-)
-"""The method configs, in ``--help`` order, and which methods use each field."""
+def method_groups() -> tuple[MethodGroup, ...]:
+    """The method configs of :data:`~safegeom.train.methods.METHODS`, in registry order, each
+    with the methods that take it and, per field, those that read it."""
+    groups: dict[type, MethodGroup] = {}
+    for name, method in METHODS.items():
+        if method.config is None:
+            continue
+        cls = method.config
+        group = groups.get(cls) or MethodGroup(cls, method.group or cls.__name__, ())
+        users = dict(group.users)
+        for f in dataclasses.fields(cls):
+            if method.uses is None or f.name in method.uses:
+                users[f.name] = (*users.get(f.name, ()), name)
+        groups[cls] = MethodGroup(cls, group.title, (*group.methods, name), users)
+    return tuple(groups.values())
 
 
 def _default(f: dataclasses.Field[Any]) -> Any:
@@ -153,13 +158,13 @@ def _given(cls: type, args: argparse.Namespace) -> list[dataclasses.Field[Any]]:
 
 
 def check_method_flags(method: str, args: argparse.Namespace) -> None:
-    """Refuse flags of :data:`METHOD_GROUPS` that ``method`` does not use.
+    """Refuse flags of the method configs (:func:`method_groups`) that ``method`` does not use.
 
     Raises:
         ConfigError: ``"--lambda-geom is for refusalguard; got method lora"`` (every such flag).
     """
     wrong = []
-    for group in METHOD_GROUPS:
+    for group in method_groups():
         for f in _given(group.cls, args):
             users = group.methods_of(f.name)
             if method not in users:
@@ -179,16 +184,16 @@ def _state_layer_syntax(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``train`` subcommand (every method of :data:`~safegeom.train.defences.METHODS`)."""
+    """Add the ``train`` subcommand (every method of :data:`~safegeom.train.methods.METHODS`)."""
     parser = subparsers.add_parser(
         "train",
-        help="fine-tune a model (sft, lora, or a defence) and save a checkpoint trajectory",
-        description=DESCRIPTION,
+        help="fine-tune a model (plainly or with a defence) and save a checkpoint trajectory",
+        description=description(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config(parser, TrainCommand, title="train")
     add_config(parser, TrainConfig, title="training")
-    for group in METHOD_GROUPS:
+    for group in method_groups():
         add_config(parser, group.cls, title=group.heading)
         _state_layer_syntax(parser, group.cls)
     add_config(parser, LoadConfig, title="model loading")
@@ -199,16 +204,16 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``safegeom train``: check the flags, ``--out`` and the task, then train; returns 0."""
     command = config_from_args(TrainCommand, args)
     check_method_flags(command.method, args)
+    method = METHODS[command.method]
     config = config_from_args(TrainConfig, args)
     load = config_from_args(LoadConfig, args)
-    guard = config_from_args(GuardConfig, args)
-    regulariser = config_from_args(RegConfig, args)
-    posthoc = config_from_args(PosthocConfig, args)
-    if command.method in ("safe-lora", "lox") and posthoc.unaligned_base is None:
-        raise ConfigError(
-            f"{command.method} needs --unaligned-base: the unaligned model MODEL was aligned from "
-            "(METHODS §8 transforms the update with W_aligned − W_unaligned)"
-        )
+    options: dict[str, Any] = {}
+    if method.config is not None:
+        settings = config_from_args(method.config, args)
+        if method.check is not None:
+            method.check(settings, command.method)
+        if method.keyword is not None:
+            options[method.keyword] = settings
     main_only(check_output_dir)(command.out)  # under a launcher rank 0 alone probes the folder
     task = get_task(
         command.task, prompt_field=command.prompt_field, response_field=command.response_field
@@ -222,9 +227,7 @@ def run(args: argparse.Namespace) -> int:
         resume=command.resume,
         overwrite=command.overwrite,
         load=load,
-        guard=guard,
-        regulariser=regulariser,
-        posthoc=posthoc,
+        **options,
     )
     if not is_main():  # every rank holds rank 0's trajectory; rank 0 alone prints it
         return 0
@@ -232,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
         emit_json(trajectory.to_dict())
     else:
         last = trajectory.last
-        print(f"wrote {len(trajectory.checkpoints)} checkpoints to {trajectory.root} "
-              f"(step {last.step}, loss {last.loss:.4f})")  # fmt: skip
+        print(
+            f"wrote {len(trajectory.checkpoints)} checkpoints to {trajectory.root} "
+            f"(step {last.step}, loss {last.loss:.4f})"
+        )
     return 0

@@ -1,14 +1,19 @@
-"""Training: supervised and LoRA fine-tuning into checkpoint trajectories."""
+"""Training: fine-tuning with a training method (:mod:`safegeom.train.methods`) into checkpoint
+trajectories."""
 
 from safegeom.callable_module import make_callable
 from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
-from safegeom.train.runner import default_lora_targets, train
+from safegeom.train.methods import METHODS, Method
+from safegeom.train.runner import train
 from safegeom.train.tasks import Task, exact_match, extract_answer, get_task
 from safegeom.train.trajectory import CheckpointRecord, Trajectory, load_trajectory
+from safegeom.train.wrap import default_lora_targets
 
 __all__ = [
     "DEFAULT_LR",
+    "METHODS",
     "CheckpointRecord",
+    "Method",
     "RunConfig",
     "Task",
     "TrainConfig",

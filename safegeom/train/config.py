@@ -1,14 +1,15 @@
 """What a fine-tuning run is told (:class:`TrainConfig`) and what its manifest records.
 
 :class:`TrainConfig` holds the settings a user chooses; ``safegeom train`` derives its options from
-it and :func:`safegeom.train.train` takes it (or its fields as keywords). :class:`RunConfig` is the
-``config`` recorded in ``trajectory.json``: the chosen settings resolved against the model and the
-task (learning rate default, LoRA targets, context length, task size and hash), compared on resume.
+it and :func:`safegeom.train.train` takes it (or its fields as keywords). :class:`RunConfig` wraps
+it with what was resolved against the model, the task and the method (learning rate default, LoRA
+targets, context length, task size and hash, the method's record); its :meth:`RunConfig.to_dict`
+is the ``config`` recorded in ``trajectory.json``, compared on resume.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,51 +111,68 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Settings of one run as its manifest records them; checked on resume."""
+    """Settings of one run as its manifest records them; checked on resume.
+
+    It holds the :class:`TrainConfig` as chosen and what was resolved against the model, the task
+    and the method; :meth:`to_dict` is the manifest's flat ``config``.
+    """
 
     method: str
-    """``sft`` (all weights), ``lora``, ``refusalguard``, ``adaptive`` or ``kl``."""
+    """The training method's registered name (see :data:`safegeom.train.methods.METHODS`)."""
     task: str
     """The task spec (``harmful``, ``arith:500``, a file ...)."""
     task_size: int
     """Number of training examples."""
     task_hash: str
     """sha256 of the task's prompts and responses."""
-    seed: int
-    """Seed of initialisation, dropout and data order."""
+    train: TrainConfig
+    """The settings as chosen (steps, batch size, schedule, LoRA settings ...)."""
     lr: float
-    """Peak AdamW learning rate."""
-    batch_size: int
-    """Examples per step, over all processes (the global batch)."""
-    steps: int
-    """Optimizer steps."""
-    save_every: int
-    """Checkpoint interval in steps (step 0 and the last step are always saved)."""
-    schedule: str = "cosine"
-    """``cosine`` (to 0) or ``constant``, after ``warmup_steps`` of linear warm-up."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on weight matrices."""
-    grad_clip: float | None = 1.0
-    """Global gradient-norm clip, or ``None``."""
-    max_length: int | None = None
-    """Truncate conversations to this many tokens (default: the model's context)."""
-    system: str | None = None
-    """System prompt rendered into every conversation."""
-    lora_r: int | None = None
-    """LoRA rank (LoRA only)."""
-    lora_alpha: float | None = None
-    """LoRA scaling numerator (LoRA only)."""
-    lora_dropout: float | None = None
-    """LoRA dropout (LoRA only)."""
+    """Peak AdamW learning rate (``train.lr``, or the default of what the method updates)."""
+    max_length: int | None
+    """Truncate conversations to this many tokens (``train.max_length``, or the model's context)."""
     lora_targets: tuple[str, ...] | None = None
-    """Module names LoRA adapts (LoRA only; default: every attention and MLP projection)."""
+    """Module names LoRA adapts (resolved against the model); ``None`` when the run trains no
+    LoRA adapters (then no ``lora_*`` setting is recorded)."""
     defence: dict[str, Any] | None = None
-    """The defence's settings and what it fitted on the frozen model (refusalguard, adaptive, kl)."""
+    """The method's settings and what it fitted on the frozen model (``None`` for sft, lora)."""
+
+    def lora_settings(self) -> dict[str, Any]:
+        """The LoRA settings of the run (``lora_r``, ``lora_alpha``, ``lora_dropout``,
+        ``lora_targets``); empty when it trains no LoRA adapters."""
+        if self.lora_targets is None:
+            return {}
+        return {
+            "lora_r": self.train.lora_r,
+            "lora_alpha": float(self.train.lora_alpha),
+            "lora_dropout": self.train.lora_dropout,
+            "lora_targets": self.lora_targets,
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form (tuples as lists)."""
-        out = dataclasses.asdict(self)
-        out["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
-        return out
+        """Return the JSON form the manifest records (flat; tuples as lists)."""
+        t = self.train
+        lora = self.lora_settings()
+        targets = lora.get("lora_targets")
+        return {
+            "method": self.method,
+            "task": self.task,
+            "task_size": self.task_size,
+            "task_hash": self.task_hash,
+            "seed": t.seed,
+            "lr": self.lr,
+            "batch_size": t.batch_size,
+            "steps": t.steps,
+            "save_every": t.save_every,
+            "schedule": t.schedule,
+            "warmup_steps": t.warmup_steps,
+            "weight_decay": t.weight_decay,
+            "grad_clip": t.grad_clip,
+            "max_length": self.max_length,
+            "system": t.system,
+            "lora_r": lora.get("lora_r"),
+            "lora_alpha": lora.get("lora_alpha"),
+            "lora_dropout": lora.get("lora_dropout"),
+            "lora_targets": list(targets) if targets else None,
+            "defence": copy.deepcopy(self.defence),
+        }

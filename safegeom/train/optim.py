@@ -23,12 +23,14 @@ __all__ = ["make_optimizer", "optimizer_step"]
 def lr_lambda(config: RunConfig) -> Callable[[int], float]:
     """The schedule as a factor of the peak lr per step: linear warm-up, then constant or cosine."""
 
+    settings = config.train
+
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        if config.schedule == "constant":
+        if step < settings.warmup_steps:
+            return (step + 1) / settings.warmup_steps
+        if settings.schedule == "constant":
             return 1.0
-        t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        t = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
     return factor
@@ -39,7 +41,7 @@ def make_optimizer(
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``params`` (weight decay on matrices only) and its learning-rate schedule."""
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.train.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)

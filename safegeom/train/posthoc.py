@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,17 @@ from safegeom.errors import ConfigError
 from safegeom.models import LoadConfig, LoadedModel, load_model, weight_hash
 from safegeom.models.layout import resolve
 from safegeom.train.baselines import lox_extrapolate
-from safegeom.train.wrap import base_spec
+from safegeom.train.wrap import Export, base_spec
 
-__all__ = ["LOX_FILE", "SAFE_LORA_FILE", "Export", "PosthocConfig", "block_linears",
-           "prepare_posthoc"]  # fmt: skip
+__all__ = [
+    "LOX_FILE",
+    "SAFE_LORA_FILE",
+    "PosthocConfig",
+    "block_linears",
+    "prepare_lox",
+    "prepare_safe_lora",
+]
 
-Export = Callable[[nn.Module, Path], str]
-"""Writes a checkpoint's transformed model into a folder and returns its weight hash."""
 SAFE_LORA_FILE = "safe_lora.json"
 """Per-layer Safe LoRA decisions, written in each safe-lora checkpoint."""
 LOX_FILE = "lox.json"
@@ -312,28 +317,17 @@ def _lox_export(increments: Mapping[str, Tensor], record: dict[str, Any]) -> Exp
     return export
 
 
-def prepare_posthoc(
-    method: str, lm: LoadedModel, config: PosthocConfig, load: LoadConfig | None = None
-) -> tuple[dict[str, Any], Export]:
-    """Load the unaligned base and build ``method``'s checkpoint transform (module docstring).
-
-    Runs once per run on the aligned ``lm`` before LoRA is attached, without touching the RNG
-    states (so LoRA's initialisation is that of a ``lora`` run). ``load`` says how to load the
-    unaligned base (it goes on the CPU, in ``lm``'s dtype).
-
-    Returns:
-        ``(record, export)``: the JSON-able record kept in the manifest (``config["defence"]``:
-        method, unaligned base spec and weight hash, number of block weights alignment changed,
-        the method's settings), and the function :class:`~safegeom.train.wrap.Trainable` calls
-        as ``export(peft_model, folder)`` at each checkpoint; it returns the hash of the model
-        ``load_model(folder)`` reads.
+@contextmanager
+def _unaligned(
+    method: str, lm: LoadedModel, config: PosthocConfig, load: LoadConfig | None
+) -> Iterator[tuple[dict[str, bool], dict[str, Tensor], dict[str, Any]]]:
+    """Within the block: the block weights' names, the unaligned weights that differ from
+    ``lm``'s and the record's first keys; the RNG states are left as they were.
 
     Raises:
-        ConfigError: an unknown method; no ``unaligned_base`` (names ``--unaligned-base``); an
-            unaligned base of another architecture or shape, or equal to ``lm``.
+        ConfigError: no ``unaligned_base`` (names ``--unaligned-base``); an unaligned base of
+            another architecture or shape, or equal to ``lm``.
     """
-    if method not in ("safe-lora", "lox"):
-        raise ConfigError(f"prepare_posthoc is for safe-lora and lox, got {method!r}")
     if config.unaligned_base is None:
         raise ConfigError(
             f"{method} needs --unaligned-base MODEL: the unaligned model the aligned one was "
@@ -349,10 +343,48 @@ def prepare_posthoc(
             "unaligned_hash": digest,
             "n_aligned_weights": len(unaligned),
         }
-        if method == "safe-lora":
-            tau = float(config.safe_lora_threshold)
-            record["safe_lora_threshold"] = tau
-            return record, _safe_lora_export(names, unaligned, tau, dict(record))
+        yield names, unaligned, record
+
+
+def prepare_safe_lora(
+    method: str, lm: LoadedModel, config: PosthocConfig, load: LoadConfig | None = None
+) -> tuple[dict[str, Any], Export]:
+    """Load the unaligned base and build Safe LoRA's checkpoint transform (module docstring).
+
+    Runs once per run on the aligned ``lm`` before LoRA is attached, without touching the RNG
+    states (so LoRA's initialisation is that of a ``lora`` run). ``method`` is the name the
+    record gives; ``load`` says how to load the unaligned base (it goes on the CPU, in ``lm``'s
+    dtype).
+
+    Returns:
+        ``(record, export)``: the JSON-able record kept in the manifest (``config["defence"]``:
+        method, unaligned base spec and weight hash, number of block weights alignment changed,
+        τ), and the function :class:`~safegeom.train.wrap.Trainable` calls as
+        ``export(peft_model, folder)`` at each checkpoint; it returns the hash of the model
+        ``load_model(folder)`` reads.
+
+    Raises:
+        ConfigError: no ``unaligned_base`` (names ``--unaligned-base``); an unaligned base of
+            another architecture or shape, or equal to ``lm``.
+    """
+    with _unaligned(method, lm, config, load) as (names, unaligned, record):
+        tau = float(config.safe_lora_threshold)
+        record["safe_lora_threshold"] = tau
+        return record, _safe_lora_export(names, unaligned, tau, dict(record))
+
+
+def prepare_lox(
+    method: str, lm: LoadedModel, config: PosthocConfig, load: LoadConfig | None = None
+) -> tuple[dict[str, Any], Export]:
+    """Load the unaligned base and build LoX's checkpoint transform (module docstring).
+
+    As :func:`prepare_safe_lora`; the record holds ``lox_rank`` and ``lox_alpha``, and the
+    unaligned weights are dropped once the increments are computed.
+
+    Raises:
+        ConfigError: as :func:`prepare_safe_lora`.
+    """
+    with _unaligned(method, lm, config, load) as (names, unaligned, record):
         increments = _lox_increments(lm, names, unaligned, config.lox_rank, config.lox_alpha)
     del unaligned
     record |= {"lox_rank": config.lox_rank, "lox_alpha": float(config.lox_alpha)}

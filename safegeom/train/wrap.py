@@ -1,24 +1,27 @@
 """What a training method updates, and how its checkpoints are written and read back.
 
 :class:`Trainable` holds the module whose parameters the optimizer moves and writes checkpoints
-that :func:`safegeom.models.load_model` reads as a model:
+that :func:`safegeom.models.load_model` reads as a model. A method
+(:mod:`safegeom.train.methods`) trains one of three forms:
 
-- ``full``: every weight of the model (``sft``); a checkpoint is a full model folder;
-- ``lora``: PEFT LoRA adapters (``lora``, ``kl``, ``adaptive``, RefusalGuard's ``lora`` variant);
-  a checkpoint is an adapter folder that names its base;
-- ``reft``: RefusalGuard's cone-projected edit (:class:`~safegeom.models.reft.ReftEdit`), the base
-  frozen; a checkpoint is ``refusalguard.safetensors`` + ``refusalguard.json`` naming the base.
+- ``full``: every weight of the model; a checkpoint is a full model folder;
+- ``lora``: PEFT LoRA adapters; a checkpoint is an adapter folder that names its base (or, with
+  an ``export``, the transformed model the export writes);
+- ``reft``: a cone-projected edit (:class:`~safegeom.models.reft.ReftEdit`, RefusalGuard's), the
+  base frozen; a checkpoint is ``refusalguard.safetensors`` + ``refusalguard.json`` naming the
+  base.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from safegeom.errors import ArtifactError, ModelLoadError
@@ -26,9 +29,12 @@ from safegeom.models import TINY_CHAT, LoadedModel, load_model, weight_hash
 from safegeom.models.layout import resolve
 from safegeom.models.reft import ReftConfig, ReftEdit, load_reft
 
-__all__ = ["Trainable", "base_spec", "default_lora_targets", "wrap_model"]
+__all__ = ["Export", "Trainable", "Update", "base_spec", "default_lora_targets", "wrap_model"]
 
 Update = Literal["full", "lora", "reft"]
+"""What a method trains: every weight, LoRA adapters, or a ReFT edit."""
+Export = Callable[[nn.Module, Path], str]
+"""Writes a checkpoint's transformed model into a folder and returns its weight hash."""
 RAW_ADAPTER = "raw_adapter"
 """Sub-folder of a Safe LoRA / LoX checkpoint holding the adapter as trained (for resuming)."""
 
@@ -70,7 +76,7 @@ class Trainable:
     """The base spec a ``lora``/``reft`` checkpoint names."""
     edit: ReftEdit | None = None
     """The RefusalGuard edit (``reft`` only)."""
-    export: Callable[[nn.Module, Path], str] | None = None
+    export: Export | None = None
     """``lora`` only: writes the checkpoint's model transformed (Safe LoRA, LoX) into a folder and
     returns its weight hash, leaving the trained adapter as it is; the raw adapter is then saved in
     ``raw_adapter/`` for resuming."""
@@ -82,6 +88,16 @@ class Trainable:
     def model(self) -> nn.Module:
         """The module whose forward computes the logits (the PEFT model, or the model itself)."""
         return self.module if self.update == "lora" else self.lm.model
+
+    def logits(
+        self, input_ids: Tensor, attention_mask: Tensor, prompt_lengths: Sequence[int]
+    ) -> Tensor:
+        """The trained model's logits on a right-padded batch whose rows have ``prompt_lengths``
+        prompt tokens (where a ``reft`` edit acts)."""
+        edit = self.edit
+        with edit.prompt_lengths(list(prompt_lengths)) if edit else nullcontext():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates."""
@@ -145,7 +161,7 @@ def wrap_model(
     dtype: str,
     resume_from: Path | None,
     bases: Mapping[int, torch.Tensor] | None = None,
-    export: Callable[[nn.Module, Path], str] | None = None,
+    export: Export | None = None,
 ) -> Trainable:
     """Make ``lm`` trainable as ``update`` says (restoring ``resume_from`` when resuming).
 

@@ -1,4 +1,4 @@
-"""RefusalGuard's geometry (METHODS §6, a proposal): refusal-cone bases and the geometry penalty.
+"""RefusalGuard's geometry (METHODS §6, a proposal): settings, refusal-cone bases, penalty.
 
 From the frozen aligned model, before any update, :func:`fit_guard_cones` fits one refusal-cone
 basis ``B_l`` (``d × k``, orthonormal columns) per layer of the set S at ``resid_pre``, and, when
@@ -47,7 +47,14 @@ from safegeom.models.positions import parse_layers
 from safegeom.prompts import PromptSet, combine_prompts
 from safegeom.train.data import Example, collate_right
 
-__all__ = ["READOUT", "GeometryPenalty", "GuardConfig", "calibration_sets", "fit_guard_cones"]
+__all__ = [
+    "READOUT",
+    "GeometryPenalty",
+    "GuardConfig",
+    "calibration_sets",
+    "fit_guard_cones",
+    "guard_layers",
+]
 
 READOUT = -1
 """Key of the readout cone (final hidden state) among the per-layer bases."""
