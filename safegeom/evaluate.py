@@ -339,10 +339,12 @@ def evaluate(
     boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     ids = tuple(tokens) if tokens is not None else refusal_tokens(lm.tokenizer)
     common = {"batch_size": batch_size, "system": system, "progress": progress}
+    # a pre-encoded source (an attack set) keeps its own token ids through the chat encoding
+    source = prompts if callable(getattr(prompts, "encoded_for", None)) else prompt_set
     with as_context(intervention, lm):
         run = generate if world_size() == 1 else generate_sharded
-        completions = run(lm, prompt_set, max_new_tokens=max_new_tokens, **common)
-        scores = refusal_scores(lm, prompt_set, tokens=ids, **common) if score else None
+        completions = run(lm, source, max_new_tokens=max_new_tokens, **common)
+        scores = refusal_scores(lm, source, tokens=ids, **common) if score else None
     refused = judge_obj(prompt_set.prompts, completions)
     n_empty = sum(1 for c in completions if not c.strip())
     if n_empty:

@@ -58,7 +58,8 @@ def _sharded(
 ) -> tuple[list[int], Any, int]:
     """This rank's prompt indices, ``run(its prompts, batch size)`` (``None``: it has none), and
     the number of prompts. Each rank tokenizes its share of the prompts once (dealt)."""
-    texts = all_or_none(load_prompts, prompts)
+    pre_encoded = callable(getattr(prompts, "encoded_for", None))  # an attack set keeps its ids
+    texts = prompts if pre_encoded else all_or_none(load_prompts, prompts)
     encoded = encode_set(
         lm.tokenizer, texts, system=system, chat_template=lm.chat_template,
         max_positions=lm.max_positions, dealt=True,

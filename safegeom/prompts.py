@@ -292,7 +292,8 @@ def load_prompts(
     Args:
         spec: A bundled name (see :data:`BUNDLED`) with an optional ``:train``/``:val``/``:test``
             split; a path to a ``.csv``, ``.json`` (array of objects or strings) or ``.jsonl`` file;
-            a sequence of strings (named ``"inline"``); or a :class:`PromptSet` (passed through).
+            a sequence of strings (named ``"inline"``); a :class:`PromptSet` (passed through); or
+            an object with ``as_prompt_set()`` (a :class:`~safegeom.attacks.AttackSet`).
         column: For files, the prompt field (case-insensitive). Default: the first of ``prompt``,
             ``instruction``, ``goal``, ``question`` present.
         completion_column: For files, an optional field of reference completions.
@@ -308,6 +309,8 @@ def load_prompts(
         raise SafegeomError(f"n (--limit) must be a positive number of prompts, got {n}")
     if isinstance(spec, PromptSet):
         result = spec
+    elif callable(getattr(spec, "as_prompt_set", None)):  # an attack set: its adversarial prompts
+        result = spec.as_prompt_set()  # type: ignore[union-attr]
     elif isinstance(spec, (str, Path)):
         result = _load_spec(str(spec), column=column, completion_column=completion_column)
     elif isinstance(spec, Sequence) and all(isinstance(p, str) for p in spec):

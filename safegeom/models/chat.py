@@ -232,6 +232,9 @@ def encode_set(
     """Tokenize a prompt set once and locate every instruction (see :func:`encode_prompts`).
 
     An :class:`EncodedSet` built with the same system prompt and template is returned as it is.
+    A pre-encoded prompt source (an object with ``encoded_for(tokenizer, *, system,
+    chat_template) -> EncodedSet``, such as a :class:`~safegeom.attacks.AttackSet`) encodes
+    itself: its own token ids where they fit this tokenizer.
 
     Args:
         max_positions: the model's context length (``max_position_embeddings``); a longer prompt
@@ -245,6 +248,8 @@ def encode_set(
         SafegeomError: as :func:`encode_prompts`, and a prompt longer than ``max_positions``.
     """
     t_hash = template_hash(tokenizer, chat_template)
+    if callable(getattr(prompts, "encoded_for", None)):
+        prompts = prompts.encoded_for(tokenizer, system=system, chat_template=chat_template)  # type: ignore[union-attr]
     if isinstance(prompts, EncodedSet):
         if prompts.matches(system, t_hash):
             return prompts
