@@ -99,8 +99,19 @@ def iter_capture(
     bar.close()
     if not bool(finite):
         raise NonFiniteError(
-            f"NaN or inf in captured activations of {lm.name}; try dtype=float32 or check the weights"
+            f"NaN or inf in captured activations of {lm.name}; {overflow_advice(lm)}"
         )
+
+
+def overflow_advice(lm: LoadedModel) -> str:
+    """What to try when a model with finite weights (checked at load) gives non-finite values:
+    float32 when it runs in lower precision, else the inputs or the model's own arithmetic."""
+    if lm.dtype != torch.float32:
+        return f"it runs in {str(lm.dtype).removeprefix('torch.')}: try --dtype float32"
+    return (
+        "its weights are finite and it runs in float32, so its activations overflow: check the "
+        "model's config (norm eps, scaling) and the prompts"
+    )
 
 
 def plan_batches(plan: CapturePlan) -> list[list[int]]:
