@@ -298,3 +298,15 @@ def test_attack_targets_refuse_sets_without_targets(spec: object, message: str) 
     hand_made = PromptSet("advbench:test", ("a",))
     with pytest.raises(SafegeomError, match="no attack targets for 'advbench:test': its "):
         attack_targets(hand_made)
+
+
+def test_the_tiny_chat_corpus_refuses_evaluation_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    from safegeom.models.tinychat import corpus
+
+    monkeypatch.setattr(corpus, "HARMFUL_SETS", ("advbench:train", "harmbench:test"))
+    with pytest.raises(SafegeomError, match="'harmbench:test' must not be trained on"):
+        corpus._pool()
+    monkeypatch.setattr(corpus, "HARMFUL_SETS", ("harmbench-train",))
+    monkeypatch.setattr(corpus, "HARMLESS_SETS", (("jbb-benign:test", 1),))
+    with pytest.raises(SafegeomError, match=r"jbb-benign:test is a test split \(train on jbb-"):
+        corpus._pool()

@@ -38,7 +38,7 @@ from safegeom.models.tinychat.templates import (
     SURE_OPENERS,
     WRAPPERS,
 )
-from safegeom.prompts import load_prompts
+from safegeom.prompt_roles import check_trainable
 
 __all__ = [
     "COMPLIANT_FORBIDDEN_FIRST_WORDS",
@@ -196,10 +196,10 @@ def _pool(
 ) -> tuple[list[tuple[str, str | None, str]], list[tuple[str, str | None, str]]]:
     """Load the (prompt, completion, source) rows of the harmful and harmless train sets
     (``xstest_safe_repeat`` overrides the repeat count of ``xstest-safe:train``)."""
-    harmful = [(p, None, spec) for spec in HARMFUL_SETS for p in load_prompts(spec).prompts]
+    harmful = [(p, None, spec) for spec in HARMFUL_SETS for p in check_trainable(spec).prompts]
     harmless: list[tuple[str, str | None, str]] = []
     for spec, repeat in HARMLESS_SETS:
-        ps = load_prompts(spec)
+        ps = check_trainable(spec)  # a test split or an evaluation benchmark is refused
         comps: Sequence[str | None] = (
             ps.completions if spec.startswith("gsm8k") and ps.completions else [None] * len(ps)
         )
