@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from safegeom.artifacts import save_safetensors, write_json
+from safegeom.artifacts import follow_umask, save_safetensors, write_json
 from safegeom.distributed import all_or_none, alone, broadcast
 from safegeom.errors import ArtifactError, TrainingDiverged
 from safegeom.models.checkpoint import safetensors_problem
@@ -246,6 +246,7 @@ def save_checkpoint(
                 extra={"step": step, "data_position": step * per_step,
                        "num_processes": acc.num_processes},
             )  # fmt: skip
+            follow_umask(tmp)  # save_pretrained leaves its weights 0o600
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             saved = traj.with_checkpoint(

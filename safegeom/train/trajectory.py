@@ -16,7 +16,6 @@ back with :func:`load_trajectory`.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,13 @@ from typing import Any
 
 from safegeom.artifacts import read_json, write_json
 from safegeom.errors import (
+    ArtifactError,
     ConfigError,
     NotFoundError,
     OutputPathError,
     SafegeomError,
 )
+from safegeom.outputs import remove_written
 
 __all__ = [
     "FORMAT",
@@ -242,8 +243,9 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Trajectory |
     """Check a run folder before training into it.
 
     A folder holding a run (a manifest or a ``checkpoints/`` folder) is refused unless ``resume``
-    (continue it) or ``overwrite`` (delete its manifest and checkpoints, nothing else). Resuming a
-    folder without a manifest starts afresh.
+    (continue it) or ``overwrite`` (delete the files safegeom wrote there, nothing else:
+    :func:`~safegeom.outputs.remove_written`). Resuming a folder without a manifest starts
+    afresh; resuming a run checks that every checkpoint it lists is there whole.
 
     Returns:
         The run to resume, or ``None`` for a fresh start.
@@ -251,6 +253,8 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Trajectory |
     Raises:
         OutputPathError: the folder holds a run and neither flag is set.
         ConfigError: both flags are set.
+        ArtifactError: resuming, a listed checkpoint lacks its folder, weights or trainer state
+            (the message names it).
     """
     if resume and overwrite:
         raise ConfigError("pass either --resume or --overwrite, not both")
@@ -262,8 +266,30 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Trajectory |
             "to replace it"
         )
     if has_run and (overwrite or not has_manifest):
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        shutil.rmtree(out / "defence", ignore_errors=True)
-        (out / MANIFEST).unlink(missing_ok=True)
+        remove_written(out)  # the files safegeom wrote there; the user's own stay
         return None
-    return load_trajectory(out) if has_manifest else None
+    if not has_manifest:
+        return None
+    trajectory = load_trajectory(out)
+    for record in trajectory.checkpoints:  # a run is continued only whole
+        lacking = missing_piece(out / record.path)
+        if lacking is not None:
+            raise ArtifactError(
+                f"cannot resume {out}: its checkpoint {record.path} {lacking}; pass --overwrite "
+                "to train the run again"
+            )
+    return trajectory
+
+
+def missing_piece(folder: Path) -> str | None:
+    """What the checkpoint in ``folder`` lacks, in words, or ``None`` when its files are all
+    there: the folder, weights (a ``.safetensors`` file) and the trainer state. Their contents
+    are checked where a run resumes (:func:`~safegeom.train.checkpoints.resumable`)."""
+    state = folder / TRAINER_STATE
+    if not folder.is_dir():
+        return "is missing"
+    if not any(folder.glob("*.safetensors")):
+        return "holds no weights (no .safetensors file)"
+    if not (state / "state.json").is_file() or not (state / "state.safetensors").is_file():
+        return "holds no trainer state"
+    return None
