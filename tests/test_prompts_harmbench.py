@@ -115,6 +115,8 @@ def test_contextual_prompt_is_context_separator_behaviour() -> None:
 
 def test_every_test_and_val_behaviour_has_its_target() -> None:
     targets = json.loads((HB / "harmbench_targets_text.json").read_text(encoding="utf-8"))
+    every_id = {r["BehaviorID"] for split in ("test", "val") for r in _upstream(split)}
+    assert len(targets) == 400 and set(targets) == every_id  # copyright rows' too
     for name in ("harmbench", "harmbench-contextual"):
         kind = "standard" if name == "harmbench" else "contextual"
         for split in ("test", "val"):
