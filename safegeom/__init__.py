@@ -4,10 +4,19 @@ Where refusal and harmfulness are carried inside a chat model, how fine-tuning m
 them, and which internal changes cause the behaviour. The everyday API is importable from here:
 
     >>> import safegeom as sg
-    >>> lm = sg.load_model("tiny-chat")                                  # doctest: +SKIP
-    >>> r = sg.refusal_direction(lm).carrier                             # doctest: +SKIP
-    >>> with sg.Ablation(r).on(lm):                                      # doctest: +SKIP
-    ...     result = sg.evaluate(lm, sg.load_prompts("advbench:test"))
+    >>> lm = sg.load_model("tiny-chat")
+    >>> sets = ("advbench:train", "alpaca:train", "advbench:val", "alpaca:val")
+    >>> config = sg.SelectionConfig(n_train=16, n_val=8, positions="-1")
+    >>> selection = sg.refusal_direction(
+    ...     lm, *(sg.load_prompts(s, n=16) for s in sets), config, progress=False
+    ... )
+    >>> harmful = sg.load_prompts("advbench:test", n=4)
+    >>> sg.evaluate(lm, harmful, max_new_tokens=8, progress=False).asr.value  # one answered
+    0.25
+    >>> with sg.Ablation(selection.carrier).on(lm):
+    ...     result = sg.evaluate(lm, harmful, max_new_tokens=8, progress=False)
+    >>> result.asr.value  # the direction ablated, three of the four are answered
+    0.75
 
 Three of these names are also the modules that define them (``capture``, ``evaluate``,
 ``train``): those modules are callable, so ``sg.capture(lm, prompts)`` runs the function and
