@@ -35,8 +35,18 @@ class AuditResult:
     """A finished audit: one tidy row per number (:mod:`safegeom.audit.schema`) and its manifest.
 
     Example:
-        >>> result = load_audit("runs/audit")            # doctest: +SKIP
-        >>> result.wide("base")[["layer", "cosine_to_base"]]  # doctest: +SKIP
+        >>> from safegeom.audit.schema import frame
+        >>> rows = [
+        ...     {"checkpoint": "base", "step": 0, "layer": 1, "metric": "cosine_to_base", "value": 1.0},
+        ...     {"checkpoint": "step-000040", "step": 40, "layer": 1, "metric": "cosine_to_base",
+        ...      "value": 0.8},
+        ... ]
+        >>> result = AuditResult(frame(rows), manifest={})
+        >>> result.checkpoints
+        ('base', 'step-000040')
+        >>> result.wide(40)[["layer", "cosine_to_base"]]
+           layer  cosine_to_base
+        0      1             0.8
     """
 
     table: pd.DataFrame
