@@ -20,8 +20,14 @@ Several processes (one per GPU; on a machine without GPUs add ``--multi_gpu`` an
     accelerate launch --num_processes 2 -m safegeom.cli capture MODEL --prompts SPEC --out FILE
 
 Example:
-    >>> from safegeom.capture import capture  # doctest: +SKIP
-    >>> acts = capture(lm, "advbench:val", layers="2-5", positions="t_inst,t_post")  # doctest: +SKIP
+    >>> from safegeom.capture import capture
+    >>> from safegeom.models import load_model
+    >>> from safegeom.prompts import load_prompts
+    >>> lm = load_model("tiny-chat")
+    >>> prompts = load_prompts("advbench:val", n=4)
+    >>> acts = capture(lm, prompts, layers="2-3", positions="t_inst,-1", progress=False)
+    >>> tuple(acts["resid_pre"].shape)  # prompts × layers × positions × hidden size
+    (4, 2, 2, 256)
 """
 
 from safegeom.activations import Activations, ActivationStats, load_activations
