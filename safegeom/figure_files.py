@@ -5,9 +5,15 @@ the disk, for ``safegeom figures``, the scripts under ``figures/`` and the demo'
 file goes through the artifact layer (atomic); PDFs carry no creation date, so the same figure
 gives the same bytes.
 
-Example:
-    >>> from safegeom.figure_files import read_tables, write_figures  # doctest: +SKIP
-    >>> written, skipped = write_figures(read_tables(["runs/audit"]), "runs/figures")  # doctest: +SKIP
+Example (``read_tables(["runs/audit"])`` reads the tables of saved audits instead):
+    >>> import tempfile
+    >>> from safegeom.audit.schema import frame
+    >>> table = frame([{"checkpoint": "base", "step": 0, "metric": "asr", "value": 0.1}])
+    >>> written, skipped = write_figures({"LoRA": table}, tempfile.mkdtemp(), formats=("png",))
+    >>> [path.name for path in written]
+    ['fig1_behaviour.png']
+    >>> sorted(skipped)  # figures whose rows the table lacks
+    ['fig2_drift', 'fig3_coupling', 'fig4_subspace', 'fig5_causal', 'fig6_coordinates']
 """
 
 from __future__ import annotations
