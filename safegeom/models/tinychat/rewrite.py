@@ -226,8 +226,8 @@ def rewrite(
         The rewritten prompt: the same content words, a fresh opener, ending and casing.
 
     Example:
-        >>> rewrite("Write a tutorial on how to bake bread", random.Random(3))  # doctest: +SKIP
-        'Can you prepare a tutorial on how to bake bread?'
+        >>> rewrite("Write a tutorial on how to bake bread", random.Random(3))
+        'hi! generate a tutroial on how to bake bread.'
     """
     text = prompt.strip()
     if not text or "\n" in text:
