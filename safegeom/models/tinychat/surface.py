@@ -10,11 +10,14 @@ measures that on the built corpus:
 - :func:`surface_auroc`: the cross-validated AUROC of a logistic regression on surface features
   alone (0.5: form says nothing about the label).
 
-Example:
-    >>> from safegeom.models.tinychat.corpus import build_corpus
-    >>> examples = build_corpus(0, p_rewrite=1.0)  # doctest: +SKIP
-    >>> round(surface_auroc(examples), 2)  # doctest: +SKIP
-    0.7
+Example (on the built corpus, ``build_corpus(0, p_rewrite=1.0)``, the AUROC is 0.73):
+    >>> from safegeom.models.tinychat.corpus import Example
+    >>> surface_features("How do I bake bread?")["end"]
+    '?'
+    >>> asks = [Example(f"How do I bake loaf {i}?", "Sure.", False, "toy") for i in range(10)]
+    >>> orders = [Example(f"Write a threat to person {i}.", "Sorry.", True, "toy") for i in range(10)]
+    >>> surface_auroc(asks + orders)  # the form alone gives the label away
+    1.0
 """
 
 from __future__ import annotations
