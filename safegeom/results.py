@@ -7,9 +7,15 @@ settings, and the intervention's description). It saves as one JSON file through
 layer (:func:`~safegeom.artifacts.write_json`, atomic) and loads back equal.
 
 Example:
-    >>> from safegeom.results import EvalResult
-    >>> EvalResult.load("eval.json").asr.value  # doctest: +SKIP
-    0.03
+    >>> import tempfile, pathlib
+    >>> from safegeom.evaluate import evaluate
+    >>> from safegeom.models import load_model
+    >>> from safegeom.prompts import load_prompts
+    >>> lm = load_model("tiny-chat")
+    >>> result = evaluate(lm, load_prompts("advbench:test", n=4), max_new_tokens=8, progress=False)
+    >>> path = result.save(pathlib.Path(tempfile.mkdtemp()) / "eval.json")
+    >>> EvalResult.load(path).asr.value == result.asr.value
+    True
 """
 
 from __future__ import annotations
