@@ -2,11 +2,8 @@
 
 Every file the package writes goes through :func:`atomic_write`: a temporary file in the target's
 own folder, flushed and ``fsync``-ed, then renamed over the target, and removed if anything fails,
-so a reader sees the old file or the new one, never half of one. The rename only ever replaces a
-regular file: a device node, a FIFO or a socket at the target is refused (as root, renaming over
-``/dev/null`` would replace the device), and a symbolic link is followed, so the file it names is
-replaced and the link kept. Files get the user's umask (``0o666 & ~umask``), not the ``0o600`` of
-a bare temporary file; :func:`follow_umask` gives a folder written by another library the same.
+so a reader sees the old file or the new one, never half of one. It replaces only a regular file
+(:mod:`safegeom.file_modes`; a link is followed and kept); files get the user's umask.
 
 Every result carries a :class:`Provenance`: what model (name and weight hash), which prompt sets
 (name → content hash), which config, which safegeom version and git commit, and when. It reads
@@ -31,7 +28,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -41,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from safegeom.errors import ArtifactError, NotFoundError, OutputPathError
+from safegeom.file_modes import file_mode, follow_umask, refuse_special, special_kind
 
 __all__ = [
     "PARQUET_MARK",
@@ -87,56 +84,6 @@ def sha256_text(text: str | None) -> str:
     return "" if text is None else sha256_bytes(text.encode("utf-8"))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """The mode a new file gets under the current umask: ``0o666 & ~umask``."""
-    return 0o666 & ~_umask()
-
-
-def follow_umask(folder: str | os.PathLike[str]) -> None:
-    """Give every regular file under ``folder`` the mode of :func:`file_mode`.
-
-    Libraries that write through their own temporary files (safetensors under ``save_pretrained``)
-    leave them ``0o600``; the files safegeom writes follow the umask instead.
-    """
-    mode = file_mode()
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                os.chmod(path, mode)
-
-
-_KINDS = {
-    stat.S_ISCHR: "character device",
-    stat.S_ISBLK: "block device",
-    stat.S_ISFIFO: "FIFO (named pipe)",
-    stat.S_ISSOCK: "socket",
-}
-
-
-def _special_kind(target: Path) -> str | None:
-    """What ``target`` is when it exists and is neither a regular file nor a folder, else ``None``."""
-    try:
-        mode = os.stat(target).st_mode
-    except OSError:
-        return None
-    return next((kind for test, kind in _KINDS.items() if test(mode)), None)
-
-
-def _refuse_special(target: Path, option: str | None = None) -> None:
-    """Raise :class:`OutputPathError` when ``target`` is a device node, a FIFO or a socket."""
-    kind = _special_kind(target)
-    if kind is not None:
-        where = f"{option} {target}" if option else str(target)
-        raise OutputPathError(f"{where} is a {kind}, not a regular file; give a file path")
-
-
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
@@ -152,7 +99,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     if target.is_dir():
         raise OutputPathError(f"{target} is a folder; give a file path")
-    _refuse_special(target)
+    refuse_special(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -167,7 +114,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, file_mode())
-        _refuse_special(target)  # it may have appeared while the body ran
+        refuse_special(target)  # it may have appeared while the body ran
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -319,7 +266,7 @@ def check_output_file(path: str | os.PathLike[str], *, option: str = "--out") ->
     target = Path(path)
     if target.is_dir():
         raise OutputPathError(f"{option} {target} is a folder; give a file path")
-    _refuse_special(target, option)
+    refuse_special(target, option)
     _check_parent_writable(target, option)
     return target
 
@@ -331,7 +278,7 @@ def check_output_dir(path: str | os.PathLike[str], *, option: str = "--out") -> 
         OutputPathError: ``path`` is a file, or the folder or its nearest parent is not writable.
     """
     target = Path(path)
-    kind = _special_kind(target)
+    kind = special_kind(target)
     if kind is not None:
         raise OutputPathError(f"{option} {target} is a {kind}; give a folder")
     if target.exists() and not target.is_dir():
