@@ -19,8 +19,8 @@ from safegeom.config import check
 __all__ = ["DEFAULT_LR", "RunConfig", "TrainConfig"]
 
 DEFAULT_LR: dict[str, float] = {"full": 1e-4, "lora": 1e-3, "reft": 1e-2}
-"""Default peak learning rate by what is updated: all weights (sft), LoRA adapters (lora, kl,
-adaptive, refusalguard --variant lora), or the RefusalGuard edit (refusalguard)."""
+"""Default peak learning rate by what a method updates (its ``update``): all weights, LoRA
+adapters, or a ReFT edit (RefusalGuard's)."""
 
 
 @dataclass(frozen=True)
@@ -84,26 +84,34 @@ class TrainConfig:
                 math.isfinite(self.lr) and self.lr > 0, "lr", "must be a positive number", self.lr
             )
         check(
-            self.schedule in ("cosine", "constant"), "schedule", "must be cosine or constant",
+            self.schedule in ("cosine", "constant"),
+            "schedule",
+            "must be cosine or constant",
             self.schedule,
-        )  # fmt: skip
+        )
         check(self.warmup_steps >= 0, "warmup_steps", "must be 0 or more", self.warmup_steps)
         check(
-            math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
-            "must be 0 or more", self.weight_decay,
-        )  # fmt: skip
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay",
+            "must be 0 or more",
+            self.weight_decay,
+        )
         if self.grad_clip is not None:
             check(
-                math.isfinite(self.grad_clip) and self.grad_clip > 0, "grad_clip",
-                "must be a positive number", self.grad_clip,
-            )  # fmt: skip
+                math.isfinite(self.grad_clip) and self.grad_clip > 0,
+                "grad_clip",
+                "must be a positive number",
+                self.grad_clip,
+            )
         if self.max_length is not None:
             check(self.max_length >= 2, "max_length", "must be at least 2 tokens", self.max_length)
         check(self.lora_r >= 1, "lora_r", "must be at least 1", self.lora_r)
         check(
-            math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha",
-            "must be a positive number", self.lora_alpha,
-        )  # fmt: skip
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
+            "lora_alpha",
+            "must be a positive number",
+            self.lora_alpha,
+        )
         check(
             0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)", self.lora_dropout
         )

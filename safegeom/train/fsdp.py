@@ -57,8 +57,8 @@ def use_fsdp(acc: Accelerator, requested: bool, update: str, method: str) -> boo
 
     Raises:
         ConfigError: a DeepSpeed or Megatron-LM launch; an accelerate FSDP config with
-            ``fsdp_cpu_ram_efficient_loading`` on; FSDP is asked for a method that does not train full weights (lora, kl,
-            adaptive, refusalguard, safe-lora, lox); the message names the method and the fix.
+            ``fsdp_cpu_ram_efficient_loading`` on; FSDP is asked for a method that does not train full weights (its
+            ``update`` is not ``full``); the message names the method and the fix.
     """
     if all(os.environ.get(k, "").lower() in ("1", "true", "yes")
            for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")):  # fmt: skip

@@ -82,8 +82,16 @@ def run_steps(
                 return step_loss(indices_at(0), 0, part=(rank, world))
 
         first, first_terms = sum_values(*all_or_none(first_loss), world)
-        traj = save_checkpoint(acc, trainable, optimizer, scheduler, traj, 0, float(first),
-                               terms={k: float(v) for k, v in first_terms.items()})  # fmt: skip
+        traj = save_checkpoint(
+            acc,
+            trainable,
+            optimizer,
+            scheduler,
+            traj,
+            0,
+            float(first),
+            terms={k: float(v) for k, v in first_terms.items()},
+        )
         start = 0
     else:
         traj = previous
@@ -91,22 +99,36 @@ def run_steps(
         opt_state, sched_state, meta = load_trainer_state(out_dir / traj.last.path / TRAINER_STATE)
         if int(meta["step"]) != start:
             raise ArtifactError(f"trainer state of {traj.last.path} is not at step {start}")
-        check_resume_world(int(meta.get("num_processes", 1)), world,
-                           has_dropout(trainable.model), str(out_dir))  # fmt: skip
+        check_resume_world(
+            int(meta.get("num_processes", 1)), world, has_dropout(trainable.model), str(out_dir)
+        )
         optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer))
         scheduler.load_state_dict(sched_state)
     log = [dict(r) for r in traj.log if int(r["step"]) <= start]
 
-    bar = tqdm(total=settings.steps, initial=start, desc=f"{config.method} {config.task}",
-               disable=not progress or not acc.is_main_process)  # fmt: skip
+    bar = tqdm(
+        total=settings.steps,
+        initial=start,
+        desc=f"{config.method} {config.task}",
+        disable=not progress or not acc.is_main_process,
+    )
     sums: dict[str, list[float]] = {}
     total, count = 0.0, 0
     try:
         for step in range(start, settings.steps):
             loss, terms = optimizer_step(
-                acc, trainable, step_loss, optimizer, scheduler, indices_at(step), step,
-                grad_clip=settings.grad_clip, lr=config.lr, saved=traj.last.step, seed=settings.seed,
-            )  # fmt: skip
+                acc,
+                trainable,
+                step_loss,
+                optimizer,
+                scheduler,
+                indices_at(step),
+                step,
+                grad_clip=settings.grad_clip,
+                lr=config.lr,
+                saved=traj.last.step,
+                seed=settings.seed,
+            )
             value, values = float(loss), {k: float(v) for k, v in terms.items()}
             total, count, done = total + value, count + 1, step + 1
             for key, v in values.items():
@@ -118,9 +140,17 @@ def run_steps(
                 check_finite_weights(params, done, traj, config.lr)
                 traj = dataclasses.replace(traj, log=tuple(log))
                 means = {k: sum(v) / len(v) for k, v in sums.items()}  # over steps that have it
-                traj = save_checkpoint(acc, trainable, optimizer, scheduler, traj, done,
-                                       total / count, terms=means,
-                                       complete=done == settings.steps)  # fmt: skip
+                traj = save_checkpoint(
+                    acc,
+                    trainable,
+                    optimizer,
+                    scheduler,
+                    traj,
+                    done,
+                    total / count,
+                    terms=means,
+                    complete=done == settings.steps,
+                )
                 total, count, sums = 0.0, 0, {}
             if callback is not None:  # an error on one rank stops every rank
                 all_or_none(callback, done, value)

@@ -91,17 +91,33 @@ class PosthocConfig:
             ConfigError: a value out of range; the message names the field and its flag.
         """
         base = self.unaligned_base
-        check(base is None or (isinstance(base, str) and base.strip() != ""), "unaligned_base",
-              "must name a model (a local folder or a hub id)", base)  # fmt: skip
+        check(
+            base is None or (isinstance(base, str) and base.strip() != ""),
+            "unaligned_base",
+            "must name a model (a local folder or a hub id)",
+            base,
+        )
         tau = self.safe_lora_threshold
-        check(isinstance(tau, (int, float)) and math.isfinite(tau) and 0.0 <= tau <= 1.0,
-              "safe_lora_threshold", "must be a number in [0, 1]", tau)  # fmt: skip
+        check(
+            isinstance(tau, (int, float)) and math.isfinite(tau) and 0.0 <= tau <= 1.0,
+            "safe_lora_threshold",
+            "must be a number in [0, 1]",
+            tau,
+        )
         k = self.lox_rank
-        check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, "lox_rank",
-              "must be an integer ≥ 1", k)  # fmt: skip
+        check(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1,
+            "lox_rank",
+            "must be an integer ≥ 1",
+            k,
+        )
         alpha = self.lox_alpha
-        check(isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0,
-              "lox_alpha", "must be a finite number ≥ 0", alpha)  # fmt: skip
+        check(
+            isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0,
+            "lox_alpha",
+            "must be a finite number ≥ 0",
+            alpha,
+        )
 
 
 class _Weights:
@@ -162,8 +178,10 @@ def _load_unaligned(
         if name not in theirs:
             problems.append(f"it has no weight {name}")
         elif theirs[name].shape != mine[name].shape:
-            problems.append(f"{name} is {tuple(theirs[name].shape)} there and "
-                            f"{tuple(mine[name].shape)} in MODEL")  # fmt: skip
+            problems.append(
+                f"{name} is {tuple(theirs[name].shape)} there and "
+                f"{tuple(mine[name].shape)} in MODEL"
+            )
     if problems:
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
         raise ConfigError(
@@ -258,8 +276,14 @@ def _safe_lora_export(
             )
             if new_b is not None:
                 state[f"{name}.lora_B.{_ADAPTER}.weight"] = new_b
-            layers.append({"weight": weight, "similarity": similarity,
-                           "projected": new_b is not None, "alignment_norm": norm})  # fmt: skip
+            layers.append(
+                {
+                    "weight": weight,
+                    "similarity": similarity,
+                    "projected": new_b is not None,
+                    "alignment_norm": norm,
+                }
+            )
         adapter_state = {k: v for k, v in state.items() if ".lora_" in k}
         peft_model.save_pretrained(  # type: ignore[operator]
             folder, state_dict=adapter_state, save_embedding_layers=False
@@ -295,14 +319,19 @@ def _lox_export(increments: Mapping[str, Tensor], record: dict[str, Any]) -> Exp
         """Save the fine-tuned model with LoX applied as a full model folder; return its hash."""
         layers = {weight: module for weight, _, module in _lora_layers(peft_model)}
         base = peft_model.get_base_model()  # type: ignore[operator]
-        state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
-                 if ".lora_" not in k}  # fmt: skip
+        state = {
+            k.replace(".base_layer.", "."): v
+            for k, v in base.state_dict().items()
+            if ".lora_" not in k
+        }
         for weight in dict.fromkeys([*layers, *increments]):
             w = state[weight]
             shared = [k for k, t in state.items() if k != weight and t.data_ptr() == w.data_ptr()]
             if shared:
-                raise ConfigError(f"lox cannot change {weight}: it is tied to {shared[0]}; "
-                                  "leave it out of --lora-targets")  # fmt: skip
+                raise ConfigError(
+                    f"lox cannot change {weight}: it is tied to {shared[0]}; "
+                    "leave it out of --lora-targets"
+                )
             new = w.detach().double()
             if weight in layers:
                 b, a, s = _factors(layers[weight])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from safegeom.errors import ArtifactError, ModelLoadError
+from safegeom.errors import ArtifactError, ConfigError, ModelLoadError
 from safegeom.models import TINY_CHAT, LoadedModel, load_model, weight_hash
 from safegeom.models.layout import resolve
 from safegeom.models.reft import ReftConfig, ReftEdit, load_reft
@@ -53,6 +53,26 @@ def default_lora_targets(lm: LoadedModel) -> tuple[str, ...]:
     if not names:
         raise ModelLoadError(f"no linear projections found in a {lm.model_type} block for LoRA")
     return tuple(names)
+
+
+def _check_lora_targets(model: nn.Module, targets: Any) -> None:
+    """Refuse a LoRA target that names no module of ``model`` (PEFT matches a name or a name's
+    last dotted parts)."""
+    if not isinstance(targets, (list, set, tuple)):
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)}
+        linear = sorted(leaves - {"lm_head"})
+        raise ConfigError(
+            f"--lora-targets {', '.join(missing)}: the model has no module of that name; its "
+            f"linear layers are {', '.join(linear)}"
+        )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def base_spec(spec: str | Path) -> str:
@@ -104,9 +124,11 @@ class Trainable:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def save(
-        self, folder: Path, module: nn.Module | None = None,
+        self,
+        folder: Path,
+        module: nn.Module | None = None,
         state: dict[str, torch.Tensor] | None = None,
-    ) -> str:  # fmt: skip
+    ) -> str:
         """Write a checkpoint loadable by ``load_model(folder)``; return its weight hash.
 
         ``module`` is the unwrapped module (default: :attr:`module`); ``state`` (``full`` only)
@@ -178,9 +200,13 @@ def wrap_model(
         return Trainable(lm, lm.model, "full", base)
     lm.model.requires_grad_(False)
     if update == "reft":
-        config = ReftConfig(layers=tuple(settings["layers"]), rank=int(settings["rank"]),
-                            first_k=int(settings["first_k"]), last_k=int(settings["last_k"]),
-                            edit_generated=bool(settings.get("edit_generated", False)))  # fmt: skip
+        config = ReftConfig(
+            layers=tuple(settings["layers"]),
+            rank=int(settings["rank"]),
+            first_k=int(settings["first_k"]),
+            last_k=int(settings["last_k"]),
+            edit_generated=bool(settings.get("edit_generated", False)),
+        )
         edit = ReftEdit.for_model(lm, config, dict(bases or {}), seed=int(settings["seed"]))
         edit.attach(lm)
         trainable = Trainable(lm, edit, "reft", base, edit=edit)
@@ -194,6 +220,7 @@ def wrap_model(
             target_modules=list(settings.get("lora_targets") or ()),
             task_type="CAUSAL_LM",
         )
+        _check_lora_targets(lm.model, lora.target_modules)
         model = get_peft_model(lm.model, lora)
         model.peft_config["default"].base_model_name_or_path = base
         trainable = Trainable(lm, model, "lora", base, export=export)

@@ -31,7 +31,7 @@ from safegeom.train.config import RunConfig
 from safegeom.train.data import IGNORE_INDEX, TrainBatch
 from safegeom.train.wrap import Export, Trainable, Update, wrap_model
 
-__all__ = ["Method", "Prepared", "Setup", "StepInputs", "Terms", "task_loss"]
+__all__ = ["Method", "Prepared", "Setup", "StepInputs", "Terms", "fixed", "task_loss"]
 
 Terms = dict[str, Tensor]
 """A step's named loss terms (detached scalars), logged with every checkpoint."""

@@ -129,8 +129,12 @@ class GuardConfig:
         check(ok, "cone_positions", "must be all or last", self.cone_positions)
         lam = self.lambda_geom
         check(math.isfinite(lam) and lam >= 0, "lambda_geom", "must be 0 or more", lam)
-        check(self.n_calib >= 1, "n_calib", "must be at least 1 (an empty calibration set)",
-              self.n_calib)  # fmt: skip
+        check(
+            self.n_calib >= 1,
+            "n_calib",
+            "must be at least 1 (an empty calibration set)",
+            self.n_calib,
+        )
         check(self.calib_batch >= 0, "calib_batch", "must be 0 (all) or more", self.calib_batch)
         check(self.penalty_every >= 1, "penalty_every", "must be at least 1", self.penalty_every)
         check(self.reft_rank >= 1, "reft_rank", "must be at least 1", self.reft_rank)
@@ -147,8 +151,10 @@ def calibration_sets(config: GuardConfig, seed: int = 0) -> tuple[PromptSet, Pro
         ConfigError: a calibration set is empty or cannot be read (the message names its flag).
     """
     out = []
-    for name, specs in (("calib_harmful", config.calib_harmful),
-                        ("calib_harmless", config.calib_harmless)):  # fmt: skip
+    for name, specs in (
+        ("calib_harmful", config.calib_harmful),
+        ("calib_harmless", config.calib_harmless),
+    ):
         flag = f"{name} (--{name.replace('_', '-')})"
         try:
             pool = combine_prompts(list(specs))
@@ -182,8 +188,9 @@ def _readout_states(lm: LoadedModel, prompts: PromptSet) -> Float[Tensor, "n d"]
         batch = collate_right(chunk, _pad(lm)).to(lm.device)
         seen: list[Tensor] = []
         with torch.no_grad(), attach([Hook(_final_norm(lm), "post", seen.append)]):
-            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     use_cache=False)  # fmt: skip
+            lm.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            )
         last = batch.attention_mask.sum(-1) - 1
         out.append(seen[0][torch.arange(len(chunk)), last].double().cpu())
     return torch.cat(out)
@@ -207,16 +214,21 @@ def fit_guard_cones(
     Raises:
         ConfigError: a layer out of range or a cone wider than the hidden size.
     """
-    check(config.cone_k <= lm.d_model, "cone_k", f"must be at most the hidden size {lm.d_model}",
-          config.cone_k)  # fmt: skip
+    check(
+        config.cone_k <= lm.d_model,
+        "cone_k",
+        f"must be at most the hidden size {lm.d_model}",
+        config.cone_k,
+    )
     bases: dict[int, Tensor] = {}
     for layer in guard_layers(lm, config):
         carrier = cheap_cone(lm, harmful, harmless, k=config.cone_k, layer=layer, score=False)
         if config.cone == "rdo":
             from safegeom.carriers.rdo import rdo_cone
 
-            carrier = rdo_cone(lm, harmful, harmless, carrier, k=config.cone_k, seed=seed,
-                               progress=False)  # fmt: skip
+            carrier = rdo_cone(
+                lm, harmful, harmless, carrier, k=config.cone_k, seed=seed, progress=False
+            )
         bases[layer] = carrier.vectors.T.to(torch.float32).contiguous()
     if config.readout:
         h, s = _readout_states(lm, harmful), _readout_states(lm, harmless)
