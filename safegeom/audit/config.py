@@ -75,6 +75,9 @@ class AuditConfig:
     """Seed of the random controls and the bootstrap."""
     system: str | None = None
     """System prompt for every prompt."""
+    threads: int | None = None
+    """torch CPU threads (default: one per free core, or the count the user set through
+    OMP_NUM_THREADS or torch.set_num_threads; see safegeom.threads); restored afterwards."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", LayerSpec.parse(self.layers))
@@ -87,6 +90,9 @@ class AuditConfig:
             check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         check(self.n_random >= 20, "n_random", "must be at least 20 controls", self.n_random)
         check(self.n_resamples >= 100, "n_resamples", "must be at least 100", self.n_resamples)
+        check(
+            self.threads is None or self.threads >= 1, "threads", "must be at least 1", self.threads
+        )
         check(
             self.batch_size is None or self.batch_size >= 1,
             "batch_size",

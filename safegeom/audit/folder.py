@@ -24,6 +24,8 @@ __all__ = ["AuditRun", "finish", "identity", "manifest", "start", "thawed"]
 
 _IDENTITY_LOAD = ("dtype", "merge_adapter", "revision", "layout", "chat_template")
 """LoadConfig fields that change the numbers (the device only changes where they are computed)."""
+_NOT_IDENTITY = ("threads",)
+"""AuditConfig fields that change how fast the numbers come, not which (to float rounding)."""
 
 
 def _versions() -> dict[str, str]:
@@ -41,8 +43,9 @@ def _versions() -> dict[str, str]:
 def identity(config: AuditConfig, load: LoadConfig, inputs: AuditInputs) -> dict[str, Any]:
     """What must be equal for a rerun to continue an audit folder."""
     loading = config_dict(load)
+    settings = {k: v for k, v in config_dict(config).items() if k not in _NOT_IDENTITY}
     return {
-        "config": config_dict(config),
+        "config": settings,
         "load": {k: loading[k] for k in _IDENTITY_LOAD},
         "base": inputs.base.path,
     }
@@ -62,6 +65,8 @@ class AuditRun:
     """The behavioural task, or ``None``."""
     config: AuditConfig
     """The audit's settings."""
+    threads: int | None = None
+    """torch CPU threads this call measures with (:mod:`safegeom.threads`), when known."""
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -109,7 +114,9 @@ def _prepare(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
 def manifest(run: AuditRun, reference_s: float | None, complete: bool) -> dict[str, Any]:
     """The manifest of ``run.out`` as it stands: identity, inputs, versions, the finished
     checkpoints' records (read from their files), timings in seconds (``reference_s``, the
-    Reference's build, added to those already recorded), forward passes, ``complete``.
+    Reference's build, added to those already recorded), the torch threads each phase used
+    (``threads``: the Reference's build and each checkpoint, :mod:`safegeom.threads`), forward
+    passes, ``complete``.
 
     Returns:
         The manifest, JSON-ready (rank 0 writes it).
@@ -119,8 +126,10 @@ def manifest(run: AuditRun, reference_s: float | None, complete: bool) -> dict[s
     if (out / "manifest.json").is_file():
         previous = read_json(out / "manifest.json", what="audit manifest")
     timings = dict(previous.get("timings", {}) or {})
+    threads = dict(previous.get("threads", {}) or {})
     if reference_s:
         timings["reference"] = reference_s
+        threads["reference"] = run.threads
     facts = []
     for t in inputs.targets:
         file = out / "checkpoints" / f"{t.label}.json"
@@ -143,6 +152,7 @@ def manifest(run: AuditRun, reference_s: float | None, complete: bool) -> dict[s
         "base_hash": next((f["weight_hash"] for f in facts if f["step"] == 0), None),
         "checkpoints": facts,
         "timings": timings,
+        "threads": {**threads, **{f["label"]: f["threads"] for f in facts if "threads" in f}},
         "forward_passes": sum(int(f.get("forward_passes", 0)) for f in facts),
         "complete": complete,
     }

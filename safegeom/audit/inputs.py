@@ -11,29 +11,51 @@ Three forms of input (:func:`resolve_inputs`):
 - a folder of HF Trainer checkpoints (``checkpoint-N/`` subfolders): ordered by N; the base comes
   from ``--base`` or from a PEFT adapter's ``base_model_name_or_path``.
 
-Every checkpoint is checked cheaply (its ``config.json``, never its weights): that it exists, can
-be read, and has the base's architecture and hidden size.
+``--base`` wins over the base a PEFT adapter names: every adapter is then loaded onto it (an
+adapter trained on another machine names a path that may not exist here). Without it, an error
+about that base says it came from ``adapter_config.json`` and names ``--base``.
+
+Every checkpoint is checked cheaply (its ``config.json`` and tokenizer files, never its weights):
+that it exists, can be read, and has the base's architecture, hidden size, vocabulary size and
+tokenizer (:mod:`safegeom.models.vocab`).
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from safegeom.errors import ArtifactError, ConfigError, ModelLoadError, NotFoundError
-from safegeom.models.checkpoint import check_weight_files, resolve_source, safetensors_problem
+from safegeom.audit.input_forms import (
+    BASE_LABEL,
+    from_list,
+    from_trajectory,
+    step_of,
+    unique_labels,
+)
+from safegeom.errors import (
+    ArtifactError,
+    ConfigError,
+    ModelLoadError,
+    NotFoundError,
+    SafegeomError,
+)
+from safegeom.models.checkpoint import (
+    adapter_base_spec,
+    check_weight_files,
+    resolve_source,
+    safetensors_problem,
+)
 from safegeom.models.loading import TINY_CHAT, LoadConfig, tiny_chat_path
+from safegeom.models.vocab import Vocabulary, check_same_vocabulary, read_vocabulary
 
 __all__ = ["AuditInputs", "AuditTarget", "check_prompt_sets", "resolve_inputs", "step_of"]
 
 Kind = Literal["full", "adapter", "refusalguard", "hub"]
-BASE_LABEL = "base"
-"""Label of the base model (step 0) in the table."""
-_STEP_NAME = re.compile(r"^(?:step|checkpoint|ckpt)[-_]?0*(\d+)$", re.IGNORECASE)
 _TRAINER_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -49,6 +71,9 @@ class AuditTarget:
     """A checkpoint or PEFT adapter folder, ``tiny-chat``, or a hub id."""
     kind: Kind = "full"
     """``full`` checkpoint, PEFT ``adapter`` folder, or ``hub`` id."""
+    base: str | None = None
+    """The model a PEFT adapter is loaded onto (``--base``), in place of the base its
+    ``adapter_config.json`` names; ``None``: that base."""
 
 
 @dataclass(frozen=True)
@@ -68,16 +93,6 @@ class AuditInputs:
     def targets(self) -> tuple[AuditTarget, ...]:
         """The base, then the checkpoints, in step order."""
         return (self.base, *self.checkpoints)
-
-
-def step_of(name: str) -> int | None:
-    """The step a folder name carries (``step-000040``, ``checkpoint-40`` → 40), else ``None``."""
-    match = _STEP_NAME.match(name)
-    return int(match.group(1)) if match else None
-
-
-def _safe_label(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("._") or "checkpoint"
 
 
 def _locate(spec: str, load: LoadConfig, what: str) -> tuple[Kind, str]:
@@ -106,17 +121,6 @@ def _locate(spec: str, load: LoadConfig, what: str) -> tuple[Kind, str]:
     return kind, location  # type: ignore[return-value]
 
 
-def _adapter_base(location: str) -> str:
-    file = Path(location) / "adapter_config.json"
-    try:
-        base = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        raise ModelLoadError(f"{file} is not a readable JSON object") from None
-    if not base:
-        raise ModelLoadError(f"{file} names no base_model_name_or_path; pass --base")
-    return str(base)
-
-
 def _edit_base(location: str) -> str:
     """The base a RefusalGuard checkpoint names (a relative path is tried against its folder)."""
     from safegeom.artifacts import read_json
@@ -134,14 +138,38 @@ def _edit_base(location: str) -> str:
     )
 
 
-def _arch(spec: str, kind: Kind, location: str, load: LoadConfig, what: str) -> dict[str, Any]:
-    """Architecture facts from config.json (an adapter's: its base's), without the weights."""
+def _named_by(err: SafegeomError, adapter: str) -> SafegeomError:
+    """``err`` about the base an adapter names, saying where the name came from and the fix."""
+    return type(err)(
+        f"{err} (the path is base_model_name_or_path in {Path(adapter) / 'adapter_config.json'}); "
+        "pass --base MODEL to audit the adapter on a base on this machine"
+    )
+
+
+def _base_of(
+    spec: str, kind: Kind, location: str, load: LoadConfig, what: str, base: str | None
+) -> tuple[str, Kind, str]:
+    """``(spec, kind, location)`` of the model an adapter or edit is loaded onto: ``base``
+    (``--base``) for an adapter when given, else the base its own files name."""
+    named = base if kind == "adapter" and base else None
+    named = named or (adapter_base_spec(location) if kind == "adapter" else _edit_base(location))
+    try:
+        return (named, *_locate(named, load, f"{what} {spec}: its base"))
+    except (NotFoundError, ModelLoadError) as err:
+        if kind != "adapter" or base:
+            raise
+        raise _named_by(err, location) from None
+
+
+def _arch(
+    spec: str, kind: Kind, location: str, load: LoadConfig, what: str, base: str | None = None
+) -> dict[str, Any]:
+    """Architecture facts from config.json (an adapter's: its base's, ``base`` when given),
+    without the weights."""
     from transformers import AutoConfig
 
     if kind in ("adapter", "refusalguard"):
-        base = _adapter_base(location) if kind == "adapter" else _edit_base(location)
-        base_kind, base_location = _locate(base, load, f"{what} {spec}: its base")
-        return _arch(base, base_kind, base_location, load, what)
+        return _arch(*_base_of(spec, kind, location, load, what, base), load, what)
     try:
         config = AutoConfig.from_pretrained(
             location, revision=load.revision, trust_remote_code=load.trust_remote_code
@@ -152,6 +180,35 @@ def _arch(spec: str, kind: Kind, location: str, load: LoadConfig, what: str) -> 
     hidden = getattr(config, "hidden_size", None)
     archs = tuple(getattr(config, "architectures", None) or ())
     return {"model_type": str(config.model_type), "architectures": archs, "hidden_size": hidden}
+
+
+def _vocabulary(
+    spec: str, kind: Kind, location: str, load: LoadConfig, what: str, base: str | None = None
+) -> Vocabulary:
+    """The vocabulary facts of a target from its files (an adapter's or edit's: its base's
+    embedding, ``base``'s when given, and its own tokenizer where it saved one); nothing for a
+    hub id."""
+    if kind in ("adapter", "refusalguard"):
+        inherited = _vocabulary(*_base_of(spec, kind, location, load, what, base), load, what)
+        own = read_vocabulary(location)
+        if own.fingerprint is None:
+            return inherited
+        return Vocabulary(inherited.embedding_rows, own.tokenizer_size, own.fingerprint)
+    if not Path(location).is_dir():
+        return Vocabulary(None, None, None)
+    return read_vocabulary(location)
+
+
+def _check_exists(given: Sequence[str], base: str | None) -> None:
+    """Refuse a single local path that does not exist before guessing what it is."""
+    first = given[0]
+    path = Path(first).expanduser()
+    hub_like = first.count("/") == 1 and not first.startswith((".", "/", "~"))
+    if len(given) == 1 and first != TINY_CHAT and not hub_like and not path.exists():
+        raise NotFoundError(
+            f"{first}: no such path; give a run folder, a Trainer output folder, or "
+            + ("CKPT [CKPT ...] with --base" if base else "BASE CKPT [CKPT ...]")
+        )
 
 
 def _check_same(base: dict[str, Any], other: dict[str, Any], spec: str, base_spec: str) -> None:
@@ -173,61 +230,36 @@ def _check_same(base: dict[str, Any], other: dict[str, Any], spec: str, base_spe
         )
 
 
-def _from_trajectory(root: Path) -> tuple[str, list[tuple[str, int, str]], str | None]:
-    from safegeom.train.trajectory import load_trajectory
-
-    trajectory = load_trajectory(root)
-    records = [c for c in trajectory.checkpoints if c.step > 0]
-    if not records:
-        raise ArtifactError(
-            f"the trajectory in {root} is empty: it holds no checkpoint after step 0; train it "
-            "(or resume it) first"
-        )
-    items = [(Path(c.path).name, c.step, str(root / c.path)) for c in records]
-    for _, _, path in items:
-        if not Path(path).is_dir():
-            raise NotFoundError(
-                f"checkpoint folder {path} (listed in {root}/trajectory.json) is missing"
-            )
-    task = trajectory.config.get("task")
-    return trajectory.base_model, items, None if task is None else str(task)
-
-
 def _trainer_dirs(root: Path) -> list[tuple[str, int, str]]:
-    found = [
-        (p.name, int(m.group(1)), str(p))
-        for p in root.iterdir()
-        if p.is_dir() and (m := _TRAINER_DIR.match(p.name))
-    ]
+    found = []
+    for p in root.iterdir():
+        if not (m := _TRAINER_DIR.match(p.name)):
+            continue
+        _check_link(p)
+        if p.is_dir():
+            found.append((p.name, int(m.group(1)), str(p)))
     return sorted(found, key=lambda item: item[1])
 
 
-def _from_list(paths: Sequence[str]) -> list[tuple[str, int, str]]:
-    names = [Path(p).name or p for p in paths]
-    steps = [step_of(n) for n in names]
-    if all(s is not None for s in steps) and len(set(steps)) == len(steps):
-        numbered = list(zip(names, steps, paths, strict=True))
+def _check_link(entry: Path) -> None:
+    """Refuse a ``checkpoint-N`` symlink that leads nowhere (dangling, or a loop)."""
+    if not entry.is_symlink():
+        return
+    try:
+        entry.resolve(strict=True)
+    except RuntimeError:  # a symlink loop on Python < 3.13
+        problem = "is a symlink loop"
+    except OSError as err:
+        problem = "is a symlink loop" if err.errno == errno.ELOOP else "is a dangling symlink"
     else:
-        numbered = [(n, i + 1, p) for i, (n, p) in enumerate(zip(names, paths, strict=True))]
-    return sorted(numbered, key=lambda item: item[1])  # type: ignore[arg-type,return-value]
+        return
+    raise NotFoundError(
+        f"{entry} {problem} (to {os.readlink(entry)}); point it at a checkpoint folder or remove it"
+    )
 
 
 def _is_model(folder: Path) -> bool:
     return (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
-
-
-def _unique_labels(items: list[tuple[str, int, str]]) -> list[tuple[str, int, str]]:
-    seen: set[str] = {BASE_LABEL}
-    out = []
-    for name, step, path in items:
-        label = _safe_label(name)
-        if label in seen:
-            label = _safe_label(f"{Path(path).parent.name}_{name}")
-        while label in seen:
-            label = f"{label}_{step}"
-        seen.add(label)
-        out.append((label, step, path))
-    return out
 
 
 def resolve_inputs(
@@ -257,11 +289,14 @@ def resolve_inputs(
     task: str | None = None
     source = "list"
     first = Path(given[0]).expanduser()
+    _check_exists(given, base)
+    override, named_by = base, None  # --base; the adapter whose adapter_config.json names it
     if len(given) == 1 and (first / "trajectory.json").is_file():
-        run_base, items, task = _from_trajectory(first)
+        run_base, items, task = from_trajectory(first)
         base, source = base or run_base, "trajectory"
     elif len(given) == 1 and base is None and (first / "adapter_config.json").is_file():
-        base, items = _adapter_base(str(first)), _from_list(given)  # an adapter names its base
+        base, items = adapter_base_spec(str(first)), from_list(given)  # an adapter names its base
+        named_by = str(first)
     elif len(given) == 1 and first.is_dir() and not _is_model(first):
         items = _trainer_dirs(first)
         if not items:
@@ -277,23 +312,33 @@ def resolve_inputs(
                     f"the checkpoints in {first} are full models, so the base is not known; "
                     "name the aligned model with --base"
                 )
-            base = _adapter_base(adapters[0])
+            base, named_by = adapter_base_spec(adapters[0]), adapters[0]
     elif base is None:
         if len(given) < 2:
             raise ConfigError(
                 f"{given[0]} is a single model; give BASE CKPT [CKPT ...], a run folder, or "
                 "a Trainer output folder"
             )
-        base, items = given[0], _from_list(given[1:])
+        base, items = given[0], from_list(given[1:])
     else:
-        items = _from_list(given)
-    base_kind, base_location = _locate(base, load, "base model")
+        items = from_list(given)
+    try:
+        base_kind, base_location = _locate(base, load, "base model")
+    except (NotFoundError, ModelLoadError) as err:
+        raise (_named_by(err, named_by) if named_by else err) from None
     base_arch = _arch(base, base_kind, base_location, load, "base model")
+    base_vocab = _vocabulary(base, base_kind, base_location, load, "base model")
     targets = []
-    for label, step, path in _unique_labels(items):
+    for label, step, path in unique_labels(items):
         kind, location = _locate(path, load, "checkpoint")
-        _check_same(base_arch, _arch(path, kind, location, load, "checkpoint"), path, base)
-        targets.append(AuditTarget(label=label, step=step, path=path, kind=kind))
+        facts = _arch(path, kind, location, load, "checkpoint", override)
+        _check_same(base_arch, facts, path, base)
+        check_same_vocabulary(
+            base_vocab, _vocabulary(path, kind, location, load, "checkpoint", override), path, base
+        )
+        moved = kind == "adapter" and override and override != adapter_base_spec(location)
+        onto = override if moved else None  # recorded where --base differs from its own
+        targets.append(AuditTarget(label=label, step=step, path=path, kind=kind, base=onto))
     steps = [t.step for t in targets]
     if len(set(steps)) != len(steps) or 0 in steps:
         raise ConfigError(

@@ -2,7 +2,8 @@
 
 An audit folder holds::
 
-    DIR/manifest.json                 config, seeds, versions, git SHA, weight hashes, timings
+    DIR/manifest.json                 config, seeds, versions, git SHA, weight hashes, timings,
+                                      torch threads per phase
     DIR/reference/                    the base's carriers (engineer B's Reference.save)
     DIR/checkpoints/<label>.json      one checkpoint's facts (step, weight hash, timings)
     DIR/checkpoints/<label>.parquet   its rows; written last, atomically: its presence means done
@@ -13,7 +14,14 @@ back, so an audit killed at any point and rerun gives the table an uninterrupted
 measurements depend on ``config.seed`` only). A changed config (or dtype, or base) is refused
 unless ``overwrite``; new checkpoints (a trajectory trained further) are simply added. A rerun
 trusts the files of finished checkpoints: after retraining into the same run folder, pass
-``overwrite``. The folder's bookkeeping is :mod:`~safegeom.audit.folder`.
+``overwrite``. A resumed audit names the checkpoints it skips in one line on stderr.
+
+Threads: the audit runs with ``config.threads`` torch CPU threads, else the count the user set
+(``OMP_NUM_THREADS``, ``torch.set_num_threads``), else one per free core
+(:func:`~safegeom.threads.choose_threads`), and restores the previous count when it returns. Thread counts change the numbers only to float
+rounding; set ``threads`` (and ``batch_size``) for bit-identical reruns.
+
+The folder's bookkeeping is :mod:`~safegeom.audit.folder`.
 
 Under a launcher (:mod:`safegeom.distributed`, ``world_size() > 1``) the unit of work is a
 checkpoint, and the table is the one one process writes, whatever the number of processes:
@@ -48,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -76,6 +85,7 @@ from safegeom.distributed import (
 from safegeom.errors import SafegeomError
 from safegeom.models.loading import LoadConfig, LoadedModel, load_model
 from safegeom.outputs import claims_folder
+from safegeom.threads import choose_threads, torch_threads
 
 __all__ = ["audit"]
 
@@ -153,12 +163,14 @@ def _measure(
         ``(facts, rows)``: the checkpoint's record (step, weight hash, seconds, forward passes)
         and its schema rows; nothing is written here.
     """
+    import torch
+
     import safegeom.audit.measure as measure_mod
 
     with alone():
         is_base = target is base.target
         start = time.perf_counter()
-        lm = base.get() if is_base else load_model(target.path, load)
+        lm = base.get() if is_base else load_model(target.path, load, adapter_base=target.base)
         load_s = base.seconds if is_base else time.perf_counter() - start
         measured = measure_mod.measure_checkpoint(
             lm, reference, config, base=base.get(), task=task, progress=progress
@@ -172,6 +184,7 @@ def _measure(
         "weight_hash": lm.weight_hash,
         "seconds": {"load": load_s, **{k: float(v) for k, v in measured.seconds.items()}},
         "forward_passes": int(measured.forward_passes),
+        "threads": torch.get_num_threads(),
     }
     return facts, frame(rows)
 
@@ -193,6 +206,18 @@ def _write(
         save_parquet(out / "checkpoints" / f"{facts['label']}.parquet", rows)
     write_json(out / "manifest.json", manifest())
     return len(done)
+
+
+def _say_skipped(out: Path, inputs: AuditInputs, todo: Sequence[AuditTarget]) -> None:
+    """On a resumed audit, print one line on stderr naming the checkpoints already measured."""
+    pending = {t.label for t in todo}
+    done = [t.label for t in inputs.targets if t.label not in pending]
+    if done:
+        print(
+            f"audit {out}: resuming; skipped {len(done)} checkpoint(s) already measured: "
+            + ", ".join(done),
+            file=sys.stderr,
+        )
 
 
 def _raise(error: Exception | None) -> None:
@@ -253,18 +278,21 @@ def audit(
         if not is_main():  # the task's warning is printed once
             warnings.simplefilter("ignore")
         task = all_or_none(_task, config, inputs)
+    threads = choose_threads(config.threads).threads
     run = folder_mod.AuditRun(
-        folder, folder_mod.identity(config, load, inputs), inputs, task, config
+        folder, folder_mod.identity(config, load, inputs), inputs, task, config, threads
     )
     labels = broadcast(main_only(folder_mod.start)(run, overwrite))
     todo = [t for t in inputs.targets if t.label in set(labels or ())]
+    main_only(_say_skipped)(folder, inputs, todo)
     reference_s = None
     if todo:
         from tqdm.auto import tqdm
 
         show = progress and is_main()
         base_model = _Base(inputs.base, load)
-        built = broadcast(main_only(_reference)(folder, base_model, config, show))
+        with torch_threads(threads):
+            built = broadcast(main_only(_reference)(folder, base_model, config, show))
         assert built is not None  # rank 0's, on every rank
         reference, reference_s = built
         bar = tqdm(total=len(inputs.targets), initial=len(inputs.targets) - len(todo),
@@ -275,7 +303,8 @@ def audit(
             if k < len(mine):
                 bar.set_postfix_str(mine[k].label)
                 try:
-                    result = _measure(mine[k], base_model, reference, config, load, task, show)
+                    with torch_threads(threads):
+                        result = _measure(mine[k], base_model, reference, config, load, task, show)
                 except Exception as err:  # reported to every rank once the round is written
                     error = err
             measured = collect(result, to="main") or []

@@ -20,6 +20,7 @@ from safegeom.errors import ConfigError, ModelLoadError, NotFoundError
 from safegeom.models.smollm2 import SMOLLM2, smollm2_path
 
 __all__ = [
+    "adapter_base_spec",
     "check_device",
     "check_weight_files",
     "hub_is_cached",
@@ -72,6 +73,26 @@ def resolve_source(
             "pass tiny-chat, a checkpoint folder, or a hub id with network access"
         )
     return "hub", spec
+
+
+def adapter_base_spec(adapter: str | Path) -> str:
+    """The base model a PEFT adapter folder names: ``base_model_name_or_path`` of its
+    ``adapter_config.json``, as written (a path on the machine that trained it, or a hub id).
+
+    Raises:
+        ModelLoadError: the file cannot be read as a JSON object, or names no base.
+    """
+    file = Path(adapter) / "adapter_config.json"
+    try:
+        base = json.loads(file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise ModelLoadError(f"{file} is not a readable JSON object") from None
+    if not base:
+        raise ModelLoadError(
+            f"{file} names no base_model_name_or_path; give the base model (safegeom audit "
+            "--base, load_model(adapter_base=...))"
+        )
+    return str(base)
 
 
 def hub_is_cached(repo: str, revision: str | None) -> bool:

@@ -17,7 +17,6 @@ its modules, and every hook safegeom attaches runs on the device that holds its 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,11 +26,17 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from safegeom.errors import ConfigError, ModelLoadError, NotFoundError, SafegeomError
-from safegeom.models.checkpoint import check_device, check_weight_files, resolve_source
+from safegeom.errors import ConfigError, ModelLoadError, NotFoundError
+from safegeom.models.checkpoint import (
+    adapter_base_spec,
+    check_device,
+    check_weight_files,
+    resolve_source,
+)
 from safegeom.models.finite import check_finite_weights
 from safegeom.models.hashing import weight_hash
 from safegeom.models.layout import ArchLayout, layout_for, resolve
+from safegeom.models.load_config import LoadConfig
 from safegeom.models.placement import adapter_placement, execution_device, is_split, placement
 from safegeom.models.tokenizer_loading import load_tokenizer
 from safegeom.models.vocab import check_embedding
@@ -56,76 +61,6 @@ def tiny_chat_path() -> Path:
             f"tiny-chat weights are missing from {path}; rebuild them with `make tiny-chat`"
         )
     return path
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    """How to load a model: the options every command that takes a ``MODEL`` shares."""
-
-    dtype: str | None = None
-    """float32, bfloat16, float16 or auto (default: float32 on CPU, the checkpoint's own elsewhere)."""
-    device: str | None = None
-    """cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)."""
-    device_map: str | None = None
-    """Spread the model over devices: auto, balanced, sequential, or JSON (text or a .json file)
-    mapping module names to devices ({"model.layers.20": 1}); not with --device."""
-    max_memory: str | None = None
-    """With --device-map: memory per device as JSON, e.g. '{"0": "20GiB", "cpu": "64GiB"}'."""
-    offload_folder: str | None = None
-    """With --device-map: folder for the weights the map puts on "disk"."""
-    merge_adapter: bool = False
-    """Fold a PEFT adapter into its base weights (only for an adapter folder)."""
-    allow_pickle: bool = False
-    """Allow pickled pytorch_model.bin weights (unsafe: a pickle can run code)."""
-    trust_remote_code: bool = False
-    """Run modelling code shipped with a checkpoint (off: only transformers' own code runs)."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) for a hub id."""
-    layout: str | None = None
-    """Block-layout override for an unknown architecture: JSON text or a .json file."""
-    chat_template: str | None = None
-    """File with a Jinja chat template to use instead of the tokenizer's own."""
-
-    def keywords(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`load_model` this config stands for.
-
-        Raises:
-            SafegeomError: ``layout`` is not JSON (text or file), or ``chat_template`` names no
-                readable file.
-        """
-        layout: dict[str, Any] | None = None
-        if self.layout is not None:
-            text = self.layout
-            if text.strip().endswith(".json") and Path(text).expanduser().is_file():
-                text = Path(text).expanduser().read_text(encoding="utf-8")
-            try:
-                layout = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise SafegeomError(
-                    f"--layout is not JSON ({err.msg} at char {err.pos}); give a JSON object "
-                    'such as \'{"blocks": "model.layers"}\' or a .json file'
-                ) from None
-            if not isinstance(layout, dict):
-                raise SafegeomError("--layout must be a JSON object of layout fields")
-        template: str | None = None
-        if self.chat_template is not None:
-            path = Path(self.chat_template).expanduser()
-            if not path.is_file():
-                raise NotFoundError(f"--chat-template: no file at {path}")
-            template = path.read_text(encoding="utf-8")
-        return {
-            "dtype": self.dtype,
-            "device": self.device,
-            "device_map": self.device_map,
-            "max_memory": self.max_memory,
-            "offload_folder": self.offload_folder,
-            "merge_adapter": self.merge_adapter,
-            "allow_pickle": self.allow_pickle,
-            "trust_remote_code": self.trust_remote_code,
-            "revision": self.revision,
-            "layout": layout,
-            "chat_template": template,
-        }
 
 
 @dataclass(frozen=True)
@@ -241,27 +176,24 @@ def _resolve_source(spec: str | Path, revision: str | None = None) -> tuple[str,
     return resolve_source(text, TINY_CHAT, _ASSETS / TINY_CHAT, revision)
 
 
-def _adapter_base(adapter: Path, revision: str | None) -> str:
-    """The location of the base model an adapter folder's ``adapter_config.json`` names.
+def _adapter_base(adapter: Path, revision: str | None, override: str | Path | None) -> str:
+    """The location of an adapter's base: ``override`` when given, else the base its
+    ``adapter_config.json`` names.
 
     Raises:
         ModelLoadError: the file is not JSON or names no base.
-        NotFoundError: the base it names is neither a local folder nor a reachable hub id.
+        NotFoundError: the base is neither a local folder nor a reachable hub id.
     """
-    config_file = adapter / "adapter_config.json"
-    try:
-        adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
-        base_spec = adapter_config.get("base_model_name_or_path")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        raise ModelLoadError(f"{config_file} is not a JSON object") from None
-    if not base_spec:
-        raise ModelLoadError(f"{adapter}/adapter_config.json names no base_model_name_or_path")
+    if override is not None:
+        return _resolve_source(override, revision)[1]
+    base_spec = adapter_base_spec(adapter)
     try:
         return _resolve_source(base_spec, revision)[1]
     except NotFoundError as err:
         raise NotFoundError(
-            f"{config_file} names the base model {base_spec!r} (base_model_name_or_path), which "
-            f"cannot be found: {err}; put the base model there or edit that field"
+            f"{adapter / 'adapter_config.json'} names the base model {base_spec!r} "
+            f"(base_model_name_or_path), which cannot be found: {err}; pass adapter_base= "
+            "(safegeom audit: --base), put the base model there or edit that field"
         ) from None
 
 
@@ -280,6 +212,7 @@ def load_model(
     revision: str | None = None,
     layout: ArchLayout | dict[str, Any] | None = None,
     chat_template: str | None = None,
+    adapter_base: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model and tokenizer, ready for capture, interventions and evaluation.
 
@@ -305,6 +238,8 @@ def load_model(
         revision: hub revision, for hub ids.
         layout: override of the architecture layout (required for unknown architectures).
         chat_template: a Jinja chat template to use instead of the tokenizer's own.
+        adapter_base: for an adapter directory, the base to load it onto instead of the one
+            its ``adapter_config.json`` names.
 
     Returns:
         A :class:`LoadedModel` in eval mode, tokenizer padded on the left.
@@ -321,6 +256,7 @@ def load_model(
         "revision": revision,
         "layout": layout,
         "chat_template": chat_template,
+        "adapter_base": adapter_base,
     }
     if config is not None:
         merged = config.keywords()
@@ -337,6 +273,11 @@ def load_model(
     else:
         device_str = check_device(str(device) if device is not None else _default_device())
     torch_dtype = _parse_dtype(dtype if not isinstance(dtype, str) else dtype.lower(), device_str)
+    if adapter_base is not None and kind != "adapter":
+        raise ConfigError(
+            f"adapter_base is the base a PEFT adapter is loaded onto, but {spec} is not an "
+            "adapter folder (no adapter_config.json); drop adapter_base"
+        )
     if merge_adapter and kind != "adapter":
         raise ConfigError(
             f"--merge-adapter (merge_adapter=True) folds a PEFT adapter into its base, but {spec} "
@@ -350,7 +291,7 @@ def load_model(
     base_location = location
     if kind == "adapter":
         adapter_dir = location
-        base_location = _adapter_base(Path(location), revision)
+        base_location = _adapter_base(Path(location), revision, adapter_base)
     if kind != "hub":
         check_weight_files(base_location, allow_pickle)
     try:
