@@ -27,7 +27,7 @@ from safegeom.models.loading import LoadConfig
 from safegeom.models.positions import LAYER_HELP
 from safegeom.train.config import TrainConfig
 from safegeom.train.methods import METHODS, get_method
-from safegeom.train.runner import train
+from safegeom.train.runner import check_resumable, train
 from safegeom.train.tasks import get_task
 
 __all__ = [
@@ -91,10 +91,13 @@ class TrainCommand:
     """Print the manifest as JSON."""
 
     def __post_init__(self) -> None:
-        """Refuse an unknown method, and --resume together with --overwrite."""
+        """Refuse an unknown method, --resume together with --overwrite, and --resume into a
+        folder that does not exist."""
         get_method(self.method)
         if self.resume and self.overwrite:
             raise ConfigError("pass either --resume or --overwrite, not both")
+        if self.resume:  # before the run folder is claimed (and made)
+            check_resumable(self.out)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,19 @@ def _split_keywords(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return options, {k: v for k, v in fields.items() if k not in keywords}
 
 
+def check_resumable(out: str | Path) -> None:
+    """Refuse ``--resume`` into a folder that does not exist: there is no run to continue.
+
+    Raises:
+        ConfigError: ``out`` does not exist.
+    """
+    if not Path(out).exists():
+        raise ConfigError(
+            f"--resume: {out} does not exist, so there is nothing to resume; check the path, or "
+            "drop --resume to start a new run there"
+        )
+
+
 def train(
     model_spec: str | Path,
     task: str | Path | Task,
@@ -193,6 +206,8 @@ def train(
     # refuses DeepSpeed, and FSDP for what is not full weights
     sharded = use_fsdp(acc, train_config.fsdp, update, method)
     check_global_batch(train_config.batch_size, acc.num_processes)
+    if resume:
+        check_resumable(out)
     main_only(check_output_dir)(out)  # rank 0 alone probes (and makes) the folder
     out_dir = Path(out)
     if load.device is not None and torch.device(load.device).type != acc.device.type:

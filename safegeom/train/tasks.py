@@ -122,6 +122,7 @@ class Task:
             )
         if not self.prompts:
             raise SafegeomError(f"task {self.name!r} is empty: give at least one example")
+        _check_rows(self.name, self.prompts, self.responses)
         if (self.eval_prompts is None) != (self.eval_references is None):
             raise SafegeomError(f"task {self.name!r}: eval prompts and references go together")
         if self.eval_prompts is not None and self.eval_references is not None:
@@ -143,6 +144,17 @@ class Task:
         for p, r in zip(self.prompts, self.responses, strict=True):
             h.update(p.encode() + b"\x00" + r.encode() + b"\x01")
         return h.hexdigest()
+
+
+def _check_rows(name: str, prompts: Sequence[str], responses: Sequence[str]) -> None:
+    """Refuse an example whose prompt or response is empty (as evaluate refuses empty rows)."""
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        for text, what in ((prompt, "prompt"), (response, "response")):
+            if not isinstance(text, str) or not text.strip():
+                raise SafegeomError(
+                    f"task {name!r} row {i}: the {what} is missing or empty; every example needs "
+                    "a prompt and a response"
+                )
 
 
 def _parse_size(spec: str, name: str, rest: str, limit: int) -> int:
@@ -282,25 +294,36 @@ def jsonl_task(
     prompts: list[str] = []
     responses: list[str] = []
     flags = {prompt_field: "--prompt-field", response_field: "--response-field"}
-    with file.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SafegeomError(f"{file}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise SafegeomError(f"{file}:{lineno}: expected a JSON object")
-            for field, flag in flags.items():
-                if field not in record:
-                    raise SafegeomError(
-                        f"{file}:{lineno}: missing field {field!r} (name another with {flag})"
-                    )
-                if not isinstance(record[field], str):
-                    raise SafegeomError(f"{file}:{lineno}: field {field!r} must be a string")
-            prompts.append(record[prompt_field])
-            responses.append(record[response_field])
+    try:
+        text = file.read_text(encoding="utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        raise SafegeomError(
+            f"task file {str(file)!r} is not UTF-8 text (byte {err.start} is "
+            f"{err.object[err.start : err.start + 1]!r}); re-save it as UTF-8"
+        ) from None
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SafegeomError(f"{file}:{lineno}: invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise SafegeomError(f"{file}:{lineno}: expected a JSON object")
+        for field, flag in flags.items():
+            if field not in record:
+                raise SafegeomError(
+                    f"{file}:{lineno}: missing field {field!r} (name another with {flag})"
+                )
+            if not isinstance(record[field], str):
+                raise SafegeomError(f"{file}:{lineno}: field {field!r} must be a string")
+            if not record[field].strip():
+                raise SafegeomError(
+                    f"{file}:{lineno}: field {field!r} is empty; every example needs a prompt "
+                    "and a response"
+                )
+        prompts.append(record[prompt_field])
+        responses.append(record[response_field])
     if not prompts:
         raise SafegeomError(f"task {str(file)!r} is empty: the file holds no examples")
     return Task(name=str(file), prompts=tuple(prompts), responses=tuple(responses))
