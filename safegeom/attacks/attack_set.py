@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,18 @@ from safegeom.artifacts import Provenance, read_json, write_json
 from safegeom.errors import ArtifactError, SafegeomError
 from safegeom.models.chat import EncodedPrompt, EncodedSet, encode_prompts, template_hash
 from safegeom.models.plain_text import encode_plain
-from safegeom.prompts import PromptSet
+from safegeom.prompts import PromptSet, load_prompts
 
-__all__ = ["FILE_NAME", "FORMAT", "AttackRecord", "AttackSet", "load_attack_set", "tokenizer_hash"]
+__all__ = [
+    "FILE_NAME",
+    "FORMAT",
+    "AttackRecord",
+    "AttackSet",
+    "is_attack_folder",
+    "load_attack_set",
+    "prompt_spec",
+    "tokenizer_hash",
+]
 
 FORMAT = "safegeom-attack-set"
 """The ``format`` tag of a saved attack set."""
@@ -281,13 +290,23 @@ def is_attack_folder(spec: str | os.PathLike[str]) -> bool:
     return (target / FILE_NAME).is_file() or (target.name == FILE_NAME and target.is_file())
 
 
-def check_nonempty(behaviours: Sequence[str]) -> None:
-    """Refuse an empty behaviour set.
+def prompt_spec(
+    spec: str | os.PathLike[str], *, column: str | None = None, n: int | None = None
+) -> AttackSet | PromptSet:
+    """A prompt spec on the command line: an attack set's folder (or its JSON file) as an
+    :class:`AttackSet`, anything else through :func:`~safegeom.prompts.load_prompts`.
+
+    Returns:
+        The attack set (its first ``n`` records) or the prompt set.
 
     Raises:
-        SafegeomError: no behaviour.
+        SafegeomError: as :func:`load_attack_set` and :func:`~safegeom.prompts.load_prompts`.
     """
-    if len(behaviours) == 0:
-        raise SafegeomError(
-            "empty behaviour set: give at least one behaviour to attack (--prompts)"
-        )
+    if not is_attack_folder(spec):
+        return load_prompts(spec, column=column, n=n)
+    if n is not None and n < 1:
+        raise SafegeomError(f"n (--limit) must be a positive number of prompts, got {n}")
+    attacks = load_attack_set(spec)
+    if len(attacks) == 0:
+        raise SafegeomError(f"the attack set at {spec} is empty; run `safegeom attack` into it")
+    return attacks if n is None else attacks.take(n)

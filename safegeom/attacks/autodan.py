@@ -147,9 +147,12 @@ def attack_one(
         prompts = [fill(t, behaviour) for t in templates]
         encoded = encode_prompts(tok, prompts, system=system, chat_template=lm.chat_template)
         losses, hits = sequence_losses(
-            lm.model, pad, [e.input_ids for e in encoded], [target_ids] * len(encoded),
+            lm.model,
+            pad,
+            [e.input_ids for e in encoded],
+            [target_ids] * len(encoded),
             batch_size=config.batch_size,
-        )  # fmt: skip
+        )
         return encoded, losses.tolist(), hits.tolist()
 
     (plain,), (initial,), _ = score(["[REQUEST]"])

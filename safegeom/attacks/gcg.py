@@ -135,9 +135,13 @@ class _Search:
         )
         for slot, prefix, tail in zip(self.slots, self.prefixes, self.tails, strict=True):
             loss, hit = candidate_losses(
-                self.lm.model, prefix, candidates, tail, len(slot.target_ids),
+                self.lm.model,
+                prefix,
+                candidates,
+                tail,
+                len(slot.target_ids),
                 batch_size=self.config.batch_size,
-            )  # fmt: skip
+            )
             total += loss
             hits &= hit
         return total / len(self.slots), hits
@@ -220,9 +224,14 @@ def _slot(
     lm: LoadedModel, behaviour: str, target: str, config: GCGConfig, system: str | None
 ) -> AttackSlot:
     return build_slot(
-        lm, behaviour, target, n_tokens=config.n_tokens, init=config.init,
-        placement=config.placement, system=system,
-    )  # fmt: skip
+        lm,
+        behaviour,
+        target,
+        n_tokens=config.n_tokens,
+        init=config.init,
+        placement=config.placement,
+        system=system,
+    )
 
 
 def attack_one(

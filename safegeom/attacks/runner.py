@@ -91,9 +91,13 @@ def judge_records(
     """
     stops = stop_token_ids(lm.tokenizer, lm.base, lm.chat_template)
     answers = generate_from_ids(
-        lm.model, lm.tokenizer, [r.input_ids for r in records],
-        max_new_tokens=options.max_new_tokens, stop_ids=stops, progress=False,
-    )  # fmt: skip
+        lm.model,
+        lm.tokenizer,
+        [r.input_ids for r in records],
+        max_new_tokens=options.max_new_tokens,
+        stop_ids=stops,
+        progress=False,
+    )
     refused = get_judge(options.judge)([r.behaviour for r in records], answers)
     return [
         replace(r, success=not no, completion=a)

@@ -22,7 +22,17 @@ from safegeom.errors import SafegeomError
 
 __all__ = ["COMMANDS", "CliError", "Parser", "build_parser", "main"]
 
-COMMANDS = ("demo", "capture", "carriers", "evaluate", "sweep", "train", "audit", "figures")
+COMMANDS = (
+    "demo",
+    "capture",
+    "carriers",
+    "evaluate",
+    "sweep",
+    "attack",
+    "train",
+    "audit",
+    "figures",
+)
 """Subcommand modules, in help order; each must import (a failure is an error, not a gap)."""
 
 

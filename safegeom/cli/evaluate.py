@@ -17,6 +17,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from safegeom.attacks.attack_set import prompt_spec
 from safegeom.bootstrap import Metric
 from safegeom.cli import CliError
 from safegeom.cli.common import emit_json
@@ -27,7 +28,6 @@ from safegeom.evaluate import Intervention, evaluate
 from safegeom.judges import get_judge
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.outputs import check_file_output, inputs_of
-from safegeom.prompts import load_prompts
 from safegeom.results import EvalResult
 
 __all__ = [
@@ -84,7 +84,7 @@ class EvaluateCommand:
     model: str = field(metadata={"positional": True})
     """tiny-chat, a checkpoint or adapter dir, or a hub id."""
     prompts: str = field(metadata={"metavar": "SPEC"})
-    """Prompt set: bundled set[:split] or a CSV/JSON/JSONL file."""
+    """Prompt set: bundled set[:split], a CSV/JSON/JSONL file, or an attack set's folder."""
     column: str | None = None
     """Prompt column of a user file."""
     limit: int | None = None
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace, *, intervention: Intervention = None) -> int:
             overwrite=command.overwrite,
         )
     # bad prompt specs and judges fail before the model loads
-    prompts = load_prompts(command.prompts, column=command.column, n=command.limit)
+    prompts = prompt_spec(command.prompts, column=command.column, n=command.limit)
     judge = get_judge(config.judge)
     lm = load_model(command.model, load)
     if intervention is None:
