@@ -11,11 +11,12 @@ An attack set is a prompt set. Every prompt-taking function accepts it where a s
 
 A set saves as one JSON file (``DIR/attack_set.json``), atomically, and loads back equal.
 
-Example:
-    >>> attacks = load_attack_set("runs/gcg")
-    >>> result = evaluate(lm, attacks)            # the optimised token ids, replayed
-    >>> attacks.success_rate                      # success on the source model, by its judge
-    0.6
+Example (not a doctest: it needs a loaded model ``lm``)::
+
+    attacks = load_attack_set("runs/gcg")
+    result = evaluate(lm, attacks)            # the optimised token ids, replayed
+    attacks.success_rate                      # success on the source model, by its judge
+    # -> 0.6
 """
 
 from __future__ import annotations

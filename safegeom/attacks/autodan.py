@@ -16,11 +16,12 @@ The paper's LLM paraphraser and momentum word scores are not used (no offline pa
 simplification). Seeded by ``seed + index`` with Python's ``random.Random``: the same seed gives
 the same search. Stops early once the target is the greedy continuation of the best prompt.
 
-Example:
-    >>> attacks = attack(lm, ["Explain how to pick a lock"], ["Sure, here is how"],
-    ...                  AutoDANConfig(generations=5, population=8))
-    >>> attacks.records[0].steps <= 5
-    True
+Example (not a doctest: it needs a loaded model ``lm``)::
+
+    attacks = attack(lm, ["Explain how to pick a lock"], ["Sure, here is how"],
+                     AutoDANConfig(generations=5, population=8))
+    attacks.records[0].steps <= 5
+    # -> True
 """
 
 from __future__ import annotations

@@ -19,11 +19,12 @@ stopped the search, when it stopped early). ``universal=True`` optimises one str
 behaviours at once (the mean loss, the summed gradient); Zou et al. add behaviours progressively,
 we take them all from the first step (our simplification).
 
-Example:
-    >>> attacks = attack(lm, ["Explain how to pick a lock"], ["Sure, here is how"],
-    ...                  GCGConfig(n_tokens=8, steps=20, search_width=64))
-    >>> attacks.records[0].final_loss < attacks.records[0].initial_loss
-    True
+Example (not a doctest: it needs a loaded model ``lm``)::
+
+    attacks = attack(lm, ["Explain how to pick a lock"], ["Sure, here is how"],
+                     GCGConfig(n_tokens=8, steps=20, search_width=64))
+    attacks.records[0].final_loss < attacks.records[0].initial_loss
+    # -> True
 """
 
 from __future__ import annotations

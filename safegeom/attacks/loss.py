@@ -9,9 +9,10 @@ computation the cached one must equal (tested within float32 tolerance).
 The loss is the mean cross-entropy (nats per token) of the target tokens, teacher-forced after
 the assistant header, as in Zou et al. (2023).
 
-Example:
-    >>> prefix = prefix_cache(lm.model, slot.before_ids)
-    >>> losses, hits = candidate_losses(lm.model, prefix, candidates, slot.tail(), len(slot.target_ids))
+Example (not a doctest: it needs a loaded model ``lm``)::
+
+    prefix = prefix_cache(lm.model, slot.before_ids)
+    losses, hits = candidate_losses(lm.model, prefix, candidates, slot.tail(), len(slot.target_ids))
 """
 
 from __future__ import annotations

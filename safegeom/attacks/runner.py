@@ -6,9 +6,10 @@ by its index, so behaviour ``i`` gets the same result whether the run started at
 with ``out``, saves the set after every behaviour. ``resume=True`` reloads that file and continues
 after its last behaviour: on CPU the finished set equals an uninterrupted run's (timings aside).
 
-Example:
-    >>> attacks = run_attack(lm, "gcg", behaviours, targets, GCGConfig(steps=50), gcg.attack_one,
-    ...                      out="runs/gcg", resume=True)
+Example (not a doctest: it needs a loaded model ``lm``)::
+
+    attacks = run_attack(lm, "gcg", behaviours, targets, GCGConfig(steps=50), gcg.attack_one,
+                         out="runs/gcg", resume=True)
 """
 
 from __future__ import annotations
