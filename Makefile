@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(VENV)/bin/pytest -q --nbmake tests notebooks
+	$(VENV)/bin/pytest -q --nbmake tests safegeom notebooks
 
 demo: $(STAMP)
 	$(VENV)/bin/safegeom demo --out runs/demo

@@ -382,9 +382,11 @@ def last_position_logprobs(
         NonFiniteError: the logits hold NaN or inf.
 
     Example:
-        >>> lp = last_position_logprobs(lm, ["Write a poem."], progress=False)  # doctest: +SKIP
-        >>> lp.shape  # doctest: +SKIP
-        torch.Size([1, 32000])
+        >>> from safegeom.models import load_model
+        >>> lm = load_model("tiny-chat")
+        >>> lp = last_position_logprobs(lm, ["Write a poem."], progress=False)
+        >>> lp.shape  # one row per prompt, one column per token of tiny-chat's vocabulary
+        torch.Size([1, 3072])
     """
     seqs = _token_sequences(lm, prompts, system)
     out: Tensor | None = None

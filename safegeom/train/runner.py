@@ -173,8 +173,13 @@ def train(
         SafegeomError: bad settings, an unusable ``out``, a task or model that cannot be loaded.
 
     Example:
-        >>> traj = train("tiny-chat", "mix", method="refusalguard", out="runs/rg", steps=150)
-        >>> traj.paths[-1]  # load_model(...) gives the base with the edit attached
+        Two LoRA steps on tiny-chat (``method="refusalguard"`` trains the defence the same way):
+
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp() + "/run"
+        >>> traj = train("tiny-chat", "mix", method="lora", out=out, steps=2, progress=False)
+        >>> [path.name for path in traj.paths]  # each loads with load_model(path)
+        ['step-000000', 'step-000002']
     """
     options, fields = _split_keywords(fields)
     chosen, settings, extras = method_options(method, options)
