@@ -1,5 +1,5 @@
 """AutoDAN-style genetic search over jailbreak templates (Liu et al. 2024; **our proposal** where
-the paper's resources are missing, METHODS §11).
+the paper's resources are missing, docs/methods.md §11).
 
 A population of templates (:mod:`safegeom.attacks.templates`, written here) holds the behaviour
 at ``[REQUEST]``. Each generation:
@@ -30,7 +30,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from safegeom.attacks.attack_set import AttackRecord, AttackSet
 from safegeom.attacks.loss import sequence_losses
@@ -58,12 +58,13 @@ class AutoDANConfig:
     """Probability that a child is a crossover of two parents (else a copy of the first)."""
     mutation: float = 0.3
     """Probability that a child gets one word- or sentence-level edit."""
-    early_stop: bool = True
-    """Stop once the target is the greedy continuation of the best prompt."""
-    batch_size: int = 16
-    """Prompts per forward pass."""
-    seed: int = 0
-    """Seed of the search (behaviour i uses seed + i)."""
+    early_stop: bool = field(default=True, metadata={"cli": False})
+    """Stop once the target is the greedy continuation of the best prompt (command line: GCG's
+    --early-stop, shared)."""
+    batch_size: int = field(default=16, metadata={"cli": False})
+    """Prompts per forward pass (command line: GCG's --batch-size, shared)."""
+    seed: int = field(default=0, metadata={"cli": False})
+    """Seed of the search, behaviour i uses seed + i (command line: GCG's --seed, shared)."""
 
     def __post_init__(self) -> None:
         """Check ranges, naming the flags.

@@ -25,8 +25,6 @@ from safegeom.outputs import claim_folder, inputs_of
 
 __all__ = ["AttackCommand", "attack_from_command", "register", "run"]
 
-_SHARED = ("early_stop", "seed", "batch_size")
-
 
 @dataclass(frozen=True)
 class AttackCommand:
@@ -70,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config(
         parser, gcg.GCGConfig, title="GCG (--seed, --early-stop, --batch-size: every method)"
     )
-    add_config(parser, autodan.AutoDANConfig, title="AutoDAN-style search", skip=_SHARED)
+    add_config(parser, autodan.AutoDANConfig, title="AutoDAN-style search")
     add_config(parser, prefill.PrefillConfig, title="prefilling")
     add_config(parser, AttackOptions, title="chat and judging on the source")
     add_config(parser, LoadConfig, title="model loading")
