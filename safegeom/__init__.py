@@ -28,6 +28,7 @@ import safegeom.capture as capture
 import safegeom.evaluate as evaluate
 import safegeom.train as train
 from safegeom.artifacts import VERSION, Provenance
+from safegeom.audit.result import AuditResult, load_audit
 from safegeom.capture import Activations, ActivationStats, CaptureConfig, capture_stats
 from safegeom.carriers import (
     Carrier,
@@ -54,6 +55,7 @@ __all__ = [
     "Activations",
     "Addition",
     "AffineEdit",
+    "AuditResult",
     "CaptureConfig",
     "Carrier",
     "EvalResult",
@@ -74,6 +76,7 @@ __all__ = [
     "cheap_cone",
     "evaluate",
     "harmfulness_direction",
+    "load_audit",
     "load_carrier",
     "load_model",
     "load_prompts",

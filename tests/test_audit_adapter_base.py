@@ -20,8 +20,8 @@ from tests.tiny_models import build_checkpoint
 
 GONE = "/nonexistent/tiny-chat"
 """The base path an adapter trained on another machine names."""
-FAST = ["--no-generate", "--families", "geometry", "--no-xstest", "--n-per-class", "4",
-        "--n-val", "4", "--n-resamples", "100", "--no-progress"]  # fmt: skip
+FAST = ["--no-generate", "--families", "geometry", "--no-xstest", "--n-per-class", "4"]
+FAST += ["--n-val", "4", "--n-resamples", "100", "--no-progress"]
 
 
 def _moved(source: Path, dest: Path) -> Path:

@@ -1,22 +1,25 @@
-"""The audit's threads: recorded per phase in the manifest, restored afterwards, not part of what a
-rerun must match; a resumed audit names what it skipped on stderr."""
+"""The audit's threads: recorded per phase in the manifest (``sg.load_audit`` reads it back),
+restored afterwards, not part of what a rerun must match; a resumed audit names what it skipped
+on stderr."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+import safegeom as sg
 from safegeom.audit import audit
 from safegeom.cli import main
 from tests.audit_fakes import FAKE_CONFIG, install
 from tests.audit_helpers import perturbed
 from tests.tiny_models import build_checkpoint
 
-FAST = ["--no-generate", "--families", "geometry", "--no-xstest", "--n-per-class", "4",
-        "--n-val", "4", "--n-resamples", "100", "--no-progress"]  # fmt: skip
+FAST = ["--no-generate", "--families", "geometry", "--no-xstest", "--n-per-class", "4"]
+FAST += ["--n-val", "4", "--n-resamples", "100", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +49,13 @@ def test_threads_per_phase_in_the_manifest_and_restored(models, tmp_path, monkey
     # a rerun with another count continues the folder (threads are not a setting to match)
     more = audit(models, tmp_path / "a", progress=False, threads=1, **FAKE_CONFIG)
     assert seen == [2, 2, 1]
-    assert dict(more.manifest["threads"]) == {"reference": 2, "base": 2, "step-000001": 2,
-                                              "step-000002": 1}  # fmt: skip
+    recorded = {"reference": 2, "base": 2, "step-000001": 2, "step-000002": 1}
+    assert dict(more.manifest["threads"]) == recorded
     assert "threads" not in more.manifest["config"]
+    back = sg.load_audit(tmp_path / "a")  # the package face reads the folder back
+    assert isinstance(back, sg.AuditResult) and back.root == tmp_path / "a"
+    assert dict(back.manifest["threads"]) == recorded
+    pd.testing.assert_frame_equal(back.table, more.table)
 
 
 def test_a_resumed_audit_names_what_it_skipped(models, tmp_path, monkeypatch, capsys) -> None:

@@ -97,10 +97,28 @@ class AuditResult:
 
 
 def load_audit(folder: str | Path) -> AuditResult:
-    """Read an audit folder written by :func:`~safegeom.audit.runner.audit`.
+    """Read an audit folder written by :func:`~safegeom.audit.runner.audit` (``sg.load_audit``).
 
     Returns:
         The :class:`AuditResult`.
+
+    Example:
+        A folder holding the two files an audit leaves (here a two-row table written by hand):
+
+        >>> import tempfile
+        >>> import safegeom as sg
+        >>> from safegeom.artifacts import save_parquet, write_json
+        >>> from safegeom.audit.schema import frame
+        >>> folder = Path(tempfile.mkdtemp()) / "audit"
+        >>> rows = [
+        ...     {"checkpoint": c, "step": s, "layer": 1, "metric": "cosine_to_base", "value": v}
+        ...     for c, s, v in (("base", 0, 1.0), ("step-000040", 40, 0.8))
+        ... ]
+        >>> _ = save_parquet(folder / "audit.parquet", frame(rows))
+        >>> _ = write_json(folder / "manifest.json", {"format": FORMAT, "complete": True})
+        >>> result = sg.load_audit(folder)
+        >>> result.steps, result.wide(40)["cosine_to_base"].tolist()
+        ((0, 40), [0.8])
 
     Raises:
         NotFoundError: no such folder.

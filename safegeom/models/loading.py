@@ -39,6 +39,7 @@ from safegeom.models.layout import ArchLayout, layout_for, resolve
 from safegeom.models.load_config import LoadConfig
 from safegeom.models.placement import adapter_placement, execution_device, is_split, placement
 from safegeom.models.tokenizer_loading import load_tokenizer
+from safegeom.models.upstream_warnings import silence_upstream_deprecations
 from safegeom.models.vocab import check_embedding
 
 __all__ = ["TINY_CHAT", "LoadConfig", "LoadedModel", "load_model", "tiny_chat_path", "weight_hash"]
@@ -262,6 +263,7 @@ def load_model(
         merged = config.keywords()
         merged.update({k: v for k, v in given.items() if v not in (None, False)})
         return load_model(spec, **merged)
+    silence_upstream_deprecations()  # peft's is_gradient_checkpointing, past_key_values
     kind, location = _resolve_source(spec, revision)
     placed = placement(device_map, max_memory, offload_folder, device, edit=kind == "refusalguard")
     if kind == "refusalguard":  # the base it names, with the edit attached as hooks
