@@ -1,4 +1,4 @@
-"""Refusal cones without gradients: the *cheap cone* (METHODS §3 proposal), and cone scoring.
+"""Refusal cones without gradients: the *cheap cone* (docs/methods.md §3, ours), and cone scoring.
 
 Wollschläger et al. 2025 find multi-dimensional refusal *cones* by gradient descent (see
 :mod:`safegeom.carriers.rdo`). The cheap cone is **our proposal**, the default when no gradients
@@ -134,7 +134,7 @@ def cheap_cone(
     system: str | None = None,
     progress: bool = False,
 ) -> Carrier:
-    """The cheap refusal cone (our proposal, METHODS §3): ``k`` orthonormal directions, one layer.
+    """The cheap refusal cone (ours, docs/methods.md §3): ``k`` orthonormal directions, one layer.
 
     Args:
         lm: the model.
