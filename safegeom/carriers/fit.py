@@ -12,8 +12,8 @@ result; the audit calls them on its own capture. Each fit has two forms:
 Fits:
 
 - :func:`diff_in_means`: ``mean_harmful − mean_harmless`` (the refusal and harmfulness directions,
-  METHODS §1–2);
-- :func:`cone_basis`: the cheap refusal cone (our proposal, METHODS §3): the diff-in-means of
+  docs/methods.md §1–2);
+- :func:`cone_basis`: the cheap refusal cone (ours, docs/methods.md §3): the diff-in-means of
   several sources (every ``t_post`` position, last first, or every harm category after the overall
   one), then the top ``n_svd`` right singular vectors of the per-prompt differences
   ``h_i − mean_harmless`` at the last position scaled by ``σ/√n``, orthonormalised by
@@ -137,7 +137,7 @@ def fit_dim(
     position: str,
     site: str = "resid_pre",
 ) -> Carrier:
-    """The diff-in-means direction as a :class:`Carrier` (``method="dim"``, METHODS §1–2).
+    """The diff-in-means direction as a :class:`Carrier` (``method="dim"``, docs/methods.md §1–2).
 
     Returns:
         A carrier whose single vector is the raw difference of means (its norm is meaningful for
@@ -206,7 +206,7 @@ def cone_basis(
     noise: float = 0.0,
 ) -> Fitted:
     """The cheap refusal cone's basis from activations at the ``t_post`` positions (module
-    docstring; our proposal, METHODS §3).
+    docstring; our proposal, docs/methods.md §3).
 
     Args:
         harmful, harmless: per-prompt activations ``[n, pos, d]`` at the positions named by
