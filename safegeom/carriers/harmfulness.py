@@ -3,7 +3,7 @@
 Harmfulness is read at **t_inst**, the last token of the user's instruction, before the chat
 template's post-instruction tokens, where the refusal carrier lives (``t_post[-1]``). The carrier is
 the float64 diff-in-means ``mean_harmful − mean_harmless`` of ``resid_pre`` at one layer; in
-aligned models it is nearly orthogonal to the refusal direction (METHODS §2). The maths is
+aligned models it is nearly orthogonal to the refusal direction (docs/methods.md §2). The maths is
 :func:`~safegeom.carriers.fit.fit_dim`; :func:`harmfulness_direction` captures the two class means
 (streamed in float64) and fits.
 """
@@ -32,7 +32,7 @@ def harmfulness_direction(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> Carrier:
-    """Diff-in-means harmfulness direction at ``t_inst`` (METHODS §2).
+    """Diff-in-means harmfulness direction at ``t_inst`` (docs/methods.md §2).
 
     Args:
         lm: the model.
