@@ -116,7 +116,7 @@ class CarrierSuite:
 
     @property
     def hr_coupling(self) -> float:
-        """|cos| between the harmfulness and refusal directions (METHODS §4 proposal)."""
+        """|cos| between the harmfulness and refusal directions (docs/methods.md §4 proposal)."""
         return coupling(self.harmfulness.direction, self.refusal.direction)
 
     def summary(self) -> dict[str, Any]:
