@@ -269,8 +269,8 @@ def _extract_cone(lm: LoadedModel, sets: ExtractionSets) -> Carrier | None:
 CARRIER_TYPES: dict[str, CarrierType] = {
     t.name: t
     for t in (
-        # the suite's and the reference's refusal direction comes from the selection (METHODS §1);
-        # this entry refits it per layer, at the selected position
+        # the suite's and the reference's refusal direction comes from the selection
+        # (docs/methods.md §1); this entry refits it per layer, at the selected position
         CarrierType("refusal", "refusal", "dim", "t_post[-1]", _direction),
         CarrierType(
             "harmfulness", "harmfulness", "dim", "t_inst", _direction, _extract_harmfulness
