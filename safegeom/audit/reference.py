@@ -1,9 +1,9 @@
 """The base model's carriers, computed once per audit and saved beside it: :class:`Reference`.
 
-- r₀: the standard refusal-direction selection on the base (METHODS §1), with the audit's carrier
-  sets as training prompts and its validation sets. When no candidate passes the KL and induce
-  filters, the lowest-bypass candidate with those filters off is used (as the demo does) and the
-  provenance says so (``filters_passed: false``, ``filters_note``). When no prompt survives the
+- r₀: the standard refusal-direction selection on the base (docs/methods.md §1), with the audit's
+  carrier sets as training prompts and its validation sets. When no candidate passes the KL and
+  induce filters, the lowest-bypass candidate with those filters off is used (as the demo does) and
+  the provenance says so (``filters_passed: false``, ``filters_note``). When no prompt survives the
   refusal-score data filter (a model that never refuses), the selection runs without it and the
   provenance says so (``filter_train: false``).
 - Every other registered carrier type (:data:`~safegeom.carriers.registry.CARRIER_TYPES`) fitted at
