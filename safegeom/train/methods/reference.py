@@ -1,4 +1,4 @@
-"""The step of the methods regularised towards the reference (kl, adaptive; METHODS §7).
+"""The step of the methods regularised towards the reference (kl, adaptive; docs/methods.md §7).
 
 The reference is the frozen model itself: the same LoRA model with its adapters disabled and
 dropout off, run without gradients on the step's rows. Per example, the answer tokens'
