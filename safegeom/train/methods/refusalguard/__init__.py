@@ -1,4 +1,4 @@
-"""RefusalGuard (METHODS §6, our proposal): a training method that holds the refusal cones.
+"""RefusalGuard (docs/methods.md §6, our proposal): a training method that holds the refusal cones.
 
 :mod:`.geometry` holds its settings (:class:`GuardConfig`), the cone bases and the geometry
 penalty; :mod:`.method` the method (fit on the frozen model, the penalised step, the edit or LoRA
