@@ -1,4 +1,4 @@
-"""RefusalGuard's geometry (METHODS §6, a proposal): settings, refusal-cone bases, penalty.
+"""RefusalGuard's geometry (docs/methods.md §6, a proposal): settings, refusal-cone bases, penalty.
 
 From the frozen aligned model, before any update, :func:`fit_guard_cones` fits one refusal-cone
 basis ``B_l`` (``d × k``, orthonormal columns) per layer of the set S at ``resid_pre``, and, when
@@ -12,10 +12,10 @@ and scores the trained model with
 where the block sites use every real prompt token (or only the last one, ``cone_positions``) and
 the readout site uses the last prompt token. The loss adds ``λ_geom · penalty``.
 
-Why the readout (measured on ``tiny-chat``, METHODS §6): a LoRA on a harmful + benign mixture keeps
-the block inputs' cone coordinates in place under the penalty and still loses refusal, because the
-later layers and the head learn to read them differently. Holding the readout cone's coordinates
-is what keeps the refusal behaviour; ``readout=False`` gives the block-only penalty for comparison.
+Why the readout (measured on ``tiny-chat``, docs/methods.md §6): a LoRA on a harmful + benign
+mixture keeps the block inputs' cone coordinates in place under the penalty and still loses refusal,
+because the later layers and the head learn to read them differently. Holding the readout cone's
+coordinates is what keeps the refusal behaviour; ``readout=False`` gives the block-only penalty for comparison.
 
 Our choices where the paper is silent (all in :class:`GuardConfig`): the cheap cone (the RDO cone
 is an option), the readout cone (diff-in-means and top singular vectors of the per-prompt
@@ -62,7 +62,7 @@ READOUT = -1
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """RefusalGuard settings (``safegeom train refusalguard``; METHODS §6, our proposal)."""
+    """RefusalGuard settings (``safegeom train refusalguard``; docs/methods.md §6, our proposal)."""
 
     variant: Literal["reft", "lora"] = "lora"
     """lora: LoRA with the geometry penalty (the default: on tiny-chat ``mix`` it holds refusal at
