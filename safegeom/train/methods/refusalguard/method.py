@@ -1,4 +1,4 @@
-"""RefusalGuard as a training method (METHODS §6): the edit or LoRA, with the geometry penalty.
+"""RefusalGuard as a training method (docs/methods.md §6): the edit or LoRA, and the cone penalty.
 
 Before any update it fits the refusal-cone bases on the frozen model
 (:func:`~.geometry.fit_guard_cones`), saves them with the run (``DIR/defence/cones.safetensors``;
@@ -166,7 +166,7 @@ def prepare(setup: Setup, config: GuardConfig) -> GuardState:
 
 METHOD = Method(
     summary=(
-        "METHODS §6: the cone-projected edit (--variant reft) or LoRA (--variant lora), "
+        "docs/methods.md §6: the cone-projected edit (--variant reft) or LoRA (--variant lora), "
         "with the geometry penalty --lambda-geom on the refusal cones"
     ),
     update=update_of,
