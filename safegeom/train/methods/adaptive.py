@@ -1,4 +1,4 @@
-"""Adaptive regularisation (METHODS §7): LoRA with a risk-weighted KL to the reference.
+"""Adaptive regularisation (docs/methods.md §7): LoRA with a risk-weighted KL to the reference.
 
 Before any update, a critic scores every training prompt on the frozen model once (the reference
 never changes): the activation risk probe of §7 (fitted here), a judge on the reference's answers,
@@ -107,7 +107,7 @@ def prepare(setup: Setup, settings: RegConfig, critic: RiskCritic | None = None)
 
 
 METHOD = Method(
-    summary="METHODS §7: LoRA with a risk-weighted KL to the reference (--critic probe|judge)",
+    summary="docs/methods.md §7: LoRA, risk-weighted KL to the reference (--critic probe|judge)",
     update=fixed("lora"),
     prepare=prepare,
     config=RegConfig,
