@@ -1,7 +1,7 @@
 """GCG: greedy coordinate gradient search for an adversarial suffix (Zou et al. 2023).
 
-METHODS §11. Each step, for the current adversarial tokens ``x`` (``n_tokens`` of them, after
-the behaviour inside the user turn, or before it with ``placement="prefix"``):
+docs/methods.md §11. Each step, for the current adversarial tokens ``x`` (``n_tokens`` of them,
+after the behaviour inside the user turn, or before it with ``placement="prefix"``):
 
 1. the gradient of the target loss w.r.t. the one-hot tokens (:func:`~safegeom.attacks.loss.token_gradient`);
 2. per position, the ``top_k`` allowed tokens with the most negative gradient (special tokens and,
