@@ -1,4 +1,4 @@
-"""Attacks for fixed-source transfer (METHODS §11): GCG, AutoDAN-style search, prefilling.
+"""Attacks for fixed-source transfer (docs/methods.md §11): GCG, AutoDAN-style search, prefilling.
 
 Each attack is a module with a frozen config and ``attack(lm, behaviours, targets, config)``
 returning an :class:`AttackSet`, adversarial prompts with provenance that every prompt-taking
