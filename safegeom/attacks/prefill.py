@@ -1,7 +1,7 @@
 """Prefilling: the assistant turn starts with the target's first tokens (Andriushchenko et al.
 2024; Qi et al. 2024). No optimisation.
 
-METHODS §11: the prompt is the plain behaviour in the chat template, followed by the first
+docs/methods.md §11: the prompt is the plain behaviour in the chat template, followed by the first
 ``n_target_tokens`` tokens of the target (all of it by default) as the start of the answer; the
 model continues from there. Swept over ``n_target_tokens``, the attack success says how many
 tokens deep the model's refusal goes (Qi et al.).
