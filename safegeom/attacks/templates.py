@@ -1,7 +1,7 @@
 """Jailbreak templates and the text operations of the AutoDAN-style search.
 
 AutoDAN (Liu et al. 2024) starts from one hand-written prototype prompt diversified by an LLM
-paraphraser. No paraphraser is available offline here, so (**our proposal**, METHODS §11) the
+paraphraser. No paraphraser is available offline here, so (**ours**, docs/methods.md §11) the
 search starts from the few templates below, written for this project in its own words, and
 varies them with sentence- and word-level operations only. Each template holds ``[REQUEST]``
 once, where the behaviour goes.
