@@ -71,7 +71,8 @@ def test_help_lists_every_method_and_the_new_groups(capsys: pytest.CaptureFixtur
     for option in ("--lambda-geom", "--guard-layers", "--n-calib", "--kl-weight", "--critic",
                    "--judge", "--unaligned-base"):  # fmt: skip
         assert option in text
-    assert "METHODS §6" in text and "METHODS §7" in text and "needs --unaligned-base" in text
+    assert "docs/methods.md §6" in text and "docs/methods.md §7" in text
+    assert "needs --unaligned-base" in text
 
 
 def test_refusalguard_run_records_its_settings(
