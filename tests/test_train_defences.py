@@ -197,7 +197,8 @@ def test_a_finished_refusalguard_run_extends_like_a_longer_one(ckpts, tmp_path: 
 
 
 def _weights(risk: float) -> tuple[float, float]:
-    """METHODS §7 by hand: kl_w = clamp((r − 2)/3, 0.1, 0.9), sft_w = clamp(1 − kl_w, 0.1, 0.9)."""
+    """docs/methods.md §7 by hand: kl_w = clamp((r − 2)/3, 0.1, 0.9),
+    sft_w = clamp(1 − kl_w, 0.1, 0.9)."""
     kl_w = min(max((risk - 2) / 3, 0.1), 0.9)
     return min(max(1 - kl_w, 0.1), 0.9), kl_w
 
