@@ -15,7 +15,8 @@ the readout site uses the last prompt token. The loss adds ``λ_geom · penalty`
 Why the readout (measured on ``tiny-chat``, docs/methods.md §6): a LoRA on a harmful + benign
 mixture keeps the block inputs' cone coordinates in place under the penalty and still loses refusal,
 because the later layers and the head learn to read them differently. Holding the readout cone's
-coordinates is what keeps the refusal behaviour; ``readout=False`` gives the block-only penalty for comparison.
+coordinates is what keeps the refusal behaviour; ``readout=False`` gives the block-only penalty
+for comparison.
 
 Our choices where the paper is silent (all in :class:`GuardConfig`): the cheap cone (the RDO cone
 is an option), the readout cone (diff-in-means and top singular vectors of the per-prompt
