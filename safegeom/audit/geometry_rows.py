@@ -114,8 +114,8 @@ def direction_rows(
     carrier: str, base: Tensor, own: Tensor, acts: CarrierActivations, layers: Sequence[int]
 ) -> list[dict[str, Any]]:
     """Drift and cosine to base of one direction carrier at every layer: ``base`` and ``own`` are
-    ``[layer, d]`` (each its own sign reference, METHODS §5). Layers where either is zero up to
-    float noise (no direction, e.g. ``t_post`` at the embedding layer) get no row.
+    ``[layer, d]`` (each its own sign reference, docs/methods.md §5). Layers where either is zero up
+    to float noise (no direction, e.g. ``t_post`` at the embedding layer) get no row.
 
     Returns:
         ``direction_drift`` and ``cosine_to_base`` rows (source ``reextracted``).

@@ -1,4 +1,4 @@
-"""Safe LoRA and LoX as training methods (METHODS §8): LoRA, transformed at every checkpoint.
+"""Safe LoRA and LoX as training methods (docs/methods.md §8): LoRA, transformed per checkpoint.
 
 Both are training-free and need the unaligned base (``--unaligned-base``) beside the aligned
 model being fine-tuned. The run trains plain LoRA; each checkpoint saves the transformed model

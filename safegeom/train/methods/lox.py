@@ -1,4 +1,4 @@
-"""LoX as a training method (METHODS §8): LoRA, each checkpoint extrapolated by LoX.
+"""LoX as a training method (docs/methods.md §8): LoRA, each checkpoint extrapolated by LoX.
 
 The run trains plain LoRA; every checkpoint saves the fine-tuned model with the LoX
 extrapolation added (a full model folder) and the raw adapter for resuming
@@ -21,7 +21,7 @@ def prepare(setup: Setup, settings: PosthocConfig) -> Prepared:
 
 
 METHOD = Method(
-    summary="METHODS §8: LoRA, each checkpoint extrapolated by LoX; needs --unaligned-base",
+    summary="docs/methods.md §8: LoRA, each checkpoint extrapolated by LoX; needs --unaligned-base",
     update=fixed("lora"),
     prepare=prepare,
     config=PosthocConfig,

@@ -1,4 +1,4 @@
-"""Safe LoRA as a training method (METHODS §8): LoRA, each checkpoint projected by Safe LoRA.
+"""Safe LoRA as a training method (docs/methods.md §8): LoRA, each checkpoint projected.
 
 The run trains plain LoRA; every checkpoint saves the projected adapter (what ``load_model``
 reads) and the raw adapter for resuming (:mod:`safegeom.train.posthoc`). Needs the unaligned
@@ -23,7 +23,7 @@ def needs_unaligned_base(settings: PosthocConfig, method: str) -> None:
     if settings.unaligned_base is None:
         raise ConfigError(
             f"{method} needs --unaligned-base: the unaligned model MODEL was aligned from "
-            "(METHODS §8 transforms the update with W_aligned − W_unaligned)"
+            "(docs/methods.md §8 transforms the update with W_aligned − W_unaligned)"
         )
 
 
@@ -34,7 +34,7 @@ def prepare(setup: Setup, settings: PosthocConfig) -> Prepared:
 
 
 METHOD = Method(
-    summary="METHODS §8: LoRA, each checkpoint projected by Safe LoRA; needs --unaligned-base",
+    summary="docs/methods.md §8: LoRA, each checkpoint Safe-LoRA projected; needs --unaligned-base",
     update=fixed("lora"),
     prepare=prepare,
     config=PosthocConfig,
