@@ -83,7 +83,9 @@ def test_carriers_on_two_ranks_writes_once_what_one_process_writes(
     assert runs[1][1] == ""  # and rank 1 prints nothing
     writes = [json.loads((tmp_path / f"rank{r}.writes.json").read_text()) for r in range(2)]
     assert writes[1] == []
-    assert sorted(Path(p).relative_to(two) for p in writes[0]) == sorted(
+    # the folder's record (.safegeom.json) is written when the run claims the folder and again
+    # when it ends: compare the paths written, not the number of writes
+    assert sorted({Path(p).relative_to(two) for p in writes[0]}) == sorted(
         p.relative_to(one) for p in one.rglob("*") if p.is_file()
     )
     expected, got = _files(one), _files(two)
