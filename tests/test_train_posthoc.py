@@ -20,7 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from safegeom.errors import ConfigError
 from safegeom.models import load_model
 from safegeom.train.baselines import lox_extrapolate, lox_weights, safe_lora_project
-from safegeom.train.posthoc import LOX_FILE, SAFE_LORA_FILE, PosthocConfig
+from safegeom.train.methods.lox import LOX_FILE
+from safegeom.train.methods.safe_lora import SAFE_LORA_FILE
+from safegeom.train.posthoc import PosthocConfig
 from safegeom.train.runner import train
 from safegeom.train.trajectory import Trajectory, load_trajectory
 from safegeom.train.wrap import RAW_ADAPTER

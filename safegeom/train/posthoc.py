@@ -1,4 +1,4 @@
-"""Safe LoRA and LoX as training methods (docs/methods.md §8): LoRA, transformed per checkpoint.
+"""What Safe LoRA and LoX share as methods (docs/methods.md §8): the unaligned base, LoRA layers.
 
 Both are training-free and need the unaligned base (``--unaligned-base``) beside the aligned
 model being fine-tuned. The run trains plain LoRA; each checkpoint saves the transformed model
@@ -7,22 +7,10 @@ resuming stays bit-for-bit. The transform works on copies: the adapter being tra
 changed, so the training itself is exactly that of ``lora`` with the same settings.
 
 Both transforms act on the linear projections of the decoder blocks (attention and MLP), where
-``V = W_aligned − W_unaligned`` is taken from the two models' weights, in float64:
-
-- ``safe-lora`` (Hsu et al. 2024): per LoRA layer, ``ΔW = s·B A`` is replaced by ``C ΔW`` with
-  ``C = V Vᵀ/‖V‖_F`` when their cosine similarity is below τ (``--safe-lora-threshold``), i.e.
-  ``B ← C B``, so the checkpoint stays a rank-r PEFT adapter folder. ``C B`` is computed as
-  ``V (Vᵀ B)/‖V‖_F`` (never the ``out × out`` matrix); it equals
-  :func:`~safegeom.train.baselines.safe_lora_project`. A layer where ``V = 0`` (alignment did
-  not change it) has no alignment subspace: its update is kept. The decisions are written to
-  ``safe_lora.json`` in each checkpoint.
-- ``lox`` (Perin et al. 2025): ``W ← W_ft + α U_k U_kᵀ ΔW_align`` with ``ΔW_align = V`` and
-  ``U_k`` its top-``k`` left singular vectors (:func:`~safegeom.train.baselines.lox_extrapolate`),
-  ``W_ft = W_aligned + s·B A`` the fine-tuned weight; the checkpoint is a full model folder. The
-  paper applies LoX to the aligned model *before* fine-tuning; here the same extrapolation is
-  added to every fine-tuned checkpoint (the LoRA update is trained on the aligned model). At
-  step 0 (``B = 0``) the checkpoint is exactly the paper's LoX model. ``lox.json`` lists the
-  weights extrapolated.
+``V = W_aligned − W_unaligned`` is taken from the two models' weights, in float64 (the transforms
+are in :mod:`safegeom.train.methods.safe_lora` and :mod:`safegeom.train.methods.lox`). Here:
+their settings (:class:`PosthocConfig`), the unaligned weights that differ from the aligned ones
+(:func:`unaligned_weights`), and the LoRA layers and factors of the model being trained.
 
 Memory: the unaligned model is loaded on the CPU and dropped once read; what is kept is one
 block-weights' worth of tensors (the unaligned weights for Safe LoRA, the LoX increments
@@ -44,28 +32,25 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from safegeom.artifacts import write_json
 from safegeom.config import check
-from safegeom.errors import ConfigError
+from safegeom.errors import ConfigError, SafegeomError
 from safegeom.models import LoadConfig, LoadedModel, load_model, weight_hash
 from safegeom.models.layout import resolve
-from safegeom.train.baselines import lox_extrapolate
-from safegeom.train.wrap import Export, base_spec
+from safegeom.train.wrap import base_spec
 
 __all__ = [
-    "LOX_FILE",
-    "SAFE_LORA_FILE",
+    "ADAPTER",
     "PosthocConfig",
     "block_linears",
-    "prepare_lox",
-    "prepare_safe_lora",
+    "lora_factors",
+    "lora_layers",
+    "oriented",
+    "state_hash",
+    "unaligned_weights",
 ]
 
-SAFE_LORA_FILE = "safe_lora.json"
-"""Per-layer Safe LoRA decisions, written in each safe-lora checkpoint."""
-LOX_FILE = "lox.json"
-"""The LoX settings and weights extrapolated, written in each lox checkpoint."""
-_ADAPTER = "default"
+ADAPTER = "default"
+"""The PEFT adapter name of the LoRA being trained."""
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -131,7 +116,8 @@ class _Weights:
         return self._state
 
 
-def _hash(state: Mapping[str, Tensor]) -> str:
+def state_hash(state: Mapping[str, Tensor]) -> str:
+    """The weight hash of a state dict, as :func:`~safegeom.models.weight_hash` of a model."""
     return weight_hash(_Weights(state))  # type: ignore[arg-type]
 
 
@@ -152,7 +138,8 @@ def block_linears(lm: LoadedModel) -> dict[str, bool]:
     return names
 
 
-def _oriented(w: Tensor, transposed: bool) -> Tensor:
+def oriented(w: Tensor, transposed: bool) -> Tensor:
+    """``w`` as ``[out, in]``: transposed for a GPT-2 ``Conv1D`` weight (stored ``[in, out]``)."""
     return w.T if transposed else w
 
 
@@ -167,7 +154,10 @@ def _load_unaligned(
     """
     config = dataclasses.replace(load or LoadConfig(), merge_adapter=False)
     is_adapter = (Path(spec).expanduser() / "adapter_config.json").is_file()
-    other = load_model(spec, config, device="cpu", dtype=lm.dtype, merge_adapter=is_adapter)
+    try:
+        other = load_model(spec, config, device="cpu", dtype=lm.dtype, merge_adapter=is_adapter)
+    except SafegeomError as err:  # name the option the model came from
+        raise type(err)(f"--unaligned-base {spec}: {err}") from None
     if other.edit is not None:
         raise ConfigError(f"--unaligned-base {spec} is a RefusalGuard checkpoint; pass its base")
     mine, theirs = lm.base.state_dict(), other.base.state_dict()
@@ -198,7 +188,7 @@ def _load_unaligned(
     return weights, digest
 
 
-def _lora_layers(peft_model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+def lora_layers(peft_model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     """``(weight name, module name, module)`` of every LoRA layer of a PEFT model.
 
     Raises:
@@ -209,10 +199,10 @@ def _lora_layers(peft_model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     handled: set[str] = set()
     for name, module in peft_model.named_modules():
         lora_a = getattr(module, "lora_A", None)
-        if isinstance(lora_a, nn.ModuleDict) and _ADAPTER in lora_a:
+        if isinstance(lora_a, nn.ModuleDict) and ADAPTER in lora_a:
             weight = name.removeprefix(_PEFT_PREFIX) + ".weight"
             found.append((weight, name, module))
-            handled |= {f"{name}.lora_{x}.{_ADAPTER}.weight" for x in "AB"}
+            handled |= {f"{name}.lora_{x}.{ADAPTER}.weight" for x in "AB"}
     extra = [k for k in peft_model.state_dict() if ".lora_" in k and k not in handled]
     if extra:
         raise ConfigError(
@@ -224,130 +214,15 @@ def _lora_layers(peft_model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     return found
 
 
-def _factors(module: nn.Module) -> tuple[Tensor, Tensor, float]:
+def lora_factors(module: nn.Module) -> tuple[Tensor, Tensor, float]:
     """``(B, A, s)`` of a LoRA layer in float64: its update is ``s·B A`` (``[out, in]``)."""
-    b = module.lora_B[_ADAPTER].weight.detach().double()  # type: ignore[index]
-    a = module.lora_A[_ADAPTER].weight.detach().double()  # type: ignore[index]
-    return b, a, float(module.scaling[_ADAPTER])  # type: ignore[index]
-
-
-def _cosine(x: Tensor, y: Tensor) -> float:
-    """Frobenius cosine; 1 for a zero ``x`` (nothing to project), 0 for a zero ``y`` only."""
-    nx, ny = float(torch.linalg.matrix_norm(x)), float(torch.linalg.matrix_norm(y))
-    if nx == 0.0:
-        return 1.0
-    return 0.0 if ny == 0.0 else float((x * y).sum()) / (nx * ny)
-
-
-def _safe_lora_layer(
-    module: nn.Module, aligned: Tensor, unaligned: Tensor | None, transposed: bool, tau: float
-) -> tuple[Tensor | None, float | None, float]:
-    """Safe LoRA on one layer: ``(C B or None when kept, similarity, ‖V‖_F)``.
-
-    ``similarity`` is ``None`` where ``V = 0`` (no alignment subspace: the update is kept).
-    """
-    if unaligned is None:
-        return None, None, 0.0
-    v = _oriented(aligned.detach().double() - unaligned.to(aligned.device).double(), transposed)
-    norm = float(torch.linalg.matrix_norm(v))
-    b, a, s = _factors(module)
-    cb = v @ (v.T @ b) / norm
-    similarity = _cosine(s * (b @ a), s * (cb @ a))
-    dtype = module.lora_B[_ADAPTER].weight.dtype  # type: ignore[index]
-    return (cb.to(dtype) if similarity < tau else None), similarity, norm
-
-
-def _safe_lora_export(
-    names: Mapping[str, bool], unaligned: Mapping[str, Tensor], tau: float, record: dict[str, Any]
-) -> Export:
-    def export(peft_model: nn.Module, folder: Path) -> str:
-        """Save the Safe-LoRA-projected adapter in ``folder``; return its weight hash."""
-        state = dict(peft_model.state_dict())
-        layers = []
-        for weight, name, module in _lora_layers(peft_model):
-            if weight not in names:
-                raise ConfigError(
-                    f"safe-lora projects the linear layers of the decoder blocks; LoRA on "
-                    f"{weight} has no alignment update there; leave it out of --lora-targets"
-                )
-            aligned = module.base_layer.weight  # type: ignore[union-attr]
-            new_b, similarity, norm = _safe_lora_layer(
-                module, aligned, unaligned.get(weight), names[weight], tau
-            )
-            if new_b is not None:
-                state[f"{name}.lora_B.{_ADAPTER}.weight"] = new_b
-            layers.append(
-                {
-                    "weight": weight,
-                    "similarity": similarity,
-                    "projected": new_b is not None,
-                    "alignment_norm": norm,
-                }
-            )
-        adapter_state = {k: v for k, v in state.items() if ".lora_" in k}
-        peft_model.save_pretrained(  # type: ignore[operator]
-            folder, state_dict=adapter_state, save_embedding_layers=False
-        )
-        n = sum(layer["projected"] for layer in layers)
-        write_json(folder / SAFE_LORA_FILE, {**record, "n_projected": n, "layers": layers})
-        return _hash(state)
-
-    return export
-
-
-def _lox_increments(
-    lm: LoadedModel,
-    names: Mapping[str, bool],
-    unaligned: Mapping[str, Tensor],
-    k: int,
-    alpha: float,
-) -> dict[str, Tensor]:
-    """``α U_k U_kᵀ ΔW_align`` per block weight whose alignment update is not zero (CPU)."""
-    state = lm.base.state_dict()
-    out = {}
-    for name, before in unaligned.items():
-        w = state[name].detach()
-        aligned = _oriented(w.double(), names[name])
-        base = _oriented(before.to(w.device).double(), names[name])
-        increment = _oriented(lox_extrapolate(aligned, base, k, alpha) - aligned, names[name])
-        out[name] = increment.to(w.dtype).cpu()
-    return out
-
-
-def _lox_export(increments: Mapping[str, Tensor], record: dict[str, Any]) -> Export:
-    def export(peft_model: nn.Module, folder: Path) -> str:
-        """Save the fine-tuned model with LoX applied as a full model folder; return its hash."""
-        layers = {weight: module for weight, _, module in _lora_layers(peft_model)}
-        base = peft_model.get_base_model()  # type: ignore[operator]
-        state = {
-            k.replace(".base_layer.", "."): v
-            for k, v in base.state_dict().items()
-            if ".lora_" not in k
-        }
-        for weight in dict.fromkeys([*layers, *increments]):
-            w = state[weight]
-            shared = [k for k, t in state.items() if k != weight and t.data_ptr() == w.data_ptr()]
-            if shared:
-                raise ConfigError(
-                    f"lox cannot change {weight}: it is tied to {shared[0]}; "
-                    "leave it out of --lora-targets"
-                )
-            new = w.detach().double()
-            if weight in layers:
-                b, a, s = _factors(layers[weight])
-                new += _oriented(s * (b @ a), bool(getattr(layers[weight], "fan_in_fan_out", 0)))
-            if weight in increments:
-                new += increments[weight].to(w.device).double()
-            state[weight] = new.to(w.dtype).cpu()
-        base.save_pretrained(folder, state_dict=state)
-        write_json(folder / LOX_FILE, {**record, "weights": list(increments)})
-        return _hash(state)
-
-    return export
+    b = module.lora_B[ADAPTER].weight.detach().double()  # type: ignore[index]
+    a = module.lora_A[ADAPTER].weight.detach().double()  # type: ignore[index]
+    return b, a, float(module.scaling[ADAPTER])  # type: ignore[index]
 
 
 @contextmanager
-def _unaligned(
+def unaligned_weights(
     method: str, lm: LoadedModel, config: PosthocConfig, load: LoadConfig | None
 ) -> Iterator[tuple[dict[str, bool], dict[str, Tensor], dict[str, Any]]]:
     """Within the block: the block weights' names, the unaligned weights that differ from
@@ -373,48 +248,3 @@ def _unaligned(
             "n_aligned_weights": len(unaligned),
         }
         yield names, unaligned, record
-
-
-def prepare_safe_lora(
-    method: str, lm: LoadedModel, config: PosthocConfig, load: LoadConfig | None = None
-) -> tuple[dict[str, Any], Export]:
-    """Load the unaligned base and build Safe LoRA's checkpoint transform (module docstring).
-
-    Runs once per run on the aligned ``lm`` before LoRA is attached, without touching the RNG
-    states (so LoRA's initialisation is that of a ``lora`` run). ``method`` is the name the
-    record gives; ``load`` says how to load the unaligned base (it goes on the CPU, in ``lm``'s
-    dtype).
-
-    Returns:
-        ``(record, export)``: the JSON-able record kept in the manifest (``config["defence"]``:
-        method, unaligned base spec and weight hash, number of block weights alignment changed,
-        τ), and the function :class:`~safegeom.train.wrap.Trainable` calls as
-        ``export(peft_model, folder)`` at each checkpoint; it returns the hash of the model
-        ``load_model(folder)`` reads.
-
-    Raises:
-        ConfigError: no ``unaligned_base`` (names ``--unaligned-base``); an unaligned base of
-            another architecture or shape, or equal to ``lm``.
-    """
-    with _unaligned(method, lm, config, load) as (names, unaligned, record):
-        tau = float(config.safe_lora_threshold)
-        record["safe_lora_threshold"] = tau
-        return record, _safe_lora_export(names, unaligned, tau, dict(record))
-
-
-def prepare_lox(
-    method: str, lm: LoadedModel, config: PosthocConfig, load: LoadConfig | None = None
-) -> tuple[dict[str, Any], Export]:
-    """Load the unaligned base and build LoX's checkpoint transform (module docstring).
-
-    As :func:`prepare_safe_lora`; the record holds ``lox_rank`` and ``lox_alpha``, and the
-    unaligned weights are dropped once the increments are computed.
-
-    Raises:
-        ConfigError: as :func:`prepare_safe_lora`.
-    """
-    with _unaligned(method, lm, config, load) as (names, unaligned, record):
-        increments = _lox_increments(lm, names, unaligned, config.lox_rank, config.lox_alpha)
-    del unaligned
-    record |= {"lox_rank": config.lox_rank, "lox_alpha": float(config.lox_alpha)}
-    return record, _lox_export(increments, dict(record))
