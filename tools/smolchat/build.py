@@ -47,7 +47,7 @@ from safegeom.artifacts import sha256_bytes, write_json, write_text
 from safegeom.judges import get_judge
 from safegeom.models import load_model
 from safegeom.models.smollm2 import SMOLLM2
-from safegeom.prompts import load_prompts
+from safegeom.prompt_roles import check_trainable
 
 __all__ = ["SmolChatRecipe", "build_smol_chat", "main", "task_examples"]
 
@@ -104,10 +104,10 @@ def _rank(seed: int, text: str) -> str:
 
 
 def _pool(specs: Sequence[str]) -> list[str]:
-    """The prompts of ``specs`` in order, each once."""
+    """The prompts of ``specs`` in order, each once; an evaluation-only set is refused."""
     seen: dict[str, None] = {}
     for spec in specs:
-        for prompt in load_prompts(spec).prompts:
+        for prompt in check_trainable(spec).prompts:
             seen.setdefault(prompt, None)
     return list(seen)
 

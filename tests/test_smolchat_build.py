@@ -1,0 +1,73 @@
+"""The smol-chat recipe's data: train splits only, formulaic refusals, the base's own answers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from safegeom.errors import SafegeomError
+from safegeom.prompts import load_prompts
+from tools.smolchat.build import REFUSALS, SmolChatRecipe, _parse_set, task_examples
+
+SMALL = SmolChatRecipe(n_harmful=40, n_harmless=90, harmless_all=("jbb-benign:train",))
+
+
+def _answers(prompts):
+    """A stand-in for the base: echoes the prompt, and 'refuses' one in ten."""
+    return [
+        "I'm sorry, I cannot." if i % 10 == 0 else f"Answer to {p}" for i, p in enumerate(prompts)
+    ]
+
+
+def test_examples_come_from_train_splits_and_are_answered_as_the_recipe_says() -> None:
+    examples = task_examples(SMALL, _answers)
+    harmful = [e for e in examples if e["kind"] == "harmful"]
+    harmless = [e for e in examples if e["kind"] == "harmless"]
+    assert len(harmful) == 40 and {e["response"] for e in harmful} <= set(REFUSALS)
+    assert len({e["response"] for e in harmful}) > 1  # several refusal styles
+    assert len(harmless) == 81  # 90, less the stand-in base's 9 refusals
+    assert all(e["response"] == f"Answer to {e['prompt']}" for e in harmless)
+    held_out = set()
+    for name in (
+        "advbench",
+        "jbb-harmful",
+        "directharm4",
+        "xstest-unsafe",
+        "alpaca",
+        "xstest-safe",
+    ):
+        held_out |= set(load_prompts(f"{name}:test").prompts)
+        held_out |= set(load_prompts(f"{name}:val").prompts)
+    held_out |= set(load_prompts("harmbench:test").prompts) | set(
+        load_prompts("strongreject").prompts
+    )
+    assert not held_out & {e["prompt"] for e in examples}
+    benign = set(load_prompts("jbb-benign:train").prompts)  # taken whole, less dropped answers
+    assert len(benign & {e["prompt"] for e in harmless}) >= len(benign) - 9
+
+
+def test_the_data_are_deterministic_and_follow_the_seed() -> None:
+    first = task_examples(SMALL, _answers)
+    assert task_examples(SMALL, _answers) == first
+    other = task_examples(replace(SMALL, seed=1), _answers)
+    assert other != first and sorted(map(str, other)) != sorted(map(str, first))
+
+
+def test_an_evaluation_set_cannot_enter_the_recipe() -> None:
+    with pytest.raises(
+        SafegeomError, match=r"advbench:test is a test split \(train on advbench:train\)"
+    ):
+        task_examples(replace(SMALL, harmful=("advbench:test",)), _answers)
+    with pytest.raises(SafegeomError, match="must not be trained on"):
+        task_examples(replace(SMALL, harmless_fill=("strongreject",)), _answers)
+
+
+def test_set_parses_recipe_fields() -> None:
+    assert _parse_set(["steps=7", "lr=0.5", "harmful=advbench:train,jbb-harmful:train"]) == {
+        "steps": 7,
+        "lr": 0.5,
+        "harmful": ("advbench:train", "jbb-harmful:train"),
+    }
+    with pytest.raises(SystemExit, match="no recipe field 'nope'"):
+        _parse_set(["nope=1"])
