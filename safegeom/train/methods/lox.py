@@ -116,7 +116,7 @@ def prepare(setup: Setup, settings: PosthocConfig) -> Prepared:
 
 
 METHOD = Method(
-    summary="docs/methods.md §8: LoRA, each checkpoint extrapolated by LoX; needs --unaligned-base",
+    summary="docs/methods.md §8: LoX's extrapolation added to LoRA; needs --unaligned-base",
     update=fixed("lora"),
     prepare=prepare,
     config=PosthocConfig,

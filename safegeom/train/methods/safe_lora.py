@@ -151,7 +151,7 @@ def prepare(setup: Setup, settings: PosthocConfig) -> Prepared:
 
 
 METHOD = Method(
-    summary="docs/methods.md §8: LoRA, each checkpoint Safe-LoRA projected; needs --unaligned-base",
+    summary="docs/methods.md §8: Safe LoRA's projection of LoRA; needs --unaligned-base",
     update=fixed("lora"),
     prepare=prepare,
     config=PosthocConfig,
