@@ -101,6 +101,7 @@ def plot_defences(tables: Mapping[str, pd.DataFrame], task: str) -> Figure:
             title="H/R coupling |cos(h, r)|",
             ylabel="|cos(h, r)| (unitless)",
             carrier="hr",
+            source="reextracted",
             missing="no audit",
         )
         line_panel(d, named, "ablation_effect", title="fixed-source ablation of r₀",

@@ -214,8 +214,18 @@ def _audit_columns(layer: int) -> dict[str, dict[str, Any]]:
     return {
         "asr": {"metric": "asr", "prompts": "advbench:test"},
         "over_refusal": {"metric": "over_refusal", "prompts": "alpaca:test"},
-        "cosine_to_base(r)": {"metric": "cosine_to_base", "carrier": "refusal", "layer": layer},
-        "hr_coupling": {"metric": "hr_coupling", "carrier": "hr", "layer": layer},
+        "cosine_to_base(r)": {
+            "metric": "cosine_to_base",
+            "carrier": "refusal",
+            "layer": layer,
+            "source": "reextracted",
+        },
+        "hr_coupling": {
+            "metric": "hr_coupling",
+            "carrier": "hr",
+            "layer": layer,
+            "source": "reextracted",
+        },
         "ablation_effect(r0)": {"metric": "ablation_effect", "source": "fixed"},
         "addition_effect(r0)": {"metric": "addition_effect", "source": "fixed"},
     }

@@ -42,7 +42,8 @@ def test_tiny_chat_numbers_are_sensible(setup) -> None:
     assert asr < 0.5 and over < 0.5  # the aligned model refuses harmful, answers harmless
     harmful_score = pick(df, "refusal_score", prompts="advbench:test").value.item()
     assert harmful_score > pick(df, "refusal_score", prompts="alpaca:test").value.item()
-    coupling = pick(df, "hr_coupling", carrier="hr", layer=ref.refusal.layer).value.item()
+    at = {"carrier": "hr", "layer": ref.refusal.layer, "source": "reextracted"}
+    coupling = pick(df, "hr_coupling", **at).value.item()
     assert 0.0 <= coupling < 0.9
 
 

@@ -7,13 +7,20 @@ On checkpoint t: ablate r (every layer, as in Arditi et al.) on the harmful vali
 ``fixed``) and r = r_t (``reextracted``, the checkpoint's diff-in-means at r₀'s layer and
 position). Each against ``n_random`` random unit directions of the same norm, orthogonal to r.
 Rows: ``ablation_effect``/``addition_effect`` (effect − control mean, paired bootstrap CI over
-prompts), ``*_raw`` (the effect), ``*_control_mean``/``*_control_std``. ``layer`` is r₀'s layer
-(where the addition acts and the carrier was read; the ablation acts at every layer).
+prompts), ``*_raw`` (the effect), ``*_control_mean``/``*_control_std`` and ``*_base`` (the
+un-intervened mean refusal score the effect starts from). ``layer`` is r₀'s layer (where the
+addition acts and the carrier was read; the ablation acts at every layer).
+
+Floor effects: every row of a cell carries ``saturated``, true where the un-intervened refusal
+probability σ(base) is within ``config.saturation_margin`` of the end the intervention pushes
+toward (0 for ablation, 1 for addition): there an effect near 0 may only mean that nothing is left
+to move.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -23,11 +30,12 @@ from torch import Tensor
 
 from safegeom.audit.config import AuditConfig
 from safegeom.carriers.carrier import Carrier
+from safegeom.errors import SafegeomError
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, combine_prompts
 from safegeom.sweeps import SweepConfig, causal_sweep_result
 
-__all__ = ["causal_rows", "sweep_config", "val_prompts"]
+__all__ = ["causal_rows", "saturated", "sweep_config", "val_prompts"]
 
 _METRICS = {
     ("ablate", "harmful"): "ablation",
@@ -96,15 +104,35 @@ def causal_rows(
             result = causal_sweep_result(lm, carriers, h_set, s_set, cfg, progress=progress)
         tables.append(result.table)
     table = pd.concat(tables, ignore_index=True)
-    return rows_from_sweep(table, r0.layer, f"{harmful.name} vs {harmless.name}")
+    prompts = f"{harmful.name} vs {harmless.name}"
+    return rows_from_sweep(table, r0.layer, prompts, margin=config.saturation_margin)
 
 
-def rows_from_sweep(table: pd.DataFrame, layer: int, prompts: str) -> list[dict[str, Any]]:
+def saturated(op: str, base_score: float, margin: float) -> bool:
+    """Whether a cell starting from mean refusal score ``base_score`` (log-odds) is within
+    ``margin`` (probability units) of the end its intervention pushes toward: refusal probability
+    σ(base) ≤ margin for ``ablation`` (nothing left to remove), ≥ 1 − margin for ``addition``.
+
+    Raises:
+        SafegeomError: an op other than ablation or addition.
+    """
+    p = 1.0 / (1.0 + math.exp(-base_score)) if base_score > -700 else 0.0
+    if op == "ablation":
+        return p <= margin
+    if op == "addition":
+        return p >= 1.0 - margin
+    raise SafegeomError(f"no saturation rule for op {op!r}: use ablation or addition")
+
+
+def rows_from_sweep(
+    table: pd.DataFrame, layer: int, prompts: str, *, margin: float = 0.02
+) -> list[dict[str, Any]]:
     """Schema rows from a sweep table whose carriers are named ``fixed`` and ``reextracted``.
 
     Returns:
         For ablation on harmful and addition on harmless prompts: ``{op}_effect`` (with CI),
-        ``{op}_raw``, ``{op}_control_mean``, ``{op}_control_std``.
+        ``{op}_raw``, ``{op}_control_mean``, ``{op}_control_std``, ``{op}_base``, each flagged
+        ``saturated`` (:func:`saturated` with ``margin``).
     """
     rows: list[dict[str, Any]] = []
     for rec in table.itertuples():
@@ -113,11 +141,12 @@ def rows_from_sweep(table: pd.DataFrame, layer: int, prompts: str) -> list[dict[
             continue
         common: Mapping[str, Any] = {
             "layer": layer, "carrier": "refusal", "source": rec.carrier, "prompts": prompts,
-            "n": int(rec.n_prompts),
+            "n": int(rec.n_prompts), "saturated": saturated(op, float(rec.base), margin),
         }  # fmt: skip
         rows.append({"metric": f"{op}_effect", "value": float(rec.effect_minus_control),
                      "ci_low": float(rec.ci_low), "ci_high": float(rec.ci_high), **common})  # fmt: skip
         rows.append({"metric": f"{op}_raw", "value": float(rec.effect), **common})
         rows.append({"metric": f"{op}_control_mean", "value": float(rec.control_mean), **common})
         rows.append({"metric": f"{op}_control_std", "value": float(rec.control_std), **common})
+        rows.append({"metric": f"{op}_base", "value": float(rec.base), **common})
     return rows

@@ -68,7 +68,12 @@ class AuditConfig:
     task: str | None = None
     """Task whose held-out problems give task_accuracy (default: the trajectory's own task)."""
     n_resamples: int = 1000
-    """Bootstrap resamples of every confidence interval."""
+    """Bootstrap resamples of every confidence interval (the geometry rows' too: each resample
+    refits the carriers), and random splits or directions of every noise-floor row."""
+    saturation_margin: float = 0.02
+    """A causal cell is flagged ``saturated`` when its un-intervened refusal probability
+    σ(mean refusal score) is within this of the end its intervention pushes toward (0 for
+    ablation, 1 for addition); probability units, in (0, 0.5)."""
     batch_size: int | None = None
     """Prompts per forward pass (default: chosen from the memory available)."""
     seed: int = 0
@@ -90,6 +95,12 @@ class AuditConfig:
             check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         check(self.n_random >= 20, "n_random", "must be at least 20 controls", self.n_random)
         check(self.n_resamples >= 100, "n_resamples", "must be at least 100", self.n_resamples)
+        check(
+            0.0 < self.saturation_margin < 0.5,
+            "saturation_margin",
+            "must lie in (0, 0.5) (a refusal probability)",
+            self.saturation_margin,
+        )
         check(
             self.threads is None or self.threads >= 1, "threads", "must be at least 1", self.threads
         )

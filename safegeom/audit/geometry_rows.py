@@ -9,6 +9,10 @@ Every carrier is refitted from the same per-prompt activations
 separation; a subspace (``k`` rows per layer, e.g. the cone) principal angles, Grassmann distance,
 effective rank (when its fit measures one) and coordinate statistics. The couplings pair named
 carriers (:data:`COUPLINGS`).
+
+Every geometry row gets a bootstrap CI over the carrier prompts
+(:mod:`~safegeom.audit.geometry_ci`), and the drift, cosine, angle and coupling rows get noise-floor
+rows of their own (:mod:`~safegeom.audit.floors`); neither changes a row's value.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from safegeom.audit.activations import (
     refit,
 )
 from safegeom.audit.config import AuditConfig
+from safegeom.audit.floors import floor_rows
+from safegeom.audit.geometry_ci import COUPLINGS, attach_intervals, geometry_samples, read_at
+from safegeom.audit.resample import bootstrap_draws
 from safegeom.carriers.fit import Fitted
 from safegeom.geometry import (
     coordinate_imbalance,
@@ -46,10 +53,6 @@ __all__ = [
     "geometry_rows",
     "projection_separation",
 ]
-
-COUPLINGS = (("hr", "harmfulness", "refusal"), ("hr-cone", "harmfulness", "cone"))
-"""``(carrier label, direction, direction or subspace)``: the couplings written per layer, where
-the reference holds both carriers."""
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray, floor: float = 0.0) -> float:
@@ -100,10 +103,6 @@ def projection_separation(
     stats = stats[np.isfinite(stats)]
     low, high = np.percentile(stats, [2.5, 97.5]) if len(stats) else (np.nan, np.nan)
     return cohens_d(a, b, floor), float(low), float(high)
-
-
-def _row(metric: str, value: float, **fields: Any) -> dict[str, Any]:
-    return {"metric": metric, "value": float(value), **fields}
 
 
 def _row(metric: str, value: float, **fields: Any) -> dict[str, Any]:
@@ -195,11 +194,6 @@ def _coupling(a: Fitted | None, b: Fitted | None, scale: float) -> float | None:
     return coupling(a.vectors, b.vectors, hidden_size=b.vectors.shape[-1])
 
 
-def _read_at(position: str, acts: CarrierActivations) -> str:
-    """The one position a carrier's coordinates are read at: ``t_post[-1]`` for ``t_post``."""
-    return acts.positions[acts.post[-1]] if position == "t_post" else position
-
-
 def geometry_rows(
     reference: Any, acts: CarrierActivations, config: AuditConfig, layers: Sequence[int]
 ) -> tuple[list[dict[str, Any]], dict[str, Tensor | None]]:
@@ -247,17 +241,37 @@ def geometry_rows(
                     rows.append(_row("hr_coupling", value, carrier=label, **common))
     for cname in subspaces:
         carrier = reference.carriers[cname]
-        harmful, harmless = acts.at(at, _read_at(carrier.position, acts))
+        harmful, harmless = acts.at(at, read_at(carrier.position, acts))
         fixed = carrier.vectors.double()
         rows += coordinate_rows(fixed, harmful, harmless, "fixed", at, name, cname)
         mine = own[cname][at]
         if mine is not None:
-            rows += coordinate_rows(mine.vectors, harmful, harmless, "reextracted", at, name, cname)
+            mine_rows = coordinate_rows(
+                mine.vectors, harmful, harmless, "reextracted", at, name, cname
+            )
+            rows += _informative(mine_rows, mine, read_at(carrier.position, acts), cname)
     for cname in directions:
         rows += _separation_rows(cname, reference.carriers[cname], own[cname][at], acts, config, at)
+    generator = torch.Generator().manual_seed(config.seed)
+    draws = bootstrap_draws(len(acts.harmful), len(acts.harmless), config.n_resamples, generator)
+    rows = attach_intervals(rows, geometry_samples(reference, acts, layers, own, draws))
+    rows += floor_rows(reference, acts, own, rows, n_resamples=config.n_resamples, seed=config.seed)
     return rows, {
         cname: None if fits[at] is None else fits[at].vectors for cname, fits in own.items()
     }
+
+
+def _informative(
+    rows: list[dict[str, Any]], fit: Fitted, position: str, cname: str
+) -> list[dict[str, Any]]:
+    """A re-extracted subspace's coordinate rows without ``NAME[j]``, j ≥ 1, where its first basis
+    vector is the diff-in-means at the position read (the others are orthogonal to the class mean
+    difference by construction: d = 0, no information; see :mod:`~safegeom.audit.schema`)."""
+    sources = list(fit.extra.get("raw_vectors", ()))
+    if not sources or sources[0] != position:
+        return rows
+    first = f"{cname}[0]"
+    return [r for r in rows if r["metric"] != "coordinate_separation" or r["carrier"] == first]
 
 
 def _vector(fit: Fitted | None, d: int) -> Tensor:

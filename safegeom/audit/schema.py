@@ -11,8 +11,10 @@ layer        Int64    the layer of a per-layer metric; null where not per layer
 carrier      str      ``refusal``, ``harmfulness``, ``cone`` (``cone[j]`` for one basis vector),
                       ``hr`` (h and r, direction coupling), ``hr-cone`` (h and the cone, subspace
                       coupling); null for behaviour
-source       str      ``fixed`` (the base's carrier applied to the checkpoint) or ``reextracted``
-                      (the checkpoint's own carrier); null for behaviour
+source       str      ``fixed`` (the base's carrier applied to the checkpoint), ``reextracted``
+                      (the checkpoint's own carrier) or ``floor`` (the noise floor of the
+                      ``reextracted`` row with the same metric, layer and carrier; see below);
+                      null for behaviour
 prompts      str      the prompt set the number is about (behaviour), else the carrier sets' name
 metric       str      one of :data:`METRICS`
 value        float    the number
@@ -20,7 +22,37 @@ ci_low       float    95% bootstrap CI, where there is one (else null)
 ci_high      float
 n            Int64    prompts (or prompt pairs) behind the number
 judge        str      the refusal judge of a behaviour number; null elsewhere
+unit         str      the value's unit (:data:`UNITS`), on every row
+note         str      what a ``floor`` row measures (split-half or random directions); null
+                      elsewhere
+saturated    boolean  on causal rows: the cell's un-intervened score (``ablation_base``,
+                      ``addition_base``) is within ``AuditConfig.saturation_margin`` of the end
+                      the intervention pushes toward, so an effect near 0 may mean "nothing left
+                      to move" rather than "the carrier no longer acts"; null elsewhere
 ============ ======== ===========================================================================
+
+Uncertainty. Every geometry row has a 95% bootstrap CI over the carrier prompts
+(:mod:`~safegeom.audit.geometry_ci`: each class resampled, the carriers refitted from the captured
+activations, the statistic recomputed; the base's carriers held fixed). Beside them, rows with
+``source`` ``floor`` (:mod:`~safegeom.audit.floors`) give each drift, cosine, angle and coupling
+row's noise floor at the same checkpoint and layer: ``value`` the floor's mean, ``ci_low`` and
+``ci_high`` the 2.5–97.5 percentile band of its distribution. A ``reextracted`` value inside its
+floor's band is what re-extracting the carrier from these prompts gives without any change.
+
+Rows that are not written, and why:
+
+- ``coordinate_separation`` of a re-extracted cone's ``cone[j]``, j ≥ 1: the cone's first basis
+  vector is the diff-in-means at the position the coordinates are read at, and the others are
+  orthogonalised against it, so their class means agree by construction (d = 0 up to float
+  rounding, no information). The re-extracted ``coordinate_imbalance`` is then a function of
+  ``cone[0]``'s separation alone; the ``fixed`` rows (the base's cone on the checkpoint) keep
+  every ``cone[j]``.
+- ``refusal`` (and any carrier read at a ``t_post`` position) at layer 0: ``resid_pre`` of layer
+  0 is the token embedding, and the post-instruction tokens are the same in every prompt, so
+  harmful and harmless activations agree there and the diff-in-means is zero: no direction, no
+  drift, cosine or coupling. ``harmfulness`` reads ``t_inst`` (the prompt's own last instruction
+  token) and has layer-0 rows. The same holds for any layer where a carrier is zero up to float
+  noise (:data:`~safegeom.audit.activations.NOISE_FLOOR`).
 """
 
 from __future__ import annotations
@@ -32,11 +64,11 @@ import pandas as pd
 
 from safegeom.errors import SafegeomError
 
-__all__ = ["COLUMNS", "METRICS", "frame"]
+__all__ = ["COLUMNS", "METRICS", "UNITS", "frame"]
 
 COLUMNS: tuple[str, ...] = (
     "checkpoint", "step", "layer", "carrier", "source", "prompts",
-    "metric", "value", "ci_low", "ci_high", "n", "judge",
+    "metric", "value", "ci_low", "ci_high", "n", "judge", "unit", "note", "saturated",
 )  # fmt: skip
 """The table's columns, in order."""
 
@@ -55,7 +87,10 @@ METRICS: dict[str, str] = {
     "principal_angle_max": "largest principal angle between B_base and B_t, radians",
     "grassmann_distance": "√Σθᵢ² of the principal angles between B_base and B_t",
     "hr_coupling": "|cos(h, r)| for directions; mean cos² of principal angles for subspaces",
-    "effective_rank": "exp(entropy(σ/Σσ)) of the cone's source vectors",
+    "effective_rank": "exp(entropy(σ/Σσ)) of the singular values of the cone's stacked raw source "
+    "vectors (the diff-in-means at every t_post position and the top cone_k singular directions "
+    "of the per-prompt differences, before orthonormalising), not of its k-row basis: between 1 "
+    "and the number of sources, so it can exceed cone_k",
     "coordinate_separation": "Cohen's d of ⟨h, b_j⟩ between harmful and harmless (per b_j)",
     "coordinate_imbalance": "standard deviation of coordinate_separation across the basis",
     "projection_separation": "Cohen's d of the projection on a direction, harmful vs harmless",
@@ -68,6 +103,8 @@ METRICS: dict[str, str] = {
     "ablation_control_std": "standard deviation of that change across the random directions",
     "addition_control_mean": "mean change under the matched random directions (addition)",
     "addition_control_std": "standard deviation of that change across the random directions",
+    "ablation_base": "un-intervened mean refusal score of the harmful prompts of the ablation",
+    "addition_base": "un-intervened mean refusal score of the harmless prompts of the addition",
     # re-selection (only with reselect)
     "bypass_score": "refusal score on harmful prompts with the checkpoint's own r ablated",
     "induce_score": "refusal score on harmless prompts with the checkpoint's own r added",
@@ -79,11 +116,43 @@ _DTYPES = {
     "checkpoint": "string", "step": "int64", "layer": "Int64", "carrier": "string",
     "source": "string", "prompts": "string", "metric": "string", "value": "float64",
     "ci_low": "float64", "ci_high": "float64", "n": "Int64", "judge": "string",
+    "unit": "string", "note": "string", "saturated": "boolean",
 }  # fmt: skip
+
+_SCORE = "nats (log-odds)"
+UNITS: dict[str, str] = {
+    "refusal_rate": "fraction",
+    "asr": "fraction",
+    "over_refusal": "fraction",
+    "refusal_score": _SCORE,
+    "kl_to_base": "nats",
+    "cross_entropy": "nats per token",
+    "task_accuracy": "fraction",
+    "direction_drift": "1 − cosine",
+    "cosine_to_base": "cosine",
+    "principal_angle_max": "radians",
+    "grassmann_distance": "radians",
+    "hr_coupling": "|cosine| or mean cos²",
+    "effective_rank": "dimensions",
+    "coordinate_separation": "Cohen's d",
+    "coordinate_imbalance": "Cohen's d",
+    "projection_separation": "Cohen's d",
+    **{
+        f"{op}_{part}": _SCORE
+        for op in ("ablation", "addition")
+        for part in ("effect", "raw", "control_mean", "control_std", "base")
+    },
+    "bypass_score": _SCORE,
+    "induce_score": _SCORE,
+    "selection_kl": "nats",
+}
+"""The unit of every metric in :data:`METRICS` (the ``unit`` column): dimensionless ratios say
+what they are a ratio of."""
 
 
 def frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
-    """The rows as a table with :data:`COLUMNS` in order and fixed dtypes (missing keys null).
+    """The rows as a table with :data:`COLUMNS` in order and fixed dtypes (missing keys null;
+    ``unit`` always from :data:`UNITS`).
 
     Raises:
         SafegeomError: a row names a column or a metric the schema does not know.
@@ -95,5 +164,6 @@ def frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             raise SafegeomError(f"audit row has unknown columns {sorted(extra)}")
         if row.get("metric") not in METRICS:
             raise SafegeomError(f"audit row has unknown metric {row.get('metric')!r}")
-    table = pd.DataFrame([{c: row.get(c) for c in COLUMNS} for row in rows], columns=list(COLUMNS))
+    records = [{**{c: row.get(c) for c in COLUMNS}, "unit": UNITS[row["metric"]]} for row in rows]
+    table = pd.DataFrame(records, columns=list(COLUMNS))
     return table.astype(_DTYPES)

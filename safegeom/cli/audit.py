@@ -91,9 +91,13 @@ def run(args: argparse.Namespace) -> int:
         emit_json(table.astype(object).where(table.notna(), None).to_dict("records"))
         return 0
     print(f"wrote {result.root}/audit.parquet ({len(table)} rows) and {result.root}/manifest.json")
-    shown = table[table["metric"].isin(_SUMMARY)]
+    floor = table["source"].eq("floor").fillna(False).astype(bool)
+    shown = table[table["metric"].isin(_SUMMARY) & ~floor]
     if not shown.empty:
         summary = shown.groupby(["step", "checkpoint", "metric"], sort=True)["value"].mean()
-        print("means over layers, carriers and sources (the full table is in audit.parquet):")
+        print(
+            "means over layers, carriers and sources, noise floors left out (the full table is "
+            "in audit.parquet):"
+        )
         print(summary.unstack("metric").to_string(float_format=lambda v: f"{v:.3f}"))
     return 0
