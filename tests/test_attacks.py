@@ -216,7 +216,8 @@ def test_model_without_chat_template(lm) -> None:
 def test_attack_set_made_with_another_tokenizer(gcg_set: AttackSet, tmp_path: Path) -> None:
     other = load_model(build_checkpoint(tmp_path, "llama"), device="cpu")
     with pytest.warns(
-        UserWarning, match="optimised with another tokenizer; its prompts are replayed as text"
+        UserWarning,
+        match="optimised with another tokenizer and chat template; its prompts are replayed as text",
     ):
         encoded = gcg_set.encoded_for(other.tokenizer)
     assert len(encoded) == len(gcg_set)
