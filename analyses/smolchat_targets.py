@@ -104,13 +104,12 @@ def refusal_rates(model: str | Path, split: str = "test") -> dict[str, float]:
     return out
 
 
-def utility(model: str | Path) -> dict[str, float]:
-    """KL(base ‖ model) on ``alpaca:test`` and the cross-entropy of the base's answers."""
+def utility(model: str | Path, split: str = "test") -> dict[str, float]:
+    """KL(base ‖ model) on ``alpaca:SPLIT`` and the cross-entropy of the base's answers."""
     base, lm = load_model(SMOLLM2), load_model(model)
-    kl = kl_to_reference(
-        base, lm, load_prompts("alpaca:test").sample(N_LARGE, seed=0), progress=False
-    )
-    prompts = load_prompts("alpaca:test").sample(N_CE, seed=0)
+    alpaca = load_prompts(f"alpaca:{split}")
+    kl = kl_to_reference(base, lm, alpaca.sample(N_LARGE, seed=0), progress=False)
+    prompts = alpaca.sample(N_CE, seed=0)
     answers = generate(base, prompts, max_new_tokens=64, progress=False)
     ce = cross_entropy(lm, prompts, answers, progress=False)
     ce_base = cross_entropy(base, prompts, answers, progress=False)
