@@ -118,12 +118,11 @@ def check_finite(values: Tensor, what: str) -> None:
 def encode_chat(
     lm: LoadedModel, prompts: Prompts | EncodedSet, system: str | None
 ) -> list[EncodedPrompt]:
-    """``prompts`` encoded for ``lm`` (a matching :class:`EncodedSet` as it is, a pre-encoded
-    source such as an attack set by its own ids); too long: refused."""
-    pre_encoded = isinstance(prompts, EncodedSet) or callable(getattr(prompts, "encoded_for", None))
+    """``prompts`` encoded for ``lm`` (an EncodedSet or attack set by its own ids); too long: refused."""
+    keep = isinstance(prompts, EncodedSet) or callable(getattr(prompts, "encoded_for", None))
     encoded = encode_set(
         lm.tokenizer,
-        prompts if pre_encoded else load_prompts(prompts).prompts,
+        prompts if keep else load_prompts(prompts).prompts,
         system=system,
         chat_template=lm.chat_template,
         max_positions=lm.max_positions,
