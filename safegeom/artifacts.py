@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from safegeom.errors import ArtifactError, NotFoundError, OutputPathError
-from safegeom.file_modes import file_mode, follow_umask, refuse_special, special_kind
+from safegeom.file_modes import (
+    check_output_dir,
+    check_output_file,
+    file_mode,
+    follow_umask,
+    refuse_special,
+)
 
 __all__ = [
     "PARQUET_MARK",
@@ -254,58 +260,6 @@ def save_parquet(path: str | os.PathLike[str], table: Any) -> Path:
     with atomic_write(path) as tmp:
         pq.write_table(arrow.replace_schema_metadata(marked), tmp)
     return Path(path)
-
-
-def check_output_file(path: str | os.PathLike[str], *, option: str = "--out") -> Path:
-    """Check, before any work, that a file can be written at ``path``; returns it as a Path.
-
-    Raises:
-        OutputPathError: ``path`` is a folder, a device node, a FIFO or a socket, or its nearest
-            existing parent is a file or is not writable.
-    """
-    target = Path(path)
-    if target.is_dir():
-        raise OutputPathError(f"{option} {target} is a folder; give a file path")
-    refuse_special(target, option)
-    _check_parent_writable(target, option)
-    return target
-
-
-def check_output_dir(path: str | os.PathLike[str], *, option: str = "--out") -> Path:
-    """Check, before any work, that ``path`` is (or can be made) a writable folder (it is made).
-
-    Raises:
-        OutputPathError: ``path`` is a file, or the folder or its nearest parent is not writable.
-    """
-    target = Path(path)
-    kind = special_kind(target)
-    if kind is not None:
-        raise OutputPathError(f"{option} {target} is a {kind}; give a folder")
-    if target.exists() and not target.is_dir():
-        raise OutputPathError(f"{option} {target} is a file; give a folder")
-    _check_parent_writable(target / ".probe", option)
-    return target
-
-
-def _check_parent_writable(target: Path, option: str) -> None:
-    """Create ``target``'s parent folders and write (then remove) a probe file there.
-
-    Permission bits alone do not tell (root ignores them; some file systems are read-only or
-    refuse new entries), so the check is a real write.
-    """
-    parent = target.parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputPathError(f"{option} {target}: {existing} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".safegeom-probe-"):
-            pass
-    except OSError as err:
-        reason = "is not writable" if isinstance(err, PermissionError) else f"({err.strerror})"
-        raise OutputPathError(f"{option} {target}: cannot write in {parent} {reason}") from None
 
 
 @cache
