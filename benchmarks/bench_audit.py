@@ -193,7 +193,7 @@ def naive_geometry(lm: Any, ref: Reference, config: AuditConfig) -> tuple[dict[K
         if basis is None:
             continue
         table = geo.coordinate_statistics(basis, h_acts[:, -1], s_acts[:, -1])
-        for j, sep in enumerate(table["separation"]):
+        for j, sep in enumerate(table["separation"][: 1 if source == "reextracted" else None]):
             out["coordinate_separation", f"cone[{j}]", source, at] = float(sep)
         out["coordinate_imbalance", "cone", source, at] = geo.coordinate_imbalance(table)
     for carrier, position, fixed, own in (("refusal", r0.position, r0.direction, r_t),

@@ -207,7 +207,9 @@ def geometry_rows(
     (:data:`COUPLINGS`: ``hr``, |cos(h_t, r_t)|; ``hr-cone``, mean cos² between h_t and B_t). At
     r₀'s layer: coordinate statistics of every subspace, the base's (``fixed``) and the
     checkpoint's (``reextracted``), at ``t_post[-1]``; projection separation on every direction,
-    the base's and the checkpoint's, with bootstrap CIs.
+    the base's and the checkpoint's. Every row gets a bootstrap CI over the carrier prompts
+    (``config.n_resamples`` draws from ``config.seed``), and drift, cosine, angles and couplings
+    get ``floor`` rows (:mod:`~safegeom.audit.floors`).
 
     Returns:
         ``(rows, carriers)`` with ``carriers`` every refitted carrier's float64 vectors at r₀'s
