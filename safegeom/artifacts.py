@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -122,10 +123,24 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.chmod(tmp, file_mode())
         refuse_special(target)  # it may have appeared while the body ran
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if _disk_full(err):
+            raise OutputPathError(
+                f"cannot write {target}: no space left on device; free some space (or write "
+                "elsewhere) and rerun"
+            ) from None
         raise
     return
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk (or the user's quota) is full; writers outside Python
+    (safetensors) report it only in their message."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -19,8 +19,10 @@ Example (``read_tables(["runs/audit"])`` reads the tables of saved audits instea
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -82,7 +84,49 @@ def read_tables(
     names = tuple(labels) or run_labels(folders)
     if len(names) != len(folders):
         raise SafegeomError(f"give one label per audit folder: {len(names)} for {len(folders)}")
-    return {name: read_table(folder) for name, folder in zip(names, folders, strict=True)}
+    results = {name: load_audit(folder) for name, folder in zip(names, folders, strict=True)}
+    warn_different_bases({name: r.manifest for name, r in results.items()})
+    return {name: r.table for name, r in results.items()}
+
+
+def _base_of(manifest: Mapping[str, Any]) -> tuple[str, str]:
+    """``(what identifies the base, how to name it)`` of an audit manifest: the base's weight
+    hash when recorded, else its path."""
+    identity = manifest.get("identity") or {}
+    path = str(identity.get("base") or (manifest.get("inputs") or {}).get("base", {}).get("path"))
+    return str(manifest.get("base_hash") or path), path
+
+
+def warn_different_bases(manifests: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Warn when the audits to overlay start from different base models (their curves measure
+    different models, so the overlay compares unlike things).
+
+    Returns:
+        Whether a warning was given.
+    """
+    bases = {label: _base_of(m) for label, m in manifests.items()}
+    if len({key for key, _ in bases.values()}) <= 1:
+        return False
+    named = "; ".join(f"{label}: {path}" for label, (_, path) in bases.items())
+    warnings.warn(
+        f"the audits have different base models ({named}); their figures are overlaid, but "
+        "the runs are not comparable",
+        stacklevel=2,
+    )
+    return True
+
+
+def all_nan_metrics(tables: Mapping[str, pd.DataFrame]) -> set[str]:
+    """The metrics whose every row, in every table, has a NaN value: nothing to draw.
+
+    Returns:
+        Their names.
+    """
+    rows = pd.concat([t[["metric", "value"]] for t in tables.values()], ignore_index=True)
+    if rows.empty:
+        return set()
+    finite = rows.assign(ok=rows["value"].notna()).groupby("metric")["ok"].any()
+    return {str(m) for m, ok in finite.items() if not ok}
 
 
 def save_figure(fig: Figure, path: str | Path, fmt: str | None = None) -> Path:
@@ -113,6 +157,8 @@ def write_figures(
 ) -> tuple[list[Path], dict[str, str]]:
     """Every figure of :data:`safegeom.plots.FIGURES` the tables have rows for, in each format.
 
+    Metrics whose values are all NaN count as missing (:func:`all_nan_metrics`).
+
     Returns:
         ``(written, skipped)``: the files written in order, and figure name → why it was skipped.
     """
@@ -120,9 +166,14 @@ def write_figures(
 
     written: list[Path] = []
     skipped: dict[str, str] = {}
+    empty = all_nan_metrics(tables)  # treated as missing
+    tables = {label: t[~t["metric"].isin(empty)] for label, t in tables.items()}
     for name, spec in tqdm(FIGURES.items(), desc="figures", unit="figure", disable=not progress):
         if not has_data(tables, name):
+            nan = [m for m in spec.metrics if m in empty]
             why = f" ({spec.missing})" if spec.missing else ""
+            if nan:
+                why = f" ({', '.join(nan)} rows are all NaN)"
             skipped[name] = f"no {', '.join(spec.metrics)} rows in the audits{why}"
             continue
         fig = spec.plot(tables)

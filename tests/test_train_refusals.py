@@ -5,15 +5,19 @@ module (leaving no run folder behind)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from safegeom.cli import main
-from safegeom.errors import ConfigError, SafegeomError
+from safegeom.errors import ConfigError, NonFiniteError, SafegeomError
+from safegeom.train.posthoc import PosthocConfig
 from safegeom.train.runner import train
 from safegeom.train.tasks import Task, jsonl_task
 from tests.tiny_models import build_checkpoint
+from tests.train_helpers import FAST, TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,3 +103,15 @@ def test_unknown_lora_target_is_one_line_and_leaves_no_folder(
     assert "--lora-targets nonexistent_proj: the model has no module of that name" in line
     assert "q_proj" in line  # the names it does have
     assert not out.exists()
+
+
+def test_non_finite_unaligned_base_names_the_option(ckpt: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "unaligned"
+    shutil.copytree(ckpt, broken)
+    weights = load_file(broken / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights[name][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    posthoc = PosthocConfig(unaligned_base=str(broken))
+    with pytest.raises(NonFiniteError, match=rf"^--unaligned-base {broken}: .* weight {name}"):
+        train(ckpt, TINY, method="safe-lora", posthoc=posthoc, out=tmp_path / "run", **FAST)

@@ -162,14 +162,32 @@ def start(run: AuditRun, overwrite: bool) -> list[str]:
     """Rank 0: check and prepare ``run.out``, write the first manifest.
 
     Returns:
-        The labels of the checkpoints still to measure (no Parquet file yet), in step order.
+        The labels of the checkpoints still to measure (no Parquet file yet, or one that cannot
+        be read back), in step order.
     """
     out = run.out
     _prepare(out, run.identity, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "manifest.json", manifest(run, None, False))
     rows = out / "checkpoints"
-    return [t.label for t in run.inputs.targets if not (rows / f"{t.label}.parquet").is_file()]
+    return [t.label for t in run.inputs.targets if not _finished(rows / f"{t.label}.parquet")]
+
+
+def _finished(parquet: Path) -> bool:
+    """Whether a checkpoint's rows were written whole; a file that cannot be read back (cut off
+    by a crash or a full disk) is removed, with its record, so the checkpoint is measured again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not parquet.is_file():
+        return False
+    try:
+        pq.ParquetFile(parquet).read()
+    except (pa.ArrowInvalid, OSError):
+        parquet.unlink(missing_ok=True)
+        parquet.with_suffix(".json").unlink(missing_ok=True)
+        return False
+    return True
 
 
 def finish(run: AuditRun, reference_s: float | None) -> AuditResult:
