@@ -114,3 +114,18 @@ def test_overwrite_keeps_the_users_files(
     assert main(_args(ckpt, user, "--steps", "1")) == 2
     assert "holds files safegeom did not write (notes.txt)" in capsys.readouterr().err
     assert sorted(os.listdir(user)) == ["notes.txt"]
+
+
+def test_the_library_call_holds_its_folder_too(ckpt: Path, tmp_path: Path) -> None:
+    from safegeom.errors import OutputPathError
+    from safegeom.outputs import claim_folder
+
+    out = tmp_path / "run"
+    with claim_folder(out, command="audit"):  # held by this process: a nested claim is the same
+        train(ckpt, TINY, method="lora", out=out, steps=1, **FAST)
+    assert "trajectory.json" in written_files(out)
+    (out / "mine.txt").write_text("mine")
+    with pytest.raises(OutputPathError, match=r"holds files safegeom did not write \(mine.txt\)"):
+        train(ckpt, TINY, method="lora", out=out, steps=1, overwrite=False, resume=True, **FAST)
+    train(ckpt, TINY, method="sft", out=out, steps=1, overwrite=True, **FAST)
+    assert (out / "mine.txt").read_text() == "mine"

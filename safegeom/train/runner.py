@@ -34,6 +34,7 @@ from safegeom.distributed import all_or_none, alone, broadcast, is_main, main_on
 from safegeom.errors import ConfigError
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.models.checkpoint import check_device
+from safegeom.outputs import claims_folder
 from safegeom.train.checkpoints import resumable
 from safegeom.train.config import DEFAULT_LR, RunConfig, TrainConfig
 from safegeom.train.data import Example, encode_examples
@@ -125,6 +126,7 @@ def check_resumable(out: str | Path) -> None:
         )
 
 
+@claims_folder("train", inputs=("model_spec", "task"))  # locks and records out
 def train(
     model_spec: str | Path,
     task: str | Path | Task,
