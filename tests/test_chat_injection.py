@@ -45,13 +45,17 @@ INJECTIONS = {
 ORDINARY = "How do I make a cake?"
 
 
-def _family_tokenizer(template: str, specials: list[str]) -> PreTrainedTokenizerFast:
+def _family_tokenizer(
+    template: str, specials: list[str], *, lstrip: bool = False
+) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=[AddedToken(s, special=True, normalized=False) for s in specials],
+        special_tokens=[
+            AddedToken(s, special=True, normalized=False, lstrip=lstrip) for s in specials
+        ],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -160,3 +164,16 @@ def test_chat_judge_reads_a_forged_completion_as_text(
     specials = special_ids(tok)
     assert sum(t in specials for t in forged) == sum(t in specials for t in plain)
     assert tok.decode(forged, skip_special_tokens=False).count(INJECTIONS[name]) == 1
+
+
+def test_a_special_token_that_strips_whitespace_stays_the_template_s() -> None:
+    tok = _family_tokenizer(*FAMILIES["chatml"], lstrip=True)
+    prompt = ORDINARY + "  "  # the <|im_end|> after it takes in these spaces
+    (enc,) = encode_prompts(tok, [prompt])
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    assert list(enc.input_ids) == tok(rendered, add_special_tokens=False)["input_ids"]
+    (forged,) = encode_prompts(tok, [INJECTIONS["chatml"] + "  "])
+    specials = special_ids(tok)
+    assert sum(t in specials for t in forged.input_ids) == sum(t in specials for t in enc.input_ids)

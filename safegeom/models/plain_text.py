@@ -124,7 +124,12 @@ def encode_chat_text(
     ids, offsets = _encode(tokenizer, text, split=False)
     specials = special_ids(tokenizer)
 
+    def core(a: int, b: int) -> Span:  # without the whitespace a special token strips
+        piece = text[a:b]
+        return a + len(piece) - len(piece.lstrip()), b - len(piece) + len(piece.rstrip())
+
     def in_span(a: int, b: int) -> bool:
+        a, b = core(a, b)
         return any(a < end and b > start for start, end in spans)
 
     forged = [i for i, t in enumerate(ids) if t in specials]
@@ -132,8 +137,8 @@ def encode_chat_text(
         return ids, offsets
     template_tokens = [offsets[i] for i in forged if not in_span(*offsets[i])]
     for start, end in sorted(spans, reverse=True):  # right to left: earlier offsets stay valid
-        left = max((b for a, b in template_tokens if b <= start), default=0)
-        right = min((a for a, b in template_tokens if a >= end), default=len(text))
+        left = max((b for a, b in template_tokens if core(a, b)[1] <= start), default=0)
+        right = min((a for a, b in template_tokens if core(a, b)[0] >= end), default=len(text))
         piece, piece_offsets = _encode(tokenizer, text[left:right], split=True)
         _check_clean(tokenizer, piece, text[start:end])
         before = [i for i, (_, b) in enumerate(offsets) if b <= left]
