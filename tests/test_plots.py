@@ -30,6 +30,14 @@ HARMFUL_TEST = ("advbench:test", "jbb-harmful:test")
 HARMLESS_TEST = (("alpaca:test", "substring"), ("xstest-safe:test", "xstest"))
 
 
+FLOORS = (
+    ("cosine_to_base", "refusal", 0.9), ("direction_drift", "refusal", 0.05),
+    ("principal_angle_max", "cone", 0.2), ("grassmann_distance", "cone", 0.3),
+    ("hr_coupling", "hr", 0.05), ("hr_coupling", "hr-cone", 0.02),
+)  # fmt: skip
+"""(metric, carrier, mean) of the synthetic floor rows (hr-cone's from random directions)."""
+
+
 def _ci(value: float, half: float) -> dict:
     return {"value": value, "ci_low": value - half, "ci_high": value + half}
 
@@ -76,6 +84,12 @@ def synthetic_audit(*, speed: float = 1.0, behaviour: bool = True, seed: int = 0
             add("effective_rank", 2.5 - 0.5 * t, carrier="cone", **per)
             add("hr_coupling", 0.3 + 0.1 * depth + 0.2 * t, carrier="hr", **per)
             add("hr_coupling", 0.2 + 0.1 * depth + 0.1 * t, carrier="hr-cone", **per)
+        for layer in LAYERS:  # noise floors, the way safegeom.audit.floors writes them
+            floor = {"layer": layer, "source": "floor", **common}
+            split = "split-half: two disjoint halves of 32 + 32 prompts, 50 random splits"
+            for metric, carrier, mean in FLOORS:
+                note = "random directions: 50 unit vectors" if carrier == "hr-cone" else split
+                add(metric, mean, half=mean / 2, carrier=carrier, note=note, **floor)
         at = {"layer": CARRIER_LAYER, **common}
         for source, slow in (("fixed", 1.0), ("reextracted", 0.3)):
             for j in range(3):
@@ -90,11 +104,13 @@ def synthetic_audit(*, speed: float = 1.0, behaviour: bool = True, seed: int = 0
             control_abl, control_add = -0.2 + rng.normal(0, 0.05), 0.1 + rng.normal(0, 0.05)
             for kind, raw, control in (("ablation", -4 * keep, control_abl),
                                        ("addition", 5 * keep, control_add)):  # fmt: skip
-                add(f"{kind}_raw", raw, carrier="refusal", source=source, **val)
-                add(f"{kind}_control_mean", control, carrier="refusal", source=source, **val)
-                add(f"{kind}_control_std", 0.3, carrier="refusal", source=source, **val)
-                add(f"{kind}_effect", raw - control, half=0.4, carrier="refusal", source=source,
-                    **val)  # fmt: skip
+                base = -5.7 if (kind == "ablation" and step >= 80) else -1.0 + 0.5 * t
+                cell = {"carrier": "refusal", "source": source, "saturated": base <= -5.0, **val}
+                add(f"{kind}_base", base, **cell)  # every row of a cell carries `saturated`
+                add(f"{kind}_raw", raw, **cell)
+                add(f"{kind}_control_mean", control, **cell)
+                add(f"{kind}_control_std", 0.3, **cell)
+                add(f"{kind}_effect", raw - control, half=0.4, **cell)
     return frame(rows)
 
 
@@ -146,7 +162,9 @@ def test_two_runs_overlay_as_two_labelled_lines() -> None:
     assert _labels(angle) == ["LoRA", "defended"]
     colours = {line.get_color() for line in angle.get_lines()}
     assert len(colours) == 2
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["LoRA", "defended"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "LoRA", "defended", "split-half floor, LoRA", "split-half floor, defended"
+    ]  # fmt: skip
     lora, defended = (line.get_ydata() for line in angle.get_lines())
     assert lora[-1] > defended[-1]  # the LoRA run moves further
 
@@ -213,7 +231,7 @@ def test_causal_without_controls_keeps_the_net_effect() -> None:
     table = synthetic_audit()
     table = table[~table["metric"].str.contains("_raw|_control_")]
     fig = plot_causal(table)
-    assert [_says_no_data(ax) for ax in fig.axes] == [True, True, False, False]
+    assert [_says_no_data(ax) for ax in fig.axes] == [True, True, False, False, False, False]
 
 
 def test_coordinates_one_line_per_basis_vector() -> None:

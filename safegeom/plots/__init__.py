@@ -7,6 +7,10 @@ pyplot's global state; save with ``fig.savefig(path)`` (``safegeom figures`` doe
 artifact layer). One style for all (:mod:`safegeom.plots.style`): Okabe–Ito colours, line styles
 and markers for variants so nothing depends on colour alone, fonts readable at 7 in wide.
 
+Noise floors (rows of source ``floor``) are shaded, hatched bands labelled with what they are
+(split-half or random-direction floor), never lines; ticks sit at the checkpoints' steps; a
+single run's legend entries carry no run label.
+
 Missing metrics never raise: a panel whose rows are absent (a ``--no-generate`` audit has no
 behaviour rows) says so in its text, and a figure with no data at all says so in its title.
 :func:`has_data` tells which figures a table can fill; ``safegeom figures`` skips the others with
@@ -19,7 +23,7 @@ figure       function               metrics
 2 drift      :func:`plot_drift`     per-layer cosine_to_base (or direction_drift)
 3 coupling   :func:`plot_coupling`  hr_coupling (carrier layer and per layer)
 4 subspace   :func:`plot_subspace`  principal_angle_max, grassmann_distance
-5 causal     :func:`plot_causal`    ablation/addition _raw, _control_mean/_std, _effect
+5 causal     :func:`plot_causal`    ablation/addition _raw, _control_mean/_std, _effect, _base
 6 coords     :func:`plot_coordinates` coordinate_separation, coordinate_imbalance
 ============ ====================== ===================================================
 
@@ -89,7 +93,7 @@ FIGURES: dict[str, FigureSpec] = {
                    ("hr_coupling",)),
         FigureSpec("fig4_subspace", "principal angle and Grassmann distance of the cone vs step",
                    plot_subspace, ("principal_angle_max", "grassmann_distance")),
-        FigureSpec("fig5_causal", "fixed-source ablation/addition effects vs random controls",
+        FigureSpec("fig5_causal", "fixed-source ablation/addition effects vs random controls, un-intervened score",
                    plot_causal, ("ablation_raw", "addition_raw", "ablation_effect",
                                  "addition_effect"), "the causal family was not run"),
         FigureSpec("fig6_coordinates", "coordinate separation per b_j and imbalance vs step",

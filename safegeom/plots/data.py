@@ -15,7 +15,6 @@ import pandas as pd
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from safegeom.audit.schema import COLUMNS
 from safegeom.errors import SafegeomError
@@ -26,11 +25,15 @@ __all__ = [
     "as_tables",
     "at_carrier_layer",
     "carrier_layer",
+    "draw_floor",
     "draw_lines",
     "figure_legend",
+    "floor_label",
     "no_data",
     "select",
+    "step_ticks",
     "variant_keys",
+    "without_floor",
 ]
 
 Tables = pd.DataFrame | Mapping[str, pd.DataFrame]
@@ -42,11 +45,19 @@ MAX_BANDS = 4
 _AT_CARRIER_LAYER = ("projection_separation", "coordinate_imbalance", "ablation_effect",
                      "addition_effect")  # fmt: skip
 DISPLAY = {"hr": "directions h, r", "hr-cone": "h vs cone B"}
+FLOOR = "floor"
+"""The ``source`` of a noise-floor row (:mod:`safegeom.audit.floors`): drawn as a band, never a
+line."""
+HATCHES = ("///", "\\\\\\", "...", "xxx")
+"""Hatches of the floor bands of one run's carriers (told apart without colour)."""
+MAX_TICKS = 10
+"""Most checkpoint steps that each get a tick (more are thinned evenly, first and last kept)."""
 """How carrier names read in legends."""
 
 
 def as_tables(tables: Tables) -> dict[str, pd.DataFrame]:
-    """The audit tables keyed by run label (one table alone gets the label ``""``).
+    """The audit tables keyed by run label (one table alone, or one run in a mapping, gets the
+    label ``""``: a single run's legend entries carry no run-label prefix).
 
     Raises:
         SafegeomError: a table lacks audit columns, or no table is given.
@@ -62,7 +73,7 @@ def as_tables(tables: Tables) -> dict[str, pd.DataFrame]:
                 f"audit table{run} lacks columns {missing}; give a table with "
                 "safegeom.audit.schema.COLUMNS (e.g. load_audit(DIR).table)"
             )
-    return named
+    return {"": next(iter(named.values()))} if len(named) == 1 else named
 
 
 def select(
@@ -176,6 +187,7 @@ def draw_lines(
     Returns:
         The number of lines drawn.
     """
+    selections = {label: without_floor(rows) for label, rows in selections.items()}
     names = list(variant_keys(list(selections.values())) if keys is None else keys)
     names = [c for c in _VARIANT_COLUMNS if c in names or c in always]
     order: dict[tuple, int] = dict(style_of or {})
@@ -211,7 +223,79 @@ def draw_lines(
                     steps, low, high, where=finite, color=colour, alpha=0.15, linewidth=0
                 )
             drawn += 1
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    step_ticks(ax, [rows["step"] for rows in selections.values() if not rows.empty])
+    return drawn
+
+
+def without_floor(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose ``source`` is not :data:`FLOOR` (floor rows are bands, never data)."""
+    floor = rows["source"].astype("string").eq(FLOOR).fillna(False).astype(bool)
+    return rows.loc[~floor]
+
+
+def step_ticks(ax: Axes, steps: Sequence[pd.Series | Sequence[float]]) -> None:
+    """Ticks at the checkpoints' steps (the union of ``steps``; at most :data:`MAX_TICKS`, thinned
+    evenly with the first and last kept)."""
+    values = sorted({float(s) for part in steps for s in part if pd.notna(s)})
+    if not values:
+        return
+    if len(values) > MAX_TICKS:
+        picks = np.unique(np.linspace(0, len(values) - 1, MAX_TICKS).round().astype(int))
+        values = [values[i] for i in picks]
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+
+
+def floor_label(notes: pd.Series) -> str:
+    """What a floor band is, from its rows' ``note``: ``split-half floor``, ``random-direction
+    floor`` or ``noise floor``."""
+    text = " ".join(str(n) for n in notes.dropna().unique())
+    if text.startswith("split-half"):
+        return "split-half floor"
+    if text.startswith("random"):
+        return "random-direction floor"
+    return "noise floor"
+
+
+def draw_floor(
+    ax: Axes, floors: Mapping[str, pd.DataFrame], *, layer_of: Mapping[str, int | None]
+) -> int:
+    """Shade each run's noise floor (rows of source :data:`FLOOR`: ``ci_low``–``ci_high`` is the
+    floor's 2.5–97.5 percentile band) vs step, in the run's colour, hatched per carrier
+    (:data:`HATCHES`), and labelled with what
+    it is (``split-half floor`` or ``random-direction floor``, then run and carrier where several).
+    Rows at the run's ``layer_of`` where there are some, else the per-step mean of the bands over
+    layers.
+
+    Returns:
+        The number of bands drawn.
+    """
+    several = len(floors) > 1
+    drawn = 0
+    for index, (label, rows) in enumerate(floors.items()):
+        if rows.empty:
+            continue
+        layer = layer_of.get(label)
+        if layer is not None and rows["layer"].eq(layer).any():
+            rows = rows[rows["layer"].eq(layer)]
+        carriers = list(rows["carrier"].dropna().unique())
+        for number, (carrier, part) in enumerate(rows.groupby("carrier", dropna=False, sort=True)):
+            band = part.groupby("step")[["ci_low", "ci_high"]].mean().sort_index()
+            steps = band.index.to_numpy(dtype=float)
+            low, high = band["ci_low"].to_numpy(dtype=float), band["ci_high"].to_numpy(dtype=float)
+            finite = np.isfinite(low) & np.isfinite(high)
+            if not finite.any():
+                continue
+            parts = [floor_label(part["note"])]
+            if several and label:
+                parts.append(label)
+            if len(carriers) > 1 and pd.notna(carrier):
+                parts.append(DISPLAY.get(str(carrier), str(carrier)))
+            colour = run_colour(index)
+            ax.fill_between(
+                steps, low, high, where=finite, facecolor=colour, alpha=0.12, hatch=HATCHES[number % len(HATCHES)],
+                edgecolor=colour, linewidth=0, label=", ".join(parts), zorder=0,
+            )  # fmt: skip
+            drawn += 1
     return drawn
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from safegeom.plots.data import Tables, as_tables, no_data, select
+from safegeom.plots.data import Tables, as_tables, no_data, select, without_floor
 from safegeom.plots.lines import STEP
 from safegeom.plots.style import new_figure, style
 
@@ -26,13 +26,13 @@ _LABELS = {
 
 def drift_matrix(table: pd.DataFrame, metric: str, carrier: str) -> pd.DataFrame:
     """The per-layer ``metric`` of ``carrier`` as a layers × steps matrix (re-extracted source
-    where there is one; duplicates averaged).
+    where there is one, never the ``floor`` rows; duplicates averaged).
 
     Returns:
         A DataFrame indexed by layer (ascending) with one column per step (ascending); empty when
         the table has no such rows.
     """
-    rows = select(table, metric, carrier=carrier, per_layer=True)
+    rows = without_floor(select(table, metric, carrier=carrier, per_layer=True))
     if rows["source"].eq("reextracted").any():
         rows = rows[rows["source"].eq("reextracted")]
     if rows.empty:

@@ -15,10 +15,13 @@ from safegeom.plots.data import (
     as_tables,
     at_carrier_layer,
     carrier_layer,
+    draw_floor,
     draw_lines,
     figure_legend,
     no_data,
     select,
+    step_ticks,
+    without_floor,
 )
 from safegeom.plots.style import new_figure, run_colour, style
 
@@ -43,23 +46,29 @@ def line_panel(
     suffix: str = "",
 ) -> bool:
     """One panel of ``metric`` vs step for every run (at the carrier's layer, see
-    :func:`~safegeom.plots.data.at_carrier_layer`); an empty panel says what is missing.
+    :func:`~safegeom.plots.data.at_carrier_layer`); an empty panel says what is missing. The
+    metric's noise-floor rows (source ``floor``) are a shaded band
+    (:func:`~safegeom.plots.data.draw_floor`), never a line.
     ``always`` and ``suffix`` go to :func:`~safegeom.plots.data.draw_lines` (legend labels that
     stay distinct in the figure's one legend).
 
     Returns:
         Whether anything was drawn.
     """
-    picked, notes = {}, set()
+    picked, floors, layers, notes = {}, {}, {}, set()
     for label, table in named.items():
         rows = select(table, metric, carrier=carrier, source=source)
-        rows, note = at_carrier_layer(rows, carrier_layer(table))
+        layers[label] = carrier_layer(table)
+        floors[label] = rows[rows["source"].astype("string").eq("floor").fillna(False)]
+        rows, note = at_carrier_layer(without_floor(rows), layers[label])
         picked[label] = rows
         notes.add(note)
     ax.set_title(title)
     if not draw_lines(ax, picked, always=always, suffix=suffix):
         no_data(ax, f"no {metric} rows in this audit" + (f"\n({missing})" if missing else ""))
         return False
+    if draw_floor(ax, floors, layer_of=layers):
+        step_ticks(ax, [rows["step"] for rows in [*picked.values(), *floors.values()]])
     note = " ".join(sorted(n for n in notes if n))
     ax.set_xlabel(STEP + (f"\n{note}" if note else ""))
     ax.set_ylabel(ylabel)
@@ -125,6 +134,7 @@ def _layer_profile(
         rows = select(table, metric, carrier=carrier, per_layer=True)
         if rows.empty:
             continue
+        rows = without_floor(rows)
         if rows["source"].eq("reextracted").any():
             rows = rows[rows["source"].eq("reextracted")]
         first, last = rows["step"].min(), rows["step"].max()
@@ -176,9 +186,9 @@ def plot_subspace(tables: Tables) -> Figure:
         fig = new_figure(1, 2, height=2.9)
         a, b = fig.axes
         drawn = [
-            line_panel(a, named, "principal_angle_max", title="largest principal angle, B₀ vs B_t",
+            line_panel(a, named, "principal_angle_max", title=r"largest principal angle, $B_0$ vs $B_t$",
                        ylabel="angle (radians)"),
-            line_panel(b, named, "grassmann_distance", title="Grassmann distance, B₀ vs B_t",
+            line_panel(b, named, "grassmann_distance", title=r"Grassmann distance, $B_0$ vs $B_t$",
                        ylabel="distance (radians)"),
         ]  # fmt: skip
         return _finish(fig, "Movement of the refusal cone across fine-tuning", drawn)
@@ -197,10 +207,10 @@ def plot_coordinates(tables: Tables) -> Figure:
         fig = new_figure(1, 2, height=2.9)
         a, b = fig.axes
         drawn = [
-            line_panel(a, named, "coordinate_separation", title="separation per basis vector b_j",
+            line_panel(a, named, "coordinate_separation", title=r"separation per basis vector $b_j$",
                        ylabel="Cohen's d (pooled σ units)", source="fixed"),
             line_panel(b, named, "coordinate_imbalance", title="imbalance across the basis",
-                       ylabel="std of Cohen's d across j (σ units)", source="fixed",
+                       ylabel=r"std of Cohen's d across $j$ (σ units)", source="fixed",
                        suffix="imbalance"),
         ]  # fmt: skip
         return _finish(fig, "Coordinate statistics of the base's cone", drawn)
