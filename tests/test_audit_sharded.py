@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safegeom.cli import main
+from safegeom.outputs.record import RECORD
 from tests.audit_helpers import perturbed
 from tests.launch_helpers import launch
 from tests.tiny_models import build_checkpoint
@@ -136,6 +137,7 @@ def test_failure_on_rank_one_stops_both_with_its_message(models: dict[str, Any])
     out.mkdir()
     shutil.copytree(models["root"] / "one" / "reference", out / "reference")
     shutil.copy(models["root"] / "one" / "manifest.json", out / "manifest.json")
+    shutil.copy(models["root"] / "one" / RECORD, out / RECORD)  # safegeom's own files, so kept
     zero, first = _run(models, out, [models["paths"][0], models["nan"]])
     assert zero["code"] == first["code"] == 0 and zero["status"] == first["status"] == 2
     prefix = "safegeom audit: error: "
@@ -143,7 +145,8 @@ def test_failure_on_rank_one_stops_both_with_its_message(models: dict[str, Any])
     assert own.startswith(prefix) and "NaN" in own, first["err"][-3000:]
     message = own.removeprefix(prefix)
     assert zero["err"].strip().splitlines()[-1] == f"{prefix}rank 1 of 2 failed: {message}"
-    assert zero["measured"] == [models["paths"][0]] and first["measured"] == [models["nan"]]
+    # rank 1 refuses the NaN checkpoint when it loads it, before measuring anything
+    assert zero["measured"] == [models["paths"][0]] and first["measured"] == []
     # the round's good checkpoint is kept (a rerun continues from it); nothing else is written
     assert (out / "checkpoints" / "base.parquet").is_file()
     assert not (out / "checkpoints" / "step-000004.parquet").exists()

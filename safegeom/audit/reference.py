@@ -61,6 +61,7 @@ from safegeom.errors import (
     NotFoundError,
     SafegeomError,
 )
+from safegeom.frozen import Picklable
 from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import parse_layers
 from safegeom.prompts import combine_prompts
@@ -76,7 +77,7 @@ DEFAULT_CARRIERS = ("refusal", "harmfulness", "cone")
 
 
 @dataclass(frozen=True, eq=False)
-class Reference:
+class Reference(Picklable):
     """The base's carriers by name (r₀, h₀, B₀, ...) and each one refitted at every layer."""
 
     carriers: Mapping[str, Carrier]

@@ -27,6 +27,7 @@ from safegeom.carriers.registry import CARRIER_TYPES, ExtractionSets
 from safegeom.carriers.selection import load_selection
 from safegeom.config import check
 from safegeom.errors import ConfigError, NotFoundError
+from safegeom.frozen import Picklable
 from safegeom.geometry import coupling
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet
@@ -66,7 +67,7 @@ def _check_cone_k(cone_k: int) -> None:
 
 
 @dataclass(frozen=True)
-class CarrierSuite:
+class CarrierSuite(Picklable):
     """Every carrier of one model by name: the selected refusal direction, the harmfulness
     direction, the refusal cone and any other registered type
     (:data:`~safegeom.carriers.registry.CARRIER_TYPES`)."""
