@@ -185,4 +185,4 @@ def test_a_prompt_spec_help_lists_every_bundled_set(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     out = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at hyphens too
-    assert "(" + ",".join(BUNDLED) + ")oraCSV/JSON/JSONLfile" in out
+    assert "(" + ",".join(BUNDLED) + "),aCSV/JSON/JSONLfile,oranattackset'sfolder" in out
