@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint demo tiny-chat bench clean
+.PHONY: install test lint demo tiny-chat smol-chat bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: $(STAMP)
 
 tiny-chat: $(STAMP)
 	$(PY) -m safegeom.models.tinychat.build --out safegeom/assets/tiny-chat
+
+smol-chat: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m tools.smolchat.build --out safegeom/assets/smol-chat
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_capture.py
