@@ -89,7 +89,7 @@ def plot_defences(tables: Mapping[str, pd.DataFrame], task: str) -> Figure:
             named,
             "cosine_to_base",
             title="refusal direction: cosine to base",
-            ylabel="cos(r_t, r₀) (unitless)",
+            ylabel=r"$\cos(r_t, r_0)$ (unitless)",
             carrier="refusal",
             source="reextracted",
             missing="no audit of these runs",
@@ -104,7 +104,7 @@ def plot_defences(tables: Mapping[str, pd.DataFrame], task: str) -> Figure:
             source="reextracted",
             missing="no audit",
         )
-        line_panel(d, named, "ablation_effect", title="fixed-source ablation of r₀",
+        line_panel(d, named, "ablation_effect", title=r"fixed-source ablation of $r_0$",
                    ylabel="effect − controls (log-odds, nats)", carrier="refusal",
                    source="fixed", missing="no audit")  # fmt: skip
         fig.suptitle(f"Defences on tiny-chat, task {task} (seed 0)")

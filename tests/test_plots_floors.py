@@ -38,9 +38,7 @@ def test_subspace_floor_is_a_labelled_band_not_a_line() -> None:
         assert list(bands) == ["split-half floor"]
         ys = bands["split-half floor"].get_paths()[0].vertices[:, 1]
         assert np.isclose(ys.min(), mean / 2) and np.isclose(ys.max(), 1.5 * mean)
-        assert [line.get_label() for line in ax.get_lines()] == ["reextracted"] or len(
-            ax.get_lines()
-        ) == 1
+        assert len(ax.get_lines()) == 1  # the re-extracted cone; the floor is no line
         assert _no_line_carries_floor_data(ax)
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "split-half floor" in legend
