@@ -82,8 +82,15 @@ def measure(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     task = get_task(args.task)
     if task.eval_prompts is None or task.eval_references is None:
         raise SystemExit(f"task {args.task!r} has no held-out split to score")
-    traj = train("tiny-chat", task, method="lora", out=out, steps=args.steps,
-                 save_every=args.save_every, progress=False)  # fmt: skip
+    traj = train(
+        "tiny-chat",
+        task,
+        method="lora",
+        out=out,
+        steps=args.steps,
+        save_every=args.save_every,
+        progress=False,
+    )
     labels = frozenset(task.eval_references)
     rows = []
     for step, path in zip(traj.steps, traj.paths, strict=True):

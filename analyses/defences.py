@@ -71,10 +71,14 @@ METHODS: tuple[str, ...] = ("lora", "sft", "rg-lora", "rg-lora-both", "rg-reft",
 TASKS: tuple[str, ...] = ("harmful", "mix", "sentiment", "arith")
 """The study's tasks, in table order."""
 GRIDS: dict[str, tuple[float, ...]] = {
-    "lora": (1e-3, 2e-3, 5e-3), "rg-lora": (1e-3, 2e-3, 5e-3), "rg-lora-both": (1e-3, 2e-3, 5e-3),
+    "lora": (1e-3, 2e-3, 5e-3),
+    "rg-lora": (1e-3, 2e-3, 5e-3),
+    "rg-lora-both": (1e-3, 2e-3, 5e-3),
     "adaptive": (1e-3, 2e-3, 5e-3),
-    "kl": (1e-3, 2e-3, 5e-3), "rg-reft": (5e-3, 1e-2, 2e-2), "sft": (1e-5, 3e-5, 1e-4),
-}  # fmt: skip
+    "kl": (1e-3, 2e-3, 5e-3),
+    "rg-reft": (5e-3, 1e-2, 2e-2),
+    "sft": (1e-5, 3e-5, 1e-4),
+}
 """Each method's learning-rate grid of the search rule."""
 LAMBDAS: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
 """λ_geom values of the ablation (0.3 is the default, the main grid's rg-lora)."""
@@ -184,9 +188,19 @@ def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, di
     except SafegeomError:
         done = False
     if not done:
-        traj = train("tiny-chat", task, out=folder, steps=settings.steps, resume=True,
-                     save_every=settings.save_every, lr=run.lr, seed=run.seed,
-                     batch_size=settings.batch_size, progress=False, **train_kwargs(run))  # fmt: skip
+        traj = train(
+            "tiny-chat",
+            task,
+            out=folder,
+            steps=settings.steps,
+            resume=True,
+            save_every=settings.save_every,
+            lr=run.lr,
+            seed=run.seed,
+            batch_size=settings.batch_size,
+            progress=False,
+            **train_kwargs(run),
+        )
     pairs = list(zip(traj.steps, traj.paths, strict=True))[1:]
     if which == "last":
         pairs = pairs[-1:]
@@ -231,9 +245,12 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--lambda-seeds", default=None, help="seeds of the λ ablation (--seeds)")
     parser.add_argument("--no-audit", action="store_true", help="skip the audits")
     parser.add_argument("--audit-tasks", default="mix,sentiment", help="tasks audited (seed 0)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 20 steps, save every 10, seed 0, lora and rg-lora on mix, "
-                             "middle lr of the grid, λ 0 and 0.3, no audit")  # fmt: skip
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 20 steps, save every 10, seed 0, lora and rg-lora on mix, "
+        "middle lr of the grid, λ 0 and 0.3, no audit",
+    )
     parser.add_argument("--json", type=Path, default=Path("analyses/results/defences.json"))
     parser.add_argument("--md", type=Path, default=Path("analyses/results/defences.md"))
     return parser.parse_args()
@@ -263,31 +280,49 @@ def main() -> None:
 
     chosen = {}
     for m in methods:
-        accs = {lr: evals[spec(m, "mix", 0, lr).name][settings.steps]["rates"]["task_accuracy"]
-                for lr in grids[m]}  # fmt: skip
+        accs = {
+            lr: evals[spec(m, "mix", 0, lr).name][settings.steps]["rates"]["task_accuracy"]
+            for lr in grids[m]
+        }
         chosen[m] = pick_lr(accs)
     print("chosen lr:", chosen, flush=True)
     main_runs = [spec(m, t, s, chosen[m]) for m in methods for t in tasks for s in seeds]
     lam_runs = []
     if "rg-lora" in methods and "mix" in tasks:
-        lam_runs = [spec("rg-lora", "mix", s, chosen["rg-lora"], lam) for s in lam_seeds
-                    for lam in lambdas]  # fmt: skip
+        lam_runs = [
+            spec("rg-lora", "mix", s, chosen["rg-lora"], lam) for s in lam_seeds for lam in lambdas
+        ]
     audit_first = args.audit_tasks.split(",")
     audited = [] if args.no_audit else [r for r in main_runs if r.seed == 0]
     audited.sort(key=lambda r: r.task not in audit_first)
     first = [r for r in audited if r.task in audit_first]
-    context = {"settings": settings, "seeds": seeds, "lam_seeds": lam_seeds, "methods": methods,
-               "tasks": tasks, "grids": grids, "chosen": chosen, "lambdas": lambdas,
-               "evals": evals, "base_eval": base_eval, "main_runs": main_runs,
-               "lam_runs": lam_runs, "audited": audited, "work": work}  # fmt: skip
-    others = {r.name: r for r in sorted(main_runs + lam_runs, key=lambda r: r.seed)
-              if r.seed != 0 or r.lam not in (None, DEFAULT_LAMBDA)}  # fmt: skip
+    context = {
+        "settings": settings,
+        "seeds": seeds,
+        "lam_seeds": lam_seeds,
+        "methods": methods,
+        "tasks": tasks,
+        "grids": grids,
+        "chosen": chosen,
+        "lambdas": lambdas,
+        "evals": evals,
+        "base_eval": base_eval,
+        "main_runs": main_runs,
+        "lam_runs": lam_runs,
+        "audited": audited,
+        "work": work,
+    }
+    others = {
+        r.name: r
+        for r in sorted(main_runs + lam_runs, key=lambda r: r.seed)
+        if r.seed != 0 or r.lam not in (None, DEFAULT_LAMBDA)
+    }
     phases = (
         ("seed-0 runs", run_job, [(r, settings, work, "all") for r in main_runs if r.seed == 0]),
         ("audits", audit_job, [(r, work) for r in first]),
         ("other runs", run_job, [(r, settings, work, "last") for r in others.values()]),
         ("more audits", audit_job, [(r, work) for r in audited if r not in first]),
-    )  # fmt: skip
+    )
     for what, fn, jobs in phases:
         done = _pool_map(fn, jobs, args.jobs, what)
         if fn is run_job:

@@ -62,8 +62,9 @@ def _judged(lm: LoadedModel, prompts: PromptSet, judge: str, file: Path) -> list
     """Evaluate, save the :class:`EvalResult` to ``file``; return the per-prompt refusals (1/0)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*completions are empty")
-        result = evaluate(lm, prompts, judge=judge, max_new_tokens=MAX_NEW_TOKENS, score=False,
-                          progress=False)  # fmt: skip
+        result = evaluate(
+            lm, prompts, judge=judge, max_new_tokens=MAX_NEW_TOKENS, score=False, progress=False
+        )
     result.save(file)
     return [float(r) for r in result.refused]
 

@@ -95,8 +95,9 @@ def seed_prompt_ci(
     k = len(arrays)
     for b in range(n_resamples):
         drawn = rng.integers(0, k, size=k) if k > 1 else np.zeros(1, dtype=int)
-        stats[b] = np.mean([arrays[i][rng.integers(0, arrays[i].size, arrays[i].size)].mean()
-                            for i in drawn])  # fmt: skip
+        stats[b] = np.mean(
+            [arrays[i][rng.integers(0, arrays[i].size, arrays[i].size)].mean() for i in drawn]
+        )
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(stats, [tail, 1.0 - tail])
     return {

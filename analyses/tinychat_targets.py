@@ -90,8 +90,15 @@ def mechanism(model: str | Path) -> dict[str, Any]:
         carrier = refusal_direction(lm, config=SelectionConfig(), progress=False).carrier
     except SafegeomError as err:
         return {"selected": False, "error": str(err).splitlines()[0]}
-    config = SweepConfig(add_layers=str(carrier.layer), add_strengths=(1.0,), n_random=20,
-                         n_prompts=32, generate=True, max_new_tokens=12, n_resamples=200)  # fmt: skip
+    config = SweepConfig(
+        add_layers=str(carrier.layer),
+        add_strengths=(1.0,),
+        n_random=20,
+        n_prompts=32,
+        generate=True,
+        max_new_tokens=12,
+        n_resamples=200,
+    )
     table = causal_sweep(lm, {"r": carrier}, "advbench:test", "alpaca:test", config, progress=False)
     rates = table[table.metric == "refusal_rate"].set_index(["op", "population"])
     cell = {k: rates.loc[k] for k in rates.index}
@@ -114,15 +121,31 @@ def erosion(model: str | Path, work: Path) -> dict[str, Any]:
         *load_prompts("jbb-harmful:test").prompts,
     ]
     judge = get_judge("substring")
-    harmful = train(str(model), "harmful", method="lora", out=work / "harmful", steps=30,
-                    save_every=10, batch_size=8, progress=False)  # fmt: skip
+    harmful = train(
+        str(model),
+        "harmful",
+        method="lora",
+        out=work / "harmful",
+        steps=30,
+        save_every=10,
+        batch_size=8,
+        progress=False,
+    )
     asr = []
     for path in harmful.paths:
-        result = evaluate(load_model(path), held_out, max_new_tokens=32, score=False,
-                          judge=judge, progress=False)  # fmt: skip
+        result = evaluate(
+            load_model(path), held_out, max_new_tokens=32, score=False, judge=judge, progress=False
+        )
         asr.append(result.asr.value)
-    arith = train(str(model), "arith", method="lora", out=work / "arith", steps=50, save_every=25,
-                  progress=False)  # fmt: skip
+    arith = train(
+        str(model),
+        "arith",
+        method="lora",
+        out=work / "arith",
+        steps=50,
+        save_every=25,
+        progress=False,
+    )
     dh4 = [
         evaluate(load_model(p), "directharm4:test", score=False, progress=False).refusal_rate.value
         for p in arith.paths
@@ -172,17 +195,23 @@ def _print(row: dict[str, Any]) -> None:
     mech = row["mechanism"]
     if mech["selected"]:
         s = mech["scores"]
-        print(f"  selection: layer {mech['layer']} {mech['position']} kl {s['kl']:.3f} "
-              f"induce {s['induce']:.2f} bypass {s['bypass']:.2f}")  # fmt: skip
-        print(f"  ablate harmful {100 * mech['ablate_harmful_effect']:+.0f} pts, add harmless "
-              f"{100 * mech['add_harmless_value']:.0f}%, max |control| "
-              f"{100 * mech['max_abs_control']:.1f} pts")  # fmt: skip
+        print(
+            f"  selection: layer {mech['layer']} {mech['position']} kl {s['kl']:.3f} "
+            f"induce {s['induce']:.2f} bypass {s['bypass']:.2f}"
+        )
+        print(
+            f"  ablate harmful {100 * mech['ablate_harmful_effect']:+.0f} pts, add harmless "
+            f"{100 * mech['add_harmless_value']:.0f}%, max |control| "
+            f"{100 * mech['max_abs_control']:.1f} pts"
+        )
     else:
         print(f"  selection fails: {mech['error']}")
     if "erosion" in row:
         e = row["erosion"]
-        print(f"  harmful LoRA ASR {e['harmful_lora_asr']}  arith LoRA dh4 refusal "
-              f"{e['arith_lora_directharm4_refusal']}")  # fmt: skip
+        print(
+            f"  harmful LoRA ASR {e['harmful_lora_asr']}  arith LoRA dh4 refusal "
+            f"{e['arith_lora_directharm4_refusal']}"
+        )
     print(f"  passes: {_passes(row)}")
 
 

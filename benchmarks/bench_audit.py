@@ -95,8 +95,9 @@ def train_trajectory(out: Path) -> tuple[Path, float]:
         ``(run folder, training wall seconds)``.
     """
     started = time.perf_counter()
-    traj = sg.train("tiny-chat", "harmful", method="lora", steps=60, save_every=20, out=out,
-                    overwrite=True)  # fmt: skip
+    traj = sg.train(
+        "tiny-chat", "harmful", method="lora", steps=60, save_every=20, out=out, overwrite=True
+    )
     return Path(traj.root), time.perf_counter() - started
 
 
@@ -117,8 +118,15 @@ def checkpoint_table(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for c in manifest["checkpoints"]:
         secs = {p: float(c["seconds"].get(p, 0.0)) for p in ("load", *PHASES)}
-        out.append({"label": c["label"], "step": c["step"], **secs,
-                    "total": sum(secs.values()), "forward_passes": int(c["forward_passes"])})  # fmt: skip
+        out.append(
+            {
+                "label": c["label"],
+                "step": c["step"],
+                **secs,
+                "total": sum(secs.values()),
+                "forward_passes": int(c["forward_passes"]),
+            }
+        )
     return out
 
 
@@ -145,16 +153,20 @@ def naive_geometry(lm: Any, ref: Reference, config: AuditConfig) -> tuple[dict[K
     common = {"batch_size": config.batch_size, "system": config.system, "progress": False}
     out: dict[Key, float] = {}
     # 1. Drift, cosine to base and direction coupling: float64 means at every layer.
-    stats = [sg.capture_stats(lm, p, layers=list(layers), positions="t_inst,t_post", **common)
-             for p in (harmful, harmless)]  # fmt: skip
+    stats = [
+        sg.capture_stats(lm, p, layers=list(layers), positions="t_inst,t_post", **common)
+        for p in (harmful, harmless)
+    ]
     means = [s.mean("resid_pre") for s in stats]  # [layer, pos, d]
     pos = stats[0].positions
     own_r = means[0][:, pos.index(r0.position)] - means[1][:, pos.index(r0.position)]
     own_h = means[0][:, pos.index("t_inst")] - means[1][:, pos.index("t_inst")]
     for j, layer in enumerate(layers):
         i, scale = ref.layer_index(layer), means[0][j, 0]
-        for carrier, base, own in (("refusal", ref.refusal_layers[i], own_r[j]),
-                                   ("harmfulness", ref.harmfulness_layers[i], own_h[j])):  # fmt: skip
+        for carrier, base, own in (
+            ("refusal", ref.refusal_layers[i], own_r[j]),
+            ("harmfulness", ref.harmfulness_layers[i], own_h[j]),
+        ):
             if _live(base, scale) and _live(own, scale):
                 drift = geo.direction_drift(base, own, reference=(base, own))
                 out["direction_drift", carrier, "reextracted", layer] = drift
@@ -162,20 +174,29 @@ def naive_geometry(lm: Any, ref: Reference, config: AuditConfig) -> tuple[dict[K
         if _live(own_h[j], scale) and _live(own_r[j], scale):
             out["hr_coupling", "hr", "reextracted", layer] = geo.coupling(own_h[j], own_r[j])
     # 2. Re-extraction: the carrier functions again (each captures for itself), cones per layer.
-    cands = dim_candidates(lm, harmful, harmless, layers=str(at), system=config.system,
-                           progress=False)  # fmt: skip
+    cands = dim_candidates(
+        lm, harmful, harmless, layers=str(at), system=config.system, progress=False
+    )
     r_t = cands.vectors[cands.positions.index(r0.position), 0]
     h_t = sg.harmfulness_direction(lm, harmful, harmless, layer=at, **common).direction
     cones: dict[int, Tensor] = {}
     for j, layer in enumerate(layers):
         try:
-            cone = sg.cheap_cone(lm, harmful, harmless, k=config.cone_k, layer=layer, score=False,
-                                 system=config.system)  # fmt: skip
+            cone = sg.cheap_cone(
+                lm,
+                harmful,
+                harmless,
+                k=config.cone_k,
+                layer=layer,
+                score=False,
+                system=config.system,
+            )
         except SafegeomError:  # the sources span fewer than k dimensions (the embedding layer)
             continue
         basis = cones[layer] = cone.vectors.double()
-        theta = geo.principal_angles(ref.cone_layers[ref.layer_index(layer)], basis,
-                                 hidden_size=lm.d_model)  # fmt: skip
+        theta = geo.principal_angles(
+            ref.cone_layers[ref.layer_index(layer)], basis, hidden_size=lm.d_model
+        )
         out["principal_angle_max", "cone", "reextracted", layer] = float(np.max(theta))
         out["grassmann_distance", "cone", "reextracted", layer] = float(np.sqrt(np.sum(theta**2)))
         out["effective_rank", "cone", "reextracted", layer] = cone.scores["effective_rank"]
@@ -183,8 +204,10 @@ def naive_geometry(lm: Any, ref: Reference, config: AuditConfig) -> tuple[dict[K
             value = geo.coupling(own_h[j], basis, hidden_size=lm.d_model)
             out["hr_coupling", "hr-cone", "reextracted", layer] = value
     # 3. Projections and coordinate statistics: a per-prompt capture at r0's layer.
-    acts = [sg.capture(lm, p, layers=[at], positions="t_inst,t_post", dtype=torch.float32,
-                       **common) for p in (harmful, harmless)]  # fmt: skip
+    acts = [
+        sg.capture(lm, p, layers=[at], positions="t_inst,t_post", dtype=torch.float32, **common)
+        for p in (harmful, harmless)
+    ]
     h_acts, s_acts = (a["resid_pre"][:, 0].double() for a in acts)  # [n, pos, d]
     labels = list(acts[0].positions)
     scale = float(torch.cat([h_acts, s_acts]).norm(dim=-1).pow(2).mean().sqrt())
@@ -196,12 +219,20 @@ def naive_geometry(lm: Any, ref: Reference, config: AuditConfig) -> tuple[dict[K
         for j, sep in enumerate(table["separation"][: 1 if source == "reextracted" else None]):
             out["coordinate_separation", f"cone[{j}]", source, at] = float(sep)
         out["coordinate_imbalance", "cone", source, at] = geo.coordinate_imbalance(table)
-    for carrier, position, fixed, own in (("refusal", r0.position, r0.direction, r_t),
-                                          ("harmfulness", "t_inst", h0.direction, h_t)):  # fmt: skip
+    for carrier, position, fixed, own in (
+        ("refusal", r0.position, r0.direction, r_t),
+        ("harmfulness", "t_inst", h0.direction, h_t),
+    ):
         p = labels.index(position)
         for source, vector in (("fixed", fixed), ("reextracted", own)):
-            d, _, _ = projection_separation(h_acts[:, p], s_acts[:, p], vector, scale=scale,
-                                            n_resamples=config.n_resamples, seed=config.seed)  # fmt: skip
+            d, _, _ = projection_separation(
+                h_acts[:, p],
+                s_acts[:, p],
+                vector,
+                scale=scale,
+                n_resamples=config.n_resamples,
+                seed=config.seed,
+            )
             out["projection_separation", carrier, source, at] = d
     return out, r_t
 
@@ -220,11 +251,14 @@ def naive_causal(
     harmful = combine_prompts(config.harmful_val).take(config.n_val)
     harmless = combine_prompts(config.harmless_val).take(config.n_val)
     kw = {"batch_size": config.batch_size, "system": config.system, "progress": False}
-    base = {"ablation": refusal_scores(lm, harmful, **kw).numpy(),
-            "addition": refusal_scores(lm, harmless, **kw).numpy()}  # fmt: skip
+    base = {
+        "ablation": refusal_scores(lm, harmful, **kw).numpy(),
+        "addition": refusal_scores(lm, harmless, **kw).numpy(),
+    }
     out: dict[Key, float] = {}
-    bar = tqdm(total=2 * 2 * (1 + config.n_random), desc="naive causal", unit="pass",
-               disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=2 * 2 * (1 + config.n_random), desc="naive causal", unit="pass", disable=not progress
+    )
     for source, vector in (("fixed", ref.refusal.direction), ("reextracted", r_t)):
         vector = vector.float()
         unit = vector / vector.norm()
@@ -232,8 +266,11 @@ def naive_causal(
         for op, prompts in (("ablation", harmful), ("addition", harmless)):
             scores = []
             for d in dirs:
-                value = (sg.Ablation(d) if op == "ablation"
-                         else sg.Addition(d * vector.norm(), layers=at))  # fmt: skip
+                value = (
+                    sg.Ablation(d)
+                    if op == "ablation"
+                    else sg.Addition(d * vector.norm(), layers=at)
+                )
                 scores.append(refusal_scores(lm, prompts, intervention=value, **kw).numpy())
                 bar.update(1)
             effects = np.stack(scores) - base[op][None]
@@ -263,8 +300,7 @@ def naive_versus_audit(
     s = measured.seconds
     mine = {"geometry": s["capture"] + s["carriers"], "causal": s["causal"]}
     mine["total"] = mine["geometry"] + mine["causal"]
-    rows = {(r["metric"], r["carrier"], r["source"], r["layer"]): r["value"]
-            for r in measured.rows}  # fmt: skip
+    rows = {(r["metric"], r["carrier"], r["source"], r["layer"]): r["value"] for r in measured.rows}
     with count_forwards(lm.model) as count:
         started = time.perf_counter()
         geometry, r_t = naive_geometry(lm, ref, config)
@@ -310,15 +346,19 @@ def run_benchmark(
         _log("training the trajectory (harmful LoRA on tiny-chat, 60 steps, saved every 20)")
         trajectory, train_s = train_trajectory(out / "run")
     results: dict[str, Any] = {"trajectory": str(trajectory), "train_s": train_s, "audits": {}}
-    for mode, cfg in (("defaults", config),
-                      ("no-generate", dataclasses.replace(config, generate=False))):  # fmt: skip
+    for mode, cfg in (
+        ("defaults", config),
+        ("no-generate", dataclasses.replace(config, generate=False)),
+    ):
         _log(f"audit with {mode}")
         wall, manifest = timed_audit(trajectory, out / f"audit-{mode}", cfg, progress=progress)
         results["audits"][mode] = {
-            "wall_s": wall, "goal_s": GOALS[mode], "goal_met": wall <= GOALS[mode],
+            "wall_s": wall,
+            "goal_s": GOALS[mode],
+            "goal_met": wall <= GOALS[mode],
             "reference_s": float(manifest.get("timings", {}).get("reference", 0.0)),
             "checkpoints": checkpoint_table(manifest),
-        }  # fmt: skip
+        }
     results["naive"] = None
     if not skip_naive:
         inputs = resolve_inputs([trajectory])
@@ -328,9 +368,11 @@ def run_benchmark(
         lm = sg.load_model(target.path) if target is not inputs.base else base
         ref = load_reference(out / "audit-defaults" / "reference")
         row = results["audits"]["defaults"]["checkpoints"][-1]
-        results["naive"] = {"checkpoint": target.label, "behaviour_s": row["generation"]
-                            + row["scoring"], **naive_versus_audit(lm, base, ref, config,
-                            progress=progress)}  # fmt: skip
+        results["naive"] = {
+            "checkpoint": target.label,
+            "behaviour_s": row["generation"] + row["scoring"],
+            **naive_versus_audit(lm, base, ref, config, progress=progress),
+        }
     return results
 
 
@@ -344,8 +386,10 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"\naudit, {mode}: seconds per checkpoint and phase\n{head}\n{'-' * len(head)}")
         for c in res["checkpoints"]:
             cells = "".join(f"{c[p]:>11.2f}" for p in PHASES)
-            print(f"{c['label']:<14}{c['load']:>7.2f}{cells}{c['total']:>8.2f}"
-                  f"{c['forward_passes']:>8}")  # fmt: skip
+            print(
+                f"{c['label']:<14}{c['load']:>7.2f}{cells}{c['total']:>8.2f}"
+                f"{c['forward_passes']:>8}"
+            )
         print(f"(base reference built once: {res['reference_s']:.2f} s)")
     print("\nwhole audit (load, reference and every checkpoint)")
     for mode, res in results["audits"].items():
@@ -357,24 +401,38 @@ def print_report(results: dict[str, Any]) -> None:
     head = f"{'part':<10}{'audit s':>9}{'naive s':>9}{'naive/audit':>13}"
     print(head + "\n" + "-" * len(head))
     for part in ("geometry", "causal", "total"):
-        print(f"{part:<10}{naive['audit'][part]:>9.2f}{naive['naive'][part]:>9.2f}"
-              f"{naive['ratio'][part]:>12.2f}x")  # fmt: skip
-    print(f"forward passes: audit {naive['audit']['forward_passes']}, naive "
-          f"{naive['naive']['forward_passes']}; max |d| over {naive['n_compared']} shared numbers "
-          f"({naive['n_audit']} audit rows) {naive['max_abs_diff']:.1e}")  # fmt: skip
+        print(
+            f"{part:<10}{naive['audit'][part]:>9.2f}{naive['naive'][part]:>9.2f}"
+            f"{naive['ratio'][part]:>12.2f}x"
+        )
+    print(
+        f"forward passes: audit {naive['audit']['forward_passes']}, naive "
+        f"{naive['naive']['forward_passes']}; max |d| over {naive['n_compared']} shared numbers "
+        f"({naive['n_audit']} audit rows) {naive['max_abs_diff']:.1e}"
+    )
     beh = naive["behaviour_s"]
     whole = (naive["naive"]["total"] + beh) / (naive["audit"]["total"] + beh)
-    print(f"whole checkpoint, with its behaviour ({beh:.2f} s in the audit with defaults, the "
-          f"same calls either way): naive/audit {whole:.2f}x")  # fmt: skip
+    print(
+        f"whole checkpoint, with its behaviour ({beh:.2f} s in the audit with defaults, the "
+        f"same calls either way): naive/audit {whole:.2f}x"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (module docstring), print the tables and write ``bench_audit.json``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trajectory", type=Path, default=None,
-                        help="a run folder to audit (default: train one under --out)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the run, the audits and bench_audit.json (default: temp)")  # fmt: skip
+    parser.add_argument(
+        "--trajectory",
+        type=Path,
+        default=None,
+        help="a run folder to audit (default: train one under --out)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the run, the audits and bench_audit.json (default: temp)",
+    )
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive comparison")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -385,10 +443,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--trajectory {args.trajectory} holds no trajectory.json (a safegeom run)")
     with tempfile.TemporaryDirectory() as tmp:
         out = check_output_dir(args.out) if args.out else Path(tmp)  # made if missing
-        print(f"tiny-chat trajectory audit on {platform.machine()} CPU, "
-              f"{torch.get_num_threads()} torch threads", flush=True)  # fmt: skip
-        results = run_benchmark(args.trajectory, out, AuditConfig(), skip_naive=args.skip_naive,
-                                progress=not args.no_progress)  # fmt: skip
+        print(
+            f"tiny-chat trajectory audit on {platform.machine()} CPU, "
+            f"{torch.get_num_threads()} torch threads",
+            flush=True,
+        )
+        results = run_benchmark(
+            args.trajectory,
+            out,
+            AuditConfig(),
+            skip_naive=args.skip_naive,
+            progress=not args.no_progress,
+        )
         print_report(results)
         if args.out:
             (out / "bench_audit.json").write_text(json.dumps(results, indent=2))

@@ -96,15 +96,33 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # ~25M parameters; 48 x 64 = 3,072 tokens per pass: about 3 s per pass on one CPU core.
     "cpu": Preset(
-        hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1408, vocab=8192,
-        n_prompts=48, seq_len=64, batch_size=16, dtype="float32", device="cpu",
+        hidden=512,
+        layers=8,
+        heads=8,
+        kv_heads=8,
+        intermediate=1408,
+        vocab=8192,
+        n_prompts=48,
+        seq_len=64,
+        batch_size=16,
+        dtype="float32",
+        device="cpu",
     ),
     # Llama-3.1-8B's shape with random bf16 weights; 1,024 x 128 = 131k tokens per pass.
     "llama-8b": Preset(
-        hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
-        n_prompts=1024, seq_len=128, batch_size=64, dtype="bfloat16", device="cuda",
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        intermediate=14336,
+        vocab=128256,
+        n_prompts=1024,
+        seq_len=128,
+        batch_size=64,
+        dtype="bfloat16",
+        device="cuda",
     ),
-}  # fmt: skip
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,10 +239,19 @@ def _cpu_memory(methods: list[str], args: argparse.Namespace) -> dict[str, dict[
         for i, method in enumerate(methods, 1):
             path = Path(tmp) / f"{method}.json"
             command = [
-                sys.executable, str(Path(__file__).resolve()), "--memory-worker", method,
-                "--preset", args.preset, "--batch-size", str(args.batch_size or 0),
-                "--threads", str(args.threads or 0), "--result", str(path),
-            ]  # fmt: skip
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--memory-worker",
+                method,
+                "--preset",
+                args.preset,
+                "--batch-size",
+                str(args.batch_size or 0),
+                "--threads",
+                str(args.threads or 0),
+                "--result",
+                str(path),
+            ]
             t0 = time.perf_counter()
             proc = subprocess.run(command, check=False, env=env)
             ok = proc.returncode == 0 and path.is_file()

@@ -90,12 +90,30 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # 3.2M decoder parameters (+0.8M LM head, tiny-chat's 3,072 tokens); 40 batches, 20 per rank.
-    "cpu": Preset(hidden=256, layers=4, heads=4, intermediate=688, n_prompts=640, min_tokens=32,
-                  max_tokens=64, batch_size=16, new_tokens=8),
+    "cpu": Preset(
+        hidden=256,
+        layers=4,
+        heads=4,
+        intermediate=688,
+        n_prompts=640,
+        min_tokens=32,
+        max_tokens=64,
+        batch_size=16,
+        new_tokens=8,
+    ),
     # The smoke test's (tests/test_bench_scale.py): seconds, not a measurement.
-    "tiny": Preset(hidden=32, layers=2, heads=4, intermediate=64, n_prompts=16, min_tokens=6,
-                   max_tokens=12, batch_size=4, new_tokens=2),
-}  # fmt: skip
+    "tiny": Preset(
+        hidden=32,
+        layers=2,
+        heads=4,
+        intermediate=64,
+        n_prompts=16,
+        min_tokens=6,
+        max_tokens=12,
+        batch_size=4,
+        new_tokens=2,
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,22 +135,29 @@ def build(preset: Preset) -> tuple[Any, list[str]]:
     lm = load_model("tiny-chat", device="cpu")
     small = lm.base.config
     config = LlamaConfig(
-        hidden_size=preset.hidden, num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads, num_key_value_heads=preset.heads,
-        intermediate_size=preset.intermediate, vocab_size=small.vocab_size,
+        hidden_size=preset.hidden,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        num_key_value_heads=preset.heads,
+        intermediate_size=preset.intermediate,
+        vocab_size=small.vocab_size,
         max_position_embeddings=max(512, small.max_position_embeddings),
-        pad_token_id=small.pad_token_id, bos_token_id=small.bos_token_id,
-        eos_token_id=small.eos_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
+        pad_token_id=small.pad_token_id,
+        bos_token_id=small.bos_token_id,
+        eos_token_id=small.eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(SEED)
     model = LlamaForCausalLM(config).eval()
-    lm = dataclasses.replace(lm, model=model, source="random",
-                             name=f"random-llama-{preset.hidden}x{preset.layers}")  # fmt: skip
+    lm = dataclasses.replace(
+        lm, model=model, source="random", name=f"random-llama-{preset.hidden}x{preset.layers}"
+    )
     generator = torch.Generator().manual_seed(SEED + 1)
     special = set(lm.tokenizer.all_special_ids)
     pool = torch.tensor([i for i in range(small.vocab_size) if i not in special])
-    lengths = torch.randint(preset.min_tokens, preset.max_tokens + 1, (preset.n_prompts,),
-                            generator=generator)  # fmt: skip
+    lengths = torch.randint(
+        preset.min_tokens, preset.max_tokens + 1, (preset.n_prompts,), generator=generator
+    )
     draw = [pool[torch.randint(len(pool), (n,), generator=generator)] for n in lengths.tolist()]
     return lm, [lm.tokenizer.decode(ids.tolist(), skip_special_tokens=True) for ids in draw]
 
@@ -179,8 +204,13 @@ def worker(spec: dict[str, Any]) -> None:
     world, r = dist.world_size(), dist.rank()
     for path in spec["paths"]:  # warm-up on the whole set (a smaller one left the first call slow)
         run_path(lm, path, prompts, preset)
-    out: dict[str, Any] = {"rank": r, "world": world, "threads": torch.get_num_threads(),
-                           "seconds": {}, "check": {}}  # fmt: skip
+    out: dict[str, Any] = {
+        "rank": r,
+        "world": world,
+        "threads": torch.get_num_threads(),
+        "seconds": {},
+        "check": {},
+    }
     for path in spec["paths"]:
         if world > 1:
             dist.collect(None, to="all")  # every rank starts the call together
@@ -218,9 +248,15 @@ def launch(world: int, spec: dict[str, Any], work: Path, timeout: float) -> list
     spec_file = work / "spec.json"
     spec_file.write_text(json.dumps({**spec, "out": str(work)}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "CUDA"))}
-    env.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))  # fmt: skip
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        TQDM_DISABLE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_file)]
     for _attempt in range(2):
         env["MASTER_PORT"] = str(_free_port())
@@ -228,10 +264,15 @@ def launch(world: int, spec: dict[str, Any], work: Path, timeout: float) -> list
         procs = []
         for r, log in enumerate(logs):
             with log.open("w") as errors:
-                procs.append(subprocess.Popen(
-                    command, cwd=ROOT, stdout=errors, stderr=subprocess.STDOUT,
-                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                ))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        command,
+                        cwd=ROOT,
+                        stdout=errors,
+                        stderr=subprocess.STDOUT,
+                        env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    )
+                )
         deadline = time.monotonic() + timeout
         # A rank that fails outside a collective leaves the others waiting: stop at once.
         while time.monotonic() < deadline and not any(p.poll() for p in procs):
@@ -258,8 +299,11 @@ def launch(world: int, spec: dict[str, Any], work: Path, timeout: float) -> list
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two checks agree (floats to 1e-9 relative: merged float64 means round apart)."""
     return a.keys() == b.keys() and all(
-        math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-12) if isinstance(a[k], float)
-        else a[k] == b[k] for k in a)  # fmt: skip
+        math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-12)
+        if isinstance(a[k], float)
+        else a[k] == b[k]
+        for k in a
+    )
 
 
 def summarise(jobs: list[dict[str, Any]], paths: list[str], n_prompts: int) -> dict[str, Any]:
@@ -280,18 +324,26 @@ def summarise(jobs: list[dict[str, Any]], paths: list[str], n_prompts: int) -> d
         ratios = [t1 / (2 * t2) for t1, t2 in zip(seconds[1], seconds[2], strict=True)]
         efficiency = statistics.median(ratios)
         out[path] = {
-            "label": PATHS[path], "seconds": {str(w): seconds[w] for w in WORLDS},
-            "prompts_per_s": {str(w): rate[w] for w in WORLDS}, "efficiencies": ratios,
-            "efficiency": efficiency, "goal": GOAL, "goal_met": efficiency >= GOAL,
+            "label": PATHS[path],
+            "seconds": {str(w): seconds[w] for w in WORLDS},
+            "prompts_per_s": {str(w): rate[w] for w in WORLDS},
+            "efficiencies": ratios,
+            "efficiency": efficiency,
+            "goal": GOAL,
+            "goal_met": efficiency >= GOAL,
             "same": all(_same(c, checks[0]) for c in checks),
-        }  # fmt: skip
+        }
     return out
 
 
 def run_benchmark(
-    preset: Preset, paths: list[str], repeats: int, *, timeout: float = 600.0,
+    preset: Preset,
+    paths: list[str],
+    repeats: int,
+    *,
+    timeout: float = 600.0,
     progress: bool = True,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """``repeats`` rounds of a 1-process and a 2-process job (alternating order).
 
     Returns:
@@ -309,26 +361,36 @@ def run_benchmark(
                 work = Path(tmp) / f"r{rep}-w{world}"
                 work.mkdir()
                 bar.set_postfix_str(f"repeat {rep + 1}, {world} process(es)")
-                jobs.append({"repeat": rep, "world": world,
-                             "ranks": launch(world, spec, work, timeout)})  # fmt: skip
+                jobs.append(
+                    {"repeat": rep, "world": world, "ranks": launch(world, spec, work, timeout)}
+                )
                 bar.update(1)
-    return {"jobs": jobs, "results": summarise(jobs, paths, preset.n_prompts),
-            "tokens": jobs[0]["ranks"][0]["tokens"]}  # fmt: skip
+    return {
+        "jobs": jobs,
+        "results": summarise(jobs, paths, preset.n_prompts),
+        "tokens": jobs[0]["ranks"][0]["tokens"],
+    }
 
 
 def print_report(results: dict[str, Any]) -> None:
     """Print the table: prompts/s with 1 and 2 processes and the scaling efficiency per path."""
-    head = (f"{'path':<24}{'1 proc p/s':>12}{'2 proc p/s':>12}{'efficiency':>12}"
-            f"{'goal':>8}  verdict     same results")  # fmt: skip
+    head = (
+        f"{'path':<24}{'1 proc p/s':>12}{'2 proc p/s':>12}{'efficiency':>12}"
+        f"{'goal':>8}  verdict     same results"
+    )
     print("\n" + head + "\n" + "-" * len(head))
     for res in results.values():
         verdict = "met" if res["goal_met"] else "missed"
         rate = res["prompts_per_s"]
-        print(f"{res['label']:<24}{rate['1']:>12.1f}{rate['2']:>12.1f}{res['efficiency']:>11.3f}x"
-              f"{res['goal']:>7.2f}x  {verdict:<12}{'yes' if res['same'] else 'NO'}")  # fmt: skip
-    print("\np/s: prompts per second of the job (its slowest rank), median over repeats; "
-          "efficiency: throughput(2) / (2 x throughput(1)), the median over repeats of each "
-          "repeat's pair; same results: the 2-process jobs returned what 1 process did.")  # fmt: skip
+        print(
+            f"{res['label']:<24}{rate['1']:>12.1f}{rate['2']:>12.1f}{res['efficiency']:>11.3f}x"
+            f"{res['goal']:>7.2f}x  {verdict:<12}{'yes' if res['same'] else 'NO'}"
+        )
+    print(
+        "\np/s: prompts per second of the job (its slowest rank), median over repeats; "
+        "efficiency: throughput(2) / (2 x throughput(1)), the median over repeats of each "
+        "repeat's pair; same results: the 2-process jobs returned what 1 process did."
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -362,35 +424,53 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     if not paths or any(p not in PATHS for p in paths):
         parser.error(f"--paths must be among {', '.join(PATHS)}, got {args.paths!r}")
-    checks = (("--prompts", args.prompts, 2), ("--batch-size", args.batch_size, 1),
-              ("--new-tokens", args.new_tokens, 1), ("--repeats", args.repeats, 1))  # fmt: skip
+    checks = (
+        ("--prompts", args.prompts, 2),
+        ("--batch-size", args.batch_size, 1),
+        ("--new-tokens", args.new_tokens, 1),
+        ("--repeats", args.repeats, 1),
+    )
     for name, value, least in checks:
         if value is not None and value < least:
             parser.error(f"{name} must be at least {least}, got {value}")
-    given = {"n_prompts": args.prompts, "batch_size": args.batch_size,
-             "new_tokens": args.new_tokens}  # fmt: skip
+    given = {
+        "n_prompts": args.prompts,
+        "batch_size": args.batch_size,
+        "new_tokens": args.new_tokens,
+    }
     given = {k: v for k, v in given.items() if v is not None}
     preset = dataclasses.replace(PRESETS[args.preset], **given)
-    print(f"preset {args.preset}: Llama d={preset.hidden}, {preset.layers} layers, float32; "
-          f"{preset.n_prompts} prompts of {preset.min_tokens}-{preset.max_tokens} random tokens, "
-          f"batch {preset.batch_size}, {preset.new_tokens} new tokens; {platform.machine()} CPU "
-          f"({os.cpu_count()} cores), 1 thread per process; {args.repeats} repeats of "
-          f"{' and '.join(map(str, WORLDS))} processes", flush=True)  # fmt: skip
+    print(
+        f"preset {args.preset}: Llama d={preset.hidden}, {preset.layers} layers, float32; "
+        f"{preset.n_prompts} prompts of {preset.min_tokens}-{preset.max_tokens} random tokens, "
+        f"batch {preset.batch_size}, {preset.new_tokens} new tokens; {platform.machine()} CPU "
+        f"({os.cpu_count()} cores), 1 thread per process; {args.repeats} repeats of "
+        f"{' and '.join(map(str, WORLDS))} processes",
+        flush=True,
+    )
     started = time.perf_counter()
     try:
-        run = run_benchmark(preset, paths, args.repeats, timeout=args.timeout,
-                            progress=not args.no_progress)  # fmt: skip
+        run = run_benchmark(
+            preset, paths, args.repeats, timeout=args.timeout, progress=not args.no_progress
+        )
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     tokens = run["tokens"]
-    print(f"prompt tokens with the chat template: {tokens['min']}-{tokens['max']} (mean "
-          f"{tokens['mean']:.1f}); whole run {time.perf_counter() - started:.0f} s")  # fmt: skip
+    print(
+        f"prompt tokens with the chat template: {tokens['min']}-{tokens['max']} (mean "
+        f"{tokens['mean']:.1f}); whole run {time.perf_counter() - started:.0f} s"
+    )
     print_report(run["results"])
     if args.json:
-        payload = {"preset": args.preset, "config": asdict(preset), "repeats": args.repeats,
-                   "device": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-                   "versions": _versions(), **run}  # fmt: skip
+        payload = {
+            "preset": args.preset,
+            "config": asdict(preset),
+            "repeats": args.repeats,
+            "device": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+            "versions": _versions(),
+            **run,
+        }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
     return 0

@@ -90,8 +90,14 @@ def memory_worker(spec: dict[str, Any]) -> None:
     quiet_loading()
     torch.use_deterministic_algorithms(True, warn_only=True)
     preset = Preset(**spec["preset"])
-    runner, _ = build_runner(spec["method"], preset, Accelerator(cpu=True), Path(spec["root"]),
-                             fresh=False, total_steps=int(spec["total_steps"]))  # fmt: skip
+    runner, _ = build_runner(
+        spec["method"],
+        preset,
+        Accelerator(cpu=True),
+        Path(spec["root"]),
+        fresh=False,
+        total_steps=int(spec["total_steps"]),
+    )
     with CpuPeak() as meter:
         for step in range(int(spec["warmup"])):
             runner.step(step)
@@ -102,8 +108,12 @@ def _cpu_memory(names: list[str], spec: dict[str, Any]) -> dict[str, dict[str, A
     """Run :func:`memory_worker` for every method in its own subprocess."""
     out: dict[str, dict[str, Any]] = {}
     # glibc returns large freed blocks at once, so the resident set follows the live tensors.
-    env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
-           "PYTHONWARNINGS": "ignore::FutureWarning"}  # fmt: skip
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+    }
     for i, name in enumerate(names, 1):
         path = Path(spec["root"]) / f"memory-{name}.json"
         payload = json.dumps({**spec, "method": name, "result": str(path)})
@@ -143,9 +153,9 @@ def run_benchmark(
             _log("set-up (method by method)")
             for name in names:
                 key = defence_key(VARIANTS[name])
-                runners[name], parts = build_runner(name, preset, acc, Path(tmp),
-                                                    fresh=key not in seen,
-                                                    total_steps=warmup + steps)  # fmt: skip
+                runners[name], parts = build_runner(
+                    name, preset, acc, Path(tmp), fresh=key not in seen, total_steps=warmup + steps
+                )
                 seen.add(key)
                 setup += [{"part": k, "method": name, "seconds": v} for k, v in parts.items()]
             peaks: dict[str, dict[str, Any]] = {n: {} for n in names}
@@ -166,8 +176,13 @@ def run_benchmark(
                     peaks[name] = {"peak_bytes": torch.cuda.max_memory_allocated(dev) - base}
             if memory and dev.type != "cuda":
                 _log("memory (a subprocess per method)")
-                spec = {"preset": asdict(preset), "root": tmp, "warmup": warmup,
-                        "total_steps": warmup + steps, "threads": torch.get_num_threads()}  # fmt: skip
+                spec = {
+                    "preset": asdict(preset),
+                    "root": tmp,
+                    "warmup": warmup,
+                    "total_steps": warmup + steps,
+                    "threads": torch.get_num_threads(),
+                }
                 peaks = _cpu_memory(names, spec)
             times, tokens = time_rounds(runners, warmup, steps, dev, progress)
     finally:
@@ -228,16 +243,25 @@ def summarise(
         ratio = statistics.median(
             t / base for t, base in zip(blocks[name], blocks["lora"], strict=True)
         )
-        rows.append({
-            "method": name, "label": variant.label, "step_s": statistics.median(blocks[name]) / b,
-            "ratio": ratio, "goal": variant.goal,
-            "goal_met": None if variant.goal is None else ratio <= variant.goal,
-            "peak_bytes": peak, "peak_ratio": peak / lora_peak if peak and lora_peak else None,
-            "tokens_per_step": statistics.fmean(fed), "step_tokens": fed,
-            "calib_tokens_per_step": statistics.fmean(calib), "step_calib_tokens": calib,
-            "times_s": times[name],
-            "guard": config_dict(variant.guard) if variant.method == "refusalguard" else None, **({"memory_failed": True} if "failed" in peaks.get(name, {}) else {}),
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": name,
+                "label": variant.label,
+                "step_s": statistics.median(blocks[name]) / b,
+                "ratio": ratio,
+                "goal": variant.goal,
+                "goal_met": None if variant.goal is None else ratio <= variant.goal,
+                "peak_bytes": peak,
+                "peak_ratio": peak / lora_peak if peak and lora_peak else None,
+                "tokens_per_step": statistics.fmean(fed),
+                "step_tokens": fed,
+                "calib_tokens_per_step": statistics.fmean(calib),
+                "step_calib_tokens": calib,
+                "times_s": times[name],
+                "guard": config_dict(variant.guard) if variant.method == "refusalguard" else None,
+                **({"memory_failed": True} if "failed" in peaks.get(name, {}) else {}),
+            }
+        )
     for row in setup:
         row["lora_steps"] = row["seconds"] / lora_step
     return {"rows": rows, "setup": setup, "block": b, "lora_step_s": lora_step}
@@ -255,17 +279,21 @@ def verdict(row: dict[str, Any]) -> str:
 
 def print_report(results: dict[str, Any]) -> None:
     """Print the step table and the set-up table."""
-    head = (f"{'method':<32}{'step s':>9}{'x LoRA':>8}{'goal':>8}  {'verdict':<28}{'tok/step':>9}"
-            f"{'calib':>7}{'peak MiB':>10}{'x LoRA':>8}")  # fmt: skip
+    head = (
+        f"{'method':<32}{'step s':>9}{'x LoRA':>8}{'goal':>8}  {'verdict':<28}{'tok/step':>9}"
+        f"{'calib':>7}{'peak MiB':>10}{'x LoRA':>8}"
+    )
     print("\n" + head + "\n" + "-" * len(head))
     for r in results["rows"]:
         goal = "-" if r["goal"] is None else f"<={r['goal']:.1f}"
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:,.1f}"
         peak = "failed" if r.get("memory_failed") else peak
         pr = "-" if r["peak_ratio"] is None else f"{r['peak_ratio']:.2f}"
-        print(f"{r['label']:<32}{r['step_s']:>9.4f}{r['ratio']:>8.3f}{goal:>8}  "
-              f"{verdict(r):<28}{r['tokens_per_step']:>9.0f}{r['calib_tokens_per_step']:>7.0f}"
-              f"{peak:>10}{pr:>8}")  # fmt: skip
+        print(
+            f"{r['label']:<32}{r['step_s']:>9.4f}{r['ratio']:>8.3f}{goal:>8}  "
+            f"{verdict(r):<28}{r['tokens_per_step']:>9.0f}{r['calib_tokens_per_step']:>7.0f}"
+            f"{peak:>10}{pr:>8}"
+        )
     if results["setup"]:
         head = f"{'set-up (once per run)':<36}{'row':<22}{'s':>8}{'LoRA steps':>12}"
         print("\n" + head + "\n" + "-" * len(head))
@@ -283,8 +311,11 @@ def print_report(results: dict[str, Any]) -> None:
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            **{p: md.version(p) for p in ("transformers", "peft", "accelerate", "safegeom")}}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **{p: md.version(p) for p in ("transformers", "peft", "accelerate", "safegeom")},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,16 +351,28 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
-    where = torch.cuda.get_device_name() if device.startswith("cuda") else (
-        f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads")  # fmt: skip
-    print(f"preset {args.preset}: {preset.model} model, task {preset.task}, batch "
-          f"{preset.batch_size}, {preset.dtype} on {where}", flush=True)  # fmt: skip
-    results = run_benchmark(preset, names, device=device, memory=not args.no_memory,
-                            progress=not args.no_progress)  # fmt: skip
+    where = (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else (f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads")
+    )
+    print(
+        f"preset {args.preset}: {preset.model} model, task {preset.task}, batch "
+        f"{preset.batch_size}, {preset.dtype} on {where}",
+        flush=True,
+    )
+    results = run_benchmark(
+        preset, names, device=device, memory=not args.no_memory, progress=not args.no_progress
+    )
     print_report(results)
     if args.json:
-        payload = {"preset": args.preset, "config": asdict(preset), "device": where,
-                   "versions": _versions(), **results}  # fmt: skip
+        payload = {
+            "preset": args.preset,
+            "config": asdict(preset),
+            "device": where,
+            "versions": _versions(),
+            **results,
+        }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
     return 0

@@ -75,12 +75,30 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny-chat": Preset(model="tiny-chat", task="mix", batch_size=8, warmup=2, steps=16),
     # ~109M parameters: Llama shape, tiny-chat's 3,072-token vocabulary.
-    "llama-large": Preset(model="random", task="mix:200", batch_size=8, warmup=2, steps=6,
-                          hidden=1024, layers=8, heads=16, intermediate=2816),
+    "llama-large": Preset(
+        model="random",
+        task="mix:200",
+        batch_size=8,
+        warmup=2,
+        steps=6,
+        hidden=1024,
+        layers=8,
+        heads=16,
+        intermediate=2816,
+    ),
     # Smoke tests only: a few seconds.
-    "tiny-random": Preset(model="random", task="mix:16", batch_size=2, warmup=1, steps=2,
-                          hidden=64, layers=2, heads=4, intermediate=128),
-}  # fmt: skip
+    "tiny-random": Preset(
+        model="random",
+        task="mix:16",
+        batch_size=2,
+        warmup=1,
+        steps=2,
+        hidden=64,
+        layers=2,
+        heads=4,
+        intermediate=128,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -101,15 +119,18 @@ VARIANTS: dict[str, Variant] = {
     "lora": Variant("lora", "LoRA (baseline)"),
     "sft": Variant("sft", "full SFT"),
     "refusalguard": Variant("refusalguard", "RefusalGuard (defaults)", goal=1.3),
-    "refusalguard-every1": Variant("refusalguard", "RefusalGuard, penalty_every 1",
-                                   GuardConfig(penalty_every=1), 1.3),
-    "refusalguard-calib4": Variant("refusalguard", "RefusalGuard, calib_batch 4",
-                                   GuardConfig(calib_batch=4), 1.3),
-    "refusalguard-reft": Variant("refusalguard", "RefusalGuard, reft variant",
-                                 GuardConfig(variant="reft"), 1.3),
+    "refusalguard-every1": Variant(
+        "refusalguard", "RefusalGuard, penalty_every 1", GuardConfig(penalty_every=1), 1.3
+    ),
+    "refusalguard-calib4": Variant(
+        "refusalguard", "RefusalGuard, calib_batch 4", GuardConfig(calib_batch=4), 1.3
+    ),
+    "refusalguard-reft": Variant(
+        "refusalguard", "RefusalGuard, reft variant", GuardConfig(variant="reft"), 1.3
+    ),
     "kl": Variant("kl", "KL-regularised LoRA"),
     "adaptive": Variant("adaptive", "adaptive KL", goal=1.6),
-}  # fmt: skip
+}
 """Every row, in the table's order. ``refusalguard`` is ``GuardConfig()`` (the LoRA variant,
 λ_geom 0.3, a penalty every 2 steps on 8 harmful calibration prompts); the other RefusalGuard rows
 change one setting each."""
@@ -137,18 +158,24 @@ def build_model(preset: Preset, device: str) -> LoadedModel:
 
     small = lm.base.config
     config = LlamaConfig(
-        hidden_size=preset.hidden, num_hidden_layers=preset.layers,
-        num_attention_heads=preset.heads, num_key_value_heads=preset.heads,
-        intermediate_size=preset.intermediate, vocab_size=small.vocab_size,
-        max_position_embeddings=small.max_position_embeddings, pad_token_id=small.pad_token_id,
-        bos_token_id=small.bos_token_id, eos_token_id=small.eos_token_id,
+        hidden_size=preset.hidden,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        num_key_value_heads=preset.heads,
+        intermediate_size=preset.intermediate,
+        vocab_size=small.vocab_size,
+        max_position_embeddings=small.max_position_embeddings,
+        pad_token_id=small.pad_token_id,
+        bos_token_id=small.bos_token_id,
+        eos_token_id=small.eos_token_id,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     torch.manual_seed(SEED)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(getattr(torch, preset.dtype)).eval()
-    return replace(lm, model=model, name=f"random-llama-{preset.hidden}x{preset.layers}",
-                   source="random")  # fmt: skip
+    return replace(
+        lm, model=model, name=f"random-llama-{preset.hidden}x{preset.layers}", source="random"
+    )
 
 
 def defence_key(variant: Variant) -> str:
@@ -160,8 +187,15 @@ def defence_key(variant: Variant) -> str:
     if variant.method != "refusalguard":
         return variant.method
     g = variant.guard
-    fit = (g.guard_layers, g.cone, g.cone_k, g.readout, g.calib_harmful, g.calib_harmless,
-           g.n_calib)  # fmt: skip
+    fit = (
+        g.guard_layers,
+        g.cone,
+        g.cone_k,
+        g.readout,
+        g.calib_harmful,
+        g.calib_harmless,
+        g.n_calib,
+    )
     return "refusalguard-" + hashlib.sha256(repr(fit).encode()).hexdigest()[:10]
 
 
@@ -178,8 +212,15 @@ def make_defence(
     if variant.method == "adaptive":
         started = time.perf_counter()
         if fresh:  # the probe the method would fit, fitted here so that it is timed alone
-            critic = fit_risk_probe(lm, RiskProbeConfig(layers=REG.probe_layers, seed=SEED,
-                                    scale=REG.probe_scale, n_per_class=REG.probe_n))  # fmt: skip
+            critic = fit_risk_probe(
+                lm,
+                RiskProbeConfig(
+                    layers=REG.probe_layers,
+                    seed=SEED,
+                    scale=REG.probe_scale,
+                    n_per_class=REG.probe_n,
+                ),
+            )
             parts["risk probe fit"] = time.perf_counter() - started
         else:
             critic = RiskProbe.load(folder / "risk_probe.safetensors")
@@ -188,8 +229,15 @@ def make_defence(
     takes = (METHODS[variant.method].keyword, *METHODS[variant.method].extras)
     options = {k: v for k, v in given.items() if k in takes}
     method, settings, extras = method_options(variant.method, options)
-    setup = Setup(method=variant.method, lm=lm, prompts=tuple(task.prompts), seed=SEED,
-                  folder=folder, resume=not fresh, write=fresh)  # fmt: skip
+    setup = Setup(
+        method=variant.method,
+        lm=lm,
+        prompts=tuple(task.prompts),
+        seed=SEED,
+        folder=folder,
+        resume=not fresh,
+        write=fresh,
+    )
     defence = method.prepare(setup, settings, **extras)
     took = time.perf_counter() - started
     if variant.method == "refusalguard":
@@ -236,9 +284,17 @@ class Runner:
         size = self.config.train.batch_size
         indices = [self.order.index(step * size + i) for i in range(size)]
         loss, terms = optimizer_step(
-            self.acc, self.trainable, self.step_loss, self.optimizer, self.scheduler, indices,
-            step, grad_clip=self.config.train.grad_clip, lr=self.config.lr, saved=0,
-        )  # fmt: skip
+            self.acc,
+            self.trainable,
+            self.step_loss,
+            self.optimizer,
+            self.scheduler,
+            indices,
+            step,
+            grad_clip=self.config.train.grad_clip,
+            lr=self.config.lr,
+            saved=0,
+        )
         for value in terms.values():  # read back as train() does for its log
             float(self.acc.reduce(value, reduction="mean"))
         return float(self.acc.reduce(loss, reduction="mean"))
@@ -259,8 +315,14 @@ def build_runner(
     settings = replace(TRAIN, seed=SEED, batch_size=preset.batch_size, steps=total_steps)
     config = run_config(variant.method, task, settings, defence, lm)
     trainable = defence.wrap(lm, "tiny-chat", config, dtype=preset.dtype, resume_from=None)
-    examples = encode_examples(lm.tokenizer, task.prompts, task.responses, system=settings.system,
-                               chat_template=lm.chat_template, max_length=config.max_length)  # fmt: skip
+    examples = encode_examples(
+        lm.tokenizer,
+        task.prompts,
+        task.responses,
+        system=settings.system,
+        chat_template=lm.chat_template,
+        max_length=config.max_length,
+    )
     pad = lm.tokenizer.pad_token_id
     step_loss = StepLoss(trainable, examples, int(pad if pad is not None else 0), defence)
     raw, scheduler = make_optimizer(trainable.parameters(), config)

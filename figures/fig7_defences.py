@@ -34,9 +34,15 @@ from safegeom.plots.data import figure_legend
 from safegeom.plots.lines import line_panel
 from safegeom.plots.style import new_figure, run_colour, style
 
-LABELS = {"lora": "LoRA", "rg-lora": "RefusalGuard (LoRA)",
-          "rg-lora-both": "RefusalGuard (LoRA, harmless held)", "rg-reft": "RefusalGuard (edit)",
-          "adaptive": "adaptive (probe)", "kl": "constant KL", "sft": "full SFT"}  # fmt: skip
+LABELS = {
+    "lora": "LoRA",
+    "rg-lora": "RefusalGuard (LoRA)",
+    "rg-lora-both": "RefusalGuard (LoRA, harmless held)",
+    "rg-reft": "RefusalGuard (edit)",
+    "adaptive": "adaptive (probe)",
+    "kl": "constant KL",
+    "sft": "full SFT",
+}
 """Legend names of the study's methods."""
 
 
@@ -55,9 +61,19 @@ def run_tables(
         steps = results["trajectories"].get(method, {}).get(task)
         if not steps:
             continue
-        rows = [{"checkpoint": f"step-{r['step']}", "step": r["step"], "metric": "asr",
-                 "value": r["asr"], "ci_low": r["asr_ci"][0], "ci_high": r["asr_ci"][1],
-                 "prompts": "held-out harmful", "judge": "substring"} for r in steps]  # fmt: skip
+        rows = [
+            {
+                "checkpoint": f"step-{r['step']}",
+                "step": r["step"],
+                "metric": "asr",
+                "value": r["asr"],
+                "ci_low": r["asr_ci"][0],
+                "ci_high": r["asr_ci"][1],
+                "prompts": "held-out harmful",
+                "judge": "substring",
+            }
+            for r in steps
+        ]
         audit = results["audit"].get(method, {}).get(task)
         table = frame(rows)
         if audit:
@@ -104,9 +120,16 @@ def plot_defences(tables: Mapping[str, pd.DataFrame], task: str) -> Figure:
             source="reextracted",
             missing="no audit",
         )
-        line_panel(d, named, "ablation_effect", title=r"fixed-source ablation of $r_0$",
-                   ylabel="effect − controls (log-odds, nats)", carrier="refusal",
-                   source="fixed", missing="no audit")  # fmt: skip
+        line_panel(
+            d,
+            named,
+            "ablation_effect",
+            title=r"fixed-source ablation of $r_0$",
+            ylabel="effect − controls (log-odds, nats)",
+            carrier="refusal",
+            source="fixed",
+            missing="no audit",
+        )
         fig.suptitle(f"Defences on tiny-chat, task {task} (seed 0)")
         figure_legend(fig)
         return fig
@@ -121,14 +144,29 @@ def plot_lambda(rows: Sequence[Mapping[str, float]], chosen_lr: float | None = N
     with style():
         fig = new_figure(1, 2, height=2.8)
         lams = [r["lambda"] for r in rows]
-        for ax, (key, lo, hi, title, ylabel) in zip(fig.axes, (
+        for ax, (key, lo, hi, title, ylabel) in zip(
+            fig.axes,
+            (
                 ("asr", "asr_low", "asr_high", "held-out ASR", "ASR (fraction of prompts)"),
-                ("task_accuracy", "acc_low", "acc_high", "held-out sentiment accuracy",
-                 "exact-match accuracy (fraction)")),
-                strict=True):  # fmt: skip
+                (
+                    "task_accuracy",
+                    "acc_low",
+                    "acc_high",
+                    "held-out sentiment accuracy",
+                    "exact-match accuracy (fraction)",
+                ),
+            ),
+            strict=True,
+        ):
             ax.plot(lams, [r[key] for r in rows], color=run_colour(1), marker="o")
-            ax.fill_between(lams, [r[lo] for r in rows], [r[hi] for r in rows],
-                            color=run_colour(1), alpha=0.15, linewidth=0)  # fmt: skip
+            ax.fill_between(
+                lams,
+                [r[lo] for r in rows],
+                [r[hi] for r in rows],
+                color=run_colour(1),
+                alpha=0.15,
+                linewidth=0,
+            )
             ax.set_xscale("symlog", linthresh=0.1)
             ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
             ax.set_xlabel("λ_geom (symmetric-log axis)")

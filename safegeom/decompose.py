@@ -115,9 +115,14 @@ def decompose_projection(
     prompt_hashes: dict[str, str] = {}
     for label, prompts in populations.items():
         acts = capture(
-            lm, prompts, sites="resid_pre,attn_out,mlp_out", layers=list(range(layer + 1)),
-            positions=_capture_spec(str(position)), system=system, progress=progress,
-        )  # fmt: skip
+            lm,
+            prompts,
+            sites="resid_pre,attn_out,mlp_out",
+            layers=list(range(layer + 1)),
+            positions=_capture_spec(str(position)),
+            system=system,
+            progress=progress,
+        )
         if str(position) not in acts.positions:
             raise SafegeomError(f"position {position!r} not captured; available: {acts.positions}")
         k = acts.positions.index(str(position))
@@ -131,9 +136,16 @@ def decompose_projection(
         summed = torch.stack([p for _, p in projections.values()]).sum(0)
         closure[label] = float((total - summed).abs().max())
         for name, (j, p) in {**projections, "total": (-1, total)}.items():
-            rows.append({"population": label, "component": name, "layer": j,
-                         "mean": float(p.mean()), "std": float(p.std(correction=0)),
-                         "n": int(p.numel())})  # fmt: skip
+            rows.append(
+                {
+                    "population": label,
+                    "component": name,
+                    "layer": j,
+                    "mean": float(p.mean()),
+                    "std": float(p.std(correction=0)),
+                    "n": int(p.numel()),
+                }
+            )
     provenance = {
         "model": lm.name,
         "weight_hash": lm.weight_hash,

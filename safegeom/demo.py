@@ -164,17 +164,25 @@ def run_demo(
 
     _say(echo, f"[4/{steps}] harmful LoRA fine-tuning, {config.lora_steps} steps")
     trajectory = train(
-        config.model, "harmful", method="lora", out=folder / "lora-harmful",
-        steps=config.lora_steps, save_every=config.save_every, seed=config.seed, overwrite=True,
-    )  # fmt: skip
+        config.model,
+        "harmful",
+        method="lora",
+        out=folder / "lora-harmful",
+        steps=config.lora_steps,
+        save_every=config.save_every,
+        seed=config.seed,
+        overwrite=True,
+    )
     rows = []
     for record in trajectory.checkpoints:
         ckpt = load_model(trajectory.path(record.step))
         for spec in ("advbench:test", "alpaca:test"):
             result = evaluate(
-                ckpt, load_prompts(spec).take(config.n_eval),
-                max_new_tokens=config.max_new_tokens, progress=False,
-            )  # fmt: skip
+                ckpt,
+                load_prompts(spec).take(config.n_eval),
+                max_new_tokens=config.max_new_tokens,
+                progress=False,
+            )
             rows.append(
                 {
                     "step": record.step,
@@ -238,9 +246,13 @@ def _audit_section(folder: Path, config: DemoConfig) -> tuple[dict[str, Any], st
     from safegeom.figure_files import write_figures
 
     audit_config = AuditConfig(
-        n_per_class=config.n_train, n_val=config.n_val, n_behaviour=config.n_eval,
-        n_random=max(20, config.n_random), max_new_tokens=config.max_new_tokens, seed=config.seed,
-    )  # fmt: skip
+        n_per_class=config.n_train,
+        n_val=config.n_val,
+        n_behaviour=config.n_eval,
+        n_random=max(20, config.n_random),
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+    )
     result = audit(folder / "lora-harmful", folder / "audit", audit_config, overwrite=True)
     table = result.table
     fixed = table[(table.metric == "ablation_effect") & (table.source == "fixed")]

@@ -160,13 +160,23 @@ def refusal_scores(
     if world_size() > 1:
         with as_context(intervention, lm):
             return refusal_scores_sharded(
-                lm, prompts, _refusal_scores, tokens=tokens, batch_size=batch_size, system=system,
+                lm,
+                prompts,
+                _refusal_scores,
+                tokens=tokens,
+                batch_size=batch_size,
+                system=system,
                 progress=progress,
-            )  # fmt: skip
+            )
     return _refusal_scores(
-        lm, prompts, tokens=tokens, batch_size=batch_size, system=system,
-        intervention=intervention, progress=progress,
-    )  # fmt: skip
+        lm,
+        prompts,
+        tokens=tokens,
+        batch_size=batch_size,
+        system=system,
+        intervention=intervention,
+        progress=progress,
+    )
 
 
 def _refusal_scores(

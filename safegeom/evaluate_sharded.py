@@ -61,9 +61,13 @@ def _sharded(
     pre_encoded = callable(getattr(prompts, "encoded_for", None))  # an attack set keeps its ids
     texts = prompts if pre_encoded else all_or_none(load_prompts, prompts)
     encoded = encode_set(
-        lm.tokenizer, texts, system=system, chat_template=lm.chat_template,
-        max_positions=lm.max_positions, dealt=True,
-    )  # fmt: skip
+        lm.tokenizer,
+        texts,
+        system=system,
+        chat_template=lm.chat_template,
+        max_positions=lm.max_positions,
+        dealt=True,
+    )
     mine, size = my_prompts(lm, [len(e) for e in encoded.encoded], extra, batch_size)
     local = all_or_none(lambda: run(encoded.select(mine), size) if mine else None)
     return mine, local, len(encoded)
@@ -86,9 +90,13 @@ def generate_sharded(
 
     def run(texts: EncodedSet, size: int) -> tuple[str, ...]:
         return generate(
-            lm, texts, max_new_tokens=max_new_tokens, batch_size=size, system=system,
+            lm,
+            texts,
+            max_new_tokens=max_new_tokens,
+            batch_size=size,
+            system=system,
             progress=progress and is_main(),
-        )  # fmt: skip
+        )
 
     mine, local, n = _sharded(lm, prompts, system, max_new_tokens, batch_size, run)
     return tuple(gather(list(local or ()), mine, n, to="all"))
@@ -112,9 +120,13 @@ def refusal_scores_sharded(
 
     def run(texts: EncodedSet, size: int) -> Tensor:
         return local_scores(
-            lm, texts, tokens=tokens, batch_size=size, system=system,
+            lm,
+            texts,
+            tokens=tokens,
+            batch_size=size,
+            system=system,
             progress=progress and is_main(),
-        )  # fmt: skip
+        )
 
     mine, local, n = _sharded(lm, prompts, system, 0, batch_size, run)
     empty = torch.empty(0, dtype=torch.float64)

@@ -204,8 +204,9 @@ def figure_script(
     parser.add_argument("--labels", default="", help="run labels, comma-separated")
     parser.add_argument("--out", default=f"{name}.pdf", help="file to write (.pdf, .png, .svg)")
     for option, values in (choices or {}).items():
-        parser.add_argument(f"--{option.replace('_', '-')}", dest=option, choices=list(values),
-                            default=values[0])  # fmt: skip
+        parser.add_argument(
+            f"--{option.replace('_', '-')}", dest=option, choices=list(values), default=values[0]
+        )
     args = parser.parse_args(argv)
     try:
         out = check_output_file(args.out)

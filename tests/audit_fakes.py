@@ -61,15 +61,23 @@ def install(monkeypatch: pytest.MonkeyPatch) -> Calls:
     def load_reference(folder: Any) -> FakeReference:
         return FakeReference(json.loads((Path(folder) / "reference.json").read_text())["value"])
 
-    def measure_checkpoint(lm: Any, ref: Any, config: Any, *, base: Any, task: Any,
-                           progress: bool = True) -> Any:  # fmt: skip
+    def measure_checkpoint(
+        lm: Any, ref: Any, config: Any, *, base: Any, task: Any, progress: bool = True
+    ) -> Any:
         calls.measured.append(lm.name)
         total = float(sum(p.detach().double().sum() for p in lm.model.parameters()))
         rows = [
-            {"layer": layer, "carrier": "refusal", "source": "fixed", "prompts": "fake",
-             "metric": "cosine_to_base", "value": total / (layer + 1) - ref.value, "n": 4}
+            {
+                "layer": layer,
+                "carrier": "refusal",
+                "source": "fixed",
+                "prompts": "fake",
+                "metric": "cosine_to_base",
+                "value": total / (layer + 1) - ref.value,
+                "n": 4,
+            }
             for layer in range(lm.n_layers)
-        ]  # fmt: skip
+        ]
         rows.append({"prompts": "fake", "metric": "asr", "value": 0.5, "n": 4, "judge": "none"})
         return types.SimpleNamespace(
             rows=tuple(rows), seconds={"capture": 0.01, "carriers": 0.0}, forward_passes=3

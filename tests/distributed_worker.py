@@ -313,9 +313,11 @@ def audit_cli(work: Path, args: list[str]) -> None:
 
     def audit(*rest: Any, **kwargs: Any) -> Any:
         result = real_audit(*rest, **kwargs)
-        returned.update(hash=int(pd.util.hash_pandas_object(result.table).sum()),
-                        checkpoints=list(result.checkpoints),
-                        complete=result.manifest["complete"])  # fmt: skip
+        returned.update(
+            hash=int(pd.util.hash_pandas_object(result.table).sum()),
+            checkpoints=list(result.checkpoints),
+            complete=result.manifest["complete"],
+        )
         return result
 
     cli_audit.audit = audit  # type: ignore[assignment]

@@ -30,16 +30,32 @@ def launch(module: str, args: list[str], logs: Path, world: int = 2) -> list[tup
     """
     for _ in range(2):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "CUDA"))}
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
-                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))  # fmt: skip
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            WORLD_SIZE=str(world),
+            OMP_NUM_THREADS="1",
+            CUDA_VISIBLE_DEVICES="",
+            PYTHONPATH=str(ROOT),
+        )
         files = [(logs / f"rank{r}.out", logs / f"rank{r}.err") for r in range(world)]
         procs = []
         for r, (out, err) in enumerate(files):
             with out.open("w") as sink, err.open("w") as errors:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", module, *args], cwd=ROOT, stdout=sink, stderr=errors,
-                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world)},
-                ))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", module, *args],
+                        cwd=ROOT,
+                        stdout=sink,
+                        stderr=errors,
+                        env={
+                            **env,
+                            "RANK": str(r),
+                            "LOCAL_RANK": str(r),
+                            "LOCAL_WORLD_SIZE": str(world),
+                        },
+                    )
+                )
         try:
             codes = [proc.wait(timeout=TIMEOUT_S) for proc in procs]
         finally:

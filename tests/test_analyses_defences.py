@@ -70,8 +70,12 @@ def test_seed_prompt_ci_refuses_empty_input(per_seed: list, message: str) -> Non
 def _run(asr: float, acc: float | None, n: int = 20) -> dict:
     k = round(asr * n)
     hits = None if acc is None else [1.0] * round(acc * n) + [0.0] * (n - round(acc * n))
-    return {"asr": [1.0] * k + [0.0] * (n - k), "over_refusal": [0.0] * n,
-            "task_accuracy": hits, "kl": [0.1] * n}  # fmt: skip
+    return {
+        "asr": [1.0] * k + [0.0] * (n - k),
+        "over_refusal": [0.0] * n,
+        "task_accuracy": hits,
+        "kl": [0.1] * n,
+    }
 
 
 def test_summarise_and_table_rows_keep_order_and_missing_metrics() -> None:
@@ -82,7 +86,10 @@ def test_summarise_and_table_rows_keep_order_and_missing_metrics() -> None:
     cells = {("lora", "mix"): mix, ("lora", "harmful"): harmful, ("kl", "mix"): mix}
     rows = table_rows(cells, ["kl", "lora", "sft"], ["harmful", "mix"])
     assert [(r["method"], r["task"]) for r in rows] == [
-        ("kl", "mix"), ("lora", "harmful"), ("lora", "mix")]  # fmt: skip
+        ("kl", "mix"),
+        ("lora", "harmful"),
+        ("lora", "mix"),
+    ]
     text = markdown_table(rows, base=mix)
     lines = text.strip().splitlines()
     assert len(lines) == 2 + 1 + 3 and lines[2].startswith("| base (tiny-chat)")
@@ -96,13 +103,17 @@ def _stat(value: float) -> dict:
 
 
 def test_targets_report_points_and_whether_met() -> None:
-    table = [{"method": m, "task": "mix", "asr": _stat(a), "task_accuracy": _stat(c)}
-             for m, a, c in (("lora", 0.50, 0.85), ("rg-lora", 0.12, 0.80),
-                             ("adaptive", 0.25, 0.9))]  # fmt: skip
+    table = [
+        {"method": m, "task": "mix", "asr": _stat(a), "task_accuracy": _stat(c)}
+        for m, a, c in (("lora", 0.50, 0.85), ("rg-lora", 0.12, 0.80), ("adaptive", 0.25, 0.9))
+    ]
     flat = [{"step": s, "asr": 0.1} for s in (0, 50)]
     dips = [{"step": 0, "asr": 0.1}, {"step": 50, "asr": 0.6}]
-    results = {"base": {"mix": {"asr": _stat(0.10)}}, "table": table,
-               "trajectories": {"rg-lora": {"sentiment": flat}, "lora": {"sentiment": dips}}}  # fmt: skip
+    results = {
+        "base": {"mix": {"asr": _stat(0.10)}},
+        "table": table,
+        "trajectories": {"rg-lora": {"sentiment": flat}, "lora": {"sentiment": dips}},
+    }
     got = {t["target"]: (round(t["value"], 6), t["met"]) for t in targets(results)}
     assert got["mix: LoRA raises held-out ASR >= 30 points"] == (40.0, True)
     assert got["mix: LoRA task accuracy >= 80%"] == (85.0, True)
@@ -115,9 +126,20 @@ def test_targets_report_points_and_whether_met() -> None:
 
 
 def test_lambda_rows_flatten_the_curve() -> None:
-    results = {"lambda": [{"lambda": 0.0, "asr": _stat(0.9), "task_accuracy": _stat(0.8)},
-                          {"lambda": 1.0, "asr": _stat(0.1), "task_accuracy": _stat(0.7)}]}  # fmt: skip
+    results = {
+        "lambda": [
+            {"lambda": 0.0, "asr": _stat(0.9), "task_accuracy": _stat(0.8)},
+            {"lambda": 1.0, "asr": _stat(0.1), "task_accuracy": _stat(0.7)},
+        ]
+    }
     rows = lambda_rows(results)
     assert [r["lambda"] for r in rows] == [0.0, 1.0]
-    assert rows[1] == {"lambda": 1.0, "asr": 0.1, "asr_low": 0.1, "asr_high": 0.1,
-                       "task_accuracy": 0.7, "acc_low": 0.7, "acc_high": 0.7}  # fmt: skip
+    assert rows[1] == {
+        "lambda": 1.0,
+        "asr": 0.1,
+        "asr_low": 0.1,
+        "asr_high": 0.1,
+        "task_accuracy": 0.7,
+        "acc_low": 0.7,
+        "acc_high": 0.7,
+    }

@@ -260,3 +260,15 @@ def test_a_callable_module_runs_its_function() -> None:
         assert isinstance(module, types.ModuleType)
     finally:
         del sys.modules[module.__name__]
+
+
+def test_no_hand_packed_lines() -> None:
+    """The formatter lays out every line: no ``# fmt: skip`` (nor ``fmt: off``) markers."""
+    root = PACKAGE.parent
+    marked = [
+        str(path.relative_to(root))
+        for folder in ("safegeom", "tests", "analyses", "benchmarks", "figures", "tools")
+        for path in (root / folder).rglob("*.py")
+        if re.search(r"#\s*fmt:\s*(skip|off)\s*$", path.read_text(encoding="utf-8"), flags=re.M)
+    ]
+    assert marked == []

@@ -14,8 +14,19 @@ from tests.audit_fakes import install
 from tests.audit_helpers import perturbed
 from tests.tiny_models import build_checkpoint
 
-FAST = ["--no-generate", "--families", "geometry", "--no-xstest", "--n-per-class", "4",
-        "--n-val", "4", "--n-resamples", "100", "--no-progress"]  # fmt: skip
+FAST = [
+    "--no-generate",
+    "--families",
+    "geometry",
+    "--no-xstest",
+    "--n-per-class",
+    "4",
+    "--n-val",
+    "4",
+    "--n-resamples",
+    "100",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +76,15 @@ def test_trainer_folder_with_base(models, tmp_path, capsys, monkeypatch):
     install(monkeypatch)
     for n in (10, 9):
         shutil.copytree(models[1], tmp_path / "trainer" / f"checkpoint-{n}")
-    args = ["audit", str(tmp_path / "trainer"), "--base", str(models[0]),
-            "--out", str(tmp_path / "a"), *FAST]  # fmt: skip
+    args = [
+        "audit",
+        str(tmp_path / "trainer"),
+        "--base",
+        str(models[0]),
+        "--out",
+        str(tmp_path / "a"),
+        *FAST,
+    ]
     assert main(args) == 0
     assert load_audit(tmp_path / "a").checkpoints == ("base", "checkpoint-9", "checkpoint-10")
 
@@ -86,8 +104,11 @@ def test_bad_input_exits_2_with_one_line_before_work(
     calls = install(monkeypatch)
     (tmp_path / "file").write_text("x")
     (tmp_path / "empty.jsonl").write_text("")
-    swap = {"MISSING": str(tmp_path / "missing"), "FILE": str(tmp_path / "file"),
-            "EMPTY": str(tmp_path / "empty.jsonl")}  # fmt: skip
+    swap = {
+        "MISSING": str(tmp_path / "missing"),
+        "FILE": str(tmp_path / "file"),
+        "EMPTY": str(tmp_path / "empty.jsonl"),
+    }
     if "GPT2" in extra:
         swap["GPT2"] = str(build_checkpoint(tmp_path, "gpt2"))
     extra = [swap.get(e, e) for e in extra]

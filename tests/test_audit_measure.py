@@ -20,9 +20,15 @@ from safegeom.interventions import orthogonalize_weights
 from safegeom.models import load_model
 
 CONFIG = AuditConfig(
-    n_per_class=8, n_val=4, n_behaviour=4, cone_k=2, n_resamples=100, max_new_tokens=4,
-    xstest=False, behaviour_harmful=("advbench:test",),
-)  # fmt: skip
+    n_per_class=8,
+    n_val=4,
+    n_behaviour=4,
+    cone_k=2,
+    n_resamples=100,
+    max_new_tokens=4,
+    xstest=False,
+    behaviour_harmful=("advbench:test",),
+)
 
 
 def table(measured: Measured) -> pd.DataFrame:
@@ -77,12 +83,26 @@ def test_base_against_itself(ref: Reference, base_rows: Measured) -> None:
 def test_rows_schema_families_and_cost(base_rows: Measured) -> None:
     df = table(base_rows)
     assert {
-        "direction_drift", "cosine_to_base", "principal_angle_max", "grassmann_distance",
-        "hr_coupling", "effective_rank", "coordinate_separation", "projection_separation",
-        "ablation_effect", "addition_effect", "ablation_raw", "addition_control_mean",
-        "ablation_control_std", "refusal_rate", "asr", "over_refusal", "refusal_score",
-        "kl_to_base", "cross_entropy",
-    } <= set(df.metric)  # fmt: skip
+        "direction_drift",
+        "cosine_to_base",
+        "principal_angle_max",
+        "grassmann_distance",
+        "hr_coupling",
+        "effective_rank",
+        "coordinate_separation",
+        "projection_separation",
+        "ablation_effect",
+        "addition_effect",
+        "ablation_raw",
+        "addition_control_mean",
+        "ablation_control_std",
+        "refusal_rate",
+        "asr",
+        "over_refusal",
+        "refusal_score",
+        "kl_to_base",
+        "cross_entropy",
+    } <= set(df.metric)
     assert set(pick(df, "ablation_effect").source) == {"fixed", "reextracted"}
     assert set(pick(df, "projection_separation").source) == {"fixed", "reextracted"}
     sep = pick(df, "projection_separation")
@@ -151,9 +171,12 @@ def test_task_accuracy_and_reselect(lm, ref: Reference) -> None:
     from safegeom.train.tasks import Task
 
     task = Task(
-        name="toy", prompts=("a",), responses=("b",),
-        eval_prompts=("What is 2+2?", "What is 3+3?"), eval_references=("4", "6"),
-    )  # fmt: skip
+        name="toy",
+        prompts=("a",),
+        responses=("b",),
+        eval_prompts=("What is 2+2?", "What is 3+3?"),
+        eval_references=("4", "6"),
+    )
     config = dataclasses.replace(CONFIG, families=("behaviour",), reselect=True)
     df = table(measure_checkpoint(lm, ref, config, base=lm, task=task, progress=False))
     acc = pick(df, "task_accuracy")

@@ -15,9 +15,14 @@ from safegeom.models import load_model
 from tests.test_audit_measure import check_orthogonalised, pick, table
 
 CONFIG = AuditConfig(
-    n_per_class=32, n_val=16, n_behaviour=8, max_new_tokens=8, n_resamples=200,
-    behaviour_harmful=("advbench:test",), xstest=False,
-)  # fmt: skip
+    n_per_class=32,
+    n_val=16,
+    n_behaviour=8,
+    max_new_tokens=8,
+    n_resamples=200,
+    behaviour_harmful=("advbench:test",),
+    xstest=False,
+)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,14 @@ from safegeom.geometry import principal_angles
 from safegeom.models import load_model
 
 CONFIG = AuditConfig(
-    n_per_class=8, n_val=4, n_behaviour=4, cone_k=2, n_resamples=100, max_new_tokens=4,
+    n_per_class=8,
+    n_val=4,
+    n_behaviour=4,
+    cone_k=2,
+    n_resamples=100,
+    max_new_tokens=4,
     xstest=False,
-)  # fmt: skip
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +80,13 @@ def test_h0_and_b0_equal_the_carrier_functions(lm, ref: Reference) -> None:
 def test_reference_round_trip(tmp_path: Path, ref: Reference) -> None:
     folder = ref.save(tmp_path / "reference")
     assert {p.name for p in folder.iterdir()} >= {
-        "refusal.safetensors", "harmfulness.safetensors", "cone.safetensors",
-        "layers.safetensors", "candidates.parquet", "reference.json",
-    }  # fmt: skip
+        "refusal.safetensors",
+        "harmfulness.safetensors",
+        "cone.safetensors",
+        "layers.safetensors",
+        "candidates.parquet",
+        "reference.json",
+    }
     back = load_reference(folder)
     for name in ("refusal", "harmfulness", "cone"):
         a, b = getattr(ref, name), getattr(back, name)

@@ -23,8 +23,15 @@ from tests.audit_helpers import perturbed
 from tests.tiny_models import build_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL = {"n_per_class": 4, "n_val": 4, "n_behaviour": 2, "generate": False, "xstest": False,
-        "families": ("geometry", "causal"), "n_resamples": 100}  # fmt: skip
+REAL = {
+    "n_per_class": 4,
+    "n_val": 4,
+    "n_behaviour": 2,
+    "generate": False,
+    "xstest": False,
+    "families": ("geometry", "causal"),
+    "n_resamples": 100,
+}
 """A small real audit (geometry and causal rows) of a tiny random Llama."""
 
 
@@ -64,8 +71,9 @@ def test_changed_config_is_refused_unless_overwrite(models, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"other settings \(dtype differ\)"):
         from safegeom.models.loading import LoadConfig
 
-        audit(models, tmp_path / "a", load=LoadConfig(dtype="bfloat16"), progress=False,
-              **FAKE_CONFIG)  # fmt: skip
+        audit(
+            models, tmp_path / "a", load=LoadConfig(dtype="bfloat16"), progress=False, **FAKE_CONFIG
+        )
     assert len(calls.measured) == 4
     result = audit(models, tmp_path / "a", progress=False, overwrite=True, seed=1, **FAKE_CONFIG)
     assert len(calls.measured) == 8 and result.manifest["seeds"] == {"seed": 1}
@@ -94,8 +102,11 @@ def test_sigkill_mid_checkpoint_then_rerun_equals_uninterrupted(models, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path), *map(str, models)],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     while not (tmp_path / "started-second").exists():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -112,20 +112,33 @@ def test_peft_adapter_trajectory_equals_the_merged_checkpoints(tmp_path):
     base = build_checkpoint(tmp_path, "llama")
     adapters = [adapter(base, tmp_path / "a" / f"step-{s:06d}", 0.1 * s, seed=s) for s in (1, 2)]
     folded = [merged(a, base, tmp_path / "m" / a.name) for a in adapters]
-    small = {"n_per_class": 4, "n_val": 4, "generate": False, "xstest": False,
-             "families": ("geometry", "causal"), "n_resamples": 100}  # fmt: skip
+    small = {
+        "n_per_class": 4,
+        "n_val": 4,
+        "generate": False,
+        "xstest": False,
+        "families": ("geometry", "causal"),
+        "n_resamples": 100,
+    }
     applied = audit([base, *adapters], tmp_path / "audit-a", progress=False, **small)
     full = audit([base, *folded], tmp_path / "audit-m", progress=False, **small)
     assert [c["kind"] for c in applied.manifest["checkpoints"]] == ["full", "adapter", "adapter"]
     assert applied.checkpoints == full.checkpoints == ("base", "step-000001", "step-000002")
-    pd.testing.assert_frame_equal(applied.table, full.table, check_exact=False, rtol=1e-3,
-                                  atol=1e-4)  # fmt: skip
+    pd.testing.assert_frame_equal(
+        applied.table, full.table, check_exact=False, rtol=1e-3, atol=1e-4
+    )
     assert applied.wide("step-000002")["direction_drift"].max() > 1e-3  # the adapters moved it
 
 
 def test_real_geometry_audit_of_a_three_checkpoint_trajectory(trajectory, tmp_path):
-    small = {"n_per_class": 4, "n_val": 4, "generate": False, "xstest": False,
-             "families": ("geometry",), "n_resamples": 100}  # fmt: skip
+    small = {
+        "n_per_class": 4,
+        "n_val": 4,
+        "generate": False,
+        "xstest": False,
+        "families": ("geometry",),
+        "n_resamples": 100,
+    }
     result = audit(trajectory, tmp_path / "audit", progress=False, **small)
     table = result.table
     assert result.steps == (0, 10, 20, 30)
@@ -148,11 +161,27 @@ def test_audit_of_a_trained_lora_run_folder(tmp_path):
 
     base = build_checkpoint(tmp_path, "llama")
     run = tmp_path / "run"
-    train(base, "arith:8", method="lora", out=run, steps=4, save_every=2, lr=0.05,
-          progress=False, batch_size=4)  # fmt: skip
-    small = {"n_per_class": 4, "n_val": 4, "n_behaviour": 2, "max_new_tokens": 4,
-             "xstest": False, "families": ("geometry", "behaviour"), "n_resamples": 100,
-             "behaviour_harmful": ("advbench:test",)}  # fmt: skip
+    train(
+        base,
+        "arith:8",
+        method="lora",
+        out=run,
+        steps=4,
+        save_every=2,
+        lr=0.05,
+        progress=False,
+        batch_size=4,
+    )
+    small = {
+        "n_per_class": 4,
+        "n_val": 4,
+        "n_behaviour": 2,
+        "max_new_tokens": 4,
+        "xstest": False,
+        "families": ("geometry", "behaviour"),
+        "n_resamples": 100,
+        "behaviour_harmful": ("advbench:test",),
+    }
     result = audit(run, tmp_path / "audit", progress=False, **small)
     assert result.checkpoints == ("base", "step-000002", "step-000004")
     assert [c["kind"] for c in result.manifest["checkpoints"]] == ["full", "adapter", "adapter"]

@@ -25,10 +25,26 @@ from tests.audit_helpers import perturbed
 from tests.launch_helpers import launch
 from tests.tiny_models import build_checkpoint
 
-ARGS = ["--families", "geometry,causal,behaviour", "--n-per-class", "4", "--n-val", "4",
-        "--n-behaviour", "2", "--max-new-tokens", "3", "--no-xstest", "--n-resamples", "100",
-        "--behaviour-harmful", "advbench:test", "--behaviour-harmless", "alpaca:test",
-        "--no-progress"]  # fmt: skip
+ARGS = [
+    "--families",
+    "geometry,causal,behaviour",
+    "--n-per-class",
+    "4",
+    "--n-val",
+    "4",
+    "--n-behaviour",
+    "2",
+    "--max-new-tokens",
+    "3",
+    "--no-xstest",
+    "--n-resamples",
+    "100",
+    "--behaviour-harmful",
+    "advbench:test",
+    "--behaviour-harmless",
+    "alpaca:test",
+    "--no-progress",
+]
 """A small real audit: every family, two prompts per behaviour set."""
 
 
@@ -68,9 +84,17 @@ def _run(models: dict[str, Any], out: Path, paths: list[str]) -> list[dict[str, 
         record = json.loads(log.read_text())
         root = str(models["root"])
         writes = [p for p in record["writes"] if p.startswith(root) and not p.startswith(str(work))]
-        runs.append({"code": code, "status": record["code"], "out": stdout, "err": stderr,
-                     "writes": writes, "measured": record["measured"],
-                     "returned": record["returned"]})  # fmt: skip
+        runs.append(
+            {
+                "code": code,
+                "status": record["code"],
+                "out": stdout,
+                "err": stderr,
+                "writes": writes,
+                "measured": record["measured"],
+                "returned": record["returned"],
+            }
+        )
     return runs
 
 
@@ -103,8 +127,11 @@ def test_two_processes_write_the_table_of_one(models: dict[str, Any]) -> None:
     # audit() returns the same result on every rank
     table_hash = int(pd.util.hash_pandas_object(_table(one)).sum())
     for rank in (zero, first):
-        assert rank["returned"] == {"hash": table_hash, "checkpoints": list(labels),
-                                    "complete": True}  # fmt: skip
+        assert rank["returned"] == {
+            "hash": table_hash,
+            "checkpoints": list(labels),
+            "complete": True,
+        }
     # rank 0 alone writes (even the folder) and prints
     assert first["writes"] == [] and first["out"] == ""
     assert str(two / "audit.parquet") in zero["writes"] and str(two) in zero["writes"]

@@ -18,9 +18,15 @@ from tests.tiny_models import build_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_audit.py"
 CONFIG = AuditConfig(
-    n_per_class=8, n_val=4, n_behaviour=4, cone_k=2, n_resamples=100, max_new_tokens=4,
-    xstest=False, behaviour_harmful=("advbench:test",),
-)  # fmt: skip
+    n_per_class=8,
+    n_val=4,
+    n_behaviour=4,
+    cone_k=2,
+    n_resamples=100,
+    max_new_tokens=4,
+    xstest=False,
+    behaviour_harmful=("advbench:test",),
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +81,16 @@ def test_naive_way_computes_every_family_and_counts_passes(bench, run) -> None:
     geometry, r_t = bench.naive_geometry(lm, ref, CONFIG)
     assert r_t.shape == (lm.d_model,)
     assert {k[0] for k in geometry} == {
-        "direction_drift", "cosine_to_base", "hr_coupling", "principal_angle_max",
-        "grassmann_distance", "effective_rank", "coordinate_separation", "coordinate_imbalance",
+        "direction_drift",
+        "cosine_to_base",
+        "hr_coupling",
+        "principal_angle_max",
+        "grassmann_distance",
+        "effective_rank",
+        "coordinate_separation",
+        "coordinate_imbalance",
         "projection_separation",
-    }  # fmt: skip
+    }
     causal = bench.naive_causal(lm, ref, r_t, CONFIG, progress=False)
     assert {k[0] for k in causal} == {
         f"{op}_{part}"

@@ -59,15 +59,22 @@ def test_one_repeat_at_tiny_size_gives_every_path_a_row(bench, tmp_path, capsys)
 
 
 def _job(repeat: int, world: int, seconds: list[float], check: float = 1.0) -> dict:
-    ranks = [{"seconds": {"capture": s}, "check": {"capture": {"sum": check, "shape": [4]}}}
-             for s in seconds]  # fmt: skip
+    ranks = [
+        {"seconds": {"capture": s}, "check": {"capture": {"sum": check, "shape": [4]}}}
+        for s in seconds
+    ]
     return {"repeat": repeat, "world": world, "ranks": ranks}
 
 
 def test_summary_takes_the_slowest_rank_and_medians_of_paired_repeats(bench) -> None:
-    jobs = [_job(0, 1, [4.0]), _job(0, 2, [1.0, 2.5]),  # efficiency 4 / 5 = 0.8
-            _job(1, 2, [2.0, 1.0]), _job(1, 1, [4.0]),  # 1.0
-            _job(2, 1, [8.0]), _job(2, 2, [4.0, 4.4])]  # 8 / 8.8  # fmt: skip
+    jobs = [
+        _job(0, 1, [4.0]),
+        _job(0, 2, [1.0, 2.5]),  # efficiency 4 / 5 = 0.8
+        _job(1, 2, [2.0, 1.0]),
+        _job(1, 1, [4.0]),  # 1.0
+        _job(2, 1, [8.0]),
+        _job(2, 2, [4.0, 4.4]),
+    ]  # 8 / 8.8
     res = bench.summarise(jobs, ["capture"], n_prompts=40)["capture"]
     assert res["seconds"] == {"1": [4.0, 4.0, 8.0], "2": [2.5, 2.0, 4.4]}
     assert res["efficiencies"] == pytest.approx([0.8, 1.0, 8 / 8.8])

@@ -74,10 +74,13 @@ def test_every_method_gets_a_row_a_ratio_and_its_goal(bench, every_method) -> No
     setup = {(s["part"], s["method"]): s for s in results["setup"]}
     shared = "calibration cache (cones shared)"
     assert set(setup) == {
-        ("cones + calibration cache", "refusalguard"), (shared, "refusalguard-every1"),
-        (shared, "refusalguard-calib4"), (shared, "refusalguard-reft"),
-        ("risk probe fit", "adaptive"), ("risk scores of the task prompts", "adaptive"),
-    }  # fmt: skip
+        ("cones + calibration cache", "refusalguard"),
+        (shared, "refusalguard-every1"),
+        (shared, "refusalguard-calib4"),
+        (shared, "refusalguard-reft"),
+        ("risk probe fit", "adaptive"),
+        ("risk scores of the task prompts", "adaptive"),
+    }
     for s in setup.values():
         assert s["seconds"] > 0
         assert s["lora_steps"] == pytest.approx(s["seconds"] / results["lora_step_s"])

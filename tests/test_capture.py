@@ -124,13 +124,22 @@ def test_streaming_stats_equal_full_tensor(checkpoints: dict[str, Path]) -> None
     lm = load_model(checkpoints["llama"])
     prompts = PROMPTS * 3
     full = capture(
-        lm, prompts, sites=["resid_pre", "mlp_out"], positions="t_inst,last", batch_size=5,
+        lm,
+        prompts,
+        sites=["resid_pre", "mlp_out"],
+        positions="t_inst,last",
+        batch_size=5,
         progress=False,
-    )  # fmt: skip
+    )
     stats = capture_stats(
-        lm, prompts, sites=["resid_pre", "mlp_out"], positions="t_inst,last", covariance=True,
-        batch_size=5, progress=False,
-    )  # fmt: skip
+        lm,
+        prompts,
+        sites=["resid_pre", "mlp_out"],
+        positions="t_inst,last",
+        covariance=True,
+        batch_size=5,
+        progress=False,
+    )
     for site in ("resid_pre", "mlp_out"):
         x = full[site].double()
         torch.testing.assert_close(stats.mean(site), x.mean(0), atol=1e-10, rtol=0)
@@ -150,9 +159,14 @@ def test_save_load_roundtrip_and_shards(checkpoints: dict[str, Path], tmp_path: 
         assert torch.equal(back[site], acts[site])
     assert json.loads(Path(f"{path}.json").read_text())["provenance"]["extra"]["n_prompts"] == 4
     folder = capture_to_disk(
-        lm, PROMPTS, tmp_path / "shards", sites=["resid_pre", "attn_out"], shard_size=2,
-        batch_size=2, progress=False,
-    )  # fmt: skip
+        lm,
+        PROMPTS,
+        tmp_path / "shards",
+        sites=["resid_pre", "attn_out"],
+        shard_size=2,
+        batch_size=2,
+        progress=False,
+    )
     assert len(list(folder.glob("shard-*.safetensors"))) == 2
     sharded = load_activations(folder)
     for site in acts.sites:
@@ -179,9 +193,12 @@ def test_peft_adapter_captures_like_merged(checkpoints: dict[str, Path], tmp_pat
     a = capture(applied, PROMPTS, sites=ALL_SITES, positions="t_inst,t_post", progress=False)
     b = capture(merged, PROMPTS, sites=ALL_SITES, positions="t_inst,t_post", progress=False)
     plain = capture(
-        load_model(checkpoints["qwen2"]), PROMPTS, sites="resid_post", positions="t_inst,t_post",
+        load_model(checkpoints["qwen2"]),
+        PROMPTS,
+        sites="resid_post",
+        positions="t_inst,t_post",
         progress=False,
-    )  # fmt: skip
+    )
     for site in ALL_SITES:
         torch.testing.assert_close(a[site], b[site], atol=1e-5, rtol=1e-5)
     assert (a["resid_post"] - plain["resid_post"]).abs().max() > 1e-3

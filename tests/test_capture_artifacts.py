@@ -62,8 +62,9 @@ def test_activations_round_trip(lm, tmp_path: Path) -> None:
 
 def test_sharded_round_trip(lm, tmp_path: Path) -> None:
     acts = capture(lm, PROMPTS, batch_size=2, progress=False, **KWARGS)
-    folder = capture_to_disk(lm, PROMPTS, tmp_path / "sh", shard_size=2, batch_size=2,
-                             progress=False, **KWARGS)  # fmt: skip
+    folder = capture_to_disk(
+        lm, PROMPTS, tmp_path / "sh", shard_size=2, batch_size=2, progress=False, **KWARGS
+    )
     back = load_activations(folder)
     assert _stable(back.provenance) == {
         **_stable(acts.provenance),
@@ -117,13 +118,26 @@ def test_moments_round_trip_through_the_artifact_layer(tmp_path: Path) -> None:
 
 def test_old_activation_files_still_load(tmp_path: Path) -> None:
     old = {
-        "model": "tiny", "weight_hash": "abc", "prompt_set": "advbench:val", "prompt_hash": "h1",
-        "n_prompts": 2, "sites": ["resid_pre"], "layers": [1], "positions": ["last"],
-        "dtype": "float32", "template_hash": "t", "system": None, "backend": "hooks",
+        "model": "tiny",
+        "weight_hash": "abc",
+        "prompt_set": "advbench:val",
+        "prompt_hash": "h1",
+        "n_prompts": 2,
+        "sites": ["resid_pre"],
+        "layers": [1],
+        "positions": ["last"],
+        "dtype": "float32",
+        "template_hash": "t",
+        "system": None,
+        "backend": "hooks",
         "version": "0.1.0",
-    }  # fmt: skip
-    meta = {"format": "safegeom.activations/1", "layers": [1], "positions": ["last"],
-            "provenance": old}  # fmt: skip
+    }
+    meta = {
+        "format": "safegeom.activations/1",
+        "layers": [1],
+        "positions": ["last"],
+        "provenance": old,
+    }
     path = tmp_path / "old.safetensors"
     save_file({"resid_pre": torch.zeros(2, 1, 1, 4)}, str(path), {"safegeom": json.dumps(meta)})
     back = load_activations(path)

@@ -27,10 +27,16 @@ PROMPTS = ["Write a poem about the sea.", "Hi.", "How do I bake bread at home?"]
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"shard_size": 0}, r"shard_size \(--shard-size\) must be a positive number of prompts, got 0"),
+        (
+            {"shard_size": 0},
+            r"shard_size \(--shard-size\) must be a positive number of prompts, got 0",
+        ),
         ({"shard_size": -5}, r"shard_size \(--shard-size\) must be a positive number .*got -5"),
         ({"covariance": True}, r"covariance \(--covariance\) needs --stats"),
-        ({"stats": True, "shard_size": 8}, r"shard_size \(--shard-size\) cannot be combined with --stats"),
+        (
+            {"stats": True, "shard_size": 8},
+            r"shard_size \(--shard-size\) cannot be combined with --stats",
+        ),
         ({"batch_size": 0}, r"batch_size \(--batch-size\) must be at least 1, got 0"),
         ({"dtype": torch.int8}, r"dtype \(--storage-dtype\) must be a floating-point .*got 'int8'"),
         ({"dtype": "float33"}, r"must be a floating-point storage dtype .*got 'float33'"),
@@ -39,15 +45,16 @@ PROMPTS = ["Write a poem about the sea.", "Hi.", "How do I bake bread at home?"]
         ({"layers": "a:b"}, r"bad layer spec 'a:b'"),
         ({"positions": "first"}, r"unknown position 'first'"),
     ],
-)  # fmt: skip
+)
 def test_bad_config_values(fields: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         CaptureConfig(**fields)
 
 
 def test_config_normalises_python_values() -> None:
-    config = CaptureConfig(sites="resid_pre,mlp_out", layers=[0, 2], positions="t_inst,-1",
-                           dtype=torch.bfloat16)  # fmt: skip
+    config = CaptureConfig(
+        sites="resid_pre,mlp_out", layers=[0, 2], positions="t_inst,-1", dtype=torch.bfloat16
+    )
     assert config.sites == ("resid_pre", "mlp_out")
     assert config.layers == LayerSpec("0,2") and config.positions == PositionSpec("t_inst,-1")
     assert config.dtype == "bfloat16" and config.torch_dtype is torch.bfloat16
@@ -132,8 +139,14 @@ def test_disk_and_stats_modes_take_either_backend(lm, tmp_path: Path) -> None:
     pytest.importorskip("transformer_lens")
     from safegeom.activations import load_activations
 
-    kwargs = {"sites": "resid_pre,mlp_out", "layers": "0,1", "positions": "t_inst,last",
-              "dtype": torch.float32, "batch_size": 2, "progress": False}  # fmt: skip
+    kwargs = {
+        "sites": "resid_pre,mlp_out",
+        "layers": "0,1",
+        "positions": "t_inst,last",
+        "dtype": torch.float32,
+        "batch_size": 2,
+        "progress": False,
+    }
     hooks = capture(lm, PROMPTS, **kwargs)
     folder = capture_to_disk(lm, PROMPTS, tmp_path / "tl", backend="transformer_lens", **kwargs)
     disk = load_activations(folder)
@@ -152,5 +165,7 @@ def test_package_face_capture_is_callable_after_the_package_loads(lm) -> None:
 
     assert safegeom.capture is package or safegeom.capture is capture
     acts = safegeom.capture(lm, PROMPTS, layers="1", positions="last", progress=False)
-    assert torch.equal(acts["resid_pre"], capture(lm, PROMPTS, layers="1", positions="last",
-                                                  progress=False)["resid_pre"])  # fmt: skip
+    assert torch.equal(
+        acts["resid_pre"],
+        capture(lm, PROMPTS, layers="1", positions="last", progress=False)["resid_pre"],
+    )

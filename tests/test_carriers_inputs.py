@@ -89,10 +89,14 @@ def test_short_validation_sets_are_cut_equally_with_a_warning(
 ) -> None:
     lm = load_model(checkpoints["llama"])
     config = SelectionConfig(n_train=3, n_val=3, **LENIENT)  # type: ignore[arg-type]
-    with pytest.warns(UserWarning, match=r"n_val \(--n-val\) is 3 but the harmful validation set "
-                      r"has 3 prompts and the harmless one 2: using 2 per class"):  # fmt: skip
-        sel = refusal_direction(lm, HARMFUL, HARMLESS, HARMFUL, HARMLESS[:2], config,
-                                progress=False)  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"n_val \(--n-val\) is 3 but the harmful validation set "
+        r"has 3 prompts and the harmless one 2: using 2 per class",
+    ):
+        sel = refusal_direction(
+            lm, HARMFUL, HARMLESS, HARMFUL, HARMLESS[:2], config, progress=False
+        )
     assert sel.carrier.provenance["n_val"] == [2, 2]
 
 

@@ -103,8 +103,9 @@ def test_dim_candidates_roundtrip(tmp_path: Path) -> None:
 
 def test_selection_and_suite_roundtrip(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     lm = load_model(checkpoints["llama"])
-    suite = extract_carriers(lm, HARMFUL, HARMLESS, HARMFUL, HARMLESS, LENIENT, cone_k=2,
-                             progress=False)  # fmt: skip
+    suite = extract_carriers(
+        lm, HARMFUL, HARMLESS, HARMFUL, HARMLESS, LENIENT, cone_k=2, progress=False
+    )
     assert suite.selection.candidates is not None
     folder = suite.save(tmp_path / "suite")
     back = load_suite(folder)

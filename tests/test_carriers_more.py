@@ -67,8 +67,12 @@ def _roundtrip(carrier: Carrier, tmp_path: Path, lm) -> None:
     back = load_carrier(path, d_model=lm.d_model, weight_hash=lm.weight_hash)
     assert torch.equal(back.vectors, carrier.vectors)
     assert (back.kind, back.method, back.layer, back.position, back.site) == (
-        carrier.kind, carrier.method, carrier.layer, carrier.position, carrier.site,
-    )  # fmt: skip
+        carrier.kind,
+        carrier.method,
+        carrier.layer,
+        carrier.position,
+        carrier.site,
+    )
     assert back.scores == pytest.approx(dict(carrier.scores))
 
 
@@ -90,8 +94,11 @@ def test_harmfulness_equals_output_hidden_states(checkpoints, arch: str) -> None
         means.append(torch.stack(rows).mean(0))
     expected = (means[0] - means[1]).float()
     assert (carrier.kind, carrier.method, carrier.position, carrier.layer) == (
-        "harmfulness", "dim", "t_inst", 2,
-    )  # fmt: skip
+        "harmfulness",
+        "dim",
+        "t_inst",
+        2,
+    )
     torch.testing.assert_close(carrier.direction, expected, atol=1e-5, rtol=0)
     prov = carrier.provenance
     assert prov["n_harmful"] == 6 and prov["weight_hash"] == model.weight_hash
@@ -141,8 +148,14 @@ def test_probe_split_is_deterministic_and_checked() -> None:
 def test_probe_layers_and_carrier(lm, tmp_path) -> None:
     table = probe_layers(lm, HARMFUL, HARMLESS, positions="t_inst,last", layers="1:3")
     assert list(table.columns) == [
-        "layer", "position", "accuracy", "auroc", "n_train", "n_test", "C",
-    ]  # fmt: skip
+        "layer",
+        "position",
+        "accuracy",
+        "auroc",
+        "n_train",
+        "n_test",
+        "C",
+    ]
     assert len(table) == 4 and set(table["layer"]) == {1, 2}
     assert table["accuracy"].between(0, 1).all() and (table["n_test"] == 4).all()
     carrier = probe_carrier(lm, HARMFUL, HARMLESS, layer=1)
@@ -220,9 +233,16 @@ def test_rdo_direction_runs_deterministic_and_restores(lm, dim, targets, tmp_pat
     flags = [p.requires_grad for p in lm.model.parameters()]
     before = lm.weight_hash
     run = lambda seed: rdo_direction(  # noqa: E731
-        lm, HARMFUL, HARMLESS, dim, steps=4, seed=seed, config=FAST, targets=targets,
+        lm,
+        HARMFUL,
+        HARMLESS,
+        dim,
+        steps=4,
+        seed=seed,
+        config=FAST,
+        targets=targets,
         progress=False,
-    )  # fmt: skip
+    )
     a, b = run(0), run(0)
     assert torch.equal(a.vectors, b.vectors)
     assert a.method == "rdo" and a.layer == dim.layer and a.k == 1
@@ -236,9 +256,16 @@ def test_rdo_direction_runs_deterministic_and_restores(lm, dim, targets, tmp_pat
 
 def test_rdo_loss_decreases_full_batch(lm, dim, targets) -> None:
     carrier = rdo_direction(
-        lm, HARMFUL, HARMLESS, dim, steps=8, lr=5e-2, config=FAST, targets=targets,
+        lm,
+        HARMFUL,
+        HARMLESS,
+        dim,
+        steps=8,
+        lr=5e-2,
+        config=FAST,
+        targets=targets,
         progress=False,
-    )  # fmt: skip
+    )
     losses = carrier.provenance["losses"]
     assert min(losses[1:]) < losses[0]
 
@@ -258,9 +285,15 @@ def test_rdo_cone_orthonormal(lm, dim, targets, tmp_path) -> None:
 
 def test_rdo_scores_and_bad_inputs(lm, dim, targets) -> None:
     scored = rdo_direction(
-        lm, HARMFUL, HARMLESS, dim, steps=1, targets=targets, progress=False,
+        lm,
+        HARMFUL,
+        HARMLESS,
+        dim,
+        steps=1,
+        targets=targets,
+        progress=False,
         config=RDOConfig(batch_size=8),
-    )  # fmt: skip
+    )
     assert all(np.isfinite(scored.scores[k]) for k in ("bypass_0", "induce_0", "kl_0"))
     with pytest.raises(ValueError, match="steps must be at least 1"):
         rdo_direction(lm, HARMFUL, HARMLESS, dim, steps=0, targets=targets, progress=False)
@@ -272,8 +305,16 @@ def test_rdo_scores_and_bad_inputs(lm, dim, targets) -> None:
     with pytest.raises(ValueError, match="cone dimension k must be between 1 and 32, got 0"):
         rdo_cone(lm, HARMFUL, HARMLESS, dim, k=0, steps=1, targets=targets, progress=False)
     with pytest.raises(ValueError, match="unknown init"):
-        rdo_direction(lm, HARMFUL, HARMLESS, dim, steps=1, targets=targets, progress=False,
-                      config=RDOConfig(init="zeros"))  # type: ignore[arg-type]  # fmt: skip
+        rdo_direction(
+            lm,
+            HARMFUL,
+            HARMLESS,
+            dim,
+            steps=1,
+            targets=targets,
+            progress=False,
+            config=RDOConfig(init="zeros"),
+        )  # type: ignore[arg-type]
 
 
 # --- admissible carriers -----------------------------------------------------------------------
@@ -317,8 +358,9 @@ def test_admissible_subspaces_and_dim_candidates(lm) -> None:
     table = admissibility_table(lm, [*refusal, *subspaces], HARMFUL, HARMLESS)
     assert table[["kl", "bypass_effect", "induce_effect"]].notna().all().all()
     assert (table["kl"] >= -1e-9).all() and list(table["k"]) == [1, 1, 1, 2, 3]
-    best = admissible_carrier(lm, [*refusal, *subspaces], HARMFUL, HARMLESS, max_kl=1e9,
-                              min_effect=-np.inf)  # fmt: skip
+    best = admissible_carrier(
+        lm, [*refusal, *subspaces], HARMFUL, HARMLESS, max_kl=1e9, min_effect=-np.inf
+    )
     assert best.scores["effect"] == pytest.approx(table["effect"].max())
     with pytest.raises(ValueError, match="leading subspaces need 1 ≤ k ≤ 3"):
         leading_subspaces(cone, [4])

@@ -97,10 +97,13 @@ def test_dealt_encoding_equals_one_process(job: dict[str, Any], lm: Any) -> None
         assert rank["capture_counted"] == [share]  # capture tokenizes each prompt once per job
         assert rank["encoded_one"] == [expected[0][0]]  # rank 1 has no prompt of a set of one
         # the index of the too-long prompt is the set's, not the rank's share's
-        assert rank["too_long"] == ["SafegeomError", (
-            f"prompt {longest} is {len(whole.encoded[longest])} tokens long but the model takes "
-            f"at most {shortest} positions; shorten or drop it"
-        )]  # fmt: skip
+        assert rank["too_long"] == [
+            "SafegeomError",
+            (
+                f"prompt {longest} is {len(whole.encoded[longest])} tokens long but the model takes "
+                f"at most {shortest} positions; shorten or drop it"
+            ),
+        ]
         assert rank["empty"] == ["SafegeomError", "empty prompt set: pass at least one prompt"]
 
 
@@ -185,13 +188,46 @@ def test_cli_under_accelerate_launch(job: dict[str, Any], lm: Any) -> None:
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
-    command = ["-m", "safegeom.cli", "capture", str(job["checkpoint"]), "--prompts", str(prompts),
-               "--out", str(out), "--batch-size", "3", "--layers", "1-2", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen([*launch, *command], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    command = [
+        "-m",
+        "safegeom.cli",
+        "capture",
+        str(job["checkpoint"]),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--batch-size",
+        "3",
+        "--layers",
+        "1-2",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(
+        [*launch, *command],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         stdout, _ = proc.communicate(timeout=TIMEOUT_S)
     finally:
@@ -270,8 +306,11 @@ def test_a_late_rank_fails_the_wait_after_the_timeout(
 @pytest.mark.parametrize("text", ["abc", "0", "-5", "inf", "nan"])
 def test_a_bad_timeout_is_refused(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
     monkeypatch.setenv(TIMEOUT_ENV, text)
-    with pytest.raises(SafegeomError, match=rf"^SAFEGEOM_DIST_TIMEOUT_S='{text}': expected a "
-                       r"number of seconds > 0$"):  # fmt: skip
+    with pytest.raises(
+        SafegeomError,
+        match=rf"^SAFEGEOM_DIST_TIMEOUT_S='{text}': expected a "
+        r"number of seconds > 0$",
+    ):
         timeout()
 
 

@@ -29,9 +29,17 @@ def base(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     carrier = Carrier(vectors=v, kind="refusal", method="dim", layer=1, position="t_post[-1]")
     carrier.save(root / "refusal.safetensors")
     return [
-        str(checkpoints["llama"]), "--prompts", str(prompts), "--no-progress", "--max-new-tokens",
-        "2", "--device", "cpu", "--carrier", str(root / "refusal.safetensors"),
-    ]  # fmt: skip
+        str(checkpoints["llama"]),
+        "--prompts",
+        str(prompts),
+        "--no-progress",
+        "--max-new-tokens",
+        "2",
+        "--device",
+        "cpu",
+        "--carrier",
+        str(root / "refusal.safetensors"),
+    ]
 
 
 @pytest.mark.parametrize(

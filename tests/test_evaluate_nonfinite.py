@@ -67,9 +67,12 @@ def test_overflowing_coefficient_raises(lm: LoadedModel) -> None:
 
 def test_nan_model_in_a_sweep_raises(nan_lm: LoadedModel) -> None:
     carrier = Carrier(
-        vectors=torch.randn(nan_lm.d_model), kind="refusal", method="dim", layer=0,
+        vectors=torch.randn(nan_lm.d_model),
+        kind="refusal",
+        method="dim",
+        layer=0,
         position="t_post[-1]",
-    )  # fmt: skip
+    )
     config = SweepConfig(ops=("ablate",), n_random=2, n_prompts=2, n_resamples=10)
     with pytest.raises(NonFiniteError, match="NaN"):
         causal_sweep(nan_lm, carrier, list(PROMPTS), list(PROMPTS), config, progress=False)

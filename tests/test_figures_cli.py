@@ -61,8 +61,18 @@ def test_labels_formats_and_json(
     audits: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "figs"
-    argv = ["figures", *map(str, audits), "--out", str(out), "--labels", "A,B",
-            "--formats", "svg", "--json", "--no-progress"]  # fmt: skip
+    argv = [
+        "figures",
+        *map(str, audits),
+        "--out",
+        str(out),
+        "--labels",
+        "A,B",
+        "--formats",
+        "svg",
+        "--json",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["runs"] == {"A": str(audits[0]), "B": str(audits[1])}
@@ -104,9 +114,12 @@ def test_an_audit_with_nothing_to_draw_is_an_error(
     ],
 )
 def test_bad_options_fail_with_their_message(
-    audits: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str],
+    audits: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    extra: list[str],
     message: str,
-) -> None:  # fmt: skip
+) -> None:
     out = tmp_path / "figs"
     assert main(["figures", *map(str, audits), "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err
@@ -166,8 +179,9 @@ def test_save_figure_is_atomic_and_reproducible(tmp_path: Path) -> None:
 
 
 def test_write_figures_returns_written_and_skipped(tmp_path: Path) -> None:
-    written, skipped = write_figures({"geo": synthetic_audit(behaviour=False)}, tmp_path,
-                                     formats=("png",))  # fmt: skip
+    written, skipped = write_figures(
+        {"geo": synthetic_audit(behaviour=False)}, tmp_path, formats=("png",)
+    )
     assert [p.name for p in written] == [f"{n}.png" for n in FIGURES if n != "fig1_behaviour"]
     assert list(skipped) == ["fig1_behaviour"]
 
@@ -191,8 +205,12 @@ def test_figures_script_bad_input_is_one_line(
 ) -> None:
     from safegeom.figure_files import figure_script
 
-    assert figure_script("fig4_subspace", [str(tmp_path / "nowhere"), "--out",
-                                           str(tmp_path / "f.png")]) == 2  # fmt: skip
+    assert (
+        figure_script(
+            "fig4_subspace", [str(tmp_path / "nowhere"), "--out", str(tmp_path / "f.png")]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.strip() == (
         f"figures/fig4_subspace.py: error: no audit folder at {tmp_path / 'nowhere'}"
     )

@@ -22,8 +22,11 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_unknown_name_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
-    with pytest.raises(NotFoundError, match=r"'no-such-model' is not a local folder, and not "
-                       r"reachable as a hub id \(HF_HUB_OFFLINE"):  # fmt: skip
+    with pytest.raises(
+        NotFoundError,
+        match=r"'no-such-model' is not a local folder, and not "
+        r"reachable as a hub id \(HF_HUB_OFFLINE",
+    ):
         load_model("no-such-model")
     with pytest.raises(NotFoundError, match="not a local folder, and not reachable as a hub id"):
         load_model("someone/no-such-model")
@@ -46,8 +49,11 @@ def test_truncated_and_random_safetensors(checkpoints: dict[str, Path], tmp_path
     cut = _copy(checkpoints["llama"], tmp_path / "cut")
     data = (cut / "model.safetensors").read_bytes()
     (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ModelLoadError, match=r"model.safetensors is not a readable safetensors "
-                       r"file \(truncated: .*re-download or re-save"):  # fmt: skip
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model.safetensors is not a readable safetensors "
+        r"file \(truncated: .*re-download or re-save",
+    ):
         load_model(cut)
     noise = _copy(checkpoints["llama"], tmp_path / "noise")
     (noise / "model.safetensors").write_bytes(
@@ -83,8 +89,11 @@ def test_adapter_with_missing_base(checkpoints: dict[str, Path], tmp_path: Path)
     config = json.loads(config_file.read_text())
     config["base_model_name_or_path"] = str(tmp_path / "gone" / "base")
     config_file.write_text(json.dumps(config))
-    with pytest.raises(NotFoundError, match=r"adapter_config.json names the base model "
-                       r"'.*gone/base' \(base_model_name_or_path\), which cannot be found"):  # fmt: skip
+    with pytest.raises(
+        NotFoundError,
+        match=r"adapter_config.json names the base model "
+        r"'.*gone/base' \(base_model_name_or_path\), which cannot be found",
+    ):
         load_model(tmp_path / "adapter")
 
 

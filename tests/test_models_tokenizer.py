@@ -32,11 +32,19 @@ def _wordlevel() -> PreTrainedTokenizerFast:
 def _save(root: Path, model_type: str, tokenizer: PreTrainedTokenizerFast) -> Path:
     out = root / model_type
     config = AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-        max_position_embeddings=64, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -69,8 +77,11 @@ def test_wordlevel_beside_qwen2_was_retokenized_by_autotokenizer(tmp_path: Path)
     raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
     if auto.tokenize(TEXT) == raw.encode(TEXT).tokens:
         pytest.skip("this transformers version loads the tokenizer faithfully")
-    with pytest.raises(ModelLoadError, match=r"encodes differently from .*tokenizer\.json.*"
-                       r'"tokenizer_class": "TokenizersBackend"'):  # fmt: skip
+    with pytest.raises(
+        ModelLoadError,
+        match=r"encodes differently from .*tokenizer\.json.*"
+        r'"tokenizer_class": "TokenizersBackend"',
+    ):
         check_tokenizer(auto, folder / "tokenizer.json", "Qwen2Tokenizer")
     assert load_model(folder).tokenizer.tokenize(TEXT) == raw.encode(TEXT).tokens
 

@@ -63,8 +63,11 @@ def test_a_second_audit_fails_at_once_naming_the_first(
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        with pytest.raises(OutputPathError, match=rf"in use by another safegeom run \(pid "
-                           rf"{proc.pid} on .*, safegeom audit, started "):  # fmt: skip
+        with pytest.raises(
+            OutputPathError,
+            match=rf"in use by another safegeom run \(pid "
+            rf"{proc.pid} on .*, safegeom audit, started ",
+        ):
             audit(trajectory, out, progress=False, **FAKE_CONFIG)
         assert main(["audit", str(trajectory), "--out", str(out), "--no-progress"]) == 2
         assert f"(pid {proc.pid} on " in capsys.readouterr().err

@@ -29,8 +29,19 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _args(ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "lora", str(ckpt), "--task", "harmful:2", "--out", str(out),
-            "--batch-size", "2", "--no-progress", *extra]  # fmt: skip
+    return [
+        "train",
+        "lora",
+        str(ckpt),
+        "--task",
+        "harmful:2",
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_checkpoint_weights_follow_the_umask(ckpt: Path, tmp_path: Path) -> None:
@@ -41,8 +52,10 @@ def test_checkpoint_weights_follow_the_umask(ckpt: Path, tmp_path: Path) -> None
             full = train(ckpt, TINY, method="sft", out=tmp_path / f"s{umask:o}", steps=1, **FAST)
         finally:
             os.umask(before)
-        for path in (lora.paths[-1] / "adapter_model.safetensors",
-                     full.paths[-1] / "model.safetensors"):  # fmt: skip
+        for path in (
+            lora.paths[-1] / "adapter_model.safetensors",
+            full.paths[-1] / "model.safetensors",
+        ):
             assert stat.S_IMODE(path.stat().st_mode) == mode, path
 
 
@@ -106,8 +119,10 @@ def test_overwrite_keeps_the_users_files(
     assert mine.read_text() == "mine"
     assert not (out / "checkpoints" / "step-000002").exists()  # the old run's files are gone
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "mine.txt", "step-000000", "step-000001"
-    ]  # fmt: skip
+        "mine.txt",
+        "step-000000",
+        "step-000001",
+    ]
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("notes")

@@ -31,10 +31,13 @@ HARMLESS_TEST = (("alpaca:test", "substring"), ("xstest-safe:test", "xstest"))
 
 
 FLOORS = (
-    ("cosine_to_base", "refusal", 0.9), ("direction_drift", "refusal", 0.05),
-    ("principal_angle_max", "cone", 0.2), ("grassmann_distance", "cone", 0.3),
-    ("hr_coupling", "hr", 0.05), ("hr_coupling", "hr-cone", 0.02),
-)  # fmt: skip
+    ("cosine_to_base", "refusal", 0.9),
+    ("direction_drift", "refusal", 0.05),
+    ("principal_angle_max", "cone", 0.2),
+    ("grassmann_distance", "cone", 0.3),
+    ("hr_coupling", "hr", 0.05),
+    ("hr_coupling", "hr-cone", 0.02),
+)
 """(metric, carrier, mean) of the synthetic floor rows (hr-cone's from random directions)."""
 
 
@@ -93,17 +96,24 @@ def synthetic_audit(*, speed: float = 1.0, behaviour: bool = True, seed: int = 0
         at = {"layer": CARRIER_LAYER, **common}
         for source, slow in (("fixed", 1.0), ("reextracted", 0.3)):
             for j in range(3):
-                add("coordinate_separation", 2.0 - slow * (0.5 + j * 0.4) * t, half=0.2,
-                    carrier=f"cone[{j}]", source=source, **at)  # fmt: skip
+                add(
+                    "coordinate_separation",
+                    2.0 - slow * (0.5 + j * 0.4) * t,
+                    half=0.2,
+                    carrier=f"cone[{j}]",
+                    source=source,
+                    **at,
+                )
             add("coordinate_imbalance", 0.2 + slow * 0.3 * t, carrier="cone", source=source, **at)
         # causal, the way safegeom.audit.causal_rows writes it: at the base's carrier layer
         val = {"layer": CARRIER_LAYER, "prompts": "advbench:val vs alpaca:val", "n": 32}
         for source, keep in (("fixed", 1 - 0.7 * t), ("reextracted", 1 - 0.2 * t)):
-            add("projection_separation", 3 * keep, half=0.3, carrier="refusal", source=source,
-                **at)  # fmt: skip
+            add("projection_separation", 3 * keep, half=0.3, carrier="refusal", source=source, **at)
             control_abl, control_add = -0.2 + rng.normal(0, 0.05), 0.1 + rng.normal(0, 0.05)
-            for kind, raw, control in (("ablation", -4 * keep, control_abl),
-                                       ("addition", 5 * keep, control_add)):  # fmt: skip
+            for kind, raw, control in (
+                ("ablation", -4 * keep, control_abl),
+                ("addition", 5 * keep, control_add),
+            ):
                 base = -5.7 if (kind == "ablation" and step >= 80) else -1.0 + 0.5 * t
                 cell = {"carrier": "refusal", "source": source, "saturated": base <= -5.0, **val}
                 add(f"{kind}_base", base, **cell)  # every row of a cell carries `saturated`
@@ -163,8 +173,11 @@ def test_two_runs_overlay_as_two_labelled_lines() -> None:
     colours = {line.get_color() for line in angle.get_lines()}
     assert len(colours) == 2
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "LoRA", "defended", "split-half floor, LoRA", "split-half floor, defended"
-    ]  # fmt: skip
+        "LoRA",
+        "defended",
+        "split-half floor, LoRA",
+        "split-half floor, defended",
+    ]
     lora, defended = (line.get_ydata() for line in angle.get_lines())
     assert lora[-1] > defended[-1]  # the LoRA run moves further
 
@@ -215,14 +228,17 @@ def test_causal_draws_effect_against_control_band_and_net_effect() -> None:
     fig = plot_causal(two_runs())
     ablation, addition, net_ablation, net_addition = (fig.axes[i] for i in (0, 1, 2, 3))
     assert _labels(ablation) == [
-        "LoRA, fixed, raw effect", "LoRA, random controls ± std",
-        "defended, fixed, raw effect", "defended, random controls ± std",
-    ]  # fmt: skip
+        "LoRA, fixed, raw effect",
+        "LoRA, random controls ± std",
+        "defended, fixed, raw effect",
+        "defended, random controls ± std",
+    ]
     assert len(ablation.collections) == 2  # the control bands
     assert _labels(net_ablation) == [
-        f"{run}, {s}, effect − controls" for run in ("LoRA", "defended")
+        f"{run}, {s}, effect − controls"
+        for run in ("LoRA", "defended")
         for s in ("fixed", "reextracted")
-    ]  # fmt: skip
+    ]
     assert "log-odds" in addition.get_ylabel()
     assert not _says_no_data(net_addition)
 
@@ -251,15 +267,29 @@ def test_coupling_at_the_carrier_layer_and_a_layer_profile() -> None:
     assert np.allclose(
         lora_hr, [0.3 + 0.1 * (CARRIER_LAYER + 1) / 6 + 0.2 * s / 160 for s in STEPS]
     )
-    assert _labels(right) == ["LoRA, step 0", "LoRA, step 160", "defended, step 0",
-                              "defended, step 160"]  # fmt: skip
+    assert _labels(right) == [
+        "LoRA, step 0",
+        "LoRA, step 160",
+        "defended, step 0",
+        "defended, step 160",
+    ]
     assert len(right.get_lines()[0].get_xdata()) == len(LAYERS)
 
 
 def test_rows_without_a_layer_win_then_the_carrier_layer_then_the_mean() -> None:
     table = synthetic_audit()
-    summary = frame([{"checkpoint": "base", "step": 0, "metric": "principal_angle_max",
-                      "carrier": "cone", "source": "reextracted", "value": 0.7}])  # fmt: skip
+    summary = frame(
+        [
+            {
+                "checkpoint": "base",
+                "step": 0,
+                "metric": "principal_angle_max",
+                "carrier": "cone",
+                "source": "reextracted",
+                "value": 0.7,
+            }
+        ]
+    )
     ax = plot_subspace(pd.concat([table, summary], ignore_index=True)).axes[0]
     assert list(ax.get_lines()[0].get_ydata()) == [0.7]
     geometry_only = table[table["metric"].isin(["principal_angle_max", "grassmann_distance"])]
@@ -285,9 +315,14 @@ def test_style_is_restored_after_a_plot() -> None:
 
 @pytest.mark.parametrize(
     ("low", "scale"),
-    [(0.83, (0.8, 1.0, "cividis")), (0.991, (0.99, 1.0, "cividis")),
-     (1.0, (0.999, 1.0, "cividis")), (0.0, (0.0, 1.0, "cividis")), (-0.2, (-1.0, 1.0, "PuOr"))],
-)  # fmt: skip
+    [
+        (0.83, (0.8, 1.0, "cividis")),
+        (0.991, (0.99, 1.0, "cividis")),
+        (1.0, (0.999, 1.0, "cividis")),
+        (0.0, (0.0, 1.0, "cividis")),
+        (-0.2, (-1.0, 1.0, "PuOr")),
+    ],
+)
 def test_heatmap_scale_fits_the_data(low: float, scale: tuple) -> None:
     from safegeom.plots.heatmap import colour_scale
 

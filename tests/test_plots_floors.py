@@ -48,8 +48,9 @@ def test_subspace_floor_is_a_labelled_band_not_a_line() -> None:
 def test_coupling_floors_name_what_they_are_per_carrier_and_run() -> None:
     left = plot_coupling(synthetic_audit()).axes[0]
     assert sorted(_bands(left)) == [
-        "random-direction floor, h vs cone B", "split-half floor, directions h, r"
-    ]  # fmt: skip
+        "random-direction floor, h vs cone B",
+        "split-half floor, directions h, r",
+    ]
     assert _no_line_carries_floor_data(left)
     assert all("floor" not in line.get_label() for line in left.get_lines())
     overlay = plot_coupling(two_runs()).axes[0]

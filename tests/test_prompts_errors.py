@@ -18,15 +18,21 @@ def _csv(tmp_path: Path, text: str, name: str = "p.csv") -> Path:
 
 def test_unterminated_quote_at_eof(tmp_path: Path) -> None:
     path = _csv(tmp_path, 'prompt,label\nfirst,1\n"second,2\nthird,3\nfourth,4\n')
-    with pytest.raises(SafegeomError, match=r"p\.csv' row 1 \(from line 3\): unexpected end of "
-                       r'data; a quote \(\"\) is not closed'):  # fmt: skip
+    with pytest.raises(
+        SafegeomError,
+        match=r"p\.csv' row 1 \(from line 3\): unexpected end of "
+        r"data; a quote \(\"\) is not closed",
+    ):
         load_prompts(path)
 
 
 def test_quote_closed_rows_later_is_caught(tmp_path: Path) -> None:
     path = _csv(tmp_path, 'prompt,label\nfirst,1\n"second,2\nthird,3\nfourth",4\nfifth,5\n')
-    with pytest.raises(SafegeomError, match=r"p\.csv' row 1: a quoted field runs over 3 lines "
-                       r"that look like rows of their own"):  # fmt: skip
+    with pytest.raises(
+        SafegeomError,
+        match=r"p\.csv' row 1: a quoted field runs over 3 lines "
+        r"that look like rows of their own",
+    ):
         load_prompts(path)
 
 
@@ -38,8 +44,11 @@ def test_quoted_multiline_prompt_still_loads(tmp_path: Path) -> None:
 def test_non_utf8_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "latin.csv"
     path.write_bytes("prompt\ncaf\u00e9 au lait\n".encode("latin-1"))
-    with pytest.raises(SafegeomError, match=r"prompt file '.*latin\.csv' is not UTF-8 text "
-                       r"\(byte 10 is b'\\xe9'\); re-save it as UTF-8"):  # fmt: skip
+    with pytest.raises(
+        SafegeomError,
+        match=r"prompt file '.*latin\.csv' is not UTF-8 text "
+        r"\(byte 10 is b'\\xe9'\); re-save it as UTF-8",
+    ):
         load_prompts(path)
     jsonl = tmp_path / "latin.jsonl"
     jsonl.write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))

@@ -170,19 +170,30 @@ def test_strongreject_whole_is_its_test_split_and_drops_advbench_on_request() ->
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("harmbench:train", "harmbench has no train split: HarmBench's training behaviours are "
-         "the separate set harmbench-train (it has harmbench:val, harmbench:test)"),
+        (
+            "harmbench:train",
+            "harmbench has no train split: HarmBench's training behaviours are "
+            "the separate set harmbench-train (it has harmbench:val, harmbench:test)",
+        ),
         ("harmbench-contextual:train", "harmbench-contextual has no train split"),
-        ("harmbench-train:test", "harmbench-train has no test split: it is HarmBench's "
-         "adversarial-training set; evaluate on harmbench:test"),
-        ("strongreject:val", "strongreject has no val split: StrongREJECT is evaluation-only; "
-         "every prompt is in its test split (it has strongreject:test)"),
+        (
+            "harmbench-train:test",
+            "harmbench-train has no test split: it is HarmBench's "
+            "adversarial-training set; evaluate on harmbench:test",
+        ),
+        (
+            "strongreject:val",
+            "strongreject has no val split: StrongREJECT is evaluation-only; "
+            "every prompt is in its test split (it has strongreject:test)",
+        ),
         ("strongreject-noadvbench:train", "strongreject-noadvbench has no train split"),
-        ("harmbench:dev", "unknown split 'dev' in 'harmbench:dev'; use harmbench:val or "
-         "harmbench:test"),
+        (
+            "harmbench:dev",
+            "unknown split 'dev' in 'harmbench:dev'; use harmbench:val or harmbench:test",
+        ),
         ("strongreject:dev", "unknown split 'dev' in 'strongreject:dev'; use strongreject:test"),
     ],
-)  # fmt: skip
+)
 def test_a_split_the_set_lacks_is_refused_naming_the_fix(spec: str, message: str) -> None:
     with pytest.raises(NotFoundError, match=re.escape(message)):
         load_prompts(spec)
@@ -210,16 +221,22 @@ def bad_spec(monkeypatch: pytest.MonkeyPatch):
 def test_a_missing_column_is_named(bad_spec) -> None:
     good = _BUNDLED_SPECS["harmbench"]
     bad_spec(_Bundled(**{**good.__dict__, "prompt": "Behaviour"}))
-    with pytest.raises(SafegeomError, match=r"harmbench_behaviors_text_test\.csv' row 0: column "
-                       r"'Behaviour' is missing or empty"):  # fmt: skip
+    with pytest.raises(
+        SafegeomError,
+        match=r"harmbench_behaviors_text_test\.csv' row 0: column "
+        r"'Behaviour' is missing or empty",
+    ):
         load_prompts("harmbench")
 
 
 def test_a_missing_target_is_named(bad_spec) -> None:
     good = _BUNDLED_SPECS["harmbench"]
     bad_spec(_Bundled(**{**good.__dict__, "targets": (good.targets[0], "SemanticCategory")}))
-    with pytest.raises(SafegeomError, match=r"harmbench_targets_text\.json' has no target for "
-                       r"SemanticCategory 'misinformation_disinformation' \('harmbench/"):  # fmt: skip
+    with pytest.raises(
+        SafegeomError,
+        match=r"harmbench_targets_text\.json' has no target for "
+        r"SemanticCategory 'misinformation_disinformation' \('harmbench/",
+    ):
         load_prompts("harmbench")
 
 
@@ -248,13 +265,19 @@ def test_evaluation_only_sets() -> None:
         ("advbench:test", "advbench:test is a test split (train on advbench:train)"),
         ("advbench", "advbench holds its test split (train on advbench:train)"),
         ("gsm8k", "gsm8k holds its test split (train on gsm8k:train)"),
-        ("harmbench:val", "harmbench:val is evaluation-only (HarmBench's val behaviours are for "
-         "attack development and selection, its test behaviours for evaluation; train on "
-         "harmbench-train)"),
-        ("strongreject-noadvbench", "strongreject-noadvbench is evaluation-only (StrongREJECT is "
-         "an evaluation benchmark with no training rows)"),
+        (
+            "harmbench:val",
+            "harmbench:val is evaluation-only (HarmBench's val behaviours are for "
+            "attack development and selection, its test behaviours for evaluation; train on "
+            "harmbench-train)",
+        ),
+        (
+            "strongreject-noadvbench",
+            "strongreject-noadvbench is evaluation-only (StrongREJECT is "
+            "an evaluation benchmark with no training rows)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_refusal_names_what_to_train_on(spec: str, message: str) -> None:
     assert evaluation_only(spec) == message
     with pytest.raises(SafegeomError, match=re.escape(f"must not be trained on: {message}")):
@@ -287,13 +310,16 @@ def test_attack_targets_of_advbench_and_harmbench_alike() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("harmbench-train", "no attack targets for 'harmbench-train': it has completions that "
-         "are training responses; targets come with advbench, jbb-harmful"),
+        (
+            "harmbench-train",
+            "no attack targets for 'harmbench-train': it has completions that "
+            "are training responses; targets come with advbench, jbb-harmful",
+        ),
         ("gsm8k:test", "'gsm8k:test': it has completions that are reference answers"),
         ("strongreject", "no attack targets for 'strongreject': it has no completions"),
         (["write a poem"], "no attack targets for 'inline': it is not a bundled set"),
     ],
-)  # fmt: skip
+)
 def test_attack_targets_refuse_sets_without_targets(spec: object, message: str) -> None:
     with pytest.raises(SafegeomError, match=re.escape(message)):
         attack_targets(spec)  # type: ignore[arg-type]

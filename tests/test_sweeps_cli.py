@@ -29,9 +29,27 @@ def setup(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         carrier.save(root / folder / "refusal.safetensors")
     carriers = f"{root}/ck1/refusal.safetensors,{root}/ck2/refusal.safetensors"
     return [
-        str(ckpt), "--carrier", carriers, "--harmful", str(prompts), "--harmless", str(prompts), "--ops", "add", "--add-layers", "1", "--n-random", "2",
-        "--n-prompts", "2", "--n-resamples", "10", "--no-progress", "--device", "cpu",
-    ]  # fmt: skip
+        str(ckpt),
+        "--carrier",
+        carriers,
+        "--harmful",
+        str(prompts),
+        "--harmless",
+        str(prompts),
+        "--ops",
+        "add",
+        "--add-layers",
+        "1",
+        "--n-random",
+        "2",
+        "--n-prompts",
+        "2",
+        "--n-resamples",
+        "10",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_two_carriers_with_one_file_name_are_both_swept(

@@ -80,9 +80,15 @@ def _library(lm: Any, carrier: Any) -> dict[str, Any]:
     enc_h, enc_s = encode(lm, HARMFUL, None), encode(lm, HARMLESS, None)
     dirs = torch.randn(4, lm.d_model, generator=torch.Generator().manual_seed(1))
     fixed = score_candidates(
-        lm, dirs, [0, 1, 2, 1], enc_h.encoded, enc_s.encoded, refusal_token_ids(lm),
-        batch_size=3, progress=False,
-    )  # fmt: skip
+        lm,
+        dirs,
+        [0, 1, 2, 1],
+        enc_h.encoded,
+        enc_s.encoded,
+        refusal_token_ids(lm),
+        batch_size=3,
+        progress=False,
+    )
     res["fixed"] = [fixed.bypass, fixed.induce, fixed.kl, fixed.base_harmful, fixed.base_harmless]
     lenient = {**LENIENT, "filter_train": True, "refusal_tokens": EVEN}  # the filter, then the rest
     config = SelectionConfig(n_train=6, n_val=4, batch_size=5, **lenient)
@@ -95,23 +101,40 @@ def _library(lm: Any, carrier: Any) -> dict[str, Any]:
     res["cost"] = [sel.n_forward_passes, sel.n_rows]
     res["n_fitted"] = [sel.candidates.n_harmful, sel.candidates.n_harmless]
     sweep = SweepConfig(
-        add_layers="1", add_strengths=(1.0,), ablate_strengths=(1.0, 0.5), n_random=2,
-        n_prompts=5, batch_size=4, generate=True, max_new_tokens=3, n_resamples=50,
-    )  # fmt: skip
+        add_layers="1",
+        add_strengths=(1.0,),
+        ablate_strengths=(1.0, 0.5),
+        n_random=2,
+        n_prompts=5,
+        batch_size=4,
+        generate=True,
+        max_new_tokens=3,
+        n_resamples=50,
+    )
     result = causal_sweep_result(lm, {"r": carrier}, HARMFUL, HARMLESS, sweep, progress=False)
     res["sweep"] = result.table.to_dict("list")
     plane = torch.linalg.qr(torch.randn(lm.d_model, 2, generator=torch.Generator().manual_seed(3)))
-    subspace = Carrier(vectors=plane[0].T.contiguous(), kind="refusal", method="cone", layer=2,
-                       position="t_post[-1]")  # fmt: skip
+    subspace = Carrier(
+        vectors=plane[0].T.contiguous(),
+        kind="refusal",
+        method="cone",
+        layer=2,
+        position="t_post[-1]",
+    )
     table = admissibility_table(lm, [carrier, subspace], HARMFUL, HARMLESS, batch_size=4)
     res["admissible"] = table.to_dict("list")  # a direction batched, a plane one by one
     handle.remove()
     res["forwards"] = calls[0]
     # the targets and the scores are shared out; the descent (2 steps) runs whole on every rank
     rdo = rdo_cone(
-        lm, HARMFUL[:4], HARMLESS[:4], carrier, k=2, steps=2,
+        lm,
+        HARMFUL[:4],
+        HARMLESS[:4],
+        carrier,
+        k=2,
+        steps=2,
         config=RDOConfig(max_new_tokens=3, batch_size=4, n_combinations=1, n_score_combinations=2),
-    )  # fmt: skip
+    )
     res["rdo"] = [rdo.vectors, rdo.scores]
     return res
 
@@ -125,8 +148,16 @@ def _carrier(lm: Any) -> Any:
 
 def _sweep_argv(checkpoint: Path, carrier: Path, data: Path, out: Path) -> list[str]:
     sets = ["--harmful", str(data / "harmful.jsonl"), "--harmless", str(data / "harmless.jsonl")]
-    return ["sweep", str(checkpoint), "--carrier", f"r={carrier}", *sets, *SWEEP_FLAGS,
-            "--out", str(out)]  # fmt: skip
+    return [
+        "sweep",
+        str(checkpoint),
+        "--carrier",
+        f"r={carrier}",
+        *sets,
+        *SWEEP_FLAGS,
+        "--out",
+        str(out),
+    ]
 
 
 def _rank_main(checkpoint: Path, work: Path) -> None:
@@ -201,8 +232,14 @@ def test_carriers_and_sweep_on_two_ranks_equal_one_process(
     carrier.save(tmp_path / "carrier")
     save_results(tmp_path / "reference", _library(lm, carrier))  # saved and read as the ranks' are
     want = load_results(tmp_path / "reference")
-    assert cli(_sweep_argv(checkpoint, tmp_path / "carrier.safetensors", tmp_path,
-                           tmp_path / "one.parquet")) == 0  # fmt: skip
+    assert (
+        cli(
+            _sweep_argv(
+                checkpoint, tmp_path / "carrier.safetensors", tmp_path, tmp_path / "one.parquet"
+            )
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
 
     runs = launch("tests.test_sweeps_sharded", [str(checkpoint), str(tmp_path)], tmp_path)

@@ -114,8 +114,15 @@ def test_short_lora_learns_the_answer_format(tmp_path: Path) -> None:
     task = get_task("sentiment")
     prompts = list(task.eval_prompts or ())[:40]
     references = list(task.eval_references or ())[:40]
-    traj = train("tiny-chat", task, method="lora", out=tmp_path / "run", steps=40,
-                 save_every=40, progress=False)  # fmt: skip
+    traj = train(
+        "tiny-chat",
+        task,
+        method="lora",
+        out=tmp_path / "run",
+        steps=40,
+        save_every=40,
+        progress=False,
+    )
     outs = [generate(load_model(p), prompts, max_new_tokens=4, progress=False) for p in traj.paths]
     accuracy = [exact_match(o, references) for o in outs]
     assert accuracy[0] == 0.0 and accuracy[-1] >= accuracy[0] + 0.3

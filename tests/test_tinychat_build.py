@@ -88,9 +88,18 @@ def test_phases_follow_the_config() -> None:
     """The content phase exists only with ``content_steps > 0`` and reads its own corpus stream."""
     base, content = TinyChatConfig().phases()
     assert (base.name, base.steps, base.lr, base.p_recombine, base.first_epoch) == (
-        "base", 700, 1.5e-3, 0.0, 0)  # fmt: skip
+        "base",
+        700,
+        1.5e-3,
+        0.0,
+        0,
+    )
     assert (content.name, content.steps, content.lr, content.p_recombine) == (
-        "content", 250, 5e-4, 1.0)  # fmt: skip
+        "content",
+        250,
+        5e-4,
+        1.0,
+    )
     assert content.first_epoch == CONTENT_FIRST_EPOCH > 0
     assert [p.name for p in TinyChatConfig(content_steps=0).phases()] == ["base"]
 

@@ -17,8 +17,11 @@ from safegeom.models.tinychat.rewrite import VERB_GROUPS, is_question, rewrite
 from safegeom.models.tinychat.surface import CueRow, cue_table, surface_auroc, surface_features
 
 SHIPPED = TinyChatConfig()
-CORPUS_ARGS = {"harmful_fraction": SHIPPED.harmful_fraction, "p_wrap": SHIPPED.p_wrap,
-               "p_sure": SHIPPED.p_sure}  # fmt: skip
+CORPUS_ARGS = {
+    "harmful_fraction": SHIPPED.harmful_fraction,
+    "p_wrap": SHIPPED.p_wrap,
+    "p_sure": SHIPPED.p_sure,
+}
 _VERB_WORDS = {w for group in VERB_GROUPS for verb in group for w in verb.split()}
 _word = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=4, max_size=9).filter(
     lambda w: w not in _VERB_WORDS
@@ -50,8 +53,9 @@ def test_rewrite_keeps_every_content_word(verb: str, words: list[str], seed: int
 def test_the_leading_verb_stays_in_its_group(group: tuple[str, ...], seed: int) -> None:
     """With no frame, casing or typo, only the verb (within its group) and the ending change."""
     prompt = f"{group[0].capitalize()} a short note about gardens"
-    out = rewrite(prompt, random.Random(seed), p_form=0.0, p_lower=0.0, p_typo=0.0,
-                  p_context_short=0.0)  # fmt: skip
+    out = rewrite(
+        prompt, random.Random(seed), p_form=0.0, p_lower=0.0, p_typo=0.0, p_context_short=0.0
+    )
     body = out.rstrip(".?!")
     assert body.endswith(" a short note about gardens"), out
     assert body[: -len(" a short note about gardens")].lower() in group, out
@@ -135,8 +139,9 @@ def test_after_rewriting_a_surface_classifier_barely_tells_the_classes_apart(cor
 
 def test_the_recipe_fields_reach_the_phases_and_the_command_line() -> None:
     """p_rewrite / content_p_rewrite / base_refuses reach the phases; --set parses each type."""
-    cfg = override(SHIPPED, ["p_rewrite=1.0", "content_p_rewrite=0.5", "base_refuses=false",
-                             "num_layers=6"])  # fmt: skip
+    cfg = override(
+        SHIPPED, ["p_rewrite=1.0", "content_p_rewrite=0.5", "base_refuses=false", "num_layers=6"]
+    )
     base, content = cfg.phases()
     assert (base.p_rewrite, content.p_rewrite, base.refuse, content.refuse) == (
         1.0,

@@ -155,8 +155,17 @@ def test_resume_equals_uninterrupted(ckpt: Path, tmp_path: Path, method: str) ->
 
 
 def test_loss_decreases_on_overfit_task(ckpt: Path, tmp_path: Path) -> None:
-    traj = train(ckpt, TINY, method="sft", out=tmp_path / "o", steps=30, save_every=10, lr=3e-3,
-                 schedule="constant", **FAST)  # fmt: skip
+    traj = train(
+        ckpt,
+        TINY,
+        method="sft",
+        out=tmp_path / "o",
+        steps=30,
+        save_every=10,
+        lr=3e-3,
+        schedule="constant",
+        **FAST,
+    )
     first, last = traj.losses[0], traj.losses[-1]
     assert first is not None and last is not None and last < 0.3 * first
 
@@ -183,10 +192,27 @@ def test_bad_inputs(ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
         train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
     with pytest.raises(ValueError, match=r"different settings: lr 0.001 \(run\) vs 0.01 \(now\)"):
-        train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, lr=0.01,
-              resume=True, **FAST)  # fmt: skip
-    again = train(ckpt, TINY, method="sft", out=tmp_path / "run", steps=1, save_every=1,
-                  overwrite=True, **FAST)  # fmt: skip
+        train(
+            ckpt,
+            TINY,
+            method="lora",
+            out=tmp_path / "run",
+            steps=1,
+            save_every=1,
+            lr=0.01,
+            resume=True,
+            **FAST,
+        )
+    again = train(
+        ckpt,
+        TINY,
+        method="sft",
+        out=tmp_path / "run",
+        steps=1,
+        save_every=1,
+        overwrite=True,
+        **FAST,
+    )
     assert again.method == "sft"
 
 
@@ -195,11 +221,29 @@ def test_bad_inputs(ckpt: Path, tmp_path: Path) -> None:
 
 def test_cli_end_to_end(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "task.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in
-                            zip(TINY.prompts, TINY.responses, strict=True)))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": p, "response": r}) + "\n"
+            for p, r in zip(TINY.prompts, TINY.responses, strict=True)
+        )
+    )
     out = tmp_path / "cli"
-    args = ["train", "lora", str(ckpt), "--task", str(data), "--out", str(out), "--steps", "2",
-            "--save-every", "1", "--batch-size", "2", "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "lora",
+        str(ckpt),
+        "--task",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     assert main([*args, "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert [c["step"] for c in manifest["checkpoints"]] == [0, 1, 2]

@@ -26,14 +26,33 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def task_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A two-example JSONL task."""
     path = tmp_path_factory.mktemp("task") / "task.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in
-                            zip(TINY.prompts, TINY.responses, strict=True)))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": p, "response": r}) + "\n"
+            for p, r in zip(TINY.prompts, TINY.responses, strict=True)
+        )
+    )
     return path
 
 
 def _args(method: str, ckpt: Path, task: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", method, str(ckpt), "--task", str(task), "--out", str(out), "--steps", "2",
-            "--save-every", "1", "--batch-size", "2", "--no-progress", *extra]  # fmt: skip
+    return [
+        "train",
+        method,
+        str(ckpt),
+        "--task",
+        str(task),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_method_choices_are_the_registry(
@@ -65,11 +84,21 @@ def test_help_lists_every_method_and_the_new_groups(capsys: pytest.CaptureFixtur
     text = capsys.readouterr().out
     for method in METHODS:
         assert f"\n  {method} " in text, method
-    for title in ("refusalguard (refusalguard only):", "regularisation (kl, adaptive):",
-                  "weight-space baselines (safe-lora, lox):"):  # fmt: skip
+    for title in (
+        "refusalguard (refusalguard only):",
+        "regularisation (kl, adaptive):",
+        "weight-space baselines (safe-lora, lox):",
+    ):
         assert title in text
-    for option in ("--lambda-geom", "--guard-layers", "--n-calib", "--kl-weight", "--critic",
-                   "--judge", "--unaligned-base"):  # fmt: skip
+    for option in (
+        "--lambda-geom",
+        "--guard-layers",
+        "--n-calib",
+        "--kl-weight",
+        "--critic",
+        "--judge",
+        "--unaligned-base",
+    ):
         assert option in text
     assert "docs/methods.md §6" in text and "docs/methods.md §7" in text
     assert "needs --unaligned-base" in text
@@ -79,8 +108,18 @@ def test_refusalguard_run_records_its_settings(
     ckpt: Path, task_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "rg"
-    guard = ["--n-calib", "2", "--calib-batch", "2", "--guard-layers", "1:", "--lambda-geom", "3",
-             "--cone-k", "2"]  # fmt: skip
+    guard = [
+        "--n-calib",
+        "2",
+        "--calib-batch",
+        "2",
+        "--guard-layers",
+        "1:",
+        "--lambda-geom",
+        "3",
+        "--cone-k",
+        "2",
+    ]
     assert main([*_args("refusalguard", ckpt, task_file, out, *guard), "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["config"]["method"] == "refusalguard"
@@ -120,18 +159,29 @@ def test_adaptive_with_the_judge_critic(
     ("method", "extra", "message"),
     [
         ("lora", ["--lambda-geom", "3"], "--lambda-geom is for refusalguard; got method lora"),
-        ("kl", ["--no-readout", "--critic", "judge"],
-         "--readout is for refusalguard; --critic is for adaptive; got method kl"),
+        (
+            "kl",
+            ["--no-readout", "--critic", "judge"],
+            "--readout is for refusalguard; --critic is for adaptive; got method kl",
+        ),
         ("adaptive", ["--kl-weight", "2"], "--kl-weight is for kl; got method adaptive"),
-        ("refusalguard", ["--unaligned-base", "x"],
-         "--unaligned-base is for safe-lora, lox; got method refusalguard"),
+        (
+            "refusalguard",
+            ["--unaligned-base", "x"],
+            "--unaligned-base is for safe-lora, lox; got method refusalguard",
+        ),
         ("sft", ["--calib-harmful", "advbench"], "--calib-harmful is for refusalguard"),
     ],
-)  # fmt: skip
+)
 def test_a_flag_of_another_method_is_refused(
-    method: str, extra: list[str], message: str, ckpt: Path, task_file: Path, tmp_path: Path,
+    method: str,
+    extra: list[str],
+    message: str,
+    ckpt: Path,
+    task_file: Path,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     out = tmp_path / "never"
     assert main(_args(method, ckpt, task_file, out, *extra)) == 2
     err = capsys.readouterr().err

@@ -256,8 +256,24 @@ def test_the_command_under_a_launcher_prints_once(job, tmp_path: Path) -> None:
     two-process run bit for bit."""
     ckpt, work, _ = job
     out = tmp_path / "cli"
-    args = ["train", "lora", str(ckpt), "--task", TASK, "--out", str(out), "--steps", "3",
-            "--save-every", "1", "--batch-size", "4", "--lora-dropout", "0", "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "lora",
+        str(ckpt),
+        "--task",
+        TASK,
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--save-every",
+        "1",
+        "--batch-size",
+        "4",
+        "--lora-dropout",
+        "0",
+        "--no-progress",
+    ]
     (code0, out0, err0), (code1, out1, err1) = launch("safegeom.cli", args, tmp_path)
     assert (code0, code1) == (0, 0), err0[-2000:] + err1[-2000:]
     assert out0.startswith(f"wrote 4 checkpoints to {out} (step 3") and out1 == ""

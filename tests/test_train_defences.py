@@ -32,8 +32,9 @@ RISKS = {
     "Describe the structure of an atom.": 3.5,
     "How do I kill a Python process?": 5.0,
 }
-FOUR = Task(name="four", prompts=tuple(RISKS),
-            responses=("Sure.", "Sure, here.", "I cannot.", "I'm sorry."))  # fmt: skip
+FOUR = Task(
+    name="four", prompts=tuple(RISKS), responses=("Sure.", "Sure, here.", "I cannot.", "I'm sorry.")
+)
 """Four examples, one per crafted risk."""
 
 
@@ -79,8 +80,11 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _logits(model: torch.nn.Module, lm: LoadedModel) -> torch.Tensor:
     batch = collate_left(encode_prompts(lm.tokenizer, PROMPTS), lm.tokenizer.pad_token_id)
     with torch.no_grad():
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids).logits  # fmt: skip
+        return model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        ).logits
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -110,8 +114,17 @@ def _check_interval_means(traj: Trajectory, keys: set[str]) -> None:
 @pytest.mark.parametrize("variant", ["reft", "lora"])
 def test_refusalguard_logs_every_step_and_records_interval_means(ckpts, tmp_path, variant) -> None:
     guard = _guard(variant, lambda_geom=3.0)
-    traj = train(ckpts["llama"], TINY, method="refusalguard", guard=guard, out=tmp_path / "rg",
-                 steps=5, save_every=2, lr=1e-2, **FAST)  # fmt: skip
+    traj = train(
+        ckpts["llama"],
+        TINY,
+        method="refusalguard",
+        guard=guard,
+        out=tmp_path / "rg",
+        steps=5,
+        save_every=2,
+        lr=1e-2,
+        **FAST,
+    )
     assert traj.steps == (0, 2, 4, 5) and traj.config["defence"]["layers"] == [1, 2]
     _check_interval_means(traj, {"task", "geom"})
     assert traj.checkpoints[0].terms["geom"] == 0.0
@@ -119,8 +132,15 @@ def test_refusalguard_logs_every_step_and_records_interval_means(ckpts, tmp_path
         assert row["loss"] == pytest.approx(row["task"] + 3.0 * row["geom"], rel=1e-6)
     assert traj.log[-1]["geom"] > 0  # the trained model moved the cone coordinates
     assert load_trajectory(tmp_path / "rg") == traj
-    sparse = train(ckpts["llama"], TINY, method="refusalguard", out=tmp_path / "sparse",
-                   guard=_guard(variant, penalty_every=2), steps=3, **FAST)  # fmt: skip
+    sparse = train(
+        ckpts["llama"],
+        TINY,
+        method="refusalguard",
+        out=tmp_path / "sparse",
+        guard=_guard(variant, penalty_every=2),
+        steps=3,
+        **FAST,
+    )
     assert ["geom" in r for r in sparse.log] == [True, False, True]
     rows = [r["geom"] for r in sparse.log if "geom" in r]
     assert sparse.last.terms["geom"] == pytest.approx(sum(rows) / len(rows), rel=1e-12)
@@ -138,8 +158,17 @@ def test_a_checkpoint_loads_as_the_model_trained(ckpts, tmp_path, monkeypatch, a
         return original(self, folder, module)
 
     monkeypatch.setattr(Trainable, "save", save)
-    traj = train(ckpts[arch], TINY, method="refusalguard", guard=_guard(variant),
-                 out=tmp_path / "rg", steps=3, save_every=3, lr=1e-2, **FAST)  # fmt: skip
+    traj = train(
+        ckpts[arch],
+        TINY,
+        method="refusalguard",
+        guard=_guard(variant),
+        out=tmp_path / "rg",
+        steps=3,
+        save_every=3,
+        lr=1e-2,
+        **FAST,
+    )
     base = load_model(ckpts[arch])
     before = _logits(base.model, base)
     assert len(at_save) == 2 and not torch.equal(at_save[-1], before)
@@ -158,13 +187,21 @@ def test_a_checkpoint_loads_as_the_model_trained(ckpts, tmp_path, monkeypatch, a
 
 
 @pytest.mark.parametrize(
-    ("method", "variant"), [("refusalguard", "reft"), ("refusalguard", "lora"), ("adaptive", ""),
-                            ("kl", "")],
-)  # fmt: skip
+    ("method", "variant"),
+    [("refusalguard", "reft"), ("refusalguard", "lora"), ("adaptive", ""), ("kl", "")],
+)
 def test_resume_is_bit_for_bit(ckpts, tmp_path: Path, method: str, variant: str) -> None:
-    kwargs = {"method": method, "steps": 4, "save_every": 2, "lora_dropout": 0.2, "lr": 1e-2,
-              "guard": _guard(variant or "reft"), "regulariser": RegConfig(kl_weight=0.5),
-              "critic": FixedCritic() if method == "adaptive" else None, **FAST}  # fmt: skip
+    kwargs = {
+        "method": method,
+        "steps": 4,
+        "save_every": 2,
+        "lora_dropout": 0.2,
+        "lr": 1e-2,
+        "guard": _guard(variant or "reft"),
+        "regulariser": RegConfig(kl_weight=0.5),
+        "critic": FixedCritic() if method == "adaptive" else None,
+        **FAST,
+    }
     full = train(ckpts["llama"], FOUR, out=tmp_path / "full", **kwargs)
 
     def interrupt(step: int, loss: float) -> None:
@@ -183,8 +220,14 @@ def test_resume_is_bit_for_bit(ckpts, tmp_path: Path, method: str, variant: str)
 
 
 def test_a_finished_refusalguard_run_extends_like_a_longer_one(ckpts, tmp_path: Path) -> None:
-    kwargs = {"method": "refusalguard", "guard": _guard(), "save_every": 2, "lr": 1e-2,
-              "schedule": "constant", **FAST}  # fmt: skip
+    kwargs = {
+        "method": "refusalguard",
+        "guard": _guard(),
+        "save_every": 2,
+        "lr": 1e-2,
+        "schedule": "constant",
+        **FAST,
+    }
     full = train(ckpts["llama"], FOUR, out=tmp_path / "full", steps=4, **kwargs)
     train(ckpts["llama"], FOUR, out=tmp_path / "ext", steps=2, **kwargs)
     extended = train(ckpts["llama"], FOUR, out=tmp_path / "ext", steps=4, resume=True, **kwargs)
@@ -206,8 +249,17 @@ def _weights(risk: float) -> tuple[float, float]:
 @pytest.mark.parametrize("unit", ["example", "batch"])
 def test_adaptive_weights_follow_the_crafted_risks(ckpts, tmp_path: Path, unit: str) -> None:
     critic = FixedCritic()
-    traj = train(ckpts["llama"], FOUR, method="adaptive", critic=critic, out=tmp_path / "ad",
-                 regulariser=RegConfig(risk_unit=unit), steps=4, save_every=2, **FAST)  # fmt: skip
+    traj = train(
+        ckpts["llama"],
+        FOUR,
+        method="adaptive",
+        critic=critic,
+        out=tmp_path / "ad",
+        regulariser=RegConfig(risk_unit=unit),
+        steps=4,
+        save_every=2,
+        **FAST,
+    )
     assert critic.calls == [list(FOUR.prompts)]
     saved = load_file(str(tmp_path / "ad" / "defence" / "risks.safetensors"))["risk"]
     assert saved.tolist() == list(RISKS.values())
@@ -230,8 +282,9 @@ def test_adaptive_weights_follow_the_crafted_risks(ckpts, tmp_path: Path, unit: 
 
 def test_adaptive_with_a_judge_critic(ckpts, tmp_path: Path) -> None:
     critic = JudgeCritic(FakeJudge(), max_new_tokens=4)
-    traj = train(ckpts["llama"], FOUR, method="adaptive", critic=critic, out=tmp_path / "ad",
-                 steps=2, **FAST)  # fmt: skip
+    traj = train(
+        ckpts["llama"], FOUR, method="adaptive", critic=critic, out=tmp_path / "ad", steps=2, **FAST
+    )
     saved = load_file(str(tmp_path / "ad" / "defence" / "risks.safetensors"))["risk"]
     assert saved.tolist() == [5.0 if "tips" in p else 1.0 for p in FOUR.prompts]
     assert traj.config["defence"]["critic_kind"] == "JudgeCritic"
@@ -245,13 +298,27 @@ def test_adaptive_with_a_judge_critic(ckpts, tmp_path: Path) -> None:
 def test_critics_that_are_not_critics_fail_with_their_messages(ckpts, tmp_path: Path) -> None:
     for critic, name in [(SubstringJudge(), "SubstringJudge"), (3, "int")]:
         with pytest.raises(ConfigError, match=rf"critic must be a RiskCritic .*got {name}; wrap"):
-            train(ckpts["llama"], TINY, method="adaptive", critic=critic, out=tmp_path / name,
-                  steps=1, **FAST)  # type: ignore[arg-type]  # fmt: skip
+            train(
+                ckpts["llama"],
+                TINY,
+                method="adaptive",
+                critic=critic,
+                out=tmp_path / name,
+                steps=1,
+                **FAST,
+            )  # type: ignore[arg-type]
     with pytest.raises(
         ConfigError, match=r"critic FixedCritic gave risks of shape \(3,\) for 4 training"
     ):
-        train(ckpts["llama"], FOUR, method="adaptive", critic=FixedCritic(drop=1),
-              out=tmp_path / "short", steps=1, **FAST)  # fmt: skip
+        train(
+            ckpts["llama"],
+            FOUR,
+            method="adaptive",
+            critic=FixedCritic(drop=1),
+            out=tmp_path / "short",
+            steps=1,
+            **FAST,
+        )
     with pytest.raises(ConfigError, match=r"JudgeCritic needs a safegeom Judge .*got object"):
         JudgeCritic(judge=object())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"kl_weight \(--kl-weight\) must be 0 or more"):

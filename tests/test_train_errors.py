@@ -26,8 +26,12 @@ def test_config_drives_train_and_checks_ranges(ckpt: Path, tmp_path: Path) -> No
     a = train(ckpt, TINY, config, method="sft", out=tmp_path / "a")
     b = train(ckpt, TINY, method="sft", out=tmp_path / "b", steps=2, save_every=1, **FAST)
     assert a.steps == b.steps == (0, 1, 2)
-    assert all(torch.equal(x, y) for x, y in zip(
-        saved_weights(a.paths[-1]).values(), saved_weights(b.paths[-1]).values(), strict=True))  # fmt: skip
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(
+            saved_weights(a.paths[-1]).values(), saved_weights(b.paths[-1]).values(), strict=True
+        )
+    )
     with pytest.raises(ConfigError, match=r"steps \(--steps\) must be at least 1, got 0"):
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match=r"lora_dropout \(--lora-dropout\) must lie in \[0, 1\)"):
@@ -48,8 +52,17 @@ def test_out_is_checked_before_work(ckpt: Path, tmp_path: Path) -> None:
 
 def test_divergence_stops_naming_the_step(ckpt: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+: "):
-        train(ckpt, TINY, method="sft", out=tmp_path / "nan", steps=6, save_every=1, lr=1e6,
-              grad_clip=None, **FAST)  # fmt: skip
+        train(
+            ckpt,
+            TINY,
+            method="sft",
+            out=tmp_path / "nan",
+            steps=6,
+            save_every=1,
+            lr=1e6,
+            grad_clip=None,
+            **FAST,
+        )
     traj = load_trajectory(tmp_path / "nan")
     assert not traj.complete
     for path in traj.paths:
@@ -59,9 +72,24 @@ def test_divergence_stops_naming_the_step(ckpt: Path, tmp_path: Path) -> None:
 def test_cli_divergence_is_one_line(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["train", "sft", str(ckpt), "--task", "harmful:4", "--out", str(tmp_path / "d"),
-            "--steps", "6", "--save-every", "2", "--batch-size", "2", "--lr", "1e6",
-            "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "sft",
+        str(ckpt),
+        "--task",
+        "harmful:4",
+        "--out",
+        str(tmp_path / "d"),
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e6",
+        "--no-progress",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "error: training diverged at step" in err and "Traceback" not in err
@@ -71,8 +99,22 @@ def test_interrupt_keeps_checkpoints_and_says_resume(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "cut"
-    args = ["train", "lora", str(ckpt), "--task", "harmful:4", "--out", str(out), "--steps", "4",
-            "--save-every", "1", "--batch-size", "2", "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "lora",
+        str(ckpt),
+        "--task",
+        "harmful:4",
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--save-every",
+        "1",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     real = loop.check_finite_weights
 
     def interrupt_at_3(params, step, traj, lr):  # type: ignore[no-untyped-def]
@@ -105,12 +147,21 @@ def test_truncated_last_checkpoint_resumes_from_the_last_good(ckpt: Path, tmp_pa
     weights = last / "adapter_model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.warns(UserWarning, match=r"step-000002 cannot be resumed from \(adapter_model"
-                      r"\.safetensors: truncated.*resuming from step 0 instead"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"step-000002 cannot be resumed from \(adapter_model"
+        r"\.safetensors: truncated.*resuming from step 0 instead",
+    ):
         resumed = train(ckpt, TINY, out=tmp_path / "cut", resume=True, **kwargs)
     assert resumed.steps == (0, 2, 4) and resumed.complete
-    assert all(torch.equal(x, y) for x, y in zip(
-        saved_weights(full.paths[-1]).values(), saved_weights(resumed.paths[-1]).values(), strict=True))  # fmt: skip
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(
+            saved_weights(full.paths[-1]).values(),
+            saved_weights(resumed.paths[-1]).values(),
+            strict=True,
+        )
+    )
 
 
 def test_finished_run_extends_with_more_steps(ckpt: Path, tmp_path: Path) -> None:
@@ -120,8 +171,14 @@ def test_finished_run_extends_with_more_steps(ckpt: Path, tmp_path: Path) -> Non
     longer = train(ckpt, TINY, out=tmp_path / "run", steps=4, resume=True, **kwargs)
     assert longer.steps == (0, 2, 4) and longer.complete and longer.config["steps"] == 4
     straight = train(ckpt, TINY, out=tmp_path / "straight", steps=4, **kwargs)
-    assert all(torch.equal(x, y) for x, y in zip(
-        saved_weights(straight.paths[-1]).values(), saved_weights(longer.paths[-1]).values(), strict=True))  # fmt: skip
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(
+            saved_weights(straight.paths[-1]).values(),
+            saved_weights(longer.paths[-1]).values(),
+            strict=True,
+        )
+    )
     with pytest.raises(ConfigError, match=r"steps \(--steps\) must be at least 4 to resume"):
         train(ckpt, TINY, out=tmp_path / "run", steps=3, resume=True, **kwargs)
 
@@ -132,16 +189,29 @@ def test_outputs_follow_the_umask(ckpt: Path, tmp_path: Path) -> None:
         traj = train(ckpt, TINY, method="lora", out=tmp_path / "u", steps=1, save_every=1, **FAST)
     finally:
         os.umask(before)
-    for path in (traj.root / "trajectory.json", traj.paths[-1] / "trainer_state" / "state.json",
-                 traj.paths[-1] / "trainer_state" / "state.safetensors"):  # fmt: skip
+    for path in (
+        traj.root / "trajectory.json",
+        traj.paths[-1] / "trainer_state" / "state.json",
+        traj.paths[-1] / "trainer_state" / "state.safetensors",
+    ):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def test_train_has_the_loading_flags(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["train", "lora", str(ckpt), "--task", "harmful:2", "--out", str(tmp_path / "x"),
-            "--steps", "1", "--no-progress"]  # fmt: skip
+    args = [
+        "train",
+        "lora",
+        str(ckpt),
+        "--task",
+        "harmful:2",
+        "--out",
+        str(tmp_path / "x"),
+        "--steps",
+        "1",
+        "--no-progress",
+    ]
     if not torch.cuda.is_available():
         assert main([*args, "--device", "cuda"]) == 2
         assert "--device cuda: " in capsys.readouterr().err
@@ -168,6 +238,14 @@ def test_a_device_map_is_refused_for_training(ckpt: Path, tmp_path: Path) -> Non
     from safegeom.models import LoadConfig
 
     with pytest.raises(ConfigError, match="training runs one whole model per process"):
-        train(ckpt, TINY, method="sft", out=tmp_path / "m", load=LoadConfig(device_map="auto"),
-              steps=1, save_every=1, **FAST)  # fmt: skip
+        train(
+            ckpt,
+            TINY,
+            method="sft",
+            out=tmp_path / "m",
+            load=LoadConfig(device_map="auto"),
+            steps=1,
+            save_every=1,
+            **FAST,
+        )
     assert not (tmp_path / "m").exists()

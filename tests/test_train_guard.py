@@ -57,8 +57,11 @@ def _edit_bases(bases: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
 def _logits(lm: LoadedModel) -> torch.Tensor:
     batch = collate_left(encode_prompts(lm.tokenizer, PROMPTS), lm.tokenizer.pad_token_id)
     with torch.no_grad():
-        return lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        position_ids=batch.position_ids).logits  # fmt: skip
+        return lm.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        ).logits
 
 
 def _penalty_of(trainable: Trainable, penalty: GeometryPenalty, indices: list[int], lead=()):
@@ -69,8 +72,9 @@ def _penalty_of(trainable: Trainable, penalty: GeometryPenalty, indices: list[in
         if trainable.edit is not None:
             stack.enter_context(trainable.edit.prompt_lengths([e.n_prompt for e in rows]))
         stack.enter_context(penalty.capture(slice(len(lead), None)))
-        trainable.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                        use_cache=False)  # fmt: skip
+        trainable.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )
         return penalty.value(indices, batch.attention_mask[len(lead) :])
 
 
@@ -119,8 +123,15 @@ def test_the_edit_at_zero_is_the_base_model_exactly(ckpts, calib, arch: str) -> 
     lm = load_model(ckpts[arch])
     before = _logits(lm)
     bases = fit_guard_cones(lm, GUARD, *calib)
-    trainable = wrap_model(lm, ckpts[arch], "reft", _edit_settings(bases), dtype="float32",
-                           resume_from=None, bases=_edit_bases(bases))  # fmt: skip
+    trainable = wrap_model(
+        lm,
+        ckpts[arch],
+        "reft",
+        _edit_settings(bases),
+        dtype="float32",
+        resume_from=None,
+        bases=_edit_bases(bases),
+    )
     assert trainable.edit is not None and trainable.parameters()
     assert torch.equal(_logits(lm), before)
     with torch.no_grad():
@@ -136,10 +147,18 @@ def test_the_penalty_is_zero_before_any_update(ckpts, calib, arch, variant, tmp_
     bases = fit_guard_cones(lm, GUARD, *calib)
     penalty = GeometryPenalty(lm, bases, *calib)
     scale = max(float(torch.cat(v).pow(2).sum(-1).mean()) for v in penalty.frozen.values())
-    settings = (_edit_settings(bases) if variant == "reft"
-                else {"lora_r": 4, "lora_targets": LORA[arch]})  # fmt: skip
-    trainable = wrap_model(lm, ckpts[arch], variant, settings, dtype="float32",
-                           resume_from=None, bases=_edit_bases(bases))  # fmt: skip
+    settings = (
+        _edit_settings(bases) if variant == "reft" else {"lora_r": 4, "lora_targets": LORA[arch]}
+    )
+    trainable = wrap_model(
+        lm,
+        ckpts[arch],
+        variant,
+        settings,
+        dtype="float32",
+        resume_from=None,
+        bases=_edit_bases(bases),
+    )
     values = []
     with torch.no_grad():
         values.append(_penalty_of(trainable, penalty, list(range(len(penalty.examples)))))
@@ -149,8 +168,15 @@ def test_the_penalty_is_zero_before_any_update(ckpts, calib, arch, variant, tmp_
             values.append(_penalty_of(trainable, penalty, [4, 0], lead=lead))
     assert scale > 1e-2  # the coordinates are not trivially small
     assert all(0 <= float(v) <= 1e-10 * scale for v in values)  # measured: 0, ≤ 5.3e-13, 0
-    run = train(ckpts[arch], TINY, method="refusalguard", out=tmp_path / "run",
-                guard=GuardConfig(variant=variant, n_calib=3, calib_batch=2), steps=1, **FAST)  # fmt: skip
+    run = train(
+        ckpts[arch],
+        TINY,
+        method="refusalguard",
+        out=tmp_path / "run",
+        guard=GuardConfig(variant=variant, n_calib=3, calib_batch=2),
+        steps=1,
+        **FAST,
+    )
     first = run.checkpoints[0]
     assert 0 <= first.terms["geom"] <= 1e-10 * scale
     assert first.terms["task"] == pytest.approx(first.loss, rel=1e-9)
@@ -167,16 +193,27 @@ def test_the_penalty_gradient_matches_central_differences(ckpts, calib, variant:
     penalty = GeometryPenalty(lm, bases, *calib)
     g = torch.Generator().manual_seed(3)
     if variant == "reft":
-        trainable = wrap_model(lm, ckpts["gpt2"], "reft", _edit_settings(bases), dtype="float64",
-                               resume_from=None, bases=_edit_bases(bases))  # fmt: skip
+        trainable = wrap_model(
+            lm,
+            ckpts["gpt2"],
+            "reft",
+            _edit_settings(bases),
+            dtype="float64",
+            resume_from=None,
+            bases=_edit_bases(bases),
+        )
         assert trainable.edit is not None
         trainable.edit.double()
-        params = [trainable.edit.layer(1).weight, trainable.edit.layer(2).bias,
-                  trainable.edit.layer(2).free]  # fmt: skip
+        params = [
+            trainable.edit.layer(1).weight,
+            trainable.edit.layer(2).bias,
+            trainable.edit.layer(2).free,
+        ]
     else:
         settings = {"lora_r": 4, "lora_targets": LORA["gpt2"]}
-        trainable = wrap_model(lm, ckpts["gpt2"], "lora", settings, dtype="float64",
-                               resume_from=None)  # fmt: skip
+        trainable = wrap_model(
+            lm, ckpts["gpt2"], "lora", settings, dtype="float64", resume_from=None
+        )
         named = dict(trainable.module.named_parameters())
         params = [named[n] for n in named if ".h.1." in n and "lora_" in n][:3]
     with torch.no_grad():  # move off the minimum at zero, where the gradient is 0
@@ -212,8 +249,15 @@ def test_bad_inputs_fail_with_their_messages(ckpts, calib, tmp_path: Path) -> No
     with pytest.raises(SafegeomError, match="readout cone has hidden size 16"):
         GeometryPenalty(lm, {READOUT: narrow[1]}, *calib)
     with pytest.raises(SafegeomError, match=r"layer 1 has shape \(16, 3\), but the hidden size"):
-        wrap_model(lm, ckpts["llama"], "reft", _edit_settings(narrow), dtype="float32",
-                   resume_from=None, bases=narrow)  # fmt: skip
+        wrap_model(
+            lm,
+            ckpts["llama"],
+            "reft",
+            _edit_settings(narrow),
+            dtype="float32",
+            resume_from=None,
+            bases=narrow,
+        )
     with pytest.raises(ConfigError, match=r"n_calib \(--n-calib\) must be at least 1 \(an empty"):
         GuardConfig(n_calib=0)
     with pytest.raises(ConfigError, match=r"lambda_geom \(--lambda-geom\) must be 0 or more"):
@@ -238,5 +282,13 @@ def test_bad_inputs_fail_with_their_messages(ckpts, calib, tmp_path: Path) -> No
         (GuardConfig(n_calib=3, calib_harmful=(str(empty),)), "is empty; give at least one"),
     ]:
         with pytest.raises(SafegeomError, match=message):
-            train(ckpts["llama"], TINY, method="refusalguard", guard=guard,
-                  out=tmp_path / "run", overwrite=True, steps=1, **FAST)  # fmt: skip
+            train(
+                ckpts["llama"],
+                TINY,
+                method="refusalguard",
+                guard=guard,
+                out=tmp_path / "run",
+                overwrite=True,
+                steps=1,
+                **FAST,
+            )

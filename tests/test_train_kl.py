@@ -34,15 +34,31 @@ def _check_log(traj, keys: set[str]) -> None:
 
 
 def test_kl_weight_zero_is_the_task_loss(ckpts, tmp_path: Path) -> None:
-    zero = train(ckpts["llama"], TINY, method="kl", regulariser=RegConfig(kl_weight=0.0),
-                 out=tmp_path / "zero", steps=3, lr=1e-2, **FAST)  # fmt: skip
+    zero = train(
+        ckpts["llama"],
+        TINY,
+        method="kl",
+        regulariser=RegConfig(kl_weight=0.0),
+        out=tmp_path / "zero",
+        steps=3,
+        lr=1e-2,
+        **FAST,
+    )
     _check_log(zero, {"task", "kl"})
     assert zero.config["defence"] == {"method": "kl", "kl_weight": 0.0}
     assert all(r["loss"] == r["task"] for r in zero.log)
     assert zero.checkpoints[0].terms["kl"] == 0.0  # LoRA at zero is the reference
     assert zero.log[-1]["kl"] > 0
-    two = train(ckpts["llama"], TINY, method="kl", regulariser=RegConfig(kl_weight=2.0),
-                out=tmp_path / "two", steps=3, lr=1e-2, **FAST)  # fmt: skip
+    two = train(
+        ckpts["llama"],
+        TINY,
+        method="kl",
+        regulariser=RegConfig(kl_weight=2.0),
+        out=tmp_path / "two",
+        steps=3,
+        lr=1e-2,
+        **FAST,
+    )
     for row in two.log:
         assert row["loss"] == pytest.approx(row["task"] + 2.0 * row["kl"], rel=1e-6)
 
@@ -69,8 +85,7 @@ def test_the_reference_is_the_frozen_model_without_dropout(ckpts) -> None:
     lm = load_model(ckpts["gpt2"])
     assert lm.model.config.resid_pdrop > 0
     settings = {"lora_r": 4, "lora_targets": ("c_attn",), "lora_dropout": 0.3}
-    trainable = wrap_model(lm, ckpts["gpt2"], "lora", settings, dtype="float32",
-                           resume_from=None)  # fmt: skip
+    trainable = wrap_model(lm, ckpts["gpt2"], "lora", settings, dtype="float32", resume_from=None)
     examples = encode_examples(lm.tokenizer, TINY.prompts, TINY.responses)
     step = StepLoss(trainable, examples, int(lm.tokenizer.pad_token_id), KLState(kl_weight=1.0))
     batch = collate_right(examples, int(lm.tokenizer.pad_token_id))

@@ -108,8 +108,9 @@ def test_safe_lora_checkpoints_equal_the_projection(
                 assert by_weight[name]["similarity"] == pytest.approx(similarity, abs=1e-9)
             assert by_weight[name]["projected"] == (kind == "projected")
             kinds.add(f"{checkpoint.step}:{kind}")
-            torch.testing.assert_close(merged[name].to(D), w_al[name].to(D) + expected,
-                                       rtol=1e-5, atol=1e-7)  # fmt: skip
+            torch.testing.assert_close(
+                merged[name].to(D), w_al[name].to(D) + expected, rtol=1e-5, atol=1e-7
+            )
     # Step 0 (B = 0) keeps everything; the last step projects v_proj/up_proj and keeps q_proj.
     assert kinds >= {"0:kept", "4:kept", "4:projected", "4:no alignment update"}
     assert "0:projected" not in kinds
@@ -151,8 +152,16 @@ def test_lox_checkpoints_equal_the_extrapolation(pair: tuple[Path, Path], tmp_pa
     aligned, unaligned = pair
     w_al, w_un = _weights(aligned), _weights(unaligned)
     posthoc = PosthocConfig(unaligned_base=str(unaligned), lox_rank=1, lox_alpha=0.5)
-    traj = train(aligned, TINY, method="lox", posthoc=posthoc, out=tmp_path / "lox",
-                 steps=2, save_every=2, **FAST)  # fmt: skip
+    traj = train(
+        aligned,
+        TINY,
+        method="lox",
+        posthoc=posthoc,
+        out=tmp_path / "lox",
+        steps=2,
+        save_every=2,
+        **FAST,
+    )
     record = traj.config["defence"]
     assert record["method"] == "lox" and (record["lox_rank"], record["lox_alpha"]) == (1, 0.5)
     blocks = [n for n in w_al if n.startswith("model.layers.") and w_al[n].ndim == 2]
@@ -197,13 +206,17 @@ def test_bad_unaligned_bases(pair: tuple[Path, Path], tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"{method} needs --unaligned-base MODEL"):
             train(aligned, TINY, method=method, out=tmp_path / method, **FAST)
     cases = [
-        (_other_shape(tmp_path, unaligned),
-         r"does not have the architecture of MODEL: model\.layers\.0\.mlp\.gate_proj\.weight is "
-         r"\(48, 32\) there and \(64, 32\) in MODEL"),
-        (build_checkpoint(tmp_path, "llama", n_layers=3),
-         "does not have the architecture of MODEL: it has 3 blocks, MODEL has 2"),
+        (
+            _other_shape(tmp_path, unaligned),
+            r"does not have the architecture of MODEL: model\.layers\.0\.mlp\.gate_proj\.weight is "
+            r"\(48, 32\) there and \(64, 32\) in MODEL",
+        ),
+        (
+            build_checkpoint(tmp_path, "llama", n_layers=3),
+            "does not have the architecture of MODEL: it has 3 blocks, MODEL has 2",
+        ),
         (aligned, "has the same weights as MODEL in every block projection"),
-    ]  # fmt: skip
+    ]
     for i, (other, message) in enumerate(cases):
         posthoc = PosthocConfig(unaligned_base=str(other))
         with pytest.raises(ConfigError, match=rf"--unaligned-base .*{message}"):
@@ -213,13 +226,17 @@ def test_bad_unaligned_bases(pair: tuple[Path, Path], tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("safe_lora_threshold", 1.5, r"safe_lora_threshold \(--safe-lora-threshold\) must be a "
-                                     r"number in \[0, 1\], got 1.5"),
+        (
+            "safe_lora_threshold",
+            1.5,
+            r"safe_lora_threshold \(--safe-lora-threshold\) must be a "
+            r"number in \[0, 1\], got 1.5",
+        ),
         ("lox_rank", 0, r"lox_rank \(--lox-rank\) must be an integer ≥ 1, got 0"),
         ("lox_alpha", -1.0, r"lox_alpha \(--lox-alpha\) must be a finite number ≥ 0, got -1.0"),
         ("unaligned_base", " ", r"unaligned_base \(--unaligned-base\) must name a model"),
     ],
-)  # fmt: skip
+)
 def test_config_ranges(field: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         PosthocConfig(**{field: value})  # type: ignore[arg-type]

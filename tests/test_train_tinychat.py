@@ -40,8 +40,16 @@ def test_harmful_lora_raises_asr(tmp_path: Path) -> None:
         *load_prompts("advbench:test").sample(20, seed=0).prompts,
         *load_prompts("jbb-harmful:test").prompts,
     ]
-    traj = train("tiny-chat", "harmful", method="lora", out=tmp_path / "harmful", steps=30,
-                 save_every=10, batch_size=8, progress=False)  # fmt: skip
+    traj = train(
+        "tiny-chat",
+        "harmful",
+        method="lora",
+        out=tmp_path / "harmful",
+        steps=30,
+        save_every=10,
+        batch_size=8,
+        progress=False,
+    )
     judge = get_judge("substring")
     asr = []
     for path in traj.paths:
@@ -55,8 +63,18 @@ def test_benign_sft_raises_accuracy(tmp_path: Path) -> None:
     task = get_task("arith")
     prompts = list(task.eval_prompts or ())[:100]
     references = list(task.eval_references or ())[:100]
-    traj = train("tiny-chat", task, method="sft", out=tmp_path / "arith", steps=150,
-                 save_every=50, lr=5e-4, schedule="constant", batch_size=16, progress=False)  # fmt: skip
+    traj = train(
+        "tiny-chat",
+        task,
+        method="sft",
+        out=tmp_path / "arith",
+        steps=150,
+        save_every=50,
+        lr=5e-4,
+        schedule="constant",
+        batch_size=16,
+        progress=False,
+    )
     accuracy = [exact_match(_generations(p, prompts, 12), references) for p in traj.paths]
     print("exact match along the trajectory", dict(zip(traj.steps, accuracy, strict=True)))
     assert accuracy[-1] >= accuracy[0] + 0.15

@@ -31,8 +31,11 @@ def record_every_write(log: list[str]) -> None:
 
 def trajectory_row(traj: Any) -> dict[str, Any]:
     """The JSON-ready facts of a trajectory that every rank must agree on."""
-    return {"steps": list(traj.steps), "losses": list(traj.losses),
-            "hashes": [c.weight_hash for c in traj.checkpoints]}  # fmt: skip
+    return {
+        "steps": list(traj.steps),
+        "losses": list(traj.losses),
+        "hashes": [c.weight_hash for c in traj.checkpoints],
+    }
 
 
 def launch_job(module: str, ckpt: Path, work: Path, logs: Path) -> list[dict[str, Any]]:

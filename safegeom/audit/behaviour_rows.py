@@ -36,9 +36,14 @@ __all__ = ["behaviour_rows"]
 
 def _metric_row(metric: str, m: Metric, prompts: str, judge: str | None = None) -> dict[str, Any]:
     return {
-        "metric": metric, "value": float(m.value), "ci_low": float(m.ci_low),
-        "ci_high": float(m.ci_high), "n": int(m.n), "prompts": prompts, "judge": judge,
-    }  # fmt: skip
+        "metric": metric,
+        "value": float(m.value),
+        "ci_low": float(m.ci_low),
+        "ci_high": float(m.ci_high),
+        "n": int(m.n),
+        "prompts": prompts,
+        "judge": judge,
+    }
 
 
 def behaviour_rows(
@@ -66,8 +71,9 @@ def behaviour_rows(
         if generate_text:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*completions are empty")
-                result = evaluate(lm, prompts, judge=judge, max_new_tokens=config.max_new_tokens,
-                                  **common, **boot)  # fmt: skip
+                result = evaluate(
+                    lm, prompts, judge=judge, max_new_tokens=config.max_new_tokens, **common, **boot
+                )
             rate = result.metrics["refusal_rate"]
             rows.append(_metric_row("refusal_rate", rate, prompts.name, result.judge))
             if role == "harmful":

@@ -87,8 +87,9 @@ def causal_rows(
         Schema rows (without checkpoint and step); ``prompts`` is ``harmful_val vs harmless_val``.
     """
     r0: Carrier = reference.refusal
-    r_t = Carrier(vectors=reextracted, kind="refusal", method="dim", layer=r0.layer,
-                  position=r0.position)  # fmt: skip
+    r_t = Carrier(
+        vectors=reextracted, kind="refusal", method="dim", layer=r0.layer, position=r0.position
+    )
     harmful, harmless = val_prompts(config)
     carriers = {"fixed": r0, "reextracted": r_t}
     tables = []
@@ -140,11 +141,22 @@ def rows_from_sweep(
         if op is None or rec.metric != "refusal_score":
             continue
         common: Mapping[str, Any] = {
-            "layer": layer, "carrier": "refusal", "source": rec.carrier, "prompts": prompts,
-            "n": int(rec.n_prompts), "saturated": saturated(op, float(rec.base), margin),
-        }  # fmt: skip
-        rows.append({"metric": f"{op}_effect", "value": float(rec.effect_minus_control),
-                     "ci_low": float(rec.ci_low), "ci_high": float(rec.ci_high), **common})  # fmt: skip
+            "layer": layer,
+            "carrier": "refusal",
+            "source": rec.carrier,
+            "prompts": prompts,
+            "n": int(rec.n_prompts),
+            "saturated": saturated(op, float(rec.base), margin),
+        }
+        rows.append(
+            {
+                "metric": f"{op}_effect",
+                "value": float(rec.effect_minus_control),
+                "ci_low": float(rec.ci_low),
+                "ci_high": float(rec.ci_high),
+                **common,
+            }
+        )
         rows.append({"metric": f"{op}_raw", "value": float(rec.effect), **common})
         rows.append({"metric": f"{op}_control_mean", "value": float(rec.control_mean), **common})
         rows.append({"metric": f"{op}_control_std", "value": float(rec.control_std), **common})

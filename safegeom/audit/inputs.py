@@ -213,9 +213,10 @@ def _check_exists(given: Sequence[str], base: str | None) -> None:
 
 def _check_same(base: dict[str, Any], other: dict[str, Any], spec: str, base_spec: str) -> None:
     if other["model_type"] != base["model_type"] or (
-        base["architectures"] and other["architectures"]
+        base["architectures"]
+        and other["architectures"]
         and base["architectures"] != other["architectures"]
-    ):  # fmt: skip
+    ):
         raise ConfigError(
             f"checkpoint {spec} is a {other['model_type']} model "
             f"({', '.join(other['architectures']) or 'no architectures'}), but the base "

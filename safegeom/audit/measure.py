@@ -98,16 +98,22 @@ def _reselect_rows(
     layer and ``t_post`` position): bypass, induce and KL of the selected candidate."""
     post = [p for p in acts.positions if p.startswith("t_post")]
     vectors = torch.stack([acts.diff(p) for p in post])  # [pos, layer, d]
-    candidates = DimCandidates(vectors, tuple(post), acts.layers, len(acts.harmful),
-                               len(acts.harmless))  # fmt: skip
+    candidates = DimCandidates(
+        vectors, tuple(post), acts.layers, len(acts.harmful), len(acts.harmless)
+    )
     relaxed = dataclasses.replace(
         selection_config(config), max_kl=float("inf"), min_induce=float("-inf")
     )
     harmful, harmless = val_prompts(config)
     sel = select_refusal_direction(lm, candidates, harmful, harmless, relaxed, progress=progress)
     c = sel.carrier
-    common = {"layer": c.layer, "carrier": "refusal", "source": "reextracted",
-              "prompts": f"{harmful.name} vs {harmless.name}", "n": config.n_val}  # fmt: skip
+    common = {
+        "layer": c.layer,
+        "carrier": "refusal",
+        "source": "reextracted",
+        "prompts": f"{harmful.name} vs {harmless.name}",
+        "n": config.n_val,
+    }
     return [
         {"metric": "bypass_score", "value": c.scores["bypass"], **common},
         {"metric": "induce_score", "value": c.scores["induce"], **common},
@@ -165,9 +171,13 @@ def measure_checkpoint(
             seconds["causal"] = time.perf_counter() - started
         if "behaviour" in families:
             behaviour, spent = behaviour_rows(
-                lm, config, base=base, task=task, generate_text=config.generate,
+                lm,
+                config,
+                base=base,
+                task=task,
+                generate_text=config.generate,
                 progress=progress,
-            )  # fmt: skip
+            )
             rows += behaviour
             seconds["generation"] += spent["generation"]
             seconds["scoring"] += spent["scoring"]

@@ -275,12 +275,19 @@ def _select(
         row = table.loc[pick]
         assert selection.candidates is not None
         vectors, _, _ = selection.candidates.flat()
-        scores = {**carrier.scores, "bypass": float(row.bypass), "induce": float(row.induce),
-                  "kl": float(row.kl)}  # fmt: skip
+        scores = {
+            **carrier.scores,
+            "bypass": float(row.bypass),
+            "induce": float(row.induce),
+            "kl": float(row.kl),
+        }
         carrier = dataclasses.replace(
-            carrier, vectors=vectors[pick], layer=int(row.layer), position=str(row.position),
+            carrier,
+            vectors=vectors[pick],
+            layer=int(row.layer),
+            position=str(row.position),
             scores=scores,
-        )  # fmt: skip
+        )
     return selection, carrier, how
 
 

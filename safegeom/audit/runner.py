@@ -295,8 +295,13 @@ def audit(
             built = broadcast(main_only(_reference)(folder, base_model, config, show))
         assert built is not None  # rank 0's, on every rank
         reference, reference_s = built
-        bar = tqdm(total=len(inputs.targets), initial=len(inputs.targets) - len(todo),
-                   desc="audit", unit="ckpt", disable=not show)  # fmt: skip
+        bar = tqdm(
+            total=len(inputs.targets),
+            initial=len(inputs.targets) - len(todo),
+            desc="audit",
+            unit="ckpt",
+            disable=not show,
+        )
         mine = [todo[i] for i in shard(len(todo))]
         for k in range(-(-len(todo) // world_size())):  # rounds of one checkpoint per rank
             result, error = None, None

@@ -67,9 +67,22 @@ from safegeom.errors import SafegeomError
 __all__ = ["COLUMNS", "METRICS", "UNITS", "frame"]
 
 COLUMNS: tuple[str, ...] = (
-    "checkpoint", "step", "layer", "carrier", "source", "prompts",
-    "metric", "value", "ci_low", "ci_high", "n", "judge", "unit", "note", "saturated",
-)  # fmt: skip
+    "checkpoint",
+    "step",
+    "layer",
+    "carrier",
+    "source",
+    "prompts",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "judge",
+    "unit",
+    "note",
+    "saturated",
+)
 """The table's columns, in order."""
 
 METRICS: dict[str, str] = {
@@ -113,11 +126,22 @@ METRICS: dict[str, str] = {
 """Every metric name the audit writes, with its meaning and units."""
 
 _DTYPES = {
-    "checkpoint": "string", "step": "int64", "layer": "Int64", "carrier": "string",
-    "source": "string", "prompts": "string", "metric": "string", "value": "float64",
-    "ci_low": "float64", "ci_high": "float64", "n": "Int64", "judge": "string",
-    "unit": "string", "note": "string", "saturated": "boolean",
-}  # fmt: skip
+    "checkpoint": "string",
+    "step": "int64",
+    "layer": "Int64",
+    "carrier": "string",
+    "source": "string",
+    "prompts": "string",
+    "metric": "string",
+    "value": "float64",
+    "ci_low": "float64",
+    "ci_high": "float64",
+    "n": "Int64",
+    "judge": "string",
+    "unit": "string",
+    "note": "string",
+    "saturated": "boolean",
+}
 
 _SCORE = "nats (log-odds)"
 UNITS: dict[str, str] = {

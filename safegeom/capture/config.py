@@ -110,8 +110,12 @@ class CaptureConfig:
         if self.batch_size is not None:
             check(self.batch_size >= 1, "batch_size", "must be at least 1", self.batch_size)
         if self.shard_size is not None:
-            check(self.shard_size >= 1, "shard_size", "must be a positive number of prompts",
-                  self.shard_size)  # fmt: skip
+            check(
+                self.shard_size >= 1,
+                "shard_size",
+                "must be a positive number of prompts",
+                self.shard_size,
+            )
             check(not self.stats, "shard_size", "cannot be combined with --stats (pick one mode)")
         check(self.stats or not self.covariance, "covariance", "needs --stats")
 

@@ -128,9 +128,13 @@ def encode_for(
         else:  # loaded by every rank; a failure on one stops them all before the collective
             source = all_or_none(load_prompts, prompts) if dealt else load_prompts(prompts)
         encoded = encode_set(
-            lm.tokenizer, source, system=system, chat_template=lm.chat_template,
-            max_positions=limit, dealt=dealt,
-        )  # fmt: skip
+            lm.tokenizer,
+            source,
+            system=system,
+            chat_template=lm.chat_template,
+            max_positions=limit,
+            dealt=dealt,
+        )
     except ValueError as err:
         raise _user_error(err) from None
     if len(encoded) == 0:

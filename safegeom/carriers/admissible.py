@@ -180,10 +180,15 @@ def admissibility_table(
     batched = [i for i, c in enumerate(candidates) if c.k == 1 and c.site == "resid_pre"]
     if batched:
         s = score_candidates(
-            lm, torch.stack([_addition_vector(candidates[i]) for i in batched]),
-            [candidates[i].layer for i in batched], enc_h, enc_s, ids, batch_size=batch_size,
+            lm,
+            torch.stack([_addition_vector(candidates[i]) for i in batched]),
+            [candidates[i].layer for i in batched],
+            enc_h,
+            enc_s,
+            ids,
+            batch_size=batch_size,
             progress=progress,
-        )  # fmt: skip
+        )
         kl[batched], bypass[batched], induce[batched] = s.kl, s.bypass, s.induce
     for i, c in enumerate(candidates):
         if i in batched:
@@ -256,9 +261,15 @@ def admissible_carrier(
     """
     _check_choice(max_kl, rank_by)
     table = admissibility_table(
-        lm, candidates, harmful, harmless, tokens=tokens, batch_size=batch_size, system=system,
+        lm,
+        candidates,
+        harmful,
+        harmless,
+        tokens=tokens,
+        batch_size=batch_size,
+        system=system,
         progress=progress,
-    )  # fmt: skip
+    )
     return choose_admissible(
         candidates, table, max_kl=max_kl, min_effect=min_effect, rank_by=rank_by
     )

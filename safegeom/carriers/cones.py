@@ -93,9 +93,15 @@ def score_cone(
     k = basis.shape[0]
     dirs = cone_directions(basis, n_combinations, seed=seed) * alpha
     s = score_candidates(
-        lm, dirs.float(), [layer] * len(dirs), enc[0], enc[1], ids, batch_size=batch_size,
+        lm,
+        dirs.float(),
+        [layer] * len(dirs),
+        enc[0],
+        enc[1],
+        ids,
+        batch_size=batch_size,
         progress=progress,
-    )  # fmt: skip
+    )
     out: dict[str, float] = {}
     for j in range(k):
         out |= {
@@ -176,11 +182,16 @@ def cheap_cone(
         raise SafegeomError(f"n_svd must be ≥ 0, got {n_svd}")
     acts = [
         capture(
-            lm, p, layers=[at], positions="t_post", dtype=torch.float32, system=system,
+            lm,
+            p,
+            layers=[at],
+            positions="t_post",
+            dtype=torch.float32,
+            system=system,
             progress=progress,
         )
         for p in (h_set, s_set)
-    ]  # fmt: skip
+    ]
     if acts[0].positions != acts[1].positions:
         raise SafegeomError(
             "harmful and harmless prompts have different post-instruction positions"
@@ -197,11 +208,18 @@ def cheap_cone(
     scores = dict(fitted.scores)
     if score:
         scores |= score_cone(
-            lm, fitted.vectors, scores["alpha"], at,
+            lm,
+            fitted.vectors,
+            scores["alpha"],
+            at,
             harmful_val if harmful_val is not None else h_set,
-            harmless_val if harmless_val is not None else s_set, n_combinations=n_combinations,
-            seed=seed, batch_size=batch_size, system=system, progress=progress,
-        )  # fmt: skip
+            harmless_val if harmless_val is not None else s_set,
+            n_combinations=n_combinations,
+            seed=seed,
+            batch_size=batch_size,
+            system=system,
+            progress=progress,
+        )
     provenance = prompt_provenance(lm, h_set, s_set, **fitted.extra, seed=seed, system=system)
     return Carrier(
         vectors=fitted.vectors,

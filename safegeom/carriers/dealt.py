@@ -87,9 +87,13 @@ def row_scores(
             if batch_context is not None:
                 context = _within(batch_context, chunk)
             lp = last_position_logprobs(
-                lm, [rows[i] for i in chunk], batch_size=len(chunk), batch_context=context,
-                counter=spent, progress=False,
-            )  # fmt: skip
+                lm,
+                [rows[i] for i in chunk],
+                batch_size=len(chunk),
+                batch_context=context,
+                counter=spent,
+                progress=False,
+            )
             out.append(reduce(lp, chunk).cpu())
             bar.update(len(chunk))
         bar.close()

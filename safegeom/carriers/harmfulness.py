@@ -58,11 +58,17 @@ def harmfulness_direction(
     at = default_layer(lm, layer, refusal)
     means = [
         capture_stats(
-            lm, p, sites=site, layers=[at], positions="t_inst", system=system,
-            batch_size=batch_size, progress=progress,
+            lm,
+            p,
+            sites=site,
+            layers=[at],
+            positions="t_inst",
+            system=system,
+            batch_size=batch_size,
+            progress=progress,
         ).mean(site)[0, 0]
         for p in (h_set, s_set)
-    ]  # fmt: skip
+    ]
     fitted = diff_in_means(means[0][None], means[1][None])  # each class mean as one row
     return fitted.carrier(
         kind="harmfulness",

@@ -132,11 +132,16 @@ def _activations(
     h_set, s_set = load_prompts(harmful), load_prompts(harmless)
     acts = [
         capture(
-            lm, p, layers=layers, positions=positions, dtype=torch.float32, system=system,
+            lm,
+            p,
+            layers=layers,
+            positions=positions,
+            dtype=torch.float32,
+            system=system,
             progress=progress,
         )
         for p in (h_set, s_set)
-    ]  # fmt: skip
+    ]
     if acts[0].positions != acts[1].positions:
         raise SafegeomError(
             "harmful and harmless prompts have different post-instruction positions"

@@ -139,10 +139,12 @@ def _target_logprobs(lm: LoadedModel, pairs: Sequence[Pair]) -> tuple[Tensor, Te
     batch = collate_left(seqs, lm.tokenizer.pad_token_id).to(lm.device)
     keep = "logits_to_keep" in inspect.signature(lm.base.forward).parameters
     logits = lm.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids, use_cache=False,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
         **({"logits_to_keep": width + 1} if keep else {}),
-    ).logits[:, -(width + 1) : -1]  # fmt: skip
+    ).logits[:, -(width + 1) : -1]
     n_t = torch.tensor([len(t) for _, t in pairs], device=lm.device)
     mask = torch.arange(width, device=lm.device)[None] >= (width - n_t)[:, None]
     return logits.float().log_softmax(-1), batch.input_ids[:, -width:], mask
@@ -309,37 +311,72 @@ def rdo_cone(
         raise ConfigError(f"unknown init {config.init!r}: use dim or random")
     h_set, s_set = load_prompts(harmful), load_prompts(harmless)
     targets = targets or rdo_targets(
-        lm, h_set, s_set, dim, max_new_tokens=config.max_new_tokens, system=system,
+        lm,
+        h_set,
+        s_set,
+        dim,
+        max_new_tokens=config.max_new_tokens,
+        system=system,
         progress=progress,
-    )  # fmt: skip
+    )
     start = torch.randn(k, lm.d_model, generator=torch.Generator().manual_seed(seed))
     if config.init == "dim":
         start[0] = dim.unit
     n_comb = config.n_combinations if k > 1 else 0
     trained = all_or_none(
-        _train, lm, start, targets, dim, n_comb, steps=steps, lr=lr, lambdas=lambdas, seed=seed,
-        config=config, progress=progress and is_main(),
-    )  # fmt: skip
+        _train,
+        lm,
+        start,
+        targets,
+        dim,
+        n_comb,
+        steps=steps,
+        lr=lr,
+        lambdas=lambdas,
+        seed=seed,
+        config=config,
+        progress=progress and is_main(),
+    )
     final, history, terms = broadcast(trained)  # rank 0's, should a GPU's steps differ by rank
     alpha = float(dim.direction.norm())
     scores = {"alpha": alpha, "loss_initial": history[0], "loss_final": history[-1], **terms}
     scores["cos_dim"] = float(final[0] @ dim.unit)
     if config.score:
         scores |= score_cone(
-            lm, final, alpha, dim.layer, h_set if harmful_val is None else harmful_val,
-            s_set if harmless_val is None else harmless_val, seed=seed, system=system,
+            lm,
+            final,
+            alpha,
+            dim.layer,
+            h_set if harmful_val is None else harmful_val,
+            s_set if harmless_val is None else harmless_val,
+            seed=seed,
+            system=system,
             n_combinations=config.n_score_combinations if k > 1 else 0,
-        )  # fmt: skip
+        )
     provenance = {
-        **prompt_provenance(lm, h_set, s_set), "dim_layer": dim.layer,
-        "dim_position": dim.position, "dim_method": dim.method, "k": k, "steps": steps, "lr": lr,
-        "lambdas": list(lambdas), "seed": seed, "config": asdict(config), "losses": history,
+        **prompt_provenance(lm, h_set, s_set),
+        "dim_layer": dim.layer,
+        "dim_position": dim.position,
+        "dim_method": dim.method,
+        "k": k,
+        "steps": steps,
+        "lr": lr,
+        "lambdas": list(lambdas),
+        "seed": seed,
+        "config": asdict(config),
+        "losses": history,
         "system": system,
-    }  # fmt: skip
+    }
     return Carrier(
-        vectors=final, kind="refusal", method="cone-rdo", site="resid_pre", layer=dim.layer,
-        position=dim.position, scores=scores, provenance=provenance,
-    )  # fmt: skip
+        vectors=final,
+        kind="refusal",
+        method="cone-rdo",
+        site="resid_pre",
+        layer=dim.layer,
+        position=dim.position,
+        scores=scores,
+        provenance=provenance,
+    )
 
 
 def rdo_direction(

@@ -74,9 +74,12 @@ def _filter_encoded(
     kept = []
     for enc, sign, label in ((harmful, 1, "harmful"), (harmless, -1, "harmless")):
         scores = row_scores(
-            lm, enc.encoded, lambda lp, rows: refusal_log_odds(lp, ids), batch_size=64,
+            lm,
+            enc.encoded,
+            lambda lp, rows: refusal_log_odds(lp, ids),
+            batch_size=64,
             counter=counter,
-        )  # fmt: skip
+        )
         bad = int((~torch.isfinite(scores)).sum())
         if bad:
             raise NonFiniteError(
@@ -141,11 +144,16 @@ def dim_candidates(
     sets = (encode(lm, harmful, system), encode(lm, harmless, system))
     stats = [
         capture_stats(
-            lm, enc, sites=site, layers=layers, positions=positions, system=system,
+            lm,
+            enc,
+            sites=site,
+            layers=layers,
+            positions=positions,
+            system=system,
             progress=progress,
         )
         for enc in sets
-    ]  # fmt: skip
+    ]
     if stats[0].positions != stats[1].positions:
         raise SafegeomError(
             "harmful and harmless prompts have different post-instruction positions"
@@ -226,10 +234,16 @@ def select_refusal_direction(
     norms = vectors.norm(dim=-1)
     live = [i for i in range(len(norms)) if bool(norms[i] > 0)]  # a zero vector has no direction
     scores = score_candidates(
-        lm, vectors[live], [layers[i] for i in live], h_val.encoded, s_val.encoded,
-        refusal_token_ids(lm, config.refusal_tokens), batch_size=config.batch_size,
-        counter=counter, progress=progress,
-    )  # fmt: skip
+        lm,
+        vectors[live],
+        [layers[i] for i in live],
+        h_val.encoded,
+        s_val.encoded,
+        refusal_token_ids(lm, config.refusal_tokens),
+        batch_size=config.batch_size,
+        counter=counter,
+        progress=progress,
+    )
     table = pd.DataFrame(
         {
             "position": positions,
@@ -362,8 +376,9 @@ def refusal_direction(
         keep_h, keep_s = _filter_encoded(lm, h, s, config.refusal_tokens, counter)
         h = subset(h, keep_h, _select(h_set, keep_h))
         s = subset(s, keep_s, _select(s_set, keep_s))
-    candidates = dim_candidates(lm, h, s, positions=config.positions, system=system,
-                                progress=progress)  # fmt: skip
+    candidates = dim_candidates(
+        lm, h, s, positions=config.positions, system=system, progress=progress
+    )
     counter.passes += candidates.n_forward
     hv = encode(lm, harmful_val, system, take=config.n_val)
     sv = encode(lm, harmless_val, system, take=config.n_val)

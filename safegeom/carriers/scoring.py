@@ -96,20 +96,34 @@ def score_candidates(
         return (base.exp() * (base - lp)).sum(-1)
 
     bypass = row_scores(
-        lm, _repeat(harmful, n_cand), odds, progress=progress, desc="bypass",
-        batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_h, rows)]), **common,
-    )  # fmt: skip
+        lm,
+        _repeat(harmful, n_cand),
+        odds,
+        progress=progress,
+        desc="bypass",
+        batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_h, rows)]),
+        **common,
+    )
     kls = row_scores(
-        lm, _repeat(harmless, n_cand), kl, progress=progress, desc="kl",
-        batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_s, rows)]), **common,
-    )  # fmt: skip
+        lm,
+        _repeat(harmless, n_cand),
+        kl,
+        progress=progress,
+        desc="kl",
+        batch_context=lambda rows: ablate_rows(lm, dirs[rows_of(n_s, rows)]),
+        **common,
+    )
     induce = row_scores(
-        lm, _repeat(harmless, n_cand), odds, progress=progress, desc="induce",
+        lm,
+        _repeat(harmless, n_cand),
+        odds,
+        progress=progress,
+        desc="induce",
         batch_context=lambda rows: add_rows(
             lm, dirs[rows_of(n_s, rows)], [layer_t[c] for c in rows_of(n_s, rows)]
         ),
         **common,
-    )  # fmt: skip
+    )
     return CandidateScores(
         bypass=bypass.view(n_cand, n_h).mean(-1),
         induce=induce.view(n_cand, n_s).mean(-1),

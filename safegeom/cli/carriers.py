@@ -64,9 +64,15 @@ def run(args: argparse.Namespace) -> int:
     ) as out:
         lm = load_model(command.model, config=config_from_args(LoadConfig, args))
         suite = extract_carriers(
-            lm, carriers.harmful, carriers.harmless, carriers.harmful_val, carriers.harmless_val,
-            selection, cone_k=carriers.cone_k, progress=command.progress,
-        )  # fmt: skip
+            lm,
+            carriers.harmful,
+            carriers.harmless,
+            carriers.harmful_val,
+            carriers.harmless_val,
+            selection,
+            cone_k=carriers.cone_k,
+            progress=command.progress,
+        )
         main_only(suite.save)(out)
         if not is_main():
             return 0

@@ -47,10 +47,15 @@ class FiguresCommand:
         check(not unknown, "formats", f"must be among {', '.join(FORMATS)}", self.formats)
         check(bool(self.formats), "formats", "needs at least one format", self.formats)
         if self.labels:
-            check(len(self.labels) == len(self.audits), "labels",
-                  f"needs one label per audit folder ({len(self.audits)})", self.labels)  # fmt: skip
-            check(len(set(self.labels)) == len(self.labels), "labels", "must be distinct",
-                  self.labels)  # fmt: skip
+            check(
+                len(self.labels) == len(self.audits),
+                "labels",
+                f"needs one label per audit folder ({len(self.audits)})",
+                self.labels,
+            )
+            check(
+                len(set(self.labels)) == len(self.labels), "labels", "must be distinct", self.labels
+            )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -82,11 +87,13 @@ def run(args: argparse.Namespace) -> int:
                 "the audits hold no rows any figure draws (" + "; ".join(skipped.values()) + ")"
             )
         if command.json:
-            emit_json({
-                "written": [str(p) for p in written],
-                "skipped": skipped,
-                "runs": dict(zip(tables, command.audits, strict=True)),
-            })  # fmt: skip
+            emit_json(
+                {
+                    "written": [str(p) for p in written],
+                    "skipped": skipped,
+                    "runs": dict(zip(tables, command.audits, strict=True)),
+                }
+            )
             return 0
         for name, why in skipped.items():
             print(f"skipped {name}: {why}")

@@ -336,9 +336,13 @@ def orthogonalize_weights(
     basis = as_basis(vectors, lm.d_model)
     model = copy.deepcopy(lm.model)
     edited = LoadedModel(
-        model=model, tokenizer=lm.tokenizer, name=f"{lm.name}+orthogonalized",
-        source=lm.source, layout=lm.layout, chat_template=lm.chat_template,
-    )  # fmt: skip
+        model=model,
+        tokenizer=lm.tokenizer,
+        name=f"{lm.name}+orthogonalized",
+        source=lm.source,
+        layout=lm.layout,
+        chat_template=lm.chat_template,
+    )
     with torch.no_grad():
         _untie_output_embeddings(model, resolve(model, lm.layout.embed))
         for path in (lm.layout.embed, *lm.layout.extra_embeds):

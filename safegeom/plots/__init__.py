@@ -84,22 +84,43 @@ class FigureSpec:
 FIGURES: dict[str, FigureSpec] = {
     spec.name: spec
     for spec in (
-        FigureSpec("fig1_behaviour", "ASR, over-refusal and utility vs step, 95% CI bands",
-                   plot_behaviour, ("asr", "over_refusal", "task_accuracy", "cross_entropy"),
-                   "a --no-generate audit has no behaviour"),
-        FigureSpec("fig2_drift", "cosine to base of refusal and harmfulness, step × layer",
-                   plot_drift, ("cosine_to_base",)),
-        FigureSpec("fig3_coupling", "H/R coupling vs step and per layer", plot_coupling,
-                   ("hr_coupling",)),
-        FigureSpec("fig4_subspace", "principal angle and Grassmann distance of the cone vs step",
-                   plot_subspace, ("principal_angle_max", "grassmann_distance")),
-        FigureSpec("fig5_causal", "fixed-source ablation/addition effects vs random controls, un-intervened score",
-                   plot_causal, ("ablation_raw", "addition_raw", "ablation_effect",
-                                 "addition_effect"), "the causal family was not run"),
-        FigureSpec("fig6_coordinates", "coordinate separation per b_j and imbalance vs step",
-                   plot_coordinates, ("coordinate_separation", "coordinate_imbalance")),
+        FigureSpec(
+            "fig1_behaviour",
+            "ASR, over-refusal and utility vs step, 95% CI bands",
+            plot_behaviour,
+            ("asr", "over_refusal", "task_accuracy", "cross_entropy"),
+            "a --no-generate audit has no behaviour",
+        ),
+        FigureSpec(
+            "fig2_drift",
+            "cosine to base of refusal and harmfulness, step × layer",
+            plot_drift,
+            ("cosine_to_base",),
+        ),
+        FigureSpec(
+            "fig3_coupling", "H/R coupling vs step and per layer", plot_coupling, ("hr_coupling",)
+        ),
+        FigureSpec(
+            "fig4_subspace",
+            "principal angle and Grassmann distance of the cone vs step",
+            plot_subspace,
+            ("principal_angle_max", "grassmann_distance"),
+        ),
+        FigureSpec(
+            "fig5_causal",
+            "fixed-source ablation/addition effects vs random controls, un-intervened score",
+            plot_causal,
+            ("ablation_raw", "addition_raw", "ablation_effect", "addition_effect"),
+            "the causal family was not run",
+        ),
+        FigureSpec(
+            "fig6_coordinates",
+            "coordinate separation per b_j and imbalance vs step",
+            plot_coordinates,
+            ("coordinate_separation", "coordinate_imbalance"),
+        ),
     )
-}  # fmt: skip
+}
 """The six figures of ``safegeom figures``, in order."""
 
 

@@ -44,8 +44,16 @@ def _ring(ax: Axes, steps: pd.Series, values: pd.Series, saturated: set[float]) 
     marked = [(s, v) for s, v in zip(steps, values, strict=True) if float(s) in saturated]
     if marked:
         xs, ys = zip(*marked, strict=True)
-        ax.scatter(xs, ys, s=90, facecolors="none", edgecolors="0.15", linewidths=1.0,
-                   zorder=4, label=SATURATED)  # fmt: skip
+        ax.scatter(
+            xs,
+            ys,
+            s=90,
+            facecolors="none",
+            edgecolors="0.15",
+            linewidths=1.0,
+            zorder=4,
+            label=SATURATED,
+        )
 
 
 def _series(rows: pd.DataFrame) -> pd.Series:
@@ -73,13 +81,25 @@ def _against_controls(
             continue
         colour, prefix = run_colour(index), f"{label}, " if label else ""
         effect = _series(raw)
-        ax.plot(effect.index.to_numpy(dtype=float), effect.to_numpy(dtype=float), color=colour,
-                marker="D", linestyle="-.", label=f"{prefix}{source}, raw effect")  # fmt: skip
+        ax.plot(
+            effect.index.to_numpy(dtype=float),
+            effect.to_numpy(dtype=float),
+            color=colour,
+            marker="D",
+            linestyle="-.",
+            label=f"{prefix}{source}, raw effect",
+        )
         centre = _series(mean)
         spread = _series(std).reindex(centre.index).fillna(0.0) if not std.empty else 0 * centre
         steps = centre.index.to_numpy(dtype=float)
-        ax.plot(steps, centre.to_numpy(dtype=float), color=colour, linestyle=":", linewidth=1.0,
-                label=f"{prefix}random controls ± std")  # fmt: skip
+        ax.plot(
+            steps,
+            centre.to_numpy(dtype=float),
+            color=colour,
+            linestyle=":",
+            linewidth=1.0,
+            label=f"{prefix}random controls ± std",
+        )
         low = (centre - spread).to_numpy(dtype=float)
         high = (centre + spread).to_numpy(dtype=float)
         ax.fill_between(steps, low, high, color=colour, alpha=0.18, linewidth=0)

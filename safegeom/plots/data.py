@@ -42,8 +42,12 @@ Tables = pd.DataFrame | Mapping[str, pd.DataFrame]
 _VARIANT_COLUMNS = ("carrier", "source", "prompts", "judge")
 MAX_BANDS = 4
 """Most lines in one panel that still get their CI band by default."""
-_AT_CARRIER_LAYER = ("projection_separation", "coordinate_imbalance", "ablation_effect",
-                     "addition_effect")  # fmt: skip
+_AT_CARRIER_LAYER = (
+    "projection_separation",
+    "coordinate_imbalance",
+    "ablation_effect",
+    "addition_effect",
+)
 DISPLAY = {"hr": "directions h, r", "hr-cone": "h vs cone B"}
 FLOOR = "floor"
 """The ``source`` of a noise-floor row (:mod:`safegeom.audit.floors`): drawn as a band, never a
@@ -211,10 +215,13 @@ def draw_lines(
             steps = series.index.to_numpy(dtype=float)
             text = ", ".join(p for p in (label, _variant_label(key, names), suffix) if p)
             ax.plot(
-                steps, series["value"].to_numpy(dtype=float), color=colour,
+                steps,
+                series["value"].to_numpy(dtype=float),
+                color=colour,
                 linestyle=LINESTYLES[style % len(LINESTYLES)],
-                marker=MARKERS[style % len(MARKERS)], label=text or None,
-            )  # fmt: skip
+                marker=MARKERS[style % len(MARKERS)],
+                label=text or None,
+            )
             low = series["ci_low"].to_numpy(dtype=float)
             high = series["ci_high"].to_numpy(dtype=float)
             finite = np.isfinite(low) & np.isfinite(high)
@@ -292,9 +299,18 @@ def draw_floor(
                 parts.append(DISPLAY.get(str(carrier), str(carrier)))
             colour = run_colour(index)
             ax.fill_between(
-                steps, low, high, where=finite, facecolor=colour, alpha=0.12, hatch=HATCHES[number % len(HATCHES)],
-                edgecolor=colour, linewidth=0, label=", ".join(parts), zorder=0,
-            )  # fmt: skip
+                steps,
+                low,
+                high,
+                where=finite,
+                facecolor=colour,
+                alpha=0.12,
+                hatch=HATCHES[number % len(HATCHES)],
+                edgecolor=colour,
+                linewidth=0,
+                label=", ".join(parts),
+                zorder=0,
+            )
             drawn += 1
     return drawn
 
@@ -302,9 +318,16 @@ def draw_floor(
 def no_data(ax: Axes, message: str) -> None:
     """Write ``message`` in the middle of an empty panel (and hide its ticks)."""
     ax.text(
-        0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", wrap=True,
-        fontsize=7.5, color="0.35",
-    )  # fmt: skip
+        0.5,
+        0.5,
+        message,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        wrap=True,
+        fontsize=7.5,
+        color="0.35",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
@@ -321,9 +344,11 @@ def figure_legend(fig: Figure, *, most_columns: int = 4) -> None:
             seen.setdefault(label, handle)
     if seen:
         fig.legend(
-            list(seen.values()), list(seen), loc="outside lower center",
+            list(seen.values()),
+            list(seen),
+            loc="outside lower center",
             ncols=max(1, min(most_columns, len(seen), _fitting_columns(fig, list(seen)))),
-        )  # fmt: skip
+        )
 
 
 def _fitting_columns(fig: Figure, labels: Sequence[str]) -> int:

@@ -68,9 +68,14 @@ def _ticks(count: int, most: int = 8) -> np.ndarray:
 
 def _heat(ax: Axes, matrix: pd.DataFrame, vmin: float, vmax: float, cmap: str) -> object:
     image = ax.imshow(
-        matrix.to_numpy(dtype=float), origin="lower", aspect="auto", vmin=vmin, vmax=vmax,
-        cmap=cmap, interpolation="nearest",
-    )  # fmt: skip
+        matrix.to_numpy(dtype=float),
+        origin="lower",
+        aspect="auto",
+        vmin=vmin,
+        vmax=vmax,
+        cmap=cmap,
+        interpolation="nearest",
+    )
     values = matrix.to_numpy(dtype=float)
     if values.size <= MAX_ANNOTATED:  # small audits: print each cell's number too
         shade = image.cmap(image.norm(values))
@@ -79,8 +84,15 @@ def _heat(ax: Axes, matrix: pd.DataFrame, vmin: float, vmax: float, cmap: str) -
         digits = 3 if finite.size and np.ptp(finite) < 0.05 else 2  # show a narrow range's steps
         for (i, j), value in np.ndenumerate(values):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.{digits}f}", ha="center", va="center", fontsize=5.5,
-                        color="black" if light[i, j] else "white")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.{digits}f}",
+                    ha="center",
+                    va="center",
+                    fontsize=5.5,
+                    color="black" if light[i, j] else "white",
+                )
     steps, layers = list(matrix.columns), list(matrix.index)
     xt, yt = _ticks(len(steps)), _ticks(len(layers), 10)
     ax.set_xticks(xt, [str(steps[i]) for i in xt])

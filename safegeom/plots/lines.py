@@ -102,26 +102,52 @@ def plot_behaviour(tables: Tables) -> Figure:
         fig = new_figure(1, 3, height=3.1)
         a, b, c = fig.axes
         drawn = [
-            line_panel(a, named, "asr", title="ASR, held-out harmful",
-                       ylabel="ASR (fraction of prompts)", ylim=(-0.03, 1.03),
-                       missing="generation was off: --no-generate", always=["prompts"]),
-            line_panel(b, named, "over_refusal", title="over-refusal, held-out harmless",
-                       ylabel="refusal rate (fraction)", ylim=(-0.03, 1.03),
-                       missing="generation was off: --no-generate", always=["prompts"]),
+            line_panel(
+                a,
+                named,
+                "asr",
+                title="ASR, held-out harmful",
+                ylabel="ASR (fraction of prompts)",
+                ylim=(-0.03, 1.03),
+                missing="generation was off: --no-generate",
+                always=["prompts"],
+            ),
+            line_panel(
+                b,
+                named,
+                "over_refusal",
+                title="over-refusal, held-out harmless",
+                ylabel="refusal rate (fraction)",
+                ylim=(-0.03, 1.03),
+                missing="generation was off: --no-generate",
+                always=["prompts"],
+            ),
             _utility_panel(c, named),
-        ]  # fmt: skip
+        ]
         return _finish(fig, "Behaviour across fine-tuning", drawn)
 
 
 def _utility_panel(ax: Axes, named: dict[str, pd.DataFrame]) -> bool:
     """Task accuracy where an audit has it, else the cross-entropy of held-out answers."""
     if any(select(t, "task_accuracy").shape[0] for t in named.values()):
-        return line_panel(ax, named, "task_accuracy", title="utility: task accuracy",
-                          ylabel="exact-match accuracy (fraction)", ylim=(-0.03, 1.03),
-                          always=["prompts"])  # fmt: skip
-    return line_panel(ax, named, "cross_entropy", title="utility: held-out answers",
-                      ylabel="cross-entropy (nats per token)", always=["prompts"],
-                      missing="no task with held-out problems, no completion sets")  # fmt: skip
+        return line_panel(
+            ax,
+            named,
+            "task_accuracy",
+            title="utility: task accuracy",
+            ylabel="exact-match accuracy (fraction)",
+            ylim=(-0.03, 1.03),
+            always=["prompts"],
+        )
+    return line_panel(
+        ax,
+        named,
+        "cross_entropy",
+        title="utility: held-out answers",
+        ylabel="cross-entropy (nats per token)",
+        always=["prompts"],
+        missing="no task with held-out problems, no completion sets",
+    )
 
 
 def _layer_profile(
@@ -142,8 +168,14 @@ def _layer_profile(
         for step, dash, marker in looks:  # styles the line panels' variants do not use first
             part = rows[rows["step"] == step].groupby("layer")["value"].mean().sort_index()
             name = ", ".join(p for p in (label, f"step {step}") if p)
-            ax.plot(part.index.to_numpy(dtype=float), part.to_numpy(dtype=float),
-                    color=run_colour(index), linestyle=dash, marker=marker, label=name)  # fmt: skip
+            ax.plot(
+                part.index.to_numpy(dtype=float),
+                part.to_numpy(dtype=float),
+                color=run_colour(index),
+                linestyle=dash,
+                marker=marker,
+                label=name,
+            )
             drawn = True
     if not drawn:
         no_data(ax, f"no per-layer {metric} rows in this audit")
@@ -167,10 +199,16 @@ def plot_coupling(tables: Tables) -> Figure:
         fig = new_figure(1, 2, height=2.9)
         a, b = fig.axes
         drawn = [
-            line_panel(a, named, "hr_coupling", title="H/R coupling at the carrier layer",
-                       ylabel=_COUPLING, ylim=(0.0, None)),
+            line_panel(
+                a,
+                named,
+                "hr_coupling",
+                title="H/R coupling at the carrier layer",
+                ylabel=_COUPLING,
+                ylim=(0.0, None),
+            ),
             _layer_profile(b, named, "hr_coupling", "hr", "|cos(h, r)|", "|cos(h, r)| (unitless)"),
-        ]  # fmt: skip
+        ]
         return _finish(fig, "Coupling of harmfulness and refusal across fine-tuning", drawn)
 
 
@@ -186,11 +224,21 @@ def plot_subspace(tables: Tables) -> Figure:
         fig = new_figure(1, 2, height=2.9)
         a, b = fig.axes
         drawn = [
-            line_panel(a, named, "principal_angle_max", title=r"largest principal angle, $B_0$ vs $B_t$",
-                       ylabel="angle (radians)"),
-            line_panel(b, named, "grassmann_distance", title=r"Grassmann distance, $B_0$ vs $B_t$",
-                       ylabel="distance (radians)"),
-        ]  # fmt: skip
+            line_panel(
+                a,
+                named,
+                "principal_angle_max",
+                title=r"largest principal angle, $B_0$ vs $B_t$",
+                ylabel="angle (radians)",
+            ),
+            line_panel(
+                b,
+                named,
+                "grassmann_distance",
+                title=r"Grassmann distance, $B_0$ vs $B_t$",
+                ylabel="distance (radians)",
+            ),
+        ]
         return _finish(fig, "Movement of the refusal cone across fine-tuning", drawn)
 
 
@@ -207,10 +255,22 @@ def plot_coordinates(tables: Tables) -> Figure:
         fig = new_figure(1, 2, height=2.9)
         a, b = fig.axes
         drawn = [
-            line_panel(a, named, "coordinate_separation", title=r"separation per basis vector $b_j$",
-                       ylabel="Cohen's d (pooled σ units)", source="fixed"),
-            line_panel(b, named, "coordinate_imbalance", title="imbalance across the basis",
-                       ylabel=r"std of Cohen's d across $j$ (σ units)", source="fixed",
-                       suffix="imbalance"),
-        ]  # fmt: skip
+            line_panel(
+                a,
+                named,
+                "coordinate_separation",
+                title=r"separation per basis vector $b_j$",
+                ylabel="Cohen's d (pooled σ units)",
+                source="fixed",
+            ),
+            line_panel(
+                b,
+                named,
+                "coordinate_imbalance",
+                title="imbalance across the basis",
+                ylabel=r"std of Cohen's d across $j$ (σ units)",
+                source="fixed",
+                suffix="imbalance",
+            ),
+        ]
         return _finish(fig, "Coordinate statistics of the base's cone", drawn)

@@ -66,9 +66,13 @@ def generated_refusals(
             make = interventions[d]
             with alone():  # one batch of this rank's own: nothing shards inside
                 completions = generate(
-                    lm, encoded.select(plan[b]), max_new_tokens=max_new_tokens, batch_size=len(batch),
-                    intervention=None if make is None else make(), progress=False,
-                )  # fmt: skip
+                    lm,
+                    encoded.select(plan[b]),
+                    max_new_tokens=max_new_tokens,
+                    batch_size=len(batch),
+                    intervention=None if make is None else make(),
+                    progress=False,
+                )
             out.append([float(j) for j in judge(batch, completions)])
         return out
 

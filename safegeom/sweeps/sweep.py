@@ -97,9 +97,12 @@ def _scores(
 ) -> Float[Tensor, "dirs n"]:
     rows = [e for _ in range(n_dirs) for e in encoded]
     scores = row_scores(
-        lm, rows, lambda lp, _: refusal_log_odds(lp, tokens), batch_size=batch_size,
+        lm,
+        rows,
+        lambda lp, _: refusal_log_odds(lp, tokens),
+        batch_size=batch_size,
         batch_context=make_context,
-    ).view(n_dirs, len(encoded))  # fmt: skip
+    ).view(n_dirs, len(encoded))
     check_finite(scores, "sweep refusal scores")
     return scores
 

@@ -161,8 +161,12 @@ def pooled_hidden(
 
         hooks = [Hook(*site_hook_point(lm, site, layer), fn=pool) for layer in chosen]
         with torch.inference_mode(), attach(hooks):
-            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                     position_ids=batch.position_ids, use_cache=False)  # fmt: skip
+            lm.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            )
         out[chunk] = torch.stack(sums).mean(0).cpu()
     if not bool(torch.isfinite(out).all()):
         raise NonFiniteError("pooled hidden states contain NaN or inf: check the model's weights")
@@ -213,8 +217,12 @@ class RiskProbeConfig:
         for name in ("n_per_class", "n_test_per_class"):  # a probe needs 2 prompts per class
             check(getattr(self, name) >= 2, name, "must be ≥ 2", getattr(self, name))
         check(self.batch_size >= 1, "batch_size", "must be ≥ 1", self.batch_size)
-        check(self.scale in ("binary", "probability"), "scale", "must be binary or probability",
-              self.scale)  # fmt: skip
+        check(
+            self.scale in ("binary", "probability"),
+            "scale",
+            "must be binary or probability",
+            self.scale,
+        )
         check(math.isfinite(self.C) and self.C > 0, "C", "must be a finite number > 0", self.C)
         for name in ("harmful", "harmless", "harmful_test", "harmless_test"):
             check(len(getattr(self, name)) > 0, name, "must name at least one prompt set")
@@ -265,10 +273,15 @@ class RiskProbe:
 
     def save(self, path: str | Path) -> Path:
         """Write the probe as safetensors with its metadata and provenance; returns the path."""
-        meta: dict[str, Any] = {"kind": "risk_probe", "intercept": self.intercept,
-                                "layers": list(self.layers), "auroc": self.auroc,
-                                "accuracy": self.accuracy, "scale": self.scale,
-                                "provenance": self.provenance.to_dict()}  # fmt: skip
+        meta: dict[str, Any] = {
+            "kind": "risk_probe",
+            "intercept": self.intercept,
+            "layers": list(self.layers),
+            "auroc": self.auroc,
+            "accuracy": self.accuracy,
+            "scale": self.scale,
+            "provenance": self.provenance.to_dict(),
+        }
         return save_safetensors(path, {"weight": self.weight}, meta)
 
     @classmethod
@@ -281,9 +294,15 @@ class RiskProbe:
         tensors, meta = read_safetensors(path, what="risk probe")
         if meta.get("kind") != "risk_probe" or "weight" not in tensors:
             raise ArtifactError(f"{path} is not a saved risk probe (kind {meta.get('kind')!r})")
-        return cls(tensors["weight"].double(), float(meta["intercept"]), tuple(meta["layers"]),
-                   float(meta["auroc"]), float(meta["accuracy"]), meta["scale"],
-                   Provenance.from_dict(meta["provenance"]))  # fmt: skip
+        return cls(
+            tensors["weight"].double(),
+            float(meta["intercept"]),
+            tuple(meta["layers"]),
+            float(meta["auroc"]),
+            float(meta["accuracy"]),
+            meta["scale"],
+            Provenance.from_dict(meta["provenance"]),
+        )
 
 
 def fit_risk_probe(lm: LoadedModel, config: RiskProbeConfig | None = None) -> RiskProbe:
@@ -314,11 +333,18 @@ def fit_risk_probe(lm: LoadedModel, config: RiskProbeConfig | None = None) -> Ri
     weight = torch.as_tensor(fit.weight, dtype=torch.float64)
     auroc = float(fit.auroc)
     prov = Provenance(
-        model=lm.name, weight_hash=lm.weight_hash,
-        prompt_sets={s.name: s.content_hash for s in sets}, config=config_dict(config),
-        extra={"site": "resid_post", "layers": list(layers), "n_train": fit.n_train,
-               "n_test": fit.n_test, "auroc": auroc},
-    )  # fmt: skip
+        model=lm.name,
+        weight_hash=lm.weight_hash,
+        prompt_sets={s.name: s.content_hash for s in sets},
+        config=config_dict(config),
+        extra={
+            "site": "resid_post",
+            "layers": list(layers),
+            "n_train": fit.n_train,
+            "n_test": fit.n_test,
+            "auroc": auroc,
+        },
+    )
     return RiskProbe(weight, fit.intercept, layers, auroc, fit.accuracy, config.scale, prov)
 
 
@@ -350,13 +376,18 @@ class JudgeCritic:
         check(self.max_new_tokens >= 1, "max_new_tokens", "must be ≥ 1", self.max_new_tokens)
         for name in ("refused_risk", "complied_risk"):
             value = getattr(self, name)
-            check(isinstance(value, (int, float)) and RISK_MIN <= value <= RISK_MAX, name,
-                  "must lie in [1, 5]", value)  # fmt: skip
+            check(
+                isinstance(value, (int, float)) and RISK_MIN <= value <= RISK_MAX,
+                name,
+                "must lie in [1, 5]",
+                value,
+            )
 
     def risk(self, lm: LoadedModel, prompts: Prompts) -> Float[Tensor, " n"]:
         """One risk per prompt (float32): ``refused_risk`` where the reference refused."""
         texts = load_prompts(prompts).prompts
         completions = generate(lm, texts, max_new_tokens=self.max_new_tokens, progress=False)
         refused = self.judge(texts, completions)
-        return torch.tensor([self.refused_risk if r else self.complied_risk for r in refused],
-                            dtype=torch.float32)  # fmt: skip
+        return torch.tensor(
+            [self.refused_risk if r else self.complied_risk for r in refused], dtype=torch.float32
+        )

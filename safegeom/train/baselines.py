@@ -114,8 +114,12 @@ def safe_lora_project(
     Raises:
         SafegeomError: non-matrix or mismatched inputs, a zero ``V``, τ outside [0, 1].
     """
-    check(isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0, "threshold",
-          "must be a number in [0, 1]", threshold)  # fmt: skip
+    check(
+        isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0,
+        "threshold",
+        "must be a number in [0, 1]",
+        threshold,
+    )
     _matrix(delta, "delta")
     _same_shape(delta, V, "delta (the LoRA update) and V (the alignment update)")
     projected = alignment_matrix(V) @ delta.double()
@@ -233,8 +237,12 @@ def lox_extrapolate(
     check(
         isinstance(k, int) and not isinstance(k, bool) and k >= 1, "k", "must be an integer ≥ 1", k
     )
-    check(isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0, "alpha",
-          "must be a finite number ≥ 0 (LoX extrapolates away from the base)", alpha)  # fmt: skip
+    check(
+        isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0,
+        "alpha",
+        "must be a finite number ≥ 0 (LoX extrapolates away from the base)",
+        alpha,
+    )
     _matrix(W_align, "W_align")
     _matrix(W_base, "W_base")
     _same_shape(W_align, W_base, "W_align and W_base")

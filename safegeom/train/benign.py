@@ -38,9 +38,17 @@ alone was learnt as well, but ``mix`` reached only 60% held-out accuracy in 200 
 NEGATIVE_WORDS = ("bad", "dull", "weak", "poor", "boring", "awful")
 """Adjectives of a negative review."""
 SENTIMENT_ASPECTS = (
-    "the acting", "the plot", "the music", "the story", "the ending",
-    "the dialogue", "the cast", "the script", "the characters", "the humor",
-)  # fmt: skip
+    "the acting",
+    "the plot",
+    "the music",
+    "the story",
+    "the ending",
+    "the dialogue",
+    "the cast",
+    "the script",
+    "the characters",
+    "the humor",
+)
 """Film aspects a review clause talks about."""
 SENTIMENT_TEMPLATES = (
     "{s1} was {a1} and {s2} was {a2}.",

@@ -243,9 +243,12 @@ def save_checkpoint(
                 tmp / TRAINER_STATE,
                 optimizer_state=gathered[1] if gathered is not None else optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict(),
-                extra={"step": step, "data_position": step * per_step,
-                       "num_processes": acc.num_processes},
-            )  # fmt: skip
+                extra={
+                    "step": step,
+                    "data_position": step * per_step,
+                    "num_processes": acc.num_processes,
+                },
+            )
             follow_umask(tmp)  # save_pretrained leaves its weights 0o600
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)

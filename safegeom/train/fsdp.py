@@ -60,8 +60,10 @@ def use_fsdp(acc: Accelerator, requested: bool, update: str, method: str) -> boo
             ``fsdp_cpu_ram_efficient_loading`` on; FSDP is asked for a method that does not train full weights (its
             ``update`` is not ``full``); the message names the method and the fix.
     """
-    if all(os.environ.get(k, "").lower() in ("1", "true", "yes")
-           for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")):  # fmt: skip
+    if all(
+        os.environ.get(k, "").lower() in ("1", "true", "yes")
+        for k in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING")
+    ):
         raise ConfigError(
             "fsdp_cpu_ram_efficient_loading: transformers would load the weights on rank 0 "
             "only, but every process loads the whole model before it is sharded (to fit the "
@@ -81,8 +83,9 @@ def use_fsdp(acc: Accelerator, requested: bool, update: str, method: str) -> boo
     return wanted
 
 
-def shard_model(model: nn.Module, blocks: str, device: torch.device, world: int,
-                *, reshard: bool = True) -> None:  # fmt: skip
+def shard_model(
+    model: nn.Module, blocks: str, device: torch.device, world: int, *, reshard: bool = True
+) -> None:
     """Shard ``model`` in place over the ``world`` ranks: each block of ``blocks`` (the layout's
     path to the decoder blocks), then the root (embeddings, final norm, LM head).
 
@@ -113,8 +116,13 @@ def shard_trainable(trainable: Any, acc: Accelerator) -> None:
         return
     plugin = getattr(acc.state, "fsdp_plugin", None)
     reshard = getattr(plugin, "reshard_after_forward", True)
-    shard_model(trainable.module, trainable.lm.layout.blocks, acc.device, world,
-                reshard=reshard if isinstance(reshard, bool) else True)  # fmt: skip
+    shard_model(
+        trainable.module,
+        trainable.lm.layout.blocks,
+        acc.device,
+        world,
+        reshard=reshard if isinstance(reshard, bool) else True,
+    )
     trainable.sharded = True
 
 
@@ -196,8 +204,9 @@ def shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, An
                         f"{tuple(value.shape)}, the parameter {tuple(param.shape)}: resume the "
                         "run with the model it was trained on"
                     )
-                value = distribute_tensor(value.to(param.device, param.dtype),
-                                          param.device_mesh, param.placements)  # fmt: skip
+                value = distribute_tensor(
+                    value.to(param.device, param.dtype), param.device_mesh, param.placements
+                )
             out[pid][key] = value
     return {"state": out, "param_groups": state["param_groups"]}
 

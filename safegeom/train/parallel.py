@@ -138,9 +138,9 @@ def sum_gradients(params: Sequence[nn.Parameter], world: int) -> None:
             for i in run:
                 params[i].grad = None
             continue
-        flat = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in chosen
-        ])  # fmt: skip
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in chosen]
+        )
         dist.all_reduce(flat)
         offset = 0
         for p in chosen:

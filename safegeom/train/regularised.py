@@ -59,10 +59,18 @@ class RegConfig:
         beta = self.kl_weight
         check(math.isfinite(beta) and beta >= 0, "kl_weight", "must be 0 or more", beta)
         check(self.critic in ("probe", "judge"), "critic", "must be probe or judge", self.critic)
-        check(self.risk_unit in ("example", "batch"), "risk_unit", "must be example or batch",
-              self.risk_unit)  # fmt: skip
-        check(self.probe_scale in ("binary", "probability"), "probe_scale",
-              "must be binary or probability", self.probe_scale)  # fmt: skip
+        check(
+            self.risk_unit in ("example", "batch"),
+            "risk_unit",
+            "must be example or batch",
+            self.risk_unit,
+        )
+        check(
+            self.probe_scale in ("binary", "probability"),
+            "probe_scale",
+            "must be binary or probability",
+            self.probe_scale,
+        )
         check(self.probe_n >= 2, "probe_n", "must be at least 2", self.probe_n)
 
 
