@@ -212,6 +212,7 @@ def claims_folder(
     out: str = "out",
     overwrite: str | None = "overwrite",
     inputs: tuple[str, ...] = (),
+    precheck: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """Decorate a function that writes a folder so that each call holds it (:func:`claim_folder`).
 
@@ -220,6 +221,8 @@ def claims_folder(
         out: the parameter that names the folder.
         overwrite: the parameter that allows writing beside files safegeom did not write.
         inputs: the parameters that name inputs (refused as the folder).
+        precheck: called with the call's arguments (by name) before the folder is claimed (and
+            so made): a check that must see the folder as the user left it.
 
     Returns:
         The decorator.
@@ -236,6 +239,8 @@ def claims_folder(
             named = [given.get(name) for name in inputs]
             values = [v for x in named for v in (x if isinstance(x, (list, tuple)) else [x])]
             allow = bool(given.get(overwrite)) if overwrite else False
+            if precheck is not None:
+                precheck(given)
             with claim_folder(given[out], command=command, overwrite=allow, inputs=values):
                 return fn(*args, **kwargs)
 

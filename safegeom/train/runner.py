@@ -126,7 +126,13 @@ def check_resumable(out: str | Path) -> None:
         )
 
 
-@claims_folder("train", inputs=("model_spec", "task"))  # locks and records out
+def _check_resume_target(arguments: dict[str, Any]) -> None:
+    """Before the folder is claimed (which makes it): ``resume`` needs a run folder that exists."""
+    if arguments.get("resume"):
+        check_resumable(arguments["out"])
+
+
+@claims_folder("train", inputs=("model_spec", "task"), precheck=_check_resume_target)
 def train(
     model_spec: str | Path,
     task: str | Path | Task,
