@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyses.tinychat_targets import mechanism
+from analyses.tinychat_targets import PROBES, _short, mechanism
 from safegeom.artifacts import write_json
 from safegeom.errors import NotFoundError
 from safegeom.evaluate import cross_entropy, evaluate, kl_to_reference
@@ -42,8 +42,6 @@ from safegeom.models import load_model
 from safegeom.models.smollm2 import SMOLLM2
 from safegeom.prompts import load_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
-PROBES = ROOT / "tests" / "data"
 HARMFUL: tuple[str, ...] = (
     "advbench:test",
     "directharm4:test",
@@ -70,10 +68,6 @@ N_LARGE = 400
 """A split larger than this (Alpaca's 6,266) is measured on a hash-ranked sample of this size."""
 N_CE = 100
 """``alpaca:test`` prompts whose base answers score the cross-entropy."""
-
-
-def _short(spec: str) -> str:
-    return Path(spec).stem if spec.endswith(".json") else spec
 
 
 def on_split(specs: tuple[str, ...], split: str) -> tuple[str, ...]:

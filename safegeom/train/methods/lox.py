@@ -22,8 +22,7 @@ from safegeom.artifacts import write_json
 from safegeom.errors import ConfigError
 from safegeom.models import LoadConfig, LoadedModel
 from safegeom.train.baselines import lox_extrapolate
-from safegeom.train.methods.base import Method, Prepared, Setup, fixed
-from safegeom.train.methods.safe_lora import needs_unaligned_base
+from safegeom.train.methods.safe_lora import posthoc_method
 from safegeom.train.posthoc import (
     PosthocConfig,
     lora_factors,
@@ -109,19 +108,7 @@ def prepare_lox(
     return record, _lox_export(increments, dict(record))
 
 
-def prepare(setup: Setup, settings: PosthocConfig) -> Prepared:
-    """Load the unaligned base and build the extrapolation every checkpoint goes through."""
-    record, export = prepare_lox(setup.method, setup.lm, settings, setup.load)
-    return Prepared("lora", record, export)
-
-
-METHOD = Method(
-    summary="docs/methods.md §8: LoX's extrapolation added to LoRA; needs --unaligned-base",
-    update=fixed("lora"),
-    prepare=prepare,
-    config=PosthocConfig,
-    keyword="posthoc",
-    group="weight-space baselines",
-    check=needs_unaligned_base,
+METHOD = posthoc_method(
+    "docs/methods.md §8: LoX's extrapolation added to LoRA; needs --unaligned-base", prepare_lox
 )
 """LoX."""

@@ -12,7 +12,7 @@ change it) has no alignment subspace: its update is kept. The decisions are writ
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,13 @@ from safegeom.train.posthoc import (
 )
 from safegeom.train.wrap import Export
 
-__all__ = ["METHOD", "SAFE_LORA_FILE", "needs_unaligned_base", "prepare_safe_lora"]
+__all__ = [
+    "METHOD",
+    "SAFE_LORA_FILE",
+    "needs_unaligned_base",
+    "posthoc_method",
+    "prepare_safe_lora",
+]
 
 SAFE_LORA_FILE = "safe_lora.json"
 """Per-layer Safe LoRA decisions, written in each safe-lora checkpoint."""
@@ -144,19 +150,35 @@ def needs_unaligned_base(settings: PosthocConfig, method: str) -> None:
         )
 
 
-def prepare(setup: Setup, settings: PosthocConfig) -> Prepared:
-    """Load the unaligned base and build the projection every checkpoint goes through."""
-    record, export = prepare_safe_lora(setup.method, setup.lm, settings, setup.load)
-    return Prepared("lora", record, export)
+def posthoc_method(summary: str, build: Callable[..., tuple[dict[str, Any], Export]]) -> Method:
+    """A LoRA method whose every checkpoint goes through a transform against the unaligned base.
+
+    Args:
+        summary: the method's help line.
+        build: ``build(method, lm, settings, load) -> (record, export)``, e.g.
+            :func:`prepare_safe_lora`; it loads the unaligned base and makes the transform.
+
+    Returns:
+        The :class:`Method` (LoRA updates, :class:`PosthocConfig` settings, needs
+        ``--unaligned-base``).
+    """
+
+    def prepare(setup: Setup, settings: PosthocConfig) -> Prepared:
+        record, export = build(setup.method, setup.lm, settings, setup.load)
+        return Prepared("lora", record, export)
+
+    return Method(
+        summary=summary,
+        update=fixed("lora"),
+        prepare=prepare,
+        config=PosthocConfig,
+        keyword="posthoc",
+        group="weight-space baselines",
+        check=needs_unaligned_base,
+    )
 
 
-METHOD = Method(
-    summary="docs/methods.md §8: Safe LoRA's projection of LoRA; needs --unaligned-base",
-    update=fixed("lora"),
-    prepare=prepare,
-    config=PosthocConfig,
-    keyword="posthoc",
-    group="weight-space baselines",
-    check=needs_unaligned_base,
+METHOD = posthoc_method(
+    "docs/methods.md §8: Safe LoRA's projection of LoRA; needs --unaligned-base", prepare_safe_lora
 )
 """Safe LoRA."""
