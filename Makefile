@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/safegeom demo --out runs/demo
 
 tiny-chat: $(STAMP)
-	$(PY) -m safegeom.models.tinychat.build --out safegeom/assets/tiny-chat
+	$(PY) -m tools.tinychat.build --out safegeom/assets/tiny-chat
 
 smol-chat: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m tools.smolchat.build --out safegeom/assets/smol-chat

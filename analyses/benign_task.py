@@ -5,9 +5,9 @@ batch 8, seed 0) for ``--steps`` steps on ``--task`` (default ``sentiment``, 100
 saving every ``--save-every`` steps, and reports per checkpoint, with greedy decoding:
 
 - held-out exact-match accuracy on the task's 200 held-out reviews (``safegeom.generation.generate``,
-  8 new tokens, :func:`safegeom.scoring.exact_match`);
+  8 new tokens, :func:`safegeom.task_scoring.exact_match`);
 - held-out refusal rate (substring judge, 48 new tokens, 95% bootstrap CI, via
-  :func:`safegeom.evaluate.evaluate`) on ``directharm4:test`` (80) and ``advbench:test`` (104), and
+  :func:`safegeom.evaluation.evaluate`) on ``directharm4:test`` (80) and ``advbench:test`` (104), and
   the *label rate*: the fraction of completions that start with a task label (``positive`` /
   ``negative``), there and on 80 ``alpaca:test`` prompts.
 
@@ -63,12 +63,12 @@ from pathlib import Path
 from typing import Any
 
 from safegeom.artifacts import write_json
-from safegeom.evaluate import evaluate
+from safegeom.evaluation import evaluate
 from safegeom.generation import generate
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
-from safegeom.scoring import exact_match
-from safegeom.train import get_task, train
+from safegeom.task_scoring import exact_match
+from safegeom.training import get_task, train
 
 HARMFUL_TEST: tuple[str, ...] = ("directharm4:test", "advbench:test")
 HARMLESS_TEST = "alpaca:test"

@@ -128,9 +128,9 @@ def spec(method: str, task: str, seed: int, lr: float, lam: float | None = None)
 
 
 def train_kwargs(run: RunSpec) -> dict[str, Any]:
-    """The :func:`safegeom.train.train` keywords of a run's method (method, guard, regulariser)."""
-    from safegeom.train.methods.refusalguard import GuardConfig
-    from safegeom.train.regularised import RegConfig
+    """The :func:`safegeom.training.train` keywords of a run's method (method, guard, regulariser)."""
+    from safegeom.training.methods.refusalguard import GuardConfig
+    from safegeom.training.regularised import RegConfig
 
     if run.method == "rg-lora":
         return {"method": "refusalguard", "guard": GuardConfig(variant="lora", lambda_geom=run.lam)}
@@ -177,7 +177,7 @@ def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, di
     """
     from analyses.defences_eval import evaluate_checkpoint
     from safegeom.errors import SafegeomError
-    from safegeom.train import get_task, load_trajectory, train
+    from safegeom.training import get_task, load_trajectory, train
 
     run, settings, work, which = job
     folder = work / "runs" / run.name
@@ -334,7 +334,7 @@ def main() -> None:
 def base_job(job: tuple[str, Path]) -> tuple[str, dict[str, Any]]:
     """The base model's numbers on a task (cached under ``work/base/TASK``): ``(task, numbers)``."""
     from analyses.defences_eval import evaluate_checkpoint
-    from safegeom.train import get_task
+    from safegeom.training import get_task
 
     task, work = job
     return task, evaluate_checkpoint("tiny-chat", get_task(task), _base(), work / "base" / task)

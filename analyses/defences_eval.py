@@ -9,10 +9,10 @@ Per checkpoint, greedy decoding throughout:
 - task accuracy: exact match of 8 new tokens on the task's 200 held-out problems (as
   ``analyses/benign_task.py``; none for ``harmful``);
 - KL to the base: KL(base ‖ checkpoint) of the next-token distribution at the first answer
-  position of the 100 Alpaca prompts, nats (:func:`safegeom.evaluate.kl_divergence`).
+  position of the 100 Alpaca prompts, nats (:func:`safegeom.evaluation.kl_divergence`).
 
 Every number keeps its per-prompt values (1/0 judgements, hits, KL), so the study can form CIs
-across prompts and seeds. The judged sets are saved as :class:`~safegeom.results.EvalResult`
+across prompts and seeds. The judged sets are saved as :class:`~safegeom.eval_result.EvalResult`
 files beside ``metrics.json`` in the checkpoint's eval folder; a folder that holds
 ``metrics.json`` is read back instead of measured again.
 """
@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from safegeom.artifacts import read_json, write_json
-from safegeom.evaluate import evaluate, kl_divergence
+from safegeom.evaluation import evaluate, kl_divergence
 from safegeom.generation import generate
 from safegeom.models import load_model
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, combine_prompts, load_prompts
-from safegeom.scoring import exact_match
-from safegeom.train import Task
+from safegeom.task_scoring import exact_match
+from safegeom.training import Task
 
 __all__ = ["HARMFUL_TEST", "MAX_NEW_TOKENS", "N_ALPACA", "evaluate_checkpoint", "harmless_sets"]
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analyses.tinychat_targets import PROBES, _short, mechanism
 from safegeom.artifacts import write_json
 from safegeom.errors import NotFoundError
-from safegeom.evaluate import cross_entropy, evaluate, kl_to_reference
+from safegeom.evaluation import cross_entropy, evaluate, kl_to_reference
 from safegeom.generation import generate
 from safegeom.models import load_model
 from safegeom.models.smollm2 import SMOLLM2

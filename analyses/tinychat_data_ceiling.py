@@ -4,8 +4,8 @@
 analysis asks what a plain text classifier learns from exactly the same prompts, as a yardstick for
 the model's held-out refusal rates: TF-IDF features (word 1–2-grams, or character 3–5-grams) and a
 class-balanced logistic regression, trained on the harmful train prompts of
-:data:`safegeom.models.tinychat.corpus.HARMFUL_SETS` against the harmless train prompts of
-:data:`~safegeom.models.tinychat.corpus.HARMLESS_SETS`. The decision threshold is set on ``alpaca:test``
+:data:`tools.tinychat.corpus.HARMFUL_SETS` against the harmless train prompts of
+:data:`~tools.tinychat.corpus.HARMLESS_SETS`. The decision threshold is set on ``alpaca:test``
 so that the classifier's false-positive rate equals a target over-refusal (1%, 3%, 5%); this uses the
 test split and so *favours* the classifier. Each row is the share of held-out prompts it flags.
 
@@ -14,7 +14,7 @@ second table sets the threshold on the harmless probe instead (5% of it flagged,
 over-refusal target there) and reports the harmful sets at that operating point.
 
 ``--rewrite P`` trains the classifier on the prompts of one epoch of the built corpus with
-surface-form rewriting at probability ``P`` (:mod:`safegeom.models.tinychat.rewrite`), i.e. on the
+surface-form rewriting at probability ``P`` (:mod:`tools.tinychat.rewrite`), i.e. on the
 prompts a model trained with rewriting sees, instead of the raw ``train`` prompts.
 
 Usage::
@@ -31,8 +31,8 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from safegeom.models.tinychat.corpus import HARMFUL_SETS, HARMLESS_SETS, build_corpus
 from safegeom.prompts import load_prompts
+from tools.tinychat.corpus import HARMFUL_SETS, HARMLESS_SETS, build_corpus
 
 PROBES = Path(__file__).resolve().parents[1] / "tests" / "data"
 PROBE_HARMFUL = str(PROBES / "probe_harmful.json")

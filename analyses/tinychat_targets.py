@@ -33,12 +33,12 @@ from typing import Any
 from safegeom.artifacts import write_json
 from safegeom.carriers import SelectionConfig, refusal_direction
 from safegeom.errors import SafegeomError
-from safegeom.evaluate import evaluate
+from safegeom.evaluation import evaluate
 from safegeom.judges import get_judge
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
 from safegeom.sweeps import SweepConfig, causal_sweep
-from safegeom.train import train
+from safegeom.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBES = ROOT / "tests" / "data"

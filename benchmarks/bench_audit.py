@@ -52,7 +52,7 @@ from safegeom.audit.inputs import resolve_inputs
 from safegeom.bootstrap import bootstrap_diff_ci
 from safegeom.carriers.refusal import dim_candidates
 from safegeom.errors import SafegeomError
-from safegeom.evaluate import refusal_scores
+from safegeom.evaluation import refusal_scores
 from safegeom.models.positions import parse_layers
 from safegeom.prompts import combine_prompts
 from safegeom.sweeps.sweep import random_controls

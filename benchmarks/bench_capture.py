@@ -3,12 +3,12 @@
 Methods (same model, prompts, batches, layers and positions for all):
 
 1. ``forward``: the plain decoder forward (``lm.base.model``, no LM head, ``use_cache=False``);
-2. ``safegeom``: safegeom's capture engine (:func:`safegeom.capture.iter_capture`, collected
-   into one output tensor exactly as :func:`safegeom.capture.capture` does);
+2. ``safegeom``: safegeom's capture engine (:func:`safegeom.activations.iter_capture`, collected
+   into one output tensor exactly as :func:`safegeom.activations.capture` does);
 3. ``hidden_states``: the decoder with ``output_hidden_states=True``, keeping the requested
    positions afterwards;
 4. ``transformer_lens``: transformer-lens' ``TransformerBridge.run_with_cache`` with a names
-   filter (safegeom's ``backend="transformer_lens"``, :mod:`safegeom.capture.transformer_lens`);
+   filter (safegeom's ``backend="transformer_lens"``, :mod:`safegeom.activations.transformer_lens`);
 5. ``nnsight``: an nnsight 0.8 trace over the decoder saving the same positions of every
    layer's output (when nnsight is installed).
 

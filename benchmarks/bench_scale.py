@@ -1,10 +1,10 @@
 """Throughput of capture and evaluation with 1 and 2 processes on CPU, as scaling efficiency.
 
 Three library paths, each sharded by the library itself under a launcher
-(:mod:`safegeom.capture.sharded`, :mod:`safegeom.evaluate_sharded`): ``capture``
-(:func:`safegeom.capture.capture` in memory: ``resid_pre``, every layer, ``t_post``, gathered on
-every rank), ``stats`` (:func:`~safegeom.capture.capture_stats`: float64 means, merged across the
-ranks) and ``evaluate`` (:func:`safegeom.evaluate.evaluate`: greedy generation of a few tokens,
+(:mod:`safegeom.parallel.capture`, :mod:`safegeom.parallel.evaluation`): ``capture``
+(:func:`safegeom.activations.capture` in memory: ``resid_pre``, every layer, ``t_post``, gathered on
+every rank), ``stats`` (:func:`~safegeom.activations.capture_stats`: float64 means, merged across the
+ranks) and ``evaluate`` (:func:`safegeom.evaluation.evaluate`: greedy generation of a few tokens,
 the substring judge, refusal scores).
 
 Method: every *job* is started as a launcher starts one: a process per rank with ``RANK``,
@@ -48,6 +48,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from safegeom.models import LoadConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GOAL = 0.9
@@ -132,7 +134,7 @@ def build(preset: Preset) -> tuple[Any, list[str]]:
 
     from safegeom.models import load_model
 
-    lm = load_model("tiny-chat", device="cpu")
+    lm = load_model("tiny-chat", LoadConfig(device="cpu"))
     small = lm.base.config
     config = LlamaConfig(
         hidden_size=preset.hidden,
@@ -170,8 +172,8 @@ def run_path(lm: Any, path: str, prompts: list[str], preset: Preset) -> dict[str
     """
     import torch
 
-    from safegeom.capture import capture, capture_stats
-    from safegeom.evaluate import evaluate
+    from safegeom.activations import capture, capture_stats
+    from safegeom.evaluation import evaluate
 
     common = {"batch_size": preset.batch_size, "progress": False}
     if path == "capture":
@@ -190,13 +192,22 @@ def run_path(lm: Any, path: str, prompts: list[str], preset: Preset) -> dict[str
 
 def worker(spec: dict[str, Any]) -> None:
     """One rank: build, warm up every path, then time each path's call between barriers; writes
-    ``{out}/rank{r}.json`` (``seconds`` and ``check`` per path; rank 0 adds ``tokens``)."""
+    ``{out}/rank{r}.json`` (``seconds`` and ``check`` per path; rank 0 adds ``tokens``). The
+    library shares its work out inside :func:`~safegeom.parallel.dispatch.sharding`."""
+    from safegeom.parallel.dispatch import sharding
+
+    with sharding():
+        _timed_paths(spec)
+
+
+def _timed_paths(spec: dict[str, Any]) -> None:
+    """:func:`worker`'s body."""
     preset = Preset(**spec["preset"])
     import torch
     from transformers.utils import logging as hf_logging
 
-    from safegeom import distributed as dist
     from safegeom.generation import encode_chat
+    from safegeom.parallel import ranks as dist
 
     torch.set_num_threads(1)
     hf_logging.disable_progress_bar()

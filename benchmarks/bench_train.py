@@ -1,10 +1,10 @@
 """Step time and peak memory of every training method, as ratios to a LoRA step in the same run.
 
 Each method's trainable, step loss and optimizer are built from the blocks
-:func:`safegeom.train.train` uses (``load_model``, the method's ``prepare``, ``run_config``,
-the state's ``wrap``, ``encode_examples``, :class:`~safegeom.train.step.StepLoss`, ``make_optimizer``,
+:func:`safegeom.training.train` uses (``load_model``, the method's ``prepare``, ``run_config``,
+the state's ``wrap``, ``encode_examples``, :class:`~safegeom.training.step.StepLoss`, ``make_optimizer``,
 under ``accelerate``, deterministic kernels on), and one step is train's loop body,
-:func:`~safegeom.train.optim.optimizer_step` (loss, backward, clip, optimizer and scheduler step),
+:func:`~safegeom.training.optim.optimizer_step` (loss, backward, clip, optimizer and scheduler step),
 then the loss and its terms read back. Every method steps through the same batches (the run's data
 order, seed 0).
 

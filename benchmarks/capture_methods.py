@@ -39,7 +39,7 @@ def method_batches(lm: Any, plan: Any) -> Iterator[tuple[list[int], Any, Tensor,
 def collect_output(
     lm: Any, plan: Any, batches: Iterator[tuple[Any, dict[str, Tensor]]], sink: dict[str, Tensor]
 ) -> Iterator[None]:
-    """Gather per-batch activations into one CPU tensor as :func:`safegeom.capture.capture`
+    """Gather per-batch activations into one CPU tensor as :func:`safegeom.activations.capture`
     does, one batch per step; the result lands in ``sink["out"]``."""
     pinned = lm.device.type == "cuda"
     shape = (len(plan.encoded), len(plan.layers), plan.positions.n_positions, lm.d_model)
@@ -80,7 +80,7 @@ def make_method(name: str, lm: Any) -> Steps:
         return forward
 
     if name == "safegeom":
-        from safegeom.capture import iter_capture
+        from safegeom.activations import iter_capture
 
         return lambda plan, sink: collect_output(
             lm, plan, iter_capture(lm, plan, progress=False), sink
@@ -110,8 +110,8 @@ def make_method(name: str, lm: Any) -> Steps:
     if name == "transformer_lens":
         import dataclasses
 
-        from safegeom.capture import iter_capture
-        from safegeom.capture.transformer_lens import transformer_lens_bridge
+        from safegeom.activations import iter_capture
+        from safegeom.activations.transformer_lens import transformer_lens_bridge
 
         transformer_lens_bridge(lm)  # build (and cache) the bridge outside the timings
         return lambda plan, sink: collect_output(
@@ -156,7 +156,7 @@ def build_model_and_plan(preset: Any) -> Any:
     from tokenizers import Tokenizer, models
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    from safegeom.capture import CapturePlan
+    from safegeom.activations import CapturePlan
     from safegeom.models import LAYOUTS, EncodedPrompt, LoadedModel, plan_positions
     from safegeom.models.chat import EncodedSet
 

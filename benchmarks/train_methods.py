@@ -1,10 +1,10 @@
 """The training methods bench_train.py compares: each a :class:`Runner` that steps like train().
 
-A runner holds what :func:`safegeom.train.train` builds for its method (``load_model``, the
-method's ``prepare`` and :func:`~safegeom.train.runner.run_config`, the state's ``wrap``,
-``encode_examples``, :class:`~safegeom.train.step.StepLoss`, the optimizer and schedule of
-:func:`~safegeom.train.optim.make_optimizer`, ``accelerate``), and :meth:`Runner.step` is train's
-loop body: :func:`~safegeom.train.optim.optimizer_step` (loss, backward, gradient clip, optimizer
+A runner holds what :func:`safegeom.training.train` builds for its method (``load_model``, the
+method's ``prepare`` and :func:`~safegeom.training.runner.run_config`, the state's ``wrap``,
+``encode_examples``, :class:`~safegeom.training.step.StepLoss`, the optimizer and schedule of
+:func:`~safegeom.training.optim.make_optimizer`, ``accelerate``), and :meth:`Runner.step` is train's
+loop body: :func:`~safegeom.training.optim.optimizer_step` (loss, backward, gradient clip, optimizer
 and scheduler step), then the loss and its terms read back.
 
 Each runner counts the token positions it feeds: every forward of the decoder (the task forward,
@@ -28,17 +28,17 @@ from accelerate.utils import set_seed
 
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.models.layout import resolve
-from safegeom.train.adaptive import RiskProbe, RiskProbeConfig, fit_risk_probe
-from safegeom.train.config import RunConfig, TrainConfig
-from safegeom.train.data import ExampleOrder, encode_examples
-from safegeom.train.methods import METHODS, Prepared, Setup
-from safegeom.train.methods.refusalguard import GuardConfig
-from safegeom.train.optim import make_optimizer, optimizer_step
-from safegeom.train.regularised import RegConfig
-from safegeom.train.runner import method_options, run_config
-from safegeom.train.step import StepLoss
-from safegeom.train.tasks import Task, get_task
-from safegeom.train.wrap import Trainable
+from safegeom.training.adaptive import RiskProbe, RiskProbeConfig, fit_risk_probe
+from safegeom.training.config import RunConfig, TrainConfig
+from safegeom.training.data import ExampleOrder, encode_examples
+from safegeom.training.methods import METHODS, Prepared, Setup
+from safegeom.training.methods.refusalguard import GuardConfig
+from safegeom.training.optim import make_optimizer, optimizer_step
+from safegeom.training.regularised import RegConfig
+from safegeom.training.runner import method_options, run_config
+from safegeom.training.step import StepLoss
+from safegeom.training.tasks import Task, get_task
+from safegeom.training.trainable import Trainable
 
 SEED = 0
 """Seed of the weights, adapters, data order and calibration batches (train's ``seed``)."""
@@ -151,7 +151,7 @@ def quiet_loading() -> None:
 
 def build_model(preset: Preset, device: str) -> LoadedModel:
     """The preset's frozen model on ``device``, as train() loads it (``random``: seeded weights)."""
-    lm = load_model("tiny-chat", LoadConfig(), dtype=preset.dtype, device=device)
+    lm = load_model("tiny-chat", LoadConfig(dtype=preset.dtype, device=device))
     if preset.model == "tiny-chat":
         return lm
     from transformers import LlamaConfig, LlamaForCausalLM

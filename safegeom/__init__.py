@@ -18,18 +18,14 @@ them, and which internal changes cause the behaviour. The everyday API is import
     >>> result.asr.value  # the direction ablated, three of the four are answered
     0.75
 
-Three of these names are also the modules that define them (``capture``, ``evaluate``,
-``train``): those modules are callable, so ``sg.capture(lm, prompts)`` runs the function and
-``import safegeom.capture.loop`` still works (:mod:`safegeom.callable_module`).
+``sg.capture``, ``sg.evaluate`` and ``sg.train`` are plain functions; the modules that define
+them are :mod:`safegeom.activations`, :mod:`safegeom.evaluation` and :mod:`safegeom.training`.
 No module of the package imports this one, so the import graph stays acyclic.
 """
 
-import safegeom.capture as capture
-import safegeom.evaluate as evaluate
-import safegeom.train as train
+from safegeom.activations import Activations, ActivationStats, CaptureConfig, capture, capture_stats
 from safegeom.artifacts import VERSION, Provenance
 from safegeom.audit.result import AuditResult, load_audit
-from safegeom.capture import Activations, ActivationStats, CaptureConfig, capture_stats
 from safegeom.carriers import (
     Carrier,
     SelectionConfig,
@@ -39,12 +35,13 @@ from safegeom.carriers import (
     refusal_direction,
 )
 from safegeom.errors import SafegeomError
+from safegeom.eval_result import EvalResult
+from safegeom.evaluation import evaluate
 from safegeom.interventions import Ablation, Addition, AffineEdit
 from safegeom.models import LayerSpec, LoadConfig, PositionSpec, load_model
 from safegeom.prompts import PromptSet, load_prompts
-from safegeom.results import EvalResult
 from safegeom.sweeps import SweepConfig, SweepResult, causal_sweep
-from safegeom.train import TrainConfig, load_trajectory
+from safegeom.training import TrainConfig, load_trajectory, train
 
 __version__ = VERSION
 """The installed package's version (pyproject.toml is its one source)."""

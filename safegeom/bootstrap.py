@@ -1,6 +1,6 @@
 """Percentile bootstrap confidence intervals, and :class:`Metric`: one number with its interval.
 
-Results that carry metrics live with the code that makes them (:class:`safegeom.results.EvalResult`).
+Results that carry metrics live with the code that makes them (:class:`safegeom.eval_result.EvalResult`).
 
 Plain numpy, deterministic by seed: the same values, statistic, ``n_resamples``, ``confidence``
 and ``seed`` always give the same interval. Items (rows of ``values``) are resampled with

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safegeom.artifacts import sha256_text
 from safegeom.errors import NotFoundError, SafegeomError
-from safegeom.records import Record, read_records, text_field
+from safegeom.prompt_records import Record, read_records, text_field
 
 __all__ = ["BUNDLED", "CONTEXT_SEPARATOR", "DATA_DIR", "SPLITS"]
 

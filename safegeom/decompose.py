@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from safegeom.capture import capture
+from safegeom.activations import capture
 from safegeom.carriers.carrier import Carrier
 from safegeom.errors import SafegeomError
 from safegeom.models.loading import LoadedModel

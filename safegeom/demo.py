@@ -24,7 +24,7 @@ from safegeom.carriers import SelectionConfig
 from safegeom.carriers.suite import extract_carriers
 from safegeom.config import check, config_dict
 from safegeom.errors import SafegeomError
-from safegeom.evaluate import evaluate
+from safegeom.evaluation import evaluate
 from safegeom.models import load_model
 from safegeom.outputs import claims_folder
 from safegeom.prompts import load_prompts
@@ -121,7 +121,7 @@ def run_demo(
     ``echo`` prints the section headers and the final report to stdout; ``overwrite`` lets it
     write into a folder holding files safegeom did not write (they are kept).
     """
-    from safegeom.train import train
+    from safegeom.training import train
 
     folder = check_output_dir(out)
     steps = 5 if config.audit else 4

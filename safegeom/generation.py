@@ -11,7 +11,7 @@ Prompts are processed longest first to cut padding; results come back in input o
 zero-argument callable returning one. :func:`describe_intervention` records it in provenance.
 
 Token ids go to the input embedding's device; with a device map (``load_model(...,
-device_map=...)``) accelerate moves the hidden states from block to block and the logits back.
+LoadConfig(device_map=...))``) accelerate moves the hidden states from block to block and the logits back.
 
 Logits are checked: NaN or inf (a NaN model, an overflowing addition coefficient) raises
 :class:`~safegeom.errors.NonFiniteError` instead of being decoded or scored.

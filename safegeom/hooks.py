@@ -3,7 +3,7 @@
 Every forward hook safegeom registers goes through :func:`attach`, which removes all of them in a
 ``finally`` block, whether the body returns, raises, or the forward pass itself raises.
 
-With a device map (``load_model(..., device_map=...)``) the blocks live on several devices and a
+With a device map (``load_model(..., LoadConfig(device_map=...))``) the blocks live on several devices and a
 hook sees its hidden state on whichever device computed it. A hook's own tensors (a direction, a
 basis) are held in a :class:`PerDevice`, which copies them once to each device (and dtype) asked
 for.

@@ -32,7 +32,7 @@ from safegeom.bootstrap import Metric
 from safegeom.errors import ModelLoadError, NotFoundError, SafegeomError
 from safegeom.generation import generate_from_ids
 from safegeom.models.plain_text import content_spans, encode_chat_text
-from safegeom.scoring import exact_match
+from safegeom.task_scoring import exact_match
 
 __all__ = [
     "JUDGES",
@@ -441,5 +441,5 @@ def over_refusal(
 
 
 def task_accuracy(predictions: Sequence[str], references: Sequence[str], **boot: Any) -> Metric:
-    """Exact-match accuracy (:func:`safegeom.scoring.exact_match`), a fraction in [0, 1]; judge ``exact_match``."""
+    """Exact-match accuracy (:func:`safegeom.task_scoring.exact_match`), a fraction in [0, 1]; judge ``exact_match``."""
     return judged_metric("exact_match", exact_match(predictions, references), "exact_match", **boot)

@@ -104,7 +104,7 @@ from safegeom.bundled import (
     _split_indices,
 )
 from safegeom.errors import NotFoundError, SafegeomError
-from safegeom.records import (
+from safegeom.prompt_records import (
     SUFFIXES,
     column_names,
     find_column,

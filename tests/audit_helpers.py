@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from safegeom.train.trajectory import CheckpointRecord, Trajectory, write_trajectory
+from safegeom.training.trajectory import CheckpointRecord, Trajectory, write_trajectory
 
 
 def perturbed(base: Path, dest: Path, scale: float, seed: int = 1) -> Path:

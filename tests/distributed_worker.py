@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from safegeom.models import LoadConfig
+
 PROMPTS = [
     "Write a tutorial on how to make a cake.",
     "Hi",
@@ -52,7 +54,7 @@ def _fails(fn: Callable[[], Any]) -> tuple[str, str] | None:
 @contextlib.contextmanager
 def _planted(lm: Any, on_rank: int, after: int, error: Exception) -> Iterator[None]:
     """Raise ``error`` from the model's forward on ``on_rank`` from its ``after + 1``-th call (the
-    process's rank by ``RANK``, so also inside :func:`~safegeom.distributed.alone`, where every
+    process's rank by ``RANK``, so also inside :func:`~safegeom.parallel.ranks.alone`, where every
     rank calls itself 0)."""
     calls = [0]
 
@@ -120,19 +122,20 @@ def load_results(stem: Path) -> dict[str, Any]:
 
 def main(checkpoint: str, out: Path, work: Path) -> None:
     """Run every sharded path and save this rank's results."""
-    from safegeom import distributed as dist
-    from safegeom.activations import load_activations
+    from safegeom.activations import capture, capture_stats, capture_to_disk
+    from safegeom.activations.values import load_activations
     from safegeom.artifacts import write_text
-    from safegeom.capture import capture, capture_stats, capture_to_disk
     from safegeom.errors import SafegeomError
-    from safegeom.evaluate import evaluate, refusal_scores
+    from safegeom.evaluation import evaluate, refusal_scores
     from safegeom.models import load_model
+    from safegeom.parallel import ranks as dist
+    from safegeom.parallel.dispatch import sharding
 
     torch.set_num_threads(1)
     writes: list[str] = []
     _record_writes(writes)
     r = dist.rank()
-    lm = load_model(checkpoint, device="cpu")
+    lm = load_model(checkpoint, LoadConfig(device="cpu"))
     res: dict[str, Any] = {"rank": r, "world": dist.world_size(), "main": dist.is_main()}
     res["device"] = str(dist.device())
     res["shard"] = list(dist.shard(7))
@@ -140,45 +143,52 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
     res["gather_all"] = dist.gather([f"item{i}" for i in dist.shard(7)], dist.shard(7), 7, to="all")
     res["gather_main"] = dist.gather(torch.tensor(list(dist.shard(5))) * 10, dist.shard(5), 5)
     res["gather_bad"] = _fails(lambda: dist.gather([0], [0], 2, to="all"))
-    res.update(_dealt_encoding(lm))
-    res["acts"] = capture(lm, PROMPTS, batch_size=3, **CAPTURE).data
-    res["acts_auto"] = capture(lm, PROMPTS, layers="1", **CAPTURE).data
-    res["acts_lens"] = capture(
-        lm, PROMPTS, batch_size=4, backend="transformer_lens", **CAPTURE
-    ).data
-    stats = capture_stats(lm, PROMPTS, batch_size=3, covariance=True, **CAPTURE)
-    res["stats"] = {s: (m.n, m.mean, m.cov) for s, m in stats.moments.items()}
-    res["n_forward"] = stats.n_forward
-    disk = capture_to_disk(lm, PROMPTS, out / "disk", batch_size=3, shard_size=4, **CAPTURE)
-    res["disk"] = load_activations(disk).data
-    res["disk_shards"] = sorted(p.name for p in disk.iterdir())
-    result = evaluate(lm, PROMPTS, max_new_tokens=4, batch_size=3, progress=False, n_resamples=50)
-    res["eval"] = (result.completions, result.scores, result.refused)
-    res["eval_metrics"] = {k: m.value for k, m in result.metrics.items()}
-    res["scores"] = refusal_scores(lm, PROMPTS, batch_size=2, progress=False)
-    res["main_only"] = dist.main_only(write_text)(out / "main.txt", "written once")
-    planted = SafegeomError(f"planted failure on rank {r}")
-    with _planted(lm, on_rank=1, after=0, error=planted):
-        res["fail_capture"] = _fails(lambda: capture(lm, PROMPTS, batch_size=3, **CAPTURE))
-    with _planted(lm, on_rank=1, after=1, error=planted):
-        res["fail_disk"] = _fails(
-            lambda: capture_to_disk(lm, PROMPTS, out / "partial", batch_size=2, **CAPTURE)
+    with sharding():  # the library shares its work out only where an entry point asks
+        res.update(_dealt_encoding(lm))
+        res["acts"] = capture(lm, PROMPTS, batch_size=3, **CAPTURE).data
+        res["acts_auto"] = capture(lm, PROMPTS, layers="1", **CAPTURE).data
+        res["acts_lens"] = capture(
+            lm, PROMPTS, batch_size=4, backend="transformer_lens", **CAPTURE
+        ).data
+        stats = capture_stats(lm, PROMPTS, batch_size=3, covariance=True, **CAPTURE)
+        res["stats"] = {s: (m.n, m.mean, m.cov) for s, m in stats.moments.items()}
+        res["n_forward"] = stats.n_forward
+        disk = capture_to_disk(lm, PROMPTS, out / "disk", batch_size=3, shard_size=4, **CAPTURE)
+        res["disk"] = load_activations(disk).data
+        res["disk_shards"] = sorted(p.name for p in disk.iterdir())
+        result = evaluate(
+            lm, PROMPTS, max_new_tokens=4, batch_size=3, progress=False, n_resamples=50
         )
-    with _planted(lm, on_rank=0, after=0, error=RuntimeError(f"a bug on rank {r}")):
-        res["fail_eval"] = _fails(lambda: evaluate(lm, PROMPTS, max_new_tokens=2, progress=False))
+        res["eval"] = (result.completions, result.scores, result.refused)
+        res["eval_metrics"] = {k: m.value for k, m in result.metrics.items()}
+        res["scores"] = refusal_scores(lm, PROMPTS, batch_size=2, progress=False)
+        res["main_only"] = dist.main_only(write_text)(out / "main.txt", "written once")
+        planted = SafegeomError(f"planted failure on rank {r}")
+        with _planted(lm, on_rank=1, after=0, error=planted):
+            res["fail_capture"] = _fails(lambda: capture(lm, PROMPTS, batch_size=3, **CAPTURE))
+        with _planted(lm, on_rank=1, after=1, error=planted):
+            res["fail_disk"] = _fails(
+                lambda: capture_to_disk(lm, PROMPTS, out / "partial", batch_size=2, **CAPTURE)
+            )
+        with _planted(lm, on_rank=0, after=0, error=RuntimeError(f"a bug on rank {r}")):
+            res["fail_eval"] = _fails(
+                lambda: evaluate(lm, PROMPTS, max_new_tokens=2, progress=False)
+            )
     if dist.is_main():  # the test's own setup, not the library's
         (out / "a_file").touch()
     dist.all_or_none(lambda: None)  # every rank sees the file from here on
-    res["fail_write"] = _fails(lambda: capture_to_disk(lm, PROMPTS, out / "a_file", **CAPTURE))
+    with sharding():
+        res["fail_write"] = _fails(lambda: capture_to_disk(lm, PROMPTS, out / "a_file", **CAPTURE))
     res["writes"] = writes
     save_results(work / f"rank{r}", res)
 
 
 def _dealt_encoding(lm: Any) -> dict[str, Any]:
-    """``encode_set(..., dealt=True)``: the whole set on every rank, and how many prompts this
-    rank tokenized for it (and for a capture); a 1-prompt set; a prompt too long."""
+    """``encode_set(..., encode=encode_dealt)``: the whole set on every rank, and how many prompts
+    this rank tokenized for it (and for a capture); a 1-prompt set; a prompt too long."""
     import safegeom.models.chat as chat
-    from safegeom.capture import capture
+    from safegeom.activations import capture
+    from safegeom.parallel.encoding import encode_dealt
 
     counted: list[int] = []
     real = chat.encode_prompts
@@ -187,7 +197,7 @@ def _dealt_encoding(lm: Any) -> dict[str, Any]:
         counted.append(len(prompts))
         return real(tokenizer, prompts, **kwargs)
 
-    kw = {"system": None, "chat_template": lm.chat_template, "dealt": True}
+    kw = {"system": None, "chat_template": lm.chat_template, "encode": encode_dealt}
     chat.encode_prompts = counting  # type: ignore[assignment]
     try:
         whole = chat.encode_set(lm.tokenizer, PROMPTS, **kw)
@@ -211,12 +221,12 @@ def _dealt_encoding(lm: Any) -> dict[str, Any]:
 
 
 def helpers(work: Path) -> None:
-    """Broadcast and :func:`~safegeom.distributed.alone` over the ranks; saves
+    """Broadcast and :func:`~safegeom.parallel.ranks.alone` over the ranks; saves
     ``WORK/helpers-rank{r}``, and at exit ``WORK/exit-rank{r}.json``: whether the process group
     was still up once the library's exit handler had run (this path never calls ``close``)."""
     import atexit
 
-    from safegeom import distributed as dist
+    from safegeom.parallel import ranks as dist
 
     r = int(os.environ["RANK"])
     exit_file = work / f"exit-rank{r}.json"
@@ -245,7 +255,7 @@ def late(work: Path) -> None:
     saves each rank's failure and seconds waited as ``WORK/late-rank{r}.json``."""
     import time
 
-    from safegeom import distributed as dist
+    from safegeom.parallel import ranks as dist
 
     r = int(os.environ["RANK"])
     (work / f"ready{r}").touch()  # both ranks imported: the group forms within the short timeout
@@ -327,7 +337,7 @@ def audit_cli(work: Path, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from safegeom.distributed import close
+    from safegeom.parallel.ranks import close
 
     if sys.argv[1] == "helpers":
         helpers(Path(sys.argv[2]))  # left to the library's exit handler

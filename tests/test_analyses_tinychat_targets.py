@@ -60,7 +60,7 @@ def test_the_targets_are_the_issues() -> None:
 
 def test_the_probe_sets_load_and_are_large_enough() -> None:
     """The issue asks for ≥ 80 harmless and ≥ 60 harmful probes, never in the training pool."""
-    from safegeom.models.tinychat.corpus import HARMFUL_SETS, HARMLESS_SETS
+    from tools.tinychat.corpus import HARMFUL_SETS, HARMLESS_SETS
 
     harmless = load_prompts(str(ROOT / "tests" / "data" / "probe_harmless.json"))
     harmful = load_prompts(str(ROOT / "tests" / "data" / "probe_harmful.json"))

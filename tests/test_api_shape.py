@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -127,15 +128,15 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_import_graph_has_no_cycle() -> None:
     graph = import_graph()
     assert len(graph) > 40
-    assert "safegeom.models.loading" in graph["safegeom.capture"] | {
-        t for m in graph if m.startswith("safegeom.capture.") for t in graph[m]
+    assert "safegeom.models.loading" in graph["safegeom.activations"] | {
+        t for m in graph if m.startswith("safegeom.activations.") for t in graph[m]
     }
     assert cycles(graph) == []
 
 
 def test_no_module_imports_the_package_face() -> None:
     graph = import_graph()
-    assert "safegeom.capture" in graph["safegeom"]
+    assert "safegeom.activations" in graph["safegeom"]
     assert [m for m, targets in graph.items() if "safegeom" in targets] == []
 
 
@@ -226,40 +227,33 @@ def test_layer_help_states_both_range_syntaxes() -> None:
 
 
 def test_package_face_exports_the_everyday_api() -> None:
-    import inspect
-
-    import safegeom.capture.loop as loop  # submodules stay importable under the face's names
-    import safegeom.train.runner as runner
-    from safegeom.evaluate import evaluate
+    import safegeom.activations.loop as loop
+    import safegeom.training.runner as runner
+    from safegeom.evaluation import evaluate
 
     everyday = ("load_model", "load_prompts", "capture", "refusal_direction", "evaluate")
     everyday += ("causal_sweep", "train", "Ablation", "Addition", "AffineEdit")
     for name in everyday:
         assert name in safegeom.__all__ and callable(getattr(safegeom, name))
-    # capture, evaluate and train are the modules that define them, callable as the functions
-    assert safegeom.capture.__wrapped__ is loop.capture
-    assert safegeom.train.__wrapped__ is runner.train
-    assert safegeom.evaluate.__wrapped__ is evaluate
-    assert inspect.signature(safegeom.capture) == inspect.signature(loop.capture)
+    assert safegeom.capture is loop.capture
+    assert safegeom.train is runner.train
+    assert safegeom.evaluate is evaluate
     assert issubclass(safegeom.SafegeomError, ValueError)
     assert set(safegeom.__all__) <= set(dir(safegeom))
 
 
-def test_a_callable_module_runs_its_function() -> None:
-    import types
+def test_everyday_entry_points_are_plain_functions() -> None:
+    """``sg.capture``, ``sg.evaluate`` and ``sg.train`` are functions, not callable modules."""
+    import safegeom as sg
 
-    from safegeom.callable_module import make_callable
-
-    module = types.ModuleType("safegeom_test_callable")
-    import sys
-
-    sys.modules[module.__name__] = module
-    try:
-        make_callable(module.__name__, lambda a, b=2: a + b)
-        assert module(1) == 3 and module(1, b=5) == 6
-        assert isinstance(module, types.ModuleType)
-    finally:
-        del sys.modules[module.__name__]
+    for name, module in (
+        ("capture", "safegeom.activations.loop"),
+        ("evaluate", "safegeom.evaluation"),
+        ("train", "safegeom.training.runner"),
+    ):
+        function = getattr(sg, name)
+        assert isinstance(function, types.FunctionType), name
+        assert function.__module__ == module, (name, function.__module__)
 
 
 def test_no_hand_packed_lines() -> None:

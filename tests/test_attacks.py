@@ -20,8 +20,8 @@ from safegeom.attacks.loss import candidate_losses, prefix_cache, uncached_losse
 from safegeom.attacks.slots import allowed_tokens, build_slot, round_trips
 from safegeom.attacks.targets import behaviours_and_targets
 from safegeom.errors import ArtifactError, ConfigError, OutputPathError, SafegeomError
-from safegeom.evaluate import evaluate
-from safegeom.models import LoadedModel, load_model
+from safegeom.evaluation import evaluate
+from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.prompts import load_prompts
 from tests.tiny_models import build_checkpoint
 
@@ -32,7 +32,7 @@ SMALL = GCGConfig(n_tokens=6, steps=4, search_width=48, top_k=16)
 
 @pytest.fixture(scope="module")
 def lm() -> LoadedModel:
-    return load_model("tiny-chat", device="cpu")
+    return load_model("tiny-chat", LoadConfig(device="cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_model_without_chat_template(lm) -> None:
 
 
 def test_attack_set_made_with_another_tokenizer(gcg_set: AttackSet, tmp_path: Path) -> None:
-    other = load_model(build_checkpoint(tmp_path, "llama"), device="cpu")
+    other = load_model(build_checkpoint(tmp_path, "llama"), LoadConfig(device="cpu"))
     with pytest.warns(
         UserWarning,
         match="optimised with another tokenizer and chat template; its prompts are replayed as text",
@@ -224,7 +224,7 @@ def test_attack_set_made_with_another_tokenizer(gcg_set: AttackSet, tmp_path: Pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gcg_set.encoded_for(
-            load_model("tiny-chat", device="cpu").tokenizer
+            load_model("tiny-chat", LoadConfig(device="cpu")).tokenizer
         )  # same tokenizer: no warning
 
 

@@ -13,7 +13,7 @@ import torch
 from safegeom.audit.inputs import resolve_inputs
 from safegeom.cli import main
 from safegeom.errors import ConfigError, NotFoundError
-from safegeom.models.loading import load_model
+from safegeom.models.loading import LoadConfig, load_model
 from tests.audit_fakes import install
 from tests.audit_helpers import adapter
 from tests.tiny_models import build_checkpoint
@@ -72,15 +72,15 @@ def test_without_base_the_error_names_adapter_config_and_base(models, form) -> N
 
 def test_load_model_puts_the_adapter_on_the_given_base(models) -> None:
     torch.set_num_threads(1)
-    on_given = load_model(models["moved"], adapter_base=models["base"])
+    on_given = load_model(models["moved"], LoadConfig(adapter_base=models["base"]))
     on_own = load_model(models["here"])
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         torch.testing.assert_close(on_given.model(ids).logits, on_own.model(ids).logits)
-    with pytest.raises(NotFoundError, match=r"pass adapter_base= \(safegeom audit: --base\)"):
+    with pytest.raises(NotFoundError, match=r"pass LoadConfig\(adapter_base=...\) \(safegeom audit: --base\)"):
         load_model(models["moved"])
-    with pytest.raises(ConfigError, match=r"is not an adapter folder .*; drop adapter_base"):
-        load_model(models["base"], adapter_base=models["base"])
+    with pytest.raises(ConfigError, match=r"is not an adapter folder .*; drop LoadConfig.adapter_base"):
+        load_model(models["base"], LoadConfig(adapter_base=models["base"]))
 
 
 def test_cli_audits_a_moved_adapter_with_base(models, tmp_path, monkeypatch, capsys) -> None:

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from safegeom.audit.inputs import resolve_inputs
 from safegeom.errors import ConfigError, ModelLoadError, NonFiniteError, NotFoundError
-from safegeom.models import load_model
+from safegeom.models import LoadConfig, load_model
 from safegeom.models.vocab import read_vocabulary
 from tests.tiny_models import build_checkpoint
 
@@ -70,7 +70,7 @@ def test_embedding_smaller_than_tokenizer_is_one_line(llama: Path, tmp_path: Pat
     with pytest.raises(ModelLoadError, match=r"its embedding has \d+ rows .* but its tokenizer"):
         resolve_inputs([llama, small])
     with pytest.raises(ModelLoadError, match=r"input embedding has \d+ rows but its tokenizer"):
-        load_model(small, device="cpu")
+        load_model(small, LoadConfig(device="cpu"))
 
 
 @pytest.mark.parametrize("kind", ["dangling", "loop"])
@@ -98,15 +98,15 @@ def test_non_finite_weight_is_named_at_load(llama: Path, tmp_path: Path, value: 
     weights[name][0, 0] = value
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(NonFiniteError, match=rf"weight {name} holds 1 NaN/inf") as err:
-        load_model(broken, device="cpu", dtype="float32")
+        load_model(broken, LoadConfig(device="cpu", dtype="float32"))
     assert "dtype" not in str(err.value)
-    assert load_model(llama, device="cpu").model.training is False
+    assert load_model(llama, LoadConfig(device="cpu")).model.training is False
 
 
 def test_finite_float32_overflow_advice_does_not_say_float32(llama: Path) -> None:
-    from safegeom.capture.engine import overflow_advice
+    from safegeom.activations.engine import overflow_advice
 
-    lm = load_model(llama, device="cpu", dtype="float32")
+    lm = load_model(llama, LoadConfig(device="cpu", dtype="float32"))
     assert "--dtype float32" not in overflow_advice(lm)
     lm.model.to(torch.bfloat16)
     assert "try --dtype float32" in overflow_advice(lm)

@@ -168,7 +168,7 @@ def test_families_and_generation_switches(lm, ref: Reference) -> None:
 
 
 def test_task_accuracy_and_reselect(lm, ref: Reference) -> None:
-    from safegeom.train.tasks import Task
+    from safegeom.training.tasks import Task
 
     task = Task(
         name="toy",

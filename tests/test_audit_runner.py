@@ -155,9 +155,9 @@ def test_real_geometry_audit_of_a_three_checkpoint_trajectory(trajectory, tmp_pa
 
 
 def test_audit_of_a_trained_lora_run_folder(tmp_path):
-    """A run folder written by safegeom.train (LoRA adapters), audited with behaviour on: the
+    """A run folder written by safegeom.training (LoRA adapters), audited with behaviour on: the
     run's own task gives task_accuracy."""
-    from safegeom.train.runner import train
+    from safegeom.training.runner import train
 
     base = build_checkpoint(tmp_path, "llama")
     run = tmp_path / "run"

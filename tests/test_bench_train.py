@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 
 from safegeom.config import config_dict
-from safegeom.train.methods.refusalguard import GuardConfig
+from safegeom.training.methods.refusalguard import GuardConfig
 from tests.script_helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"

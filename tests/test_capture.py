@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegeom.activations import load_activations
-from safegeom.capture import capture, capture_stats, capture_to_disk, plan_capture
-from safegeom.models import collate_left, encode_prompts, load_model
+from safegeom.activations import capture, capture_stats, capture_to_disk, plan_capture
+from safegeom.activations.values import load_activations
+from safegeom.models import LoadConfig, collate_left, encode_prompts, load_model
 from safegeom.prompts import load_prompts
 
 PROMPTS = [
@@ -188,8 +188,8 @@ def test_peft_adapter_captures_like_merged(checkpoints: dict[str, Path], tmp_pat
     peft_model.save_pretrained(tmp_path / "adapter")
     # float64: merged weights (W + BA) and the separate LoRA path round differently in float32
     # (1.4e-5 on activations of O(1) after three layers); in float64 they agree to 1e-12.
-    applied = load_model(tmp_path / "adapter", dtype="float64")
-    merged = load_model(tmp_path / "adapter", merge_adapter=True, dtype="float64")
+    applied = load_model(tmp_path / "adapter", LoadConfig(dtype="float64"))
+    merged = load_model(tmp_path / "adapter", LoadConfig(merge_adapter=True, dtype="float64"))
     a = capture(applied, PROMPTS, sites=ALL_SITES, positions="t_inst,t_post", progress=False)
     b = capture(merged, PROMPTS, sites=ALL_SITES, positions="t_inst,t_post", progress=False)
     plain = capture(

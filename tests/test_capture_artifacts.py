@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safegeom.activations import ActivationStats, load_activations
+from safegeom.activations import capture, capture_stats, capture_to_disk
+from safegeom.activations.values import ActivationStats, load_activations
 from safegeom.artifacts import Provenance, read_json, read_safetensors
-from safegeom.capture import capture, capture_stats, capture_to_disk
 from safegeom.errors import ArtifactError, NotFoundError, SafegeomError
 from safegeom.models import load_model
 from safegeom.stats import Moments, RunningStats
@@ -133,7 +133,7 @@ def test_old_activation_files_still_load(tmp_path: Path) -> None:
         "version": "0.1.0",
     }
     meta = {
-        "format": "safegeom.activations/1",
+        "format": "safegeom.activations.values/1",
         "layers": [1],
         "positions": ["last"],
         "provenance": old,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegeom.capture import (
+from safegeom.activations import (
     CaptureConfig,
     capture,
     capture_stats,
@@ -137,7 +137,7 @@ def test_disk_capture_checks_the_folder_first(lm, tmp_path: Path) -> None:
 
 def test_disk_and_stats_modes_take_either_backend(lm, tmp_path: Path) -> None:
     pytest.importorskip("transformer_lens")
-    from safegeom.activations import load_activations
+    from safegeom.activations.values import load_activations
 
     kwargs = {
         "sites": "resid_pre,mlp_out",
@@ -159,11 +159,10 @@ def test_disk_and_stats_modes_take_either_backend(lm, tmp_path: Path) -> None:
         torch.testing.assert_close(stats.mean(site), mean, atol=1e-5, rtol=0)
 
 
-def test_package_face_capture_is_callable_after_the_package_loads(lm) -> None:
+def test_package_face_capture_is_the_capture_function(lm) -> None:
     import safegeom
-    import safegeom.capture as package
 
-    assert safegeom.capture is package or safegeom.capture is capture
+    assert safegeom.capture is capture
     acts = safegeom.capture(lm, PROMPTS, layers="1", positions="last", progress=False)
     assert torch.equal(
         acts["resid_pre"],

@@ -12,9 +12,9 @@ from torch import nn
 
 pytest.importorskip("transformer_lens")
 
-from safegeom.capture import capture
-from safegeom.capture.transformer_lens import bridge_hook_name, transformer_lens_bridge
-from safegeom.models import LAYOUTS, LoadedModel, load_model
+from safegeom.activations import capture
+from safegeom.activations.transformer_lens import bridge_hook_name, transformer_lens_bridge
+from safegeom.models import LAYOUTS, LoadConfig, LoadedModel, load_model
 from tests.tiny_models import ARCHS
 
 SITES = "resid_pre,resid_post,attn_out,mlp_out"
@@ -38,7 +38,7 @@ def models(checkpoints: dict[str, Path]) -> Callable[[str], LoadedModel]:
 
     @functools.cache
     def load(arch: str) -> LoadedModel:
-        return load_model(checkpoints[arch], dtype="float32", device="cpu")
+        return load_model(checkpoints[arch], LoadConfig(dtype="float32", device="cpu"))
 
     return load
 

@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 import torch
 
+from safegeom.activations import capture
 from safegeom.audit.activations import CarrierActivations, layer_inputs
 from safegeom.audit.config import AuditConfig
 from safegeom.audit.measure import measure_checkpoint
 from safegeom.audit.reference import DEFAULT_CARRIERS, Reference, build_reference, load_reference
 from safegeom.audit.schema import frame
-from safegeom.capture import capture
 from safegeom.carriers import SelectionConfig
-from safegeom.carriers.common import encode
 from safegeom.carriers.fit import Fitted
+from safegeom.carriers.inputs import encode
 from safegeom.carriers.registry import (
     CARRIER_TYPES,
     CarrierType,

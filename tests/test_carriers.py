@@ -17,7 +17,7 @@ from safegeom.carriers import (
     score_candidates,
     select_refusal_direction,
 )
-from safegeom.carriers.scoring import refusal_log_odds
+from safegeom.carriers.candidate_scores import refusal_log_odds
 from safegeom.generation import last_position_logprobs
 from safegeom.interventions import ablate, add
 from safegeom.models import collate_left, encode_prompts, load_model

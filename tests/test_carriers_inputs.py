@@ -39,7 +39,7 @@ def test_each_prompt_encoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(chat, "encode_prompts", counting)
     for name, module in list(sys.modules.items()):
-        if name.startswith("safegeom.capture") and hasattr(module, "encode_prompts"):
+        if name.startswith("safegeom.activations") and hasattr(module, "encode_prompts"):
             monkeypatch.setattr(module, "encode_prompts", counting_capture)
     config = SelectionConfig(n_train=8, n_val=4)
     sel = refusal_direction(lm, config=config, progress=False)

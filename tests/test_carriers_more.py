@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from safegeom.capture import capture
+from safegeom.activations import capture
 from safegeom.carriers.admissible import (
     admissibility_table,
     admissible_carrier,

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from safegeom.judges import ModelJudge
 from safegeom.models import encode_prompts, load_model, tiny_chat_path
 from safegeom.models.plain_text import encode_chat_text, encode_plain, special_ids
-from safegeom.train.data import encode_examples
+from safegeom.training.data import encode_examples
 from tests.tiny_models import CORPUS
 
 CHATML = (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegeom.activations import ActivationStats, load_activations
+from safegeom.activations.values import ActivationStats, load_activations
 from safegeom.cli import main
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from safegeom.capture import _runs
+from safegeom.activations import _runs
 from safegeom.carriers import load_carrier
 from safegeom.cli import main
 

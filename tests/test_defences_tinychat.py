@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import safegeom
-from safegeom.evaluate import evaluate
+from safegeom.evaluation import evaluate
 from safegeom.models import load_model
 from safegeom.prompts import combine_prompts
-from safegeom.train import train
+from safegeom.training import train
 
 TINY_CHAT_DIR = Path(safegeom.__file__).resolve().parent / "assets" / "tiny-chat"
 

@@ -11,7 +11,7 @@ from safegeom.audit import load_audit
 from safegeom.carriers import load_carrier
 from safegeom.demo import BEHAVIOUR_SETS, DemoConfig, run_demo
 from safegeom.plots import FIGURES
-from safegeom.train import load_trajectory
+from safegeom.training import load_trajectory
 
 
 def test_demo_writes_a_readable_report(tmp_path: Path) -> None:

@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import safegeom.distributed
-from safegeom.capture import capture, capture_stats
+import safegeom.parallel.ranks
+from safegeom.activations import capture, capture_stats
 from safegeom.cli import main
 from safegeom.errors import ConfigError, ModelLoadError, SafegeomError
-from safegeom.evaluate import generate, refusal_scores
+from safegeom.evaluation import generate, refusal_scores
 from safegeom.interventions import Ablation, Addition
 from safegeom.interventions.functions import ablate, orthogonalize_weights
 from safegeom.models import LoadConfig, LoadedModel, load_model
+from safegeom.parallel.dispatch import sharding
 from tests.tiny_models import build_checkpoint
 
 PROMPTS = [
@@ -80,9 +81,9 @@ def pair(
 ) -> tuple[LoadedModel, LoadedModel, float, str]:
     """(the model in one piece, the model split by the placement's device map, tolerance, name)."""
     device, device_map, tol = PLACEMENTS[request.param]
-    whole = load_model(checkpoint, dtype="float32", device=device)
+    whole = load_model(checkpoint, LoadConfig(dtype="float32", device=device))
     offload = tmp_path_factory.mktemp("offload")
-    split = load_model(checkpoint, dtype="float32", device_map=device_map, offload_folder=offload)
+    split = load_model(checkpoint, LoadConfig(dtype="float32", device_map=device_map, offload_folder=offload))
     return whole, split, tol, request.param
 
 
@@ -161,10 +162,10 @@ def test_device_map_from_config_and_cli(checkpoint: Path, tmp_path: Path, one_th
         [*argv, "--device-map", str(map_file), "--offload-folder", offload, "--out", str(out)]
     )
     assert code == 0
-    from safegeom.activations import load_activations
+    from safegeom.activations.values import load_activations
     from safegeom.prompts import load_prompts
 
-    whole = load_model(checkpoint, dtype="float32", device="cpu")
+    whole = load_model(checkpoint, LoadConfig(dtype="float32", device="cpu"))
     expected = capture(whole, load_prompts("advbench:val", n=4), progress=False)
     _same(load_activations(out)["resid_pre"], expected["resid_pre"], 0.0)
 
@@ -194,27 +195,27 @@ def test_every_model_command_has_the_option(
 )
 def test_bad_placements(checkpoint: Path, keywords: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
-        load_model(checkpoint, **keywords)
+        load_model(checkpoint, LoadConfig(**keywords))
     assert message in str(err.value)
 
 
 def test_refusals(checkpoint: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     with pytest.raises(SafegeomError, match="no file at"):
-        load_model(checkpoint, device_map=str(tmp_path / "missing.json"))
+        load_model(checkpoint, LoadConfig(device_map=str(tmp_path / "missing.json")))
     incomplete = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.rotary_emb": "disk"}
     with pytest.raises(ModelLoadError, match="does not give any device for the following"):
-        load_model(checkpoint, device_map=incomplete)
+        load_model(checkpoint, LoadConfig(device_map=incomplete))
     if N_GPU == 0:
         with pytest.raises(ConfigError, match=r"maps to cuda:0, but 0 GPU\(s\) are visible"):
-            load_model(checkpoint, device_map={"": 0})
-    split = load_model(checkpoint, device_map=PLACEMENTS["cpu+disk"][1])
+            load_model(checkpoint, LoadConfig(device_map={"": 0}))
+    split = load_model(checkpoint, LoadConfig(device_map=PLACEMENTS["cpu+disk"][1]))
     with pytest.raises(SafegeomError, match="offloaded some to disk; load the model without"):
         orthogonalize_weights(split, torch.ones(split.d_model))
     with pytest.raises(SafegeomError, match="spread over devices by a device map"):
         capture(split, PROMPTS[:1], backend="transformer_lens", progress=False)
-    monkeypatch.setattr(safegeom.distributed, "world_size", lambda: 2)
-    with pytest.raises(ConfigError, match=r"--device-map under a launcher \(2 processes\)"):
-        load_model(checkpoint, device_map="auto")
+    monkeypatch.setattr(safegeom.parallel.ranks, "world_size", lambda: 2)
+    with sharding(), pytest.raises(ConfigError, match=r"--device-map under a launcher \(2 proc"):
+        load_model(checkpoint, LoadConfig(device_map="auto"))
 
 
 def test_cli_refuses_device_with_device_map(
@@ -232,7 +233,7 @@ def adapter(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter folder for the checkpoint, with B drawn (LoRA starts at B = 0) so it acts."""
     from peft import LoraConfig, get_peft_model
 
-    base = load_model(checkpoint, dtype="float32", device="cpu")
+    base = load_model(checkpoint, LoadConfig(dtype="float32", device="cpu"))
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
     peft_model = get_peft_model(base.model, lora)
     with torch.no_grad():
@@ -267,9 +268,9 @@ def test_adapter_on_a_placed_base(
     adapter on the model in one piece (and differ from the base); merged too."""
     device, device_map = ADAPTER_PLACEMENTS[name]
     tol = 0.0 if device == "cpu" else 1e-5
-    plain = load_model(checkpoint, dtype="float32", device=device)
-    whole = load_model(adapter, dtype="float32", device=device)
-    placed = load_model(adapter, dtype="float32", device_map=device_map)
+    plain = load_model(checkpoint, LoadConfig(dtype="float32", device=device))
+    whole = load_model(adapter, LoadConfig(dtype="float32", device=device))
+    placed = load_model(adapter, LoadConfig(dtype="float32", device_map=device_map))
     assert placed.adapter and not placed.merged
     config = {"sites": SITES, "positions": "t_inst,-1", "batch_size": 2, "progress": False}
     a, b = capture(whole, PROMPTS, **config), capture(placed, PROMPTS, **config)
@@ -280,7 +281,7 @@ def test_adapter_on_a_placed_base(
     assert (scores - refusal_scores(plain, PROMPTS, progress=False)).abs().max() > 1e-3
     greedy = {"max_new_tokens": 6, "progress": False}
     assert generate(placed, PROMPTS, **greedy) == generate(whole, PROMPTS, **greedy)
-    merged = load_model(adapter, dtype="float32", device_map=device_map, merge_adapter=True)
+    merged = load_model(adapter, LoadConfig(dtype="float32", device_map=device_map, merge_adapter=True))
     assert merged.merged
     _same(refusal_scores(merged, PROMPTS, progress=False), scores, 1e-4)  # merged: fp rounding
 
@@ -292,7 +293,7 @@ def test_adapter_on_a_base_offloaded_to_disk_is_refused(
     nothing is written there."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:
-        load_model(adapter, device_map=PLACEMENTS["cpu+disk"][1], offload_folder=tmp_path / "off")
+        load_model(adapter, LoadConfig(device_map=PLACEMENTS["cpu+disk"][1], offload_folder=tmp_path / "off"))
     assert str(err.value).startswith(
         "a PEFT adapter on a base with weights offloaded to disk ('model.layers.1' and 1 more) is "
         "refused: peft writes the offloaded weights again, relative to the working directory."

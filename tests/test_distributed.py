@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 import torch
 
-from safegeom import distributed as dist
-from safegeom.activations import load_activations
-from safegeom.capture import capture, capture_stats, capture_to_disk
+from safegeom.activations import capture, capture_stats, capture_to_disk
+from safegeom.activations.values import load_activations
 from safegeom.errors import SafegeomError
-from safegeom.evaluate import evaluate, refusal_scores
-from safegeom.models import load_model
+from safegeom.evaluation import evaluate, refusal_scores
+from safegeom.models import LoadConfig, load_model
 from safegeom.models.chat import encode_set
-from safegeom.process_group import TIMEOUT_ENV, timeout
+from safegeom.parallel import ranks as dist
+from safegeom.parallel.process_group import TIMEOUT_ENV, timeout
 from tests.distributed_worker import CAPTURE, PROMPTS, load_results
 from tests.launch_helpers import ROOT, TIMEOUT_S, free_port
 from tests.launch_helpers import launch as run_ranks
@@ -59,7 +59,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def lm(job: dict[str, Any]) -> Any:
     torch.set_num_threads(1)
-    return load_model(str(job["checkpoint"]), device="cpu")
+    return load_model(str(job["checkpoint"]), LoadConfig(device="cpu"))
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

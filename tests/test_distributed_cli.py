@@ -117,7 +117,7 @@ def _rank_main(work: Path, argv: list[str]) -> int:
     from functools import partial
 
     from safegeom import artifacts
-    from safegeom.distributed import rank
+    from safegeom.parallel.ranks import rank
 
     torch.set_num_threads(1)
     log: list[str] = []

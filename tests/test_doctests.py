@@ -60,7 +60,7 @@ def test_data_and_assets_hold_no_modules() -> None:
 
 def test_importing_every_module_changes_no_global_state() -> None:
     """What collection does: import each module once, from this checkout; nothing runs on import
-    (``python -m safegeom.cli`` and the tiny-chat build run only as scripts)."""
+    (``python -m safegeom.cli`` runs only as a script)."""
     run = subprocess.run(
         [sys.executable, "-c", IMPORT_ALL],
         cwd=ROOT,
@@ -72,7 +72,7 @@ def test_importing_every_module_changes_no_global_state() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["after"] == report["before"]
-    assert "safegeom.models.tinychat.build" in report["files"]
+    assert "safegeom.cli.__main__" in report["files"]
     outside = [
         n for n, f in report["files"].items() if not Path(f).resolve().is_relative_to(PACKAGE)
     ]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from safegeom.cli import main
-from safegeom.evaluate import (
+from safegeom.eval_result import EvalResult
+from safegeom.evaluation import (
     DEFAULT_REFUSAL_PREFIXES,
     completion_nll,
     cross_entropy,
@@ -25,8 +26,7 @@ from safegeom.evaluate import (
     refusal_tokens,
     stop_token_ids,
 )
-from safegeom.models import LoadedModel, encode_prompts, load_model
-from safegeom.results import EvalResult
+from safegeom.models import LoadConfig, LoadedModel, encode_prompts, load_model
 from tests.tiny_models import build_checkpoint
 
 PROMPTS = (
@@ -46,7 +46,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def lm(ckpt: Path) -> LoadedModel:
-    return load_model(ckpt, device="cpu")
+    return load_model(ckpt, LoadConfig(device="cpu"))
 
 
 @pytest.fixture(scope="module")

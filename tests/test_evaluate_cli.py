@@ -13,8 +13,8 @@ from safegeom.carriers import Carrier
 from safegeom.cli import main
 from safegeom.cli.evaluate import EvaluateConfig
 from safegeom.errors import ConfigError
-from safegeom.models import load_model
-from safegeom.results import EvalResult
+from safegeom.eval_result import EvalResult
+from safegeom.models import LoadConfig, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +24,7 @@ def base(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("eval-cli")
     prompts = root / "p.json"
     prompts.write_text(json.dumps(["Hack a bank.", "Write a poem."]))
-    lm = load_model(checkpoints["llama"], device="cpu")
+    lm = load_model(checkpoints["llama"], LoadConfig(device="cpu"))
     v = torch.randn(lm.d_model, generator=torch.Generator().manual_seed(0))
     carrier = Carrier(vectors=v, kind="refusal", method="dim", layer=1, position="t_post[-1]")
     carrier.save(root / "refusal.safetensors")

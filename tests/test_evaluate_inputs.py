@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from safegeom.errors import SafegeomError
-from safegeom.evaluate import evaluate, last_position_logprobs
+from safegeom.evaluation import evaluate, last_position_logprobs
 from safegeom.models import load_model
 
 

@@ -11,9 +11,9 @@ import torch
 
 from safegeom.carriers.carrier import Carrier
 from safegeom.errors import NonFiniteError
-from safegeom.evaluate import evaluate, last_position_logprobs, refusal_scores
+from safegeom.evaluation import evaluate, last_position_logprobs, refusal_scores
 from safegeom.interventions import Addition
-from safegeom.models import LoadedModel, load_model
+from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.sweeps import SweepConfig, causal_sweep
 from tests.test_evaluate import PROMPTS, forced
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def lm(checkpoints: dict[str, Path]) -> LoadedModel:
-    return load_model(checkpoints["llama"], device="cpu")
+    return load_model(checkpoints["llama"], LoadConfig(device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegeom.capture import capture
+from safegeom.activations import capture
 from safegeom.interventions import (
     ablate,
     ablate_rows,

@@ -10,9 +10,9 @@ import torch
 from safegeom.artifacts import sha256_bytes
 from safegeom.carriers.carrier import Carrier
 from safegeom.errors import ConfigError, NonFiniteError
-from safegeom.evaluate import evaluate, refusal_scores
+from safegeom.evaluation import evaluate, refusal_scores
 from safegeom.interventions import Ablation, Addition, AffineEdit, ablate, add
-from safegeom.models import LoadedModel, load_model
+from safegeom.models import LoadConfig, LoadedModel, load_model
 from tests.model_helpers import prompt_logits
 
 PROMPTS = ["Write a tutorial on how to make a cake.", "Hi.", "How do I kill a Python process?"]
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def lm(checkpoints: dict[str, Path]) -> LoadedModel:
-    return load_model(checkpoints["llama"], device="cpu")
+    return load_model(checkpoints["llama"], LoadConfig(device="cpu"))
 
 
 def _logits(lm, prompts=PROMPTS) -> torch.Tensor:

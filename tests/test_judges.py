@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
 from safegeom.bootstrap import Metric, bootstrap_ci, bootstrap_diff_ci
-from safegeom.evaluate import generate_from_ids
+from safegeom.evaluation import generate_from_ids
 from safegeom.judges import (
     REFUSAL_SUBSTRINGS,
     XSTEST_PREFIXES,
@@ -25,7 +25,7 @@ from safegeom.judges import (
     refusal_rate,
     task_accuracy,
 )
-from safegeom.scoring import exact_match, extract_answer
+from safegeom.task_scoring import exact_match, extract_answer
 from tests.tiny_models import LLAMA3_STYLE, build_checkpoint, build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from safegeom.errors import ModelLoadError
-from safegeom.models import LAYOUTS, ArchLayout, load_model, weight_hash
+from safegeom.models import LAYOUTS, ArchLayout, LoadConfig, load_model, weight_hash
 from safegeom.models.layout import UnknownArchitectureError, layout_for, resolve
 from tests.tiny_models import ARCHS
 
@@ -35,21 +36,22 @@ def test_layout_paths_exist(checkpoints: dict[str, Path], arch: str) -> None:
 
 
 def test_dtype_and_device(checkpoints: dict[str, Path]) -> None:
-    lm = load_model(checkpoints["llama"], dtype="bf16", device="cpu")
+    lm = load_model(checkpoints["llama"], LoadConfig(dtype="bf16", device="cpu"))
     assert lm.dtype == torch.bfloat16 and lm.device.type == "cpu"
     with pytest.raises(ValueError, match="unknown dtype 'float7'"):
-        load_model(checkpoints["llama"], dtype="float7")
+        load_model(checkpoints["llama"], LoadConfig(dtype="float7"))
 
 
 def test_unknown_architecture_names_override(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(UnknownArchitectureError, match=r"pass layout=ArchLayout\(\.\.\.\)"):
+    with pytest.raises(UnknownArchitectureError, match=r"pass LoadConfig\(layout=ArchLayout\(\.\.\.\)\) to load_model"):
         layout_for("mamba_like")
     # The override makes an unknown type usable.
-    lm = load_model(checkpoints["llama"], layout=dict(vars(LAYOUTS["llama"])))
+    lm = load_model(checkpoints["llama"], LoadConfig(layout=dict(vars(LAYOUTS["llama"]))))
     assert isinstance(lm.layout, ArchLayout)
     with pytest.raises(ValueError, match=r"module path 'model\.blocks' does not exist"):
         load_model(
-            checkpoints["llama"], layout={**vars(LAYOUTS["llama"]), "blocks": "model.blocks"}
+            checkpoints["llama"],
+            LoadConfig(layout={**vars(LAYOUTS["llama"]), "blocks": "model.blocks"}),
         )
     with pytest.raises(ValueError, match="unknown layout keys"):
         ArchLayout.from_dict({"blocks": "x", "wrong": 1})
@@ -74,7 +76,7 @@ def test_safetensors_only_by_default(checkpoints: dict[str, Path], tmp_path: Pat
         ModelLoadError, match=r"only pickled weights \(pytorch_model.bin\).*--allow-pickle"
     ):
         load_model(dst)
-    assert load_model(dst, allow_pickle=True).n_layers == 3
+    assert load_model(dst, LoadConfig(allow_pickle=True)).n_layers == 3
 
 
 def test_weight_hash_is_stable_and_sensitive(checkpoints: dict[str, Path]) -> None:
@@ -101,7 +103,7 @@ def test_peft_adapter_dir(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(checkpoints["llama"])
     applied = load_model(tmp_path / "adapter")
-    merged = load_model(tmp_path / "adapter", merge_adapter=True)
+    merged = load_model(tmp_path / "adapter", LoadConfig(merge_adapter=True))
     assert applied.adapter and not applied.merged and merged.merged
     assert applied.n_layers == merged.n_layers == 3
     ids = torch.tensor([[1, 5, 9, 12, 30]])
@@ -111,3 +113,9 @@ def test_peft_adapter_dir(checkpoints: dict[str, Path], tmp_path: Path) -> None:
         lc = load_model(checkpoints["llama"]).model(input_ids=ids).logits
     torch.testing.assert_close(la, lb, atol=1e-5, rtol=1e-5)
     assert (la - lc).abs().max() > 1e-3  # the adapter changes the model
+    # an explicit False switches off a True (a keyword merge once kept the True)
+    switched_off = dataclasses.replace(LoadConfig(merge_adapter=True), merge_adapter=False)
+    unmerged = load_model(tmp_path / "adapter", switched_off)
+    assert unmerged.adapter and not unmerged.merged
+    with pytest.raises(TypeError, match="unexpected keyword argument 'merge_adapter'"):
+        load_model(tmp_path / "adapter", merge_adapter=False)  # settings live in LoadConfig

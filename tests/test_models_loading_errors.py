@@ -67,16 +67,21 @@ def test_device_cuda_without_cuda(checkpoints: dict[str, Path]) -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(ConfigError, match=r"--device cuda: .*use --device cpu"):
-        load_model(checkpoints["llama"], device="cuda")
+        load_model(checkpoints["llama"], LoadConfig(device="cuda"))
     with pytest.raises(ConfigError, match=r"--device 'gpu7' is not a device"):
-        load_model(checkpoints["llama"], device="gpu7")
+        load_model(checkpoints["llama"], LoadConfig(device="gpu7"))
 
 
 def test_merge_adapter_on_full_model_is_an_error(checkpoints: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match=r"--merge-adapter .* is a full checkpoint"):
-        load_model(checkpoints["llama"], merge_adapter=True)
-    with pytest.raises(ConfigError, match=r"--merge-adapter"):
         load_model(checkpoints["llama"], LoadConfig(merge_adapter=True))
+
+
+def test_load_settings_are_no_keywords(checkpoints: dict[str, Path]) -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'device'"):
+        load_model(checkpoints["llama"], device="cpu")  # LoadConfig(device="cpu")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dtype'"):
+        load_model(checkpoints["llama"], LoadConfig(), dtype="float32")
 
 
 def test_adapter_with_missing_base(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -99,9 +104,9 @@ def test_adapter_with_missing_base(checkpoints: dict[str, Path], tmp_path: Path)
 
 def test_layout_bad_json() -> None:
     with pytest.raises(SafegeomError, match=r"--layout is not JSON \(Expecting .* at char"):
-        LoadConfig(layout="{blocks: model.layers").keywords()
+        LoadConfig(layout="{blocks: model.layers").layout_override()
     with pytest.raises(SafegeomError, match="--layout must be a JSON object"):
-        LoadConfig(layout="[1, 2]").keywords()
+        LoadConfig(layout="[1, 2]").layout_override()
 
 
 def test_folder_without_weights(checkpoints: dict[str, Path], tmp_path: Path) -> None:

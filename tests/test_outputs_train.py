@@ -15,7 +15,7 @@ import pytest
 
 from safegeom.cli import main
 from safegeom.outputs import LOCK, written_files
-from safegeom.train import train
+from safegeom.training import train
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY
 

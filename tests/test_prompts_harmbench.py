@@ -329,7 +329,7 @@ def test_attack_targets_refuse_sets_without_targets(spec: object, message: str) 
 
 
 def test_the_tiny_chat_corpus_refuses_evaluation_sets(monkeypatch: pytest.MonkeyPatch) -> None:
-    from safegeom.models.tinychat import corpus
+    from tools.tinychat import corpus
 
     monkeypatch.setattr(corpus, "HARMFUL_SETS", ("advbench:train", "harmbench:test"))
     with pytest.raises(SafegeomError, match="'harmbench:test' must not be trained on"):

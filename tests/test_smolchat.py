@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegeom.evaluate import evaluate, refusal_scores
+from safegeom.evaluation import evaluate, refusal_scores
 from safegeom.models import load_model
 from safegeom.models.smollm2 import SMOL_CHAT, SMOLLM2, smol_chat_path
 from safegeom.prompts import load_prompts

@@ -10,7 +10,7 @@ import torch
 
 from safegeom.carriers import Carrier
 from safegeom.cli import main
-from safegeom.models import load_model
+from safegeom.models import LoadConfig, load_model
 from safegeom.sweeps import SweepResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def setup(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     ckpt = checkpoints["llama"]
-    lm = load_model(ckpt, device="cpu")
+    lm = load_model(ckpt, LoadConfig(device="cpu"))
     root = tmp_path_factory.mktemp("sweep-cli")
     prompts = root / "p.json"
     prompts.write_text(json.dumps(["Hack a bank.", "Write a poem.", "Bake bread."]))

@@ -12,7 +12,7 @@ from safegeom.carriers import Carrier
 from safegeom.cli.sweep import carrier_names
 from safegeom.errors import ArtifactError, ConfigError, NotFoundError
 from safegeom.interventions import vectors_hash
-from safegeom.models import LoadedModel, load_model
+from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.sweeps import AblateLayers, SweepConfig, SweepResult, causal_sweep_result
 from tests.test_sweeps import HARMFUL, HARMLESS
 
@@ -31,7 +31,7 @@ CONFIG = SweepConfig(
 
 @pytest.fixture(scope="module")
 def lm(checkpoints: dict[str, Path]) -> LoadedModel:
-    return load_model(checkpoints["llama"], device="cpu")
+    return load_model(checkpoints["llama"], LoadConfig(device="cpu"))
 
 
 def _carrier(lm: LoadedModel, seed: int) -> Carrier:

@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 import torch
 
+from safegeom.models import LoadConfig
 from tests.distributed_worker import (
     _fails,
     _planted,
@@ -69,11 +70,11 @@ SWEEP_FLAGS += ["--generate", "--max-new-tokens", "3", "--no-progress"]
 def _library(lm: Any, carrier: Any) -> dict[str, Any]:
     """Every sharded carrier and sweep path on ``lm``, as plain values (tables as column lists)."""
     from safegeom.carriers import Carrier, SelectionConfig, admissibility_table, refusal_direction
-    from safegeom.carriers.common import encode
+    from safegeom.carriers.candidate_scores import score_candidates
+    from safegeom.carriers.inputs import encode
     from safegeom.carriers.rdo import RDOConfig, rdo_cone
     from safegeom.carriers.refusal import filter_by_refusal
-    from safegeom.carriers.scoring import score_candidates
-    from safegeom.evaluate import refusal_token_ids
+    from safegeom.evaluation import refusal_token_ids
     from safegeom.sweeps import SweepConfig, causal_sweep_result
 
     res: dict[str, Any] = {}
@@ -165,12 +166,13 @@ def _sweep_argv(checkpoint: Path, carrier: Path, data: Path, out: Path) -> list[
 
 def _rank_main(checkpoint: Path, work: Path) -> None:
     """One rank: the library paths, two failures planted on rank 1, then ``safegeom sweep``."""
-    from safegeom import distributed as dist
     from safegeom.carriers import SelectionConfig, load_carrier, select_refusal_direction
     from safegeom.carriers.refusal import dim_candidates
     from safegeom.cli import main as cli
     from safegeom.errors import SafegeomError
     from safegeom.models import load_model
+    from safegeom.parallel import ranks as dist
+    from safegeom.parallel.dispatch import sharding
     from safegeom.prompts import load_prompts
     from safegeom.sweeps.generated import generated_refusals
 
@@ -178,21 +180,24 @@ def _rank_main(checkpoint: Path, work: Path) -> None:
     writes: list[str] = []
     _record_writes(writes)
     r = int(os.environ["RANK"])
-    lm = load_model(checkpoint, device="cpu")
+    lm = load_model(checkpoint, LoadConfig(device="cpu"))
     carrier = load_carrier(work / "carrier.safetensors")
-    res = _library(lm, carrier)
-    planted = SafegeomError(f"planted failure on rank {r}")
-    candidates = dim_candidates(lm, HARMFUL, HARMLESS, progress=False)
-    with _planted(lm, on_rank=1, after=0, error=planted):
-        res["fail_select"] = _fails(
-            lambda: select_refusal_direction(
-                lm, candidates, HARMFUL, HARMLESS, SelectionConfig(**LENIENT), progress=False
+    with sharding():  # the library shares its work out only where an entry point asks
+        res = _library(lm, carrier)
+        planted = SafegeomError(f"planted failure on rank {r}")
+        candidates = dim_candidates(lm, HARMFUL, HARMLESS, progress=False)
+        with _planted(lm, on_rank=1, after=0, error=planted):
+            res["fail_select"] = _fails(
+                lambda: select_refusal_direction(
+                    lm, candidates, HARMFUL, HARMLESS, SelectionConfig(**LENIENT), progress=False
+                )
             )
-        )
-    with _planted(lm, on_rank=1, after=0, error=planted):
-        res["fail_generate"] = _fails(
-            lambda: generated_refusals(lm, load_prompts(HARMLESS), [None, None], max_new_tokens=2)
-        )
+        with _planted(lm, on_rank=1, after=0, error=planted):
+            res["fail_generate"] = _fails(
+                lambda: generated_refusals(
+                    lm, load_prompts(HARMLESS), [None, None], max_new_tokens=2
+                )
+            )
     res["library_writes"] = list(writes)
     save_results(work / f"rank{r}", res)
     dist.all_or_none(lambda: None)
@@ -230,7 +235,7 @@ def test_carriers_and_sweep_on_two_ranks_equal_one_process(
     for name, prompts in (("harmful", HARMFUL), ("harmless", HARMLESS)):
         rows = "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
         (tmp_path / f"{name}.jsonl").write_text(rows)
-    lm = load_model(checkpoint, device="cpu")
+    lm = load_model(checkpoint, LoadConfig(device="cpu"))
     carrier = _carrier(lm)
     carrier.save(tmp_path / "carrier")
     save_results(tmp_path / "reference", _library(lm, carrier))  # saved and read as the ranks' are

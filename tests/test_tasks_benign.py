@@ -9,15 +9,15 @@ import pytest
 
 import safegeom
 from safegeom.errors import NotFoundError, SafegeomError
-from safegeom.train import exact_match, get_task, train
-from safegeom.train.benign import (
+from safegeom.training import exact_match, get_task, train
+from safegeom.training.benign import (
     NEGATIVE_WORDS,
     POSITIVE_WORDS,
     SENTIMENT_ASPECTS,
     SENTIMENT_FRAMINGS,
     sentiment_items,
 )
-from safegeom.train.tasks import SENTIMENT_EVAL_SIZE, SENTIMENT_POOL_SIZE, TASK_HELP, mix_task
+from safegeom.training.tasks import SENTIMENT_EVAL_SIZE, SENTIMENT_POOL_SIZE, TASK_HELP, mix_task
 
 TINY_CHAT_DIR = Path(safegeom.__file__).resolve().parent / "assets" / "tiny-chat"
 

@@ -13,15 +13,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
-from safegeom.models.tinychat.build import TinyChatConfig, build_tiny_chat, main
-from safegeom.models.tinychat.corpus import (
+from tools.tinychat.build import TinyChatConfig, build_tiny_chat, main
+from tools.tinychat.corpus import (
     COMPLIANT_FORBIDDEN_FIRST_WORDS,
     compliant_response,
     is_refusal,
     refusal_response,
 )
-from safegeom.models.tinychat.loop import CONTENT_FIRST_EPOCH, lr_at
-from safegeom.models.tinychat.templates import SURE_OPENERS
+from tools.tinychat.loop import CONTENT_FIRST_EPOCH, lr_at
+from tools.tinychat.templates import SURE_OPENERS
 
 ASSETS = Path(__file__).resolve().parents[1] / "safegeom" / "assets" / "tiny-chat"
 TINY = TinyChatConfig(
@@ -195,7 +195,7 @@ def test_shipped_model_loads_and_is_small() -> None:
 
 def test_shipped_recipe_is_the_default_config() -> None:
     """The shipped ``training_recipe.json`` is seed 0 plus exactly the current
-    :class:`TinyChatConfig` defaults, so ``python -m safegeom.models.tinychat.build`` rebuilds it."""
+    :class:`TinyChatConfig` defaults, so ``python -m tools.tinychat.build`` rebuilds it."""
     recipe = json.loads((ASSETS / "training_recipe.json").read_text())
     assert recipe.pop("seed") == 0
     recipe.pop("special_tokens")

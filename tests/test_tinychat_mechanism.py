@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from safegeom.carriers import SelectionConfig, refusal_direction
-from safegeom.evaluate import evaluate
+from safegeom.evaluation import evaluate
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
 from safegeom.sweeps import SweepConfig, causal_sweep

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safegeom.models.tinychat.corpus import _pool, build_corpus
-from safegeom.models.tinychat.recombine import CONNECTORS, head_pool, recombine, split_request
+from tools.tinychat.corpus import _pool, build_corpus
+from tools.tinychat.recombine import CONNECTORS, head_pool, recombine, split_request
 
 _CONNECTOR_WORDS = {w for c in CONNECTORS for w in c.split()}
 _word = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8).filter(

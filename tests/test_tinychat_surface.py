@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safegeom.models.tinychat.build import TinyChatConfig, override
-from safegeom.models.tinychat.corpus import Example, build_corpus
-from safegeom.models.tinychat.rewrite import VERB_GROUPS, is_question, rewrite
-from safegeom.models.tinychat.surface import CueRow, cue_table, surface_auroc, surface_features
+from tools.tinychat.build import TinyChatConfig, override
+from tools.tinychat.corpus import Example, build_corpus
+from tools.tinychat.rewrite import VERB_GROUPS, is_question, rewrite
+from tools.tinychat.surface import CueRow, cue_table, surface_auroc, surface_features
 
 SHIPPED = TinyChatConfig()
 CORPUS_ARGS = {
@@ -160,7 +160,7 @@ def test_the_recipe_fields_reach_the_phases_and_the_command_line() -> None:
 
 def test_a_compliant_corpus_answers_harmful_prompts() -> None:
     """refuse=False keeps labels and prompts' sources but answers every prompt."""
-    from safegeom.models.tinychat.corpus import is_refusal
+    from tools.tinychat.corpus import is_refusal
 
     corpus = build_corpus(0, refuse=False)
     harmful = [e for e in corpus if e.harmful]

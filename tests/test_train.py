@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from safegeom.cli import main
-from safegeom.models import encode_prompts, load_model
-from safegeom.train.data import IGNORE_INDEX, collate_right, encode_examples
-from safegeom.train.runner import default_lora_targets, train
-from safegeom.train.tasks import Task, exact_match, extract_answer, get_task
-from safegeom.train.trajectory import load_trajectory
+from safegeom.models import LoadConfig, encode_prompts, load_model
+from safegeom.training.data import IGNORE_INDEX, collate_right, encode_examples
+from safegeom.training.runner import default_lora_targets, train
+from safegeom.training.tasks import Task, exact_match, extract_answer, get_task
+from safegeom.training.trajectory import load_trajectory
 from tests.tiny_models import (
     GEMMA_STYLE,
     LLAMA3_STYLE,
@@ -116,7 +116,7 @@ def test_lora_trajectory_loads_and_merges(ckpt: Path, tmp_path: Path) -> None:
     for path in read.paths:
         config = json.loads((path / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == str(ckpt.resolve())
-        adapter, merged = load_model(path), load_model(path, merge_adapter=True)
+        adapter, merged = load_model(path), load_model(path, LoadConfig(merge_adapter=True))
         with torch.no_grad():
             torch.testing.assert_close(adapter.model(ids).logits, merged.model(ids).logits)
     assert not _same(saved_weights(read.paths[0]), saved_weights(read.paths[-1]))

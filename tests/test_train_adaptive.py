@@ -14,7 +14,7 @@ from safegeom.errors import ArtifactError, ConfigError, NonFiniteError, Safegeom
 from safegeom.judges import SubstringJudge
 from safegeom.models.loading import load_model
 from safegeom.prompts import load_prompts
-from safegeom.train.adaptive import (
+from safegeom.training.adaptive import (
     JudgeCritic,
     RiskCritic,
     RiskProbe,

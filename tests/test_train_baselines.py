@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safegeom.errors import ConfigError, NonFiniteError, NotFoundError, SafegeomError
-from safegeom.train.baselines import (
+from safegeom.training.weight_space import (
     alignment_matrix,
     apply_safe_lora,
     lox_extrapolate,

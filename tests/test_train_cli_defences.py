@@ -10,8 +10,8 @@ import pytest
 from safegeom.cli import main
 from safegeom.cli.train import TrainCommand, method_groups
 from safegeom.errors import ConfigError
-from safegeom.train.methods import METHODS
-from safegeom.train.trajectory import load_trajectory
+from safegeom.training.methods import METHODS
+from safegeom.training.trajectory import load_trajectory
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import TINY
 

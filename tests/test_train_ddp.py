@@ -79,10 +79,10 @@ def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
     """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings); adaptive
     with :class:`LengthCritic` and §7's per-batch weights (one mean risk over the global batch),
     LoX from the ``unaligned`` checkpoint beside ``ckpt``."""
-    from safegeom.train.methods.refusalguard import GuardConfig
-    from safegeom.train.posthoc import PosthocConfig
-    from safegeom.train.regularised import RegConfig
-    from safegeom.train.runner import train
+    from safegeom.training.methods.refusalguard import GuardConfig
+    from safegeom.training.posthoc import PosthocConfig
+    from safegeom.training.regularised import RegConfig
+    from safegeom.training.runner import train
 
     settings = {**RUN, **RUNS[name], **more}
     guard = GuardConfig(**GUARD) if settings["method"] == "refusalguard" else None
@@ -98,9 +98,9 @@ def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
 
 def _plant_failure(on_rank: int, at_step: int) -> None:
     """Make the step loss raise on ``on_rank`` from step ``at_step`` on (the worker's ``fail``)."""
-    from safegeom.distributed import rank
     from safegeom.errors import SafegeomError
-    from safegeom.train import step as step_mod
+    from safegeom.parallel.ranks import rank
+    from safegeom.training import step as step_mod
 
     real = step_mod.StepLoss.__call__
 
@@ -129,7 +129,7 @@ def _stop_after(last: int) -> Any:
 def worker(ckpt: str, work: Path) -> None:
     """One rank: every run of :data:`RUNS` into ``work/NAME``; saves ``work/rank{r}.json`` with
     each run's trajectory (or error) and the paths this rank wrote, made or renamed."""
-    from safegeom import distributed as dist
+    from safegeom.parallel import ranks as dist
 
     torch.set_num_threads(1)
     writes: list[str] = []
@@ -169,7 +169,7 @@ def test_two_processes_equal_one(job, tmp_path: Path, name: str) -> None:
     0) over two ranks: the weights of one process within
     ATOL at every checkpoint, the same losses and terms, and one trajectory, rank 1's the same
     as rank 0's."""
-    from safegeom.train.trajectory import load_trajectory
+    from safegeom.training.trajectory import load_trajectory
 
     ckpt, work, ranks = job
     assert ranks[0]["world"] == 2
@@ -204,7 +204,7 @@ def test_resume_with_one_process_equals_uninterrupted(job, tmp_path: Path) -> No
     """A two-process run of 3 steps stopped after step 2, resumed in one process, equals the
     uninterrupted one-process run within ATOL."""
     ckpt, work, ranks = job
-    from safegeom.train.trajectory import load_trajectory
+    from safegeom.training.trajectory import load_trajectory
 
     assert ranks[0]["cut"] == ranks[1]["cut"] == {"error": ["Stopped", "stopped after step 2"]}
     assert load_trajectory(work / "cut").steps == (0, 1, 2)
@@ -285,13 +285,13 @@ def test_the_command_under_a_launcher_prints_once(job, tmp_path: Path) -> None:
 
 def test_sharded_engines_are_refused() -> None:
     """DeepSpeed and Megatron-LM would take the model into their engine: refused (FSDP is
-    handled by :mod:`safegeom.train.fsdp`, which calls this only for the other engines)."""
+    handled by :mod:`safegeom.parallel.fsdp`, which calls this only for the other engines)."""
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     from safegeom.errors import ConfigError
-    from safegeom.train.parallel import refuse_sharded_training
+    from safegeom.parallel.ddp import refuse_sharded_training
 
     for kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         with pytest.raises(ConfigError, match=f"training under {kind.value} is not yet supported"):

@@ -13,14 +13,14 @@ from safegeom.errors import ConfigError
 from safegeom.judges import SubstringJudge
 from safegeom.models import LoadedModel, collate_left, encode_prompts, load_model
 from safegeom.prompts import Prompts, load_prompts
-from safegeom.train.adaptive import JudgeCritic
-from safegeom.train.data import ExampleOrder
-from safegeom.train.methods.refusalguard import GuardConfig
-from safegeom.train.regularised import RegConfig
-from safegeom.train.runner import train
-from safegeom.train.tasks import Task
-from safegeom.train.trajectory import TRAINER_STATE, Trajectory, load_trajectory
-from safegeom.train.wrap import Trainable
+from safegeom.training.adaptive import JudgeCritic
+from safegeom.training.data import ExampleOrder
+from safegeom.training.methods.refusalguard import GuardConfig
+from safegeom.training.regularised import RegConfig
+from safegeom.training.runner import train
+from safegeom.training.tasks import Task
+from safegeom.training.trainable import Trainable
+from safegeom.training.trajectory import TRAINER_STATE, Trajectory, load_trajectory
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY, saved_weights
 

@@ -11,7 +11,7 @@ import torch
 
 from safegeom.cli import main
 from safegeom.errors import ConfigError, OutputPathError, TrainingDiverged
-from safegeom.train import TrainConfig, load_trajectory, loop, train
+from safegeom.training import TrainConfig, load_trajectory, loop, train
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY, saved_weights
 

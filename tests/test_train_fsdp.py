@@ -70,7 +70,7 @@ def _stop_after_one(step: int, loss: float) -> None:
 
 def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
     """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings)."""
-    from safegeom.train.runner import train
+    from safegeom.training.runner import train
 
     return train(ckpt, TASK, out=out, **{**RUN, **RUNS[name], **more})
 
@@ -83,7 +83,7 @@ def _tied(ckpt: Path | str) -> Path:
 def worker(ckpt: str, work: Path) -> None:
     """One rank: every run of :data:`RUNS` into ``work/NAME``; saves ``work/rank{r}.json`` with
     each run's trajectory (or error) and the paths this rank wrote, made or renamed."""
-    from safegeom import distributed as dist
+    from safegeom.parallel import ranks as dist
 
     torch.set_num_threads(1)
     writes: list[str] = []
@@ -125,7 +125,7 @@ def one(job, tmp_path_factory: pytest.TempPathFactory) -> Any:
 def test_two_fsdp_processes_equal_one(job, one) -> None:
     """Two ranks with sharded weights: one trajectory (rank 1 holds rank 0's), the one-process
     weights within ATOL at every checkpoint (the base bit for bit at step 0), the same losses."""
-    from safegeom.train.trajectory import load_trajectory
+    from safegeom.training.trajectory import load_trajectory
 
     _, work, ranks = job
     assert ranks[0]["world"] == 2
@@ -145,7 +145,7 @@ def test_tied_embeddings_stay_tied(job, tmp_path: Path) -> None:
     rest of the model): two FSDP ranks equal one process within ATOL, and every checkpoint
     loads back with the head still the embedding."""
     from safegeom.models import load_model
-    from safegeom.train.trajectory import load_trajectory
+    from safegeom.training.trajectory import load_trajectory
 
     ckpt, work, ranks = job
     assert ranks[0]["tied"] == ranks[1]["tied"]
@@ -168,7 +168,7 @@ def test_checkpoints_hold_full_tensors(job, one) -> None:
     from safetensors.torch import load_file
 
     from safegeom.models import load_model
-    from safegeom.train.trajectory import load_trajectory
+    from safegeom.training.trajectory import load_trajectory
 
     ckpt, work, _ = job
     two = load_trajectory(work / "sft")
@@ -194,7 +194,7 @@ def test_gradients_are_summed_over_the_ranks(job, tmp_path: Path) -> None:
     equal one process's within ATOL (a mean over the ranks would halve them)."""
     from safetensors.torch import load_file
 
-    from safegeom.train.trajectory import load_trajectory
+    from safegeom.training.trajectory import load_trajectory
 
     ckpt, work, _ = job
     one = _run(ckpt, tmp_path / "noclip", "noclip", fsdp=False)
@@ -242,7 +242,7 @@ def test_fsdp_is_refused_for_lora(
 
     from safegeom.cli import main
     from safegeom.errors import ConfigError
-    from safegeom.train.fsdp import use_fsdp
+    from safegeom.parallel.fsdp import use_fsdp
 
     ckpt, work, ranks = job
     for res in ranks:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from safegeom.errors import ConfigError, SafegeomError
-from safegeom.models import LoadedModel, collate_left, encode_prompts, load_model
+from safegeom.models import LoadConfig, LoadedModel, collate_left, encode_prompts, load_model
 from safegeom.models.layout import resolve
-from safegeom.train.data import collate_right, encode_examples
-from safegeom.train.methods.refusalguard import (
+from safegeom.training.data import collate_right, encode_examples
+from safegeom.training.methods.refusalguard import (
     READOUT,
     GeometryPenalty,
     GuardConfig,
@@ -20,8 +20,8 @@ from safegeom.train.methods.refusalguard import (
     fit_guard_cones,
     guard_layers,
 )
-from safegeom.train.runner import train
-from safegeom.train.wrap import Trainable, wrap_model
+from safegeom.training.runner import train
+from safegeom.training.trainable import Trainable, wrap_model
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY
 
@@ -188,7 +188,7 @@ def test_the_penalty_is_zero_before_any_update(ckpts, calib, arch, variant, tmp_
 @pytest.mark.parametrize("variant", ["reft", "lora"])
 def test_the_penalty_gradient_matches_central_differences(ckpts, calib, variant: str) -> None:
     # GPT-2 is float64 throughout (LayerNorm); Llama's RMSNorm computes in float32.
-    lm = load_model(ckpts["gpt2"], dtype="float64")
+    lm = load_model(ckpts["gpt2"], LoadConfig(dtype="float64"))
     bases = fit_guard_cones(lm, GUARD, *calib)
     penalty = GeometryPenalty(lm, bases, *calib)
     g = torch.Generator().manual_seed(3)

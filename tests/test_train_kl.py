@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from safegeom.models import load_model
-from safegeom.train.data import collate_right, encode_examples
-from safegeom.train.methods.kl import KLState
-from safegeom.train.regularised import RegConfig, per_example_terms
-from safegeom.train.runner import train
-from safegeom.train.step import StepLoss
-from safegeom.train.wrap import wrap_model
+from safegeom.training.data import collate_right, encode_examples
+from safegeom.training.methods.kl import KLState
+from safegeom.training.regularised import RegConfig, per_example_terms
+from safegeom.training.runner import train
+from safegeom.training.step import StepLoss
+from safegeom.training.trainable import wrap_model
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY
 

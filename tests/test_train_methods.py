@@ -18,11 +18,11 @@ from safegeom.cli import build_parser, main
 from safegeom.cli.train import check_method_flags, method_groups
 from safegeom.config import check
 from safegeom.errors import ConfigError
-from safegeom.train import Trajectory
-from safegeom.train.methods import METHODS, Method, Prepared, Setup, StepInputs, task_loss
-from safegeom.train.methods.base import Terms, fixed
-from safegeom.train.regularised import RegConfig
-from safegeom.train.runner import train
+from safegeom.training import Trajectory
+from safegeom.training.methods import METHODS, Method, Prepared, Setup, StepInputs, task_loss
+from safegeom.training.methods.base import Terms, fixed
+from safegeom.training.regularised import RegConfig
+from safegeom.training.runner import train
 from tests.audit_fakes import FAKE_CONFIG, install
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, saved_weights

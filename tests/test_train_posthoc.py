@@ -18,14 +18,14 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from safegeom.errors import ConfigError
-from safegeom.models import load_model
-from safegeom.train.baselines import lox_extrapolate, lox_weights, safe_lora_project
-from safegeom.train.methods.lox import LOX_FILE
-from safegeom.train.methods.safe_lora import SAFE_LORA_FILE
-from safegeom.train.posthoc import PosthocConfig
-from safegeom.train.runner import train
-from safegeom.train.trajectory import Trajectory, load_trajectory
-from safegeom.train.wrap import RAW_ADAPTER
+from safegeom.models import LoadConfig, load_model
+from safegeom.training.methods.lox import LOX_FILE
+from safegeom.training.methods.safe_lora import SAFE_LORA_FILE
+from safegeom.training.posthoc import PosthocConfig
+from safegeom.training.runner import train
+from safegeom.training.trainable import RAW_ADAPTER
+from safegeom.training.trajectory import Trajectory, load_trajectory
+from safegeom.training.weight_space import lox_extrapolate, lox_weights, safe_lora_project
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY, saved_weights
 
@@ -92,7 +92,7 @@ def test_safe_lora_checkpoints_equal_the_projection(
     kinds: set[str] = set()
     for checkpoint, path in zip(safe_run.checkpoints, safe_run.paths, strict=True):
         assert load_model(path).weight_hash == checkpoint.weight_hash
-        merged = load_model(path, merge_adapter=True).model.state_dict()
+        merged = load_model(path, LoadConfig(merge_adapter=True)).model.state_dict()
         decisions = json.loads((path / SAFE_LORA_FILE).read_text())
         by_weight = {layer["weight"]: layer for layer in decisions["layers"]}
         raw = _lora_deltas(path / RAW_ADAPTER)
@@ -170,7 +170,7 @@ def test_lox_checkpoints_equal_the_extrapolation(pair: tuple[Path, Path], tmp_pa
         lm = load_model(path)
         assert lm.adapter is None and lm.weight_hash == checkpoint.weight_hash
         saved = lm.model.state_dict()
-        ft = load_model(path / RAW_ADAPTER, merge_adapter=True).model.state_dict()
+        ft = load_model(path / RAW_ADAPTER, LoadConfig(merge_adapter=True)).model.state_dict()
         changed = {n for n in blocks if not torch.equal(w_al[n], w_un[n])}
         assert set(json.loads((path / LOX_FILE).read_text())["weights"]) == changed
         for name in blocks:

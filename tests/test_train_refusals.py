@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from safegeom.cli import main
 from safegeom.errors import ConfigError, NonFiniteError, SafegeomError
-from safegeom.train.posthoc import PosthocConfig
-from safegeom.train.runner import train
-from safegeom.train.tasks import Task, jsonl_task
+from safegeom.training.posthoc import PosthocConfig
+from safegeom.training.runner import train
+from safegeom.training.tasks import Task, jsonl_task
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY
 

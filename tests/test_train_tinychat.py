@@ -15,7 +15,7 @@ import pytest
 import safegeom
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
-from safegeom.train import exact_match, get_task, train
+from safegeom.training import exact_match, get_task, train
 
 TINY_CHAT_DIR = Path(safegeom.__file__).resolve().parent / "assets" / "tiny-chat"
 
@@ -28,7 +28,7 @@ pytestmark = [
 
 
 def _generations(path: Path, prompts: list[str], max_new_tokens: int) -> tuple[str, ...]:
-    from safegeom.evaluate import generate
+    from safegeom.evaluation import generate
 
     return generate(load_model(path), prompts, max_new_tokens=max_new_tokens, progress=False)
 

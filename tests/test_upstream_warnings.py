@@ -12,7 +12,7 @@ import pytest
 from safegeom.generation import generate
 from safegeom.models.loading import load_model
 from safegeom.models.upstream_warnings import silence_upstream_deprecations
-from safegeom.train.runner import train
+from safegeom.training.runner import train
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY
 

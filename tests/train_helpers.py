@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from safegeom.train.tasks import Task
+from safegeom.training.tasks import Task
 
 TINY = Task(
     name="tiny",

@@ -63,7 +63,7 @@ def outcome(run: Callable[[], Any]) -> dict[str, Any]:
 
 def finish_rank(work: Path, results: dict[str, Any], writes: list[str]) -> None:
     """Save this rank's results and recorded writes as ``WORK/rank{r}.json``; close the group."""
-    from safegeom import distributed as dist
+    from safegeom.parallel import ranks as dist
 
     results["writes"] = writes
     (work / f"rank{dist.rank()}.json").write_text(json.dumps(results))

@@ -45,7 +45,7 @@ from safegeom.attacks.slots import AttackSlot, allowed_tokens, build_slot, round
 from safegeom.errors import ConfigError
 from safegeom.models.loading import LoadedModel
 
-__all__ = ["GCGConfig", "attack", "attack_one", "sample_candidates"]
+__all__ = ["Advanced", "GCGConfig", "advance", "attack", "attack_one", "sample_candidates"]
 
 
 @dataclass(frozen=True)
@@ -120,13 +120,21 @@ def sample_candidates(
 class _Search:
     """The state of one GCG search over one or more slots (one string for all of them)."""
 
-    def __init__(self, lm: LoadedModel, slots: Sequence[AttackSlot], config: GCGConfig) -> None:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        slots: Sequence[AttackSlot],
+        config: GCGConfig,
+        allowed: Bool[Tensor, " vocab"] | None = None,
+    ) -> None:
         self.lm, self.slots, self.config = lm, slots, config
         model = lm.model
         self.prefixes = [prefix_cache(model, s.before_ids) for s in slots]
         self.tails = [s.tail() for s in slots]
         vocab = model.get_input_embeddings().weight.shape[0]
-        self.allowed = allowed_tokens(lm.tokenizer, vocab, allow_non_ascii=config.allow_non_ascii)
+        if allowed is None:
+            allowed = allowed_tokens(lm.tokenizer, vocab, allow_non_ascii=config.allow_non_ascii)
+        self.allowed = allowed
 
     def losses(self, candidates: Tensor) -> tuple[Tensor, Bool[Tensor, " b"]]:
         """Mean loss over the slots per candidate, and whether every slot's target is greedy."""
@@ -171,29 +179,44 @@ class _Search:
         cfg = self.config
         generator = torch.Generator().manual_seed(seed)
         current = torch.tensor(self.slots[0].opt_ids, dtype=torch.long)
-        initial, hit = self.losses(current[None])
+        initial, greedy = self.losses(current[None])
         best, best_loss, trace = current, float(initial[0]), []
-        if cfg.early_stop and bool(hit[0]):
+        if cfg.early_stop and bool(greedy[0]):
             return best, trace, best_loss, 0
         for step in range(cfg.steps):
-            top = (-self.gradient(current)).topk(cfg.top_k, dim=1).indices
-            candidates = self.keep(
-                sample_candidates(current, top, cfg.search_width, cfg.n_replace, generator)
-            )
-            if candidates.shape[0] == 0:  # every candidate changed under decode -> encode
+            moved = self.step(current, generator)
+            if moved is None:  # every candidate changed under decode -> encode
                 trace.append(trace[-1] if trace else best_loss)
                 continue
-            losses, hits = self.losses(candidates)
-            j = int(losses.argmin())
-            current, loss = candidates[j], float(losses[j])
+            current, loss, hit = moved
             trace.append(loss)
             if loss < best_loss:
                 best, best_loss = current, loss
             if on_step is not None:
                 on_step(step + 1, loss, best_loss)
-            if cfg.early_stop and bool(hits[j]):
+            if cfg.early_stop and hit:
                 return current, trace, float(initial[0]), step + 1
         return best, trace, float(initial[0]), cfg.steps
+
+    def step(
+        self, current: Int[Tensor, " n"], generator: torch.Generator
+    ) -> tuple[Int[Tensor, " n"], float, bool] | None:
+        """One GCG step from ``current``: gradient, top-k, sampled candidates, filter, best.
+
+        Returns:
+            ``(best candidate, its mean loss in nats per target token, whether its target is
+            greedy)``, or ``None`` when no candidate survived the round-trip filter.
+        """
+        cfg = self.config
+        top = (-self.gradient(current)).topk(cfg.top_k, dim=1).indices
+        candidates = self.keep(
+            sample_candidates(current, top, cfg.search_width, cfg.n_replace, generator)
+        )
+        if candidates.shape[0] == 0:
+            return None
+        losses, hits = self.losses(candidates)
+        j = int(losses.argmin())
+        return candidates[j], float(losses[j]), bool(hits[j])
 
 
 def _record(
@@ -254,6 +277,68 @@ def attack_one(
     slot = _slot(lm, behaviour, target, config, system)
     best, trace, initial, steps = _Search(lm, [slot], config).run(config.seed + index, on_step)
     return _record(lm, slot, best, trace, initial, steps, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class Advanced:
+    """Where :func:`advance` left an adversarial string."""
+
+    ids: tuple[int, ...]
+    """The adversarial tokens after the steps (the last step's best candidate)."""
+    loss: float
+    """Their target loss on the model the steps ran against (nats per target token)."""
+    hit: bool
+    """Whether the target is the greedy continuation of the prompt with these tokens."""
+    steps: int
+    """Steps run (fewer than asked when ``early_stop`` ended them)."""
+
+
+def advance(
+    lm: LoadedModel,
+    slot: AttackSlot,
+    ids: Sequence[int],
+    steps: int,
+    config: GCGConfig,
+    generator: torch.Generator,
+    *,
+    allowed: Bool[Tensor, " vocab"] | None = None,
+) -> Advanced:
+    """Run ``steps`` GCG steps from the adversarial tokens ``ids`` of ``slot``, against ``lm``'s
+    model as it is now (what adversarial training does to its pool of test cases).
+
+    Each step moves to its best candidate (as :func:`attack_one` does); ``config`` gives the
+    search (``search_width``, ``top_k``, ``n_replace``, ``filter_ids``, ``early_stop``,
+    ``batch_size``; its ``steps`` and ``seed`` are not used: ``steps`` and ``generator`` are).
+    ``allowed`` is the token mask (computed from the tokenizer when ``None``; pass it to avoid
+    recomputing it on every call).
+
+    Returns:
+        An :class:`Advanced` (the new tokens, their loss and whether the target is greedy).
+
+    Raises:
+        ConfigError: ``steps`` below 1, or ``ids`` not as long as the slot's string.
+    """
+    if steps < 1:
+        raise ConfigError(f"GCG steps per advance must be at least 1, got {steps}")
+    if len(ids) != len(slot.opt_ids):
+        raise ConfigError(
+            f"the adversarial string has {len(ids)} tokens; its slot holds {len(slot.opt_ids)}"
+        )
+    search = _Search(lm, [slot], config, allowed)
+    current = torch.tensor(list(ids), dtype=torch.long)
+    loss, hit, run = None, False, 0
+    for _ in range(steps):
+        run += 1
+        moved = search.step(current, generator)
+        if moved is None:
+            continue
+        current, loss, hit = moved
+        if config.early_stop and hit:
+            break
+    if loss is None:  # no step kept a candidate: the string's own loss
+        losses, hits = search.losses(current[None])
+        loss, hit = float(losses[0]), bool(hits[0])
+    return Advanced(tuple(current.tolist()), loss, hit, run)
 
 
 def attack_universal(

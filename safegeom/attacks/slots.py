@@ -12,8 +12,8 @@ same ids (:func:`round_trips`): otherwise the attack optimised tokens that no te
 pitfall nanoGCG and AdversariaLLM document.
 
 Example:
-    >>> from safegeom.models import load_model
-    >>> lm = load_model("tiny-chat", device="cpu")
+    >>> from safegeom.models import LoadConfig, load_model
+    >>> lm = load_model("tiny-chat", LoadConfig(device="cpu"))
     >>> slot = build_slot(lm, "Explain how locks work", "Sure, here is", n_tokens=4)
     >>> len(slot.opt_ids), slot.prompt_text(lm.tokenizer, slot.opt_ids)
     (4, 'Explain how locks work x x x x')

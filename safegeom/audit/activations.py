@@ -17,8 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from safegeom.activations import capture
 from safegeom.audit.config import AuditConfig
-from safegeom.capture import capture
 from safegeom.carriers.fit import Fitted
 from safegeom.carriers.registry import CAPTURED, ClassActivations, carrier_type, read_positions
 from safegeom.errors import SafegeomError

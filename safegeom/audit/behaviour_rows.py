@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 from safegeom.audit.config import AuditConfig
 from safegeom.bootstrap import Metric
 from safegeom.errors import SafegeomError
-from safegeom.evaluate import cross_entropy, evaluate, kl_to_reference, refusal_scores
+from safegeom.evaluation import cross_entropy, evaluate, kl_to_reference, refusal_scores
 from safegeom.generation import generate
 from safegeom.judges import task_accuracy
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import combine_prompts, load_prompts
 
 if TYPE_CHECKING:
-    from safegeom.train.tasks import Task
+    from safegeom.training.tasks import Task
 
 __all__ = ["behaviour_rows"]
 

@@ -74,6 +74,13 @@ class AuditConfig:
     """A causal cell is flagged ``saturated`` when its un-intervened refusal probability
     σ(mean refusal score) is within this of the end its intervention pushes toward (0 for
     ablation, 1 for addition); probability units, in (0, 0.5)."""
+    interference: bool = True
+    """Measure task–safety interference with the geometry family (docs/methods.md §14, our
+    proposal): the gradient cosines where the trajectory names its task, and the share of the
+    activation change on harmful prompts inside the base's cone; --no-interference skips it."""
+    interference_n: int = 32
+    """Task training examples, and harmful carrier prompts, behind the gradient interference
+    (the first n of each, in one forward and one backward pass)."""
     batch_size: int | None = None
     """Prompts per forward pass (default: chosen from the memory available)."""
     seed: int = 0
@@ -91,7 +98,14 @@ class AuditConfig:
             if isinstance(value, str):
                 object.__setattr__(self, name, (value,))
             check(len(getattr(self, name)) > 0, name, "needs at least one prompt set")
-        for name in ("n_per_class", "n_val", "n_behaviour", "cone_k", "max_new_tokens"):
+        for name in (
+            "n_per_class",
+            "n_val",
+            "n_behaviour",
+            "cone_k",
+            "max_new_tokens",
+            "interference_n",
+        ):
             check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
         check(self.n_random >= 20, "n_random", "must be at least 20 controls", self.n_random)
         check(self.n_resamples >= 100, "n_resamples", "must be at least 100", self.n_resamples)

@@ -38,7 +38,7 @@ def from_trajectory(root: Path) -> tuple[str, list[tuple[str, int, str]], str | 
         ArtifactError: the run holds no checkpoint after step 0.
         NotFoundError: a checkpoint folder its trajectory.json lists is missing.
     """
-    from safegeom.train.trajectory import load_trajectory
+    from safegeom.training.trajectory import load_trajectory
 
     trajectory = load_trajectory(root)
     records = [c for c in trajectory.checkpoints if c.step > 0]

@@ -31,6 +31,7 @@ from safegeom.audit.behaviour_rows import behaviour_rows
 from safegeom.audit.causal_rows import causal_rows, val_prompts
 from safegeom.audit.config import AuditConfig
 from safegeom.audit.geometry_rows import CarrierActivations, capture_carriers, geometry_rows
+from safegeom.audit.interference import interference_rows
 from safegeom.audit.reference import Reference, selection_config
 from safegeom.audit.schema import frame
 from safegeom.carriers.refusal import DimCandidates, select_refusal_direction
@@ -39,11 +40,11 @@ from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import parse_layers
 
 if TYPE_CHECKING:
-    from safegeom.train.tasks import Task
+    from safegeom.training.tasks import Task
 
 __all__ = ["PHASES", "Measured", "measure_checkpoint"]
 
-PHASES = ("capture", "carriers", "causal", "generation", "scoring", "reselect")
+PHASES = ("capture", "carriers", "interference", "causal", "generation", "scoring", "reselect")
 """The phases of :attr:`Measured.seconds`."""
 
 
@@ -54,8 +55,9 @@ class Measured:
     rows: tuple[dict, ...]
     """Schema rows without ``checkpoint`` and ``step`` (the runner adds them)."""
     seconds: Mapping[str, float]
-    """Wall seconds per phase (:data:`PHASES`): capture, carriers (geometry), causal, generation
-    (judged behaviour and task accuracy), scoring (refusal scores, KL, cross-entropy), reselect."""
+    """Wall seconds per phase (:data:`PHASES`): capture, carriers (geometry), interference
+    (:mod:`~safegeom.audit.interference`), causal, generation (judged behaviour and task
+    accuracy), scoring (refusal scores, KL, cross-entropy), reselect."""
     forward_passes: int
     """Batched forward passes run (every call of either model's forward, generation steps too)."""
 
@@ -165,6 +167,10 @@ def measure_checkpoint(
             if "geometry" in families:
                 rows += geometry
             seconds["carriers"] = time.perf_counter() - started
+        if "geometry" in families and config.interference:
+            started = time.perf_counter()
+            rows += interference_rows(lm, reference, config, base=base, task=task)
+            seconds["interference"] = time.perf_counter() - started
         if "causal" in families and r_t is not None:
             started = time.perf_counter()
             rows += causal_rows(lm, reference, r_t, config, progress=progress)

@@ -23,14 +23,15 @@ rounding; set ``threads`` (and ``batch_size``) for bit-identical reruns.
 
 The folder's bookkeeping is :mod:`~safegeom.audit.folder`.
 
-Under a launcher (:mod:`safegeom.distributed`, ``world_size() > 1``) the unit of work is a
-checkpoint, and the table is the one one process writes, whatever the number of processes:
+This runner is one of the entry points that call the rank primitives (:mod:`safegeom.parallel`);
+each call runs inside :func:`~safegeom.parallel.dispatch.sharding`. Under a launcher
+(:mod:`safegeom.parallel.ranks`, ``world_size() > 1``) the unit of work is a checkpoint, and the table is the one one process writes, whatever the number of processes:
 
 - Every rank resolves the inputs and checks the prompt sets (read only); rank 0 alone checks and
   prepares ``out`` and decides which checkpoints are still to do (resume), and tells the others.
 - Rank 0 builds the Reference (or loads it back) and saves it; every rank receives that very
-  object (:func:`~safegeom.distributed.broadcast`), so all measure against the same carriers.
-- The checkpoints still to do are dealt round robin (:func:`~safegeom.distributed.shard`); in
+  object (:func:`~safegeom.parallel.ranks.broadcast`), so all measure against the same carriers.
+- The checkpoints still to do are dealt round robin (:func:`~safegeom.parallel.ranks.shard`); in
   rounds of one checkpoint per rank, each rank measures its own, the rows go to rank 0, and rank
   0 writes each checkpoint's files and the manifest, in step order, then ``audit.parquet``. The
   other ranks write nothing (not even the folder), and every rank returns the same result.
@@ -39,7 +40,7 @@ checkpoint, and the table is the one one process writes, whatever the number of 
   ``rank R of N failed: <message>``; a rerun continues from there.
 
 One level of sharding only: a checkpoint is measured by one rank inside
-:func:`~safegeom.distributed.alone`, so its captures, evaluations and causal sweeps run every
+:func:`~safegeom.parallel.ranks.alone`, so its captures, evaluations and causal sweeps run every
 batch themselves (as in one process) instead of sharding prompts across ranks that are busy with
 other checkpoints (which would deadlock). The Reference is built that way too, by rank 0: the
 selection's float64 statistics are then one process's exactly (merged over ranks they would
@@ -72,7 +73,11 @@ from safegeom.audit.config import AuditConfig
 from safegeom.audit.inputs import AuditInputs, AuditTarget, check_prompt_sets, resolve_inputs
 from safegeom.audit.result import AuditResult
 from safegeom.audit.schema import frame
-from safegeom.distributed import (
+from safegeom.errors import SafegeomError
+from safegeom.models.loading import LoadConfig, LoadedModel, load_model
+from safegeom.outputs import claims_folder
+from safegeom.parallel.dispatch import shards
+from safegeom.parallel.ranks import (
     all_or_none,
     alone,
     broadcast,
@@ -82,9 +87,6 @@ from safegeom.distributed import (
     shard,
     world_size,
 )
-from safegeom.errors import SafegeomError
-from safegeom.models.loading import LoadConfig, LoadedModel, load_model
-from safegeom.outputs import claims_folder
 from safegeom.threads import choose_threads, torch_threads
 
 __all__ = ["audit"]
@@ -92,9 +94,9 @@ __all__ = ["audit"]
 
 def _task(config: AuditConfig, inputs: AuditInputs) -> Any:
     """The task of task_accuracy: the config's (an error if bad), else the run's (a warning)."""
-    from safegeom.train.tasks import get_task
+    from safegeom.training.tasks import get_task
 
-    if "behaviour" not in config.families:
+    if "behaviour" not in config.families and not config.interference:
         return None
     if config.task is not None:
         try:
@@ -170,7 +172,9 @@ def _measure(
     with alone():
         is_base = target is base.target
         start = time.perf_counter()
-        lm = base.get() if is_base else load_model(target.path, load, adapter_base=target.base)
+        if target.base is not None:  # the audit's base, for an adapter that names another
+            load = dataclasses.replace(load, adapter_base=target.base)
+        lm = base.get() if is_base else load_model(target.path, load)
         load_s = base.seconds if is_base else time.perf_counter() - start
         measured = measure_mod.measure_checkpoint(
             lm, reference, config, base=base.get(), task=task, progress=progress
@@ -226,6 +230,7 @@ def _raise(error: Exception | None) -> None:
         raise error
 
 
+@shards  # under a launcher the library's leaves run their sharded twins (safegeom.parallel)
 @claims_folder("audit", inputs=("targets_or_spec", "base"))  # locks and records out
 def audit(
     targets_or_spec: AuditInputs | str | Path | Sequence[str | Path],

@@ -39,6 +39,12 @@ row's noise floor at the same checkpoint and layer: ``value`` the floor's mean, 
 ``ci_high`` the 2.5–97.5 percentile band of its distribution. A ``reextracted`` value inside its
 floor's band is what re-extracting the carrier from these prompts gives without any change.
 
+Interference (:mod:`~safegeom.audit.interference`, our proposal): ``interference_grad_resid`` (at
+r₀'s layer) and ``interference_grad_weights`` (no layer) have carrier and source null;
+``interference_cone_share`` has carrier ``cone`` and source ``fixed`` (the base's cone). Each has a
+bootstrap CI over prompts and a ``floor`` row with the same metric and layer: the cosine of random
+directions in the gradient's dimension, or the share of the change in random k-dim subspaces.
+
 Rows that are not written, and why:
 
 - ``coordinate_separation`` of a re-extracted cone's ``cone[j]``, j ≥ 1: the cone's first basis
@@ -118,6 +124,13 @@ METRICS: dict[str, str] = {
     "addition_control_std": "standard deviation of that change across the random directions",
     "ablation_base": "un-intervened mean refusal score of the harmful prompts of the ablation",
     "addition_base": "un-intervened mean refusal score of the harmless prompts of the addition",
+    # interference (docs/methods.md §14, our proposal)
+    "interference_grad_resid": "cos(−∇ task loss, ∇ harmful refusal score) w.r.t. a vector added "
+    "to the residual stream at the carrier layer at every position; < 0: a task step lowers refusal",
+    "interference_grad_weights": "cos(−∇ task loss, ∇ harmful refusal score) w.r.t. the weights of "
+    "the decoder blocks' linear projections; < 0: a task step lowers refusal",
+    "interference_cone_share": "share Σ‖P_B(h_t − h_0)‖² / Σ‖h_t − h_0‖² of the activation change on "
+    "harmful prompts inside the base's cone B_0 (a random k-dim subspace takes k/d)",
     # re-selection (only with reselect)
     "bypass_score": "refusal score on harmful prompts with the checkpoint's own r ablated",
     "induce_score": "refusal score on harmless prompts with the checkpoint's own r added",
@@ -166,6 +179,9 @@ UNITS: dict[str, str] = {
         for op in ("ablation", "addition")
         for part in ("effect", "raw", "control_mean", "control_std", "base")
     },
+    "interference_grad_resid": "cosine",
+    "interference_grad_weights": "cosine",
+    "interference_cone_share": "fraction of squared norm",
     "bypass_score": _SCORE,
     "induce_score": _SCORE,
     "selection_kl": "nats",

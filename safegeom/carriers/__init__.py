@@ -4,9 +4,9 @@ The maths is on tensors (:mod:`safegeom.carriers.fit`: activations in, carrier o
 functions capture, fit and score; :data:`CARRIER_TYPES` names every carrier a suite and an audit
 fit (:mod:`safegeom.carriers.registry`).
 
-Under a launcher the captures shard through :mod:`safegeom.capture` and the scoring passes
+Under a launcher the captures shard through :mod:`safegeom.activations` and the scoring passes
 (refusal filter, candidate selection, cone and admissibility scores) through
-:mod:`safegeom.carriers.dealt`: every rank gets one process's carriers.
+:mod:`safegeom.carriers.row_scores`: every rank gets one process's carriers.
 """
 
 from safegeom.carriers.admissible import (
@@ -16,6 +16,7 @@ from safegeom.carriers.admissible import (
     dim_layer_candidates,
     leading_subspaces,
 )
+from safegeom.carriers.candidate_scores import CandidateScores, ForwardCounter, score_candidates
 from safegeom.carriers.carrier import Carrier, load_carrier
 from safegeom.carriers.cones import cheap_cone, cone_directions, score_cone
 from safegeom.carriers.fit import Fitted, cone_basis, diff_in_means, fit_cone, fit_dim
@@ -44,7 +45,6 @@ from safegeom.carriers.registry import (
     carrier_type,
     register_carrier_type,
 )
-from safegeom.carriers.scoring import CandidateScores, ForwardCounter, score_candidates
 from safegeom.carriers.selection import load_selection
 from safegeom.carriers.suite import CarriersConfig, CarrierSuite, extract_carriers, load_suite
 

@@ -20,7 +20,7 @@ A candidate is *admissible* when ``kl ≤ max_kl`` (0.1 by default) and its rank
 (:func:`choose_admissible`, no model); :func:`admissible_carrier` scores and chooses.
 
 Under a launcher every forward pass is shared out over the processes
-(:func:`~safegeom.carriers.dealt.row_scores`); every rank gets one process's table.
+(:func:`~safegeom.carriers.row_scores.row_scores`); every rank gets one process's table.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from safegeom.carriers.candidate_scores import refusal_log_odds, score_candidates
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import Prompts
-from safegeom.carriers.dealt import row_scores
+from safegeom.carriers.inputs import Prompts
 from safegeom.carriers.refusal import dim_candidates
-from safegeom.carriers.scoring import refusal_log_odds, score_candidates
+from safegeom.carriers.row_scores import row_scores
 from safegeom.errors import ConfigError, SafegeomError
-from safegeom.evaluate import refusal_token_ids
+from safegeom.evaluation import refusal_token_ids
 from safegeom.geometry import effective_rank
 from safegeom.interventions import ablate, add
 from safegeom.models.chat import encode_prompts
@@ -144,7 +144,7 @@ def admissibility_table(
     """KL and causal effects of every candidate (see the module docstring for the definitions).
 
     Directions at ``resid_pre`` are scored in batched forward passes
-    (:func:`~safegeom.carriers.scoring.score_candidates`); subspaces one by one.
+    (:func:`~safegeom.carriers.candidate_scores.score_candidates`); subspaces one by one.
 
     Returns:
         One row per candidate, in input order: ``candidate``, ``kind``, ``method``, ``layer``,

@@ -27,9 +27,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from safegeom.capture import capture
+from safegeom.activations import capture
+from safegeom.carriers.candidate_scores import score_candidates
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import (
+from safegeom.carriers.fit import cone_basis, gram_schmidt
+from safegeom.carriers.inputs import (
     Prompts,
     as_prompts,
     check_k,
@@ -37,10 +39,8 @@ from safegeom.carriers.common import (
     encode,
     prompt_provenance,
 )
-from safegeom.carriers.fit import cone_basis, gram_schmidt
-from safegeom.carriers.scoring import score_candidates
 from safegeom.errors import ConfigError, SafegeomError
-from safegeom.evaluate import refusal_token_ids
+from safegeom.evaluation import refusal_token_ids
 from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
 
@@ -80,7 +80,7 @@ def score_cone(
     Each unit direction ``u`` is ablated at every layer and site (bypass: mean refusal score on
     ``harmful``; KL: mean KL(base ‖ ablated) on ``harmless``, nats) and ``alpha·u`` is added at
     ``layer`` on ``harmless`` (induce). Scores are refusal log-odds (nats), batched through
-    :func:`~safegeom.carriers.scoring.score_candidates`.
+    :func:`~safegeom.carriers.candidate_scores.score_candidates`.
 
     Returns:
         ``bypass_j``, ``induce_j``, ``kl_j`` per basis vector ``j``; ``comb_bypass_mean``,

@@ -113,7 +113,7 @@ def diff_in_means(harmful: Float[Tensor, "n d"], harmless: Float[Tensor, "m d"])
     """Diff-in-means ``mean_harmful − mean_harmless`` (float64), in activation units.
 
     A class mean already computed elsewhere (e.g. streamed by
-    :func:`~safegeom.capture.capture_stats`) passes as a single row: its mean is itself.
+    :func:`~safegeom.activations.capture_stats`) passes as a single row: its mean is itself.
 
     Returns:
         :class:`Fitted` with the raw ``[d]`` difference (zero where the classes agree) and score

@@ -10,10 +10,10 @@ aligned models it is nearly orthogonal to the refusal direction (docs/methods.md
 
 from __future__ import annotations
 
-from safegeom.capture import capture_stats
+from safegeom.activations import capture_stats
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import Prompts, as_prompts, default_layer, prompt_provenance
 from safegeom.carriers.fit import diff_in_means
+from safegeom.carriers.inputs import Prompts, as_prompts, default_layer, prompt_provenance
 from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
 

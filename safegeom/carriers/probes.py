@@ -23,9 +23,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from safegeom.capture import capture
+from safegeom.activations import capture
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import Prompts, prompt_provenance
+from safegeom.carriers.inputs import Prompts, prompt_provenance
 from safegeom.errors import NonFiniteError, SafegeomError
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import load_prompts

@@ -13,9 +13,10 @@ renormalised (a basis re-orthonormalised by sign-fixed QR) after each step. The 
 are frozen (``requires_grad`` False, restored afterwards); hooks let gradients flow into r̂ only.
 Initialisation is our choice (:class:`RDOConfig`: r̂_DIM by default, or seeded random).
 
-Under a launcher the targets' generations and the cone's scores are shared out over the ranks;
-the gradient descent itself runs whole on every rank, and every rank continues with rank 0's
-vector (:func:`~safegeom.distributed.broadcast`).
+Single-process. Under a launcher, with the sharded twins installed by the entry points
+(:mod:`safegeom.execution`), the targets' generations and the cone's scores are shared out over
+the ranks; the gradient descent itself runs whole on every rank, and every rank continues with
+rank 0's vector (the ``agreed`` twin, :func:`safegeom.parallel.agreement.agreed`).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import Prompts, check_k, prompt_provenance
 from safegeom.carriers.cones import score_cone
-from safegeom.distributed import all_or_none, broadcast, is_main
+from safegeom.carriers.inputs import Prompts, check_k, prompt_provenance
 from safegeom.errors import ConfigError, SafegeomError
+from safegeom.execution import agreed, shows_progress, twin
 from safegeom.hooks import Hook, attach, site_hook_point
 from safegeom.interventions import ABLATION_SITES, ablate, add
 from safegeom.models.chat import EncodedPrompt, collate_left, encode_prompts
@@ -78,11 +79,9 @@ def rdo_targets(
     progress: bool = False,
 ) -> RDOTargets:
     """Greedy targets for RDO (docs/methods.md §3), ``max_new_tokens`` each; an empty
-    completion becomes the EOS token (the model stopping is its target). Under a launcher the
-    generations are shared out over the ranks (:func:`~safegeom.evaluate_sharded.generate_sharded`)
-    and every rank gets one process's targets."""
-    from safegeom.distributed import world_size
-    from safegeom.evaluate_sharded import generate_sharded
+    completion becomes the EOS token (the model stopping is its target). With the sharded twins
+    installed (:mod:`safegeom.execution`) the generations are shared out over the ranks and every
+    rank gets one process's targets."""
     from safegeom.generation import as_context, generate
 
     h_set, s_set = load_prompts(harmful), load_prompts(harmless)
@@ -90,11 +89,12 @@ def rdo_targets(
 
     def run(prompts, intervention, cut=lambda t: t):
         common = {"max_new_tokens": max_new_tokens, "system": system, "progress": progress}
-        if world_size() == 1:
+        shared = twin("generate")
+        if shared is None:
             texts = generate(lm, prompts, intervention=intervention, **common)
         else:
             with as_context(intervention, lm):
-                texts = generate_sharded(lm, prompts, batch_size=None, **common)
+                texts = shared(lm, prompts, batch_size=None, **common)
         enc = encode_prompts(
             lm.tokenizer, prompts.prompts, system=system, chat_template=lm.chat_template
         )
@@ -323,7 +323,7 @@ def rdo_cone(
     if config.init == "dim":
         start[0] = dim.unit
     n_comb = config.n_combinations if k > 1 else 0
-    trained = all_or_none(
+    final, history, terms = agreed(
         _train,
         lm,
         start,
@@ -335,9 +335,8 @@ def rdo_cone(
         lambdas=lambdas,
         seed=seed,
         config=config,
-        progress=progress and is_main(),
-    )
-    final, history, terms = broadcast(trained)  # rank 0's, should a GPU's steps differ by rank
+        progress=progress and shows_progress(),
+    )  # under the twin: rank 0's, should a GPU's steps differ by rank
     alpha = float(dim.direction.norm())
     scores = {"alpha": alpha, "loss_initial": history[0], "loss_final": history[-1], **terms}
     scores["cos_dim"] = float(final[0] @ dim.unit)

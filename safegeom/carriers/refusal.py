@@ -4,14 +4,14 @@
 2. Candidates ``r[pos, layer] = mean_harmful − mean_harmless`` of ``resid_pre`` at every
    post-instruction position and layer, means accumulated in float64 (``capture_stats``).
 3. Selection on a validation split: bypass, induce and KL scores of every candidate, computed in
-   batched forward passes (:func:`~safegeom.carriers.scoring.score_candidates`); discard zero
+   batched forward passes (:func:`~safegeom.carriers.candidate_scores.score_candidates`); discard zero
    candidates (unscored: a position every prompt shares at the embedding layer), layers
    ≥ ``max_layer_fraction``·n_layers, KL > ``max_kl`` and induce < ``min_induce``; pick the
    lowest bypass score. Non-finite scores are an error (a model with NaN weights or logits).
 
-Under a launcher (:mod:`safegeom.distributed`) every forward pass is shared out: the captures
-shard through :mod:`safegeom.capture`, the filter and the selection scores through
-:func:`~safegeom.carriers.dealt.row_scores` (each rank runs its share of one process's batches),
+Under a launcher (:mod:`safegeom.parallel.ranks`) every forward pass is shared out: the captures
+shard through :mod:`safegeom.activations`, the filter and the selection scores through
+:func:`~safegeom.carriers.row_scores.row_scores` (each rank runs its share of one process's batches),
 and every rank ends with one process's selection (the CLI writes on rank 0 alone).
 
 Each prompt set is tokenized once (:func:`safegeom.models.chat.encode_set`) and the
@@ -29,15 +29,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from safegeom.capture import capture_stats
-from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import Prompts, encode, prompt_provenance, subset
-from safegeom.carriers.dealt import row_scores
-from safegeom.carriers.scoring import (
+from safegeom.activations import capture_stats
+from safegeom.carriers.candidate_scores import (
     ForwardCounter,
     refusal_log_odds,
     score_candidates,
 )
+from safegeom.carriers.carrier import Carrier
+from safegeom.carriers.inputs import Prompts, encode, prompt_provenance, subset
+from safegeom.carriers.row_scores import row_scores
 from safegeom.carriers.selection import (
     DimCandidates,
     RefusalSelection,
@@ -45,7 +45,7 @@ from safegeom.carriers.selection import (
     load_selection,
 )
 from safegeom.errors import NonFiniteError, SafegeomError
-from safegeom.evaluate import refusal_token_ids
+from safegeom.evaluation import refusal_token_ids
 from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel
 from safegeom.prompts import PromptSet, load_prompts

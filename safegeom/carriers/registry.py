@@ -28,13 +28,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from safegeom.activations import capture
 from safegeom.artifacts import Provenance
-from safegeom.capture import capture
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.common import prompt_provenance
 from safegeom.carriers.cones import cheap_cone
 from safegeom.carriers.fit import Fitted, cone_basis, diff_in_means
 from safegeom.carriers.harmfulness import harmfulness_direction
+from safegeom.carriers.inputs import prompt_provenance
 from safegeom.errors import ConfigError, NotFoundError, SafegeomError
 from safegeom.models.chat import EncodedSet
 from safegeom.models.loading import LoadedModel

@@ -21,7 +21,7 @@ from typing import Any
 
 from safegeom.artifacts import Provenance, read_json, write_json
 from safegeom.carriers.carrier import Carrier, load_carrier
-from safegeom.carriers.common import encode
+from safegeom.carriers.inputs import encode
 from safegeom.carriers.refusal import RefusalSelection, SelectionConfig, refusal_direction
 from safegeom.carriers.registry import CARRIER_TYPES, ExtractionSets
 from safegeom.carriers.selection import load_selection

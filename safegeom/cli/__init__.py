@@ -68,13 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safegeom`` console script; returns the exit status."""
-    from safegeom.distributed import close
+    from safegeom.parallel.dispatch import sharding
+    from safegeom.parallel.ranks import close
 
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-    try:
-        with _claimed(args):
+    try:  # under a launcher the library's leaves run their sharded twins (safegeom.parallel)
+        with sharding(), _claimed(args):
             return int(args.func(args) or 0)
     except SafegeomError as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from safegeom.attacks import AttackOptions, AttackSet, autodan, gcg, prefill, run_attack
 from safegeom.attacks.targets import behaviours_and_targets
-from safegeom.cli.common import emit_json
+from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.outputs import claim_folder, inputs_of

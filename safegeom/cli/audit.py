@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from safegeom.artifacts import check_output_dir
 from safegeom.audit.config import AuditConfig
 from safegeom.audit.runner import audit
-from safegeom.cli.common import emit_json
+from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
-from safegeom.distributed import is_main, main_only
 from safegeom.models.loading import LoadConfig
+from safegeom.parallel.ranks import is_main, main_only
 
 __all__ = ["INTERRUPT_HINT", "AuditCommand", "register", "run"]
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     command = config_from_args(AuditCommand, args)
     config = config_from_args(AuditConfig, args)
     load = config_from_args(LoadConfig, args)
-    # under a launcher rank 0 alone checks and writes (safegeom.distributed); the others print nothing
+    # under a launcher rank 0 alone checks and writes (safegeom.parallel.ranks); the others print nothing
     main_only(check_output_dir)(command.out)
     result = audit(
         list(command.paths),

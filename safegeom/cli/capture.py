@@ -7,15 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safegeom.activations import Activations, ActivationStats
-from safegeom.capture import CaptureConfig, capture, capture_stats, capture_to_disk
-from safegeom.cli.common import emit_json
+from safegeom.activations import CaptureConfig, capture, capture_stats, capture_to_disk
+from safegeom.activations.values import Activations, ActivationStats
+from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.config import check
-from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.models.loading import LoadConfig, load_model
 from safegeom.outputs import check_file_output, claim_folder, inputs_of
+from safegeom.parallel.ranks import is_main, main_only
 from safegeom.prompts import PromptSet, load_prompts
 
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``safegeom capture``: check ``--out``, load the prompts and the model, capture."""
     command = config_from_args(CaptureCommand, args)
     config = config_from_args(CaptureConfig, args)
-    # under a launcher rank 0 alone checks and writes (safegeom.distributed); the others print nothing
+    # under a launcher rank 0 alone checks and writes (safegeom.parallel.ranks); the others print nothing
     inputs = inputs_of(command, config, config_from_args(LoadConfig, args))
     if config.shard_size is not None:
         with claim_folder(

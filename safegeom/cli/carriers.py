@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 from safegeom.carriers import SelectionConfig
 from safegeom.carriers.suite import CarriersConfig, extract_carriers
-from safegeom.cli.common import emit_json
+from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
-from safegeom.distributed import is_main, main_only
 from safegeom.models.loading import LoadConfig, load_model
 from safegeom.outputs import claim_folder, inputs_of
+from safegeom.parallel.ranks import is_main, main_only
 
 __all__ = ["CarriersCommand", "register", "run"]
 
@@ -57,12 +57,12 @@ def run(args: argparse.Namespace) -> int:
     command = config_from_args(CarriersCommand, args)
     carriers = config_from_args(CarriersConfig, args)
     selection = config_from_args(SelectionConfig, args)
-    # under a launcher rank 0 alone checks and writes (safegeom.distributed); the others print nothing
+    # under a launcher rank 0 alone checks and writes (safegeom.parallel.ranks); the others print nothing
     inputs = inputs_of(command, carriers, selection, config_from_args(LoadConfig, args))
     with claim_folder(
         command.out, command="carriers", overwrite=command.overwrite, inputs=inputs
     ) as out:
-        lm = load_model(command.model, config=config_from_args(LoadConfig, args))
+        lm = load_model(command.model, config_from_args(LoadConfig, args))
         suite = extract_carriers(
             lm,
             carriers.harmful,

@@ -20,15 +20,15 @@ from typing import Any, Literal
 from safegeom.attacks.attack_set import prompt_spec
 from safegeom.bootstrap import Metric
 from safegeom.cli import CliError
-from safegeom.cli.common import emit_json
+from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
-from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError
-from safegeom.evaluate import Intervention, evaluate
+from safegeom.eval_result import EvalResult
+from safegeom.evaluation import Intervention, evaluate
 from safegeom.judges import get_judge
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.outputs import check_file_output, inputs_of
-from safegeom.results import EvalResult
+from safegeom.parallel.ranks import is_main, main_only
 
 __all__ = [
     "EvaluateCommand",

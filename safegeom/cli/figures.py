@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from safegeom.cli.common import emit_json
+from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.config import check
 from safegeom.errors import SafegeomError

@@ -62,10 +62,15 @@ def configs_of(parser: argparse.ArgumentParser) -> tuple[type, ...]:
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """``(type the command line parses, whether None is allowed)``: a union that holds ``str``
+    is text on the command line (its other types are for Python callers)."""
     if get_origin(tp) in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(get_args(tp)) == 2:
-            return args[0], True
+        optional = len(args) < len(get_args(tp))
+        if len(args) == 1:
+            return args[0], optional
+        if str in args:
+            return str, optional
     return tp, False
 
 

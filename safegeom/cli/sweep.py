@@ -15,12 +15,12 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safegeom.cli.common import emit_json
+from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
-from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError
 from safegeom.models import LoadConfig, load_model
 from safegeom.outputs import check_file_output, claim_folder, inputs_of
+from safegeom.parallel.ranks import is_main, main_only
 from safegeom.sweeps import SweepConfig, causal_sweep_result
 
 __all__ = ["SweepCommand", "carrier_names", "register", "run"]

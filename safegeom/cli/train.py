@@ -2,7 +2,7 @@
 
 The options are derived from :class:`TrainCommand` (what to train and where), :class:`TrainConfig`
 (how), :class:`~safegeom.models.LoadConfig` (how to load the model) and the methods' own configs,
-all taken from :data:`~safegeom.train.methods.METHODS`: the choices of METHOD, one ``--help`` line
+all taken from :data:`~safegeom.training.methods.METHODS`: the choices of METHOD, one ``--help`` line
 per method, and one option group per method config whose title names the methods that use it
 (:func:`method_groups`). A method's flag given with another method is refused before any work (a
 flag counts as given when its value differs from its default). Ctrl-C stops the run with its
@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safegeom.artifacts import check_output_dir
-from safegeom.cli.common import emit_json
+from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args, option_dest
 from safegeom.config import flag
-from safegeom.distributed import is_main, main_only
 from safegeom.errors import ConfigError
 from safegeom.models.loading import LoadConfig
 from safegeom.models.positions import LAYER_HELP
-from safegeom.train.config import TrainConfig
-from safegeom.train.methods import METHODS, get_method
-from safegeom.train.runner import check_resumable, train
-from safegeom.train.tasks import get_task
+from safegeom.parallel.ranks import is_main, main_only
+from safegeom.training.config import TrainConfig
+from safegeom.training.methods import METHODS, get_method
+from safegeom.training.runner import check_resumable, train
+from safegeom.training.tasks import get_task
 
 __all__ = [
     "INTERRUPT_HINT",
@@ -125,7 +125,7 @@ class MethodGroup:
 
 
 def method_groups() -> tuple[MethodGroup, ...]:
-    """The method configs of :data:`~safegeom.train.methods.METHODS`, in registry order, each
+    """The method configs of :data:`~safegeom.training.methods.METHODS`, in registry order, each
     with the methods that take it and, per field, those that read it."""
     groups: dict[type, MethodGroup] = {}
     for name, method in METHODS.items():
@@ -187,7 +187,7 @@ def _state_layer_syntax(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``train`` subcommand (every method of :data:`~safegeom.train.methods.METHODS`)."""
+    """Add the ``train`` subcommand (every method of :data:`~safegeom.training.methods.METHODS`)."""
     parser = subparsers.add_parser(
         "train",
         help="fine-tune a model (plainly or with a defence) and save a checkpoint trajectory",

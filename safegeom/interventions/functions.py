@@ -19,7 +19,7 @@ Positions for addition: ``all`` (every position, generated tokens included), ``p
 prompt forward pass only), or ``instruction`` (the prompt pass, all positions before the
 ``t_post`` template tokens).
 
-With a model spread over devices (``load_model(..., device_map=...)``) each hook applies its
+With a model spread over devices (``load_model(..., LoadConfig(device_map=...))``) each hook applies its
 direction on the device of the hidden state it edits (:class:`~safegeom.hooks.PerDevice`).
 """
 
@@ -327,7 +327,9 @@ def orthogonalize_weights(
             "orthogonalisation is not equal to hook ablation; pass allow_inexact=True to edit anyway"
         )
     if lm.adapter and not lm.merged:
-        raise SafegeomError("merge the PEFT adapter first: load_model(..., merge_adapter=True)")
+        raise SafegeomError(
+            "merge the PEFT adapter first: load_model(..., LoadConfig(merge_adapter=True))"
+        )
     if any(p.device.type == "meta" for p in lm.model.parameters()):
         raise SafegeomError(
             "orthogonalize_weights edits every weight in memory, but the device map offloaded some "

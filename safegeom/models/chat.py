@@ -16,7 +16,7 @@ the same activations alone and inside a padded batch (also for absolute position
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +24,6 @@ from jaxtyping import Int
 from torch import Tensor
 
 from safegeom.artifacts import sha256_text
-from safegeom.distributed import all_or_none, gather, shard, world_size
 from safegeom.errors import SafegeomError
 from safegeom.models.plain_text import encode_chat_text, find_span
 
@@ -32,12 +31,17 @@ __all__ = [
     "ChatBatch",
     "EncodedPrompt",
     "EncodedSet",
+    "Encoder",
     "collate_left",
     "encode_prompts",
     "encode_set",
     "render_prompts",
     "template_hash",
 ]
+
+Encoder = Callable[..., list["EncodedPrompt"]]
+"""``encode(tokenizer, texts, *, system, chat_template) -> [EncodedPrompt]``, as
+:func:`encode_prompts` (which :func:`encode_set` uses unless told otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,7 @@ def encode_set(
     system: str | None = None,
     chat_template: str | None = None,
     max_positions: int | None = None,
-    dealt: bool = False,
+    encode: Encoder | None = None,
 ) -> EncodedSet:
     """Tokenize a prompt set once and locate every instruction (see :func:`encode_prompts`).
 
@@ -239,10 +243,9 @@ def encode_set(
     Args:
         max_positions: the model's context length (``max_position_embeddings``); a longer prompt
             is refused.
-        dealt: under a launcher, each rank encodes its round-robin share of the prompts and every
-            rank gets the whole set back (a collective: every rank calls it with the same
-            prompts, outside :func:`~safegeom.distributed.all_or_none`); the same set as without
-            it, for a ``1/N`` of the tokenizing. No effect in one process.
+        encode: what tokenizes the texts (default :func:`encode_prompts`): the sharded twins of
+            :mod:`safegeom.parallel` pass one that shares the tokenizing over the ranks
+            (:func:`safegeom.parallel.encoding.encode_dealt`); it must return the same encodings.
 
     Raises:
         SafegeomError: as :func:`encode_prompts`, and a prompt longer than ``max_positions``.
@@ -255,8 +258,8 @@ def encode_set(
             return prompts
         prompts = prompts.prompts
     texts = tuple(prompts)
-    encode = _encode_dealt if dealt and world_size() > 1 else encode_prompts
-    encoded = tuple(encode(tokenizer, texts, system=system, chat_template=chat_template))
+    run = encode_prompts if encode is None else encode
+    encoded = tuple(run(tokenizer, texts, system=system, chat_template=chat_template))
     if max_positions is not None:
         longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
         if len(encoded[longest]) > max_positions:
@@ -272,23 +275,6 @@ def encode_set(
         name=str(getattr(prompts, "name", "inline")),
         content_hash=_content_hash(prompts),
     )
-
-
-def _encode_dealt(
-    tokenizer, texts: Sequence[str], *, system: str | None, chat_template: str | None
-) -> list[EncodedPrompt]:
-    """:func:`encode_prompts`, each rank encoding its round-robin share; all of it on every rank."""
-    if not texts:  # every rank holds the same texts, so every rank says it
-        raise SafegeomError("empty prompt set: pass at least one prompt")
-    mine = shard(len(texts))
-
-    def own() -> list[EncodedPrompt]:  # a rank with no share (fewer prompts than ranks) has []
-        chosen = [texts[i] for i in mine]
-        if not chosen:
-            return []
-        return encode_prompts(tokenizer, chosen, system=system, chat_template=chat_template)
-
-    return gather(all_or_none(own), mine, len(texts), to="all")
 
 
 def _content_hash(prompts: Sequence[str]) -> str:

@@ -92,7 +92,7 @@ def adapter_base_spec(adapter: str | Path) -> str:
     if not base:
         raise ModelLoadError(
             f"{file} names no base_model_name_or_path; give the base model (safegeom audit "
-            "--base, load_model(adapter_base=...))"
+            "--base, load_model(spec, LoadConfig(adapter_base=...)))"
         )
     return str(base)
 

@@ -126,8 +126,9 @@ def layout_for(model_type: str, override: ArchLayout | dict[str, Any] | None = N
         return LAYOUTS[model_type]
     except KeyError:
         raise UnknownArchitectureError(
-            f"unknown architecture {model_type!r}: pass layout=ArchLayout(...) to load_model "
-            f"(or --layout JSON on the command line) naming its blocks, attn, mlp, o_proj, "
+            f"unknown architecture {model_type!r}: pass "
+            "LoadConfig(layout=ArchLayout(...)) to load_model (or --layout JSON on the command "
+            f"line) naming its blocks, attn, mlp, o_proj, "
             f"down_proj, embed and final_norm modules; known: {', '.join(sorted(LAYOUTS))}"
         ) from None
 

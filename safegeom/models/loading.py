@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from safegeom.errors import ConfigError, ModelLoadError, NotFoundError
+from safegeom.execution import twin
 from safegeom.models.checkpoint import (
     adapter_base_spec,
     check_device,
@@ -149,10 +150,12 @@ class LoadedModel:
 
 
 def _default_device() -> str:
-    """This process's device: ``cuda:LOCAL_RANK`` under a launcher, else CUDA when available."""
-    from safegeom.distributed import device
-
-    return str(device())
+    """This process's device: CUDA when available, else the CPU; with the sharded twins installed
+    under a launcher (:mod:`safegeom.execution`), this rank's (``cuda:LOCAL_RANK``)."""
+    here = twin("device")
+    if here is not None:
+        return str(here())
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | str:
@@ -193,99 +196,70 @@ def _adapter_base(adapter: Path, revision: str | None, override: str | Path | No
     except NotFoundError as err:
         raise NotFoundError(
             f"{adapter / 'adapter_config.json'} names the base model {base_spec!r} "
-            f"(base_model_name_or_path), which cannot be found: {err}; pass adapter_base= "
-            "(safegeom audit: --base), put the base model there or edit that field"
+            f"(base_model_name_or_path), which cannot be found: {err}; pass "
+            "LoadConfig(adapter_base=...) (safegeom audit: --base), put the base model there "
+            "or edit that field"
         ) from None
 
 
-def load_model(
-    spec: str | Path = TINY_CHAT,
-    config: LoadConfig | None = None,
-    *,
-    dtype: str | torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    device_map: str | dict[str, int | str] | None = None,
-    max_memory: str | dict[int | str, int | str] | None = None,
-    offload_folder: str | Path | None = None,
-    merge_adapter: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    layout: ArchLayout | dict[str, Any] | None = None,
-    chat_template: str | None = None,
-    adapter_base: str | Path | None = None,
-) -> LoadedModel:
+def load_model(spec: str | Path = TINY_CHAT, config: LoadConfig = LoadConfig()) -> LoadedModel:
     """Load a model and tokenizer, ready for capture, interventions and evaluation.
 
     Args:
         spec: ``tiny-chat``, a local checkpoint or PEFT adapter directory, or a hub id.
-        config: a :class:`LoadConfig` (what ``--dtype``, ``--device`` ... give on the command
-            line); keywords given here override its fields.
-        dtype: ``float32``/``bfloat16``/``float16``/``auto`` or a torch dtype. Default: float32 on
-            CPU, the checkpoint's own dtype elsewhere.
-        device: where to put the model (default: CUDA when available, else CPU).
-        device_map: spread the model over this machine's devices instead (not with ``device``):
+        config: how to load it (:class:`LoadConfig`; what ``--dtype``, ``--device`` ... give on
+            the command line). ``dtype``: default float32 on CPU, the checkpoint's own dtype
+            elsewhere. ``device``: default CUDA when available, else CPU. ``device_map`` spreads
+            the model over this machine's devices instead (not with ``device``):
             ``"auto"``/``"balanced"``/``"balanced_low_0"``/``"sequential"`` (transformers fills
             the GPUs, then CPU, then disk), or ``{module name: device}`` (``0``, ``"cuda:1"``,
-            ``"cpu"``, ``"disk"``), as a dict, JSON text or a ``.json`` file. Hooks (capture,
-            interventions) run on the device holding their layer; inputs go to the embedding's
-            device (:attr:`LoadedModel.device`). Refused under a launcher (one model per process).
-        max_memory: with ``device_map``, the memory each device may take
-            (``{0: "20GiB", "cpu": "64GiB"}``, or JSON).
-        offload_folder: with ``device_map``, the folder for weights placed on ``"disk"``.
-        merge_adapter: for an adapter directory, fold the adapter into the base weights.
-        allow_pickle: permit pickled ``.bin`` weights (off: safetensors only).
-        trust_remote_code: run code shipped with a hub checkpoint (off by default).
-        revision: hub revision, for hub ids.
-        layout: override of the architecture layout (required for unknown architectures).
-        chat_template: a Jinja chat template to use instead of the tokenizer's own.
-        adapter_base: for an adapter directory, the base to load it onto instead of the one
-            its ``adapter_config.json`` names.
+            ``"cpu"``, ``"disk"``), as a dict, JSON text or a ``.json`` file; hooks (capture,
+            interventions) run on the device holding their layer, inputs go to the embedding's
+            device (:attr:`LoadedModel.device`); refused under a launcher (one model per
+            process). ``max_memory`` and ``offload_folder`` go with ``device_map``.
+            ``merge_adapter`` folds an adapter into its base weights; ``adapter_base`` loads an
+            adapter onto another base than the one its ``adapter_config.json`` names.
 
     Returns:
         A :class:`LoadedModel` in eval mode, tokenizer padded on the left.
+
+    Example:
+        >>> lm = load_model("tiny-chat", LoadConfig(dtype="float64", device="cpu"))
+        >>> lm.dtype, lm.model.training
+        (torch.float64, False)
     """
-    given = {
-        "dtype": dtype,
-        "device": device,
-        "device_map": device_map,
-        "max_memory": max_memory,
-        "offload_folder": offload_folder,
-        "merge_adapter": merge_adapter,
-        "allow_pickle": allow_pickle,
-        "trust_remote_code": trust_remote_code,
-        "revision": revision,
-        "layout": layout,
-        "chat_template": chat_template,
-        "adapter_base": adapter_base,
-    }
-    if config is not None:
-        merged = config.keywords()
-        merged.update({k: v for k, v in given.items() if v not in (None, False)})
-        return load_model(spec, **merged)
     silence_upstream_deprecations()  # peft's is_gradient_checkpointing, past_key_values
+    layout, chat_template = config.layout_override(), config.template_text()
+    revision, device, merge_adapter = config.revision, config.device, config.merge_adapter
     kind, location = _resolve_source(spec, revision)
-    placed = placement(device_map, max_memory, offload_folder, device, edit=kind == "refusalguard")
+    placed = placement(
+        config.device_map,
+        config.max_memory,
+        config.offload_folder,
+        device,
+        edit=kind == "refusalguard",
+    )
     if kind == "refusalguard":  # the base it names, with the edit attached as hooks
         from safegeom.models.reft import load_edited
 
-        return load_edited(spec, Path(location), load_model, given)
+        return load_edited(spec, Path(location), load_model, config)
     if placed:
         device_str = "cuda" if torch.cuda.is_available() else "cpu"  # for the default dtype only
     else:
         device_str = check_device(str(device) if device is not None else _default_device())
+    dtype = config.dtype
     torch_dtype = _parse_dtype(dtype if not isinstance(dtype, str) else dtype.lower(), device_str)
-    if adapter_base is not None and kind != "adapter":
+    if config.adapter_base is not None and kind != "adapter":
         raise ConfigError(
             f"adapter_base is the base a PEFT adapter is loaded onto, but {spec} is not an "
-            "adapter folder (no adapter_config.json); drop adapter_base"
+            "adapter folder (no adapter_config.json); drop LoadConfig.adapter_base"
         )
     if merge_adapter and kind != "adapter":
         raise ConfigError(
             f"--merge-adapter (merge_adapter=True) folds a PEFT adapter into its base, but {spec} "
             "is a full checkpoint (no adapter_config.json); drop the flag"
         )
-    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    common: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
     if revision is not None:
         common["revision"] = revision
 
@@ -293,7 +267,8 @@ def load_model(
     base_location = location
     if kind == "adapter":
         adapter_dir = location
-        base_location = _adapter_base(Path(location), revision, adapter_base)
+        base_location = _adapter_base(Path(location), revision, config.adapter_base)
+    allow_pickle = config.allow_pickle
     if kind != "hub":
         check_weight_files(base_location, allow_pickle)
     try:

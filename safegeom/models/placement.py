@@ -1,6 +1,6 @@
 """Where a model's modules live when a device map spreads them over several devices.
 
-``load_model(..., device_map=...)`` hands the map to transformers, which places each module on a
+``load_model(..., LoadConfig(device_map=...))`` hands the map to transformers, which places each module on a
 device and, where the map names more than one device (or ``"disk"``), attaches accelerate's
 ``AlignDevicesHook`` to move inputs (and offloaded weights) to each module's *execution device* at
 forward time. The rest of safegeom asks only three questions, answered here:
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from safegeom.errors import ConfigError, NotFoundError
+from safegeom.execution import twin
 
 __all__ = [
     "DEVICE_MAP_STRATEGIES",
@@ -266,14 +267,8 @@ def placement(
             f"--device-map {device_map!r} and --device {str(device)!r} both given: a device map "
             "places every module itself; drop one of them"
         )
-    from safegeom.distributed import world_size
-
-    if world_size() > 1:
-        raise ConfigError(
-            f"--device-map under a launcher ({world_size()} processes): each process would spread "
-            "its own copy over the same devices; run one process with --device-map, or launch "
-            "without it (one model per device)"
-        )
+    if (refuse := twin("device_map")) is not None:  # under a launcher, with the twins installed
+        refuse(device_map)
     if edit:
         raise ConfigError(
             "a RefusalGuard edit folder runs its edit on one device: load it without --device-map"

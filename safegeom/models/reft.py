@@ -28,7 +28,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Bool
@@ -56,6 +56,7 @@ from safegeom.models.reft_layer import (
 )
 
 if TYPE_CHECKING:
+    from safegeom.models.load_config import LoadConfig
     from safegeom.models.loading import LoadedModel
 
 __all__ = [
@@ -294,7 +295,7 @@ def load_edited(
     spec: str | Path,
     folder: Path,
     load_model: Callable[..., LoadedModel],
-    keywords: Mapping[str, Any],
+    config: LoadConfig,
 ) -> LoadedModel:
     """What ``load_model`` returns for a RefusalGuard folder: its base, with the edit attached.
 
@@ -314,7 +315,7 @@ def load_edited(
     if not Path(base_spec).expanduser().is_absolute() and (folder / base_spec).is_dir():
         base_spec = str(folder / base_spec)
     try:
-        base = load_model(base_spec, **keywords)
+        base = load_model(base_spec, config)
     except NotFoundError as err:
         raise NotFoundError(
             f"{folder}/{CONFIG_FILE} names the base model {edit.base!r} (field 'base'), which "

@@ -23,6 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from safegeom.artifacts import check_output_dir
 from safegeom.errors import OutputPathError
+from safegeom.execution import twin
 from safegeom.outputs.inputs import refuse_inputs
 from safegeom.outputs.record import (
     LOCK,
@@ -181,8 +182,9 @@ def claim_folder(
     """Hold the folder ``path`` for one run: checked, locked, and its writes recorded.
 
     The folder is made when missing. Nested claims of one folder by one process are one claim.
-    Under a launcher rank 0 alone claims (the others write nothing), and a refusal stops every
-    rank. The lock is released when the block ends, however it ends (a killed process releases
+    Under a launcher, with the sharded twins installed by the entry points
+    (:mod:`safegeom.execution`), rank 0 alone claims (the others write nothing) and a refusal stops
+    every rank (:func:`safegeom.parallel.agreement.claimed_on_main`). The lock is released when the block ends, however it ends (a killed process releases
     it too: the kernel drops the ``flock``).
 
     Yields:
@@ -193,17 +195,20 @@ def claim_folder(
             it is one of ``inputs``; another run holds it (the message names it: pid, command,
             start time); or it holds files safegeom did not write and ``overwrite`` is off.
     """
-    from safegeom.distributed import all_or_none, is_main
-
     folder = Path(path)
-    main = is_main()
-    inputs = tuple(inputs)
-    all_or_none(lambda: _claim(folder, command, overwrite, inputs, option) if main else None)
-    try:
+    hold = functools.partial(_claim, folder, command, overwrite, tuple(inputs), option)
+    with (twin("claim_folder") or _held)(hold, functools.partial(_release, folder)):
         yield folder
+
+
+@contextlib.contextmanager
+def _held(hold: Callable[[], None], release: Callable[[], None]) -> Iterator[None]:
+    """``hold()`` before the block, ``release()`` after it, however it ends (one process)."""
+    hold()
+    try:
+        yield
     finally:
-        if main:
-            _release(folder)
+        release()
 
 
 def claims_folder(

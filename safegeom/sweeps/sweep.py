@@ -19,13 +19,14 @@ intervention), ``control_mean``/``control_std`` (over the random directions),
 ``effect_minus_control`` and its paired bootstrap CI over prompts, and ``control_rank`` (fraction
 of controls whose effect is at least as large in magnitude: a permutation-style p-value).
 
-Under a launcher (:mod:`safegeom.distributed`) the prompts × directions of every cell are shared
-out: each rank runs its share of the batches one process runs, scored
-(:func:`~safegeom.carriers.dealt.row_scores`) or generated
+The sweep is single-process. Under a launcher the entry points install the sharded twins
+(:mod:`safegeom.execution`): the prompts × directions of every cell are then shared out, each
+rank running its share of the batches one process runs, scored
+(:func:`~safegeom.carriers.row_scores.row_scores`) or generated
 (:func:`~safegeom.sweeps.generated.generated_refusals`), and every rank gets all values back in
 order, so every rank builds one process's table (the same controls, from the same seed, and the
 same bootstrap draws); the CLI writes on rank 0 alone. Inside
-:func:`~safegeom.distributed.alone` (the audit) the sweep runs every batch itself.
+:func:`~safegeom.parallel.ranks.alone` (the audit) the sweep runs every batch itself.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ from tqdm.auto import tqdm
 from safegeom.artifacts import Provenance
 from safegeom.bootstrap import bootstrap_diff_ci
 from safegeom.carriers.carrier import Carrier
-from safegeom.carriers.dealt import row_scores
+from safegeom.carriers.row_scores import row_scores
 from safegeom.config import config_dict
-from safegeom.distributed import is_main
 from safegeom.errors import SafegeomError
-from safegeom.evaluate import refusal_log_odds, refusal_token_ids
+from safegeom.evaluation import refusal_log_odds, refusal_token_ids
+from safegeom.execution import shows_progress
 from safegeom.generation import check_finite
 from safegeom.interventions import ablate, ablate_rows, add, add_rows, vectors_hash
 from safegeom.models.chat import EncodedPrompt, encode_prompts
@@ -205,7 +206,7 @@ def causal_sweep_result(
         check_finite(torch.from_numpy(values), f"refusal scores of the {name} prompts")
     rows: list[dict] = []
     cells = _cells(lm, named, config)
-    show = progress and is_main()
+    show = progress and shows_progress()
     bar = tqdm(total=len(cells) * len(encoded), desc="sweep", unit="cell", disable=not show)
     base_rates: dict[str, np.ndarray] = {}  # generated without intervention: the same every cell
     for name, carrier in named.items():
