@@ -275,7 +275,9 @@ def save_checkpoint(
     Returns:
         The trajectory with the new checkpoint, as written to ``trajectory.json``.
     """
-    record = CheckpointRecord(step=step, loss=loss, path=checkpoint_dirname(step), terms=terms or {})
+    record = CheckpointRecord(
+        step=step, loss=loss, path=checkpoint_dirname(step), terms=terms or {}
+    )
 
     def gather() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return full_state(trainable.module), full_optimizer_state(optimizer)

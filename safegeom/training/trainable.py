@@ -32,7 +32,12 @@ from safegeom.models.reft import ReftConfig, ReftEdit, load_reft
 __all__ = [
     "Export",
     "FullWeights",
-    "Trainable", "Update", "base_spec", "default_lora_targets", "wrap_model"]
+    "Trainable",
+    "Update",
+    "base_spec",
+    "default_lora_targets",
+    "wrap_model",
+]
 
 Update = Literal["full", "lora", "reft"]
 """What a method trains: every weight, LoRA adapters, or a ReFT edit."""
