@@ -16,7 +16,7 @@ from safegeom.artifacts import sha256_text
 from safegeom.errors import NotFoundError, SafegeomError
 from safegeom.prompt_records import Record, read_records, text_field
 
-__all__ = ["BUNDLED", "CONTEXT_SEPARATOR", "DATA_DIR", "SPLITS"]
+__all__ = ["BUNDLED", "BUNDLED_SPECS", "CONTEXT_SEPARATOR", "DATA_DIR", "SPLITS", "has_split"]
 
 BUNDLED: tuple[str, ...] = (
     "advbench",
@@ -81,7 +81,7 @@ _SR = "strongreject/strongreject_dataset.csv"
 _SR_EVAL = "StrongREJECT is an evaluation benchmark with no training rows"
 _SR_NO_SPLIT = "StrongREJECT is evaluation-only; every prompt is in its test split"
 
-_BUNDLED_SPECS: dict[str, _Bundled] = {
+BUNDLED_SPECS: dict[str, _Bundled] = {
     "advbench": _Bundled(
         "advbench/harmful_behaviors.csv", "goal", completion="target", completion_kind="target"
     ),
@@ -163,7 +163,7 @@ _BUNDLED_SPECS: dict[str, _Bundled] = {
         missing_split=_SR_NO_SPLIT,
     ),
 }
-assert tuple(_BUNDLED_SPECS) == BUNDLED
+assert tuple(BUNDLED_SPECS) == BUNDLED
 
 
 def _check_name(name: str) -> None:
@@ -174,24 +174,24 @@ def _check_name(name: str) -> None:
         )
 
 
-def _has_split(name: str, split: str) -> bool:
+def has_split(name: str, split: str) -> bool:
     """Whether bundled set ``name`` has ``split`` (a set kept in upstream's files may lack some)."""
-    files = _BUNDLED_SPECS[name].split_files
+    files = BUNDLED_SPECS[name].split_files
     return not files or split in dict(files)
 
 
 def _check_split(name: str, split: str) -> None:
     """Raise :class:`NotFoundError` when bundled set ``name`` has no ``split``, naming the fix."""
-    if not _has_split(name, split):
-        have = ", ".join(f"{name}:{s}" for s, _ in _BUNDLED_SPECS[name].split_files)
+    if not has_split(name, split):
+        have = ", ".join(f"{name}:{s}" for s, _ in BUNDLED_SPECS[name].split_files)
         raise NotFoundError(
-            f"{name} has no {split} split: {_BUNDLED_SPECS[name].missing_split} (it has {have})"
+            f"{name} has no {split} split: {BUNDLED_SPECS[name].missing_split} (it has {have})"
         )
 
 
 def _pool_file(name: str, split: str | None) -> str:
     """Return the data file (relative to :data:`DATA_DIR`) that ``split`` of ``name`` is drawn from."""
-    spec = _BUNDLED_SPECS[name]
+    spec = BUNDLED_SPECS[name]
     if spec.split_files and split is not None:
         return dict(spec.split_files)[split]
     if split == "train" and spec.train_file is not None:
@@ -216,7 +216,7 @@ def _bundled_rows(
 
     ``rel`` is the data file to read (:func:`_pool_file`); by default the set's main file.
     """
-    spec = _BUNDLED_SPECS[name]
+    spec = BUNDLED_SPECS[name]
     rel = rel or spec.file
     # The bundled files' bytes are pinned by hash, so the quote heuristic for user files (which
     # misreads HarmBench's multi-line contexts) is not needed.
@@ -266,7 +266,7 @@ def _split_indices(name: str, split: str) -> tuple[int, ...]:
     A split kept in a file of its own (gsm8k's train, HarmBench's val and test) is that whole file
     in file order; the others follow the hash order.
     """
-    spec = _BUNDLED_SPECS[name]
+    spec = BUNDLED_SPECS[name]
     _check_split(name, split)
     if spec.split_files or (spec.train_file is not None and split == "train"):
         return tuple(range(len(_bundled_rows(name, _pool_file(name, split)))))

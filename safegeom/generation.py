@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 
 from safegeom.batching import auto_batch_size, longest_first
 from safegeom.errors import ConfigError, NonFiniteError
-from safegeom.models.chat import ChatBatch, EncodedPrompt, EncodedSet, collate_left, encode_set
+from safegeom.models.chat import (
+    ChatBatch,
+    EncodedPrompt,
+    EncodedSet,
+    collate_left,
+    encode_set,
+    is_pre_encoded,
+)
 from safegeom.models.loading import LoadedModel
 from safegeom.models.placement import input_device
 from safegeom.prompts import Prompts, load_prompts
@@ -47,6 +54,7 @@ __all__ = [
     "end_of_turn_id",
     "generate",
     "generate_from_ids",
+    "generation_batch_size",
     "last_position_logprobs",
     "stop_token_ids",
 ]
@@ -119,7 +127,7 @@ def encode_chat(
     lm: LoadedModel, prompts: Prompts | EncodedSet, system: str | None
 ) -> list[EncodedPrompt]:
     """``prompts`` encoded for ``lm`` (an EncodedSet or attack set by its own ids); too long: refused."""
-    keep = isinstance(prompts, EncodedSet) or callable(getattr(prompts, "encoded_for", None))
+    keep = isinstance(prompts, EncodedSet) or is_pre_encoded(prompts)
     encoded = encode_set(
         lm.tokenizer,
         prompts if keep else load_prompts(prompts).prompts,
@@ -157,7 +165,7 @@ def _accepts_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def _batch_size(model: nn.Module, max_len: int, batch_size: int | None) -> int:
+def generation_batch_size(model: nn.Module, max_len: int, batch_size: int | None) -> int:
     """Prompts per batch (:func:`safegeom.batching.auto_batch_size`, rough bytes per token on
     CUDA: MLP activations plus the KV cache)."""
     cfg = model.config
@@ -254,7 +262,7 @@ def generate_from_ids(
     device = _device(model)
     stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
     lengths = [len(s) for s in sequences]
-    size = _batch_size(model, max(lengths) + max_new_tokens, batch_size)
+    size = generation_batch_size(model, max(lengths) + max_new_tokens, batch_size)
     results = [""] * len(sequences)
     bar = tqdm(total=len(sequences), desc="generate", unit="prompt", disable=not progress)
     for chunk in longest_first(lengths, size):
@@ -314,7 +322,7 @@ def forward_batches(
     forward pass only, e.g. a row-wise intervention that gives each row its own direction.
     """
     lengths = [len(s) for s in seqs]
-    size = _batch_size(model, max(lengths), batch_size)
+    size = generation_batch_size(model, max(lengths), batch_size)
     device, pad_id, supports = _device(model), _pad_id(tokenizer), _accepts_keep(model)
     bar = tqdm(total=len(seqs), desc=desc, unit="prompt", disable=not progress)
     for chunk in longest_first(lengths, size):

@@ -26,17 +26,17 @@ Example:
 
 from __future__ import annotations
 
-from safegeom.bundled import _BUNDLED_SPECS, BUNDLED, SPLITS, _has_split
+from safegeom.bundled import BUNDLED, BUNDLED_SPECS, SPLITS, has_split
 from safegeom.errors import SafegeomError
 from safegeom.prompts import Prompts, PromptSet, load_prompts
 
 __all__ = ["EVALUATION_ONLY", "TARGET_SETS", "attack_targets", "check_trainable", "evaluation_only"]
 
-EVALUATION_ONLY: tuple[str, ...] = tuple(n for n in BUNDLED if _BUNDLED_SPECS[n].evaluation_only)
+EVALUATION_ONLY: tuple[str, ...] = tuple(n for n in BUNDLED if BUNDLED_SPECS[n].evaluation_only)
 """Bundled sets none of whose splits may be trained on."""
 
 TARGET_SETS: tuple[str, ...] = tuple(
-    n for n in BUNDLED if _BUNDLED_SPECS[n].completion_kind == "target"
+    n for n in BUNDLED if BUNDLED_SPECS[n].completion_kind == "target"
 )
 """Bundled sets whose completions are attack targets."""
 
@@ -72,12 +72,12 @@ def evaluation_only(prompts: Prompts) -> str | None:
         if base is None:
             continue
         part = base if split is None else f"{base}:{split}"
-        why = _BUNDLED_SPECS[base].evaluation_only
+        why = BUNDLED_SPECS[base].evaluation_only
         if why:
             reasons.append(f"{part} is evaluation-only ({why})")
         elif split == "test":
             reasons.append(f"{part} is a test split (train on {base}:train)")
-        elif split is None and _has_split(base, "test"):
+        elif split is None and has_split(base, "test"):
             reasons.append(f"{part} holds its test split (train on {base}:train)")
     return "; ".join(reasons) or None
 
@@ -119,7 +119,7 @@ def attack_targets(prompts: Prompts) -> tuple[str, ...]:
     """
     ps = load_prompts(prompts)
     for (base, _), part in zip(_parts(ps), ps.name.split("+"), strict=True):
-        kind = None if base is None else _BUNDLED_SPECS[base].completion_kind
+        kind = None if base is None else BUNDLED_SPECS[base].completion_kind
         if kind != "target":
             what = {
                 None: "no completions",

@@ -92,16 +92,16 @@ from typing import overload
 
 from safegeom.artifacts import sha256_text
 from safegeom.bundled import (
-    _BUNDLED_SPECS,
     BUNDLED,
+    BUNDLED_SPECS,
     DATA_DIR,
     SPLITS,
     _bundled_rows,
     _check_name,
     _check_split,
-    _has_split,
     _pool_file,
     _split_indices,
+    has_split,
 )
 from safegeom.errors import NotFoundError, SafegeomError
 from safegeom.prompt_records import (
@@ -336,7 +336,7 @@ def split_counts(name: str) -> dict[str, int]:
         (``harmbench`` has no train split, ``strongreject`` only a test split).
     """
     _check_name(name)
-    return {s: len(_split_indices(name, s)) if _has_split(name, s) else 0 for s in SPLITS}
+    return {s: len(_split_indices(name, s)) if has_split(name, s) else 0 for s in SPLITS}
 
 
 def _load_spec(spec: str, *, column: str | None, completion_column: str | None) -> PromptSet:
@@ -346,7 +346,7 @@ def _load_spec(spec: str, *, column: str | None, completion_column: str | None) 
         if not sep:
             return _load_bundled(base, None)
         if split not in SPLITS:
-            have = [f"{base}:{s}" for s in SPLITS if _has_split(base, s)]
+            have = [f"{base}:{s}" for s in SPLITS if has_split(base, s)]
             use = " or ".join(filter(None, (", ".join(have[:-1]), have[-1])))
             raise NotFoundError(f"unknown split {split!r} in {spec!r}; use {use}")
         _check_split(base, split)
@@ -362,7 +362,7 @@ def _load_spec(spec: str, *, column: str | None, completion_column: str | None) 
 
 def _load_bundled(name: str, split: str | None) -> PromptSet:
     """Build the PromptSet for a bundled set, whole (file order) or one split."""
-    spec = _BUNDLED_SPECS[name]
+    spec = BUNDLED_SPECS[name]
     rel = _pool_file(name, split)
     rows = _bundled_rows(name, rel)
     indices = range(len(rows)) if split is None else _split_indices(name, split)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from safegeom.activations import _runs
+from safegeom.activations.loop import contiguous_runs
 from safegeom.carriers import load_carrier
 from safegeom.cli import main
 
@@ -78,8 +78,8 @@ def test_carriers_evaluate_sweep_cli(
 
 
 def test_runs_groups_consecutive_indices() -> None:
-    assert list(_runs([4, 5, 6, 0, 2, 3])) == [(0, 4, 3), (3, 0, 1), (4, 2, 2)]
-    assert list(_runs([])) == []
+    assert list(contiguous_runs([4, 5, 6, 0, 2, 3])) == [(0, 4, 3), (3, 0, 1), (4, 2, 2)]
+    assert list(contiguous_runs([])) == []
 
 
 @pytest.mark.parametrize(

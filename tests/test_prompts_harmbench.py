@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from safegeom.bundled import _BUNDLED_SPECS, CONTEXT_SEPARATOR, _Bundled, _bundled_rows, _targets
+from safegeom.bundled import BUNDLED_SPECS, CONTEXT_SEPARATOR, _Bundled, _bundled_rows, _targets
 from safegeom.errors import NotFoundError, SafegeomError
 from safegeom.prompt_roles import (
     EVALUATION_ONLY,
@@ -209,7 +209,7 @@ def bad_spec(monkeypatch: pytest.MonkeyPatch):
     """Put a bundled spec under the name ``harmbench`` for one test, with fresh caches."""
 
     def install(spec: _Bundled) -> None:
-        monkeypatch.setitem(_BUNDLED_SPECS, "harmbench", spec)
+        monkeypatch.setitem(BUNDLED_SPECS, "harmbench", spec)
         _bundled_rows.cache_clear()
         _targets.cache_clear()
 
@@ -219,7 +219,7 @@ def bad_spec(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_a_missing_column_is_named(bad_spec) -> None:
-    good = _BUNDLED_SPECS["harmbench"]
+    good = BUNDLED_SPECS["harmbench"]
     bad_spec(_Bundled(**{**good.__dict__, "prompt": "Behaviour"}))
     with pytest.raises(
         SafegeomError,
@@ -230,7 +230,7 @@ def test_a_missing_column_is_named(bad_spec) -> None:
 
 
 def test_a_missing_target_is_named(bad_spec) -> None:
-    good = _BUNDLED_SPECS["harmbench"]
+    good = BUNDLED_SPECS["harmbench"]
     bad_spec(_Bundled(**{**good.__dict__, "targets": (good.targets[0], "SemanticCategory")}))
     with pytest.raises(
         SafegeomError,

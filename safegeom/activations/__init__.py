@@ -20,12 +20,13 @@ Several processes (one per GPU; on a machine without GPUs add ``--multi_gpu`` an
     accelerate launch --num_processes 2 -m safegeom.cli capture MODEL --prompts SPEC --out FILE
 
 Example:
-    >>> from safegeom.activations import capture
+    >>> from safegeom.activations import CaptureConfig, capture
     >>> from safegeom.models import load_model
     >>> from safegeom.prompts import load_prompts
     >>> lm = load_model("tiny-chat")
     >>> prompts = load_prompts("advbench:val", n=4)
-    >>> acts = capture(lm, prompts, layers="2-3", positions="t_inst,-1", progress=False)
+    >>> config = CaptureConfig(layers="2-3", positions="t_inst,-1")
+    >>> acts = capture(lm, prompts, config, progress=False)
     >>> tuple(acts["resid_pre"].shape)  # prompts × layers × positions × hidden size
     (4, 2, 2, 256)
 """
@@ -38,10 +39,9 @@ from safegeom.activations.loop import (
     capture_to_disk,
     iter_capture,
 )
-from safegeom.activations.loop import _runs as _runs  # re-exported for the run-splitting test
 from safegeom.activations.plan import (
     CapturePlan,
-    auto_batch_size,
+    capture_batch_size,
     encode_for,
     plan_capture,
 )
@@ -54,8 +54,8 @@ __all__ = [
     "Activations",
     "CaptureConfig",
     "CapturePlan",
-    "auto_batch_size",
     "capture",
+    "capture_batch_size",
     "capture_stats",
     "capture_to_disk",
     "encode_for",

@@ -21,10 +21,10 @@ files.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -36,7 +36,7 @@ from safegeom.activations.engine import (
     iter_capture,
     plan_batches,
 )
-from safegeom.activations.plan import plan_capture, resolve_config
+from safegeom.activations.plan import plan_capture
 from safegeom.activations.values import Activations, ActivationStats
 from safegeom.artifacts import check_output_dir
 from safegeom.errors import ConfigError
@@ -52,6 +52,7 @@ __all__ = [
     "capture",
     "capture_stats",
     "capture_to_disk",
+    "contiguous_runs",
     "iter_capture",
     "plan_batches",
 ]
@@ -60,8 +61,9 @@ __all__ = [
 def capture(
     lm: LoadedModel,
     prompts: Prompts | EncodedSet,
-    config: CaptureConfig | None = None,
-    **fields: Any,
+    config: CaptureConfig = CaptureConfig(),
+    *,
+    progress: bool = True,
 ) -> Activations:
     """Capture activations of ``prompts`` into CPU tensors.
 
@@ -69,9 +71,9 @@ def capture(
         lm: a loaded model (:func:`safegeom.models.load_model`).
         prompts: a :class:`PromptSet`, an :class:`EncodedSet`, a prompt spec (``advbench:train``,
             a file) or strings.
-        config: what to capture (:class:`CaptureConfig`); its fields may also be given as
-            keywords (``sites``, ``layers``, ``positions``, ``dtype``, ``batch_size``, ``system``,
-            ``progress``, ``backend``), which replace the config's.
+        config: what to capture and how (:class:`CaptureConfig`: sites, layers, positions,
+            storage dtype, batch size, system prompt, backend).
+        progress: show a progress bar.
 
     Returns:
         :class:`Activations` with ``data[site]`` shaped ``[n_prompts, n_layers, n_positions, d]``
@@ -82,21 +84,20 @@ def capture(
             :func:`plan_capture`); ``stats`` or ``shard_size`` set (use :func:`capture_stats` or
             :func:`capture_to_disk`); NaN or inf in the activations.
     """
-    cfg = resolve_config(config, fields)
-    if cfg.stats or cfg.shard_size is not None:
-        mode = "capture_stats" if cfg.stats else "capture_to_disk"
+    if config.stats or config.shard_size is not None:
+        mode = "capture_stats" if config.stats else "capture_to_disk"
         raise ConfigError(f"capture() returns tensors in memory; use {mode}() for this config")
     if (shared := twin("capture")) is not None:
-        return shared(lm, prompts, cfg)
-    plan = plan_capture(lm, prompts, cfg)
+        return shared(lm, prompts, config, progress=progress)
+    plan = plan_capture(lm, prompts, config)
     n = len(plan.encoded)
     shape = (n, len(plan.layers), plan.positions.n_positions, lm.d_model)
     pinned = lm.device.type == "cuda"
     out = {s: torch.empty(shape, dtype=plan.dtype, pin_memory=pinned) for s in plan.sites}
-    for ids, acts in iter_capture(lm, plan):
+    for ids, acts in iter_capture(lm, plan, progress=progress):
         # Write each batch straight to its input positions: runs of consecutive prompts are one
         # (asynchronous, on CUDA) slice copy, so the output stays pinned and is never re-copied.
-        for row, start, length in _runs(ids.tolist()):
+        for row, start, length in contiguous_runs(ids.tolist()):
             for site, tensor in acts.items():
                 out[site][start : start + length].copy_(
                     tensor[row : row + length], non_blocking=pinned
@@ -106,7 +107,7 @@ def capture(
     return Activations(out, plan.layers, plan.positions.labels, plan.provenance(lm))
 
 
-def _runs(ids: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+def contiguous_runs(ids: Sequence[int]) -> Iterator[tuple[int, int, int]]:
     """Split batch rows into runs of consecutive prompt indices: (first row, first index, length)."""
     row = 0
     while row < len(ids):
@@ -120,28 +121,29 @@ def _runs(ids: Sequence[int]) -> Iterator[tuple[int, int, int]]:
 def capture_stats(
     lm: LoadedModel,
     prompts: Prompts | EncodedSet,
-    config: CaptureConfig | None = None,
-    **fields: Any,
+    config: CaptureConfig = CaptureConfig(),
+    *,
+    progress: bool = True,
 ) -> ActivationStats:
     """Float64 running means (and covariances over ``d``) of activations, never holding them all.
 
     Takes the config of :func:`capture` (``stats`` is implied; ``covariance=True`` adds the
-    covariances) with either backend.
+    covariances) with either backend; ``progress`` shows a progress bar.
 
     Returns:
         :class:`ActivationStats`; means are ``[n_layers, n_positions, d]`` per site, covariances
         ``[n_layers, n_positions, d, d]`` when ``covariance=True``.
     """
-    cfg = resolve_config(config, fields, stats=True)
+    cfg = dataclasses.replace(config, stats=True)
     if (shared := twin("capture_stats")) is not None:
-        return shared(lm, prompts, cfg)
+        return shared(lm, prompts, cfg, progress=progress)
     plan = plan_capture(lm, prompts, cfg)
     shape = (len(plan.layers), plan.positions.n_positions, lm.d_model)
     running = {
         s: RunningStats(shape, covariance=cfg.covariance, device=lm.device) for s in plan.sites
     }
     n_forward = 0
-    for _, acts in iter_capture(lm, plan):
+    for _, acts in iter_capture(lm, plan, progress=progress):
         n_forward += 1
         for site, tensor in acts.items():
             running[site].update(tensor)
@@ -154,15 +156,16 @@ def capture_to_disk(
     lm: LoadedModel,
     prompts: Prompts | EncodedSet,
     out_dir: str | os.PathLike[str],
-    config: CaptureConfig | None = None,
-    **fields: Any,
+    config: CaptureConfig = CaptureConfig(),
+    *,
+    progress: bool = True,
 ) -> Path:
     """Stream activations into sharded safetensors under ``out_dir`` (read back with
     :func:`safegeom.activations.load_activations`), with either backend.
 
     Each shard holds about ``shard_size`` prompts (whole batches; default 4096) and their input
     indices; the index file ``activations.json`` is written last, so a folder without it is
-    incomplete. ``out_dir`` is checked before any work.
+    incomplete. ``out_dir`` is checked before any work; ``progress`` shows a progress bar.
 
     Returns:
         ``out_dir``.
@@ -171,12 +174,12 @@ def capture_to_disk(
         OutputPathError: ``out_dir`` is a file or cannot be written.
     """
     if (shared := twin("capture_to_disk")) is not None:
-        return shared(lm, prompts, out_dir, config, fields)
+        return shared(lm, prompts, out_dir, config, progress=progress)
     folder = check_output_dir(out_dir)
-    cfg, shard_size = disk_config(config, fields)
+    cfg, shard_size = disk_config(config)
     plan = plan_capture(lm, prompts, cfg)
     folder.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(folder, plan, shard_size)
-    for ids, acts in iter_capture(lm, plan):
+    for ids, acts in iter_capture(lm, plan, progress=progress):
         writer.add(ids, acts)
     return writer.close(lm)

@@ -6,29 +6,26 @@ read only this plan; the batch loop (:mod:`safegeom.activations.loop`) runs eith
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from safegeom.activations.config import CaptureConfig
 from safegeom.artifacts import Provenance
-from safegeom.batching import auto_batch_size as _auto_batch_size
+from safegeom.batching import auto_batch_size
 from safegeom.config import config_dict
 from safegeom.errors import ConfigError, SafegeomError
-from safegeom.models.chat import EncodedPrompt, EncodedSet, Encoder, encode_set
+from safegeom.models.chat import EncodedPrompt, EncodedSet, Encoder, encode_set, is_pre_encoded
 from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import PositionPlan, plan_positions
 from safegeom.prompts import Prompts, PromptSet, load_prompts
 
 __all__ = [
     "CapturePlan",
-    "auto_batch_size",
+    "capture_batch_size",
     "encode_for",
     "plan_capture",
-    "resolve_config",
 ]
 
 
@@ -75,21 +72,7 @@ class CapturePlan:
         )
 
 
-def resolve_config(
-    config: CaptureConfig | None, fields: Mapping[str, Any], **forced: Any
-) -> CaptureConfig:
-    """``config`` (or the default config) with ``fields`` and then ``forced`` replaced.
-
-    Raises:
-        ConfigError: a field value is out of range (see :class:`CaptureConfig`).
-    """
-    values = {**fields, **forced}
-    if config is None:
-        return CaptureConfig(**values)
-    return dataclasses.replace(config, **values) if values else config
-
-
-def auto_batch_size(lm: LoadedModel, max_len: int, n_pos: int, n_layers: int) -> int:
+def capture_batch_size(lm: LoadedModel, max_len: int, n_pos: int, n_layers: int) -> int:
     """Prompts per capture pass, from :func:`safegeom.batching.auto_batch_size` with the
     memory one prompt's forward pass and buffers take.
 
@@ -102,7 +85,7 @@ def auto_batch_size(lm: LoadedModel, max_len: int, n_pos: int, n_layers: int) ->
         width = getattr(config, "intermediate_size", 4 * lm.d_model) * 3 + lm.d_model * 6
         per_token = width * torch.finfo(lm.dtype).bits // 8
         per_prompt = per_token * max_len + n_layers * n_pos * lm.d_model * 4
-    return _auto_batch_size(lm.device, max_len, per_prompt, gpu_cap=512)
+    return auto_batch_size(lm.device, max_len, per_prompt, gpu_cap=512)
 
 
 def _user_error(err: ValueError) -> SafegeomError:
@@ -128,8 +111,8 @@ def encode_for(
     """
     limit = lm.max_positions
     try:
-        if isinstance(prompts, EncodedSet):
-            source: PromptSet | EncodedSet = prompts
+        if isinstance(prompts, EncodedSet) or is_pre_encoded(prompts):  # an attack set: its ids
+            source: PromptSet | EncodedSet = prompts  # type: ignore[assignment]
         else:
             source = load(prompts)
         encoded = encode_set(
@@ -161,15 +144,12 @@ def _check_offsets(plan: PositionPlan, encoded: Sequence[EncodedPrompt]) -> None
 
 
 def plan_capture(
-    lm: LoadedModel,
-    prompts: Prompts | EncodedSet,
-    config: CaptureConfig | None = None,
-    **fields: Any,
+    lm: LoadedModel, prompts: Prompts | EncodedSet, config: CaptureConfig = CaptureConfig()
 ) -> CapturePlan:
     """Resolve sites, layers, positions and batch size, and tokenize the prompts (once).
 
-    ``config`` or its fields as keywords (``plan_capture(lm, p, layers="2-5")``) say what to
-    capture; see :class:`CaptureConfig`.
+    ``config`` says what to capture (``plan_capture(lm, p, CaptureConfig(layers="2-5"))``); see
+    :class:`CaptureConfig`.
 
     Returns:
         The :class:`CapturePlan`.
@@ -178,25 +158,26 @@ def plan_capture(
         SafegeomError: an empty or unknown prompt set, a prompt longer than the model's
             positions, an unknown site or position, a layer or offset out of range.
     """
-    cfg = resolve_config(config, fields)
-    encoded = encode_for(lm, prompts, cfg.system)
+    encoded = encode_for(lm, prompts, config.system)
     try:
-        positions = plan_positions(cfg.positions.items, encoded.encoded)
-        layer_ids = cfg.layers.resolve(lm.n_layers)
+        positions = plan_positions(config.positions.items, encoded.encoded)
+        layer_ids = config.layers.resolve(lm.n_layers)
     except ValueError as err:
         raise _user_error(err) from None
     _check_offsets(positions, encoded.encoded)
     max_len = max(len(e) for e in encoded.encoded)
-    size = cfg.batch_size or auto_batch_size(lm, max_len, positions.n_positions, len(layer_ids))
+    size = config.batch_size or capture_batch_size(
+        lm, max_len, positions.n_positions, len(layer_ids)
+    )
     return CapturePlan(
         prompts=encoded,
         encoded=encoded.encoded,
-        sites=cfg.sites,
+        sites=config.sites,
         layers=layer_ids,
         positions=positions,
-        dtype=cfg.torch_dtype or lm.dtype,
+        dtype=config.torch_dtype or lm.dtype,
         batch_size=size,
-        system=cfg.system,
-        backend=cfg.backend,
-        config=cfg,
+        system=config.system,
+        backend=config.backend,
+        config=config,
     )

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from safegeom.batching import longest_first
 from safegeom.execution import twin
-from safegeom.generation import ForwardCounter, _batch_size, last_position_logprobs
+from safegeom.generation import ForwardCounter, generation_batch_size, last_position_logprobs
 from safegeom.models.chat import EncodedPrompt
 from safegeom.models.loading import LoadedModel
 
@@ -52,7 +52,7 @@ BatchContext = Callable[[list[int]], AbstractContextManager[Any]]
 def rows_per_batch(lm: LoadedModel, lengths: Sequence[int], batch_size: int | None) -> int:
     """Rows per batch over rows of these token ``lengths``: ``batch_size`` when given, else the
     automatic size of :func:`~safegeom.generation.last_position_logprobs`."""
-    return _batch_size(lm.model, max(lengths, default=1), batch_size)
+    return generation_batch_size(lm.model, max(lengths, default=1), batch_size)
 
 
 def batch_plan(lm: LoadedModel, lengths: Sequence[int], batch_size: int | None) -> list[list[int]]:
