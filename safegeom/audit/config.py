@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from safegeom.config import check, check_finite
 from safegeom.models.positions import LayerSpec
@@ -67,6 +67,10 @@ class AuditConfig:
     """Metric families to run: geometry, causal, behaviour (comma list)."""
     task: str | None = None
     """Task whose held-out problems give task_accuracy (default: the trajectory's own task)."""
+    attacks: tuple[str, ...] = field(default=(), metadata={"repeat": True, "metavar": "[NAME=]DIR"})
+    """Attack sets (safegeom attack --out DIR; NAME=DIR names one) replayed at every checkpoint:
+    ASR, target log-probability and refusal score, rows of source fixed-attack:NAME; repeat
+    --attacks for several (docs/methods.md §11)."""
     n_resamples: int = 1000
     """Bootstrap resamples of every confidence interval (the geometry rows' too: each resample
     refits the carriers), and random splits or directions of every noise-floor row."""
@@ -93,6 +97,8 @@ class AuditConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", LayerSpec.parse(self.layers))
+        attacks = (self.attacks,) if isinstance(self.attacks, str) else tuple(self.attacks)
+        object.__setattr__(self, "attacks", attacks)
         for name in ("harmful", "harmless", "harmful_val", "harmless_val"):
             value = getattr(self, name)
             if isinstance(value, str):

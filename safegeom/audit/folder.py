@@ -44,11 +44,16 @@ def identity(config: AuditConfig, load: LoadConfig, inputs: AuditInputs) -> dict
     """What must be equal for a rerun to continue an audit folder."""
     loading = config_dict(load)
     settings = {k: v for k, v in config_dict(config).items() if k not in _NOT_IDENTITY}
-    return {
+    out = {
         "config": settings,
         "load": {k: loading[k] for k in _IDENTITY_LOAD},
         "base": inputs.base.path,
     }
+    if config.attacks:  # their contents: a set rewritten in the same folder is another set
+        from safegeom.audit.transfer_rows import attack_hashes
+
+        out["attacks"] = attack_hashes(config.attacks)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +81,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         names += [f"{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if old.get("base") != new["base"]:
         names.append("base")
+    if old.get("attacks") != new.get("attacks") and "attacks" not in names:
+        names.append("attack sets")
     return names
 
 

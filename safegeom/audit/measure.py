@@ -12,7 +12,9 @@ Sources: ``fixed`` numbers apply the base's carriers (r₀, h₀, B₀) to the c
 recipe from the same prompts. ``hr_coupling`` is the coupling of h_t and r_t on checkpoint t
 (source ``reextracted``); at step 0 (the base measured by the runner like any checkpoint) it is
 the base's coupling. Drift and cosine compare the base's per-layer diff-in-means with the
-checkpoint's; every random number derives from ``config.seed``.
+checkpoint's; every random number derives from ``config.seed``. With ``config.attacks`` every
+attack set is replayed on the checkpoint as optimised (:mod:`~safegeom.audit.transfer_rows`):
+rows of source ``fixed-attack:NAME``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from safegeom.audit.geometry_rows import CarrierActivations, capture_carriers, g
 from safegeom.audit.interference import interference_rows
 from safegeom.audit.reference import Reference, selection_config
 from safegeom.audit.schema import frame
+from safegeom.audit.transfer_rows import transfer_rows
 from safegeom.carriers.refusal import DimCandidates, select_refusal_direction
 from safegeom.errors import ArtifactError
 from safegeom.models.loading import LoadedModel
@@ -185,6 +188,11 @@ def measure_checkpoint(
                 progress=progress,
             )
             rows += behaviour
+            seconds["generation"] += spent["generation"]
+            seconds["scoring"] += spent["scoring"]
+        if config.attacks:  # fixed-source transfer: each attack set replayed as optimised
+            transfer, spent = transfer_rows(lm, config, progress=progress)
+            rows += transfer
             seconds["generation"] += spent["generation"]
             seconds["scoring"] += spent["scoring"]
         if config.reselect:

@@ -279,6 +279,10 @@ def audit(
         paths = [targets_or_spec] if isinstance(targets_or_spec, (str, Path)) else targets_or_spec
         inputs = all_or_none(resolve_inputs, list(paths), base=base, load=load)
     all_or_none(check_prompt_sets, config)
+    if config.attacks:  # a missing or corrupt attack set fails before any work
+        from safegeom.audit.transfer_rows import check_replayable, load_attack_sets
+
+        all_or_none(load_attack_sets, config.attacks)
     with warnings.catch_warnings():
         if not is_main():  # the task's warning is printed once
             warnings.simplefilter("ignore")
@@ -296,6 +300,9 @@ def audit(
 
         show = progress and is_main()
         base_model = _Base(inputs.base, load)
+        if config.attacks:  # a set made with another tokenizer is refused before the Reference
+            sets = load_attack_sets(config.attacks)
+            all_or_none(lambda: check_replayable(base_model.get(), sets))
         with torch_threads(threads):
             built = broadcast(main_only(_reference)(folder, base_model, config, show))
         assert built is not None  # rank 0's, on every rank

@@ -14,7 +14,8 @@ carrier      str      ``refusal``, ``harmfulness``, ``cone`` (``cone[j]`` for on
 source       str      ``fixed`` (the base's carrier applied to the checkpoint), ``reextracted``
                       (the checkpoint's own carrier) or ``floor`` (the noise floor of the
                       ``reextracted`` row with the same metric, layer and carrier; see below);
-                      null for behaviour
+                      ``fixed-attack:NAME`` on the rows of an attack set replayed at every
+                      checkpoint (:mod:`~safegeom.audit.transfer_rows`); null for behaviour
 prompts      str      the prompt set the number is about (behaviour), else the carrier sets' name
 metric       str      one of :data:`METRICS`
 value        float    the number
@@ -131,6 +132,13 @@ METRICS: dict[str, str] = {
     "the decoder blocks' linear projections; < 0: a task step lowers refusal",
     "interference_cone_share": "share Σ‖P_B(h_t − h_0)‖² / Σ‖h_t − h_0‖² of the activation change on "
     "harmful prompts inside the base's cone B_0 (a random k-dim subspace takes k/d)",
+    # fixed-source transfer (only with attacks; source fixed-attack:NAME, docs/methods.md §11)
+    "attack_asr": "share of an attack set's adversarial prompts whose answer the judge does not "
+    "call refused",
+    "attack_target_logprob": "mean log-probability per token of the attack's target after its "
+    "adversarial prompt (a prefill counts as target), nats",
+    "attack_refusal_score": "mean refusal log-odds at the last position of the adversarial "
+    "prompts as optimised",
     # re-selection (only with reselect)
     "bypass_score": "refusal score on harmful prompts with the checkpoint's own r ablated",
     "induce_score": "refusal score on harmless prompts with the checkpoint's own r added",
@@ -182,6 +190,9 @@ UNITS: dict[str, str] = {
     "interference_grad_resid": "cosine",
     "interference_grad_weights": "cosine",
     "interference_cone_share": "fraction of squared norm",
+    "attack_asr": "fraction",
+    "attack_target_logprob": "nats per token",
+    "attack_refusal_score": _SCORE,
     "bypass_score": _SCORE,
     "induce_score": _SCORE,
     "selection_kl": "nats",

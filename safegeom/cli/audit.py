@@ -28,7 +28,7 @@ __all__ = ["INTERRUPT_HINT", "AuditCommand", "register", "run"]
 INTERRUPT_HINT = "interrupted; rerun the same command to continue the audit"
 """What the command prints on Ctrl-C (finished checkpoints are kept)."""
 
-_SUMMARY = ("asr", "over_refusal", "cosine_to_base", "hr_coupling", "ablation_effect")
+_SUMMARY = ("asr", "attack_asr", "over_refusal", "cosine_to_base", "hr_coupling", "ablation_effect")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ figure       function               metrics
 6 coords     :func:`plot_coordinates` coordinate_separation, coordinate_imbalance
 ============ ====================== ===================================================
 
+An audit that replayed attack sets (``safegeom audit --attacks DIR``) gives figure 1 a fourth
+panel, the ASR of each attack set beside the clean ASR; :func:`plot_transfer` draws the whole
+transfer view (ASR, target log-probability, refusal score on the adversarial prompts).
+
 Example:
     >>> from safegeom.audit.schema import frame
     >>> table = frame([{"checkpoint": "base", "step": 0, "metric": "asr", "value": 0.1}])
@@ -46,6 +50,7 @@ from safegeom.plots.data import Tables, as_tables
 from safegeom.plots.heatmap import drift_matrix, plot_drift
 from safegeom.plots.lines import plot_behaviour, plot_coordinates, plot_coupling, plot_subspace
 from safegeom.plots.style import PALETTE, STYLE, style
+from safegeom.plots.transfer import plot_transfer
 
 __all__ = [
     "FIGURES",
@@ -61,6 +66,7 @@ __all__ = [
     "plot_coupling",
     "plot_drift",
     "plot_subspace",
+    "plot_transfer",
     "style",
 ]
 

@@ -24,6 +24,7 @@ from safegeom.plots.data import (
     without_floor,
 )
 from safegeom.plots.style import new_figure, run_colour, style
+from safegeom.plots.transfer import has_transfer, transfer_panel
 
 __all__ = ["line_panel", "plot_behaviour", "plot_coordinates", "plot_coupling", "plot_subspace"]
 
@@ -92,15 +93,18 @@ def plot_behaviour(tables: Tables) -> Figure:
     have it, else the cross-entropy of held-out reference answers (``cross_entropy``).
 
     One line per run and prompt set (and judge where runs use several). A table without
-    behaviour rows (a ``--no-generate`` audit) gives panels that say so.
+    behaviour rows (a ``--no-generate`` audit) gives panels that say so. Where an audit replayed
+    attack sets (``audit --attacks``), a fourth panel shows their ASR beside the clean ASR
+    (:func:`~safegeom.plots.transfer.transfer_panel`).
 
     Returns:
-        The figure (three panels).
+        The figure (three panels, or four with attack rows).
     """
     named = as_tables(tables)
     with style():
-        fig = new_figure(1, 3, height=3.1)
-        a, b, c = fig.axes
+        transfer = has_transfer(named)
+        fig = new_figure(1, 3 + transfer, height=3.1)
+        a, b, c = fig.axes[:3]
         drawn = [
             line_panel(
                 a,
@@ -124,6 +128,8 @@ def plot_behaviour(tables: Tables) -> Figure:
             ),
             _utility_panel(c, named),
         ]
+        if transfer:
+            drawn.append(transfer_panel(fig.axes[3], named))
         return _finish(fig, "Behaviour across fine-tuning", drawn)
 
 
