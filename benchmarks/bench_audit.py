@@ -150,11 +150,17 @@ def naive_geometry(lm: Any, ref: Reference, config: AuditConfig) -> tuple[dict[K
     layers = parse_layers(config.layers, lm.n_layers)
     harmful = combine_prompts(config.harmful).take(config.n_per_class)
     harmless = combine_prompts(config.harmless).take(config.n_per_class)
-    common = {"batch_size": config.batch_size, "system": config.system, "progress": False}
+    setting = {"batch_size": config.batch_size, "system": config.system}
+    common = {**setting, "progress": False}
     out: dict[Key, float] = {}
     # 1. Drift, cosine to base and direction coupling: float64 means at every layer.
     stats = [
-        sg.capture_stats(lm, p, layers=list(layers), positions="t_inst,t_post", **common)
+        sg.capture_stats(
+            lm,
+            p,
+            sg.CaptureConfig(layers=list(layers), positions="t_inst,t_post", **setting),
+            progress=False,
+        )
         for p in (harmful, harmless)
     ]
     means = [s.mean("resid_pre") for s in stats]  # [layer, pos, d]
@@ -205,7 +211,14 @@ def naive_geometry(lm: Any, ref: Reference, config: AuditConfig) -> tuple[dict[K
             out["hr_coupling", "hr-cone", "reextracted", layer] = value
     # 3. Projections and coordinate statistics: a per-prompt capture at r0's layer.
     acts = [
-        sg.capture(lm, p, layers=[at], positions="t_inst,t_post", dtype=torch.float32, **common)
+        sg.capture(
+            lm,
+            p,
+            sg.CaptureConfig(
+                layers=[at], positions="t_inst,t_post", dtype=torch.float32, **setting
+            ),
+            progress=False,
+        )
         for p in (harmful, harmless)
     ]
     h_acts, s_acts = (a["resid_pre"][:, 0].double() for a in acts)  # [n, pos, d]

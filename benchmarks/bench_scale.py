@@ -172,15 +172,18 @@ def run_path(lm: Any, path: str, prompts: list[str], preset: Preset) -> dict[str
     """
     import torch
 
-    from safegeom.activations import capture, capture_stats
+    from safegeom.activations import CaptureConfig, capture, capture_stats
     from safegeom.evaluation import evaluate
 
     common = {"batch_size": preset.batch_size, "progress": False}
     if path == "capture":
-        data = capture(lm, prompts, **common).data["resid_pre"]
+        data = capture(lm, prompts, CaptureConfig(batch_size=preset.batch_size), progress=False)
+        data = data.data["resid_pre"]
         return {"shape": list(data.shape), "sum": float(data.double().sum())}
     if path == "stats":
-        stats = capture_stats(lm, prompts, **common)
+        stats = capture_stats(
+            lm, prompts, CaptureConfig(batch_size=preset.batch_size), progress=False
+        )
         return {"n_forward": stats.n_forward, "sum": float(stats.mean("resid_pre").sum())}
     if path == "evaluate":
         result = evaluate(lm, prompts, max_new_tokens=preset.new_tokens, **common)

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from safegeom.activations import capture
+from safegeom.activations import CaptureConfig, capture
 from safegeom.carriers.carrier import Carrier
 from safegeom.errors import SafegeomError
 from safegeom.models.loading import LoadedModel
@@ -117,10 +117,12 @@ def decompose_projection(
         acts = capture(
             lm,
             prompts,
-            sites="resid_pre,attn_out,mlp_out",
-            layers=list(range(layer + 1)),
-            positions=_capture_spec(str(position)),
-            system=system,
+            CaptureConfig(
+                sites="resid_pre,attn_out,mlp_out",
+                layers=list(range(layer + 1)),
+                positions=_capture_spec(str(position)),
+                system=system,
+            ),
             progress=progress,
         )
         if str(position) not in acts.positions:

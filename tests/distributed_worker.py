@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from safegeom.activations import CaptureConfig
 from safegeom.models import LoadConfig
 
 PROMPTS = [
@@ -38,7 +39,7 @@ PROMPTS = [
     "What is two plus two?",
 ]
 """Ten prompts of varied lengths: with batch_size 3, four batches (rank 0: 0 and 2; rank 1: 1, 3)."""
-CAPTURE = {"sites": "resid_pre,resid_post", "positions": "t_inst,t_post", "progress": False}
+CAPTURE = {"sites": "resid_pre,resid_post", "positions": "t_inst,t_post"}
 """What every capture here takes."""
 
 
@@ -145,15 +146,33 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
     res["gather_bad"] = _fails(lambda: dist.gather([0], [0], 2, to="all"))
     with sharding():  # the library shares its work out only where an entry point asks
         res.update(_dealt_encoding(lm))
-        res["acts"] = capture(lm, PROMPTS, batch_size=3, **CAPTURE).data
-        res["acts_auto"] = capture(lm, PROMPTS, layers="1", **CAPTURE).data
-        res["acts_lens"] = capture(
-            lm, PROMPTS, batch_size=4, backend="transformer_lens", **CAPTURE
+        res["acts"] = capture(
+            lm, PROMPTS, CaptureConfig(batch_size=3, **CAPTURE), progress=False
         ).data
-        stats = capture_stats(lm, PROMPTS, batch_size=3, covariance=True, **CAPTURE)
+        res["acts_auto"] = capture(
+            lm, PROMPTS, CaptureConfig(layers="1", **CAPTURE), progress=False
+        ).data
+        res["acts_lens"] = capture(
+            lm,
+            PROMPTS,
+            CaptureConfig(batch_size=4, backend="transformer_lens", **CAPTURE),
+            progress=False,
+        ).data
+        stats = capture_stats(
+            lm,
+            PROMPTS,
+            CaptureConfig(batch_size=3, stats=True, covariance=True, **CAPTURE),
+            progress=False,
+        )
         res["stats"] = {s: (m.n, m.mean, m.cov) for s, m in stats.moments.items()}
         res["n_forward"] = stats.n_forward
-        disk = capture_to_disk(lm, PROMPTS, out / "disk", batch_size=3, shard_size=4, **CAPTURE)
+        disk = capture_to_disk(
+            lm,
+            PROMPTS,
+            out / "disk",
+            CaptureConfig(batch_size=3, shard_size=4, **CAPTURE),
+            progress=False,
+        )
         res["disk"] = load_activations(disk).data
         res["disk_shards"] = sorted(p.name for p in disk.iterdir())
         result = evaluate(
@@ -165,10 +184,18 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
         res["main_only"] = dist.main_only(write_text)(out / "main.txt", "written once")
         planted = SafegeomError(f"planted failure on rank {r}")
         with _planted(lm, on_rank=1, after=0, error=planted):
-            res["fail_capture"] = _fails(lambda: capture(lm, PROMPTS, batch_size=3, **CAPTURE))
+            res["fail_capture"] = _fails(
+                lambda: capture(lm, PROMPTS, CaptureConfig(batch_size=3, **CAPTURE), progress=False)
+            )
         with _planted(lm, on_rank=1, after=1, error=planted):
             res["fail_disk"] = _fails(
-                lambda: capture_to_disk(lm, PROMPTS, out / "partial", batch_size=2, **CAPTURE)
+                lambda: capture_to_disk(
+                    lm,
+                    PROMPTS,
+                    out / "partial",
+                    CaptureConfig(batch_size=2, **CAPTURE),
+                    progress=False,
+                )
             )
         with _planted(lm, on_rank=0, after=0, error=RuntimeError(f"a bug on rank {r}")):
             res["fail_eval"] = _fails(
@@ -178,7 +205,11 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
         (out / "a_file").touch()
     dist.all_or_none(lambda: None)  # every rank sees the file from here on
     with sharding():
-        res["fail_write"] = _fails(lambda: capture_to_disk(lm, PROMPTS, out / "a_file", **CAPTURE))
+        res["fail_write"] = _fails(
+            lambda: capture_to_disk(
+                lm, PROMPTS, out / "a_file", CaptureConfig(**CAPTURE), progress=False
+            )
+        )
     res["writes"] = writes
     save_results(work / f"rank{r}", res)
 
@@ -203,7 +234,7 @@ def _dealt_encoding(lm: Any) -> dict[str, Any]:
         whole = chat.encode_set(lm.tokenizer, PROMPTS, **kw)
         res: dict[str, Any] = {"encoded_counted": list(counted)}
         counted.clear()
-        capture(lm, PROMPTS, batch_size=3, **CAPTURE)
+        capture(lm, PROMPTS, CaptureConfig(batch_size=3, **CAPTURE), progress=False)
         res["capture_counted"] = list(counted)
     finally:
         chat.encode_prompts = real  # type: ignore[assignment]

@@ -77,9 +77,13 @@ def test_load_model_puts_the_adapter_on_the_given_base(models) -> None:
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         torch.testing.assert_close(on_given.model(ids).logits, on_own.model(ids).logits)
-    with pytest.raises(NotFoundError, match=r"pass LoadConfig\(adapter_base=...\) \(safegeom audit: --base\)"):
+    with pytest.raises(
+        NotFoundError, match=r"pass LoadConfig\(adapter_base=...\) \(safegeom audit: --base\)"
+    ):
         load_model(models["moved"])
-    with pytest.raises(ConfigError, match=r"is not an adapter folder .*; drop LoadConfig.adapter_base"):
+    with pytest.raises(
+        ConfigError, match=r"is not an adapter folder .*; drop LoadConfig.adapter_base"
+    ):
         load_model(models["base"], LoadConfig(adapter_base=models["base"]))
 
 

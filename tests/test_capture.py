@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegeom.activations import capture, capture_stats, capture_to_disk, plan_capture
+from safegeom.activations import (
+    CaptureConfig,
+    capture,
+    capture_stats,
+    capture_to_disk,
+    plan_capture,
+)
 from safegeom.activations.values import load_activations
 from safegeom.models import LoadConfig, collate_left, encode_prompts, load_model
 from safegeom.prompts import load_prompts
@@ -36,7 +42,10 @@ def _hidden_states(lm, prompt: str) -> tuple[torch.Tensor, ...]:
 def test_capture_equals_output_hidden_states(checkpoints: dict[str, Path], arch: str) -> None:
     lm = load_model(checkpoints[arch])
     acts = capture(
-        lm, PROMPTS, sites=["resid_pre", "resid_post"], positions="t_inst,t_post", progress=False
+        lm,
+        PROMPTS,
+        CaptureConfig(sites=["resid_pre", "resid_post"], positions="t_inst,t_post"),
+        progress=False,
     )
     n_post = len(acts.positions) - 1
     for i, prompt in enumerate(PROMPTS):
@@ -57,17 +66,22 @@ def test_capture_equals_output_hidden_states(checkpoints: dict[str, Path], arch:
 def test_alone_equals_in_padded_batch(checkpoints: dict[str, Path], arch: str) -> None:
     lm = load_model(checkpoints[arch])
     batch = capture(
-        lm, PROMPTS, sites=ALL_SITES, positions="t_inst,last,0", batch_size=4, progress=False
+        lm,
+        PROMPTS,
+        CaptureConfig(sites=ALL_SITES, positions="t_inst,last,0", batch_size=4),
+        progress=False,
     )
     for i, prompt in enumerate(PROMPTS):
-        alone = capture(lm, [prompt], sites=ALL_SITES, positions="t_inst,last,0", progress=False)
+        alone = capture(
+            lm, [prompt], CaptureConfig(sites=ALL_SITES, positions="t_inst,last,0"), progress=False
+        )
         for site in ALL_SITES:
             torch.testing.assert_close(batch[site][i], alone[site][0], atol=1e-5, rtol=1e-5)
 
 
 def test_sites_sum_to_residual(checkpoints: dict[str, Path]) -> None:
     lm = load_model(checkpoints["llama"])
-    acts = capture(lm, PROMPTS, sites=ALL_SITES, positions="t_post", progress=False)
+    acts = capture(lm, PROMPTS, CaptureConfig(sites=ALL_SITES, positions="t_post"), progress=False)
     total = acts["resid_pre"] + acts["attn_out"] + acts["mlp_out"]
     torch.testing.assert_close(total, acts["resid_post"], atol=1e-5, rtol=1e-5)
 
@@ -81,9 +95,9 @@ def test_stops_after_last_layer_and_skips_lm_head(checkpoints: dict[str, Path]) 
         lm.model.model.norm.register_forward_hook(lambda *a: calls.append("norm")),
     ]
     try:
-        capture(lm, PROMPTS, layers="0:2", sites="resid_post", progress=False)
+        capture(lm, PROMPTS, CaptureConfig(layers="0:2", sites="resid_post"), progress=False)
         assert calls == []
-        capture(lm, PROMPTS, layers="-1", sites="resid_pre", progress=False)
+        capture(lm, PROMPTS, CaptureConfig(layers="-1", sites="resid_pre"), progress=False)
         assert calls == []
     finally:
         for h in handles:
@@ -102,7 +116,7 @@ def test_hooks_removed_after_exception(checkpoints: dict[str, Path]) -> None:
     )
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            capture(lm, PROMPTS, sites=ALL_SITES, progress=False)
+            capture(lm, PROMPTS, CaptureConfig(sites=ALL_SITES), progress=False)
     finally:
         boom.remove()
     assert count() == before
@@ -110,7 +124,12 @@ def test_hooks_removed_after_exception(checkpoints: dict[str, Path]) -> None:
 
 def test_storage_dtype_and_provenance(checkpoints: dict[str, Path]) -> None:
     lm = load_model(checkpoints["qwen2"])
-    acts = capture(lm, PROMPTS, dtype=torch.bfloat16, layers="1", positions="last", progress=False)
+    acts = capture(
+        lm,
+        PROMPTS,
+        CaptureConfig(dtype=torch.bfloat16, layers="1", positions="last"),
+        progress=False,
+    )
     assert acts["resid_pre"].dtype == torch.bfloat16
     prov = acts.provenance
     assert prov["weight_hash"] == lm.weight_hash and prov["n_prompts"] == 4
@@ -126,18 +145,19 @@ def test_streaming_stats_equal_full_tensor(checkpoints: dict[str, Path]) -> None
     full = capture(
         lm,
         prompts,
-        sites=["resid_pre", "mlp_out"],
-        positions="t_inst,last",
-        batch_size=5,
+        CaptureConfig(sites=["resid_pre", "mlp_out"], positions="t_inst,last", batch_size=5),
         progress=False,
     )
     stats = capture_stats(
         lm,
         prompts,
-        sites=["resid_pre", "mlp_out"],
-        positions="t_inst,last",
-        covariance=True,
-        batch_size=5,
+        CaptureConfig(
+            sites=["resid_pre", "mlp_out"],
+            positions="t_inst,last",
+            stats=True,
+            covariance=True,
+            batch_size=5,
+        ),
         progress=False,
     )
     for site in ("resid_pre", "mlp_out"):
@@ -150,7 +170,12 @@ def test_streaming_stats_equal_full_tensor(checkpoints: dict[str, Path]) -> None
 
 def test_save_load_roundtrip_and_shards(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     lm = load_model(checkpoints["gpt_neox"])
-    acts = capture(lm, PROMPTS, sites=["resid_pre", "attn_out"], positions="t_post", progress=False)
+    acts = capture(
+        lm,
+        PROMPTS,
+        CaptureConfig(sites=["resid_pre", "attn_out"], positions="t_post"),
+        progress=False,
+    )
     path = acts.save(tmp_path / "acts.safetensors")
     back = load_activations(path)
     assert back.layers == acts.layers and back.positions == acts.positions
@@ -162,9 +187,7 @@ def test_save_load_roundtrip_and_shards(checkpoints: dict[str, Path], tmp_path: 
         lm,
         PROMPTS,
         tmp_path / "shards",
-        sites=["resid_pre", "attn_out"],
-        shard_size=2,
-        batch_size=2,
+        CaptureConfig(sites=["resid_pre", "attn_out"], shard_size=2, batch_size=2),
         progress=False,
     )
     assert len(list(folder.glob("shard-*.safetensors"))) == 2
@@ -190,13 +213,16 @@ def test_peft_adapter_captures_like_merged(checkpoints: dict[str, Path], tmp_pat
     # (1.4e-5 on activations of O(1) after three layers); in float64 they agree to 1e-12.
     applied = load_model(tmp_path / "adapter", LoadConfig(dtype="float64"))
     merged = load_model(tmp_path / "adapter", LoadConfig(merge_adapter=True, dtype="float64"))
-    a = capture(applied, PROMPTS, sites=ALL_SITES, positions="t_inst,t_post", progress=False)
-    b = capture(merged, PROMPTS, sites=ALL_SITES, positions="t_inst,t_post", progress=False)
+    a = capture(
+        applied, PROMPTS, CaptureConfig(sites=ALL_SITES, positions="t_inst,t_post"), progress=False
+    )
+    b = capture(
+        merged, PROMPTS, CaptureConfig(sites=ALL_SITES, positions="t_inst,t_post"), progress=False
+    )
     plain = capture(
         load_model(checkpoints["qwen2"]),
         PROMPTS,
-        sites="resid_post",
-        positions="t_inst,t_post",
+        CaptureConfig(sites="resid_post", positions="t_inst,t_post"),
         progress=False,
     )
     for site in ALL_SITES:
@@ -209,15 +235,15 @@ def test_bad_inputs(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="prompt set 'inline' is empty"):
         capture(lm, [], progress=False)
     with pytest.raises(ValueError, match=r"unknown site\(s\) \['resid_mid'\]"):
-        capture(lm, PROMPTS, sites="resid_mid", progress=False)
+        capture(lm, PROMPTS, CaptureConfig(sites="resid_mid"), progress=False)
     with pytest.raises(ValueError, match="layer 7 out of range: the model has 3 layers"):
-        capture(lm, PROMPTS, layers="7", progress=False)
+        capture(lm, PROMPTS, CaptureConfig(layers="7"), progress=False)
     with pytest.raises(ValueError, match="unknown position 'first'"):
-        capture(lm, PROMPTS, positions="first", progress=False)
+        capture(lm, PROMPTS, CaptureConfig(positions="first"), progress=False)
     with pytest.raises(ValueError, match="unknown capture backend 'jax'"):
-        capture(lm, PROMPTS, backend="jax", progress=False)
+        capture(lm, PROMPTS, CaptureConfig(backend="jax"), progress=False)
     with pytest.raises(ValueError, match=r"batch_size \(--batch-size\) must be at least 1"):
-        plan_capture(lm, PROMPTS, batch_size=0)
+        plan_capture(lm, PROMPTS, CaptureConfig(batch_size=0))
     with pytest.raises(FileNotFoundError, match="no activations at"):
         load_activations(tmp_path / "missing.safetensors")
 
@@ -227,4 +253,4 @@ def test_nan_activations_are_reported(checkpoints: dict[str, Path]) -> None:
     with torch.no_grad():
         lm.blocks[0].mlp.down_proj.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN or inf in captured activations"):
-        capture(lm, PROMPTS, layers="1", progress=False)
+        capture(lm, PROMPTS, CaptureConfig(layers="1"), progress=False)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from safegeom.activations import capture, capture_stats, capture_to_disk
+from safegeom.activations import CaptureConfig, capture, capture_stats, capture_to_disk
 from safegeom.activations.values import ActivationStats, load_activations
 from safegeom.artifacts import Provenance, read_json, read_safetensors
 from safegeom.errors import ArtifactError, NotFoundError, SafegeomError
@@ -31,7 +31,7 @@ def lm(checkpoints: dict[str, Path]):
 
 
 def test_activations_provenance_is_typed(lm) -> None:
-    acts = capture(lm, PROMPTS, progress=False, **KWARGS)
+    acts = capture(lm, PROMPTS, CaptureConfig(**KWARGS), progress=False)
     prov = acts.provenance
     assert isinstance(prov, Provenance)
     assert prov.model == str(lm.name) and prov.weight_hash == lm.weight_hash
@@ -44,7 +44,7 @@ def test_activations_provenance_is_typed(lm) -> None:
 
 
 def test_activations_round_trip(lm, tmp_path: Path) -> None:
-    acts = capture(lm, PROMPTS, progress=False, **KWARGS)
+    acts = capture(lm, PROMPTS, CaptureConfig(**KWARGS), progress=False)
     path = acts.save(tmp_path / "a" / "acts.safetensors")
     back = load_activations(path)
     assert (
@@ -61,9 +61,13 @@ def test_activations_round_trip(lm, tmp_path: Path) -> None:
 
 
 def test_sharded_round_trip(lm, tmp_path: Path) -> None:
-    acts = capture(lm, PROMPTS, batch_size=2, progress=False, **KWARGS)
+    acts = capture(lm, PROMPTS, CaptureConfig(batch_size=2, **KWARGS), progress=False)
     folder = capture_to_disk(
-        lm, PROMPTS, tmp_path / "sh", shard_size=2, batch_size=2, progress=False, **KWARGS
+        lm,
+        PROMPTS,
+        tmp_path / "sh",
+        CaptureConfig(shard_size=2, batch_size=2, **KWARGS),
+        progress=False,
     )
     back = load_activations(folder)
     assert _stable(back.provenance) == {
@@ -78,7 +82,12 @@ def test_sharded_round_trip(lm, tmp_path: Path) -> None:
 
 
 def test_activation_stats_round_trip(lm, tmp_path: Path) -> None:
-    stats = capture_stats(lm, PROMPTS, covariance=True, batch_size=3, progress=False, **KWARGS)
+    stats = capture_stats(
+        lm,
+        PROMPTS,
+        CaptureConfig(stats=True, covariance=True, batch_size=3, **KWARGS),
+        progress=False,
+    )
     path = stats.save(tmp_path / "stats.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "stats.safetensors",
@@ -97,7 +106,7 @@ def test_activation_stats_round_trip(lm, tmp_path: Path) -> None:
     for site in stats.sites:
         assert torch.equal(back.mean(site), stats.mean(site))
         assert torch.equal(back.moments[site].cov, stats.moments[site].cov)
-    means_only = capture_stats(lm, PROMPTS, progress=False, **KWARGS)
+    means_only = capture_stats(lm, PROMPTS, CaptureConfig(**KWARGS), progress=False)
     again = ActivationStats.load(means_only.save(tmp_path / "means.safetensors"))
     assert all(m.cov is None for m in again.moments.values())
     assert again.provenance == means_only.provenance
@@ -160,7 +169,7 @@ def test_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_activations_lookup_errors(lm) -> None:
-    acts = capture(lm, PROMPTS, progress=False, **KWARGS)
+    acts = capture(lm, PROMPTS, CaptureConfig(**KWARGS), progress=False)
     assert acts.layer_index(-1) == 1 and acts.layer_index(2) == 1
     with pytest.raises(SafegeomError, match=r"layer -3 was not captured; captured: \[0, 2\]"):
         acts.layer_index(-3)

@@ -71,36 +71,42 @@ def lm(checkpoints: dict[str, Path]):
 
 def test_non_float_storage_dtype_is_refused(lm) -> None:
     with pytest.raises(ConfigError, match="must be a floating-point storage dtype"):
-        capture(lm, PROMPTS, dtype=torch.int8, progress=False)
+        capture(lm, PROMPTS, CaptureConfig(dtype=torch.int8), progress=False)
 
 
 def test_config_or_fields(lm) -> None:
-    config = CaptureConfig(sites=("resid_post",), layers="1", positions="last", progress=False)
-    a = capture(lm, PROMPTS, config)
-    b = capture(lm, PROMPTS, sites="resid_post", layers=[1], positions="last", progress=False)
-    c = capture(lm, PROMPTS, config, layers="0,1")  # keywords replace the config's fields
+    config = CaptureConfig(sites=("resid_post",), layers="1", positions="last")
+    a = capture(lm, PROMPTS, config, progress=False)
+    b = capture(
+        lm, PROMPTS, CaptureConfig(sites="resid_post", layers=[1], positions="last"), progress=False
+    )
+    c = capture(lm, PROMPTS, dataclasses.replace(config, layers="0,1"), progress=False)
     assert torch.equal(a["resid_post"], b["resid_post"])
     assert c.layers == (0, 1) and torch.equal(c["resid_post"][:, 1], a["resid_post"][:, 0])
     assert a.provenance.config == {**b.provenance.config}
+    with pytest.raises(TypeError, match="unexpected keyword argument 'layers'"):
+        capture(lm, PROMPTS, config, layers="0,1")  # settings live in the config, not keywords
+    with pytest.raises(TypeError, match="unexpected keyword argument 'progress'"):
+        CaptureConfig(progress=False)  # a keyword of capture(), not a capture setting
     with pytest.raises(ConfigError, match=r"use capture_stats\(\)"):
-        capture(lm, PROMPTS, stats=True)
+        capture(lm, PROMPTS, CaptureConfig(stats=True))
     with pytest.raises(ConfigError, match=r"use capture_to_disk\(\)"):
-        capture(lm, PROMPTS, shard_size=2)
+        capture(lm, PROMPTS, CaptureConfig(shard_size=2))
 
 
 def test_prompt_set_encoded_set_and_strings_agree(lm) -> None:
     prompt_set = load_prompts(PROMPTS)
     encoded = encode_set(lm.tokenizer, prompt_set, chat_template=lm.chat_template)
-    kwargs = {"layers": "1", "positions": "t_inst,t_post", "progress": False}
-    from_strings = capture(lm, PROMPTS, **kwargs)
-    from_set = capture(lm, prompt_set, **kwargs)
-    from_encoded = capture(lm, encoded, **kwargs)
-    assert plan_capture(lm, encoded, **kwargs).prompts is encoded  # not re-encoded
+    kwargs = {"layers": "1", "positions": "t_inst,t_post"}
+    from_strings = capture(lm, PROMPTS, CaptureConfig(**kwargs), progress=False)
+    from_set = capture(lm, prompt_set, CaptureConfig(**kwargs), progress=False)
+    from_encoded = capture(lm, encoded, CaptureConfig(**kwargs), progress=False)
+    assert plan_capture(lm, encoded, CaptureConfig(**kwargs)).prompts is encoded  # not re-encoded
     for acts in (from_set, from_encoded):
         assert torch.equal(acts["resid_pre"], from_strings["resid_pre"])
         assert acts.provenance.prompt_sets == from_strings.provenance.prompt_sets
     # Encoded without a system prompt, asked with one: encoded again, with the system prompt.
-    with_system = capture(lm, encoded, system="Be brief.", **kwargs)
+    with_system = capture(lm, encoded, CaptureConfig(system="Be brief.", **kwargs), progress=False)
     assert with_system["resid_pre"].shape == from_strings["resid_pre"].shape
     assert with_system.provenance["system"] == "Be brief."
     assert not torch.equal(with_system["resid_pre"], from_strings["resid_pre"])
@@ -120,7 +126,7 @@ def test_offset_outside_a_prompt_fails_before_any_pass(lm) -> None:
     handle = lm.blocks[0].register_forward_hook(lambda *a: calls.append(1))
     try:
         with pytest.raises(ConfigError, match="position offset 200 lies outside a prompt of"):
-            capture(lm, PROMPTS, positions="200", progress=False)
+            capture(lm, PROMPTS, CaptureConfig(positions="200"), progress=False)
     finally:
         handle.remove()
     assert calls == []
@@ -132,7 +138,7 @@ def test_disk_capture_checks_the_folder_first(lm, tmp_path: Path) -> None:
     with pytest.raises(OutputPathError, match="is a file; give a folder"):
         capture_to_disk(lm, PROMPTS, blocker, progress=False)
     with pytest.raises(ConfigError, match="cannot be combined with --stats"):
-        capture_to_disk(lm, PROMPTS, tmp_path / "d", stats=True, progress=False)
+        capture_to_disk(lm, PROMPTS, tmp_path / "d", CaptureConfig(stats=True), progress=False)
 
 
 def test_disk_and_stats_modes_take_either_backend(lm, tmp_path: Path) -> None:
@@ -145,13 +151,23 @@ def test_disk_and_stats_modes_take_either_backend(lm, tmp_path: Path) -> None:
         "positions": "t_inst,last",
         "dtype": torch.float32,
         "batch_size": 2,
-        "progress": False,
     }
-    hooks = capture(lm, PROMPTS, **kwargs)
-    folder = capture_to_disk(lm, PROMPTS, tmp_path / "tl", backend="transformer_lens", **kwargs)
+    hooks = capture(lm, PROMPTS, CaptureConfig(**kwargs), progress=False)
+    folder = capture_to_disk(
+        lm,
+        PROMPTS,
+        tmp_path / "tl",
+        CaptureConfig(backend="transformer_lens", **kwargs),
+        progress=False,
+    )
     disk = load_activations(folder)
     assert disk.provenance["backend"] == "transformer_lens"
-    stats = capture_stats(lm, PROMPTS, backend="transformer_lens", covariance=True, **kwargs)
+    stats = capture_stats(
+        lm,
+        PROMPTS,
+        CaptureConfig(backend="transformer_lens", stats=True, covariance=True, **kwargs),
+        progress=False,
+    )
     assert stats.provenance["backend"] == "transformer_lens" and stats.n_forward == 2
     for site in ("resid_pre", "mlp_out"):
         torch.testing.assert_close(disk[site], hooks[site], atol=1e-5, rtol=1e-5)
@@ -163,8 +179,12 @@ def test_package_face_capture_is_the_capture_function(lm) -> None:
     import safegeom
 
     assert safegeom.capture is capture
-    acts = safegeom.capture(lm, PROMPTS, layers="1", positions="last", progress=False)
+    acts = safegeom.capture(
+        lm, PROMPTS, CaptureConfig(layers="1", positions="last"), progress=False
+    )
     assert torch.equal(
         acts["resid_pre"],
-        capture(lm, PROMPTS, layers="1", positions="last", progress=False)["resid_pre"],
+        capture(lm, PROMPTS, CaptureConfig(layers="1", positions="last"), progress=False)[
+            "resid_pre"
+        ],
     )

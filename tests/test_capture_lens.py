@@ -12,7 +12,7 @@ from torch import nn
 
 pytest.importorskip("transformer_lens")
 
-from safegeom.activations import capture
+from safegeom.activations import CaptureConfig, capture
 from safegeom.activations.transformer_lens import bridge_hook_name, transformer_lens_bridge
 from safegeom.models import LAYOUTS, LoadConfig, LoadedModel, load_model
 from tests.tiny_models import ARCHS
@@ -44,10 +44,10 @@ def models(checkpoints: dict[str, Path]) -> Callable[[str], LoadedModel]:
 
 
 def _both(lm: LoadedModel, **kwargs) -> tuple:
-    common = {"sites": SITES, "positions": POSITIONS, "dtype": torch.float32, "progress": False}
+    common = {"sites": SITES, "positions": POSITIONS, "dtype": torch.float32}
     common.update(kwargs)
-    return capture(lm, PROMPTS, backend="hooks", **common), capture(
-        lm, PROMPTS, backend="transformer_lens", **common
+    return capture(lm, PROMPTS, CaptureConfig(backend="hooks", **common), progress=False), capture(
+        lm, PROMPTS, CaptureConfig(backend="transformer_lens", **common), progress=False
     )
 
 
@@ -74,9 +74,19 @@ def test_lens_stops_early_and_matches(models: Callable[[str], LoadedModel], arch
 
 def test_lens_padded_equals_alone(models: Callable[[str], LoadedModel]) -> None:
     lm = models("qwen2")
-    kwargs = {"sites": SITES, "layers": "all", "positions": POSITIONS, "progress": False}
-    batched = capture(lm, PROMPTS, backend="transformer_lens", batch_size=len(PROMPTS), **kwargs)
-    alone = capture(lm, PROMPTS, backend="transformer_lens", batch_size=1, **kwargs)
+    kwargs = {"sites": SITES, "layers": "all", "positions": POSITIONS}
+    batched = capture(
+        lm,
+        PROMPTS,
+        CaptureConfig(backend="transformer_lens", batch_size=len(PROMPTS), **kwargs),
+        progress=False,
+    )
+    alone = capture(
+        lm,
+        PROMPTS,
+        CaptureConfig(backend="transformer_lens", batch_size=1, **kwargs),
+        progress=False,
+    )
     for site in SITES.split(","):
         torch.testing.assert_close(batched.data[site], alone.data[site], **TOL)
 

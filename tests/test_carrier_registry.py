@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from safegeom.activations import capture
+from safegeom.activations import CaptureConfig, capture
 from safegeom.audit.activations import CarrierActivations, layer_inputs
 from safegeom.audit.config import AuditConfig
 from safegeom.audit.measure import measure_checkpoint
@@ -116,7 +116,11 @@ def test_toy_types_in_a_suite(lm, suite: CarrierSuite, tmp_path: Path) -> None:
     torch.testing.assert_close(pcs.vectors @ pcs.vectors.T, torch.eye(2), atol=1e-5, rtol=0)
     # the suite's toy carrier is the toy fit on the captured activations
     acts = [
-        capture(lm, encode(lm, p, None), layers=[r.layer], positions="t_inst", dtype=torch.float32)
+        capture(
+            lm,
+            encode(lm, p, None),
+            CaptureConfig(layers=[r.layer], positions="t_inst", dtype=torch.float32),
+        )
         for p in (HARMFUL, HARMLESS)
     ]
     h, s = (a["resid_pre"][:, 0, 0].double() for a in acts)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from safegeom.activations import capture
+from safegeom.activations import CaptureConfig, capture
 from safegeom.carriers.admissible import (
     admissibility_table,
     admissible_carrier,
@@ -176,7 +176,9 @@ def test_cheap_cone_orthonormal_with_scores(lm, tmp_path) -> None:
     assert (cone.k, cone.method, cone.layer) == (3, "cone-cheap", 1)
     torch.testing.assert_close(cone.vectors @ cone.vectors.T, torch.eye(3), atol=1e-5, rtol=0)
     means = [
-        capture(lm, p, layers=[1], positions="last", progress=False)["resid_pre"][:, 0, 0]
+        capture(lm, p, CaptureConfig(layers=[1], positions="last"), progress=False)["resid_pre"][
+            :, 0, 0
+        ]
         .double()
         .mean(0)
         for p in (HARMFUL, HARMLESS)
@@ -321,7 +323,7 @@ def test_rdo_scores_and_bad_inputs(lm, dim, targets) -> None:
 
 
 def test_admissible_excludes_high_kl(lm, tmp_path) -> None:
-    acts = capture(lm, HARMLESS, layers=[1], positions="last", progress=False)
+    acts = capture(lm, HARMLESS, CaptureConfig(layers=[1], positions="last"), progress=False)
     mean_state = acts["resid_pre"][:, 0, 0].mean(0)  # the states lie along it: ablation hurts
     gen = torch.Generator().manual_seed(0)
     random_dir = torch.randn(lm.d_model, generator=gen)

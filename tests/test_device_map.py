@@ -9,6 +9,7 @@ CPU offloading, and where two are, between two GPUs (skipped otherwise).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import safegeom.parallel.ranks
-from safegeom.activations import capture, capture_stats
+from safegeom.activations import CaptureConfig, capture, capture_stats
 from safegeom.cli import main
 from safegeom.errors import ConfigError, ModelLoadError, SafegeomError
 from safegeom.evaluation import generate, refusal_scores
@@ -83,7 +84,9 @@ def pair(
     device, device_map, tol = PLACEMENTS[request.param]
     whole = load_model(checkpoint, LoadConfig(dtype="float32", device=device))
     offload = tmp_path_factory.mktemp("offload")
-    split = load_model(checkpoint, LoadConfig(dtype="float32", device_map=device_map, offload_folder=offload))
+    split = load_model(
+        checkpoint, LoadConfig(dtype="float32", device_map=device_map, offload_folder=offload)
+    )
     return whole, split, tol, request.param
 
 
@@ -106,13 +109,15 @@ def test_the_map_really_splits_the_model(pair, one_thread) -> None:
 
 def test_activations_equal_at_every_layer(pair, one_thread) -> None:
     whole, split, tol, _ = pair
-    config = {"sites": SITES, "positions": "t_inst,t_post,-1", "batch_size": 2, "progress": False}
-    a, b = capture(whole, PROMPTS, **config), capture(split, PROMPTS, **config)
+    config = CaptureConfig(sites=SITES, positions="t_inst,t_post,-1", batch_size=2)
+    a = capture(whole, PROMPTS, config, progress=False)
+    b = capture(split, PROMPTS, config, progress=False)
     assert a.layers == b.layers == (0, 1, 2, 3)
     for site in SITES:
         _same(b[site], a[site], tol)
     # stopping early (before an offloaded block) leaves the split model working and equal
-    early = capture(split, PROMPTS, **config | {"sites": ("resid_pre",), "layers": "0-1"})
+    early_config = dataclasses.replace(config, sites=("resid_pre",), layers="0-1")
+    early = capture(split, PROMPTS, early_config, progress=False)
     _same(early["resid_pre"], a["resid_pre"][:, :2], tol)
     stats_a = capture_stats(whole, PROMPTS, progress=False).moments["resid_pre"]
     stats_b = capture_stats(split, PROMPTS, progress=False).moments["resid_pre"]
@@ -145,7 +150,9 @@ def test_interventions_equal(pair, one_thread) -> None:
         assert (one - plain).abs().max() > 1e-3  # the intervention acts
     unit = direction / direction.norm()
     with ablate(split, direction):
-        acts = capture(split, PROMPTS, sites=("resid_pre", "mlp_out"), progress=False)
+        acts = capture(
+            split, PROMPTS, CaptureConfig(sites=("resid_pre", "mlp_out")), progress=False
+        )
     assert (acts["resid_pre"].float() @ unit).abs().max() < 1e-4  # removed at every layer
     assert (acts["mlp_out"].float() @ unit).abs().max() < 1e-4
 
@@ -212,7 +219,7 @@ def test_refusals(checkpoint: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: P
     with pytest.raises(SafegeomError, match="offloaded some to disk; load the model without"):
         orthogonalize_weights(split, torch.ones(split.d_model))
     with pytest.raises(SafegeomError, match="spread over devices by a device map"):
-        capture(split, PROMPTS[:1], backend="transformer_lens", progress=False)
+        capture(split, PROMPTS[:1], CaptureConfig(backend="transformer_lens"), progress=False)
     monkeypatch.setattr(safegeom.parallel.ranks, "world_size", lambda: 2)
     with sharding(), pytest.raises(ConfigError, match=r"--device-map under a launcher \(2 proc"):
         load_model(checkpoint, LoadConfig(device_map="auto"))
@@ -272,8 +279,9 @@ def test_adapter_on_a_placed_base(
     whole = load_model(adapter, LoadConfig(dtype="float32", device=device))
     placed = load_model(adapter, LoadConfig(dtype="float32", device_map=device_map))
     assert placed.adapter and not placed.merged
-    config = {"sites": SITES, "positions": "t_inst,-1", "batch_size": 2, "progress": False}
-    a, b = capture(whole, PROMPTS, **config), capture(placed, PROMPTS, **config)
+    config = CaptureConfig(sites=SITES, positions="t_inst,-1", batch_size=2)
+    a = capture(whole, PROMPTS, config, progress=False)
+    b = capture(placed, PROMPTS, config, progress=False)
     for site in SITES:
         _same(b[site], a[site], tol)
     scores = refusal_scores(whole, PROMPTS, progress=False)
@@ -281,7 +289,9 @@ def test_adapter_on_a_placed_base(
     assert (scores - refusal_scores(plain, PROMPTS, progress=False)).abs().max() > 1e-3
     greedy = {"max_new_tokens": 6, "progress": False}
     assert generate(placed, PROMPTS, **greedy) == generate(whole, PROMPTS, **greedy)
-    merged = load_model(adapter, LoadConfig(dtype="float32", device_map=device_map, merge_adapter=True))
+    merged = load_model(
+        adapter, LoadConfig(dtype="float32", device_map=device_map, merge_adapter=True)
+    )
     assert merged.merged
     _same(refusal_scores(merged, PROMPTS, progress=False), scores, 1e-4)  # merged: fp rounding
 
@@ -293,7 +303,10 @@ def test_adapter_on_a_base_offloaded_to_disk_is_refused(
     nothing is written there."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:
-        load_model(adapter, LoadConfig(device_map=PLACEMENTS["cpu+disk"][1], offload_folder=tmp_path / "off"))
+        load_model(
+            adapter,
+            LoadConfig(device_map=PLACEMENTS["cpu+disk"][1], offload_folder=tmp_path / "off"),
+        )
     assert str(err.value).startswith(
         "a PEFT adapter on a base with weights offloaded to disk ('model.layers.1' and 1 more) is "
         "refused: peft writes the offloaded weights again, relative to the working directory."

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from safegeom.activations import capture, capture_stats, capture_to_disk
+from safegeom.activations import CaptureConfig, capture, capture_stats, capture_to_disk
 from safegeom.activations.values import load_activations
 from safegeom.errors import SafegeomError
 from safegeom.evaluation import evaluate, refusal_scores
@@ -108,9 +108,16 @@ def test_dealt_encoding_equals_one_process(job: dict[str, Any], lm: Any) -> None
 
 
 def test_sharded_capture_equals_one_process(job: dict[str, Any], lm: Any) -> None:
-    reference = capture(lm, PROMPTS, batch_size=3, **CAPTURE).data
-    auto = capture(lm, PROMPTS, layers="1", **CAPTURE).data  # one batch: rank 1 has none
-    lens = capture(lm, PROMPTS, batch_size=4, backend="transformer_lens", **CAPTURE).data
+    reference = capture(lm, PROMPTS, CaptureConfig(batch_size=3, **CAPTURE), progress=False).data
+    auto = capture(
+        lm, PROMPTS, CaptureConfig(layers="1", **CAPTURE), progress=False
+    ).data  # one batch: rank 1 has none
+    lens = capture(
+        lm,
+        PROMPTS,
+        CaptureConfig(batch_size=4, backend="transformer_lens", **CAPTURE),
+        progress=False,
+    ).data
     for rank in job["ranks"]:  # every rank holds all activations, in input order
         _equal(rank["acts"], reference)
         _equal(rank["acts_auto"], auto)
@@ -118,7 +125,12 @@ def test_sharded_capture_equals_one_process(job: dict[str, Any], lm: Any) -> Non
 
 
 def test_sharded_stats_equal_one_process(job: dict[str, Any], lm: Any) -> None:
-    reference = capture_stats(lm, PROMPTS, batch_size=3, covariance=True, **CAPTURE)
+    reference = capture_stats(
+        lm,
+        PROMPTS,
+        CaptureConfig(batch_size=3, stats=True, covariance=True, **CAPTURE),
+        progress=False,
+    )
     for rank in job["ranks"]:
         assert rank["n_forward"] == reference.n_forward == 4
         for site, (n, mean, cov) in rank["stats"].items():
@@ -130,7 +142,13 @@ def test_sharded_stats_equal_one_process(job: dict[str, Any], lm: Any) -> None:
 
 
 def test_sharded_disk_equals_one_process(job: dict[str, Any], lm: Any, tmp_path: Path) -> None:
-    path = capture_to_disk(lm, PROMPTS, tmp_path / "one", batch_size=3, shard_size=4, **CAPTURE)
+    path = capture_to_disk(
+        lm,
+        PROMPTS,
+        tmp_path / "one",
+        CaptureConfig(batch_size=3, shard_size=4, **CAPTURE),
+        progress=False,
+    )
     reference = load_activations(path).data
     names = sorted(p.name for p in path.iterdir())
     for rank in job["ranks"]:
@@ -237,7 +255,7 @@ def test_cli_under_accelerate_launch(job: dict[str, Any], lm: Any) -> None:
     assert proc.returncode == 0, stdout[-4000:]
     assert stdout.count(f"wrote {out}") == 1  # rank 0 alone prints (and writes)
     saved = load_activations(out)
-    reference = capture(lm, PROMPTS, batch_size=3, layers="1-2", progress=False)
+    reference = capture(lm, PROMPTS, CaptureConfig(batch_size=3, layers="1-2"), progress=False)
     _equal(saved.data, reference.data)
 
 

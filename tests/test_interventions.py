@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safegeom.activations import capture
+from safegeom.activations import CaptureConfig, capture
 from safegeom.interventions import (
     ablate,
     ablate_rows,
@@ -32,7 +32,9 @@ def test_ablation_removes_direction_everywhere(checkpoints: dict[str, Path], arc
     lm = load_model(checkpoints[arch])
     r = torch.randn(lm.d_model)
     with ablate(lm, r):
-        acts = capture(lm, PROMPTS, sites=SITES, positions="t_inst,t_post", progress=False)
+        acts = capture(
+            lm, PROMPTS, CaptureConfig(sites=SITES, positions="t_inst,t_post"), progress=False
+        )
     unit = r / r.norm()
     for site in ("resid_pre", "attn_out", "mlp_out"):
         assert (acts[site] @ unit).abs().max() < 1e-4, site
@@ -120,11 +122,17 @@ def test_instruction_only_addition_leaves_template_positions(checkpoints: dict[s
     lm = load_model(checkpoints["llama"])
     r = torch.randn(lm.d_model) * 5
     base = capture(
-        lm, PROMPTS, sites="resid_pre", layers="1", positions="t_inst,last", progress=False
+        lm,
+        PROMPTS,
+        CaptureConfig(sites="resid_pre", layers="1", positions="t_inst,last"),
+        progress=False,
     )
     with add(lm, r, layers=1, positions="instruction"):
         moved = capture(
-            lm, PROMPTS, sites="resid_pre", layers="1", positions="t_inst,last", progress=False
+            lm,
+            PROMPTS,
+            CaptureConfig(sites="resid_pre", layers="1", positions="t_inst,last"),
+            progress=False,
         )
     delta = moved["resid_pre"] - base["resid_pre"]
     torch.testing.assert_close(
@@ -139,7 +147,10 @@ def test_affine_edit_sets_coordinate(checkpoints: dict[str, Path]) -> None:
     mu = torch.randn(lm.d_model)
     with affine_edit(lm, r, mu, alpha=0.5, layers="1"):
         acts = capture(
-            lm, PROMPTS, sites="resid_pre", layers="1", positions="t_post", progress=False
+            lm,
+            PROMPTS,
+            CaptureConfig(sites="resid_pre", layers="1", positions="t_post"),
+            progress=False,
         )
     unit = r / r.norm()
     coords = acts["resid_pre"] @ unit

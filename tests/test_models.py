@@ -43,7 +43,10 @@ def test_dtype_and_device(checkpoints: dict[str, Path]) -> None:
 
 
 def test_unknown_architecture_names_override(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(UnknownArchitectureError, match=r"pass LoadConfig\(layout=ArchLayout\(\.\.\.\)\) to load_model"):
+    with pytest.raises(
+        UnknownArchitectureError,
+        match=r"pass LoadConfig\(layout=ArchLayout\(\.\.\.\)\) to load_model",
+    ):
         layout_for("mamba_like")
     # The override makes an unknown type usable.
     lm = load_model(checkpoints["llama"], LoadConfig(layout=dict(vars(LAYOUTS["llama"]))))

@@ -64,10 +64,10 @@ def _spec(parse: Any, value: Any) -> Any:
 class CaptureConfig:
     """What to capture (sites, layers, positions), how (batch size, backend, dtype), and where to.
 
-    Library functions take this config or its fields as keywords:
-    ``capture(lm, prompts, layers="2-5")`` equals ``capture(lm, prompts, CaptureConfig(layers=...))``.
+    Library functions take this config: ``capture(lm, prompts, CaptureConfig(layers="2-5"))``.
     Strings, ints, lists and ``torch.dtype`` values are accepted for the typed fields and
-    normalised here.
+    normalised here. Whether to show a progress bar is not a setting of what is captured: it is
+    the ``progress`` keyword of :func:`~safegeom.activations.capture` and its siblings.
     """
 
     sites: tuple[str, ...] = ("resid_pre",)
@@ -90,8 +90,6 @@ class CaptureConfig:
     """Keep only float64 running means per site (and covariances with --covariance)."""
     covariance: bool = False
     """With --stats: also accumulate float64 covariances over the hidden dimension."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         sites = parse_sites(self.sites)

@@ -16,9 +16,10 @@ several) share this loop; each runs either all batches or its share of them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from jaxtyping import Float
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from safegeom.activations.config import CaptureConfig
 from safegeom.activations.hooks_backend import HookRecorder
-from safegeom.activations.plan import CapturePlan, resolve_config
+from safegeom.activations.plan import CapturePlan
 from safegeom.activations.transformer_lens import BridgeRecorder
 from safegeom.activations.values import FORMAT, SHARD_INDEX
 from safegeom.artifacts import save_safetensors, write_json
@@ -60,14 +61,14 @@ def iter_capture(
     lm: LoadedModel,
     plan: CapturePlan,
     *,
-    progress: bool | None = None,
+    progress: bool = True,
     batches: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[tuple[Tensor, dict[str, Float[Tensor, "batch layer pos d"]]]]:
     """Run the forward passes and yield ``(prompt_indices, {site: activations})`` per batch.
 
     The yielded tensors are *views of reused device buffers*: copy what you keep before asking
     for the next batch. Batches come in length order, not input order; ``prompt_indices`` says
-    which prompts each row holds. ``progress`` defaults to ``plan.config.progress``;
+    which prompts each row holds. ``progress`` shows a progress bar;
     ``batches`` (prompt indices, at most ``plan.batch_size`` each; default: every prompt,
     longest first) are the batches to run, e.g. one rank's share (:func:`plan_batches`).
 
@@ -78,14 +79,13 @@ def iter_capture(
     if plan.backend not in RECORDERS:
         raise ConfigError(f"unknown capture backend {plan.backend!r}: use {' or '.join(RECORDERS)}")
     recorder = RECORDERS[plan.backend](lm, plan)
-    show = plan.config.progress if progress is None else progress
     todo = plan_batches(plan) if batches is None else [list(b) for b in batches]
     n = sum(len(b) for b in todo)
     pad = lm.tokenizer.pad_token_id
     device = lm.device  # where inputs go; the buffers may be elsewhere (a split model: CPU)
     held = next(iter(recorder.buffers.values())).device
     finite = torch.ones((), dtype=torch.bool, device=held)
-    bar = tqdm(total=n, desc=recorder.label, unit="prompt", disable=not show)
+    bar = tqdm(total=n, desc=recorder.label, unit="prompt", disable=not progress)
     for ids in todo:
         batch = collate_left([plan.encoded[i] for i in ids], pad)
         index = plan.positions.index(batch).to(device, non_blocking=True)
@@ -123,12 +123,11 @@ def plan_batches(plan: CapturePlan) -> list[list[int]]:
     return list(longest_first([len(e) for e in plan.encoded], plan.batch_size))
 
 
-def disk_config(config: CaptureConfig | None, fields: dict[str, Any]) -> tuple[CaptureConfig, int]:
+def disk_config(config: CaptureConfig) -> tuple[CaptureConfig, int]:
     """The config of a capture to disk (``shard_size`` 4096 unless set), and its shard size."""
-    cfg = resolve_config(config, fields)
-    if cfg.shard_size is None:
-        cfg = resolve_config(cfg, {}, shard_size=4096)
-    return cfg, cfg.shard_size or 4096
+    if config.shard_size is None:
+        config = dataclasses.replace(config, shard_size=4096)
+    return config, config.shard_size or 4096
 
 
 class ShardWriter:

@@ -127,8 +127,8 @@ def capture_stats(
 ) -> ActivationStats:
     """Float64 running means (and covariances over ``d``) of activations, never holding them all.
 
-    Takes the config of :func:`capture` (``stats`` is implied; ``covariance=True`` adds the
-    covariances) with either backend; ``progress`` shows a progress bar.
+    Takes the config of :func:`capture` (``stats`` is implied; ``CaptureConfig(stats=True,
+    covariance=True)`` adds the covariances) with either backend; ``progress`` shows a progress bar.
 
     Returns:
         :class:`ActivationStats`; means are ``[n_layers, n_positions, d]`` per site, covariances

@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from safegeom.activations import capture
+from safegeom.activations import CaptureConfig, capture
 from safegeom.audit.config import AuditConfig
 from safegeom.carriers.fit import Fitted
 from safegeom.carriers.registry import CAPTURED, ClassActivations, carrier_type, read_positions
@@ -117,11 +117,13 @@ def capture_carriers(
     acts = capture(
         lm,
         both,
-        layers=list(layers),
-        positions=POSITIONS,
-        dtype=torch.float32,
-        system=config.system,
-        batch_size=config.batch_size,
+        CaptureConfig(
+            layers=list(layers),
+            positions=POSITIONS,
+            dtype=torch.float32,
+            system=config.system,
+            batch_size=config.batch_size,
+        ),
         progress=progress,
     )
     data = acts[SITE].double()

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from safegeom.activations import capture
+from safegeom.activations import CaptureConfig, capture
 from safegeom.carriers.candidate_scores import score_candidates
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.fit import cone_basis, gram_schmidt
@@ -184,10 +184,7 @@ def cheap_cone(
         capture(
             lm,
             p,
-            layers=[at],
-            positions="t_post",
-            dtype=torch.float32,
-            system=system,
+            CaptureConfig(layers=[at], positions="t_post", dtype=torch.float32, system=system),
             progress=progress,
         )
         for p in (h_set, s_set)

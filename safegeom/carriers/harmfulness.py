@@ -10,7 +10,7 @@ aligned models it is nearly orthogonal to the refusal direction (docs/methods.md
 
 from __future__ import annotations
 
-from safegeom.activations import capture_stats
+from safegeom.activations import CaptureConfig, capture_stats
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.fit import diff_in_means
 from safegeom.carriers.inputs import Prompts, as_prompts, default_layer, prompt_provenance
@@ -60,11 +60,9 @@ def harmfulness_direction(
         capture_stats(
             lm,
             p,
-            sites=site,
-            layers=[at],
-            positions="t_inst",
-            system=system,
-            batch_size=batch_size,
+            CaptureConfig(
+                sites=site, layers=[at], positions="t_inst", system=system, batch_size=batch_size
+            ),
             progress=progress,
         ).mean(site)[0, 0]
         for p in (h_set, s_set)

@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from safegeom.activations import capture
+from safegeom.activations import CaptureConfig, capture
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.inputs import Prompts, prompt_provenance
 from safegeom.errors import NonFiniteError, SafegeomError
@@ -134,10 +134,7 @@ def _activations(
         capture(
             lm,
             p,
-            layers=layers,
-            positions=positions,
-            dtype=torch.float32,
-            system=system,
+            CaptureConfig(layers=layers, positions=positions, dtype=torch.float32, system=system),
             progress=progress,
         )
         for p in (h_set, s_set)

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from safegeom.activations import capture_stats
+from safegeom.activations import CaptureConfig, capture_stats
 from safegeom.carriers.candidate_scores import (
     ForwardCounter,
     refusal_log_odds,
@@ -146,10 +146,7 @@ def dim_candidates(
         capture_stats(
             lm,
             enc,
-            sites=site,
-            layers=layers,
-            positions=positions,
-            system=system,
+            CaptureConfig(sites=site, layers=layers, positions=positions, system=system),
             progress=progress,
         )
         for enc in sets

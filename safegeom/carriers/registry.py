@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from safegeom.activations import capture
+from safegeom.activations import CaptureConfig, capture
 from safegeom.artifacts import Provenance
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.cones import cheap_cone
@@ -171,10 +171,9 @@ class CarrierType:
             capture(
                 lm,
                 enc,
-                layers=[at],
-                positions=CAPTURED,
-                dtype=torch.float32,
-                system=sets.system,
+                CaptureConfig(
+                    layers=[at], positions=CAPTURED, dtype=torch.float32, system=sets.system
+                ),
                 progress=sets.progress,
             )
             for enc in (sets.harmful, sets.harmless)

@@ -9,6 +9,7 @@ from typing import Any
 
 from safegeom.activations import CaptureConfig, capture, capture_stats, capture_to_disk
 from safegeom.activations.values import Activations, ActivationStats
+from safegeom.attacks.attack_set import AttackSet, prompt_spec
 from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.config import check
@@ -16,7 +17,7 @@ from safegeom.errors import ConfigError, SafegeomError
 from safegeom.models.loading import LoadConfig, load_model
 from safegeom.outputs import check_file_output, claim_folder, inputs_of
 from safegeom.parallel.ranks import is_main, main_only
-from safegeom.prompts import PromptSet, load_prompts
+from safegeom.prompts import PromptSet
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class CaptureCommand:
     model: str = field(metadata={"positional": True, "metavar": "MODEL"})
     """tiny-chat, a checkpoint or adapter folder, or a hub id."""
     prompts: str = field(metadata={"metavar": "SPEC"})
-    """Prompt set: a bundled set[:split] or a CSV/JSON/JSONL file."""
+    """Prompt set: a bundled set[:split], a CSV/JSON/JSONL file, or an attack set's folder."""
     out: str = field(metadata={"metavar": "PATH"})
     """Output file (a folder with --shard-size); checked before the model is loaded."""
     overwrite: bool = False
@@ -37,6 +38,8 @@ class CaptureCommand:
     """Use only the first N prompts."""
     json: bool = False
     """Print a summary as JSON."""
+    progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         if self.limit is not None:
@@ -58,9 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _prompts(command: CaptureCommand) -> PromptSet:
+def _prompts(command: CaptureCommand) -> PromptSet | AttackSet:
     try:
-        return load_prompts(command.prompts, column=command.column, n=command.limit)
+        return prompt_spec(command.prompts, column=command.column, n=command.limit)
     except SafegeomError:
         raise
     except ValueError as err:  # prompt loading reports bad specs as ValueError
@@ -96,11 +99,11 @@ def _capture(args: argparse.Namespace, command: CaptureCommand, config: CaptureC
     lm = load_model(command.model, config_from_args(LoadConfig, args))
     summary: dict[str, Any]
     if config.shard_size is not None:
-        path = capture_to_disk(lm, prompts, command.out, config)
+        path = capture_to_disk(lm, prompts, command.out, config, progress=command.progress)
         summary = {"out": str(path), "mode": "shards"}
         line = f"wrote {path}/ (sharded activations of {len(prompts)} prompts)"
     elif config.stats:
-        stats = capture_stats(lm, prompts, config)
+        stats = capture_stats(lm, prompts, config, progress=command.progress)
         path = main_only(stats.save)(command.out) or Path(command.out)
         summary = _stats_summary(stats, str(path))
         line = (
@@ -109,7 +112,7 @@ def _capture(args: argparse.Namespace, command: CaptureCommand, config: CaptureC
             f"{_span(stats.positions)}; n={stats.n}) and {path}.json"
         )
     else:
-        acts = capture(lm, prompts, config)
+        acts = capture(lm, prompts, config, progress=command.progress)
         path = main_only(acts.save)(command.out) or Path(command.out)
         summary = _tensor_summary(acts, str(path))
         shape = "x".join(str(s) for s in next(iter(acts.data.values())).shape)

@@ -37,7 +37,6 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,11 +86,13 @@ def shard_plan(
     return plan, deal(plan_batches(plan))
 
 
-def _progress(plan: CapturePlan) -> bool:
-    return plan.config.progress and is_main()
+def _progress(progress: bool) -> bool:
+    return progress and is_main()
 
 
-def capture_sharded(lm: LoadedModel, prompts: Prompts, cfg: CaptureConfig) -> Activations:
+def capture_sharded(
+    lm: LoadedModel, prompts: Prompts, cfg: CaptureConfig, *, progress: bool = True
+) -> Activations:
     """:func:`~safegeom.activations.capture` over every process of the job.
 
     Returns:
@@ -103,7 +104,7 @@ def capture_sharded(lm: LoadedModel, prompts: Prompts, cfg: CaptureConfig) -> Ac
     def local() -> tuple[list[int], dict[str, Tensor]]:
         ids: list[int] = []
         parts: dict[str, list[Tensor]] = {s: [] for s in plan.sites}
-        for rows, acts in iter_capture(lm, plan, progress=_progress(plan), batches=mine):
+        for rows, acts in iter_capture(lm, plan, progress=_progress(progress), batches=mine):
             ids.extend(rows.tolist())
             for site, tensor in acts.items():
                 parts[site].append(tensor.to("cpu", copy=True))
@@ -116,7 +117,9 @@ def capture_sharded(lm: LoadedModel, prompts: Prompts, cfg: CaptureConfig) -> Ac
     return Activations(out, plan.layers, plan.positions.labels, plan.provenance(lm))
 
 
-def capture_stats_sharded(lm: LoadedModel, prompts: Prompts, cfg: CaptureConfig) -> ActivationStats:
+def capture_stats_sharded(
+    lm: LoadedModel, prompts: Prompts, cfg: CaptureConfig, *, progress: bool = True
+) -> ActivationStats:
     """:func:`~safegeom.activations.capture_stats` over every process of the job.
 
     Returns:
@@ -131,7 +134,7 @@ def capture_stats_sharded(lm: LoadedModel, prompts: Prompts, cfg: CaptureConfig)
             s: RunningStats(shape, covariance=cfg.covariance, device=lm.device) for s in plan.sites
         }
         n_forward = 0
-        for _, acts in iter_capture(lm, plan, progress=_progress(plan), batches=mine):
+        for _, acts in iter_capture(lm, plan, progress=_progress(progress), batches=mine):
             n_forward += 1
             for site, tensor in acts.items():
                 running[site].update(tensor)
@@ -157,8 +160,9 @@ def capture_to_disk_sharded(
     lm: LoadedModel,
     prompts: Prompts,
     out_dir: str | os.PathLike[str],
-    config: CaptureConfig | None,
-    fields: dict[str, Any],
+    config: CaptureConfig,
+    *,
+    progress: bool = True,
 ) -> Path:
     """:func:`~safegeom.activations.capture_to_disk` over every process of the job; rank 0 writes.
 
@@ -170,10 +174,10 @@ def capture_to_disk_sharded(
     """
     main_only(check_output_dir)(out_dir)
     folder = Path(out_dir)
-    cfg, shard_size = all_or_none(disk_config, config, fields)
+    cfg, shard_size = all_or_none(disk_config, config)
     plan, mine = shard_plan(lm, prompts, cfg)
     n_rounds = -(-len(plan_batches(plan)) // world_size())
-    batches = iter_capture(lm, plan, progress=_progress(plan), batches=mine)
+    batches = iter_capture(lm, plan, progress=_progress(progress), batches=mine)
     writer: ShardWriter | None = None
     received: list[Batch | None] = []
 
