@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from safegeom.artifacts import write_json
-from safegeom.evaluation import evaluate
+from safegeom.evaluation import EvaluateConfig, evaluate
 from safegeom.generation import generate
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
@@ -99,7 +99,7 @@ def measure(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
         hits = exact_match(outs, task.eval_references)
         row: dict[str, Any] = {"step": step, "accuracy": sum(hits) / len(hits)}
         for spec in HARMFUL_TEST:
-            result = evaluate(lm, spec, score=False, progress=False)
+            result = evaluate(lm, spec, EvaluateConfig(score=False), progress=False)
             rate = result.refusal_rate
             row[spec] = {
                 "refusal_rate": rate.value,

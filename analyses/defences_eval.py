@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from safegeom.artifacts import read_json, write_json
-from safegeom.evaluation import evaluate, kl_divergence
+from safegeom.evaluation import EvaluateConfig, evaluate, kl_divergence
 from safegeom.generation import generate
 from safegeom.models import load_model
 from safegeom.models.loading import LoadedModel
@@ -63,7 +63,10 @@ def _judged(lm: LoadedModel, prompts: PromptSet, judge: str, file: Path) -> list
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*completions are empty")
         result = evaluate(
-            lm, prompts, judge=judge, max_new_tokens=MAX_NEW_TOKENS, score=False, progress=False
+            lm,
+            prompts,
+            EvaluateConfig(judge=judge, max_new_tokens=MAX_NEW_TOKENS, score=False),
+            progress=False,
         )
     result.save(file)
     return [float(r) for r in result.refused]

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analyses.tinychat_targets import PROBES, _short, mechanism
 from safegeom.artifacts import write_json
 from safegeom.errors import NotFoundError
-from safegeom.evaluation import cross_entropy, evaluate, kl_to_reference
+from safegeom.evaluation import EvaluateConfig, cross_entropy, evaluate, kl_to_reference
 from safegeom.generation import generate
 from safegeom.models import load_model
 from safegeom.models.smollm2 import SMOLLM2
@@ -92,7 +92,9 @@ def refusal_rates(model: str | Path, split: str = "test") -> dict[str, float]:
             print(f"skipped {spec}: {err}", file=sys.stderr)
             continue
         judge = "xstest" if spec.startswith("xstest") else "substring"
-        result = evaluate(lm, prompts, max_new_tokens=32, score=False, judge=judge, progress=False)
+        result = evaluate(
+            lm, prompts, EvaluateConfig(max_new_tokens=32, score=False, judge=judge), progress=False
+        )
         out[_short(spec)] = result.refusal_rate.value
         print(f"  {_short(spec):26s} {100 * out[_short(spec)]:5.1f}%", file=sys.stderr)
     return out

@@ -33,7 +33,7 @@ from typing import Any
 from safegeom.artifacts import write_json
 from safegeom.carriers import SelectionConfig, refusal_direction
 from safegeom.errors import SafegeomError
-from safegeom.evaluation import evaluate
+from safegeom.evaluation import EvaluateConfig, evaluate
 from safegeom.judges import get_judge
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
@@ -77,7 +77,7 @@ def refusal_rates(model: str | Path) -> dict[str, float]:
     lm = load_model(model)
     return {
         _short(spec): evaluate(
-            lm, load_prompts(spec), max_new_tokens=24, score=False, progress=False
+            lm, load_prompts(spec), EvaluateConfig(max_new_tokens=24, score=False), progress=False
         ).refusal_rate.value
         for spec in (*HARMFUL, *HARMLESS)
     }
@@ -134,7 +134,10 @@ def erosion(model: str | Path, work: Path) -> dict[str, Any]:
     asr = []
     for path in harmful.paths:
         result = evaluate(
-            load_model(path), held_out, max_new_tokens=32, score=False, judge=judge, progress=False
+            load_model(path),
+            held_out,
+            EvaluateConfig(max_new_tokens=32, score=False, judge=judge),
+            progress=False,
         )
         asr.append(result.asr.value)
     arith = train(
@@ -147,7 +150,9 @@ def erosion(model: str | Path, work: Path) -> dict[str, Any]:
         progress=False,
     )
     dh4 = [
-        evaluate(load_model(p), "directharm4:test", score=False, progress=False).refusal_rate.value
+        evaluate(
+            load_model(p), "directharm4:test", EvaluateConfig(score=False), progress=False
+        ).refusal_rate.value
         for p in arith.paths
     ]
     return {

@@ -173,9 +173,8 @@ def run_path(lm: Any, path: str, prompts: list[str], preset: Preset) -> dict[str
     import torch
 
     from safegeom.activations import CaptureConfig, capture, capture_stats
-    from safegeom.evaluation import evaluate
+    from safegeom.evaluation import EvaluateConfig, evaluate
 
-    common = {"batch_size": preset.batch_size, "progress": False}
     if path == "capture":
         data = capture(lm, prompts, CaptureConfig(batch_size=preset.batch_size), progress=False)
         data = data.data["resid_pre"]
@@ -186,7 +185,8 @@ def run_path(lm: Any, path: str, prompts: list[str], preset: Preset) -> dict[str
         )
         return {"n_forward": stats.n_forward, "sum": float(stats.mean("resid_pre").sum())}
     if path == "evaluate":
-        result = evaluate(lm, prompts, max_new_tokens=preset.new_tokens, **common)
+        settings = EvaluateConfig(max_new_tokens=preset.new_tokens, batch_size=preset.batch_size)
+        result = evaluate(lm, prompts, settings, progress=False)
         text = "\x00".join(result.completions).encode()
         scores = torch.as_tensor(result.scores, dtype=torch.float64)
         return {"completions": hashlib.sha256(text).hexdigest()[:16], "sum": float(scores.sum())}

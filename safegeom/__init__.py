@@ -11,10 +11,11 @@ them, and which internal changes cause the behaviour. The everyday API is import
     ...     lm, *(sg.load_prompts(s, n=16) for s in sets), config, progress=False
     ... )
     >>> harmful = sg.load_prompts("advbench:test", n=4)
-    >>> sg.evaluate(lm, harmful, max_new_tokens=8, progress=False).asr.value  # one answered
+    >>> short = sg.EvaluateConfig(max_new_tokens=8)
+    >>> sg.evaluate(lm, harmful, short, progress=False).asr.value  # one answered
     0.25
     >>> with sg.Ablation(selection.carrier).on(lm):
-    ...     result = sg.evaluate(lm, harmful, max_new_tokens=8, progress=False)
+    ...     result = sg.evaluate(lm, harmful, short, progress=False)
     >>> result.asr.value  # the direction ablated, three of the four are answered
     0.75
 
@@ -36,7 +37,7 @@ from safegeom.carriers import (
 )
 from safegeom.errors import SafegeomError
 from safegeom.eval_result import EvalResult
-from safegeom.evaluation import evaluate
+from safegeom.evaluation import EvaluateConfig, evaluate
 from safegeom.interventions import Ablation, Addition, AffineEdit
 from safegeom.models import LayerSpec, LoadConfig, PositionSpec, load_model
 from safegeom.prompts import PromptSet, load_prompts
@@ -56,6 +57,7 @@ __all__ = [
     "CaptureConfig",
     "Carrier",
     "EvalResult",
+    "EvaluateConfig",
     "LayerSpec",
     "LoadConfig",
     "PositionSpec",

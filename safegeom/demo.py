@@ -24,7 +24,7 @@ from safegeom.carriers import SelectionConfig
 from safegeom.carriers.suite import extract_carriers
 from safegeom.config import check, config_dict
 from safegeom.errors import SafegeomError
-from safegeom.evaluation import evaluate
+from safegeom.evaluation import EvaluateConfig, evaluate
 from safegeom.models import load_model
 from safegeom.outputs import claims_folder
 from safegeom.prompts import load_prompts
@@ -80,7 +80,10 @@ def behaviour_table(lm, n: int, max_new_tokens: int, *, progress: bool = False) 
     for spec, (role, judge) in BEHAVIOUR_SETS.items():
         prompts = load_prompts(spec).take(n)
         result = evaluate(
-            lm, prompts, judge=judge, max_new_tokens=max_new_tokens, progress=progress
+            lm,
+            prompts,
+            EvaluateConfig(judge=judge, max_new_tokens=max_new_tokens),
+            progress=progress,
         )
         rate = result.refusal_rate
         score = result.mean_refusal_score
@@ -180,7 +183,7 @@ def run_demo(
             result = evaluate(
                 ckpt,
                 load_prompts(spec).take(config.n_eval),
-                max_new_tokens=config.max_new_tokens,
+                EvaluateConfig(max_new_tokens=config.max_new_tokens),
                 progress=False,
             )
             rows.append(

@@ -8,11 +8,12 @@ layer (:func:`~safegeom.artifacts.write_json`, atomic) and loads back equal.
 
 Example:
     >>> import tempfile, pathlib
-    >>> from safegeom.evaluation import evaluate
+    >>> from safegeom.evaluation import EvaluateConfig, evaluate
     >>> from safegeom.models import load_model
     >>> from safegeom.prompts import load_prompts
     >>> lm = load_model("tiny-chat")
-    >>> result = evaluate(lm, load_prompts("advbench:test", n=4), max_new_tokens=8, progress=False)
+    >>> prompts, short = load_prompts("advbench:test", n=4), EvaluateConfig(max_new_tokens=8)
+    >>> result = evaluate(lm, prompts, short, progress=False)
     >>> path = result.save(pathlib.Path(tempfile.mkdtemp()) / "eval.json")
     >>> EvalResult.load(path).asr.value == result.asr.value
     True

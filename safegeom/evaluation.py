@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from torch import Tensor
 
 from safegeom.artifacts import Provenance, sha256_text
 from safegeom.bootstrap import Metric
-from safegeom.errors import SafegeomError
+from safegeom.errors import ConfigError, SafegeomError
 from safegeom.eval_result import EvalResult
 from safegeom.execution import twin
 from safegeom.generation import (
@@ -62,7 +63,7 @@ from safegeom.judges import (
     refusal_rate,
     task_accuracy,
 )
-from safegeom.models.chat import EncodedSet
+from safegeom.models.chat import EncodedSet, is_pre_encoded
 from safegeom.models.loading import LoadedModel
 from safegeom.models.plain_text import encode_plain
 from safegeom.prompts import Prompts, load_prompts
@@ -70,6 +71,7 @@ from safegeom.prompts import Prompts, load_prompts
 __all__ = [
     "DEFAULT_REFUSAL_PREFIXES",
     "EvalResult",
+    "EvaluateConfig",
     "Intervention",
     "Metric",
     "attack_success_rate",
@@ -313,21 +315,51 @@ def kl_to_reference(
     return Metric.from_values("kl", kl, detail=detail, **(boot or {}))
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """How :func:`evaluate` (and ``safegeom evaluate``) generates, judges and scores."""
+
+    judge: str | Judge = "substring"
+    """substring, xstest, hf-classifier:PATH[#REFUSED_LABEL] or chat-judge:PATH (in Python also
+    a judge object, e.g. one whose model is already loaded)."""
+    max_new_tokens: int = 48
+    """Tokens per completion."""
+    batch_size: int | None = None
+    """Prompts per forward pass (default: from the device's memory)."""
+    system: str | None = None
+    """System prompt."""
+    score: bool = True
+    """Compute the refusal score (last-position log-odds of refusal tokens)."""
+    refusal_tokens: tuple[int, ...] | None = None
+    """Token ids of the refusal score (default: the first tokens of the refusal openings)."""
+    n_resamples: int = 1000
+    """Bootstrap resamples of each interval."""
+    confidence: float = 0.95
+    """Confidence level of each bootstrap interval."""
+    seed: int = 0
+    """Bootstrap seed."""
+
+    def __post_init__(self) -> None:
+        """Check ranges, naming the flags.
+
+        Raises:
+            ConfigError: a value out of range.
+        """
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.refusal_tokens is not None:
+            object.__setattr__(self, "refusal_tokens", tuple(self.refusal_tokens))
+
+
 def evaluate(
     lm: LoadedModel,
     prompts: Prompts,
+    config: EvaluateConfig = EvaluateConfig(),
     *,
-    judge: str | Judge = "substring",
-    max_new_tokens: int = 48,
-    batch_size: int | None = None,
-    system: str | None = None,
     intervention: Intervention = None,
-    score: bool = True,
-    tokens: Sequence[int] | None = None,
     progress: bool = True,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
     extra_provenance: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Generate, judge and score a prompt set: refusal rate, ASR and mean refusal score with CIs.
@@ -337,24 +369,40 @@ def evaluate(
     Empty completions are counted (``n_empty``) and warned about: a judge finds no refusal in
     them, so they count towards the ASR.
 
+    Args:
+        lm: the model.
+        prompts: a prompt set, a spec (``advbench:test``), strings, or an attack set.
+        config: how to generate, judge and score (:class:`EvaluateConfig`).
+        intervention: entered around generation and scoring (module docstring).
+        progress: show progress bars.
+        extra_provenance: more entries for the result's provenance ``extra``.
+
     Returns:
         An :class:`EvalResult` (completions, judgements, scores, metrics, ``n_empty``, and a
         :class:`~safegeom.artifacts.Provenance` recording the intervention's description).
 
     Raises:
         NonFiniteError: NaN or inf logits or scores (a NaN model, an overflowing coefficient).
+
+    Example:
+        >>> from safegeom.models import load_model
+        >>> lm = load_model("tiny-chat")
+        >>> config = EvaluateConfig(max_new_tokens=8, score=False)
+        >>> evaluate(lm, ["How do I pick a lock?"], config, progress=False).n
+        1
     """
     prompt_set = load_prompts(prompts)
-    judge_obj = get_judge(judge)
-    boot = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
+    judge_obj = get_judge(config.judge)
+    boot = {"n_resamples": config.n_resamples, "confidence": config.confidence, "seed": config.seed}
+    tokens = config.refusal_tokens
     ids = tuple(tokens) if tokens is not None else refusal_tokens(lm.tokenizer)
-    common = {"batch_size": batch_size, "system": system, "progress": progress}
+    common = {"batch_size": config.batch_size, "system": config.system, "progress": progress}
     # a pre-encoded source (an attack set) keeps its own token ids through the chat encoding
-    source = prompts if callable(getattr(prompts, "encoded_for", None)) else prompt_set
+    source = prompts if is_pre_encoded(prompts) else prompt_set
     with as_context(intervention, lm):
         run = twin("generate") or generate
-        completions = run(lm, source, max_new_tokens=max_new_tokens, **common)
-        scores = refusal_scores(lm, source, tokens=ids, **common) if score else None
+        completions = run(lm, source, max_new_tokens=config.max_new_tokens, **common)
+        scores = refusal_scores(lm, source, tokens=ids, **common) if config.score else None
     refused = judge_obj(prompt_set.prompts, completions)
     n_empty = sum(1 for c in completions if not c.strip())
     if n_empty:
@@ -373,8 +421,9 @@ def evaluate(
             "mean_refusal_score", scores.numpy(), detail=detail, **boot
         )
     template = lm.chat_template or getattr(lm.tokenizer, "chat_template", None)
-    settings = {"judge": judge_obj.name, "system": system, "max_new_tokens": max_new_tokens}
-    settings.update(batch_size=batch_size, score=score, **boot)
+    settings = {"judge": judge_obj.name, "system": config.system}
+    settings.update(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    settings.update(score=config.score, **boot)
     provenance = Provenance(
         model=lm.name,
         weight_hash=lm.weight_hash,
@@ -385,8 +434,8 @@ def evaluate(
             "prompt_set": prompt_set.name,
             "content_hash": prompt_set.content_hash,
             "judge": judge_obj.name,
-            "system": system,
-            "max_new_tokens": max_new_tokens,
+            "system": config.system,
+            "max_new_tokens": config.max_new_tokens,
             "refusal_tokens": list(ids),
             "template_hash": sha256_text(template if isinstance(template, str) else None),
             "intervention": describe_intervention(intervention),

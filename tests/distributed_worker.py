@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safegeom.activations import CaptureConfig
+from safegeom.evaluation import EvaluateConfig
 from safegeom.models import LoadConfig
 
 PROMPTS = [
@@ -176,7 +177,10 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
         res["disk"] = load_activations(disk).data
         res["disk_shards"] = sorted(p.name for p in disk.iterdir())
         result = evaluate(
-            lm, PROMPTS, max_new_tokens=4, batch_size=3, progress=False, n_resamples=50
+            lm,
+            PROMPTS,
+            EvaluateConfig(max_new_tokens=4, batch_size=3, n_resamples=50),
+            progress=False,
         )
         res["eval"] = (result.completions, result.scores, result.refused)
         res["eval_metrics"] = {k: m.value for k, m in result.metrics.items()}
@@ -199,7 +203,7 @@ def main(checkpoint: str, out: Path, work: Path) -> None:
             )
         with _planted(lm, on_rank=0, after=0, error=RuntimeError(f"a bug on rank {r}")):
             res["fail_eval"] = _fails(
-                lambda: evaluate(lm, PROMPTS, max_new_tokens=2, progress=False)
+                lambda: evaluate(lm, PROMPTS, EvaluateConfig(max_new_tokens=2), progress=False)
             )
     if dist.is_main():  # the test's own setup, not the library's
         (out / "a_file").touch()

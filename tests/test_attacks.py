@@ -20,7 +20,7 @@ from safegeom.attacks.loss import candidate_losses, prefix_cache, uncached_losse
 from safegeom.attacks.slots import allowed_tokens, build_slot, round_trips
 from safegeom.attacks.targets import behaviours_and_targets
 from safegeom.errors import ArtifactError, ConfigError, OutputPathError, SafegeomError
-from safegeom.evaluation import evaluate
+from safegeom.evaluation import EvaluateConfig, evaluate
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.prompts import load_prompts
 from tests.tiny_models import build_checkpoint
@@ -57,7 +57,9 @@ def test_gcg_lowers_the_target_loss(gcg_set: AttackSet) -> None:
 def test_gcg_raises_asr_on_the_source(lm) -> None:
     """The target becomes the greedy answer of a refused behaviour within a few dozen steps."""
     prompts, targets = behaviours_and_targets("advbench:val", limit=3)
-    plain = evaluate(lm, prompts.prompts[2:3], progress=False, n_resamples=10).asr.value
+    plain = evaluate(
+        lm, prompts.prompts[2:3], EvaluateConfig(n_resamples=10), progress=False
+    ).asr.value
     config = GCGConfig(n_tokens=8, steps=40, search_width=64, top_k=32)
     attacked = gcg.attack(lm, prompts.prompts[2:3], targets[2:3], config)
     assert plain == 0.0
@@ -134,7 +136,7 @@ def test_saved_loaded_evaluated_gives_the_same_asr(lm, gcg_set: AttackSet, tmp_p
     gcg_set.save(tmp_path)
     loaded = load_attack_set(tmp_path)
     assert loaded == gcg_set
-    result = evaluate(lm, loaded, progress=False, n_resamples=10)
+    result = evaluate(lm, loaded, EvaluateConfig(n_resamples=10), progress=False)
     assert result.asr.value == pytest.approx(gcg_set.success_rate)
     assert result.completions == tuple(r.completion for r in gcg_set.records)
     assert load_prompts(loaded).prompts == gcg_set.prompts

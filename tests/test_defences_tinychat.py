@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import safegeom
-from safegeom.evaluation import evaluate
+from safegeom.evaluation import EvaluateConfig, evaluate
 from safegeom.models import load_model
 from safegeom.prompts import combine_prompts
 from safegeom.training import train
@@ -28,7 +28,9 @@ pytestmark = pytest.mark.skipif(
 def _asr(path: Path) -> float:
     held_out = combine_prompts(["advbench:test", "directharm4:test"])
     held_out = held_out.sample(60, seed=0)
-    result = evaluate(load_model(path), held_out, max_new_tokens=16, score=False, progress=False)
+    result = evaluate(
+        load_model(path), held_out, EvaluateConfig(max_new_tokens=16, score=False), progress=False
+    )
     return 1.0 - result.refusal_rate.value
 
 

@@ -22,7 +22,7 @@ import torch
 from safegeom.activations import CaptureConfig, capture, capture_stats, capture_to_disk
 from safegeom.activations.values import load_activations
 from safegeom.errors import SafegeomError
-from safegeom.evaluation import evaluate, refusal_scores
+from safegeom.evaluation import EvaluateConfig, evaluate, refusal_scores
 from safegeom.models import LoadConfig, load_model
 from safegeom.models.chat import encode_set
 from safegeom.parallel import ranks as dist
@@ -161,7 +161,9 @@ def test_sharded_disk_equals_one_process(job: dict[str, Any], lm: Any, tmp_path:
 
 
 def test_sharded_evaluate_equals_one_process(job: dict[str, Any], lm: Any) -> None:
-    result = evaluate(lm, PROMPTS, max_new_tokens=4, batch_size=3, progress=False, n_resamples=50)
+    result = evaluate(
+        lm, PROMPTS, EvaluateConfig(max_new_tokens=4, batch_size=3, n_resamples=50), progress=False
+    )
     scores = refusal_scores(lm, PROMPTS, batch_size=2, progress=False)
     for rank in job["ranks"]:
         assert rank["eval"] == [list(result.completions), list(result.scores), list(result.refused)]

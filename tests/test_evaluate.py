@@ -14,6 +14,7 @@ from safegeom.cli import main
 from safegeom.eval_result import EvalResult
 from safegeom.evaluation import (
     DEFAULT_REFUSAL_PREFIXES,
+    EvaluateConfig,
     completion_nll,
     cross_entropy,
     end_of_turn_id,
@@ -26,6 +27,7 @@ from safegeom.evaluation import (
     refusal_tokens,
     stop_token_ids,
 )
+from safegeom.judges import get_judge
 from safegeom.models import LoadConfig, LoadedModel, encode_prompts, load_model
 from tests.tiny_models import build_checkpoint
 
@@ -216,7 +218,9 @@ def test_kl_to_self_is_zero_and_to_another_model_positive(
 
 
 def test_evaluate_and_round_trip(lm: LoadedModel, tmp_path: Path) -> None:
-    result = evaluate(lm, list(PROMPTS), max_new_tokens=6, progress=False, n_resamples=200)
+    result = evaluate(
+        lm, list(PROMPTS), EvaluateConfig(max_new_tokens=6, n_resamples=200), progress=False
+    )
     assert result.n == 3 and len(result.completions) == 3 and result.judge == "substring"
     assert result.asr.value == pytest.approx(1 - result.refusal_rate.value)
     assert result.refusal_rate.judge == "substring"
@@ -239,7 +243,11 @@ def test_evaluate_with_intervention_and_judge(lm: LoadedModel) -> None:
     script = _tok(lm, "I'm sorry")
     # the intervention is entered once around generation and scoring: a one-shot context works
     result = evaluate(
-        lm, PROMPTS, intervention=forced(lm, script, then=eot), judge="xstest", progress=False
+        lm,
+        PROMPTS,
+        EvaluateConfig(judge="xstest"),
+        intervention=forced(lm, script, then=eot),
+        progress=False,
     )
     assert result.completions == ("I'm sorry",) * 3
     assert (result.refusal_rate.value, result.asr.value, result.judge) == (1.0, 0.0, "xstest")
@@ -247,9 +255,22 @@ def test_evaluate_with_intervention_and_judge(lm: LoadedModel) -> None:
         "kind": "custom",
         "repr": "_GeneratorContextManager",
     }
-    unscored = evaluate(lm, PROMPTS[:1], score=False, max_new_tokens=2, progress=False)
+    unscored = evaluate(
+        lm, PROMPTS[:1], EvaluateConfig(score=False, max_new_tokens=2), progress=False
+    )
     assert unscored.scores is None and unscored.mean_refusal_score is None
     assert EvalResult.from_dict(unscored.to_dict()) == unscored
+
+
+def test_evaluate_settings_are_one_config(lm: LoadedModel) -> None:
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_new_tokens'"):
+        evaluate(lm, PROMPTS[:1], max_new_tokens=2, progress=False)  # EvaluateConfig's field
+    # a judge object (here the XSTest judge, built beforehand) goes in the config as well
+    config = EvaluateConfig(judge=get_judge("xstest"), max_new_tokens=2, score=False)
+    result = evaluate(lm, PROMPTS[:1], config, progress=False)
+    assert result.judge == "xstest" and result.provenance.config["judge"] == "xstest"
+    # an explicit False is honoured: no refusal score
+    assert result.scores is None and EvaluateConfig().score is True
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from safegeom.carriers import Carrier
 from safegeom.cli import main
-from safegeom.cli.evaluate import EvaluateConfig
+from safegeom.evaluation import EvaluateConfig
 from safegeom.errors import ConfigError
 from safegeom.eval_result import EvalResult
 from safegeom.models import LoadConfig, load_model

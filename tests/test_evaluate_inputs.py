@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from safegeom.errors import SafegeomError
-from safegeom.evaluation import evaluate, last_position_logprobs
+from safegeom.evaluation import EvaluateConfig, evaluate, last_position_logprobs
 from safegeom.models import load_model
 
 
@@ -16,6 +16,6 @@ def test_a_prompt_longer_than_the_model_is_refused() -> None:
     with pytest.raises(
         SafegeomError, match=r"prompt 1 is \d+ tokens long but the model takes at most 512"
     ):
-        evaluate(lm, ["Write a poem.", long], progress=False, max_new_tokens=2)
+        evaluate(lm, ["Write a poem.", long], EvaluateConfig(max_new_tokens=2), progress=False)
     with pytest.raises(SafegeomError, match="at most 512 positions"):
         last_position_logprobs(lm, [long], progress=False)

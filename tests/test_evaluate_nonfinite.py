@@ -11,7 +11,7 @@ import torch
 
 from safegeom.carriers.carrier import Carrier
 from safegeom.errors import NonFiniteError
-from safegeom.evaluation import evaluate, last_position_logprobs, refusal_scores
+from safegeom.evaluation import EvaluateConfig, evaluate, last_position_logprobs, refusal_scores
 from safegeom.interventions import Addition
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.sweeps import SweepConfig, causal_sweep
@@ -38,7 +38,7 @@ def nan_lm(lm: LoadedModel) -> LoadedModel:
 
 def test_nan_model_raises_naming_the_logits(nan_lm: LoadedModel) -> None:
     with pytest.raises(NonFiniteError, match="generation logits contain NaN"):
-        evaluate(nan_lm, PROMPTS, max_new_tokens=3, progress=False)
+        evaluate(nan_lm, PROMPTS, EvaluateConfig(max_new_tokens=3), progress=False)
     with pytest.raises(NonFiniteError, match="refusal score logits contain NaN"):
         refusal_scores(nan_lm, PROMPTS, progress=False)
     with pytest.raises(NonFiniteError, match="logprobs logits contain NaN"):
@@ -57,7 +57,7 @@ def test_overflowing_coefficient_raises(lm: LoadedModel) -> None:
         evaluate(
             lm,
             PROMPTS,
-            max_new_tokens=2,
+            EvaluateConfig(max_new_tokens=2),
             intervention=Addition(carrier, coeff=1e38),
             progress=False,
         )
@@ -89,5 +89,7 @@ def test_empty_completions_are_counted_and_warned(lm: LoadedModel) -> None:
     assert result.to_dict()["n_empty"] == 3
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        normal = evaluate(lm, PROMPTS[:1], max_new_tokens=3, progress=False, score=False)
+        normal = evaluate(
+            lm, PROMPTS[:1], EvaluateConfig(max_new_tokens=3, score=False), progress=False
+        )
     assert normal.n_empty == 0

@@ -10,7 +10,7 @@ import torch
 from safegeom.artifacts import sha256_bytes
 from safegeom.carriers.carrier import Carrier
 from safegeom.errors import ConfigError, NonFiniteError
-from safegeom.evaluation import evaluate, refusal_scores
+from safegeom.evaluation import EvaluateConfig, evaluate, refusal_scores
 from safegeom.interventions import Ablation, Addition, AffineEdit, ablate, add
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from tests.model_helpers import prompt_logits
@@ -115,16 +115,24 @@ def test_bad_values_raise_one_line_errors(lm: LoadedModel) -> None:
 
 def test_results_record_the_description(lm: LoadedModel) -> None:
     value = Ablation(_carrier(lm))
-    result = evaluate(lm, PROMPTS[:2], max_new_tokens=3, intervention=value, progress=False)
+    result = evaluate(
+        lm, PROMPTS[:2], EvaluateConfig(max_new_tokens=3), intervention=value, progress=False
+    )
     assert result.provenance["intervention"] == value.to_dict()
-    bound = evaluate(lm, PROMPTS[:2], max_new_tokens=3, intervention=value.on(lm), progress=False)
+    bound = evaluate(
+        lm, PROMPTS[:2], EvaluateConfig(max_new_tokens=3), intervention=value.on(lm), progress=False
+    )
     assert bound.completions == result.completions
     assert bound.provenance["intervention"] == value.to_dict()
     with value.on(lm):
         inside = refusal_scores(lm, PROMPTS[:2], progress=False)
     assert inside.tolist() == list(result.scores or ())
     lam = evaluate(
-        lm, PROMPTS[:1], max_new_tokens=2, intervention=lambda: value.on(lm), progress=False
+        lm,
+        PROMPTS[:1],
+        EvaluateConfig(max_new_tokens=2),
+        intervention=lambda: value.on(lm),
+        progress=False,
     )
     assert lam.provenance["intervention"]["kind"] == "custom"
     assert "<lambda>" in lam.provenance["intervention"]["repr"]

@@ -17,6 +17,7 @@ import safegeom
 from safegeom import execution
 from safegeom.activations import CaptureConfig
 from safegeom.errors import SafegeomError
+from safegeom.evaluation import EvaluateConfig
 from safegeom.execution import LEAVES, agreed, installed, shows_progress, twin
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.parallel import ranks
@@ -165,7 +166,9 @@ def test_the_twins_in_one_process_give_the_library_numbers(tiny_lm: LoadedModel)
         stats = capture_stats(
             tiny_lm, PROMPTS, CaptureConfig(layers="1", batch_size=3), progress=False
         )
-        result = evaluate(tiny_lm, PROMPTS, max_new_tokens=3, progress=False, n_resamples=20)
+        result = evaluate(
+            tiny_lm, PROMPTS, EvaluateConfig(max_new_tokens=3, n_resamples=20), progress=False
+        )
         return [
             acts.data["resid_pre"],
             stats.moments["resid_pre"].mean,

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 from safegeom.audit.config import AuditConfig
 from safegeom.bootstrap import Metric
 from safegeom.errors import SafegeomError
-from safegeom.evaluation import cross_entropy, evaluate, kl_to_reference, refusal_scores
+from safegeom.evaluation import (
+    EvaluateConfig,
+    cross_entropy,
+    evaluate,
+    kl_to_reference,
+    refusal_scores,
+)
 from safegeom.generation import generate
 from safegeom.judges import task_accuracy
 from safegeom.models.loading import LoadedModel
@@ -71,9 +77,14 @@ def behaviour_rows(
         if generate_text:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*completions are empty")
-                result = evaluate(
-                    lm, prompts, judge=judge, max_new_tokens=config.max_new_tokens, **common, **boot
+                settings = EvaluateConfig(
+                    judge=judge,
+                    max_new_tokens=config.max_new_tokens,
+                    batch_size=config.batch_size,
+                    system=config.system,
+                    **boot,
                 )
+                result = evaluate(lm, prompts, settings, progress=progress)
             rate = result.metrics["refusal_rate"]
             rows.append(_metric_row("refusal_rate", rate, prompts.name, result.judge))
             if role == "harmful":

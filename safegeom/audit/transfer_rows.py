@@ -41,7 +41,7 @@ from safegeom.attacks.attack_set import tokenizer_hash as vocabulary_hash
 from safegeom.attacks.loss import sequence_losses
 from safegeom.bootstrap import Metric
 from safegeom.errors import ConfigError, SafegeomError
-from safegeom.evaluation import evaluate, refusal_scores
+from safegeom.evaluation import EvaluateConfig, evaluate, refusal_scores
 from safegeom.models.chat import template_hash
 from safegeom.models.loading import LoadedModel
 from safegeom.models.plain_text import encode_plain
@@ -220,14 +220,14 @@ def transfer_rows(
         if config.generate:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*completions are empty")
-                result = evaluate(
-                    lm,
-                    attacks,
+                settings = EvaluateConfig(
                     judge=config.judge,
                     max_new_tokens=config.max_new_tokens,
-                    **common,
+                    batch_size=config.batch_size,
+                    system=attacks.system,
                     **boot,
                 )
+                result = evaluate(lm, attacks, settings, progress=progress)
             rows.append(_row("attack_asr", result.metrics["asr"], at, result.judge))
             score = result.metrics["mean_refusal_score"]
             gen_s += time.perf_counter() - started

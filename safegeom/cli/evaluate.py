@@ -1,7 +1,8 @@
 """``safegeom evaluate``: generate, judge and score a prompt set (refusal rate, ASR, refusal score).
 
-The options are derived from :class:`EvaluateConfig` (how to evaluate), :class:`EvaluateCommand`
-(what: the model, the prompts, the outputs) and :class:`~safegeom.models.LoadConfig`.
+The options are derived from :class:`~safegeom.evaluation.EvaluateConfig` (how to evaluate, the
+config of :func:`~safegeom.evaluation.evaluate`), :class:`EvaluateCommand` (what: the model, the
+prompts, the outputs), :class:`InterventionOptions` and :class:`~safegeom.models.LoadConfig`.
 
 Interventions: :func:`run` takes an optional ``intervention`` (an intervention value, a context
 manager, or a zero-argument callable returning one) entered around generation and scoring. When
@@ -14,6 +15,7 @@ carrier at its layer (or ``--layer``); the result's provenance records its descr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,7 +26,7 @@ from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.errors import ConfigError
 from safegeom.eval_result import EvalResult
-from safegeom.evaluation import Intervention, evaluate
+from safegeom.evaluation import EvaluateConfig, Intervention, evaluate
 from safegeom.judges import get_judge
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.outputs import check_file_output, inputs_of
@@ -32,7 +34,7 @@ from safegeom.parallel.ranks import is_main, main_only
 
 __all__ = [
     "EvaluateCommand",
-    "EvaluateConfig",
+    "InterventionOptions",
     "build_intervention",
     "format_table",
     "register",
@@ -41,21 +43,10 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    """How ``safegeom evaluate`` generates, judges and scores."""
+class InterventionOptions:
+    """The intervention ``safegeom evaluate`` builds from ``--carrier`` (see
+    :func:`build_intervention`); in Python, pass an intervention value to ``evaluate`` instead."""
 
-    judge: str = "substring"
-    """substring, xstest, hf-classifier:PATH[#REFUSED_LABEL] or chat-judge:PATH."""
-    max_new_tokens: int = 48
-    """Tokens per completion."""
-    batch_size: int | None = None
-    """Prompts per forward pass (default: from the device's memory)."""
-    system: str | None = None
-    """System prompt."""
-    score: bool = True
-    """Compute the refusal score (last-position log-odds of refusal tokens)."""
-    seed: int = 0
-    """Bootstrap seed."""
     intervene: Literal["ablate", "add"] | None = None
     """Ablate the --carrier everywhere, or add it at its layer."""
     coeff: float = 1.0
@@ -64,17 +55,6 @@ class EvaluateConfig:
     """Addition layer(s) (default: the carrier's; all, 2:6 end-exclusive, 2-5 inclusive, 1,3)."""
     add_positions: Literal["all", "prompt", "instruction"] = "all"
     """Where the addition applies: every position, the prompt pass, or the instruction tokens."""
-
-    def __post_init__(self) -> None:
-        """Check ranges, naming the flags.
-
-        Raises:
-            ConfigError: a value out of range.
-        """
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -121,12 +101,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_config(parser, EvaluateCommand, title="what to evaluate")
     add_config(parser, EvaluateConfig, title="evaluation")
+    add_config(parser, InterventionOptions, title="intervention")
     add_config(parser, LoadConfig, title="model loading")
     parser.set_defaults(func=run)
 
 
 def build_intervention(
-    command: EvaluateCommand, config: EvaluateConfig, lm: LoadedModel
+    command: EvaluateCommand, config: InterventionOptions, lm: LoadedModel
 ) -> Intervention:
     """The intervention the command line asks for (an intervention value), or ``None``.
 
@@ -156,31 +137,21 @@ def run(args: argparse.Namespace, *, intervention: Intervention = None) -> int:
     """
     command = config_from_args(EvaluateCommand, args)
     config = config_from_args(EvaluateConfig, args)
+    options = config_from_args(InterventionOptions, args)
     load = config_from_args(LoadConfig, args)
     if command.out:  # before any work; under a launcher rank 0 alone checks and writes
         main_only(check_file_output)(
             command.out,
-            inputs=inputs_of(command, config, load),
+            inputs=inputs_of(command, config, options, load),
             overwrite=command.overwrite,
         )
     # bad prompt specs and judges fail before the model loads
     prompts = prompt_spec(command.prompts, column=command.column, n=command.limit)
-    judge = get_judge(config.judge)
+    config = dataclasses.replace(config, judge=get_judge(config.judge))
     lm = load_model(command.model, load)
     if intervention is None:
-        intervention = build_intervention(command, config, lm)
-    result = evaluate(
-        lm,
-        prompts,
-        judge=judge,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        system=config.system,
-        intervention=intervention,
-        score=config.score,
-        progress=command.progress,
-        seed=config.seed,
-    )
+        intervention = build_intervention(command, options, lm)
+    result = evaluate(lm, prompts, config, intervention=intervention, progress=command.progress)
     if command.out:
         main_only(result.save)(command.out)
     if not is_main():
