@@ -11,9 +11,9 @@ import torch
 
 from safegeom.carriers import Carrier
 from safegeom.cli import main
-from safegeom.evaluation import EvaluateConfig
 from safegeom.errors import ConfigError
 from safegeom.eval_result import EvalResult
+from safegeom.evaluation import EvaluateConfig
 from safegeom.models import LoadConfig, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
