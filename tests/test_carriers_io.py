@@ -71,12 +71,15 @@ def test_damaged_carrier_files_name_the_file(tmp_path: Path) -> None:
 
 
 def test_hand_made_carrier_names_layer_and_position() -> None:
-    with pytest.raises(ConfigError, match=r"pass layer= and position="):
+    """layer and position are required fields: no default layer, no default position."""
+    with pytest.raises(TypeError, match="missing 2 required positional arguments: 'layer' and"):
         Carrier(vectors=torch.randn(8), kind="refusal", method="dim")
-    with pytest.raises(ConfigError, match=r"pass position= \(e\.g\. layer=3"):
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'position'"):
         Carrier(vectors=torch.randn(8), kind="refusal", method="dim", layer=1)
-    with pytest.raises(ConfigError, match="pass layer="):
-        Carrier(vectors=torch.randn(8), kind="refusal", method="dim", position="t_inst")
+    with pytest.raises(ConfigError, match=r"pass position= \(e\.g\. position="):
+        Carrier(vectors=torch.randn(8), kind="refusal", method="dim", layer=1, position=None)
+    with pytest.raises(ConfigError, match="layer must be a block index"):
+        Carrier(vectors=torch.randn(8), kind="refusal", method="dim", layer=None, position="t")
 
 
 def test_dim_candidates_roundtrip(tmp_path: Path) -> None:

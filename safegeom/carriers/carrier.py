@@ -43,12 +43,12 @@ class Carrier:
     """What it carries: ``refusal`` or ``harmfulness``."""
     method: str
     """How it was found: ``dim``, ``probe``, ``cone-cheap``, ``rdo``, ``cone-rdo``, ``admissible``."""
+    layer: int
+    """The block it was found at (required: a carrier names its layer; there is no default)."""
+    position: str
+    """The token position it was read at, e.g. ``t_post[-1]`` or ``t_inst`` (required)."""
     site: str = "resid_pre"
     """The hook site it was read at (``resid_pre``: the block input)."""
-    layer: int | None = None
-    """The block it was found at (required: a carrier names its layer)."""
-    position: str | None = None
-    """The token position it was read at, e.g. ``t_post[-1]`` or ``t_inst`` (required)."""
     scores: Mapping[str, float] = field(default_factory=dict)
     """The scores it was selected by (bypass, induce, KL, accuracy, ...)."""
     provenance: Provenance = field(default_factory=Provenance)
@@ -56,13 +56,9 @@ class Carrier:
     turned into a :class:`~safegeom.artifacts.Provenance`)."""
 
     def __post_init__(self) -> None:
-        if self.layer is None or self.position is None:
-            missing = " and ".join(
-                n for n, v in (("layer=", self.layer), ("position=", self.position)) if v is None
-            )
+        if self.position is None:
             raise ConfigError(
-                f"a Carrier must name where it was found: pass {missing} (e.g. layer=3, "
-                "position='t_post[-1]'); there is no default layer"
+                "a Carrier must name where it was found: pass position= (e.g. position='t_post[-1]')"
             )
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
             raise ConfigError(f"Carrier layer must be a block index (int), got {self.layer!r}")

@@ -27,9 +27,10 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from torch import Tensor
@@ -44,6 +45,7 @@ from safegeom.interventions.functions import (
     affine_edit,
 )
 from safegeom.models.loading import LoadedModel
+from safegeom.models.positions import LayerSpec
 
 if TYPE_CHECKING:
     from safegeom.carriers.carrier import Carrier
@@ -56,7 +58,7 @@ __all__ = [
     "vectors_hash",
 ]
 
-Layers = Any
+Layers: TypeAlias = LayerSpec | str | int | Sequence[int] | None
 """A layer spec: a :class:`~safegeom.models.positions.LayerSpec`, ``"all"``, ``"2:6"``
 (end-exclusive), ``"2-5"`` (inclusive), an int or a sequence of ints."""
 
