@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from safegeom.batching import longest_first
-from safegeom.generation import _batch_size, generate
+from safegeom.generation import generate, generation_batch_size
 from safegeom.models.chat import EncodedSet, encode_set
 from safegeom.models.loading import LoadedModel
 from safegeom.parallel.encoding import encode_dealt, load_everywhere
@@ -44,7 +44,7 @@ def my_prompts(
         ``(indices, size)``: this rank's prompt indices in input order (whole batches of the
         one-process plan), and the prompts per batch.
     """
-    own = _batch_size(lm.model, max(lengths, default=1) + extra, batch_size)
+    own = generation_batch_size(lm.model, max(lengths, default=1) + extra, batch_size)
     size = min(collect(own, to="all") or [own])
     mine = sorted(i for batch in deal(longest_first(lengths, size)) for i in batch)
     return mine, size
