@@ -13,7 +13,7 @@ Example (``read_tables(["runs/audit"])`` reads the tables of saved audits instea
     >>> [path.name for path in written]
     ['fig1_behaviour.png']
     >>> sorted(skipped)  # figures whose rows the table lacks
-    ['fig2_drift', 'fig3_coupling', 'fig4_subspace', 'fig5_causal', 'fig6_coordinates']
+    ['fig2_drift', 'fig3_coupling', 'fig4_subspace', 'fig5_causal', 'fig6_coordinates', 'fig8_interference']
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from safegeom.plots import (
     plot_coordinates,
     plot_coupling,
     plot_drift,
+    plot_interference,
     plot_subspace,
 )
 
@@ -105,6 +106,20 @@ def synthetic_audit(*, speed: float = 1.0, behaviour: bool = True, seed: int = 0
                     **at,
                 )
             add("coordinate_imbalance", 0.2 + slow * 0.3 * t, carrier="cone", source=source, **at)
+        # interference, the way safegeom.audit.interference writes it (the share: after step 0)
+        grads = {"prompts": "arith[:32] vs advbench:train", "n": 64}
+        null = "random directions: cosine of 50 uniformly random directions"
+        for metric, layer, value, half in (
+            ("interference_grad_resid", CARRIER_LAYER, -0.3 - 0.2 * t, 0.12),
+            ("interference_grad_weights", None, -0.02 - 0.02 * t, 0.001),
+        ):
+            add(metric, value, half=0.05, layer=layer, **grads)
+            add(metric, 0.0, half=half, layer=layer, source="floor", note=null, **grads)
+        if step:
+            share = {"layer": CARRIER_LAYER, "carrier": "cone", **common}
+            add("interference_cone_share", 0.3 * t, half=0.05, source="fixed", **share)
+            note = "random subspaces: share of the same change in 50 random 3-dimensional"
+            add("interference_cone_share", 0.012, half=0.005, source="floor", note=note, **share)
         # causal, the way safegeom.audit.causal_rows writes it: at the base's carrier layer
         val = {"layer": CARRIER_LAYER, "prompts": "advbench:val vs alpaca:val", "n": 32}
         for source, keep in (("fixed", 1 - 0.7 * t), ("reextracted", 1 - 0.2 * t)):
@@ -129,7 +144,15 @@ def two_runs() -> dict[str, pd.DataFrame]:
     return {"LoRA": synthetic_audit(), "defended": synthetic_audit(speed=0.25, seed=1)}
 
 
-PLOTS = (plot_behaviour, plot_drift, plot_coupling, plot_subspace, plot_causal, plot_coordinates)
+PLOTS = (
+    plot_behaviour,
+    plot_drift,
+    plot_coupling,
+    plot_subspace,
+    plot_causal,
+    plot_coordinates,
+    plot_interference,
+)
 
 
 @pytest.fixture()

@@ -25,6 +25,7 @@ figure       function               metrics
 4 subspace   :func:`plot_subspace`  principal_angle_max, grassmann_distance
 5 causal     :func:`plot_causal`    ablation/addition _raw, _control_mean/_std, _effect, _base
 6 coords     :func:`plot_coordinates` coordinate_separation, coordinate_imbalance
+8 interfer.  :func:`plot_interference` interference_grad_resid, _grad_weights, _cone_share
 ============ ====================== ===================================================
 
 An audit that replayed attack sets (``safegeom audit --attacks DIR``) gives figure 1 a fourth
@@ -48,6 +49,7 @@ from matplotlib.figure import Figure
 from safegeom.plots.causal import plot_causal
 from safegeom.plots.data import Tables, as_tables
 from safegeom.plots.heatmap import drift_matrix, plot_drift
+from safegeom.plots.interference import plot_interference
 from safegeom.plots.lines import plot_behaviour, plot_coordinates, plot_coupling, plot_subspace
 from safegeom.plots.style import PALETTE, STYLE, style
 from safegeom.plots.transfer import plot_transfer
@@ -65,6 +67,7 @@ __all__ = [
     "plot_coordinates",
     "plot_coupling",
     "plot_drift",
+    "plot_interference",
     "plot_subspace",
     "plot_transfer",
     "style",
@@ -125,9 +128,16 @@ FIGURES: dict[str, FigureSpec] = {
             plot_coordinates,
             ("coordinate_separation", "coordinate_imbalance"),
         ),
+        FigureSpec(
+            "fig8_interference",
+            "task–safety interference: gradient cosines and the change's share in the cone",
+            plot_interference,
+            ("interference_grad_resid", "interference_grad_weights", "interference_cone_share"),
+            "the audit ran with --no-interference",
+        ),
     )
 }
-"""The six figures of ``safegeom figures``, in order."""
+"""The figures of ``safegeom figures``, in order."""
 
 
 def has_data(tables: Tables, name: str) -> bool:

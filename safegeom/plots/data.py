@@ -8,6 +8,7 @@ source, basis vector) get line styles and markers.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -15,12 +16,14 @@ import pandas as pd
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from safegeom.audit.schema import COLUMNS
 from safegeom.errors import SafegeomError
 from safegeom.plots.style import LINESTYLES, MARKERS, run_colour
 
 __all__ = [
+    "BANDS_OMITTED",
     "Tables",
     "as_tables",
     "at_carrier_layer",
@@ -54,6 +57,10 @@ FLOOR = "floor"
 line."""
 HATCHES = ("///", "\\\\\\", "...", "xxx")
 """Hatches of the floor bands of one run's carriers (told apart without colour)."""
+BANDS_OMITTED = f"95% CI bands omitted (over {MAX_BANDS} lines in a panel; CIs in the table)"
+"""The legend's note where a panel drew its lines without their CI bands."""
+_OMITTED: weakref.WeakSet[Axes] = weakref.WeakSet()
+"""Panels that left out CI bands they had (:func:`figure_legend` says so)."""
 MAX_TICKS = 10
 """Most checkpoint steps that each get a tick (more are thinned evenly, first and last kept)."""
 """How carrier names read in legends."""
@@ -186,7 +193,8 @@ def draw_lines(
     variant (the ``keys`` columns, by default those that vary; ``style_of`` fixes the style index
     of a variant key tuple; ``always`` columns are keys even when constant). Labels read
     ``run, variant[, suffix]``. Duplicate steps of one variant are averaged. ``bands`` None draws the
-    CI bands when there are at most :data:`MAX_BANDS` lines (more would hide each other).
+    CI bands when there are at most :data:`MAX_BANDS` lines (more would hide each other); a panel
+    that leaves out bands it has gets the note :data:`BANDS_OMITTED` in the figure's legend.
 
     Returns:
         The number of lines drawn.
@@ -229,6 +237,8 @@ def draw_lines(
                 ax.fill_between(
                     steps, low, high, where=finite, color=colour, alpha=0.15, linewidth=0
                 )
+            elif finite.any():
+                _OMITTED.add(ax)
             drawn += 1
     step_ticks(ax, [rows["step"] for rows in selections.values() if not rows.empty])
     return drawn
@@ -254,10 +264,12 @@ def step_ticks(ax: Axes, steps: Sequence[pd.Series | Sequence[float]]) -> None:
 
 def floor_label(notes: pd.Series) -> str:
     """What a floor band is, from its rows' ``note``: ``split-half floor``, ``random-direction
-    floor`` or ``noise floor``."""
+    floor``, ``random-subspace floor`` or ``noise floor``."""
     text = " ".join(str(n) for n in notes.dropna().unique())
     if text.startswith("split-half"):
         return "split-half floor"
+    if text.startswith("random subspaces"):
+        return "random-subspace floor"
     if text.startswith("random"):
         return "random-direction floor"
     return "noise floor"
@@ -337,11 +349,14 @@ def no_data(ax: Axes, message: str) -> None:
 def figure_legend(fig: Figure, *, most_columns: int = 4) -> None:
     """One legend for the whole figure, under the panels (so it never covers data): every
     labelled line of every panel, each label once, in drawing order, in as many columns (at most
-    ``most_columns``) as fit the figure's width."""
+    ``most_columns``) as fit the figure's width; last, :data:`BANDS_OMITTED` where a panel left
+    out its CI bands."""
     seen: dict[str, Artist] = {}
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
+    if any(ax in _OMITTED for ax in fig.axes):
+        seen[BANDS_OMITTED] = Patch(visible=False)
     if seen:
         fig.legend(
             list(seen.values()),

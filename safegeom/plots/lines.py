@@ -26,7 +26,14 @@ from safegeom.plots.data import (
 from safegeom.plots.style import new_figure, run_colour, style
 from safegeom.plots.transfer import has_transfer, transfer_panel
 
-__all__ = ["line_panel", "plot_behaviour", "plot_coordinates", "plot_coupling", "plot_subspace"]
+__all__ = [
+    "finish_figure",
+    "line_panel",
+    "plot_behaviour",
+    "plot_coordinates",
+    "plot_coupling",
+    "plot_subspace",
+]
 
 STEP = "training step"
 _COUPLING = "coupling (|cos| or mean cos², unitless)"
@@ -78,7 +85,13 @@ def line_panel(
     return True
 
 
-def _finish(fig: Figure, title: str, drawn: Sequence[bool]) -> Figure:
+def finish_figure(fig: Figure, title: str, drawn: Sequence[bool]) -> Figure:
+    """Title ``fig`` (adding ": no data in this audit" where no panel drew) and give it one
+    legend under the panels (:func:`~safegeom.plots.data.figure_legend`).
+
+    Returns:
+        ``fig``.
+    """
     if not any(drawn):
         title += ": no data in this audit"
     fig.suptitle(title)
@@ -130,7 +143,7 @@ def plot_behaviour(tables: Tables) -> Figure:
         ]
         if transfer:
             drawn.append(transfer_panel(fig.axes[3], named))
-        return _finish(fig, "Behaviour across fine-tuning", drawn)
+        return finish_figure(fig, "Behaviour across fine-tuning", drawn)
 
 
 def _utility_panel(ax: Axes, named: dict[str, pd.DataFrame]) -> bool:
@@ -215,7 +228,7 @@ def plot_coupling(tables: Tables) -> Figure:
             ),
             _layer_profile(b, named, "hr_coupling", "hr", "|cos(h, r)|", "|cos(h, r)| (unitless)"),
         ]
-        return _finish(fig, "Coupling of harmfulness and refusal across fine-tuning", drawn)
+        return finish_figure(fig, "Coupling of harmfulness and refusal across fine-tuning", drawn)
 
 
 def plot_subspace(tables: Tables) -> Figure:
@@ -245,7 +258,7 @@ def plot_subspace(tables: Tables) -> Figure:
                 ylabel="distance (radians)",
             ),
         ]
-        return _finish(fig, "Movement of the refusal cone across fine-tuning", drawn)
+        return finish_figure(fig, "Movement of the refusal cone across fine-tuning", drawn)
 
 
 def plot_coordinates(tables: Tables) -> Figure:
@@ -279,4 +292,4 @@ def plot_coordinates(tables: Tables) -> Figure:
                 suffix="imbalance",
             ),
         ]
-        return _finish(fig, "Coordinate statistics of the base's cone", drawn)
+        return finish_figure(fig, "Coordinate statistics of the base's cone", drawn)
