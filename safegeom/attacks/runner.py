@@ -6,6 +6,11 @@ by its index, so behaviour ``i`` gets the same result whether the run started at
 with ``out``, saves the set after every behaviour. ``resume=True`` reloads that file and continues
 after its last behaviour: on CPU the finished set equals an uninterrupted run's (timings aside).
 
+The behaviours are the units of :func:`attack_units`, a leaf of :mod:`safegeom.execution`: under a
+launcher the entry points install its sharded twin
+(:func:`safegeom.parallel.attacks.attack_units_dealt`), which deals the behaviours over the
+ranks, one per rank per round, and saves after each round: the same set, bit for bit on CPU.
+
 Example (not a doctest: it needs a loaded model ``lm``)::
 
     attacks = run_attack(lm, "gcg", behaviours, targets, GCGConfig(steps=50), gcg.attack_one,
@@ -32,12 +37,13 @@ from safegeom.attacks.attack_set import (
     tokenizer_hash,
 )
 from safegeom.errors import ConfigError, OutputPathError, SafegeomError
+from safegeom.execution import shows_progress, twin
 from safegeom.generation import generate_from_ids, stop_token_ids
 from safegeom.judges import get_judge
 from safegeom.models.chat import template_hash
 from safegeom.models.loading import LoadedModel
 
-__all__ = ["AttackOptions", "StepCallback", "judge_records", "run_attack"]
+__all__ = ["AttackOptions", "StepCallback", "attack_units", "judge_records", "run_attack"]
 
 StepCallback = Callable[[int, float, float], None]
 """Called after each optimisation step with ``(step, loss, best loss so far)`` (nats per token)."""
@@ -104,6 +110,34 @@ def judge_records(
         replace(r, success=not no, completion=a)
         for r, a, no in zip(records, answers, refused, strict=True)
     ]
+
+
+def attack_units(
+    n: int,
+    run: Callable[[int], Sequence[AttackRecord]],
+    save: Callable[[list[AttackRecord]], None],
+) -> list[AttackRecord]:
+    """Run an attack's ``n`` units in order, calling ``save(records so far)`` after each.
+
+    A unit is one behaviour (or one universal attack of them all). This is the one-process
+    leaf; under a launcher the entry points install its sharded twin (:mod:`safegeom.execution`):
+    :func:`safegeom.parallel.attacks.attack_units_dealt` deals the units over the ranks and
+    returns the same records.
+
+    Returns:
+        Every unit's records, in unit order.
+
+    Example:
+        >>> attack_units(2, lambda k: [f"record {k}"], lambda so_far: None)
+        ['record 0', 'record 1']
+    """
+    if (shared := twin("attack_units")) is not None:
+        return shared(n, run, save)
+    records: list[AttackRecord] = []
+    for k in range(n):
+        records.extend(run(k))
+        save(list(records))
+    return records
 
 
 def _check_inputs(behaviours: Sequence[str], targets: Sequence[str]) -> None:
@@ -220,7 +254,7 @@ def run_attack(
         initial=len(records),
         desc=method,
         unit="behaviour",
-        disable=not progress,
+        disable=not (progress and shows_progress()),
     )
 
     def on_step(step: int, loss: float, best: float) -> None:
@@ -229,21 +263,25 @@ def run_attack(
     def finish(new: list[AttackRecord]) -> list[AttackRecord]:
         return judge_records(lm, new, options) if options.judge_source else new
 
-    if together is not None and not records:
-        records = finish(
-            together(lm, behaviours, targets, config, system=options.system, on_step=on_step)
-        )
-        bar.update(len(records))
-    for i in range(len(records), len(behaviours)):
+    universal = together is not None and not records
+
+    def unit(k: int) -> list[AttackRecord]:
+        if universal:  # one unit: every behaviour at once
+            assert together is not None
+            return finish(
+                together(lm, behaviours, targets, config, system=options.system, on_step=on_step)
+            )
+        i = len(records) + k
         one = attack_one(
             lm, behaviours[i], targets[i], config, index=i, system=options.system, on_step=on_step
         )
-        records.extend(finish([one]))
-        bar.update(1)
+        return finish([one])
+
+    def save(new: list[AttackRecord]) -> None:
+        bar.update(len(records) + len(new) - bar.n)
         if target is not None:
-            replace(fresh, records=tuple(records)).save(target)
+            replace(fresh, records=(*records, *new)).save(target)
+
+    new = attack_units(1 if universal else len(behaviours) - len(records), unit, save)
     bar.close()
-    result = replace(fresh, records=tuple(records))
-    if target is not None:
-        result.save(target)
-    return result
+    return replace(fresh, records=(*records, *new))

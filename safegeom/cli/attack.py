@@ -8,6 +8,10 @@ method configs (:class:`~safegeom.attacks.gcg.GCGConfig`,
 :class:`~safegeom.attacks.autodan.AutoDANConfig`, :class:`~safegeom.attacks.prefill.PrefillConfig`),
 :class:`~safegeom.attacks.AttackOptions` and :class:`~safegeom.models.LoadConfig`; ``--seed``,
 ``--early-stop`` and ``--batch-size`` apply to GCG and AutoDAN alike.
+
+Under a launcher (``accelerate launch --multi_gpu --num_processes 2 -m safegeom.cli attack ...``)
+the behaviours are dealt over the ranks (:mod:`safegeom.parallel.attacks`); rank 0 alone writes
+and prints, and the set is the one one process makes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.outputs import claim_folder, inputs_of
+from safegeom.parallel.ranks import is_main
 
 __all__ = ["AttackCommand", "attack_from_command", "register", "run"]
 
@@ -142,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     ):
         lm = load_model(command.model, load)
         result = attack_from_command(lm, command, config, options)
+    if not is_main():
+        return 0
     summary = {
         "method": result.method,
         "name": result.name,
