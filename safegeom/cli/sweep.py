@@ -15,6 +15,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safegeom.attacks.attack_set import prompt_spec
 from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.errors import ConfigError
@@ -35,9 +36,9 @@ class SweepCommand:
     carrier: tuple[str, ...] = field(metadata={"metavar": "[NAME=]FILE,...", "repeat": True})
     """Carrier file (.safetensors), optionally NAME=FILE; repeat --carrier or give a comma list."""
     harmful: str = field(default="advbench:val", metadata={"metavar": "SPEC"})
-    """Harmful prompt set: bundled set[:split] or a CSV/JSON/JSONL file."""
+    """Harmful prompt set: bundled set[:split], a CSV/JSON/JSONL file, or an attack set's folder."""
     harmless: str = field(default="alpaca:val", metadata={"metavar": "SPEC"})
-    """Harmless prompt set: bundled set[:split] or a CSV/JSON/JSONL file."""
+    """Harmless prompt set: bundled set[:split], a CSV/JSON/JSONL file, or an attack set's folder."""
     out: str | None = field(default=None, metadata={"metavar": "PATH"})
     """Write the table: a .parquet file (with a .json sidecar beside it) or a folder."""
     overwrite: bool = False
@@ -125,14 +126,14 @@ def _sweep(command: SweepCommand, config: SweepConfig, load: LoadConfig) -> int:
     from safegeom.carriers import load_carrier
 
     paths = carrier_names(command.carrier)
+    # bad prompt specs fail before the model loads; an attack set's folder keeps its token ids
+    harmful, harmless = prompt_spec(command.harmful), prompt_spec(command.harmless)
     lm = load_model(command.model, load)
     carriers = {
         name: load_carrier(path, d_model=lm.d_model, weight_hash=lm.weight_hash)
         for name, path in paths.items()
     }
-    result = causal_sweep_result(
-        lm, carriers, command.harmful, command.harmless, config, progress=command.progress
-    )
+    result = causal_sweep_result(lm, carriers, harmful, harmless, config, progress=command.progress)
     table = result.table
     written = main_only(result.save)(command.out) if command.out else None
     if not is_main():

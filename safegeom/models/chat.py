@@ -35,6 +35,7 @@ __all__ = [
     "collate_left",
     "encode_prompts",
     "encode_set",
+    "is_pre_encoded",
     "render_prompts",
     "template_hash",
 ]
@@ -219,6 +220,18 @@ class EncodedSet:
         return self.system == system and self.template_hash == template_hash
 
 
+def is_pre_encoded(prompts: object) -> bool:
+    """Whether ``prompts`` encodes itself: an object with ``encoded_for(tokenizer, *, system,
+    chat_template) -> EncodedSet`` (a :class:`~safegeom.attacks.AttackSet`), whose own token ids
+    :func:`encode_set` then takes where they fit the tokenizer.
+
+    Example:
+        >>> is_pre_encoded(["Explain how locks work"])
+        False
+    """
+    return callable(getattr(prompts, "encoded_for", None))
+
+
 def template_hash(tokenizer, chat_template: str | None = None) -> str:
     """sha256 of the chat template that :func:`render_prompts` would use."""
     return sha256_text(_template(tokenizer, chat_template))
@@ -251,7 +264,7 @@ def encode_set(
         SafegeomError: as :func:`encode_prompts`, and a prompt longer than ``max_positions``.
     """
     t_hash = template_hash(tokenizer, chat_template)
-    if callable(getattr(prompts, "encoded_for", None)):
+    if is_pre_encoded(prompts):
         prompts = prompts.encoded_for(tokenizer, system=system, chat_template=chat_template)  # type: ignore[union-attr]
     if isinstance(prompts, EncodedSet):
         if prompts.matches(system, t_hash):

@@ -58,7 +58,7 @@ def judged_batch(
 
 def generated_refusals(
     lm: LoadedModel,
-    prompts: PromptSet,
+    prompts: PromptSet | EncodedSet,
     interventions: Sequence[MakeIntervention | None],
     *,
     max_new_tokens: int,
@@ -66,7 +66,8 @@ def generated_refusals(
     """Substring-judged refusals (1.0 / 0.0) of greedy completions, per intervention and prompt.
 
     ``interventions[d]()`` makes the intervention of direction ``d`` (called once per batch, so
-    a one-use context manager is fine); ``None`` generates without intervention.
+    a one-use context manager is fine); ``None`` generates without intervention. ``prompts`` may
+    be an attack set (its token ids as optimised, :func:`~safegeom.models.chat.encode_set`).
 
     Returns:
         float array ``[len(interventions), len(prompts)]``, prompts in input order.
@@ -75,7 +76,7 @@ def generated_refusals(
         return shared(lm, prompts, interventions, max_new_tokens=max_new_tokens)
     encoded = encode_set(
         lm.tokenizer,
-        list(prompts.prompts),
+        prompts,
         chat_template=lm.chat_template,
         max_positions=lm.max_positions,
     )

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -52,13 +52,16 @@ from safegeom.evaluation import refusal_log_odds, refusal_token_ids
 from safegeom.execution import shows_progress
 from safegeom.generation import check_finite
 from safegeom.interventions import ablate, ablate_rows, add, add_rows, vectors_hash
-from safegeom.models.chat import EncodedPrompt, encode_prompts
+from safegeom.models.chat import EncodedPrompt, encode_set, is_pre_encoded
 from safegeom.models.loading import LoadedModel
 from safegeom.models.positions import parse_layers
-from safegeom.prompts import PromptSet, load_prompts
+from safegeom.prompts import Prompts, PromptSet, load_prompts
 from safegeom.sweeps.config import SweepConfig
 from safegeom.sweeps.generated import MakeIntervention, generated_refusals
 from safegeom.sweeps.result import SweepResult
+
+if TYPE_CHECKING:
+    from safegeom.attacks import AttackSet
 
 __all__ = ["causal_sweep", "causal_sweep_result", "random_controls"]
 
@@ -150,8 +153,8 @@ def _summarise(
 def causal_sweep(
     lm: LoadedModel,
     carriers: Mapping[str, Carrier] | Sequence[Carrier] | Carrier,
-    harmful: PromptSet | str = "advbench:val",
-    harmless: PromptSet | str = "alpaca:val",
+    harmful: Prompts | AttackSet = "advbench:val",
+    harmless: Prompts | AttackSet = "alpaca:val",
     config: SweepConfig = DEFAULT_CONFIG,
     *,
     progress: bool = True,
@@ -170,8 +173,8 @@ def causal_sweep(
 def causal_sweep_result(
     lm: LoadedModel,
     carriers: Mapping[str, Carrier] | Sequence[Carrier] | Carrier,
-    harmful: PromptSet | str = "advbench:val",
-    harmless: PromptSet | str = "alpaca:val",
+    harmful: Prompts | AttackSet = "advbench:val",
+    harmless: Prompts | AttackSet = "alpaca:val",
     config: SweepConfig = DEFAULT_CONFIG,
     *,
     progress: bool = True,
@@ -188,13 +191,14 @@ def causal_sweep_result(
     """
     named = _named(carriers)
     tokens = refusal_token_ids(lm)
-    populations = {
-        name: load_prompts(spec).take(config.n_prompts)
+    sources = {
+        name: _population(spec, config.n_prompts)
         for name, spec in (("harmful", harmful), ("harmless", harmless))
     }
+    populations = {name: load_prompts(source) for name, source in sources.items()}
     encoded = {
-        name: encode_prompts(lm.tokenizer, p.prompts, chat_template=lm.chat_template)
-        for name, p in populations.items()
+        name: list(encode_set(lm.tokenizer, source, chat_template=lm.chat_template).encoded)
+        for name, source in sources.items()
     }
     base = {
         name: row_scores(
@@ -229,9 +233,9 @@ def causal_sweep_result(
                 )
                 if config.generate:
                     if pop not in base_rates:
-                        base_rates[pop] = _generated(lm, populations[pop], [None], config)[0]
+                        base_rates[pop] = _generated(lm, sources[pop], [None], config)[0]
                     makers = [_intervention(lm, d, cell, norm) for d in dirs]
-                    rates = _generated(lm, populations[pop], makers, config)
+                    rates = _generated(lm, sources[pop], makers, config)
                     rows.append(
                         _summarise(cell, pop, "refusal_rate", rates, base_rates[pop], config)
                     )
@@ -304,9 +308,17 @@ def _cells(lm: LoadedModel, named: Mapping[str, Carrier], config: SweepConfig) -
     return cells
 
 
+def _population(spec: Prompts | AttackSet, n: int) -> PromptSet | AttackSet:
+    """The first ``n`` prompts of a population: an attack set stays one (its token ids are
+    replayed as optimised, :func:`~safegeom.models.chat.encode_set`), anything else is loaded."""
+    if is_pre_encoded(spec):
+        return spec.take(n)  # type: ignore[union-attr]
+    return load_prompts(spec).take(n)  # type: ignore[arg-type]
+
+
 def _generated(
     lm: LoadedModel,
-    prompts: PromptSet,
+    prompts: PromptSet | AttackSet,
     makers: list[MakeIntervention | None],
     config: SweepConfig,
 ) -> np.ndarray:
