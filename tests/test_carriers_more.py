@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from safegeom.carriers.cones import cheap_cone, cone_directions, gram_schmidt
 from safegeom.carriers.harmfulness import harmfulness_direction
 from safegeom.carriers.probes import fit_probe, probe_carrier, probe_layers, probe_split
 from safegeom.carriers.rdo import RDOConfig, first_sentence, rdo_cone, rdo_direction, rdo_targets
+from safegeom.cli.options import add_config, config_from_args
 from safegeom.models import collate_left, encode_prompts, load_model
 from safegeom.models.loading import weight_hash
 from safegeom.prompts import PromptSet
@@ -239,9 +242,7 @@ def test_rdo_direction_runs_deterministic_and_restores(lm, dim, targets, tmp_pat
         HARMFUL,
         HARMLESS,
         dim,
-        steps=4,
-        seed=seed,
-        config=FAST,
+        replace(FAST, steps=4, seed=seed),
         targets=targets,
         progress=False,
     )
@@ -262,9 +263,7 @@ def test_rdo_loss_decreases_full_batch(lm, dim, targets) -> None:
         HARMFUL,
         HARMLESS,
         dim,
-        steps=8,
-        lr=5e-2,
-        config=FAST,
+        replace(FAST, steps=8, lr=5e-2),
         targets=targets,
         progress=False,
     )
@@ -273,14 +272,11 @@ def test_rdo_loss_decreases_full_batch(lm, dim, targets) -> None:
 
 
 def test_rdo_cone_orthonormal(lm, dim, targets, tmp_path) -> None:
-    cone = rdo_cone(
-        lm, HARMFUL, HARMLESS, dim, k=2, steps=2, config=FAST, targets=targets, progress=False
-    )
+    two = replace(FAST, k=2, steps=2)
+    cone = rdo_cone(lm, HARMFUL, HARMLESS, dim, two, targets=targets, progress=False)
     assert (cone.k, cone.method) == (2, "cone-rdo")
     torch.testing.assert_close(cone.vectors @ cone.vectors.T, torch.eye(2), atol=1e-5, rtol=0)
-    again = rdo_cone(
-        lm, HARMFUL, HARMLESS, dim, k=2, steps=2, config=FAST, targets=targets, progress=False
-    )
+    again = rdo_cone(lm, HARMFUL, HARMLESS, dim, two, targets=targets, progress=False)
     assert torch.equal(cone.vectors, again.vectors)
     _roundtrip(cone, tmp_path, lm)
 
@@ -291,32 +287,49 @@ def test_rdo_scores_and_bad_inputs(lm, dim, targets) -> None:
         HARMFUL,
         HARMLESS,
         dim,
-        steps=1,
+        RDOConfig(steps=1, batch_size=8),
         targets=targets,
         progress=False,
-        config=RDOConfig(batch_size=8),
     )
     assert all(np.isfinite(scored.scores[k]) for k in ("bypass_0", "induce_0", "kl_0"))
-    with pytest.raises(ValueError, match="steps must be at least 1"):
-        rdo_direction(lm, HARMFUL, HARMLESS, dim, steps=0, targets=targets, progress=False)
+    with pytest.raises(ValueError, match=r"^steps \(--steps\) must be at least 1, got 0$"):
+        RDOConfig(steps=0)
     small = Carrier(
         vectors=torch.ones(16), kind="refusal", method="dim", layer=0, position="t_post[-1]"
     )
     with pytest.raises(ValueError, match="hidden-size mismatch"):
-        rdo_direction(lm, HARMFUL, HARMLESS, small, steps=1, targets=targets, progress=False)
-    with pytest.raises(ValueError, match="cone dimension k must be between 1 and 32, got 0"):
-        rdo_cone(lm, HARMFUL, HARMLESS, dim, k=0, steps=1, targets=targets, progress=False)
-    with pytest.raises(ValueError, match="unknown init"):
-        rdo_direction(
-            lm,
-            HARMFUL,
-            HARMLESS,
-            dim,
-            steps=1,
-            targets=targets,
-            progress=False,
-            config=RDOConfig(init="zeros"),
-        )  # type: ignore[arg-type]
+        rdo_direction(lm, HARMFUL, HARMLESS, small, RDOConfig(steps=1), targets=targets)
+    with pytest.raises(ValueError, match="cone dimension k must be between 1 and 32, got 33"):
+        rdo_cone(lm, HARMFUL, HARMLESS, dim, RDOConfig(k=33, steps=1), targets=targets)
+    with pytest.raises(ValueError, match=r"^k \(--k\) must be at least 1, got 0$"):
+        RDOConfig(k=0)
+    with pytest.raises(ValueError, match=r"^init \(--init\) must be dim or random, got 'zeros'$"):
+        RDOConfig(init="zeros")  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"^lambdas \(--lambdas\) must be 3 numbers, got \(1, 2\)$"
+    ):
+        RDOConfig(lambdas=(1, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^lr \(--lr\) must be a positive number, got nan$"):
+        RDOConfig(lr=float("nan"))
+
+
+@pytest.mark.parametrize("keyword", ["k", "steps", "lr", "lambdas", "seed"])
+def test_rdo_settings_only_in_the_config(lm, dim, targets, keyword) -> None:
+    """The numeric settings moved into RDOConfig: as keywords they are refused."""
+    value = {"k": 2, "steps": 1, "lr": 1e-2, "lambdas": (1.0, 0.2, 1.0), "seed": 0}[keyword]
+    for fit in (rdo_cone, rdo_direction):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{keyword}'"):
+            fit(lm, HARMFUL, HARMLESS, dim, targets=targets, **{keyword: value})
+
+
+def test_rdo_config_on_the_command_line() -> None:
+    """RDOConfig derives its options (cli/options.py): lists parse into the tuples."""
+    parser = argparse.ArgumentParser()
+    add_config(parser, RDOConfig)
+    line = ["--k", "2", "--lambdas", "1,0.5,1", "--betas", "0.8,0.9", "--init", "random"]
+    parsed = config_from_args(RDOConfig, parser.parse_args(line))
+    assert parsed == RDOConfig(k=2, lambdas=(1.0, 0.5, 1.0), betas=(0.8, 0.9), init="random")
+    assert config_from_args(RDOConfig, parser.parse_args([])) == RDOConfig()
 
 
 # --- admissible carriers -----------------------------------------------------------------------

@@ -135,9 +135,9 @@ def _library(lm: Any, carrier: Any) -> dict[str, Any]:
         HARMFUL[:4],
         HARMLESS[:4],
         carrier,
-        k=2,
-        steps=2,
-        config=RDOConfig(max_new_tokens=3, batch_size=4, n_combinations=1, n_score_combinations=2),
+        RDOConfig(
+            k=2, steps=2, max_new_tokens=3, batch_size=4, n_combinations=1, n_score_combinations=2
+        ),
     )
     res["rdo"] = [rdo.vectors, rdo.scores]
     return res

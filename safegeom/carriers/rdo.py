@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from safegeom.carriers.carrier import Carrier
 from safegeom.carriers.cones import score_cone
 from safegeom.carriers.inputs import Prompts, check_k, prompt_provenance
-from safegeom.errors import ConfigError, SafegeomError
+from safegeom.config import check
 from safegeom.execution import agreed, shows_progress, twin
 from safegeom.hooks import Hook, attach, site_hook_point
 from safegeom.interventions import ABLATION_SITES, ablate, add
@@ -188,40 +189,102 @@ def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[list[int]]:
 
 @dataclass(frozen=True)
 class RDOConfig:
-    """Settings of RDO besides steps, lr, λ and seed; defaults follow Wollschläger et al. 2025.
+    """Settings of RDO and RDO cones (:func:`rdo_cone`); defaults follow Wollschläger et al. 2025,
+    except ``init`` (our choice).
 
-    ``betas``/``weight_decay``: AdamW's (decay is moot for a renormalised vector); ``clip``: the
-    gradient-norm clip after the tangent projection; ``batch_size``: pairs per loss term per step
-    (seeded reshuffled passes); ``max_new_tokens``: target length; ``init``: ``dim`` (r̂_DIM, then
-    random rows for a cone) or ``random`` (our choice); ``n_combinations``: cone combinations
-    sampled per step; ``score``: score the result after training; ``n_score_combinations``: cone
-    combinations scored.
+    Example:
+        >>> RDOConfig(k=2, lambdas=[1, 0.5, 1]).lambdas
+        (1.0, 0.5, 1.0)
+        >>> RDOConfig(steps=0)
+        Traceback (most recent call last):
+        ...
+        safegeom.errors.ConfigError: steps (--steps) must be at least 1, got 0
     """
 
+    k: int = 3
+    """Cone dimension: orthonormal rows trained (1 ≤ k ≤ the hidden size; docs/methods.md §3 uses
+    2–5). :func:`rdo_direction` trains one direction whatever it says."""
+    steps: int = 100
+    """AdamW steps."""
+    lr: float = 1e-2
+    """AdamW learning rate."""
+    lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0)
+    """Loss weights (λ_abl, λ_add, λ_ret) of the ablation CE, the addition CE and the retain KL."""
+    seed: int = 0
+    """Seeds the initialisation, the minibatch order, the sampled combinations and the scoring."""
     betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW's betas."""
     weight_decay: float = 0.0
+    """AdamW's weight decay (moot for a renormalised vector)."""
     clip: float = 10.0
+    """Gradient-norm clip, applied after the projection onto the sphere's tangent."""
     batch_size: int = 16
+    """Target pairs per loss term per step (seeded, reshuffled passes)."""
     max_new_tokens: int = 30
+    """Length of the greedy targets, in tokens."""
     init: Literal["dim", "random"] = "dim"
+    """Starting rows: dim (r̂_DIM, then seeded random rows for a cone) or random (our choice)."""
     n_combinations: int = 4
+    """Cone combinations sampled per step (k > 1)."""
     score: bool = True
+    """Score the result after training (:func:`~safegeom.carriers.cones.score_cone`)."""
     n_score_combinations: int = 8
+    """Cone combinations scored (k > 1)."""
+
+    def __post_init__(self) -> None:
+        """Coerce ``lambdas`` and ``betas`` to tuples of floats and check every range.
+
+        Raises:
+            ConfigError: a value out of range; the message names the field and its flag.
+        """
+        for name, size in (("lambdas", 3), ("betas", 2)):
+            value = getattr(self, name)
+            ok = isinstance(value, (tuple, list)) and len(value) == size
+            check(ok, name, f"must be {size} numbers", value)
+            ok = all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in value)
+            check(ok, name, "must be finite numbers, 0 or more", value)
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        check(all(b < 1 for b in self.betas), "betas", "must lie in [0, 1)", self.betas)
+        check(_whole(self.k) and self.k >= 1, "k", "must be at least 1", self.k)
+        check(_whole(self.steps) and self.steps >= 1, "steps", "must be at least 1", self.steps)
+        check(_positive(self.lr), "lr", "must be a positive number", self.lr)
+        check(_whole(self.seed), "seed", "must be a whole number", self.seed)
+        decay = self.weight_decay
+        check(math.isfinite(decay) and decay >= 0, "weight_decay", "must be 0 or more", decay)
+        check(_positive(self.clip), "clip", "must be a positive number", self.clip)
+        check(self.batch_size >= 1, "batch_size", "must be at least 1", self.batch_size)
+        n_new = self.max_new_tokens
+        check(n_new >= 1, "max_new_tokens", "must be at least 1", n_new)
+        check(self.init in ("dim", "random"), "init", "must be dim or random", self.init)
+        n = self.n_combinations
+        check(n >= 0, "n_combinations", "must be 0 or more", n)
+        n = self.n_score_combinations
+        check(n >= 0, "n_score_combinations", "must be 0 or more", n)
 
 
-def _train(lm, init, targets, dim, n_comb, *, steps, lr, lambdas, seed, config, progress):
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _train(lm, init, targets, dim, n_comb, *, config, progress):
     """Optimise rows ``init`` [k, d]; return (final rows, per-step losses, last loss terms)."""
     alpha, layer = float(dim.direction.norm()), dim.layer
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(config.seed)
     rows = torch.nn.Parameter(_orthonormal_rows(init.to(lm.device, torch.float32)))
-    opt = torch.optim.AdamW([rows], lr=lr, betas=config.betas, weight_decay=config.weight_decay)
+    opt = torch.optim.AdamW(
+        [rows], lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
     pools = [getattr(targets, t) for t in _TERMS]
     streams = [_batches(len(pool), config.batch_size, gen) for pool in pools]
-    weights = torch.tensor(lambdas, dtype=torch.float32)
+    weights = torch.tensor(config.lambdas, dtype=torch.float32)
     n_dirs = rows.shape[0] + n_comb
     history: list[float] = []
     terms: dict[str, float] = {}
-    bar = tqdm(range(steps), desc="rdo", disable=not progress)
+    bar = tqdm(range(config.steps), desc="rdo", disable=not progress)
     with _frozen(lm):
         for _ in bar:
             picks = [[pool[i] for i in next(s)] for pool, s in zip(pools, streams, strict=True)]
@@ -259,20 +322,15 @@ def rdo_cone(
     harmful: Prompts,
     harmless: Prompts,
     dim_carrier: Carrier,
-    *,
-    k: int = 3,
-    steps: int = 100,
-    lr: float = 1e-2,
-    lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0),
-    seed: int = 0,
     config: RDOConfig = RDOConfig(),
+    *,
     targets: RDOTargets | None = None,
     harmful_val: Prompts | None = None,
     harmless_val: Prompts | None = None,
     system: str | None = None,
     progress: bool = True,
 ) -> Carrier:
-    """Train an RDO refusal cone of ``k`` orthonormal rows (docs/methods.md §3; k = 2–5 there).
+    """Train an RDO refusal cone of ``config.k`` orthonormal rows (docs/methods.md §3).
 
     Each step samples ``config.n_combinations`` combinations ``normalise(sᵀB)``,
     ``s = |N(0, I_k)|``, and averages the RDO loss over the ``k`` basis vectors and them, so every
@@ -284,12 +342,12 @@ def rdo_cone(
             targets from harmless).
         dim_carrier: the diff-in-means refusal carrier: its layer and norm give α, it makes the
             targets and (``config.init="dim"``) the first starting row.
-        k: cone dimension, 1 ≤ k ≤ d.
-        steps: optimiser steps (AdamW, ``lr``); ``lambdas`` = (λ_abl, λ_add, λ_ret).
-        seed: seeds the initialisation, the minibatch order and the combinations.
-        config: the other settings (:class:`RDOConfig`).
+        config: the settings (:class:`RDOConfig`: ``k``, ``steps``, ``lr``, ``lambdas``,
+            ``seed`` ...).
         targets: precomputed :func:`rdo_targets` (else generated).
         harmful_val, harmless_val: scoring prompts (default: the training prompts).
+        system: system prompt rendered into every conversation.
+        progress: show progress bars.
 
     Returns:
         A :class:`Carrier` (``method="cone-rdo"``) with ``k`` orthonormal rows; ``scores``:
@@ -299,16 +357,11 @@ def rdo_cone(
         are in ``provenance["losses"]``.
 
     Raises:
-        SafegeomError: empty prompt sets, a hidden-size mismatch, ``k`` outside 1..d, ``steps < 1``,
-            an unknown init.
+        SafegeomError: empty prompt sets, a hidden-size mismatch, ``k`` above the hidden size.
     """
     dim = dim_carrier
     dim.check_model(lm.d_model, lm.weight_hash)
-    check_k(k, lm.d_model)
-    if steps < 1:
-        raise SafegeomError(f"steps must be at least 1, got {steps}")
-    if config.init not in ("dim", "random"):
-        raise ConfigError(f"unknown init {config.init!r}: use dim or random")
+    k = check_k(config.k, lm.d_model)
     h_set, s_set = load_prompts(harmful), load_prompts(harmless)
     targets = targets or rdo_targets(
         lm,
@@ -319,7 +372,7 @@ def rdo_cone(
         system=system,
         progress=progress,
     )
-    start = torch.randn(k, lm.d_model, generator=torch.Generator().manual_seed(seed))
+    start = torch.randn(k, lm.d_model, generator=torch.Generator().manual_seed(config.seed))
     if config.init == "dim":
         start[0] = dim.unit
     n_comb = config.n_combinations if k > 1 else 0
@@ -330,10 +383,6 @@ def rdo_cone(
         targets,
         dim,
         n_comb,
-        steps=steps,
-        lr=lr,
-        lambdas=lambdas,
-        seed=seed,
         config=config,
         progress=progress and shows_progress(),
     )  # under the twin: rank 0's, should a GPU's steps differ by rank
@@ -348,7 +397,7 @@ def rdo_cone(
             dim.layer,
             h_set if harmful_val is None else harmful_val,
             s_set if harmless_val is None else harmless_val,
-            seed=seed,
+            seed=config.seed,
             system=system,
             n_combinations=config.n_score_combinations if k > 1 else 0,
         )
@@ -358,10 +407,10 @@ def rdo_cone(
         "dim_position": dim.position,
         "dim_method": dim.method,
         "k": k,
-        "steps": steps,
-        "lr": lr,
-        "lambdas": list(lambdas),
-        "seed": seed,
+        "steps": config.steps,
+        "lr": config.lr,
+        "lambdas": list(config.lambdas),
+        "seed": config.seed,
         "config": asdict(config),
         "losses": history,
         "system": system,
@@ -383,16 +432,17 @@ def rdo_direction(
     harmful: Prompts,
     harmless: Prompts,
     dim_carrier: Carrier,
+    config: RDOConfig = RDOConfig(),
     *,
-    steps: int = 100,
-    lr: float = 1e-2,
-    lambdas: tuple[float, float, float] = (1.0, 0.2, 1.0),
-    **options: Any,
+    targets: RDOTargets | None = None,
+    harmful_val: Prompts | None = None,
+    harmless_val: Prompts | None = None,
+    system: str | None = None,
+    progress: bool = True,
 ) -> Carrier:
     """Train a refusal direction with RDO (docs/methods.md §3): :func:`rdo_cone` with ``k = 1``.
 
-    ``options``: ``seed``, ``config``, ``targets``, ``harmful_val``, ``harmless_val``, ``system``,
-    ``progress``, as in :func:`rdo_cone`.
+    ``config.k`` is not used (one direction); the other arguments are :func:`rdo_cone`'s.
 
     Returns:
         A :class:`Carrier` (``method="rdo"``) whose vector is ``α·r̂`` (activation units, the scale
@@ -402,10 +452,17 @@ def rdo_direction(
     Raises:
         SafegeomError: as :func:`rdo_cone`.
     """
-    if "k" in options:
-        raise ConfigError("rdo_direction trains one direction; use rdo_cone for k > 1")
     cone = rdo_cone(
-        lm, harmful, harmless, dim_carrier, k=1, steps=steps, lr=lr, lambdas=lambdas, **options
+        lm,
+        harmful,
+        harmless,
+        dim_carrier,
+        replace(config, k=1),
+        targets=targets,
+        harmful_val=harmful_val,
+        harmless_val=harmless_val,
+        system=system,
+        progress=progress,
     )
     prov = {key: v for key, v in cone.provenance.items() if key != "k"}
     return replace(cone, vectors=cone.vectors * cone.scores["alpha"], method="rdo", provenance=prov)

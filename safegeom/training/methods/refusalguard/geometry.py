@@ -225,11 +225,10 @@ def fit_guard_cones(
     for layer in guard_layers(lm, config):
         carrier = cheap_cone(lm, harmful, harmless, k=config.cone_k, layer=layer, score=False)
         if config.cone == "rdo":
-            from safegeom.carriers.rdo import rdo_cone
+            from safegeom.carriers.rdo import RDOConfig, rdo_cone
 
-            carrier = rdo_cone(
-                lm, harmful, harmless, carrier, k=config.cone_k, seed=seed, progress=False
-            )
+            rdo = RDOConfig(k=config.cone_k, seed=seed)
+            carrier = rdo_cone(lm, harmful, harmless, carrier, rdo, progress=False)
         bases[layer] = carrier.vectors.T.to(torch.float32).contiguous()
     if config.readout:
         h, s = _readout_states(lm, harmful), _readout_states(lm, harmless)
