@@ -123,7 +123,7 @@ def plot_transfer(tables: Tables) -> Figure:
                 c,
                 named,
                 "attack_refusal_score",
-                title="refusal score, adversarial prompts",
+                title="refusal score (adversarial)",
                 ylabel="refusal score (log-odds, nats)",
             ),
         ]
