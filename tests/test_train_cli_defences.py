@@ -65,6 +65,7 @@ def test_method_choices_are_the_registry(
         "refusalguard (refusalguard only)",
         "regularisation (kl, adaptive)",
         "weight-space baselines (safe-lora, lox)",
+        "r2d2 (r2d2 only)",
     ]
     for group in groups:  # every field's methods are among its group's
         for name in group.cls.__dataclass_fields__:
