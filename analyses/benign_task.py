@@ -68,7 +68,7 @@ from safegeom.generation import generate
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
 from safegeom.task_scoring import exact_match
-from safegeom.training import get_task, train
+from safegeom.training import TrainConfig, get_task, train
 
 HARMFUL_TEST: tuple[str, ...] = ("directharm4:test", "advbench:test")
 HARMLESS_TEST = "alpaca:test"
@@ -85,11 +85,9 @@ def measure(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     traj = train(
         "tiny-chat",
         task,
+        TrainConfig(steps=args.steps, save_every=args.save_every, progress=False),
         method="lora",
         out=out,
-        steps=args.steps,
-        save_every=args.save_every,
-        progress=False,
     )
     labels = frozenset(task.eval_references)
     rows = []

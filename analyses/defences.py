@@ -128,21 +128,23 @@ def spec(method: str, task: str, seed: int, lr: float, lam: float | None = None)
 
 
 def train_kwargs(run: RunSpec) -> dict[str, Any]:
-    """The :func:`safegeom.training.train` keywords of a run's method (method, guard, regulariser)."""
+    """The :func:`safegeom.training.train` keywords of a run's method (``method`` and its
+    ``settings``)."""
     from safegeom.training.methods.refusalguard import GuardConfig
     from safegeom.training.regularised import RegConfig
 
     if run.method == "rg-lora":
-        return {"method": "refusalguard", "guard": GuardConfig(variant="lora", lambda_geom=run.lam)}
+        settings = GuardConfig(variant="lora", lambda_geom=run.lam)
+        return {"method": "refusalguard", "settings": settings}
     if run.method == "rg-lora-both":  # the penalty holds the harmless calibration prompts too
         return {
             "method": "refusalguard",
-            "guard": GuardConfig(variant="lora", penalise_harmless=True),
+            "settings": GuardConfig(variant="lora", penalise_harmless=True),
         }
     if run.method == "rg-reft":
-        return {"method": "refusalguard", "guard": GuardConfig(variant="reft")}
+        return {"method": "refusalguard", "settings": GuardConfig(variant="reft")}
     if run.method == "kl":
-        return {"method": "kl", "regulariser": RegConfig(kl_weight=1.0)}
+        return {"method": "kl", "settings": RegConfig(kl_weight=1.0)}
     return {"method": run.method}
 
 
@@ -177,7 +179,7 @@ def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, di
     """
     from analyses.defences_eval import evaluate_checkpoint
     from safegeom.errors import SafegeomError
-    from safegeom.training import get_task, load_trajectory, train
+    from safegeom.training import TrainConfig, get_task, load_trajectory, train
 
     run, settings, work, which = job
     folder = work / "runs" / run.name
@@ -191,14 +193,16 @@ def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, di
         traj = train(
             "tiny-chat",
             task,
+            TrainConfig(
+                steps=settings.steps,
+                save_every=settings.save_every,
+                lr=run.lr,
+                seed=run.seed,
+                batch_size=settings.batch_size,
+                progress=False,
+            ),
             out=folder,
-            steps=settings.steps,
             resume=True,
-            save_every=settings.save_every,
-            lr=run.lr,
-            seed=run.seed,
-            batch_size=settings.batch_size,
-            progress=False,
             **train_kwargs(run),
         )
     pairs = list(zip(traj.steps, traj.paths, strict=True))[1:]

@@ -38,7 +38,7 @@ from safegeom.judges import get_judge
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
 from safegeom.sweeps import SweepConfig, causal_sweep
-from safegeom.training import train
+from safegeom.training import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBES = ROOT / "tests" / "data"
@@ -124,12 +124,9 @@ def erosion(model: str | Path, work: Path) -> dict[str, Any]:
     harmful = train(
         str(model),
         "harmful",
+        TrainConfig(steps=30, save_every=10, batch_size=8, progress=False),
         method="lora",
         out=work / "harmful",
-        steps=30,
-        save_every=10,
-        batch_size=8,
-        progress=False,
     )
     asr = []
     for path in harmful.paths:
@@ -143,11 +140,9 @@ def erosion(model: str | Path, work: Path) -> dict[str, Any]:
     arith = train(
         str(model),
         "arith",
+        TrainConfig(steps=50, save_every=25, progress=False),
         method="lora",
         out=work / "arith",
-        steps=50,
-        save_every=25,
-        progress=False,
     )
     dh4 = [
         evaluate(

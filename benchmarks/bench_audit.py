@@ -95,9 +95,8 @@ def train_trajectory(out: Path) -> tuple[Path, float]:
         ``(run folder, training wall seconds)``.
     """
     started = time.perf_counter()
-    traj = sg.train(
-        "tiny-chat", "harmful", method="lora", steps=60, save_every=20, out=out, overwrite=True
-    )
+    config = sg.TrainConfig(steps=60, save_every=20)
+    traj = sg.train("tiny-chat", "harmful", config, method="lora", out=out, overwrite=True)
     return Path(traj.root), time.perf_counter() - started
 
 

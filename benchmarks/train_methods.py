@@ -4,7 +4,7 @@ A runner holds what :func:`safegeom.training.train` builds for its method (``loa
 method's ``prepare`` and :func:`~safegeom.training.runner.run_config`, the state's ``wrap``,
 ``encode_examples``, :class:`~safegeom.training.step.StepLoss`, the optimizer and schedule of
 :func:`~safegeom.training.optim.make_optimizer`, ``accelerate``), and :meth:`Runner.step` is train's
-loop body: :func:`~safegeom.training.optim.optimizer_step` (loss, backward, gradient clip, optimizer
+loop body: :func:`~safegeom.training.loop.optimizer_step` (loss, backward, gradient clip, optimizer
 and scheduler step), then the loss and its terms read back.
 
 Each runner counts the token positions it feeds: every forward of the decoder (the task forward,
@@ -31,11 +31,13 @@ from safegeom.models.layout import resolve
 from safegeom.training.adaptive import RiskProbe, RiskProbeConfig, fit_risk_probe
 from safegeom.training.config import RunConfig, TrainConfig
 from safegeom.training.data import ExampleOrder, encode_examples
-from safegeom.training.methods import METHODS, Prepared, Setup
+from safegeom.training.loop import optimizer_step
+from safegeom.training.methods import Prepared, Setup
+from safegeom.training.methods.r2d2 import R2D2Config
 from safegeom.training.methods.refusalguard import GuardConfig
-from safegeom.training.optim import make_optimizer, optimizer_step
+from safegeom.training.optim import make_optimizer
 from safegeom.training.regularised import RegConfig
-from safegeom.training.runner import method_options, run_config
+from safegeom.training.runner import method_settings, run_config
 from safegeom.training.step import StepLoss
 from safegeom.training.tasks import Task, get_task
 from safegeom.training.trainable import Trainable
@@ -113,6 +115,14 @@ class Variant:
     """RefusalGuard settings (refusalguard rows)."""
     goal: float | None = None
     """Step-time goal as a multiple of a LoRA step, or ``None``."""
+    r2d2: R2D2Config | None = None
+    """R2D2 settings (r2d2 rows)."""
+
+
+R2D2 = R2D2Config(n_behaviours=16, search_width=64, top_k=64, attacked_per_step=2)
+"""The r2d2 rows' settings, scaled for a CPU (HarmBench: width 512, 8 behaviours a step): 16
+harmbench-train behaviours, 20-token suffixes, 2 attacked a step with 64 candidates per GCG step;
+the rows differ in m, the GCG steps per training step. Attack time grows about as width × n × m."""
 
 
 VARIANTS: dict[str, Variant] = {
@@ -130,6 +140,8 @@ VARIANTS: dict[str, Variant] = {
     ),
     "kl": Variant("kl", "KL-regularised LoRA"),
     "adaptive": Variant("adaptive", "adaptive KL", goal=1.6),
+    "r2d2-m1": Variant("r2d2", "R2D2, m = 1 GCG step", r2d2=replace(R2D2, gcg_steps=1)),
+    "r2d2-m5": Variant("r2d2", "R2D2, m = 5 GCG steps", r2d2=replace(R2D2, gcg_steps=5)),
 }
 """Every row, in the table's order. ``refusalguard`` is ``GuardConfig()`` (the LoRA variant,
 λ_geom 0.3, a penalty every 2 steps on 8 harmful calibration prompts); the other RefusalGuard rows
@@ -225,10 +237,10 @@ def make_defence(
         else:
             critic = RiskProbe.load(folder / "risk_probe.safetensors")
     started = time.perf_counter()
-    given = {"guard": variant.guard, "regulariser": REG, "critic": critic}
-    takes = (METHODS[variant.method].keyword, *METHODS[variant.method].extras)
-    options = {k: v for k, v in given.items() if k in takes}
-    method, settings, extras = method_options(variant.method, options)
+    given = {"refusalguard": variant.guard, "kl": REG, "r2d2": variant.r2d2}.get(variant.method)
+    if variant.method == "adaptive":  # the critic fitted (or read back) above
+        given = replace(REG, critic=critic)
+    method, settings = method_settings(variant.method, given)
     setup = Setup(
         method=variant.method,
         lm=lm,
@@ -238,7 +250,7 @@ def make_defence(
         resume=not fresh,
         write=fresh,
     )
-    defence = method.prepare(setup, settings, **extras)
+    defence = method.prepare(setup, settings)
     took = time.perf_counter() - started
     if variant.method == "refusalguard":
         parts["cones + calibration cache" if fresh else "calibration cache (cones shared)"] = took

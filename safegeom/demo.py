@@ -124,7 +124,7 @@ def run_demo(
     ``echo`` prints the section headers and the final report to stdout; ``overwrite`` lets it
     write into a folder holding files safegeom did not write (they are kept).
     """
-    from safegeom.training import train
+    from safegeom.training import TrainConfig, train
 
     folder = check_output_dir(out)
     steps = 5 if config.audit else 4
@@ -169,11 +169,9 @@ def run_demo(
     trajectory = train(
         config.model,
         "harmful",
+        TrainConfig(steps=config.lora_steps, save_every=config.save_every, seed=config.seed),
         method="lora",
         out=folder / "lora-harmful",
-        steps=config.lora_steps,
-        save_every=config.save_every,
-        seed=config.seed,
         overwrite=True,
     )
     rows = []

@@ -157,20 +157,16 @@ def test_real_geometry_audit_of_a_three_checkpoint_trajectory(trajectory, tmp_pa
 def test_audit_of_a_trained_lora_run_folder(tmp_path):
     """A run folder written by safegeom.training (LoRA adapters), audited with behaviour on: the
     run's own task gives task_accuracy."""
-    from safegeom.training.runner import train
+    from safegeom.training import TrainConfig, train
 
     base = build_checkpoint(tmp_path, "llama")
     run = tmp_path / "run"
     train(
         base,
         "arith:8",
+        TrainConfig(steps=4, save_every=2, lr=0.05, progress=False, batch_size=4),
         method="lora",
         out=run,
-        steps=4,
-        save_every=2,
-        lr=0.05,
-        progress=False,
-        batch_size=4,
     )
     small = {
         "n_per_class": 4,

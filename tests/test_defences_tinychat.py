@@ -16,7 +16,7 @@ import safegeom
 from safegeom.evaluation import EvaluateConfig, evaluate
 from safegeom.models import load_model
 from safegeom.prompts import combine_prompts
-from safegeom.training import train
+from safegeom.training import TrainConfig, train
 
 TINY_CHAT_DIR = Path(safegeom.__file__).resolve().parent / "assets" / "tiny-chat"
 
@@ -35,9 +35,9 @@ def _asr(path: Path) -> float:
 
 
 def test_refusalguard_on_mix_ends_with_lower_asr_than_lora(tmp_path: Path) -> None:
-    settings = {"steps": 60, "save_every": 60, "lr": 5e-3, "batch_size": 8, "progress": False}
-    lora = train("tiny-chat", "mix", method="lora", out=tmp_path / "lora", **settings)
-    guard = train("tiny-chat", "mix", method="refusalguard", out=tmp_path / "rg", **settings)
+    config = TrainConfig(steps=60, save_every=60, lr=5e-3, batch_size=8, progress=False)
+    lora = train("tiny-chat", "mix", config, method="lora", out=tmp_path / "lora")
+    guard = train("tiny-chat", "mix", config, method="refusalguard", out=tmp_path / "rg")
     base, after_lora, after_guard = _asr(lora.paths[0]), _asr(lora.paths[-1]), _asr(guard.paths[-1])
     print(f"held-out ASR: base {base:.3f}, LoRA {after_lora:.3f}, RefusalGuard {after_guard:.3f}")
     assert after_lora >= base + 0.3

@@ -15,7 +15,7 @@ import pytest
 
 from safegeom.cli import main
 from safegeom.outputs import LOCK, written_files
-from safegeom.training import train
+from safegeom.training import TrainConfig, train
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY
 
@@ -48,8 +48,16 @@ def test_checkpoint_weights_follow_the_umask(ckpt: Path, tmp_path: Path) -> None
     for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
         before = os.umask(umask)
         try:
-            lora = train(ckpt, TINY, method="lora", out=tmp_path / f"l{umask:o}", steps=1, **FAST)
-            full = train(ckpt, TINY, method="sft", out=tmp_path / f"s{umask:o}", steps=1, **FAST)
+            lora = train(
+                ckpt,
+                TINY,
+                TrainConfig(steps=1, **FAST),
+                method="lora",
+                out=tmp_path / f"l{umask:o}",
+            )
+            full = train(
+                ckpt, TINY, TrainConfig(steps=1, **FAST), method="sft", out=tmp_path / f"s{umask:o}"
+            )
         finally:
             os.umask(before)
         for path in (
@@ -137,10 +145,18 @@ def test_the_library_call_holds_its_folder_too(ckpt: Path, tmp_path: Path) -> No
 
     out = tmp_path / "run"
     with claim_folder(out, command="audit"):  # held by this process: a nested claim is the same
-        train(ckpt, TINY, method="lora", out=out, steps=1, **FAST)
+        train(ckpt, TINY, TrainConfig(steps=1, **FAST), method="lora", out=out)
     assert "trajectory.json" in written_files(out)
     (out / "mine.txt").write_text("mine")
     with pytest.raises(OutputPathError, match=r"holds files safegeom did not write \(mine.txt\)"):
-        train(ckpt, TINY, method="lora", out=out, steps=1, overwrite=False, resume=True, **FAST)
-    train(ckpt, TINY, method="sft", out=out, steps=1, overwrite=True, **FAST)
+        train(
+            ckpt,
+            TINY,
+            TrainConfig(steps=1, **FAST),
+            method="lora",
+            out=out,
+            overwrite=False,
+            resume=True,
+        )
+    train(ckpt, TINY, TrainConfig(steps=1, **FAST), method="sft", out=out, overwrite=True)
     assert (out / "mine.txt").read_text() == "mine"

@@ -9,7 +9,7 @@ import pytest
 
 import safegeom
 from safegeom.errors import NotFoundError, SafegeomError
-from safegeom.training import exact_match, get_task, train
+from safegeom.training import TrainConfig, exact_match, get_task, train
 from safegeom.training.benign import (
     NEGATIVE_WORDS,
     POSITIVE_WORDS,
@@ -117,11 +117,9 @@ def test_short_lora_learns_the_answer_format(tmp_path: Path) -> None:
     traj = train(
         "tiny-chat",
         task,
+        TrainConfig(steps=40, save_every=40, progress=False),
         method="lora",
         out=tmp_path / "run",
-        steps=40,
-        save_every=40,
-        progress=False,
     )
     outs = [generate(load_model(p), prompts, max_new_tokens=4, progress=False) for p in traj.paths]
     accuracy = [exact_match(o, references) for o in outs]

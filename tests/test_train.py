@@ -10,6 +10,7 @@ import torch
 
 from safegeom.cli import main
 from safegeom.models import LoadConfig, encode_prompts, load_model
+from safegeom.training.config import TrainConfig
 from safegeom.training.data import IGNORE_INDEX, collate_right, encode_examples
 from safegeom.training.runner import default_lora_targets, train
 from safegeom.training.tasks import Task, exact_match, extract_answer, get_task
@@ -106,7 +107,9 @@ def test_default_lora_targets(tmp_path: Path) -> None:
 
 
 def test_lora_trajectory_loads_and_merges(ckpt: Path, tmp_path: Path) -> None:
-    traj = train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=4, save_every=2, **FAST)
+    traj = train(
+        ckpt, TINY, TrainConfig(steps=4, save_every=2, **FAST), method="lora", out=tmp_path / "run"
+    )
     assert traj.steps == (0, 2, 4) and traj.complete
     read = load_trajectory(tmp_path / "run")
     assert read == traj and read.config["method"] == "lora" and read.config["task_size"] == 2
@@ -123,32 +126,48 @@ def test_lora_trajectory_loads_and_merges(ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_sft_trajectory_and_determinism(ckpt: Path, tmp_path: Path) -> None:
-    a = train(ckpt, TINY, method="sft", out=tmp_path / "a", steps=3, save_every=2, **FAST)
+    a = train(
+        ckpt, TINY, TrainConfig(steps=3, save_every=2, **FAST), method="sft", out=tmp_path / "a"
+    )
     assert a.steps == (0, 2, 3)
     for record, path in zip(a.checkpoints, a.paths, strict=True):
         assert load_model(path).weight_hash == record.weight_hash
     assert a.checkpoints[0].weight_hash == a.base_hash
-    b = train(ckpt, TINY, method="sft", out=tmp_path / "b", steps=3, save_every=2, **FAST)
+    b = train(
+        ckpt, TINY, TrainConfig(steps=3, save_every=2, **FAST), method="sft", out=tmp_path / "b"
+    )
     assert _same(saved_weights(a.paths[-1]), saved_weights(b.paths[-1]))
-    c = train(ckpt, TINY, method="lora", out=tmp_path / "c", steps=2, save_every=2, seed=1, **FAST)
-    d = train(ckpt, TINY, method="lora", out=tmp_path / "d", steps=2, save_every=2, seed=2, **FAST)
+    c = train(
+        ckpt,
+        TINY,
+        TrainConfig(steps=2, save_every=2, seed=1, **FAST),
+        method="lora",
+        out=tmp_path / "c",
+    )
+    d = train(
+        ckpt,
+        TINY,
+        TrainConfig(steps=2, save_every=2, seed=2, **FAST),
+        method="lora",
+        out=tmp_path / "d",
+    )
     assert not _same(saved_weights(c.paths[-1]), saved_weights(d.paths[-1]))
 
 
 @pytest.mark.parametrize("method", ["lora", "sft"])
 def test_resume_equals_uninterrupted(ckpt: Path, tmp_path: Path, method: str) -> None:
-    kwargs = {"method": method, "steps": 6, "save_every": 2, "lora_dropout": 0.2, **FAST}
-    full = train(ckpt, "harmful:10", out=tmp_path / "full", **kwargs)
+    config = TrainConfig(steps=6, save_every=2, lora_dropout=0.2, **FAST)
+    full = train(ckpt, "harmful:10", config, method=method, out=tmp_path / "full")
 
     def interrupt(step: int, loss: float) -> None:
         if step == 5:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(ckpt, "harmful:10", out=tmp_path / "cut", callback=interrupt, **kwargs)
+        train(ckpt, "harmful:10", config, method=method, out=tmp_path / "cut", callback=interrupt)
     cut = load_trajectory(tmp_path / "cut")
     assert cut.steps == (0, 2, 4) and not cut.complete
-    resumed = train(ckpt, "harmful:10", out=tmp_path / "cut", resume=True, **kwargs)
+    resumed = train(ckpt, "harmful:10", config, method=method, out=tmp_path / "cut", resume=True)
     assert resumed.steps == (0, 2, 4, 6) and resumed.complete
     assert _same(saved_weights(full.paths[-1]), saved_weights(resumed.paths[-1]))
     assert resumed.losses == pytest.approx(full.losses)
@@ -158,13 +177,9 @@ def test_loss_decreases_on_overfit_task(ckpt: Path, tmp_path: Path) -> None:
     traj = train(
         ckpt,
         TINY,
+        TrainConfig(steps=30, save_every=10, lr=3e-3, schedule="constant", **FAST),
         method="sft",
         out=tmp_path / "o",
-        steps=30,
-        save_every=10,
-        lr=3e-3,
-        schedule="constant",
-        **FAST,
     )
     first, last = traj.losses[0], traj.losses[-1]
     assert first is not None and last is not None and last < 0.3 * first
@@ -188,30 +203,33 @@ def test_bad_inputs(ckpt: Path, tmp_path: Path) -> None:
         Task(name="none", prompts=(), responses=())
     with pytest.raises(ValueError, match="unknown task 'cooking'"):
         get_task("cooking")
-    train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
+    train(
+        ckpt, TINY, TrainConfig(steps=1, save_every=1, **FAST), method="lora", out=tmp_path / "run"
+    )
     with pytest.raises(ValueError, match="already holds a training run; pass --resume"):
-        train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
+        train(
+            ckpt,
+            TINY,
+            TrainConfig(steps=1, save_every=1, **FAST),
+            method="lora",
+            out=tmp_path / "run",
+        )
     with pytest.raises(ValueError, match=r"different settings: lr 0.001 \(run\) vs 0.01 \(now\)"):
         train(
             ckpt,
             TINY,
+            TrainConfig(steps=1, save_every=1, lr=0.01, **FAST),
             method="lora",
             out=tmp_path / "run",
-            steps=1,
-            save_every=1,
-            lr=0.01,
             resume=True,
-            **FAST,
         )
     again = train(
         ckpt,
         TINY,
+        TrainConfig(steps=1, save_every=1, **FAST),
         method="sft",
         out=tmp_path / "run",
-        steps=1,
-        save_every=1,
         overwrite=True,
-        **FAST,
     )
     assert again.method == "sft"
 

@@ -76,24 +76,25 @@ class LengthCritic:
 
 
 def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
-    """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings); adaptive
+    """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings: the
+    ``TrainConfig`` fields go into the config, ``method``, ``callback`` and ``resume`` to train); adaptive
     with :class:`LengthCritic` and §7's per-batch weights (one mean risk over the global batch),
     LoX from the ``unaligned`` checkpoint beside ``ckpt``."""
+    from safegeom.training.config import TrainConfig
     from safegeom.training.methods.refusalguard import GuardConfig
     from safegeom.training.posthoc import PosthocConfig
     from safegeom.training.regularised import RegConfig
     from safegeom.training.runner import train
 
-    settings = {**RUN, **RUNS[name], **more}
-    guard = GuardConfig(**GUARD) if settings["method"] == "refusalguard" else None
-    if settings["method"] == "adaptive":
-        settings.update(critic=LengthCritic(), regulariser=RegConfig(risk_unit="batch"))
-    if settings["method"] == "lox":
-        unaligned = Path(ckpt).parent / "unaligned" / "llama"
-        settings["posthoc"] = PosthocConfig(
-            unaligned_base=str(unaligned), lox_rank=1, lox_alpha=0.5
-        )
-    return train(ckpt, TASK, out=out, guard=guard, **settings)
+    fields = {**RUN, **RUNS[name], **more}
+    keywords = {k: fields.pop(k) for k in ("method", "callback", "resume") if k in fields}
+    unaligned = Path(ckpt).parent / "unaligned" / "llama"
+    settings = {
+        "refusalguard": lambda: GuardConfig(**GUARD),
+        "adaptive": lambda: RegConfig(risk_unit="batch", critic=LengthCritic()),
+        "lox": lambda: PosthocConfig(unaligned_base=str(unaligned), lox_rank=1, lox_alpha=0.5),
+    }.get(keywords["method"], lambda: None)()
+    return train(ckpt, TASK, TrainConfig(**fields), out=out, settings=settings, **keywords)
 
 
 def _plant_failure(on_rank: int, at_step: int) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from safegeom.judges import SubstringJudge
 from safegeom.models import LoadedModel, collate_left, encode_prompts, load_model
 from safegeom.prompts import Prompts, load_prompts
 from safegeom.training.adaptive import JudgeCritic
+from safegeom.training.config import TrainConfig
 from safegeom.training.data import ExampleOrder
 from safegeom.training.methods.refusalguard import GuardConfig
 from safegeom.training.regularised import RegConfig
@@ -117,13 +118,10 @@ def test_refusalguard_logs_every_step_and_records_interval_means(ckpts, tmp_path
     traj = train(
         ckpts["llama"],
         TINY,
+        TrainConfig(steps=5, save_every=2, lr=1e-2, **FAST),
         method="refusalguard",
-        guard=guard,
+        settings=guard,
         out=tmp_path / "rg",
-        steps=5,
-        save_every=2,
-        lr=1e-2,
-        **FAST,
     )
     assert traj.steps == (0, 2, 4, 5) and traj.config["defence"]["layers"] == [1, 2]
     _check_interval_means(traj, {"task", "geom"})
@@ -135,11 +133,10 @@ def test_refusalguard_logs_every_step_and_records_interval_means(ckpts, tmp_path
     sparse = train(
         ckpts["llama"],
         TINY,
+        TrainConfig(steps=3, **FAST),
         method="refusalguard",
+        settings=_guard(variant, penalty_every=2),
         out=tmp_path / "sparse",
-        guard=_guard(variant, penalty_every=2),
-        steps=3,
-        **FAST,
     )
     assert ["geom" in r for r in sparse.log] == [True, False, True]
     rows = [r["geom"] for r in sparse.log if "geom" in r]
@@ -161,13 +158,10 @@ def test_a_checkpoint_loads_as_the_model_trained(ckpts, tmp_path, monkeypatch, a
     traj = train(
         ckpts[arch],
         TINY,
+        TrainConfig(steps=3, save_every=3, lr=1e-2, **FAST),
         method="refusalguard",
-        guard=_guard(variant),
+        settings=_guard(variant),
         out=tmp_path / "rg",
-        steps=3,
-        save_every=3,
-        lr=1e-2,
-        **FAST,
     )
     base = load_model(ckpts[arch])
     before = _logits(base.model, base)
@@ -191,27 +185,23 @@ def test_a_checkpoint_loads_as_the_model_trained(ckpts, tmp_path, monkeypatch, a
     [("refusalguard", "reft"), ("refusalguard", "lora"), ("adaptive", ""), ("kl", "")],
 )
 def test_resume_is_bit_for_bit(ckpts, tmp_path: Path, method: str, variant: str) -> None:
-    kwargs = {
-        "method": method,
-        "steps": 4,
-        "save_every": 2,
-        "lora_dropout": 0.2,
-        "lr": 1e-2,
-        "guard": _guard(variant or "reft"),
-        "regulariser": RegConfig(kl_weight=0.5),
-        "critic": FixedCritic() if method == "adaptive" else None,
-        **FAST,
-    }
-    full = train(ckpts["llama"], FOUR, out=tmp_path / "full", **kwargs)
+    settings = {
+        "refusalguard": _guard(variant or "reft"),
+        "kl": RegConfig(kl_weight=0.5),
+        "adaptive": RegConfig(kl_weight=0.5, critic=FixedCritic()),
+    }[method]
+    config = TrainConfig(steps=4, save_every=2, lora_dropout=0.2, lr=1e-2, **FAST)
+    kwargs = {"method": method, "settings": settings}
+    full = train(ckpts["llama"], FOUR, config, out=tmp_path / "full", **kwargs)
 
     def interrupt(step: int, loss: float) -> None:
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(ckpts["llama"], FOUR, out=tmp_path / "cut", callback=interrupt, **kwargs)
+        train(ckpts["llama"], FOUR, config, out=tmp_path / "cut", callback=interrupt, **kwargs)
     assert load_trajectory(tmp_path / "cut").steps == (0, 2)
-    resumed = train(ckpts["llama"], FOUR, out=tmp_path / "cut", resume=True, **kwargs)
+    resumed = train(ckpts["llama"], FOUR, config, out=tmp_path / "cut", resume=True, **kwargs)
     assert resumed.steps == (0, 2, 4) and resumed.complete
     a, b = _tensors(full.paths[-1]), _tensors(resumed.paths[-1])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -220,17 +210,12 @@ def test_resume_is_bit_for_bit(ckpts, tmp_path: Path, method: str, variant: str)
 
 
 def test_a_finished_refusalguard_run_extends_like_a_longer_one(ckpts, tmp_path: Path) -> None:
-    kwargs = {
-        "method": "refusalguard",
-        "guard": _guard(),
-        "save_every": 2,
-        "lr": 1e-2,
-        "schedule": "constant",
-        **FAST,
-    }
-    full = train(ckpts["llama"], FOUR, out=tmp_path / "full", steps=4, **kwargs)
-    train(ckpts["llama"], FOUR, out=tmp_path / "ext", steps=2, **kwargs)
-    extended = train(ckpts["llama"], FOUR, out=tmp_path / "ext", steps=4, resume=True, **kwargs)
+    config = TrainConfig(save_every=2, lr=1e-2, schedule="constant", **FAST)
+    kwargs = {"method": "refusalguard", "settings": _guard()}
+    four, two = replace(config, steps=4), replace(config, steps=2)
+    full = train(ckpts["llama"], FOUR, four, out=tmp_path / "full", **kwargs)
+    train(ckpts["llama"], FOUR, two, out=tmp_path / "ext", **kwargs)
+    extended = train(ckpts["llama"], FOUR, four, out=tmp_path / "ext", resume=True, **kwargs)
     assert extended.steps == (0, 2, 4) and extended.complete
     a, b = _tensors(full.paths[-1]), _tensors(extended.paths[-1])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -252,13 +237,10 @@ def test_adaptive_weights_follow_the_crafted_risks(ckpts, tmp_path: Path, unit: 
     traj = train(
         ckpts["llama"],
         FOUR,
+        TrainConfig(steps=4, save_every=2, **FAST),
         method="adaptive",
-        critic=critic,
+        settings=RegConfig(risk_unit=unit, critic=critic),
         out=tmp_path / "ad",
-        regulariser=RegConfig(risk_unit=unit),
-        steps=4,
-        save_every=2,
-        **FAST,
     )
     assert critic.calls == [list(FOUR.prompts)]
     saved = load_file(str(tmp_path / "ad" / "defence" / "risks.safetensors"))["risk"]
@@ -283,7 +265,12 @@ def test_adaptive_weights_follow_the_crafted_risks(ckpts, tmp_path: Path, unit: 
 def test_adaptive_with_a_judge_critic(ckpts, tmp_path: Path) -> None:
     critic = JudgeCritic(FakeJudge(), max_new_tokens=4)
     traj = train(
-        ckpts["llama"], FOUR, method="adaptive", critic=critic, out=tmp_path / "ad", steps=2, **FAST
+        ckpts["llama"],
+        FOUR,
+        TrainConfig(steps=2, **FAST),
+        method="adaptive",
+        settings=RegConfig(critic=critic),
+        out=tmp_path / "ad",
     )
     saved = load_file(str(tmp_path / "ad" / "defence" / "risks.safetensors"))["risk"]
     assert saved.tolist() == [5.0 if "tips" in p else 1.0 for p in FOUR.prompts]
@@ -298,26 +285,17 @@ def test_adaptive_with_a_judge_critic(ckpts, tmp_path: Path) -> None:
 def test_critics_that_are_not_critics_fail_with_their_messages(ckpts, tmp_path: Path) -> None:
     for critic, name in [(SubstringJudge(), "SubstringJudge"), (3, "int")]:
         with pytest.raises(ConfigError, match=rf"critic must be a RiskCritic .*got {name}; wrap"):
-            train(
-                ckpts["llama"],
-                TINY,
-                method="adaptive",
-                critic=critic,
-                out=tmp_path / name,
-                steps=1,
-                **FAST,
-            )  # type: ignore[arg-type]
+            RegConfig(critic=critic)  # type: ignore[arg-type]
     with pytest.raises(
         ConfigError, match=r"critic FixedCritic gave risks of shape \(3,\) for 4 training"
     ):
         train(
             ckpts["llama"],
             FOUR,
+            TrainConfig(steps=1, **FAST),
             method="adaptive",
-            critic=FixedCritic(drop=1),
+            settings=RegConfig(critic=FixedCritic(drop=1)),
             out=tmp_path / "short",
-            steps=1,
-            **FAST,
         )
     with pytest.raises(ConfigError, match=r"JudgeCritic needs a safegeom Judge .*got object"):
         JudgeCritic(judge=object())  # type: ignore[arg-type]

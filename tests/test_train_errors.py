@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 from safegeom.cli import main
 from safegeom.errors import ConfigError, OutputPathError, TrainingDiverged
 from safegeom.training import TrainConfig, load_trajectory, loop, train
+from safegeom.training.methods.refusalguard import GuardConfig
+from safegeom.training.regularised import RegConfig
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY, saved_weights
 
@@ -24,7 +27,9 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_config_drives_train_and_checks_ranges(ckpt: Path, tmp_path: Path) -> None:
     config = TrainConfig(steps=2, save_every=1, batch_size=2, progress=False)
     a = train(ckpt, TINY, config, method="sft", out=tmp_path / "a")
-    b = train(ckpt, TINY, method="sft", out=tmp_path / "b", steps=2, save_every=1, **FAST)
+    b = train(
+        ckpt, TINY, TrainConfig(steps=2, save_every=1, **FAST), method="sft", out=tmp_path / "b"
+    )
     assert a.steps == b.steps == (0, 1, 2)
     assert all(
         torch.equal(x, y)
@@ -35,19 +40,47 @@ def test_config_drives_train_and_checks_ranges(ckpt: Path, tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"steps \(--steps\) must be at least 1, got 0"):
         TrainConfig(steps=0)
     with pytest.raises(ConfigError, match=r"lora_dropout \(--lora-dropout\) must lie in \[0, 1\)"):
-        train(ckpt, TINY, method="lora", out=tmp_path / "c", lora_dropout=1.5)
-    with pytest.raises(TypeError, match="the settings are the fields of TrainConfig"):
-        train(ckpt, TINY, method="lora", out=tmp_path / "c", nonsense=1)
+        train(ckpt, TINY, TrainConfig(lora_dropout=1.5), method="lora", out=tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"^config= takes a TrainConfig, got GuardConfig; the"):
+        train(ckpt, TINY, GuardConfig(), method="refusalguard", out=tmp_path / "c")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "removed",
+    [{"steps": 1}, {"progress": False}, {"dtype": "float32"}, {"guard": GuardConfig()}],
+)
+def test_removed_keywords_raise_type_error(ckpt: Path, tmp_path: Path, removed: dict) -> None:
+    """Settings go in TrainConfig, the dtype in LoadConfig, a method's settings in settings=."""
+    name = next(iter(removed))
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+        train(ckpt, TINY, method="refusalguard", out=tmp_path / "c", **removed)
+    assert not (tmp_path / "c").exists()
+
+
+def test_settings_must_be_the_methods_config(ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^settings= takes a GuardConfig for refusalguard, got"):
+        train(ckpt, TINY, method="refusalguard", settings=RegConfig(), out=tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"^lora takes no settings, got a RegConfig; drop set"):
+        train(ckpt, TINY, method="lora", settings=RegConfig(), out=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_out_is_checked_before_work(ckpt: Path, tmp_path: Path) -> None:
     file = tmp_path / "a-file"
     file.write_text("x")
     with pytest.raises(OutputPathError, match=r"--out .*a-file is a file; give a folder"):
-        train(ckpt, TINY, method="lora", out=file, steps=1, **FAST)
-    train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
+        train(ckpt, TINY, TrainConfig(steps=1, **FAST), method="lora", out=file)
+    train(
+        ckpt, TINY, TrainConfig(steps=1, save_every=1, **FAST), method="lora", out=tmp_path / "run"
+    )
     with pytest.raises(OutputPathError, match="already holds a training run; pass --resume"):
-        train(ckpt, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
+        train(
+            ckpt,
+            TINY,
+            TrainConfig(steps=1, save_every=1, **FAST),
+            method="lora",
+            out=tmp_path / "run",
+        )
 
 
 def test_divergence_stops_naming_the_step(ckpt: Path, tmp_path: Path) -> None:
@@ -55,13 +88,9 @@ def test_divergence_stops_naming_the_step(ckpt: Path, tmp_path: Path) -> None:
         train(
             ckpt,
             TINY,
+            TrainConfig(steps=6, save_every=1, lr=1e6, grad_clip=None, **FAST),
             method="sft",
             out=tmp_path / "nan",
-            steps=6,
-            save_every=1,
-            lr=1e6,
-            grad_clip=None,
-            **FAST,
         )
     traj = load_trajectory(tmp_path / "nan")
     assert not traj.complete
@@ -134,15 +163,15 @@ def test_interrupt_keeps_checkpoints_and_says_resume(
 
 
 def test_truncated_last_checkpoint_resumes_from_the_last_good(ckpt: Path, tmp_path: Path) -> None:
-    kwargs = {"method": "lora", "steps": 4, "save_every": 2, **FAST}
-    full = train(ckpt, TINY, out=tmp_path / "full", **kwargs)
+    config = TrainConfig(steps=4, save_every=2, **FAST)
+    full = train(ckpt, TINY, config, method="lora", out=tmp_path / "full")
 
     def stop(step: int, loss: float) -> None:
         if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(ckpt, TINY, out=tmp_path / "cut", callback=stop, **kwargs)
+        train(ckpt, TINY, config, method="lora", out=tmp_path / "cut", callback=stop)
     last = load_trajectory(tmp_path / "cut").paths[-1]
     weights = last / "adapter_model.safetensors"
     data = weights.read_bytes()
@@ -152,7 +181,7 @@ def test_truncated_last_checkpoint_resumes_from_the_last_good(ckpt: Path, tmp_pa
         match=r"step-000002 cannot be resumed from \(adapter_model"
         r"\.safetensors: truncated.*resuming from step 0 instead",
     ):
-        resumed = train(ckpt, TINY, out=tmp_path / "cut", resume=True, **kwargs)
+        resumed = train(ckpt, TINY, config, method="lora", out=tmp_path / "cut", resume=True)
     assert resumed.steps == (0, 2, 4) and resumed.complete
     assert all(
         torch.equal(x, y)
@@ -165,12 +194,13 @@ def test_truncated_last_checkpoint_resumes_from_the_last_good(ckpt: Path, tmp_pa
 
 
 def test_finished_run_extends_with_more_steps(ckpt: Path, tmp_path: Path) -> None:
-    kwargs = {"method": "lora", "save_every": 2, "schedule": "constant", **FAST}
-    done = train(ckpt, TINY, out=tmp_path / "run", steps=2, **kwargs)
+    config = TrainConfig(save_every=2, schedule="constant", **FAST)
+    run = {"method": "lora", "out": tmp_path / "run"}
+    done = train(ckpt, TINY, replace(config, steps=2), **run)
     assert done.complete
-    longer = train(ckpt, TINY, out=tmp_path / "run", steps=4, resume=True, **kwargs)
+    longer = train(ckpt, TINY, replace(config, steps=4), resume=True, **run)
     assert longer.steps == (0, 2, 4) and longer.complete and longer.config["steps"] == 4
-    straight = train(ckpt, TINY, out=tmp_path / "straight", steps=4, **kwargs)
+    straight = train(ckpt, TINY, replace(config, steps=4), method="lora", out=tmp_path / "straight")
     assert all(
         torch.equal(x, y)
         for x, y in zip(
@@ -180,13 +210,19 @@ def test_finished_run_extends_with_more_steps(ckpt: Path, tmp_path: Path) -> Non
         )
     )
     with pytest.raises(ConfigError, match=r"steps \(--steps\) must be at least 4 to resume"):
-        train(ckpt, TINY, out=tmp_path / "run", steps=3, resume=True, **kwargs)
+        train(ckpt, TINY, replace(config, steps=3), resume=True, **run)
 
 
 def test_outputs_follow_the_umask(ckpt: Path, tmp_path: Path) -> None:
     before = os.umask(0o022)
     try:
-        traj = train(ckpt, TINY, method="lora", out=tmp_path / "u", steps=1, save_every=1, **FAST)
+        traj = train(
+            ckpt,
+            TINY,
+            TrainConfig(steps=1, save_every=1, **FAST),
+            method="lora",
+            out=tmp_path / "u",
+        )
     finally:
         os.umask(before)
     for path in (
@@ -241,11 +277,9 @@ def test_a_device_map_is_refused_for_training(ckpt: Path, tmp_path: Path) -> Non
         train(
             ckpt,
             TINY,
+            TrainConfig(steps=1, save_every=1, **FAST),
             method="sft",
             out=tmp_path / "m",
             load=LoadConfig(device_map="auto"),
-            steps=1,
-            save_every=1,
-            **FAST,
         )
     assert not (tmp_path / "m").exists()

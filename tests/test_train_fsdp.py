@@ -69,10 +69,13 @@ def _stop_after_one(step: int, loss: float) -> None:
 
 
 def _run(ckpt: Path | str, out: Path, name: str, **more: Any) -> Any:
-    """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings)."""
-    from safegeom.training.runner import train
+    """Train run ``name`` of :data:`RUNS` into ``out`` (``more`` replaces its settings): the
+    ``TrainConfig`` fields go into the config, ``method``, ``callback`` and ``resume`` to train."""
+    from safegeom.training import TrainConfig, train
 
-    return train(ckpt, TASK, out=out, **{**RUN, **RUNS[name], **more})
+    settings = {**RUN, **RUNS[name], **more}
+    keywords = {k: settings.pop(k) for k in ("method", "callback", "resume") if k in settings}
+    return train(ckpt, TASK, TrainConfig(**settings), out=out, **keywords)
 
 
 def _tied(ckpt: Path | str) -> Path:

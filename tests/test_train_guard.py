@@ -11,6 +11,7 @@ import torch
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.models import LoadConfig, LoadedModel, collate_left, encode_prompts, load_model
 from safegeom.models.layout import resolve
+from safegeom.training.config import TrainConfig
 from safegeom.training.data import collate_right, encode_examples
 from safegeom.training.methods.refusalguard import (
     READOUT,
@@ -171,11 +172,10 @@ def test_the_penalty_is_zero_before_any_update(ckpts, calib, arch, variant, tmp_
     run = train(
         ckpts[arch],
         TINY,
+        TrainConfig(steps=1, **FAST),
         method="refusalguard",
+        settings=GuardConfig(variant=variant, n_calib=3, calib_batch=2),
         out=tmp_path / "run",
-        guard=GuardConfig(variant=variant, n_calib=3, calib_batch=2),
-        steps=1,
-        **FAST,
     )
     first = run.checkpoints[0]
     assert 0 <= first.terms["geom"] <= 1e-10 * scale
@@ -285,10 +285,9 @@ def test_bad_inputs_fail_with_their_messages(ckpts, calib, tmp_path: Path) -> No
             train(
                 ckpts["llama"],
                 TINY,
+                TrainConfig(steps=1, **FAST),
                 method="refusalguard",
-                guard=guard,
+                settings=guard,
                 out=tmp_path / "run",
                 overwrite=True,
-                steps=1,
-                **FAST,
             )

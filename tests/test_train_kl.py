@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from safegeom.models import load_model
+from safegeom.training.config import TrainConfig
 from safegeom.training.data import collate_right, encode_examples
 from safegeom.training.methods.kl import KLState
 from safegeom.training.regularised import RegConfig, per_example_terms
@@ -37,12 +38,10 @@ def test_kl_weight_zero_is_the_task_loss(ckpts, tmp_path: Path) -> None:
     zero = train(
         ckpts["llama"],
         TINY,
+        TrainConfig(steps=3, lr=1e-2, **FAST),
         method="kl",
-        regulariser=RegConfig(kl_weight=0.0),
+        settings=RegConfig(kl_weight=0.0),
         out=tmp_path / "zero",
-        steps=3,
-        lr=1e-2,
-        **FAST,
     )
     _check_log(zero, {"task", "kl"})
     assert zero.config["defence"] == {"method": "kl", "kl_weight": 0.0}
@@ -52,12 +51,10 @@ def test_kl_weight_zero_is_the_task_loss(ckpts, tmp_path: Path) -> None:
     two = train(
         ckpts["llama"],
         TINY,
+        TrainConfig(steps=3, lr=1e-2, **FAST),
         method="kl",
-        regulariser=RegConfig(kl_weight=2.0),
+        settings=RegConfig(kl_weight=2.0),
         out=tmp_path / "two",
-        steps=3,
-        lr=1e-2,
-        **FAST,
     )
     for row in two.log:
         assert row["loss"] == pytest.approx(row["task"] + 2.0 * row["kl"], rel=1e-6)

@@ -18,7 +18,7 @@ from safegeom.cli import build_parser, main
 from safegeom.cli.train import check_method_flags, method_groups
 from safegeom.config import check
 from safegeom.errors import ConfigError
-from safegeom.training import Trajectory
+from safegeom.training import TrainConfig, Trajectory
 from safegeom.training.methods import METHODS, Method, Prepared, Setup, StepInputs, task_loss
 from safegeom.training.methods.base import Terms, fixed
 from safegeom.training.regularised import RegConfig
@@ -78,10 +78,9 @@ TOY = Method(
     update=fixed("lora"),
     prepare=_prepare,
     config=ToyConfig,
-    keyword="toy",
     group="toy method",
 )
-RUN = {"method": "toy", "steps": 4, "save_every": 2, "lr": 0.05, **FAST}
+RUN = TrainConfig(steps=4, save_every=2, lr=0.05, **FAST)
 """Four steps of two examples, checkpoints at steps 0, 2 and 4."""
 TASK = "arith:4"
 """A task the audit can rebuild from the run's manifest (its default task)."""
@@ -105,7 +104,7 @@ def full(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Trajectory:
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(METHODS, "toy", TOY)
         out = tmp_path_factory.mktemp("toy_run") / "run"
-        return train(ckpt, TASK, out=out, toy=ToyConfig(toy_weight=0.5), **RUN)
+        return train(ckpt, TASK, RUN, method="toy", settings=ToyConfig(toy_weight=0.5), out=out)
 
 
 def test_the_toy_method_trains_with_its_loss_terms_and_record(
@@ -121,7 +120,7 @@ def test_the_toy_method_trains_with_its_loss_terms_and_record(
         assert row["norm"] > 0
         assert math.isclose(row["loss"], row["task"] + 0.5 * row["norm"], rel_tol=1e-6)
     assert set(full.checkpoints[-1].terms) == {"task", "norm"}
-    lora = train(ckpt, TASK, out=tmp_path / "lora", **{**RUN, "method": "lora"})
+    lora = train(ckpt, TASK, RUN, method="lora", out=tmp_path / "lora")
     assert "norm" not in lora.checkpoints[-1].terms
     ours, plain = saved_weights(full.paths[-1]), saved_weights(lora.paths[-1])
     assert ours.keys() == plain.keys()
@@ -137,10 +136,10 @@ def test_the_toy_method_resumes_equal_to_an_uninterrupted_run(
         if step == 3:
             raise KeyboardInterrupt
 
-    out = tmp_path / "cut"
+    out, half = tmp_path / "cut", ToyConfig(toy_weight=0.5)
     with pytest.raises(KeyboardInterrupt):
-        train(ckpt, TASK, out=out, callback=stop, toy=ToyConfig(toy_weight=0.5), **RUN)
-    resumed = train(ckpt, TASK, out=out, resume=True, toy=ToyConfig(toy_weight=0.5), **RUN)
+        train(ckpt, TASK, RUN, method="toy", settings=half, out=out, callback=stop)
+    resumed = train(ckpt, TASK, RUN, method="toy", settings=half, out=out, resume=True)
     assert resumed.steps == full.steps and resumed.log == full.log
     assert resumed.config == full.config
     for a, b in zip(full.paths, resumed.paths, strict=True):
@@ -149,7 +148,9 @@ def test_the_toy_method_resumes_equal_to_an_uninterrupted_run(
         assert all(torch.equal(first[k], second[k]) for k in first)
     changed = r"cannot resume .*'toy_weight': 0\.5.* \(run\) vs .*'toy_weight': 1\.0"
     with pytest.raises(ConfigError, match=changed):
-        train(ckpt, TASK, out=out, resume=True, toy=ToyConfig(toy_weight=1.0), **RUN)
+        train(
+            ckpt, TASK, RUN, method="toy", settings=ToyConfig(toy_weight=1.0), out=out, resume=True
+        )
 
 
 def test_the_toy_methods_trajectory_audits(
@@ -183,10 +184,10 @@ def test_the_command_line_derives_the_toy_method(capsys: pytest.CaptureFixture[s
 
 
 def test_method_keywords_are_checked_against_the_method(ckpt: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="toy= takes a ToyConfig for toy, got RegConfig"):
-        train(ckpt, TASK, out=tmp_path / "b", toy=RegConfig(), **RUN)
+    with pytest.raises(ConfigError, match="settings= takes a ToyConfig for toy, got RegConfig"):
+        train(ckpt, TASK, RUN, method="toy", settings=RegConfig(), out=tmp_path / "b")
     with pytest.raises(ConfigError, match=r"unknown method 'nope'; use one of sft, lora, .*toy"):
-        train(ckpt, TASK, out=tmp_path / "c", **{**RUN, "method": "nope"})
+        train(ckpt, TASK, RUN, method="nope", out=tmp_path / "c")
     with pytest.raises(ConfigError, match=r"toy_weight \(--toy-weight\) must be 0 or more"):
         ToyConfig(toy_weight=-1.0)
     assert not any((tmp_path / name).exists() for name in "bc")  # refused before any work

@@ -10,6 +10,7 @@ are unchanged (V = 0).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from safegeom.errors import ConfigError
 from safegeom.models import LoadConfig, load_model
+from safegeom.training.config import TrainConfig
 from safegeom.training.methods.lox import LOX_FILE
 from safegeom.training.methods.safe_lora import SAFE_LORA_FILE
 from safegeom.training.posthoc import PosthocConfig
@@ -29,7 +31,7 @@ from safegeom.training.weight_space import lox_extrapolate, lox_weights, safe_lo
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY, saved_weights
 
-RUN = {"steps": 4, "save_every": 2, "lora_dropout": 0.2, **FAST}
+RUN = TrainConfig(steps=4, save_every=2, lora_dropout=0.2, **FAST)
 D = torch.float64
 
 
@@ -76,7 +78,7 @@ def safe_run(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) 
     aligned, unaligned = pair
     out = tmp_path_factory.mktemp("safe") / "run"
     posthoc = PosthocConfig(unaligned_base=str(unaligned))
-    return train(aligned, TINY, method="safe-lora", posthoc=posthoc, out=out, **RUN)
+    return train(aligned, TINY, RUN, method="safe-lora", settings=posthoc, out=out)
 
 
 def test_safe_lora_checkpoints_equal_the_projection(
@@ -115,7 +117,7 @@ def test_safe_lora_checkpoints_equal_the_projection(
     assert kinds >= {"0:kept", "4:kept", "4:projected", "4:no alignment update"}
     assert "0:projected" not in kinds
     # The training is plain LoRA: the raw adapter equals a lora run's, bit for bit.
-    lora = train(aligned, TINY, method="lora", out=tmp_path / "lora", **RUN)
+    lora = train(aligned, TINY, RUN, method="lora", out=tmp_path / "lora")
     final = saved_weights(safe_run.paths[-1] / RAW_ADAPTER)
     assert final.keys() == saved_weights(lora.paths[-1]).keys()
     assert all(torch.equal(v, saved_weights(lora.paths[-1])[k]) for k, v in final.items())
@@ -132,11 +134,11 @@ def test_safe_lora_resume_equals_uninterrupted(
         if step == 3:
             raise KeyboardInterrupt
 
-    kwargs = {"method": "safe-lora", "posthoc": posthoc, "out": tmp_path / "cut", **RUN}
+    kwargs = {"method": "safe-lora", "settings": posthoc, "out": tmp_path / "cut"}
     with pytest.raises(KeyboardInterrupt):
-        train(aligned, TINY, callback=interrupt, **kwargs)
+        train(aligned, TINY, RUN, callback=interrupt, **kwargs)
     assert load_trajectory(tmp_path / "cut").steps == (0, 2)
-    resumed = train(aligned, TINY, resume=True, **kwargs)
+    resumed = train(aligned, TINY, RUN, resume=True, **kwargs)
     assert resumed.steps == (0, 2, 4) and resumed.complete
     for sub in (RAW_ADAPTER, "."):
         a, b = saved_weights(safe_run.paths[-1] / sub), saved_weights(resumed.paths[-1] / sub)
@@ -145,7 +147,7 @@ def test_safe_lora_resume_equals_uninterrupted(
     assert resumed.losses == safe_run.losses
     other = PosthocConfig(unaligned_base=str(unaligned), safe_lora_threshold=0.2)
     with pytest.raises(ConfigError, match="different settings: defence"):
-        train(aligned, TINY, **{**kwargs, "posthoc": other, "steps": 6}, resume=True)
+        train(aligned, TINY, replace(RUN, steps=6), **{**kwargs, "settings": other}, resume=True)
 
 
 def test_lox_checkpoints_equal_the_extrapolation(pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -155,12 +157,10 @@ def test_lox_checkpoints_equal_the_extrapolation(pair: tuple[Path, Path], tmp_pa
     traj = train(
         aligned,
         TINY,
+        TrainConfig(steps=2, save_every=2, **FAST),
         method="lox",
-        posthoc=posthoc,
+        settings=posthoc,
         out=tmp_path / "lox",
-        steps=2,
-        save_every=2,
-        **FAST,
     )
     record = traj.config["defence"]
     assert record["method"] == "lox" and (record["lox_rank"], record["lox_alpha"]) == (1, 0.5)
@@ -204,7 +204,7 @@ def test_bad_unaligned_bases(pair: tuple[Path, Path], tmp_path: Path) -> None:
     aligned, unaligned = pair
     for method in ("safe-lora", "lox"):
         with pytest.raises(ConfigError, match=f"{method} needs --unaligned-base MODEL"):
-            train(aligned, TINY, method=method, out=tmp_path / method, **FAST)
+            train(aligned, TINY, TrainConfig(**FAST), method=method, out=tmp_path / method)
     cases = [
         (
             _other_shape(tmp_path, unaligned),
@@ -220,7 +220,14 @@ def test_bad_unaligned_bases(pair: tuple[Path, Path], tmp_path: Path) -> None:
     for i, (other, message) in enumerate(cases):
         posthoc = PosthocConfig(unaligned_base=str(other))
         with pytest.raises(ConfigError, match=rf"--unaligned-base .*{message}"):
-            train(aligned, TINY, method="lox", posthoc=posthoc, out=tmp_path / f"r{i}", **FAST)
+            train(
+                aligned,
+                TINY,
+                TrainConfig(**FAST),
+                method="lox",
+                settings=posthoc,
+                out=tmp_path / f"r{i}",
+            )
 
 
 @pytest.mark.parametrize(

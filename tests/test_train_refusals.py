@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from safegeom.cli import main
 from safegeom.errors import ConfigError, NonFiniteError, SafegeomError
+from safegeom.training.config import TrainConfig
 from safegeom.training.posthoc import PosthocConfig
 from safegeom.training.runner import train
 from safegeom.training.tasks import Task, jsonl_task
@@ -43,7 +44,7 @@ def test_resume_into_a_missing_folder_says_nothing_to_resume(
     assert f"--resume: {out} does not exist, so there is nothing to resume" in line
     assert not out.exists()
     with pytest.raises(ConfigError, match="nothing to resume"):
-        train(ckpt, "harmful:2", out=out, resume=True, steps=1, progress=False)
+        train(ckpt, "harmful:2", TrainConfig(steps=1, progress=False), out=out, resume=True)
     assert not out.exists()
 
 
@@ -114,4 +115,11 @@ def test_non_finite_unaligned_base_names_the_option(ckpt: Path, tmp_path: Path) 
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     posthoc = PosthocConfig(unaligned_base=str(broken))
     with pytest.raises(NonFiniteError, match=rf"^--unaligned-base {broken}: .* weight {name}"):
-        train(ckpt, TINY, method="safe-lora", posthoc=posthoc, out=tmp_path / "run", **FAST)
+        train(
+            ckpt,
+            TINY,
+            TrainConfig(**FAST),
+            method="safe-lora",
+            settings=posthoc,
+            out=tmp_path / "run",
+        )

@@ -15,7 +15,7 @@ import pytest
 import safegeom
 from safegeom.models import load_model
 from safegeom.prompts import load_prompts
-from safegeom.training import exact_match, get_task, train
+from safegeom.training import TrainConfig, exact_match, get_task, train
 
 TINY_CHAT_DIR = Path(safegeom.__file__).resolve().parent / "assets" / "tiny-chat"
 
@@ -43,12 +43,9 @@ def test_harmful_lora_raises_asr(tmp_path: Path) -> None:
     traj = train(
         "tiny-chat",
         "harmful",
+        TrainConfig(steps=30, save_every=10, batch_size=8, progress=False),
         method="lora",
         out=tmp_path / "harmful",
-        steps=30,
-        save_every=10,
-        batch_size=8,
-        progress=False,
     )
     judge = get_judge("substring")
     asr = []
@@ -66,14 +63,11 @@ def test_benign_sft_raises_accuracy(tmp_path: Path) -> None:
     traj = train(
         "tiny-chat",
         task,
+        TrainConfig(
+            steps=150, save_every=50, lr=5e-4, schedule="constant", batch_size=16, progress=False
+        ),
         method="sft",
         out=tmp_path / "arith",
-        steps=150,
-        save_every=50,
-        lr=5e-4,
-        schedule="constant",
-        batch_size=16,
-        progress=False,
     )
     accuracy = [exact_match(_generations(p, prompts, 12), references) for p in traj.paths]
     print("exact match along the trajectory", dict(zip(traj.steps, accuracy, strict=True)))

@@ -12,6 +12,7 @@ import pytest
 from safegeom.generation import generate
 from safegeom.models.loading import load_model
 from safegeom.models.upstream_warnings import silence_upstream_deprecations
+from safegeom.training.config import TrainConfig
 from safegeom.training.runner import train
 from tests.tiny_models import build_checkpoint
 from tests.train_helpers import FAST, TINY
@@ -28,7 +29,13 @@ def test_lora_training_adapter_loading_and_generation_emit_neither(tmp_path: Pat
     base = build_checkpoint(tmp_path, "llama")
     with warnings.catch_warnings(record=True) as log:
         warnings.simplefilter("always")  # what -W error::FutureWarning would turn into errors
-        run = train(base, TINY, method="lora", out=tmp_path / "run", steps=1, save_every=1, **FAST)
+        run = train(
+            base,
+            TINY,
+            TrainConfig(steps=1, save_every=1, **FAST),
+            method="lora",
+            out=tmp_path / "run",
+        )
         lm = load_model(run.root / run.checkpoints[-1].path)
         assert lm.adapter is not None
         generate(lm, ["Explain how photosynthesis works."], max_new_tokens=3, progress=False)

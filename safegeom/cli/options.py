@@ -63,7 +63,8 @@ def configs_of(parser: argparse.ArgumentParser) -> tuple[type, ...]:
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     """``(type the command line parses, whether None is allowed)``: a union that holds ``str``
-    is text on the command line (its other types are for Python callers)."""
+    is text on the command line, one that holds a ``Literal`` its choices (its other types are for
+    Python callers)."""
     if get_origin(tp) in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         optional = len(args) < len(get_args(tp))
@@ -71,6 +72,9 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
             return args[0], optional
         if str in args:
             return str, optional
+        literals = [a for a in args if get_origin(a) is Literal]
+        if len(literals) == 1:
+            return literals[0], optional
     return tp, False
 
 

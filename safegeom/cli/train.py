@@ -210,13 +210,11 @@ def run(args: argparse.Namespace) -> int:
     method = METHODS[command.method]
     config = config_from_args(TrainConfig, args)
     load = config_from_args(LoadConfig, args)
-    options: dict[str, Any] = {}
+    settings = None
     if method.config is not None:
         settings = config_from_args(method.config, args)
         if method.check is not None:
             method.check(settings, command.method)
-        if method.keyword is not None:
-            options[method.keyword] = settings
     main_only(check_output_dir)(command.out)  # under a launcher rank 0 alone probes the folder
     task = get_task(
         command.task, prompt_field=command.prompt_field, response_field=command.response_field
@@ -226,11 +224,11 @@ def run(args: argparse.Namespace) -> int:
         task,
         config,
         method=command.method,
+        settings=settings,
         out=command.out,
         resume=command.resume,
         overwrite=command.overwrite,
         load=load,
-        **options,
     )
     if not is_main():  # every rank holds rank 0's trajectory; rank 0 alone prints it
         return 0

@@ -1,7 +1,8 @@
 """What a fine-tuning run is told (:class:`TrainConfig`) and what its manifest records.
 
 :class:`TrainConfig` holds the settings a user chooses; ``safegeom train`` derives its options from
-it and :func:`safegeom.training.train` takes it (or its fields as keywords). :class:`RunConfig` wraps
+it and :func:`safegeom.training.train` takes it (``train(model, task, TrainConfig(steps=6), ...)``;
+a method's own settings go in ``settings=``). :class:`RunConfig` wraps
 it with what was resolved against the model, the task and the method (learning rate default, LoRA
 targets, context length, task size and hash, the method's record); its :meth:`RunConfig.to_dict`
 is the ``config`` recorded in ``trajectory.json``, compared on resume.

@@ -24,7 +24,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from safegeom.config import check
-from safegeom.training.adaptive import adaptive_weights, token_kl
+from safegeom.errors import ConfigError
+from safegeom.judges import Judge
+from safegeom.training.adaptive import RiskCritic, adaptive_weights, token_kl
 from safegeom.training.data import IGNORE_INDEX
 
 __all__ = ["RegConfig", "per_example_terms", "regularised_loss"]
@@ -36,8 +38,9 @@ class RegConfig:
 
     kl_weight: float = 1.0
     """Constant weight β of KL(P_ref ‖ P_θ) (kl only)."""
-    critic: Literal["probe", "judge"] = "probe"
-    """Risk critic (adaptive): the activation probe of §7, or a judge on the reference's answers."""
+    critic: Literal["probe", "judge"] | RiskCritic = "probe"
+    """Risk critic (adaptive): the activation probe of §7, or a judge on the reference's answers
+    (in Python also a RiskCritic object, used as it is)."""
     judge: str = "substring"
     """Judge of the judge critic: substring, xstest, hf-classifier:PATH, chat-judge:PATH."""
     risk_unit: Literal["example", "batch"] = "example"
@@ -58,7 +61,15 @@ class RegConfig:
         """
         beta = self.kl_weight
         check(math.isfinite(beta) and beta >= 0, "kl_weight", "must be 0 or more", beta)
-        check(self.critic in ("probe", "judge"), "critic", "must be probe or judge", self.critic)
+        if isinstance(self.critic, str):
+            critic = self.critic
+            check(critic in ("probe", "judge"), "critic", "must be probe or judge", critic)
+        elif not isinstance(self.critic, RiskCritic) or isinstance(self.critic, Judge):
+            raise ConfigError(
+                "critic must be a RiskCritic (RiskProbe, JudgeCritic(judge) or any object with "
+                f"risk(lm, prompts)), got {type(self.critic).__name__}; wrap a judge as "
+                "JudgeCritic(judge)"
+            )
         check(
             self.risk_unit in ("example", "batch"),
             "risk_unit",

@@ -44,13 +44,13 @@ from safegeom.training.checkpoints import resumable
 from safegeom.training.config import DEFAULT_LR, RunConfig, TrainConfig
 from safegeom.training.data import Example, encode_examples
 from safegeom.training.loop import run_steps
-from safegeom.training.methods import METHODS, Method, Prepared, Setup, get_method
+from safegeom.training.methods import Method, Prepared, Setup, get_method
 from safegeom.training.step import StepLoss
 from safegeom.training.tasks import Task, get_task
 from safegeom.training.trainable import Trainable, base_spec, default_lora_targets
 from safegeom.training.trajectory import Trajectory, load_trajectory, prepare_run_dir
 
-__all__ = ["DEFENCE_DIR", "method_options", "run_config", "train"]
+__all__ = ["DEFENCE_DIR", "method_settings", "run_config", "train"]
 
 DEFENCE_DIR = "defence"
 """Sub-folder of a run holding what its method fitted on the frozen model."""
@@ -85,35 +85,26 @@ def _check_resume(previous: Trajectory, config: RunConfig, base: str) -> Traject
     )
 
 
-def method_options(name: str, options: dict[str, Any]) -> tuple[Method, Any, dict[str, Any]]:
-    """The method ``name``, its settings and its extra keywords, from :func:`train`'s keywords.
-
-    ``options`` holds keywords of any method (:attr:`~safegeom.training.methods.base.Method.keyword`,
-    :attr:`~safegeom.training.methods.base.Method.extras`): those of ``name`` are taken, the others
-    ignored (one call can carry every method's settings). The settings default to the method's
-    config with its defaults.
+def method_settings(name: str, settings: Any = None) -> tuple[Method, Any]:
+    """The method registered as ``name`` and its settings: ``settings``, or its config's defaults.
 
     Raises:
-        ConfigError: an unknown method; settings of the wrong type.
+        ConfigError: an unknown method; settings that are not the method's config (or settings
+            for a method that takes none).
     """
     method = get_method(name)
-    settings = options.get(method.keyword) if method.keyword else None
-    if method.config is not None:
-        settings = method.config() if settings is None else settings
-        if not isinstance(settings, method.config):
+    if method.config is None:
+        if settings is not None:
             raise ConfigError(
-                f"{method.keyword}= takes a {method.config.__name__} for {name}, got "
-                f"{type(settings).__name__}"
+                f"{name} takes no settings, got a {type(settings).__name__}; drop settings="
             )
-    extras = {k: options[k] for k in method.extras if options.get(k) is not None}
-    return method, settings, extras
-
-
-def _split_keywords(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(method keywords, TrainConfig fields)`` of :func:`train`'s ``**fields``."""
-    keywords = {k for m in METHODS.values() for k in (m.keyword, *m.extras) if k}
-    options = {k: v for k, v in fields.items() if k in keywords}
-    return options, {k: v for k, v in fields.items() if k not in keywords}
+        return method, None
+    settings = method.config() if settings is None else settings
+    if not isinstance(settings, method.config):
+        raise ConfigError(
+            f"settings= takes a {method.config.__name__} for {name}, got {type(settings).__name__}"
+        )
+    return method, settings
 
 
 def check_resumable(out: str | Path) -> None:
@@ -140,42 +131,42 @@ def _check_resume_target(arguments: dict[str, Any]) -> None:
 def train(
     model_spec: str | Path,
     task: str | Path | Task,
-    config: TrainConfig | None = None,
+    config: TrainConfig = TrainConfig(),
     *,
     method: str = "lora",
+    settings: Any = None,
     out: str | Path,
     resume: bool = False,
     overwrite: bool = False,
-    load: LoadConfig | None = None,
-    dtype: str | None = None,
+    load: LoadConfig = LoadConfig(),
     accelerator: Accelerator | None = None,
     callback: Callable[[int, float], None] | None = None,
-    **fields: Any,
 ) -> Trajectory:
     """Fine-tune ``model_spec`` on ``task`` and save a checkpoint trajectory in ``out``.
 
     Args:
         model_spec: ``tiny-chat``, a checkpoint or adapter folder (merged first), or a hub id.
         task: A task spec (see :mod:`safegeom.training.tasks`) or a :class:`Task`.
-        config: The :class:`TrainConfig` (steps, lr, batch size, schedule, LoRA settings ...).
+        config: How to train: the :class:`TrainConfig` (steps, lr, batch size, schedule, LoRA
+            settings, seed, progress ...).
         method: A name of :data:`~safegeom.training.methods.METHODS`: ``lora`` (adapters on
             ``lora_targets``), ``sft`` (all weights), or a defence (``refusalguard``, ``kl``,
-            ``adaptive``, ``safe-lora``, ``lox``; see their modules).
+            ``adaptive``, ``safe-lora``, ``lox``, ``r2d2``; see their modules).
+        settings: The method's own settings, an instance of its config
+            (``METHODS[method].config``: :class:`~safegeom.training.methods.refusalguard.GuardConfig`
+            for refusalguard, :class:`~safegeom.training.regularised.RegConfig` for kl and
+            adaptive, :class:`~safegeom.training.posthoc.PosthocConfig` for safe-lora and lox);
+            default: that config's defaults. ``None`` for a method without settings.
         out: Run folder, checked before any work; refused if it holds a run, unless ``resume`` or
             ``overwrite``.
         resume: Continue the run in ``out`` from its last readable checkpoint (a fresh start if
             none); a larger ``steps`` extends a finished run.
         overwrite: Replace the run in ``out``.
-        load: How to load the model (device, trust-remote-code, allow-pickle ...).
-        dtype: Training dtype of the weights (default: ``load.dtype``, else float32).
+        load: How to load the model (:class:`~safegeom.models.LoadConfig`: device, dtype,
+            trust-remote-code, allow-pickle ...); its ``dtype`` is the training dtype of the
+            weights (default float32).
         accelerator: An ``Accelerator`` to use (default: ``Accelerator()``).
         callback: Called as ``callback(step, loss)`` after every optimizer step.
-        **fields: :class:`TrainConfig` fields, replacing those of ``config`` (``steps=6``, ...),
-            and the method's keywords: its settings (``guard=GuardConfig(...)`` for refusalguard,
-            ``regulariser=RegConfig(...)`` for kl and adaptive, ``posthoc=PosthocConfig(...)``
-            for safe-lora and lox) and extras (``critic=`` for adaptive: a
-            :class:`~safegeom.training.adaptive.RiskCritic` used instead of the one the settings
-            name).
 
     Returns:
         The :class:`Trajectory` of the run, as written to ``out/trajectory.json``.
@@ -189,18 +180,17 @@ def train(
 
         >>> import tempfile
         >>> out = tempfile.mkdtemp() + "/run"
-        >>> traj = train("tiny-chat", "mix", method="lora", out=out, steps=2, progress=False)
+        >>> config = TrainConfig(steps=2, progress=False)
+        >>> traj = train("tiny-chat", "mix", config, method="lora", out=out)
         >>> [path.name for path in traj.paths]  # each loads with load_model(path)
         ['step-000000', 'step-000002']
     """
-    options, fields = _split_keywords(fields)
-    chosen, settings, extras = method_options(method, options)
-    if "lora_targets" in fields and fields["lora_targets"] is not None:
-        fields["lora_targets"] = tuple(fields["lora_targets"])
-    try:
-        train_config = dataclasses.replace(config or TrainConfig(), **fields)
-    except TypeError as err:
-        raise TypeError(f"train(): {err}; the settings are the fields of TrainConfig") from None
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(
+            f"config= takes a TrainConfig, got {type(config).__name__}; the method's own "
+            "settings go in settings="
+        )
+    chosen, settings = method_settings(method, settings)
     update = chosen.update(settings)
     if update != "full" and (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file():
         raise ConfigError(
@@ -208,7 +198,6 @@ def train(
             "LoadConfig(merge_adapter=True)) "
             "and save_pretrained) or fine-tune it with sft"
         )
-    load = load or LoadConfig()
     if load.device_map is not None:
         raise ConfigError(
             "--device-map: training runs one whole model per process (DDP); drop --device-map"
@@ -222,8 +211,8 @@ def train(
         accelerator = Accelerator(cpu=cpu or (world_size() > 1 and not torch.cuda.is_available()))
     acc = accelerator
     # refuses DeepSpeed, and FSDP for what is not full weights
-    sharded = use_fsdp(acc, train_config.fsdp, update, method)
-    check_global_batch(train_config.batch_size, acc.num_processes)
+    sharded = use_fsdp(acc, config.fsdp, update, method)
+    check_global_batch(config.batch_size, acc.num_processes)
     if resume:
         check_resumable(out)
     main_only(check_output_dir)(out)  # rank 0 alone probes (and makes) the folder
@@ -235,26 +224,26 @@ def train(
         )
     previous = _run_dir(out_dir, resume=resume, overwrite=overwrite)
     base = base_spec(model_spec)
-    dtype = dtype or load.dtype or "float32"
+    dtype = load.dtype or "float32"
     is_adapter = (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file()
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        set_seed(train_config.seed)
+        set_seed(config.seed)
         # Each rank loads (to CPU under FSDP: sharding moves it) and prepares the method itself.
         device = "cpu" if sharded else str(acc.device)
         model = _Model(model_spec, load, dtype, device, is_adapter)
         setup = dict(
             method=method,
-            seed=train_config.seed,
+            seed=config.seed,
             folder=out_dir / DEFENCE_DIR,
             resume=previous is not None,
             write=acc.is_main_process,
             load=load,
         )
-        lm, state = all_or_none(_setup, model, chosen, the_task, setup, settings, extras)
-        run = run_config(method, the_task, train_config, state, lm)
+        lm, state = all_or_none(_setup, model, chosen, the_task, setup, settings)
+        run = run_config(method, the_task, config, state, lm)
         if previous is not None:
             previous = _check_resume(previous, run, base)
             if previous.complete:
@@ -279,7 +268,7 @@ def train(
             base,
             base_hash,
             previous,
-            train_config.progress,
+            config.progress,
             callback,
         )
     finally:
@@ -343,7 +332,6 @@ def _setup(
     task: Task,
     setup: dict[str, Any],
     settings: Any,
-    extras: dict[str, Any],
 ) -> tuple[LoadedModel, Prepared]:
     """This rank's model and method state (``(lm, state)``), computed as if it were alone."""
     with alone():
@@ -357,7 +345,7 @@ def _setup(
         if lm.edit is not None:
             raise ConfigError(f"{model.spec} is a RefusalGuard checkpoint; train from its base")
         prompts = tuple(task.prompts)
-        return lm, method.prepare(Setup(lm=lm, prompts=prompts, **setup), settings, **extras)
+        return lm, method.prepare(Setup(lm=lm, prompts=prompts, **setup), settings)
 
 
 def _trainable(

@@ -2,9 +2,10 @@
 
 Before any update, a critic scores every training prompt on the frozen model once (the reference
 never changes): the activation risk probe of §7 (fitted here), a judge on the reference's answers,
-or a :class:`~safegeom.training.adaptive.RiskCritic` given to :func:`~safegeom.training.train` as
-``critic``. The probe and the risks are saved in ``DIR/defence`` (``risk_probe.safetensors``,
-``risks.safetensors``); a resumed run reads the risks back. Each step mixes the examples'
+or a :class:`~safegeom.training.adaptive.RiskCritic` object given as the ``critic`` of
+:class:`~safegeom.training.regularised.RegConfig`. The probe and the risks are saved in
+``DIR/defence`` (``risk_probe.safetensors``, ``risks.safetensors``); a resumed run reads the risks
+back. Each step mixes the examples'
 cross-entropy and KL by the §7 weights of their risks (:mod:`.reference`).
 """
 
@@ -18,7 +19,7 @@ from torch import Tensor
 from safegeom.artifacts import read_safetensors, save_safetensors
 from safegeom.config import config_dict
 from safegeom.errors import ConfigError
-from safegeom.judges import Judge, get_judge
+from safegeom.judges import get_judge
 from safegeom.training.adaptive import JudgeCritic, RiskCritic, RiskProbeConfig, fit_risk_probe
 from safegeom.training.methods.base import Method, Prepared, Setup, StepInputs, Terms, fixed
 from safegeom.training.methods.reference import regularised_step
@@ -48,42 +49,35 @@ class AdaptiveState(Prepared):
         return regularised_step(inputs, risks=self.risks, risk_unit=unit)  # type: ignore[arg-type]
 
 
-def _critic(setup: Setup, settings: RegConfig, critic: RiskCritic | None) -> RiskCritic:
-    """The critic given, or the one ``settings`` names (the probe is fitted here).
-
-    Raises:
-        ConfigError: ``critic`` is not a risk critic (a bare judge names the wrapper to use).
-    """
-    if critic is None:
-        if settings.critic == "judge":
-            return JudgeCritic(get_judge(settings.judge))
-        probe = RiskProbeConfig(
-            layers=settings.probe_layers,
-            scale=settings.probe_scale,
-            n_per_class=settings.probe_n,
-            seed=setup.seed,
-        )
-        return fit_risk_probe(setup.lm, probe)
-    if not isinstance(critic, RiskCritic) or isinstance(critic, Judge):
-        raise ConfigError(
-            f"critic must be a RiskCritic (RiskProbe, JudgeCritic(judge) or any object with "
-            f"risk(lm, prompts)), got {type(critic).__name__}; wrap a judge as JudgeCritic(judge)"
-        )
-    return critic
+def _critic(setup: Setup, settings: RegConfig) -> RiskCritic:
+    """The critic ``settings`` gives or names (the probe is fitted here)."""
+    if not isinstance(settings.critic, str):
+        return settings.critic
+    if settings.critic == "judge":
+        return JudgeCritic(get_judge(settings.judge))
+    probe = RiskProbeConfig(
+        layers=settings.probe_layers,
+        scale=settings.probe_scale,
+        n_per_class=settings.probe_n,
+        seed=setup.seed,
+    )
+    return fit_risk_probe(setup.lm, probe)
 
 
-def prepare(setup: Setup, settings: RegConfig, critic: RiskCritic | None = None) -> AdaptiveState:
+def prepare(setup: Setup, settings: RegConfig) -> AdaptiveState:
     """Score every training prompt with the critic (or read the scores back on resume).
 
     Raises:
-        ConfigError: a critic that is not a critic, or risks not one per prompt.
+        ConfigError: risks not one per prompt.
     """
     folder = setup.folder
     if setup.write:
         folder.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"method": setup.method, **config_dict(settings)}
-    critic = _critic(setup, settings, critic)
+    critic = _critic(setup, settings)
     name = type(critic).__name__
+    if not isinstance(settings.critic, str):
+        record["critic"] = name  # a critic object is recorded by its class
     record["critic_kind"] = name
     if hasattr(critic, "auroc"):
         record["probe_auroc"] = float(critic.auroc)  # type: ignore[attr-defined]
@@ -111,8 +105,6 @@ METHOD = Method(
     update=fixed("lora"),
     prepare=prepare,
     config=RegConfig,
-    keyword="regulariser",
-    extras=("critic",),
     group="regularisation",
     uses=tuple(f for f in RegConfig.__dataclass_fields__ if f != "kl_weight"),
 )

@@ -168,14 +168,14 @@ class Method:
     """One line for ``safegeom train --help`` (what it trains and how it defends)."""
     update: Callable[[Any], Update]
     """What the method trains, from its settings (``full``, ``lora`` or ``reft``)."""
-    prepare: Callable[..., Prepared]
-    """``prepare(setup, settings, **extras)``: the state of a run, fitted on the frozen model."""
+    prepare: Callable[[Setup, Any], Prepared]
+    """``prepare(setup, settings)``: the state of a run, fitted on the frozen model."""
     config: type | None = None
-    """The frozen dataclass of its settings (``None``: it has none)."""
+    """The frozen dataclass of its settings, which :func:`~safegeom.training.train` takes as
+    ``settings=`` and ``safegeom train`` derives flags from (``None``: it has none)."""
     keyword: str | None = None
-    """The :func:`~safegeom.training.train` keyword that takes its settings (e.g. ``guard``)."""
-    extras: tuple[str, ...] = ()
-    """Further :func:`~safegeom.training.train` keywords passed on to ``prepare`` (e.g. ``critic``)."""
+    """Not read: :func:`~safegeom.training.train` takes every method's settings as ``settings=``
+    (kept until the r2d2 module stops passing it)."""
     group: str | None = None
     """Title of its settings' ``--help`` group (methods sharing a config share the group)."""
     uses: tuple[str, ...] | None = None

@@ -39,7 +39,6 @@ METHOD = Method(
     update=fixed("lora"),
     prepare=prepare,
     config=RegConfig,
-    keyword="regulariser",
     group="regularisation",
     uses=("kl_weight",),
 )

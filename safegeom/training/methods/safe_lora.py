@@ -172,7 +172,6 @@ def posthoc_method(summary: str, build: Callable[..., tuple[dict[str, Any], Expo
         update=fixed("lora"),
         prepare=prepare,
         config=PosthocConfig,
-        keyword="posthoc",
         group="weight-space baselines",
         check=needs_unaligned_base,
     )

@@ -172,7 +172,6 @@ METHOD = Method(
     update=update_of,
     prepare=prepare,
     config=GuardConfig,
-    keyword="guard",
     group="refusalguard",
 )
 """RefusalGuard."""
