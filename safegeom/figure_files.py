@@ -31,6 +31,7 @@ from safegeom.artifacts import atomic_write, check_output_file
 from safegeom.audit.result import load_audit
 from safegeom.errors import SafegeomError
 from safegeom.plots import FIGURES, has_data, style
+from safegeom.plots.anchors import anchor_names
 
 __all__ = [
     "DPI",
@@ -157,7 +158,8 @@ def write_figures(
 ) -> tuple[list[Path], dict[str, str]]:
     """Every figure of :data:`safegeom.plots.FIGURES` the tables have rows for, in each format.
 
-    Metrics whose values are all NaN count as missing (:func:`all_nan_metrics`).
+    Metrics whose values are all NaN count as missing (:func:`all_nan_metrics`). A figure of
+    anchors (figure 9) is neither written nor listed as skipped for audits without anchors.
 
     Returns:
         ``(written, skipped)``: the files written in order, and figure name → why it was skipped.
@@ -170,15 +172,23 @@ def write_figures(
     tables = {label: t[~t["metric"].isin(empty)] for label, t in tables.items()}
     for name, spec in tqdm(FIGURES.items(), desc="figures", unit="figure", disable=not progress):
         if not has_data(tables, name):
+            if spec.anchored and not any(_anchored(t) for t in tables.values()):
+                continue  # an audit without anchors lacks nothing: no figure, no note
             nan = [m for m in spec.metrics if m in empty]
             why = f" ({spec.missing})" if spec.missing else ""
             if nan:
                 why = f" ({', '.join(nan)} rows are all NaN)"
-            skipped[name] = f"no {', '.join(spec.metrics)} rows in the audits{why}"
+            what = "rows measured against an anchor" if spec.anchored else "rows"
+            skipped[name] = f"no {', '.join(spec.metrics)} {what} in the audits{why}"
             continue
         fig = spec.plot(tables)
         written += [save_figure(fig, Path(out) / f"{name}.{fmt}", fmt) for fmt in formats]
     return written, skipped
+
+
+def _anchored(table: pd.DataFrame) -> bool:
+    """Whether the table holds rows measured against an anchor besides the base."""
+    return "anchor" in table.columns and bool(anchor_names(table))
 
 
 def figure_script(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from safegeom.config import check, check_finite
+from safegeom.errors import ConfigError
 from safegeom.models.positions import LayerSpec
 
 __all__ = ["FAMILIES", "AuditConfig"]
+
+_RESERVED = "base"
+"""The anchor name of the trajectory's own base (:data:`~safegeom.audit.schema.BASE_ANCHOR`)."""
 
 FAMILIES = ("geometry", "causal", "behaviour")
 """Metric families: carriers and their drift/coupling, fixed-source causal tests, behaviour."""
@@ -71,6 +76,14 @@ class AuditConfig:
     """Attack sets (safegeom attack --out DIR; NAME=DIR names one) replayed at every checkpoint:
     ASR, target log-probability and refusal score, rows of source fixed-attack:NAME; repeat
     --attacks for several (docs/methods.md §11)."""
+    anchors: tuple[str, ...] = field(
+        default=(), metadata={"repeat": True, "flag": "--anchor", "metavar": "NAME=MODEL"}
+    )
+    """Further references (NAME=MODEL; a mapping NAME → MODEL in Python): each anchor's carriers
+    are extracted as the base's are, and every geometry row is measured against each anchor too
+    (its ``anchor`` column names it; the base's rows say ``base``). An anchor must share the
+    base's hidden size, tokenizer and chat template; repeat --anchor for several
+    (docs/methods.md §5)."""
     n_resamples: int = 1000
     """Bootstrap resamples of every confidence interval (the geometry rows' too: each resample
     refits the carriers), and random splits or directions of every noise-floor row."""
@@ -99,6 +112,7 @@ class AuditConfig:
         object.__setattr__(self, "layers", LayerSpec.parse(self.layers))
         attacks = (self.attacks,) if isinstance(self.attacks, str) else tuple(self.attacks)
         object.__setattr__(self, "attacks", attacks)
+        object.__setattr__(self, "anchors", _anchor_specs(self.anchors))
         for name in ("harmful", "harmless", "harmful_val", "harmless_val"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -136,6 +150,16 @@ class AuditConfig:
         check_finite(float(self.seed), "seed")
 
     @property
+    def anchor_models(self) -> dict[str, str]:
+        """Anchor name → model, in the order given.
+
+        Example:
+            >>> AuditConfig(anchors={"seed1": "runs/seed1"}).anchor_models
+            {'seed1': 'runs/seed1'}
+        """
+        return dict(spec.split("=", 1) for spec in self.anchors)
+
+    @property
     def behaviour_sets(self) -> dict[str, tuple[str, str]]:
         """Held-out set → (role ``harmful``/``harmless``, judge), in report order."""
         sets = {s: ("harmful", self.judge) for s in self.behaviour_harmful}
@@ -144,3 +168,31 @@ class AuditConfig:
             sets.update({"xstest-safe:test": ("harmless", "xstest")})
             sets.update({"xstest-unsafe:test": ("harmful", "xstest")})
         return sets
+
+
+def _refuse(message: str, value: str) -> None:
+    raise ConfigError(f"anchors (--anchor) {message}, got {value!r}")
+
+
+def _anchor_specs(anchors: object) -> tuple[str, ...]:
+    """``anchors`` (one NAME=MODEL, several, or a mapping) as a tuple of NAME=MODEL, checked."""
+    if isinstance(anchors, Mapping):
+        specs = tuple(f"{name}={model}" for name, model in anchors.items())
+    elif isinstance(anchors, str):
+        specs = (anchors,)
+    else:
+        specs = tuple(str(a) for a in anchors)  # type: ignore[union-attr]
+    names: list[str] = []
+    for spec in specs:
+        name, _, model = spec.partition("=")
+        name, model = name.strip(), model.strip()
+        if not (name and model):
+            _refuse(
+                "takes NAME=MODEL (e.g. --anchor seed1=runs/seed1/checkpoints/step-000100)", spec
+            )
+        if name == _RESERVED:
+            _refuse(f"cannot use the name {_RESERVED!r}, the base's; rename the anchor", spec)
+        if name in names:
+            _refuse("names each anchor once; rename one of them", name)
+        names.append(name)
+    return tuple(f"{n}={s.partition('=')[2].strip()}" for n, s in zip(names, specs, strict=True))

@@ -14,7 +14,7 @@ from safegeom.artifacts import git_sha, read_json, save_parquet, write_json
 from safegeom.audit.config import AuditConfig
 from safegeom.audit.inputs import AuditInputs
 from safegeom.audit.result import FORMAT, AuditResult, load_audit
-from safegeom.audit.schema import frame
+from safegeom.audit.schema import frame, with_anchor
 from safegeom.config import config_dict
 from safegeom.errors import ConfigError, OutputPathError
 from safegeom.models.loading import LoadConfig
@@ -44,6 +44,8 @@ def identity(config: AuditConfig, load: LoadConfig, inputs: AuditInputs) -> dict
     """What must be equal for a rerun to continue an audit folder."""
     loading = config_dict(load)
     settings = {k: v for k, v in config_dict(config).items() if k not in _NOT_IDENTITY}
+    if not config.anchors:  # an audit without anchors continues one made before they existed
+        settings.pop("anchors", None)
     out = {
         "config": settings,
         "load": {k: loading[k] for k in _IDENTITY_LOAD},
@@ -205,7 +207,8 @@ def finish(run: AuditRun, reference_s: float | None) -> AuditResult:
     """
     out = run.out
     tables = [
-        pd.read_parquet(out / "checkpoints" / f"{t.label}.parquet") for t in run.inputs.targets
+        with_anchor(pd.read_parquet(out / "checkpoints" / f"{t.label}.parquet"))
+        for t in run.inputs.targets
     ]
     table = frame([]) if not tables else pd.concat(tables, ignore_index=True)
     save_parquet(out / "audit.parquet", table)

@@ -14,7 +14,9 @@ recipe from the same prompts. ``hr_coupling`` is the coupling of h_t and r_t on 
 the base's coupling. Drift and cosine compare the base's per-layer diff-in-means with the
 checkpoint's; every random number derives from ``config.seed``. With ``config.attacks`` every
 attack set is replayed on the checkpoint as optimised (:mod:`~safegeom.audit.transfer_rows`):
-rows of source ``fixed-attack:NAME``.
+rows of source ``fixed-attack:NAME``. With anchors (:mod:`~safegeom.audit.anchors`) the geometry
+rows are computed again against each anchor's reference from the same capture (``anchor`` names
+it; the base's rows say ``base``); the other families are the base's alone.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from safegeom.audit.config import AuditConfig
 from safegeom.audit.geometry_rows import CarrierActivations, capture_carriers, geometry_rows
 from safegeom.audit.interference import interference_rows
 from safegeom.audit.reference import Reference, selection_config
-from safegeom.audit.schema import frame
+from safegeom.audit.schema import BASE_ANCHOR, frame
 from safegeom.audit.transfer_rows import transfer_rows
 from safegeom.carriers.refusal import DimCandidates, select_refusal_direction
 from safegeom.errors import ArtifactError
@@ -83,16 +85,20 @@ def _count_forwards(*models: Any) -> Iterator[list[int]]:
             h.remove()
 
 
-def _check(lm: LoadedModel, reference: Reference, config: AuditConfig) -> tuple[int, ...]:
-    """The per-layer rows' layers, checked against the model and the reference."""
-    if lm.d_model != reference.refusal.d_model:
-        raise ArtifactError(
-            f"hidden-size mismatch: the audit reference has d={reference.refusal.d_model}, the "
-            f"checkpoint {lm.name} has d={lm.d_model}; audit checkpoints of the base's architecture"
-        )
+def _check(
+    lm: LoadedModel, references: Mapping[str, Reference], config: AuditConfig
+) -> tuple[int, ...]:
+    """The per-layer rows' layers, checked against the model and every reference."""
     layers = parse_layers(config.layers, lm.n_layers)
-    for layer in layers:
-        reference.layer_index(layer)
+    for name, reference in references.items():
+        if lm.d_model != reference.refusal.d_model:
+            what = "the audit reference" if name == BASE_ANCHOR else f"anchor {name}'s reference"
+            raise ArtifactError(
+                f"hidden-size mismatch: {what} has d={reference.refusal.d_model}, the checkpoint "
+                f"{lm.name} has d={lm.d_model}; audit checkpoints of the base's architecture"
+            )
+        for layer in layers:
+            reference.layer_index(layer)
     return layers
 
 
@@ -133,6 +139,7 @@ def measure_checkpoint(
     *,
     base: LoadedModel,
     task: Task | None = None,
+    anchors: Mapping[str, Reference] | None = None,
     progress: bool = True,
 ) -> Measured:
     """Measure one checkpoint against the base's :class:`Reference` (module docstring).
@@ -143,6 +150,8 @@ def measure_checkpoint(
         config: what to measure (``families``, sizes, seed, ...).
         base: the base model (KL to the base).
         task: the trajectory's task; its held-out problems give ``task_accuracy``.
+        anchors: further references by name (:mod:`~safegeom.audit.anchors`): the geometry rows
+            again against each (``anchor`` = its name).
         progress: show progress bars.
 
     Returns:
@@ -154,7 +163,9 @@ def measure_checkpoint(
         SafegeomError: a layer the reference lacks, an empty prompt set.
         NonFiniteError: NaN or inf activations or scores.
     """
-    layers = _check(lm, reference, config)
+    anchors = dict(anchors or {})
+    layers = _check(lm, {BASE_ANCHOR: reference, **anchors}, config)
+    captured = sorted({*reference.layers, *(x for a in anchors.values() for x in a.layers)})
     seconds = dict.fromkeys(PHASES, 0.0)
     rows: list[dict[str, Any]] = []
     families = set(config.families)
@@ -162,13 +173,16 @@ def measure_checkpoint(
         r_t = None
         if families & {"geometry", "causal"} or config.reselect:
             started = time.perf_counter()
-            acts = capture_carriers(lm, config, reference.layers, progress=progress)
+            acts = capture_carriers(lm, config, tuple(captured), progress=progress)
             seconds["capture"] = time.perf_counter() - started
             started = time.perf_counter()
             geometry, carriers = geometry_rows(reference, acts, config, layers)
             r_t = carriers["refusal"]
             if "geometry" in families:
-                rows += geometry
+                rows += [{**row, "anchor": BASE_ANCHOR} for row in geometry]
+                for name, anchor in anchors.items():
+                    against, _ = geometry_rows(anchor, acts, config, layers)
+                    rows += [{**row, "anchor": name} for row in against]
             seconds["carriers"] = time.perf_counter() - started
         if "geometry" in families and config.interference:
             started = time.perf_counter()

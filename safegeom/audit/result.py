@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from safegeom.artifacts import read_json
+from safegeom.audit.schema import with_anchor
 from safegeom.errors import ArtifactError, NotFoundError, SafegeomError
 
 __all__ = ["FORMAT", "KEYS", "AuditResult", "load_audit"]
@@ -78,7 +79,8 @@ class AuditResult:
             checkpoint: a label (``base``, ``step-000040``) or a step.
 
         Returns:
-            One row per (layer, carrier, source, prompts), one column per metric (its value).
+            One row per (layer, carrier, source, prompts), one column per metric (its value);
+            an audit with anchors (``--anchor``) gets the key ``anchor`` after ``source``.
 
         Raises:
             SafegeomError: no such checkpoint in the table.
@@ -89,15 +91,19 @@ class AuditResult:
             raise SafegeomError(
                 f"no checkpoint {checkpoint!r} in this audit; it has {', '.join(self.checkpoints)}"
             )
-        grouped = rows.groupby([*KEYS, "metric"], dropna=False, sort=False)["value"].first()
+        keys = list(KEYS)
+        if rows["anchor"].dropna().nunique() > 1:  # the geometry against several references
+            keys.insert(keys.index("source") + 1, "anchor")
+        grouped = rows.groupby([*keys, "metric"], dropna=False, sort=False)["value"].first()
         wide = grouped.unstack("metric").reset_index()
         wide.columns.name = None
         metrics = list(dict.fromkeys(rows["metric"]))  # first-seen order
-        return wide[[*KEYS, *metrics]].astype({"layer": "Int64"})
+        return wide[[*keys, *metrics]].astype({"layer": "Int64"})
 
 
 def load_audit(folder: str | Path) -> AuditResult:
-    """Read an audit folder written by :func:`~safegeom.audit.runner.audit` (``sg.load_audit``).
+    """Read an audit folder written by :func:`~safegeom.audit.runner.audit` (``sg.load_audit``);
+    a table saved before the ``anchor`` column existed gets it (:func:`with_anchor`).
 
     Returns:
         The :class:`AuditResult`.
@@ -142,4 +148,4 @@ def load_audit(folder: str | Path) -> AuditResult:
         table = pd.read_parquet(table_file)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise ArtifactError(f"{table_file} is not a readable Parquet table ({err})") from None
-    return AuditResult(table=table, manifest=manifest, root=root)
+    return AuditResult(table=with_anchor(table), manifest=manifest, root=root)

@@ -5,6 +5,7 @@ An audit folder holds::
     DIR/manifest.json                 config, seeds, versions, git SHA, weight hashes, timings,
                                       torch threads per phase
     DIR/reference/                    the base's carriers (engineer B's Reference.save)
+    DIR/anchors/<name>/               each anchor's carriers, saved the same way (--anchor)
     DIR/checkpoints/<label>.json      one checkpoint's facts (step, weight hash, timings)
     DIR/checkpoints/<label>.parquet   its rows; written last, atomically: its presence means done
     DIR/audit.parquet                 all rows, in step order (written when every checkpoint is done)
@@ -153,13 +154,14 @@ def _reference(out: Path, base: _Base, config: AuditConfig, progress: bool) -> t
 def _measure(
     target: AuditTarget,
     base: _Base,
-    reference: Any,
+    references: tuple[Any, dict[str, Any]],
     config: AuditConfig,
     load: LoadConfig,
     task: Any,
     progress: bool,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Measure one model, this rank alone (its captures and evaluations shard nothing).
+    """Measure one model, this rank alone (its captures and evaluations shard nothing), against
+    ``references``: the base's Reference and the anchors' by name.
 
     Returns:
         ``(facts, rows)``: the checkpoint's record (step, weight hash, seconds, forward passes)
@@ -176,8 +178,10 @@ def _measure(
             load = dataclasses.replace(load, adapter_base=target.base)
         lm = base.get() if is_base else load_model(target.path, load)
         load_s = base.seconds if is_base else time.perf_counter() - start
+        reference, anchors = references
+        extra = {"anchors": anchors} if anchors else {}  # none: the call as before anchors
         measured = measure_mod.measure_checkpoint(
-            lm, reference, config, base=base.get(), task=task, progress=progress
+            lm, reference, config, base=base.get(), task=task, progress=progress, **extra
         )
     rows = [{**row, "checkpoint": target.label, "step": target.step} for row in measured.rows]
     facts = {
@@ -303,9 +307,18 @@ def audit(
         if config.attacks:  # a set made with another tokenizer is refused before the Reference
             sets = load_attack_sets(config.attacks)
             all_or_none(lambda: check_replayable(base_model.get(), sets))
+        if config.anchors:  # an anchor unlike the base is refused before anything is measured
+            from safegeom.audit.anchors import anchor_references, check_anchors
+
+            main_only(check_anchors)(folder, config, load, base_model.get())
         with torch_threads(threads):
             built = broadcast(main_only(_reference)(folder, base_model, config, show))
-        assert built is not None  # rank 0's, on every rank
+            anchors = broadcast(
+                main_only(anchor_references)(folder, config, load, progress=show, isolated=alone)
+                if config.anchors
+                else {}
+            )
+        assert built is not None and anchors is not None  # rank 0's, on every rank
         reference, reference_s = built
         bar = tqdm(
             total=len(inputs.targets),
@@ -321,7 +334,9 @@ def audit(
                 bar.set_postfix_str(mine[k].label)
                 try:
                     with torch_threads(threads):
-                        result = _measure(mine[k], base_model, reference, config, load, task, show)
+                        result = _measure(
+                            mine[k], base_model, (reference, anchors), config, load, task, show
+                        )
                 except Exception as err:  # reported to every rank once the round is written
                     error = err
             measured = collect(result, to="main") or []

@@ -1,4 +1,5 @@
-"""The audit table: one tidy row per (checkpoint, step, layer, carrier, source, prompts, metric).
+"""The audit table: one tidy row per (checkpoint, step, layer, carrier, source, anchor, prompts,
+metric).
 
 Columns (:data:`COLUMNS`):
 
@@ -16,6 +17,12 @@ source       str      ``fixed`` (the base's carrier applied to the checkpoint), 
                       ``reextracted`` row with the same metric, layer and carrier; see below);
                       ``fixed-attack:NAME`` on the rows of an attack set replayed at every
                       checkpoint (:mod:`~safegeom.audit.transfer_rows`); null for behaviour
+anchor       str      the reference a row compares with: ``base`` (the trajectory's base) on
+                      every geometry, interference and causal row; an anchor's name
+                      (``--anchor NAME=MODEL``) on the geometry rows measured against that
+                      anchor's carriers; null on behaviour, attack and re-selection rows (a table
+                      saved before the column existed reads back with this rule,
+                      :func:`with_anchor`)
 prompts      str      the prompt set the number is about (behaviour), else the carrier sets' name
 metric       str      one of :data:`METRICS`
 value        float    the number
@@ -71,7 +78,7 @@ import pandas as pd
 
 from safegeom.errors import SafegeomError
 
-__all__ = ["COLUMNS", "METRICS", "UNITS", "frame"]
+__all__ = ["ANCHORED", "BASE_ANCHOR", "COLUMNS", "METRICS", "UNITS", "frame", "with_anchor"]
 
 COLUMNS: tuple[str, ...] = (
     "checkpoint",
@@ -79,6 +86,7 @@ COLUMNS: tuple[str, ...] = (
     "layer",
     "carrier",
     "source",
+    "anchor",
     "prompts",
     "metric",
     "value",
@@ -152,6 +160,7 @@ _DTYPES = {
     "layer": "Int64",
     "carrier": "string",
     "source": "string",
+    "anchor": "string",
     "prompts": "string",
     "metric": "string",
     "value": "float64",
@@ -201,9 +210,35 @@ UNITS: dict[str, str] = {
 what they are a ratio of."""
 
 
+BASE_ANCHOR = "base"
+"""The ``anchor`` of the rows measured against the trajectory's own base."""
+
+ANCHORED: frozenset[str] = frozenset(
+    m
+    for m in METRICS
+    if not m.startswith("attack_")
+    and m
+    not in {
+        "refusal_rate",
+        "asr",
+        "over_refusal",
+        "refusal_score",
+        "kl_to_base",
+        "cross_entropy",
+        "task_accuracy",
+        "bypass_score",
+        "induce_score",
+        "selection_kl",
+    }
+)
+"""Metrics whose rows compare the checkpoint with a reference's carriers (geometry,
+interference, causal): their ``anchor`` is never null."""
+
+
 def frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """The rows as a table with :data:`COLUMNS` in order and fixed dtypes (missing keys null;
-    ``unit`` always from :data:`UNITS`).
+    ``unit`` always from :data:`UNITS`; ``anchor`` :data:`BASE_ANCHOR` on an :data:`ANCHORED`
+    row that names none).
 
     Raises:
         SafegeomError: a row names a column or a metric the schema does not know.
@@ -215,6 +250,39 @@ def frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             raise SafegeomError(f"audit row has unknown columns {sorted(extra)}")
         if row.get("metric") not in METRICS:
             raise SafegeomError(f"audit row has unknown metric {row.get('metric')!r}")
-    records = [{**{c: row.get(c) for c in COLUMNS}, "unit": UNITS[row["metric"]]} for row in rows]
+    records = [
+        {
+            **{c: row.get(c) for c in COLUMNS},
+            "unit": UNITS[row["metric"]],
+            "anchor": row.get("anchor") or _default_anchor(row["metric"]),
+        }
+        for row in rows
+    ]
     table = pd.DataFrame(records, columns=list(COLUMNS))
     return table.astype(_DTYPES)
+
+
+def _default_anchor(metric: str) -> str | None:
+    return BASE_ANCHOR if metric in ANCHORED else None
+
+
+def with_anchor(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the ``anchor`` column: a table saved before it existed gets
+    :data:`BASE_ANCHOR` on its :data:`ANCHORED` rows and null elsewhere, in :data:`COLUMNS`
+    order; a table that has it is returned as it is.
+
+    Returns:
+        The table (a new one where the column was added).
+
+    Example:
+        >>> old = frame([{"step": 0, "metric": "cosine_to_base", "value": 1.0}])
+        >>> old = old.drop(columns="anchor")
+        >>> with_anchor(old)["anchor"].tolist()
+        ['base']
+    """
+    if "anchor" in table.columns:
+        return table
+    anchors = [_default_anchor(m) for m in table["metric"]]
+    out = table.assign(anchor=pd.array(anchors, dtype="string"))
+    order = [c for c in COLUMNS if c in out.columns]
+    return out[order + [c for c in out.columns if c not in order]]

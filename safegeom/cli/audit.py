@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from safegeom.artifacts import check_output_dir
 from safegeom.audit.config import AuditConfig
 from safegeom.audit.runner import audit
+from safegeom.audit.schema import BASE_ANCHOR
 from safegeom.cli.json_output import emit_json
 from safegeom.cli.options import add_config, config_from_args
 from safegeom.models.loading import LoadConfig
@@ -92,12 +93,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"wrote {result.root}/audit.parquet ({len(table)} rows) and {result.root}/manifest.json")
     floor = table["source"].eq("floor").fillna(False).astype(bool)
-    shown = table[table["metric"].isin(_SUMMARY) & ~floor]
+    other = table["anchor"].ne(BASE_ANCHOR).fillna(False).astype(bool)  # anchors: in the table
+    shown = table[table["metric"].isin(_SUMMARY) & ~floor & ~other]
     if not shown.empty:
         summary = shown.groupby(["step", "checkpoint", "metric"], sort=True)["value"].mean()
         print(
-            "means over layers, carriers and sources, noise floors left out (the full table is "
-            "in audit.parquet):"
+            "means over layers, carriers and sources, noise floors left out"
+            + (", against the base alone" if other.any() else "")
+            + " (the full table is in audit.parquet):"
         )
         print(summary.unstack("metric").to_string(float_format=lambda v: f"{v:.3f}"))
     return 0

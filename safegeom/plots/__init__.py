@@ -26,7 +26,12 @@ figure       function               metrics
 5 causal     :func:`plot_causal`    ablation/addition _raw, _control_mean/_std, _effect, _base
 6 coords     :func:`plot_coordinates` coordinate_separation, coordinate_imbalance
 8 interfer.  :func:`plot_interference` interference_grad_resid, _grad_weights, _cone_share
+9 anchors    :func:`plot_anchors`   cosine_to_base, hr_coupling against every anchor
 ============ ====================== ===================================================
+
+An audit measured against anchors (``safegeom audit --anchor NAME=MODEL``) draws one line per
+anchor in the line panels (figures 3, 4 and 6) and gets figure 9; an audit without anchors has no
+figure 9.
 
 An audit that replayed attack sets (``safegeom audit --attacks DIR``) gives figure 1 a fourth
 panel, the ASR of each attack set beside the clean ASR; :func:`plot_transfer` draws the whole
@@ -46,6 +51,7 @@ from dataclasses import dataclass
 
 from matplotlib.figure import Figure
 
+from safegeom.plots.anchors import anchor_names, plot_anchors
 from safegeom.plots.causal import plot_causal
 from safegeom.plots.data import Tables, as_tables
 from safegeom.plots.heatmap import drift_matrix, plot_drift
@@ -62,6 +68,7 @@ __all__ = [
     "Tables",
     "drift_matrix",
     "has_data",
+    "plot_anchors",
     "plot_behaviour",
     "plot_causal",
     "plot_coordinates",
@@ -88,6 +95,8 @@ class FigureSpec:
     """The figure has data when a table holds a row of any of these."""
     missing: str = ""
     """Why an audit may lack them (said when the figure is skipped)."""
+    anchored: bool = False
+    """The figure needs rows measured against an anchor besides the base (``--anchor``)."""
 
 
 FIGURES: dict[str, FigureSpec] = {
@@ -135,6 +144,14 @@ FIGURES: dict[str, FigureSpec] = {
             ("interference_grad_resid", "interference_grad_weights", "interference_cone_share"),
             "the audit ran with --no-interference",
         ),
+        FigureSpec(
+            "fig9_anchors",
+            "cosine to each anchor and H/R coupling per anchor vs step, and their summary",
+            plot_anchors,
+            ("cosine_to_base", "hr_coupling"),
+            "the audit has no anchors besides the base (safegeom audit --anchor NAME=MODEL)",
+            anchored=True,
+        ),
     )
 }
 """The figures of ``safegeom figures``, in order."""
@@ -146,5 +163,9 @@ def has_data(tables: Tables, name: str) -> bool:
     Raises:
         KeyError: ``name`` is not a figure.
     """
-    metrics = FIGURES[name].metrics
-    return any(table["metric"].isin(metrics).any() for table in as_tables(tables).values())
+    spec = FIGURES[name]
+    for table in as_tables(tables).values():
+        rows = table[table["metric"].isin(spec.metrics)]
+        if not rows.empty and (not spec.anchored or anchor_names(rows)):
+            return True
+    return False

@@ -2,8 +2,12 @@
 
 An audit table is a DataFrame with the columns of :data:`safegeom.audit.schema.COLUMNS`. The
 plot functions take one table or several keyed by run label (``{"LoRA": t1, "defended": t2}``);
-runs get the palette's colours in order, and the other keys that vary inside a run (prompt set,
-source, basis vector) get line styles and markers.
+runs get the palette's colours in order, and the other keys that vary inside a run (anchor, prompt
+set, source, basis vector) get line styles and markers.
+
+Anchors (``safegeom audit --anchor``): :func:`select` keeps the base's rows unless asked for others,
+so step × layer views stay the base's; the line panels ask for every anchor and draw one line per
+anchor, as they draw one per variant.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from safegeom.audit.schema import COLUMNS
+from safegeom.audit.schema import BASE_ANCHOR, COLUMNS, with_anchor
 from safegeom.errors import SafegeomError
 from safegeom.plots.style import LINESTYLES, MARKERS, run_colour
 
@@ -42,7 +46,7 @@ __all__ = [
 Tables = pd.DataFrame | Mapping[str, pd.DataFrame]
 """One audit table, or several keyed by run label (the order of the mapping is the colour order)."""
 
-_VARIANT_COLUMNS = ("carrier", "source", "prompts", "judge")
+_VARIANT_COLUMNS = ("anchor", "carrier", "source", "prompts", "judge")
 MAX_BANDS = 4
 """Most lines in one panel that still get their CI band by default."""
 _AT_CARRIER_LAYER = (
@@ -68,12 +72,14 @@ MAX_TICKS = 10
 
 def as_tables(tables: Tables) -> dict[str, pd.DataFrame]:
     """The audit tables keyed by run label (one table alone, or one run in a mapping, gets the
-    label ``""``: a single run's legend entries carry no run-label prefix).
+    label ``""``: a single run's legend entries carry no run-label prefix); a table made before
+    the ``anchor`` column gets it (:func:`~safegeom.audit.schema.with_anchor`).
 
     Raises:
         SafegeomError: a table lacks audit columns, or no table is given.
     """
     named = {"": tables} if isinstance(tables, pd.DataFrame) else dict(tables)
+    named = {k: with_anchor(t) if "metric" in t.columns else t for k, t in named.items()}
     if not named:
         raise SafegeomError("no audit table given; pass a table or {run label: table}")
     for label, table in named.items():
@@ -94,9 +100,11 @@ def select(
     carrier: str | Sequence[str] | None = None,
     source: str | Sequence[str] | None = None,
     per_layer: bool | None = None,
+    anchor: str | Sequence[str] | None = BASE_ANCHOR,
 ) -> pd.DataFrame:
     """The rows of ``metric`` (and ``carrier``/``source`` when given; ``per_layer`` True keeps
-    rows with a layer, False rows without one).
+    rows with a layer, False rows without one), measured against ``anchor`` (default the base;
+    rows that are not per anchor, such as behaviour, always kept; None: every anchor).
 
     Returns:
         A copy of the matching rows (possibly empty).
@@ -113,6 +121,8 @@ def select(
         keep &= among("source", source)
     if per_layer is not None:
         keep &= table["layer"].notna() if per_layer else table["layer"].isna()
+    if anchor is not None:
+        keep &= among("anchor", anchor) | table["anchor"].isna()
     return table.loc[keep].copy()
 
 
@@ -123,7 +133,7 @@ def carrier_layer(table: pd.DataFrame) -> int | None:
     Returns:
         That layer, or None when the table has no such rows.
     """
-    rows = table[table["metric"].isin(_AT_CARRIER_LAYER) & table["layer"].notna()]
+    rows = select(table, list(_AT_CARRIER_LAYER), per_layer=True)
     return None if rows.empty else int(rows["layer"].mode().iloc[0])
 
 

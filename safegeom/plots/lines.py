@@ -56,7 +56,8 @@ def line_panel(
     """One panel of ``metric`` vs step for every run (at the carrier's layer, see
     :func:`~safegeom.plots.data.at_carrier_layer`); an empty panel says what is missing. The
     metric's noise-floor rows (source ``floor``) are a shaded band
-    (:func:`~safegeom.plots.data.draw_floor`), never a line.
+    (:func:`~safegeom.plots.data.draw_floor`), never a line. Rows measured against anchors
+    (``safegeom audit --anchor``) are drawn as one line per anchor; the floor band is the base's.
     ``always`` and ``suffix`` go to :func:`~safegeom.plots.data.draw_lines` (legend labels that
     stay distinct in the figure's one legend).
 
@@ -65,9 +66,9 @@ def line_panel(
     """
     picked, floors, layers, notes = {}, {}, {}, set()
     for label, table in named.items():
-        rows = select(table, metric, carrier=carrier, source=source)
+        rows = select(table, metric, carrier=carrier, source=source, anchor=None)
         layers[label] = carrier_layer(table)
-        floors[label] = rows[rows["source"].astype("string").eq("floor").fillna(False)]
+        floors[label] = select(rows, metric, source="floor")
         rows, note = at_carrier_layer(without_floor(rows), layers[label])
         picked[label] = rows
         notes.add(note)
