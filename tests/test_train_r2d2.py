@@ -13,12 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from safegeom.artifacts import sha256_text
 from safegeom.cli import main
 from safegeom.errors import ConfigError
+from safegeom.generation import generate
+from safegeom.models import LoadConfig, load_model
 from safegeom.training import Trajectory
 from safegeom.training import loop as loop_mod
-from safegeom.training.methods.r2d2 import R2D2Config, away_token_loss
+from safegeom.training.methods.r2d2 import ANSWERS_FILE, R2D2Config, away_token_loss
 from safegeom.training.methods.r2d2_pool import POOL_FILE, POOL_JSON
+from safegeom.training.tasks import get_task
 from safegeom.training.trajectory import load_trajectory
 from tests.launch_helpers import launch
 from tests.train_helpers import saved_weights
@@ -95,9 +99,12 @@ def test_the_pool_is_saved_with_every_checkpoint_and_moves(full: Trajectory) -> 
 
 def test_the_pool_is_attacked_against_the_current_model(full: Trajectory, tmp_path: Path) -> None:
     """With every loss weight 0 the model stays the base (AdamW moves nothing without a
-    gradient); the same draws then attack another model, so the pools part after step 0."""
+    gradient); the same draws then attack another model, so the pools part after step 0. (This
+    run's utility is on the task's answers: it differs from the base-answer run's from step 0.)"""
     zero = ("--away-weight", "0", "--toward-weight", "0", "--utility-weight", "0")
-    frozen = _train(tmp_path / "frozen", *zero)
+    frozen = _train(tmp_path / "frozen", *zero, "--utility-answers", "task")
+    assert frozen.checkpoints[0].terms["utility"] != full.checkpoints[0].terms["utility"]
+    assert "answers_hash" not in frozen.config["defence"]
     base, moved = saved_weights(frozen.paths[0]), saved_weights(frozen.paths[-1])
     assert all(torch.equal(base[k], moved[k]) for k in base)
     first = [_pool(run.paths[0])[0]["ids"] for run in (frozen, full)]
@@ -105,6 +112,16 @@ def test_the_pool_is_attacked_against_the_current_model(full: Trajectory, tmp_pa
     last = [_pool(run.paths[-1])[0]["ids"] for run in (frozen, full)]
     assert not torch.equal(*last)
     assert frozen.log[-1]["pool_loss"] != full.log[-1]["pool_loss"]
+
+
+def test_utility_trains_on_the_base_models_own_answers(full: Trajectory) -> None:
+    saved = json.loads((full.root / "defence" / ANSWERS_FILE).read_text())
+    assert saved["prompts"] == list(get_task("sentiment:2").prompts)
+    lm = load_model("tiny-chat", LoadConfig(device="cpu"))
+    assert saved["answers"] == list(generate(lm, saved["prompts"], max_new_tokens=64))
+    defence = full.config["defence"]
+    assert defence["utility_answers"] == "base" and defence["answer_tokens"] == 64
+    assert defence["answers_hash"] == sha256_text(json.dumps(saved["answers"]))
 
 
 def test_resume_equals_uninterrupted_including_the_pool(
@@ -171,6 +188,8 @@ def test_bad_settings_fail_naming_the_flag(
         R2D2Config(gcg_steps=0)
     with pytest.raises(ConfigError, match=r"reset_fraction \(--reset-fraction\) must lie in"):
         R2D2Config(reset_fraction=1.5)
+    with pytest.raises(ConfigError, match=r"utility_answers \(--utility-answers\) must be base or"):
+        R2D2Config(utility_answers="judge")  # type: ignore[arg-type]
     empty = tmp_path / "none.jsonl"
     empty.write_text("")
     assert main(_args(tmp_path / "empty", "--behaviours", str(empty))) == 2
@@ -179,6 +198,8 @@ def test_bad_settings_fail_naming_the_flag(
     assert "must not be trained on" in capsys.readouterr().err
     assert main(["train", "lora", "tiny-chat", "--out", str(tmp_path / "l"), *RUN, *SMALL]) == 2
     assert "--gcg-steps is for r2d2" in capsys.readouterr().err
+    assert main(_args(tmp_path / "fsdp", "--update", "full", "--fsdp")) == 2
+    assert "--fsdp: r2d2 attacks the model inside every step" in capsys.readouterr().err
 
 
 def test_away_loss_is_the_unlikelihood_with_its_floor() -> None:

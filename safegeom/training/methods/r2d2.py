@@ -14,7 +14,10 @@ behaviours (``harmbench-train`` by default) are attacked. Every step ``s``:
    ``−log(1 − p)`` per target token (tokens with ``log p`` below ``away_floor`` carry none, as in
    HarmBench's code), averaged over the sampled behaviours' target tokens; *toward* the
    cross-entropy of the refusal (``harmbench-train``'s safe responses) under the same prompts;
-   *utility* the LM loss on the step's task batch.
+   *utility* the LM loss on the step's task batch, answered by the base model's own greedy
+   answers (``utility_answers="base"``, the default: generated once, up to ``answer_tokens``
+   tokens, saved as ``DIR/defence/r2d2_answers.json`` and read back on resume) or by the task's
+   responses (``"task"``).
 
 The manifest logs, per step, the terms ``away``, ``toward``, ``utility``, ``attack`` (the sampled
 test cases' target loss after the step's GCG) and, over the whole pool on the model the step
@@ -39,6 +42,7 @@ the loss of one process.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,20 +55,25 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from safegeom.artifacts import read_json, sha256_text, write_json
 from safegeom.attacks.gcg import GCGConfig
 from safegeom.attacks.loss import sequence_losses
 from safegeom.config import check, config_dict
+from safegeom.errors import ArtifactError, ConfigError
+from safegeom.generation import generate
 from safegeom.models.loading import LoadedModel
 from safegeom.prompt_roles import check_trainable
 from safegeom.prompts import load_prompts
 from safegeom.training.config import RunConfig
-from safegeom.training.data import IGNORE_INDEX, Example, collate_right
+from safegeom.training.data import IGNORE_INDEX, Example, collate_right, encode_examples
 from safegeom.training.methods.base import Method, Prepared, Setup, StepInputs, Terms, task_loss
 from safegeom.training.methods.r2d2_pool import AttackPool, build_pool
 from safegeom.training.trainable import Trainable
 
-__all__ = ["METHOD", "R2D2Config", "R2D2State", "away_token_loss"]
+__all__ = ["ANSWERS_FILE", "METHOD", "R2D2Config", "R2D2State", "away_token_loss", "base_answers"]
 
+ANSWERS_FILE = "r2d2_answers.json"
+"""The base's answers to the task's prompts, in the run's ``defence`` folder."""
 HARMBENCH_REFUSAL = "Sorry, I can't do that."
 """The refusal HarmBench trains toward (every ``harmbench-train`` safe response is this)."""
 
@@ -110,6 +119,11 @@ class R2D2Config:
     """Weight of the utility loss, the LM loss on the task's batch."""
     away_floor: float | None = -5.0
     """Target tokens with log-probability below this carry no away loss (none: all do)."""
+    utility_answers: Literal["base", "task"] = "base"
+    """What the utility loss trains on: the base model's own greedy answers to the task's
+    prompts (base) or the task's responses (task)."""
+    answer_tokens: int = 64
+    """Longest base answer generated for the utility loss, in tokens."""
 
     def __post_init__(self) -> None:
         """Check every range, naming the flag.
@@ -137,6 +151,13 @@ class R2D2Config:
         if self.away_floor is not None:
             check(math.isfinite(self.away_floor), "away_floor", "must be finite", self.away_floor)
         check(self.update in ("lora", "full"), "update", "must be lora or full", self.update)
+        check(
+            self.utility_answers in ("base", "task"),
+            "utility_answers",
+            "must be base or task",
+            self.utility_answers,
+        )
+        check(self.answer_tokens >= 1, "answer_tokens", "must be at least 1", self.answer_tokens)
 
     def gcg(self) -> GCGConfig:
         """The GCG search that advances the test cases (always ``gcg_steps`` steps: no early
@@ -207,10 +228,22 @@ def _part(items: Sequence[int], rank: int, world: int) -> list[int]:
 class R2D2State(Prepared):
     """An R2D2 run's pool and settings; its loss attacks the pool, then adds the three terms."""
 
-    def __init__(self, pool: AttackPool, settings: R2D2Config, record: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        pool: AttackPool,
+        settings: R2D2Config,
+        record: dict[str, Any],
+        answered: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+    ) -> None:
         super().__init__(settings.update, record)
         self.pool = pool
         """The test cases (saved with every checkpoint)."""
+        self.answered = answered
+        """``(task prompts, the base's answers)`` of the utility loss (``None``: the task's)."""
+        self.utility_rows: list[Example] | None = None
+        """The encoded base-answer examples, one per task example (made by :meth:`wrap`)."""
+        self.utility_tokens: list[int] = []
+        """Answer tokens of each of :attr:`utility_rows` (after the causal shift)."""
         self.settings = settings
         """The run's R2D2 settings."""
         self.search = settings.gcg()
@@ -228,10 +261,33 @@ class R2D2State(Prepared):
         resume_from: Path | None,
     ) -> Trainable:
         """Make ``lm`` trainable, the pool saved with every checkpoint and read back from
-        ``resume_from`` when resuming."""
+        ``resume_from`` when resuming.
+
+        Raises:
+            ConfigError: ``--fsdp`` (the attack runs whole forwards and gradients of the model
+                inside every step, which sharded weights do not support here).
+        """
+        if run.train.fsdp:
+            raise ConfigError(
+                "--fsdp: r2d2 attacks the model inside every step, which is not supported on "
+                "FSDP's sharded weights; drop --fsdp (every process then holds the whole model)"
+            )
         trainable = super().wrap(lm, spec, run, dtype=dtype, resume_from=resume_from)
         if resume_from is not None:
             self.pool.load(resume_from)
+        if self.answered is not None:
+            prompts, answers = self.answered
+            self.utility_rows = encode_examples(
+                lm.tokenizer,
+                list(prompts),
+                list(answers),
+                system=run.train.system,
+                chat_template=lm.chat_template,
+                max_length=run.max_length,
+            )
+            self.utility_tokens = [
+                sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in self.utility_rows
+            ]
         return dataclasses.replace(trainable, sidecar=self.pool.save)
 
     def attack(self, lm: LoadedModel, step: int) -> tuple[list[int], float, float]:
@@ -287,6 +343,24 @@ class R2D2State(Prepared):
         ) / max(n_toward, 1)
         return away, toward
 
+    def utility(self, inputs: StepInputs) -> Tensor:
+        """This rank's share of the LM loss on the step's examples answered by the base (the
+        task's answers without base answers), per answer token of the whole batch."""
+        if self.utility_rows is None:
+            return task_loss(inputs)[0]
+        rows = [self.utility_rows[i] for i in inputs.mine]
+        batch = collate_right(rows, inputs.pad_id).to(inputs.batch.input_ids.device)
+        logits = inputs.trainable.logits(
+            batch.input_ids, batch.attention_mask, [r.n_prompt for r in rows]
+        )
+        nll = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            batch.labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return nll / max(sum(self.utility_tokens[i] for i in inputs.indices), 1)
+
     def loss(self, inputs: StepInputs) -> tuple[Tensor, Terms]:
         """Attack the pool, then ``away_weight · away + toward_weight · toward + utility_weight ·
         utility`` (terms ``away``, ``toward``, ``utility``, ``attack``, ``pool_loss``,
@@ -294,7 +368,7 @@ class R2D2State(Prepared):
         cfg, lm = self.settings, inputs.trainable.lm
         with _attacking(inputs.trainable.module):
             sampled, pool_loss, pool_asr = self.attack(lm, inputs.step)
-        utility, _ = task_loss(inputs)
+        utility = self.utility(inputs)
         away, toward = self.adversarial(inputs, sampled)
         loss = cfg.away_weight * away + cfg.toward_weight * toward + cfg.utility_weight * utility
         world = inputs.world
@@ -330,9 +404,35 @@ def _behaviours(settings: R2D2Config) -> tuple[list[str], list[str], list[str]]:
     return behaviours, targets, refusals
 
 
+def base_answers(setup: Setup, settings: R2D2Config) -> tuple[str, ...]:
+    """The frozen model's greedy answers to the task's prompts (at most ``answer_tokens``
+    tokens, no system prompt), written to ``DIR/defence`` and read back when the run resumes.
+
+    Raises:
+        ArtifactError: a saved file whose answers do not match the task's prompts.
+    """
+    path = setup.folder / ANSWERS_FILE
+    if setup.resume and path.is_file():
+        saved = read_json(path, what="R2D2 base answers")
+        if saved.get("prompts") != list(setup.prompts):
+            raise ArtifactError(
+                f"{path} answers other prompts than the task's; resume with the run's --task or "
+                "--overwrite"
+            )
+        return tuple(saved["answers"])
+    answers = generate(
+        setup.lm, list(setup.prompts), max_new_tokens=settings.answer_tokens, progress=False
+    )
+    if setup.write:
+        setup.folder.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"prompts": list(setup.prompts), "answers": list(answers)})
+    return tuple(answers)
+
+
 def prepare(setup: Setup, settings: R2D2Config) -> R2D2State:
     """Build the pool of test cases on the frozen model (random suffixes, seeded by the run's
-    seed); a resumed run reads the pool back when the model is wrapped.
+    seed) and, by default, the base's answers of the utility loss; a resumed run reads the pool
+    back when the model is wrapped.
 
     Raises:
         SafegeomError: an empty or evaluation-only behaviour set, a behaviour or target the
@@ -353,7 +453,12 @@ def prepare(setup: Setup, settings: R2D2Config) -> R2D2State:
         "n_pool": len(pool),
         "pool_source": pool.source,
     }
-    return R2D2State(pool, settings, record)
+    answered = None
+    if settings.utility_answers == "base":
+        answers = base_answers(setup, settings)
+        answered = (tuple(setup.prompts), answers)
+        record["answers_hash"] = sha256_text(json.dumps(list(answers)))
+    return R2D2State(pool, settings, record, answered)
 
 
 METHOD = Method(
@@ -362,7 +467,6 @@ METHOD = Method(
     update=lambda settings: settings.update,
     prepare=prepare,
     config=R2D2Config,
-    keyword="r2d2",
     group="r2d2",
 )
 """R2D2 adversarial training."""
