@@ -12,7 +12,12 @@ Rows (``train_methods.VARIANTS``): ``lora`` (the baseline), ``sft``, ``refusalgu
 (``GuardConfig()``: the LoRA variant with the geometry penalty every 2 steps on 8 harmful
 calibration prompts), three RefusalGuard rows that change one setting (``refusalguard-every1``:
 ``penalty_every=1``; ``refusalguard-calib4``: ``calib_batch=4``; ``refusalguard-reft``: the reft
-edit), ``kl`` and ``adaptive``. Goals (the issue): RefusalGuard ≤ 1.3× a LoRA step, adaptive ≤ 1.6×.
+edit), ``kl``, ``adaptive``, and ``r2d2-m1``/``r2d2-m5`` (R2D2 with m = 1 or 5 GCG steps per
+training step, ``train_methods.R2D2``). Goals (the issue): RefusalGuard ≤ 1.3× a LoRA step, adaptive
+≤ 1.6×. An R2D2 step is split into its attack (``gcg_s``: the GCG steps on the sampled test cases;
+``pool_s``: the pool's loss and ASR measured on the current model) and its training (``train_s``:
+the rest: the utility, away and toward forwards, backward and optimizer step), each the median
+over the timed steps; ``train x LoRA`` is the median of the training part over LoRA's step time.
 
 Time: every method runs its warm-up steps, then the timed rounds run one step of every method per
 round in rotating order (ABC, BCA, ...), so background load hits all alike. Rounds are grouped in
@@ -64,6 +69,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from safegeom.config import config_dict
+from safegeom.training.methods.r2d2 import R2D2State
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_rss import CpuPeak
@@ -82,6 +88,39 @@ from train_methods import (
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+class AttackClock:
+    """Seconds an R2D2 runner spends attacking: in GCG (``pool.advance``) and in the rest of
+    ``R2D2State.attack`` (the reset and the pool's measurement), summed since it was made."""
+
+    def __init__(self, state: R2D2State) -> None:
+        self.gcg = 0.0
+        """Seconds in GCG so far."""
+        self.attack = 0.0
+        """Seconds in the whole attack so far (GCG included)."""
+        advance, attack = state.pool.advance, state.attack
+
+        def timed_advance(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return advance(*args, **kwargs)
+            finally:
+                self.gcg += time.perf_counter() - started
+
+        def timed_attack(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return attack(*args, **kwargs)
+            finally:
+                self.attack += time.perf_counter() - started
+
+        state.pool.advance = timed_advance  # type: ignore[method-assign]
+        state.attack = timed_attack  # type: ignore[method-assign]
+
+    def read(self) -> tuple[float, float]:
+        """``(GCG seconds, pool-measure seconds)`` so far."""
+        return self.gcg, self.attack - self.gcg
 
 
 def memory_worker(spec: dict[str, Any]) -> None:
@@ -184,21 +223,69 @@ def run_benchmark(
                     "threads": torch.get_num_threads(),
                 }
                 peaks = _cpu_memory(names, spec)
-            times, tokens = time_rounds(runners, warmup, steps, dev, progress)
+            clocks = {
+                n: AttackClock(r.step_loss.state)
+                for n, r in runners.items()
+                if isinstance(r.step_loss.state, R2D2State)
+            }
+            times, tokens, attack = time_rounds(runners, warmup, steps, dev, progress, clocks)
     finally:
         torch.use_deterministic_algorithms(deterministic)
-    return summarise(names, times, tokens, peaks, setup, b) | {"warmup": warmup, "steps": steps}
+    results = summarise(names, times, tokens, peaks, setup, b)
+    return results | {"warmup": warmup, "steps": steps, "r2d2": split_r2d2(times, attack)}
+
+
+def split_r2d2(
+    times: dict[str, list[float]], attack: dict[str, list[tuple[float, float]]]
+) -> list[dict[str, Any]]:
+    """The R2D2 rows' timed steps split into attack and training (module docstring).
+
+    Returns:
+        Per R2D2 row: ``gcg_s``, ``pool_s``, ``train_s`` and ``step_s`` (medians over the timed
+        steps, seconds), ``lora_s`` (LoRA's median step), ``train_ratio`` and ``step_ratio``
+        (medians over rounds of the training part and of the whole step over LoRA's step).
+    """
+    lora, rows = times["lora"], []
+    for name, parts in attack.items():
+        whole = times[name]
+        train = [w - g - p for w, (g, p) in zip(whole, parts, strict=True)]
+        rows.append(
+            {
+                "method": name,
+                "label": VARIANTS[name].label,
+                "gcg_steps": VARIANTS[name].r2d2.gcg_steps,  # type: ignore[union-attr]
+                "gcg_s": statistics.median(g for g, _ in parts),
+                "pool_s": statistics.median(p for _, p in parts),
+                "train_s": statistics.median(train),
+                "step_s": statistics.median(whole),
+                "lora_s": statistics.median(lora),
+                "train_ratio": statistics.median(t / b for t, b in zip(train, lora, strict=True)),
+                "step_ratio": statistics.median(w / b for w, b in zip(whole, lora, strict=True)),
+                "attack_parts_s": parts,
+            }
+        )
+    return rows
 
 
 def time_rounds(
-    runners: dict[str, Runner], first: int, rounds: int, device: torch.device, progress: bool
-) -> tuple[dict[str, list[float]], dict[str, list[tuple[int, int]]]]:
+    runners: dict[str, Runner],
+    first: int,
+    rounds: int,
+    device: torch.device,
+    progress: bool,
+    clocks: dict[str, AttackClock] | None = None,
+) -> tuple[
+    dict[str, list[float]], dict[str, list[tuple[int, int]]], dict[str, list[tuple[float, float]]]
+]:
     """One step of every method per round, in rotating order (steps ``first`` on).
 
     Returns:
-        ``(seconds, positions)``: per method, each timed step's wall seconds and its
-        ``(decoder positions, of those the ones that reached the LM head)``, in step order.
+        ``(seconds, positions, attack)``: per method, each timed step's wall seconds and its
+        ``(decoder positions, of those the ones that reached the LM head)``, in step order; per
+        method of ``clocks``, each step's ``(GCG seconds, pool-measure seconds)``.
     """
+    clocks = clocks or {}
+    attack: dict[str, list[tuple[float, float]]] = {n: [] for n in clocks}
     names, times = list(runners), {n: [] for n in runners}
     tokens: dict[str, list[tuple[int, int]]] = {n: [] for n in runners}
     bar = tqdm(total=rounds * len(names), desc="timed steps", disable=not progress)
@@ -208,14 +295,18 @@ def time_rounds(
             sync_device(device)
             runner = runners[name]
             before = runner.positions, runner.head
+            clock = clocks[name].read() if name in clocks else (0.0, 0.0)
             started = time.perf_counter()
             runner.step(first + r)
             sync_device(device)
             times[name].append(time.perf_counter() - started)
+            if name in clocks:
+                gcg, pool = clocks[name].read()
+                attack[name].append((gcg - clock[0], pool - clock[1]))
             tokens[name].append((runner.positions - before[0], runner.head - before[1]))
             bar.update(1)
     bar.close()
-    return times, tokens
+    return times, tokens, attack
 
 
 def summarise(
@@ -299,6 +390,17 @@ def print_report(results: dict[str, Any]) -> None:
         print("\n" + head + "\n" + "-" * len(head))
         for s in results["setup"]:
             print(f"{s['part']:<36}{s['method']:<22}{s['seconds']:>8.2f}{s['lora_steps']:>12.1f}")
+    if results.get("r2d2"):
+        head = (
+            f"{'R2D2 step split':<32}{'GCG s':>9}{'pool s':>9}{'train s':>9}{'step s':>9}"
+            f"{'x LoRA':>8}{'train x LoRA':>14}"
+        )
+        print("\n" + head + "\n" + "-" * len(head))
+        for r in results["r2d2"]:
+            print(
+                f"{r['label']:<32}{r['gcg_s']:>9.4f}{r['pool_s']:>9.4f}{r['train_s']:>9.4f}"
+                f"{r['step_s']:>9.4f}{r['step_ratio']:>8.2f}{r['train_ratio']:>14.2f}"
+            )
     print(
         f"\nx LoRA: median over blocks of {results['block']} rounds of (time / LoRA's time for the "
         f"same block); {results['steps']} timed steps per method after {results['warmup']} "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -87,6 +88,22 @@ def test_every_method_gets_a_row_a_ratio_and_its_goal(bench, every_method) -> No
         assert s["part"] in text
     assert "set-up (once per run)" in text and "LoRA steps" in text
     assert results["config"]["task"] == "mix:16" and results["versions"]["torch"]
+
+
+def test_r2d2_steps_are_split_into_attack_and_training(bench, every_method) -> None:
+    results, text = every_method
+    rows = {r["method"]: r for r in results["rows"]}
+    split = {r["method"]: r for r in results["r2d2"]}
+    assert list(split) == ["r2d2-m1", "r2d2-m5"] and "R2D2 step split" in text
+    for name, row in split.items():
+        assert row["gcg_steps"] == bench.VARIANTS[name].r2d2.gcg_steps
+        assert row["gcg_s"] > 0 and row["pool_s"] > 0 and row["train_s"] > 0
+        assert len(row["attack_parts_s"]) == len(rows[name]["times_s"]) == 2
+        for (gcg, pool), whole in zip(row["attack_parts_s"], rows[name]["times_s"], strict=True):
+            assert 0 < gcg + pool < whole  # the attack is part of the step
+        assert row["lora_s"] == pytest.approx(statistics.median(rows["lora"]["times_s"]))
+        assert row["label"] in text
+    assert rows["r2d2-m1"]["tokens_per_step"] < rows["r2d2-m5"]["tokens_per_step"]
 
 
 def test_positions_count_the_task_reference_and_decoder_only_penalty_forwards(
