@@ -49,7 +49,7 @@ def test_base_wins_over_the_adapters_own(models) -> None:
     inputs = resolve_inputs([str(models["moved"])], base=str(models["base"]))
     assert inputs.base.path == str(models["base"])
     (target,) = inputs.checkpoints
-    assert (target.kind, target.base) == ("adapter", str(models["base"]))
+    assert (target.form, target.base) == ("adapter", str(models["base"]))
     listed = resolve_inputs([str(models["base"]), str(models["here"])])
     assert listed.checkpoints[0].base is None  # no --base: the adapter's own base, unchanged
 
@@ -93,7 +93,7 @@ def test_cli_audits_a_moved_adapter_with_base(models, tmp_path, monkeypatch, cap
     assert main([*args, str(tmp_path / "a"), *FAST]) == 0
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     (record,) = manifest["inputs"]["checkpoints"]
-    assert (record["kind"], record["base"]) == ("adapter", str(models["base"]))
+    assert (record["form"], record["base"]) == ("adapter", str(models["base"]))
     capsys.readouterr()
     assert main(["audit", str(models["moved"]), "--out", str(tmp_path / "b"), *FAST]) == 2
     err = capsys.readouterr().err.strip()

@@ -64,7 +64,7 @@ def test_base_ckpt_list_orders_by_named_step_else_by_position(models, tmp_path: 
     ]
     plain = resolve_inputs([llama, llama, models["lora"]])
     assert [t.step for t in plain.checkpoints] == [1, 2]
-    assert [t.kind for t in plain.checkpoints] == ["full", "adapter"]
+    assert [t.form for t in plain.checkpoints] == ["full", "adapter"]
     assert len({t.label for t in plain.targets}) == 3  # labels stay unique
 
 
@@ -157,7 +157,7 @@ def test_prompt_set_with_no_prompts_fails(tmp_path: Path) -> None:
 def test_single_adapter_names_its_base(models) -> None:
     inputs = resolve_inputs([models["lora"]])
     assert inputs.base.path == str(models["llama"])
-    assert [(t.kind, t.step) for t in inputs.checkpoints] == [("adapter", 1)]
+    assert [(t.form, t.step) for t in inputs.checkpoints] == [("adapter", 1)]
     with_base = resolve_inputs([models["lora"]], base=str(models["llama"]))
     assert with_base.checkpoints == inputs.checkpoints
 
@@ -175,7 +175,7 @@ def test_a_refusalguard_checkpoint_is_audited_against_its_base(
     edit = ReftEdit.for_model(lm, ReftConfig(layers=(1,), rank=2), {1: basis[0]}, seed=0)
     edit.save(tmp_path / "guard", base=str(models["llama"]))
     inputs = resolve_inputs([models["llama"], tmp_path / "guard"])
-    assert [t.kind for t in inputs.checkpoints] == ["refusalguard"]
+    assert [t.form for t in inputs.checkpoints] == ["refusalguard"]
     edit.save(tmp_path / "wide-guard", base=str(models["wide"]))  # names a base of other width
     with pytest.raises(SafegeomError, match="hidden"):
         resolve_inputs([models["llama"], tmp_path / "wide-guard"])

@@ -122,7 +122,7 @@ def test_peft_adapter_trajectory_equals_the_merged_checkpoints(tmp_path):
     }
     applied = audit([base, *adapters], tmp_path / "audit-a", progress=False, **small)
     full = audit([base, *folded], tmp_path / "audit-m", progress=False, **small)
-    assert [c["kind"] for c in applied.manifest["checkpoints"]] == ["full", "adapter", "adapter"]
+    assert [c["form"] for c in applied.manifest["checkpoints"]] == ["full", "adapter", "adapter"]
     assert applied.checkpoints == full.checkpoints == ("base", "step-000001", "step-000002")
     pd.testing.assert_frame_equal(
         applied.table, full.table, check_exact=False, rtol=1e-3, atol=1e-4
@@ -180,7 +180,7 @@ def test_audit_of_a_trained_lora_run_folder(tmp_path):
     }
     result = audit(run, tmp_path / "audit", progress=False, **small)
     assert result.checkpoints == ("base", "step-000002", "step-000004")
-    assert [c["kind"] for c in result.manifest["checkpoints"]] == ["full", "adapter", "adapter"]
+    assert [c["form"] for c in result.manifest["checkpoints"]] == ["full", "adapter", "adapter"]
     assert result.manifest["inputs"]["task"] == "arith:8"
     metrics = set(result.table["metric"])
     assert {"task_accuracy", "asr", "cosine_to_base"} <= metrics

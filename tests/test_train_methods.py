@@ -159,7 +159,7 @@ def test_the_toy_methods_trajectory_audits(
     calls = install(monkeypatch)
     result = audit(full.root, tmp_path / "audit", progress=False, **FAKE_CONFIG)
     assert result.checkpoints == ("base", "step-000002", "step-000004")
-    assert [c["kind"] for c in result.manifest["checkpoints"]] == ["full", "adapter", "adapter"]
+    assert [c["form"] for c in result.manifest["checkpoints"]] == ["full", "adapter", "adapter"]
     assert len(calls.measured) == 3
     values = result.table[result.table["metric"] == "cosine_to_base"].groupby("step")["value"]
     assert len(set(values.sum().round(9))) == 3  # three different checkpoints measured

@@ -28,7 +28,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from safegeom.audit.input_forms import (
     BASE_LABEL,
@@ -45,6 +45,7 @@ from safegeom.errors import (
     SafegeomError,
 )
 from safegeom.models.checkpoint import (
+    SourceForm,
     adapter_base_spec,
     check_weight_files,
     resolve_source,
@@ -55,7 +56,6 @@ from safegeom.models.vocab import Vocabulary, check_same_vocabulary, read_vocabu
 
 __all__ = ["AuditInputs", "AuditTarget", "check_prompt_sets", "resolve_inputs", "step_of"]
 
-Kind = Literal["full", "adapter", "refusalguard", "hub"]
 _TRAINER_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -69,8 +69,9 @@ class AuditTarget:
     """Training step (the base is 0)."""
     path: str
     """A checkpoint or PEFT adapter folder, ``tiny-chat``, or a hub id."""
-    kind: Kind = "full"
-    """``full`` checkpoint, PEFT ``adapter`` folder, or ``hub`` id."""
+    form: SourceForm = "full"
+    """How it is stored: ``full`` checkpoint, PEFT ``adapter`` folder, ``refusalguard`` edit, or
+    ``hub`` id (:data:`~safegeom.models.checkpoint.SourceForm`)."""
     base: str | None = None
     """The model a PEFT adapter is loaded onto (``--base``), in place of the base its
     ``adapter_config.json`` names; ``None``: that base."""
@@ -95,30 +96,30 @@ class AuditInputs:
         return (self.base, *self.checkpoints)
 
 
-def _locate(spec: str, load: LoadConfig, what: str) -> tuple[Kind, str]:
-    """``(kind, location)`` of a model spec, with its weights checked when local."""
+def _locate(spec: str, load: LoadConfig, what: str) -> tuple[SourceForm, str]:
+    """``(form, location)`` of a model spec, with its weights checked when local."""
     if spec == TINY_CHAT:
         return "full", str(tiny_chat_path())
     path = Path(spec).expanduser()
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise NotFoundError(f"{what} {spec}: no such folder")
     try:
-        kind, location = resolve_source(spec, TINY_CHAT, tiny_chat_path(), load.revision)
+        form, location = resolve_source(spec, TINY_CHAT, tiny_chat_path(), load.revision)
     except ModelLoadError as err:
         raise ModelLoadError(f"{what}: {err}") from None
-    if kind == "full":
+    if form == "full":
         try:
             check_weight_files(location, load.allow_pickle)
         except ModelLoadError as err:
             raise ModelLoadError(f"{what} {spec} cannot be loaded: {err}") from None
-    elif kind == "adapter":
+    elif form == "adapter":
         weights = Path(location) / "adapter_model.safetensors"
         problem = safetensors_problem(weights) if weights.is_file() else "it is missing"
         if problem and not (Path(location) / "adapter_model.bin").is_file():
             raise ModelLoadError(
                 f"{what} {spec} cannot be loaded: adapter_model.safetensors: {problem}"
             )
-    return kind, location  # type: ignore[return-value]
+    return form, location  # type: ignore[return-value]
 
 
 def _edit_base(location: str) -> str:
@@ -147,29 +148,29 @@ def _named_by(err: SafegeomError, adapter: str) -> SafegeomError:
 
 
 def _base_of(
-    spec: str, kind: Kind, location: str, load: LoadConfig, what: str, base: str | None
-) -> tuple[str, Kind, str]:
-    """``(spec, kind, location)`` of the model an adapter or edit is loaded onto: ``base``
+    spec: str, form: SourceForm, location: str, load: LoadConfig, what: str, base: str | None
+) -> tuple[str, SourceForm, str]:
+    """``(spec, form, location)`` of the model an adapter or edit is loaded onto: ``base``
     (``--base``) for an adapter when given, else the base its own files name."""
-    named = base if kind == "adapter" and base else None
-    named = named or (adapter_base_spec(location) if kind == "adapter" else _edit_base(location))
+    named = base if form == "adapter" and base else None
+    named = named or (adapter_base_spec(location) if form == "adapter" else _edit_base(location))
     try:
         return (named, *_locate(named, load, f"{what} {spec}: its base"))
     except (NotFoundError, ModelLoadError) as err:
-        if kind != "adapter" or base:
+        if form != "adapter" or base:
             raise
         raise _named_by(err, location) from None
 
 
 def _arch(
-    spec: str, kind: Kind, location: str, load: LoadConfig, what: str, base: str | None = None
+    spec: str, form: SourceForm, location: str, load: LoadConfig, what: str, base: str | None = None
 ) -> dict[str, Any]:
     """Architecture facts from config.json (an adapter's: its base's, ``base`` when given),
     without the weights."""
     from transformers import AutoConfig
 
-    if kind in ("adapter", "refusalguard"):
-        return _arch(*_base_of(spec, kind, location, load, what, base), load, what)
+    if form in ("adapter", "refusalguard"):
+        return _arch(*_base_of(spec, form, location, load, what, base), load, what)
     try:
         config = AutoConfig.from_pretrained(
             location, revision=load.revision, trust_remote_code=load.trust_remote_code
@@ -183,13 +184,13 @@ def _arch(
 
 
 def _vocabulary(
-    spec: str, kind: Kind, location: str, load: LoadConfig, what: str, base: str | None = None
+    spec: str, form: SourceForm, location: str, load: LoadConfig, what: str, base: str | None = None
 ) -> Vocabulary:
     """The vocabulary facts of a target from its files (an adapter's or edit's: its base's
     embedding, ``base``'s when given, and its own tokenizer where it saved one); nothing for a
     hub id."""
-    if kind in ("adapter", "refusalguard"):
-        inherited = _vocabulary(*_base_of(spec, kind, location, load, what, base), load, what)
+    if form in ("adapter", "refusalguard"):
+        inherited = _vocabulary(*_base_of(spec, form, location, load, what, base), load, what)
         own = read_vocabulary(location)
         if own.fingerprint is None:
             return inherited
@@ -324,28 +325,28 @@ def resolve_inputs(
     else:
         items = from_list(given)
     try:
-        base_kind, base_location = _locate(base, load, "base model")
+        base_form, base_location = _locate(base, load, "base model")
     except (NotFoundError, ModelLoadError) as err:
         raise (_named_by(err, named_by) if named_by else err) from None
-    base_arch = _arch(base, base_kind, base_location, load, "base model")
-    base_vocab = _vocabulary(base, base_kind, base_location, load, "base model")
+    base_arch = _arch(base, base_form, base_location, load, "base model")
+    base_vocab = _vocabulary(base, base_form, base_location, load, "base model")
     targets = []
     for label, step, path in unique_labels(items):
-        kind, location = _locate(path, load, "checkpoint")
-        facts = _arch(path, kind, location, load, "checkpoint", override)
+        form, location = _locate(path, load, "checkpoint")
+        facts = _arch(path, form, location, load, "checkpoint", override)
         _check_same(base_arch, facts, path, base)
         check_same_vocabulary(
-            base_vocab, _vocabulary(path, kind, location, load, "checkpoint", override), path, base
+            base_vocab, _vocabulary(path, form, location, load, "checkpoint", override), path, base
         )
-        moved = kind == "adapter" and override and override != adapter_base_spec(location)
+        moved = form == "adapter" and override and override != adapter_base_spec(location)
         onto = override if moved else None  # recorded where --base differs from its own
-        targets.append(AuditTarget(label=label, step=step, path=path, kind=kind, base=onto))
+        targets.append(AuditTarget(label=label, step=step, path=path, form=form, base=onto))
     steps = [t.step for t in targets]
     if len(set(steps)) != len(steps) or 0 in steps:
         raise ConfigError(
             f"checkpoint steps {steps} repeat or include 0 (the base); give distinct folders"
         )
-    base_target = AuditTarget(label=BASE_LABEL, step=0, path=base, kind=base_kind)
+    base_target = AuditTarget(label=BASE_LABEL, step=0, path=base, form=base_form)
     return AuditInputs(base=base_target, checkpoints=tuple(targets), task=task, source=source)
 
 

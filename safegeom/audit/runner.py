@@ -188,7 +188,7 @@ def _measure(
         "label": target.label,
         "step": target.step,
         "path": target.path,
-        "kind": target.kind,
+        "form": target.form,
         "weight_hash": lm.weight_hash,
         "seconds": {"load": load_s, **{k: float(v) for k, v in measured.seconds.items()}},
         "forward_passes": int(measured.forward_passes),

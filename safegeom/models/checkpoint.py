@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -20,6 +21,7 @@ from safegeom.errors import ConfigError, ModelLoadError, NotFoundError
 from safegeom.models.smollm2 import SMOL_CHAT, SMOLLM2, smol_chat_path, smollm2_path
 
 __all__ = [
+    "SourceForm",
     "adapter_base_spec",
     "check_device",
     "check_weight_files",
@@ -35,10 +37,16 @@ def _looks_local(text: str, path: Path) -> bool:
     return text.startswith((".", "/", "~")) or bool(path.suffix) or text.count("/") > 1
 
 
+SourceForm = Literal["full", "adapter", "refusalguard", "hub"]
+"""The form a model spec takes on disk or on the hub: a ``full`` checkpoint folder, a PEFT
+``adapter`` folder, a ``refusalguard`` edit folder, or a ``hub`` id (the form decides how it loads)."""
+
+
 def resolve_source(
     spec: str, tiny_chat: str, tiny_chat_dir: Path, revision: str | None
-) -> tuple[str, str]:
-    """Return ``(kind, location)`` for ``spec``: ``full``, ``adapter``, ``refusalguard`` or ``hub``.
+) -> tuple[SourceForm, str]:
+    """Return ``(form, location)`` for ``spec`` (:data:`SourceForm`): ``full``, ``adapter``,
+    ``refusalguard`` or ``hub``.
 
     A folder with ``refusalguard.json`` is a RefusalGuard edit (its JSON names the base model).
 

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from safegeom.errors import ConfigError, ModelLoadError, NotFoundError
 from safegeom.execution import twin
 from safegeom.models.checkpoint import (
+    SourceForm,
     adapter_base_spec,
     check_device,
     check_weight_files,
@@ -172,8 +173,8 @@ def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | 
     return resolved
 
 
-def _resolve_source(spec: str | Path, revision: str | None = None) -> tuple[str, str]:
-    """Return ``(kind, location)``, kind ``full``, ``adapter`` or ``hub`` (see ``resolve_source``)."""
+def _resolve_source(spec: str | Path, revision: str | None = None) -> tuple[SourceForm, str]:
+    """Return ``(form, location)`` (see ``resolve_source``)."""
     text = str(spec)
     if text == TINY_CHAT:
         return "full", str(tiny_chat_path())
@@ -231,15 +232,15 @@ def load_model(spec: str | Path = TINY_CHAT, config: LoadConfig = LoadConfig()) 
     silence_upstream_deprecations()  # peft's is_gradient_checkpointing, past_key_values
     layout, chat_template = config.layout_override(), config.template_text()
     revision, device, merge_adapter = config.revision, config.device, config.merge_adapter
-    kind, location = _resolve_source(spec, revision)
+    form, location = _resolve_source(spec, revision)
     placed = placement(
         config.device_map,
         config.max_memory,
         config.offload_folder,
         device,
-        edit=kind == "refusalguard",
+        edit=form == "refusalguard",
     )
-    if kind == "refusalguard":  # the base it names, with the edit attached as hooks
+    if form == "refusalguard":  # the base it names, with the edit attached as hooks
         from safegeom.models.reft import load_edited
 
         return load_edited(spec, Path(location), load_model, config)
@@ -249,12 +250,12 @@ def load_model(spec: str | Path = TINY_CHAT, config: LoadConfig = LoadConfig()) 
         device_str = check_device(str(device) if device is not None else _default_device())
     dtype = config.dtype
     torch_dtype = _parse_dtype(dtype if not isinstance(dtype, str) else dtype.lower(), device_str)
-    if config.adapter_base is not None and kind != "adapter":
+    if config.adapter_base is not None and form != "adapter":
         raise ConfigError(
             f"adapter_base is the base a PEFT adapter is loaded onto, but {spec} is not an "
             "adapter folder (no adapter_config.json); drop LoadConfig.adapter_base"
         )
-    if merge_adapter and kind != "adapter":
+    if merge_adapter and form != "adapter":
         raise ConfigError(
             f"--merge-adapter (merge_adapter=True) folds a PEFT adapter into its base, but {spec} "
             "is a full checkpoint (no adapter_config.json); drop the flag"
@@ -265,11 +266,11 @@ def load_model(spec: str | Path = TINY_CHAT, config: LoadConfig = LoadConfig()) 
 
     adapter_dir: str | None = None
     base_location = location
-    if kind == "adapter":
+    if form == "adapter":
         adapter_dir = location
         base_location = _adapter_base(Path(location), revision, config.adapter_base)
     allow_pickle = config.allow_pickle
-    if kind != "hub":
+    if form != "hub":
         check_weight_files(base_location, allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
