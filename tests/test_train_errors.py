@@ -213,6 +213,24 @@ def test_finished_run_extends_with_more_steps(ckpt: Path, tmp_path: Path) -> Non
         train(ckpt, TINY, replace(config, steps=3), resume=True, **run)
 
 
+def test_an_extended_cosine_run_takes_its_new_schedule_from_the_first_resumed_step(
+    ckpt: Path, tmp_path: Path
+) -> None:
+    """A finished 2-step cosine run ends at lr 0; extended to 4 steps, its step 3 takes the 4-step
+    schedule's lr (half the peak), not the finished schedule's 0, so the weights move at once."""
+    config = TrainConfig(save_every=1, schedule="cosine", **FAST)
+    run = {"method": "lora", "out": tmp_path / "run"}
+    train(ckpt, TINY, replace(config, steps=2), **run)
+    longer = train(ckpt, TINY, replace(config, steps=4), resume=True, **run)
+    assert longer.steps == (0, 1, 2, 3, 4)
+    at = dict(zip(longer.steps, longer.paths, strict=True))
+    moved = [
+        not torch.equal(x, y)
+        for x, y in zip(saved_weights(at[2]).values(), saved_weights(at[3]).values(), strict=True)
+    ]
+    assert any(moved)
+
+
 def test_outputs_follow_the_umask(ckpt: Path, tmp_path: Path) -> None:
     before = os.umask(0o022)
     try:

@@ -43,7 +43,7 @@ from safegeom.parallel.ranks import all_or_none, alone, broadcast
 from safegeom.training.checkpoints import load_trainer_state, write_checkpoint
 from safegeom.training.config import RunConfig
 from safegeom.training.data import ExampleOrder
-from safegeom.training.optim import make_optimizer
+from safegeom.training.optim import make_optimizer, restore_schedule
 from safegeom.training.step import StepLoss
 from safegeom.training.trainable import Trainable
 from safegeom.training.trajectory import (
@@ -123,6 +123,7 @@ def run_steps(
         )
         optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer))
         scheduler.load_state_dict(sched_state)
+        restore_schedule(raw_opt, scheduler, config, start)  # a longer run: its own schedule
     log = [dict(r) for r in traj.log if int(r["step"]) <= start]
 
     bar = tqdm(

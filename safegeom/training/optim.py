@@ -11,7 +11,7 @@ from torch import nn
 
 from safegeom.training.config import RunConfig
 
-__all__ = ["lr_lambda", "make_optimizer"]
+__all__ = ["lr_lambda", "make_optimizer", "restore_schedule"]
 
 
 def lr_lambda(config: RunConfig) -> Callable[[int], float]:
@@ -40,3 +40,22 @@ def make_optimizer(
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+
+
+def restore_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    config: RunConfig,
+    step: int,
+) -> None:
+    """Set every param group's lr to ``config``'s schedule at ``step``, after a resume restored
+    ``optimizer`` and ``scheduler`` from a checkpoint at ``step``.
+
+    The restored groups hold the lr the saved run computed for its next step. A resumed run with
+    the saved settings gets the same value back (the same product ``base_lr · factor``); a run
+    extended to more ``steps`` gets its new schedule's, where the saved one would give the finished
+    schedule's last lr (0 at the end of a cosine).
+    """
+    factor = lr_lambda(config)(step)
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * factor

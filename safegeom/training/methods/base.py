@@ -173,9 +173,6 @@ class Method:
     config: type | None = None
     """The frozen dataclass of its settings, which :func:`~safegeom.training.train` takes as
     ``settings=`` and ``safegeom train`` derives flags from (``None``: it has none)."""
-    keyword: str | None = None
-    """Not read: :func:`~safegeom.training.train` takes every method's settings as ``settings=``
-    (kept until the r2d2 module stops passing it)."""
     group: str | None = None
     """Title of its settings' ``--help`` group (methods sharing a config share the group)."""
     uses: tuple[str, ...] | None = None
