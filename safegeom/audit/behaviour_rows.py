@@ -37,18 +37,20 @@ from safegeom.prompts import combine_prompts, load_prompts
 if TYPE_CHECKING:
     from safegeom.training.tasks import Task
 
-__all__ = ["behaviour_rows"]
+__all__ = ["behaviour_rows", "metric_row"]
 
 
-def _metric_row(metric: str, m: Metric, prompts: str, judge: str | None = None) -> dict[str, Any]:
+def metric_row(metric: str, m: Metric, judge: str | None = None, **at: Any) -> dict[str, Any]:
+    """One table row of a :class:`~safegeom.bootstrap.Metric`: its value, CI and count, the judge
+    that made it (``None``: no judge), and the other columns ``at`` (``prompts=...`` ...)."""
     return {
         "metric": metric,
         "value": float(m.value),
         "ci_low": float(m.ci_low),
         "ci_high": float(m.ci_high),
         "n": int(m.n),
-        "prompts": prompts,
         "judge": judge,
+        **at,
     }
 
 
@@ -86,18 +88,20 @@ def behaviour_rows(
                 )
                 result = evaluate(lm, prompts, settings, progress=progress)
             rate = result.metrics["refusal_rate"]
-            rows.append(_metric_row("refusal_rate", rate, prompts.name, result.judge))
+            rows.append(metric_row("refusal_rate", rate, result.judge, prompts=prompts.name))
             if role == "harmful":
-                rows.append(_metric_row("asr", result.metrics["asr"], prompts.name, result.judge))
+                rows.append(
+                    metric_row("asr", result.metrics["asr"], result.judge, prompts=prompts.name)
+                )
             else:
-                rows.append(_metric_row("over_refusal", rate, prompts.name, result.judge))
+                rows.append(metric_row("over_refusal", rate, result.judge, prompts=prompts.name))
             score = result.metrics["mean_refusal_score"]
             gen_s += time.perf_counter() - started
         else:
             values = refusal_scores(lm, prompts, **common).numpy()
             score = Metric.from_values("refusal_score", values, **boot)
             score_s += time.perf_counter() - started
-        rows.append(_metric_row("refusal_score", score, prompts.name))
+        rows.append(metric_row("refusal_score", score, prompts=prompts.name))
     started = time.perf_counter()
     for spec in config.completion_sets:
         prompts = load_prompts(spec).take(config.n_behaviour)
@@ -107,12 +111,12 @@ def behaviour_rows(
                 "that do (gsm8k:test, a file with a completion column)"
             )
         ce = cross_entropy(lm, prompts, prompts.completions, boot=boot, **common)
-        rows.append(_metric_row("cross_entropy", ce, prompts.name))
+        rows.append(metric_row("cross_entropy", ce, prompts=prompts.name))
     score_s += time.perf_counter() - started
     started = time.perf_counter()
     harmless_val = combine_prompts(config.harmless_val).take(config.n_val)
     kl = kl_to_reference(base, lm, harmless_val, boot=boot, **common)
-    rows.append(_metric_row("kl_to_base", kl, harmless_val.name))
+    rows.append(metric_row("kl_to_base", kl, prompts=harmless_val.name))
     score_s += time.perf_counter() - started
     if generate_text and task is not None and task.eval_prompts:
         started = time.perf_counter()
@@ -120,6 +124,6 @@ def behaviour_rows(
         references = list(task.eval_references[: config.n_behaviour])  # type: ignore[index]
         answers = generate(lm, problems, max_new_tokens=config.max_new_tokens, **common)
         acc = task_accuracy(answers, references, **boot)
-        rows.append(_metric_row("task_accuracy", acc, f"{task.name}:eval", acc.judge))
+        rows.append(metric_row("task_accuracy", acc, acc.judge, prompts=f"{task.name}:eval"))
         gen_s += time.perf_counter() - started
     return rows, {"generation": gen_s, "scoring": score_s}

@@ -39,6 +39,7 @@ from jaxtyping import Float
 from safegeom.attacks.attack_set import FILE_NAME, AttackRecord, AttackSet, load_attack_set
 from safegeom.attacks.attack_set import tokenizer_hash as vocabulary_hash
 from safegeom.attacks.loss import sequence_losses
+from safegeom.audit.behaviour_rows import metric_row
 from safegeom.bootstrap import Metric
 from safegeom.errors import ConfigError, SafegeomError
 from safegeom.evaluation import EvaluateConfig, evaluate, refusal_scores
@@ -180,18 +181,6 @@ def target_logprobs(
     return -losses.double().numpy()
 
 
-def _row(metric: str, m: Metric, at: dict[str, Any], judge: str | None = None) -> dict[str, Any]:
-    return {
-        "metric": metric,
-        "value": float(m.value),
-        "ci_low": float(m.ci_low),
-        "ci_high": float(m.ci_high),
-        "n": int(m.n),
-        "judge": judge,
-        **at,
-    }
-
-
 def transfer_rows(
     lm: LoadedModel, config: Any, *, progress: bool = False
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -228,18 +217,18 @@ def transfer_rows(
                     **boot,
                 )
                 result = evaluate(lm, attacks, settings, progress=progress)
-            rows.append(_row("attack_asr", result.metrics["asr"], at, result.judge))
+            rows.append(metric_row("attack_asr", result.metrics["asr"], result.judge, **at))
             score = result.metrics["mean_refusal_score"]
             gen_s += time.perf_counter() - started
         else:
             values = refusal_scores(lm, attacks, **common).numpy()
             score = Metric.from_values("attack_refusal_score", values, **boot)
             score_s += time.perf_counter() - started
-        rows.append(_row("attack_refusal_score", score, at))
+        rows.append(metric_row("attack_refusal_score", score, **at))
         started = time.perf_counter()
         logp = target_logprobs(lm, attacks, batch_size=config.batch_size)
         detail = {"unit": "nats per target token"}
         metric = Metric.from_values("attack_target_logprob", logp, detail=detail, **boot)
-        rows.append(_row("attack_target_logprob", metric, at))
+        rows.append(metric_row("attack_target_logprob", metric, **at))
         score_s += time.perf_counter() - started
     return rows, {"generation": gen_s, "scoring": score_s}
