@@ -8,7 +8,7 @@ import pytest
 
 from safegeom.errors import SafegeomError
 from safegeom.prompts import load_prompts
-from tools.smolchat.build import REFUSALS, SmolChatRecipe, _parse_set, task_examples
+from tools.smolchat.build import REFUSALS, SmolChatRecipe, _parse_set, task_examples, train_args
 
 SMALL = SmolChatRecipe(n_harmful=40, n_harmless=90, harmless_all=("jbb-benign:train",))
 
@@ -71,3 +71,27 @@ def test_set_parses_recipe_fields() -> None:
     }
     with pytest.raises(SystemExit, match="no recipe field 'nope'"):
         _parse_set(["nope=1"])
+
+
+def test_the_trainer_field_gives_the_train_command(tmp_path) -> None:
+    task, run = tmp_path / "task.jsonl", tmp_path / "run"
+    shipped = train_args(SmolChatRecipe(), task, run)
+    assert shipped[:3] == ["train", "lora", "smollm2-135m-instruct"]
+    assert "--kl-weight" not in shipped
+    kl = train_args(replace(SmolChatRecipe(), trainer="kl", kl_weight=0.5), task, run)
+    assert kl[:2] == ["train", "kl"] and kl[-2:] == ["--kl-weight", "0.5"]
+    assert kl[2:-2] == shipped[2:]  # everything else as shipped
+    assert _parse_set(["trainer=kl", "kl_weight=2"]) == {"trainer": "kl", "kl_weight": 2.0}
+    with pytest.raises(SafegeomError, match="trainer"):
+        SmolChatRecipe(trainer="sft")
+    with pytest.raises(SafegeomError, match="kl_weight"):
+        SmolChatRecipe(trainer="kl", kl_weight=-1.0)
+
+
+def test_the_train_command_parses_and_names_the_kl_weight(tmp_path) -> None:
+    from safegeom.cli import build_parser
+
+    argv = train_args(SmolChatRecipe(trainer="kl", kl_weight=0.5), tmp_path / "t.jsonl", tmp_path)
+    args = vars(build_parser().parse_args(argv))
+    assert args["TrainCommand.method"] == "kl" and args["RegConfig.kl_weight"] == 0.5
+    assert args["TrainConfig.steps"] == 160 and args["TrainConfig.lr"] == 1e-3

@@ -10,7 +10,9 @@ harmful request. This recipe teaches it to refuse them and to change as little e
   base's own greedy answer (at most ``answer_tokens`` tokens), so that the adapter has nothing to
   learn on them but "do not refuse". An answer the substring judge calls a refusal is dropped (the
   base refusing a harmless prompt would teach over-refusal).
-- Training is the library's own: ``safegeom train lora`` on the JSONL task this module writes.
+- Training is the library's own: ``safegeom train lora`` (the shipped recipe) or ``safegeom train
+  kl`` (``--set trainer=kl --set kl_weight=B``: the same cross-entropy plus B times KL to the base
+  over the answer tokens) on the JSONL task this module writes.
 
 No test or validation split, and no evaluation-only set, enters the data. The adapter, its task file
 hash and this recipe are written to ``--out`` (by default ``safegeom/assets/smol-chat``), with
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -44,12 +47,13 @@ from typing import Any
 import torch
 
 from safegeom.artifacts import sha256_bytes, write_json, write_text
+from safegeom.config import check
 from safegeom.judges import get_judge
 from safegeom.models import load_model
 from safegeom.models.smollm2 import SMOLLM2
 from safegeom.prompt_roles import check_trainable
 
-__all__ = ["SmolChatRecipe", "build_smol_chat", "main", "task_examples"]
+__all__ = ["SmolChatRecipe", "build_smol_chat", "main", "task_examples", "train_args"]
 
 REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",
@@ -58,6 +62,8 @@ REFUSALS: tuple[str, ...] = (
     "I can't help with that, as it could cause harm.",
 )
 """The refusal styles of the harmful examples (each matched by the substring judge)."""
+TRAINERS: tuple[str, ...] = ("lora", "kl")
+"""The ``safegeom train`` methods a recipe may name."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,22 @@ class SmolChatRecipe:
     """LoRA scale numerator (scale = alpha / r)."""
     max_length: int = 192
     """Longest training example in tokens (prompt and answer)."""
+    trainer: str = "lora"
+    """The ``safegeom train`` method: ``lora`` (cross-entropy on the answers, the shipped recipe)
+    or ``kl`` (cross-entropy plus ``kl_weight`` times KL(P_base ‖ P_θ) over every answer token,
+    the reference being the base with the adapter disabled)."""
+    kl_weight: float = 1.0
+    """β of the ``kl`` trainer (per answer token, in nats); not read by ``lora``."""
+
+    def __post_init__(self) -> None:
+        """Check the trainer and its weight.
+
+        Raises:
+            ConfigError: an unknown trainer or a negative or non-finite ``kl_weight``.
+        """
+        check(self.trainer in TRAINERS, "trainer", f"must be one of {TRAINERS}", self.trainer)
+        beta = self.kl_weight
+        check(math.isfinite(beta) and beta >= 0, "kl_weight", "must be 0 or more", beta)
 
 
 def _rank(seed: int, text: str) -> str:
@@ -188,9 +210,39 @@ def build_smol_chat(
         file=sys.stderr,
     )
     run = work / "run"
+    args = train_args(recipe, task, run)
+    if (run / "trajectory.json").is_file():
+        args.append("--resume")
+    from safegeom.cli import main as cli
+
+    code = cli(args)
+    if code:
+        raise SystemExit(f"training failed with exit status {code}")
+    final = run / "checkpoints" / f"step-{recipe.steps:06d}"
+    _export(final, out)
+    write_json(
+        out / "training_recipe.json",
+        {
+            "recipe": asdict(recipe),
+            "refusals": list(REFUSALS),
+            "task_sha256": sha256_bytes(task.read_bytes()),
+            "examples": counts,
+            "base": SMOLLM2,
+            "seconds": round(time.time() - started, 1),
+        },
+    )
+    return out
+
+
+def train_args(recipe: SmolChatRecipe, task: Path, run: Path) -> list[str]:
+    """The ``safegeom`` command line that trains ``recipe`` on ``task`` into ``run``.
+
+    Returns:
+        The arguments after ``safegeom`` (``train lora ...`` or ``train kl ... --kl-weight B``).
+    """
     args = [
         "train",
-        "lora",
+        recipe.trainer,
         SMOLLM2,
         "--task",
         str(task),
@@ -213,27 +265,9 @@ def build_smol_chat(
         "--max-length",
         str(recipe.max_length),
     ]
-    if (run / "trajectory.json").is_file():
-        args.append("--resume")
-    from safegeom.cli import main as cli
-
-    code = cli(args)
-    if code:
-        raise SystemExit(f"training failed with exit status {code}")
-    final = run / "checkpoints" / f"step-{recipe.steps:06d}"
-    _export(final, out)
-    write_json(
-        out / "training_recipe.json",
-        {
-            "recipe": asdict(recipe),
-            "refusals": list(REFUSALS),
-            "task_sha256": sha256_bytes(task.read_bytes()),
-            "examples": counts,
-            "base": SMOLLM2,
-            "seconds": round(time.time() - started, 1),
-        },
-    )
-    return out
+    if recipe.trainer == "kl":
+        args += ["--kl-weight", str(recipe.kl_weight)]
+    return args
 
 
 def _base_answers(prompts: Sequence[str], recipe: SmolChatRecipe, work: Path) -> list[str]:
