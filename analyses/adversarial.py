@@ -1,0 +1,448 @@
+"""The SFT-vs-R2D2 study (issue 24, item 3) on ``tiny-chat``: matched SFT and R2D2 trajectories
+from the same base and data budget, audited with fixed-source attack sets made on the base, and
+Lan et al.'s qualitative findings judged claim by claim (:mod:`analyses.adversarial_claims`).
+
+Protocol (fixed here, :class:`Settings`):
+
+- Attack sets, made once on the base (``safegeom.attacks``), on the first ``n_attack`` HarmBench
+  *validation* behaviours (``harmbench:val``; R2D2 trains on ``harmbench-train``, and the SFT run
+  on the same training behaviours, so neither sees them): GCG (``gcg_tokens``-token suffix,
+  ``gcg_steps`` steps of ``gcg_width`` candidates, early stop), the AutoDAN-style genetic search
+  and prefilling, each judged by the substring judge on ``attack_tokens`` tokens.
+- Utility data: the first ``n_utility`` ``alpaca:train`` instructions answered by the base itself
+  (greedy, ``answer_tokens`` tokens, as R2D2's default utility answers are made), written once as
+  ``WORK/utility.jsonl``; both recipes read that file.
+- R2D2: ``safegeom train r2d2`` (LoRA, :class:`~safegeom.training.methods.r2d2.R2D2Config`) on
+  the first ``n_behaviours`` ``harmbench-train`` behaviours with their refusal ("Sorry, I can't do
+  that."), ``attacked`` of them attacked and trained per step by ``r2d2_gcg_steps`` GCG steps of
+  ``r2d2_width`` candidates on ``suffix_tokens``-token suffixes, 20% of the pool reset every
+  ``reset_every`` steps, utility batch ``batch``, ``--utility-answers task`` on the utility file
+  (the base's answers, so both recipes train on the same text).
+- SFT: ``safegeom train lora`` on one task holding the same behaviours answered with the same
+  refusal (no adversarial suffix) and the same utility examples, batch ``batch + attacked``; the
+  behaviours : utility ratio of the task is ``n_behaviours : n_utility`` = ``attacked : batch``,
+  so a step sees the same number of each in expectation. This is SFT rather than the R2D2 trainer
+  with its attack off, because the trainer always attacks (``gcg_steps`` ≥ 1) and its toward
+  loss reads the adversarial prompts: without the pool it would still not be plain SFT. The loss
+  weights differ: R2D2's ``0.5 · away + 0.5 · toward + 1 · utility`` against SFT's one
+  cross-entropy over every answer token.
+- Both: the same steps, lr, cosine schedule, LoRA settings and seeds; a checkpoint every
+  ``save_every`` steps.
+- Audit (``safegeom.audit.audit``, :class:`AuditConfig` sizes in :class:`Settings`): every
+  trajectory, every checkpoint: the clean held-out behaviour sets (AdvBench, JBB, DirectHarm4
+  ``:test``; Alpaca ``:test``), XSTest (safe: over-refusal), GSM8K ``:test`` cross-entropy
+  (utility), KL to the base, the geometry (H/R coupling, drift) and causal rows, the three attack
+  sets replayed (``--attacks``), and as anchors the final checkpoints of the recipe's other seeds
+  (``--anchor``; the base is the default anchor).
+- Claims: :func:`analyses.adversarial_claims.judge_claims` per seed, at the first checkpoint after
+  the base (``E``) and the last (``L``).
+
+Everything is cached under ``--work`` (attack sets, runs, audits), read back through the library,
+so a rerun resumes. One process, one torch thread.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python analyses/adversarial.py [--work DIR] [--seeds 0,1,2] [--quick]
+        [--json analyses/results/adversarial.json] [--md analyses/results/adversarial.md]
+        [--figure figures/adversarial_tiny-chat.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+__all__ = [
+    "ATTACKS",
+    "QUICK",
+    "RECIPES",
+    "Settings",
+    "attack_sets",
+    "audit_config",
+    "data_files",
+    "run_study",
+    "train_run",
+    "training_log",
+]
+
+MODEL = "tiny-chat"
+"""The base of every run."""
+RECIPES: tuple[str, ...] = ("sft", "r2d2")
+"""The two recipes, in table order."""
+ATTACKS: tuple[str, ...] = ("gcg", "autodan", "prefill")
+"""The fixed-source attack sets, in table order."""
+REFUSAL = "Sorry, I can't do that."
+"""The refusal both recipes train toward (every ``harmbench-train`` safe response)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The study's sizes (the defaults are the full study's; :data:`QUICK` the test's)."""
+
+    steps: int = 80
+    """Optimizer steps per run."""
+    save_every: int = 10
+    """Checkpoint interval, steps."""
+    lr: float = 5e-3
+    """Peak learning rate of both recipes (LoRA)."""
+    batch: int = 8
+    """Utility examples per step."""
+    attacked: int = 2
+    """Behaviours per step: R2D2's attacked test cases; SFT's batch holds as many in expectation."""
+    n_behaviours: int = 16
+    """First ``harmbench-train`` behaviours trained on (R2D2's pool size)."""
+    n_utility: int = 64
+    """First ``alpaca:train`` instructions of the utility data."""
+    answer_tokens: int = 64
+    """Longest base answer of the utility data, tokens."""
+    r2d2_gcg_steps: int = 1
+    """m: GCG steps per R2D2 training step."""
+    r2d2_width: int = 64
+    """GCG candidates per R2D2 attack step (top-k the same)."""
+    suffix_tokens: int = 20
+    """Tokens of R2D2's adversarial suffixes."""
+    reset_every: int = 20
+    """K: R2D2 redraws 20% of its pool every K steps."""
+    n_attack: int = 16
+    """First ``harmbench:val`` behaviours of the fixed-source attack sets."""
+    gcg_tokens: int = 20
+    """Tokens of the fixed-source GCG suffix."""
+    gcg_steps: int = 25
+    """Steps of the fixed-source GCG (it stops early once the target is greedy)."""
+    gcg_width: int = 32
+    """Candidates per fixed-source GCG step (top-k the same)."""
+    autodan_population: int = 8
+    """AutoDAN-style population."""
+    autodan_generations: int = 4
+    """AutoDAN-style generations."""
+    attack_tokens: int = 24
+    """Tokens of the source's answer the attack judge reads (the audit's max_new_tokens too)."""
+    n_per_class: int = 32
+    """Audit: carrier prompts per class."""
+    n_val: int = 16
+    """Audit: validation prompts per class (selection, causal tests, KL)."""
+    n_behaviour: int = 24
+    """Audit: prompts per held-out behaviour set."""
+    n_resamples: int = 200
+    """Audit: bootstrap resamples of every CI."""
+
+
+QUICK = Settings(
+    steps=4,
+    save_every=2,
+    batch=4,
+    attacked=1,
+    n_behaviours=4,
+    n_utility=8,
+    answer_tokens=16,
+    r2d2_width=16,
+    suffix_tokens=8,
+    reset_every=2,
+    n_attack=2,
+    gcg_tokens=8,
+    gcg_steps=2,
+    gcg_width=16,
+    autodan_population=4,
+    autodan_generations=1,
+    attack_tokens=12,
+    n_per_class=8,
+    n_val=4,
+    n_behaviour=4,
+    n_resamples=100,
+)
+"""The smoke test's sizes (seconds; the test uses them)."""
+
+
+def _behaviours(n: int) -> list[str]:
+    """The first ``n`` ``harmbench-train`` behaviours (R2D2's pool, SFT's refused prompts)."""
+    from safegeom.prompts import load_prompts
+
+    return list(load_prompts("harmbench-train", n=n).prompts)
+
+
+def _write_jsonl(path: Path, prompts: list[str], responses: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps({"prompt": p, "response": r}) for p, r in zip(prompts, responses, strict=True)
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def data_files(settings: Settings, work: Path, lm: Any) -> tuple[Path, Path]:
+    """The utility file (``alpaca:train`` instructions with the base's greedy answers) and the
+    SFT task file (the training behaviours with the refusal, then the utility rows), written once.
+
+    Returns:
+        ``(utility.jsonl, sft.jsonl)`` under ``work``.
+    """
+    from safegeom.generation import generate
+    from safegeom.prompts import load_prompts
+
+    utility, sft = work / "utility.jsonl", work / "sft.jsonl"
+    if not utility.is_file():
+        prompts = list(load_prompts("alpaca:train", n=settings.n_utility).prompts)
+        answers = generate(lm, prompts, max_new_tokens=settings.answer_tokens, progress=False)
+        answers = [a if a.strip() else "." for a in answers]  # a task row needs an answer
+        _write_jsonl(utility, prompts, answers)
+    if not sft.is_file():
+        rows = [json.loads(line) for line in utility.read_text(encoding="utf-8").splitlines()]
+        behaviours = _behaviours(settings.n_behaviours)
+        _write_jsonl(
+            sft,
+            behaviours + [r["prompt"] for r in rows],
+            [REFUSAL] * len(behaviours) + [r["response"] for r in rows],
+        )
+    return utility, sft
+
+
+def attack_sets(settings: Settings, work: Path, lm: Any) -> dict[str, Path]:
+    """The three fixed-source attack sets on the base, made once (``work/attacks/NAME``).
+
+    Returns:
+        Attack name → its folder; each set's success on the source is printed.
+    """
+    from safegeom.attacks import AttackOptions, autodan, gcg, load_attack_set, prefill
+    from safegeom.attacks.targets import behaviours_and_targets
+
+    behaviours, targets = behaviours_and_targets("harmbench:val", limit=settings.n_attack)
+    options = AttackOptions(max_new_tokens=settings.attack_tokens)
+    configs = {
+        "gcg": (
+            gcg,
+            gcg.GCGConfig(
+                n_tokens=settings.gcg_tokens,
+                steps=settings.gcg_steps,
+                search_width=settings.gcg_width,
+                top_k=settings.gcg_width,
+            ),
+        ),
+        "autodan": (
+            autodan,
+            autodan.AutoDANConfig(
+                population=settings.autodan_population,
+                generations=settings.autodan_generations,
+            ),
+        ),
+        "prefill": (prefill, prefill.PrefillConfig()),
+    }
+    folders = {}
+    for name, (module, config) in configs.items():
+        folder = work / "attacks" / name
+        if not (folder / "attack_set.json").is_file():
+            start = time.perf_counter()
+            made = module.attack(lm, behaviours.prompts, targets, config, options=options)
+            made.save(folder)
+            print(f"attack {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"attack {name}: ASR on the base {load_attack_set(folder).success_rate:.3f}")
+        folders[name] = folder
+    return folders
+
+
+def train_run(recipe: str, seed: int, settings: Settings, work: Path) -> Path:
+    """Train (or resume, or read back) one recipe's run; its folder ``work/runs/RECIPE-sSEED``.
+
+    Returns:
+        The run folder.
+    """
+    from safegeom.errors import SafegeomError
+    from safegeom.training import TrainConfig, load_trajectory, train
+    from safegeom.training.methods.r2d2 import R2D2Config
+
+    folder = work / "runs" / f"{recipe}-s{seed}"
+    try:
+        traj = load_trajectory(folder)
+        if traj.steps and traj.steps[-1] >= settings.steps:
+            return folder
+    except SafegeomError:
+        pass
+    config = TrainConfig(
+        steps=settings.steps,
+        save_every=settings.save_every,
+        lr=settings.lr,
+        seed=seed,
+        batch_size=settings.batch if recipe == "r2d2" else settings.batch + settings.attacked,
+        progress=False,
+    )
+    resume = folder.exists()  # an interrupted run continues
+    start = time.perf_counter()
+    if recipe == "r2d2":
+        r2d2 = R2D2Config(
+            n_behaviours=settings.n_behaviours,
+            refusal=REFUSAL,
+            gcg_steps=settings.r2d2_gcg_steps,
+            suffix_tokens=settings.suffix_tokens,
+            search_width=settings.r2d2_width,
+            top_k=settings.r2d2_width,
+            attacked_per_step=settings.attacked,
+            reset_every=settings.reset_every,
+            utility_answers="task",
+        )
+        train(
+            MODEL,
+            str(work / "utility.jsonl"),
+            config,
+            method="r2d2",
+            settings=r2d2,
+            out=folder,
+            resume=resume,
+        )
+    else:
+        train(MODEL, str(work / "sft.jsonl"), config, method="lora", out=folder, resume=resume)
+    print(f"train {folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return folder
+
+
+def final_checkpoint(folder: Path) -> Path:
+    """A run's last checkpoint folder."""
+    from safegeom.training import load_trajectory
+
+    return Path(load_trajectory(folder).paths[-1])
+
+
+def training_log(folder: Path, every: int) -> list[dict[str, float]]:
+    """A run's manifest log (``step``, ``loss`` and its terms) at the steps ``every``, ``2 ·
+    every``, ... and its last step: for R2D2 ``away``, ``toward``, ``utility``, ``attack``
+    (nats per target token), ``pool_loss`` (nats per token) and ``pool_asr`` (fraction).
+
+    Returns:
+        One dict per kept step.
+    """
+    from safegeom.training import load_trajectory
+
+    log = load_trajectory(folder).log
+    last = log[-1]["step"] if log else 0
+    return [dict(e) for e in log if e["step"] % every == 0 or e["step"] == last]
+
+
+def audit_config(settings: Settings, attacks: dict[str, Path], anchors: dict[str, str]) -> Any:
+    """The study's :class:`~safegeom.audit.AuditConfig`: the library's sets and families at the
+    study's sizes, the attack sets replayed and the anchors.
+
+    Returns:
+        The config.
+    """
+    from safegeom.audit import AuditConfig
+
+    return AuditConfig(
+        n_per_class=settings.n_per_class,
+        n_val=settings.n_val,
+        n_behaviour=settings.n_behaviour,
+        n_resamples=settings.n_resamples,
+        max_new_tokens=settings.attack_tokens,
+        attacks=tuple(f"{name}={folder}" for name, folder in attacks.items()),
+        anchors=anchors,
+        interference=False,
+    )
+
+
+def audit_run(folder: Path, config: Any) -> Any:
+    """Audit a run's trajectory into ``folder/audit`` (resumed or read back when done).
+
+    Returns:
+        The :class:`~safegeom.audit.AuditResult`.
+    """
+    from safegeom.audit import audit, load_audit
+    from safegeom.errors import SafegeomError
+
+    try:
+        return load_audit(folder / "audit")
+    except SafegeomError:
+        start = time.perf_counter()
+        result = audit(folder, folder / "audit", config, progress=False)
+        print(f"audit {folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
+        return result
+
+
+def run_study(settings: Settings, seeds: list[int], work: Path) -> dict[str, Any]:
+    """Make the attack sets, train and audit every run, and read the tables.
+
+    Returns:
+        ``{"settings", "seeds", "attacks" (name → success on the base), "rows" (the
+        :func:`~analyses.adversarial_claims.study_rows` of every run, concatenated),
+        "tables" ((recipe, seed) → its audit table), "pool" (seed → R2D2's manifest terms
+        every ``save_every`` steps, :func:`training_log`), "timings" (seconds per phase), "steps"}``.
+    """
+    import pandas as pd
+    import torch
+
+    from analyses.adversarial_claims import study_rows
+    from safegeom.attacks import load_attack_set
+    from safegeom.models import load_model
+
+    torch.set_num_threads(1)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    lm = load_model(MODEL)
+    attacks = attack_sets(settings, work, lm)
+    data_files(settings, work, lm)
+    timings["attack sets and data"] = time.perf_counter() - start
+    start = time.perf_counter()
+    folders = {(r, s): train_run(r, s, settings, work) for s in seeds for r in RECIPES}
+    timings["training"] = time.perf_counter() - start
+    start = time.perf_counter()
+    tables, audits = [], {}
+    for (recipe, seed), folder in folders.items():
+        anchors = {
+            f"{recipe}-s{other}": str(final_checkpoint(folders[recipe, other]))
+            for other in seeds
+            if other != seed
+        }
+        result = audit_run(folder, audit_config(settings, attacks, anchors))
+        audits[recipe, seed] = result.table
+        tables.append(study_rows(result.table, recipe, seed))
+    timings["audits"] = time.perf_counter() - start
+    rows = pd.concat(tables, ignore_index=True)
+    pool = {seed: training_log(folders["r2d2", seed], settings.save_every) for seed in seeds}
+    steps = sorted(int(s) for s in rows["step"].unique())
+    return {
+        "settings": settings,
+        "seeds": seeds,
+        "attacks": {n: load_attack_set(f).success_rate for n, f in attacks.items()},
+        "rows": rows,
+        "tables": audits,
+        "pool": pool,
+        "timings": timings,
+        "steps": steps,
+    }
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/safegeom-adversarial"))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--early", type=int, default=None, help="step E (default: the first after the base)"
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke test: QUICK sizes")
+    parser.add_argument("--json", type=Path, default=Path("analyses/results/adversarial.json"))
+    parser.add_argument("--md", type=Path, default=Path("analyses/results/adversarial.md"))
+    parser.add_argument("--figure", type=Path, default=Path("figures/adversarial_tiny-chat.png"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Run the study and write the results file, its JSON and the figure."""
+    from analyses.adversarial_report import write_outputs
+
+    args = _parse()
+    settings = QUICK if args.quick else Settings()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    start = time.perf_counter()
+    study = run_study(settings, seeds, args.work)
+    study["timings"]["total (wall)"] = time.perf_counter() - start
+    study["timings"]["total (CPU of this process)"] = time.process_time()
+    study["quick"] = args.quick
+    write_outputs(study, early=args.early, json_path=args.json, md_path=args.md, figure=args.figure)
+    print(f"wrote {args.json}, {args.md} and {args.figure}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
