@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -40,29 +42,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
 
 import safegeom as sg
-import safegeom.geometry as geo
 from safegeom.artifacts import check_output_dir
 from safegeom.audit import AuditConfig, Reference, audit, load_reference, measure_checkpoint
-from safegeom.audit.geometry_rows import projection_separation
 from safegeom.audit.inputs import resolve_inputs
-from safegeom.bootstrap import bootstrap_diff_ci
-from safegeom.carriers.refusal import dim_candidates
-from safegeom.errors import SafegeomError
-from safegeom.evaluation import refusal_scores
-from safegeom.models.positions import parse_layers
-from safegeom.prompts import combine_prompts
-from safegeom.sweeps.sweep import random_controls
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from audit_naive import naive_causal, naive_geometry
 
 PHASES = ("capture", "carriers", "causal", "generation", "scoring")
 """Per-checkpoint phases printed (``reselect`` is off by default)."""
 GOALS = {"defaults": 180.0, "no-generate": 60.0}
 """Issue 11's goals in wall seconds: the whole audit with defaults, and geometry-only."""
-Key = tuple[str, str, str, int | None]
-"""(metric, carrier, source, layer): how a naive number is matched with the audit's row."""
 
 
 def _log(message: str) -> None:
@@ -87,17 +79,73 @@ def count_forwards(*models: torch.nn.Module) -> Iterator[list[int]]:
             h.remove()
 
 
-def train_trajectory(out: Path) -> tuple[Path, float]:
-    """Train the benchmark's run into ``out`` (replacing one there): a harmful LoRA on
-    ``tiny-chat``, 60 steps saved every 20 (checkpoints at steps 0, 20, 40, 60).
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The LoRA trajectory the benchmark trains and audits."""
+
+    model: str
+    """The model trained: ``tiny-chat`` or ``smol-chat`` (an adapter: merged first, as train()
+    asks, into ``merged/`` beside the run)."""
+    task: str
+    """The task spec trained on."""
+    steps: int
+    """Optimizer steps (batch 8, train()'s defaults otherwise)."""
+    save_every: int
+    """Checkpoint interval in steps (checkpoints at 0, save_every, ..., steps)."""
+    audit: AuditConfig = dataclasses.field(default_factory=AuditConfig)
+    """The audit's settings (default: ``AuditConfig()``)."""
+
+
+RUNS: dict[str, Run] = {
+    "tiny-chat": Run("tiny-chat", "harmful", steps=60, save_every=20),
+    # 2 checkpoints (steps 0 and 6), a CPU-sized audit: the base's selection scores every
+    # candidate (174 on smol-chat's 30 layers) on n_val prompts per class, 3.6 rows/s on one
+    # loaded core (the defaults' 32: about an hour for the bypass scores alone).
+    "smol-chat": Run(
+        "smol-chat", "mix", steps=6, save_every=6, audit=AuditConfig(n_val=4, n_behaviour=8)
+    ),
+}
+"""The trajectory per ``--model``."""
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with what JSON lacks (tuples, layer specs) made lists and text."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def train_trajectory(out: Path, run: Run = RUNS["tiny-chat"]) -> tuple[Path, float, list[float]]:
+    """Train ``run`` into ``out`` (replacing one there): a LoRA on ``run.model`` (the tiny-chat
+    default: a harmful LoRA, 60 steps saved every 20, checkpoints at steps 0, 20, 40, 60).
 
     Returns:
-        ``(run folder, training wall seconds)``.
+        ``(run folder, training wall seconds, LoRA step seconds)``: the latter from one
+        optimizer step's end to the next's, each a whole step of train()'s loop (the first step,
+        and the steps that end by writing a checkpoint, left out).
     """
+    model = run.model
+    if model == "smol-chat":  # a LoRA adapter: train() trains from the merged model
+        merged = out.parent / f"{out.name}-merged"
+        lm = sg.load_model(model, sg.LoadConfig(merge_adapter=True, device="cpu"))
+        lm.model.save_pretrained(merged)
+        lm.tokenizer.save_pretrained(merged)
+        del lm
+        model = str(merged)
+    ends: list[tuple[int, float]] = []
+    config = sg.TrainConfig(steps=run.steps, save_every=run.save_every, batch_size=8)
     started = time.perf_counter()
-    config = sg.TrainConfig(steps=60, save_every=20)
-    traj = sg.train("tiny-chat", "harmful", config, method="lora", out=out, overwrite=True)
-    return Path(traj.root), time.perf_counter() - started
+    traj = sg.train(
+        model,
+        run.task,
+        config,
+        method="lora",
+        out=out,
+        overwrite=True,
+        callback=lambda step, _: ends.append((step, time.perf_counter())),
+    )
+    took = time.perf_counter() - started
+    saves = set(range(0, run.steps + 1, run.save_every)) | {run.steps}
+    steps = [b - a for (_, a), (j, b) in itertools.pairwise(ends) if j not in saves]
+    return Path(traj.root), took, steps
 
 
 def timed_audit(
@@ -126,175 +174,6 @@ def checkpoint_table(manifest: dict[str, Any]) -> list[dict[str, Any]]:
                 "forward_passes": int(c["forward_passes"]),
             }
         )
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The naive way: one capture per metric family, one forward pass per direction.
-
-
-def _live(v: Tensor, scale: Tensor) -> bool:
-    """Whether ``v`` is more than float noise against activations the size of ``scale``."""
-    return bool(v.norm() > 1e-7 * max(float(scale.norm()), 1e-300))
-
-
-def naive_geometry(lm: Any, ref: Reference, config: AuditConfig) -> tuple[dict[Key, float], Tensor]:
-    """The geometry family with a separate capture per metric family (see the module docstring).
-
-    Returns:
-        ``(numbers keyed like the audit's rows (:data:`Key`), r_t)``: r_t is the re-extracted
-        refusal direction at r₀'s layer and position (the causal family's ``reextracted``).
-    """
-    r0, h0, at = ref.refusal, ref.harmfulness, ref.refusal.layer
-    layers = parse_layers(config.layers, lm.n_layers)
-    harmful = combine_prompts(config.harmful).take(config.n_per_class)
-    harmless = combine_prompts(config.harmless).take(config.n_per_class)
-    setting = {"batch_size": config.batch_size, "system": config.system}
-    common = {**setting, "progress": False}
-    out: dict[Key, float] = {}
-    # 1. Drift, cosine to base and direction coupling: float64 means at every layer.
-    stats = [
-        sg.capture_stats(
-            lm,
-            p,
-            sg.CaptureConfig(layers=list(layers), positions="t_inst,t_post", **setting),
-            progress=False,
-        )
-        for p in (harmful, harmless)
-    ]
-    means = [s.mean("resid_pre") for s in stats]  # [layer, pos, d]
-    pos = stats[0].positions
-    own_r = means[0][:, pos.index(r0.position)] - means[1][:, pos.index(r0.position)]
-    own_h = means[0][:, pos.index("t_inst")] - means[1][:, pos.index("t_inst")]
-    for j, layer in enumerate(layers):
-        i, scale = ref.layer_index(layer), means[0][j, 0]
-        for carrier, base, own in (
-            ("refusal", ref.refusal_layers[i], own_r[j]),
-            ("harmfulness", ref.harmfulness_layers[i], own_h[j]),
-        ):
-            if _live(base, scale) and _live(own, scale):
-                drift = geo.direction_drift(base, own, reference=(base, own))
-                out["direction_drift", carrier, "reextracted", layer] = drift
-                out["cosine_to_base", carrier, "reextracted", layer] = 1.0 - drift
-        if _live(own_h[j], scale) and _live(own_r[j], scale):
-            out["hr_coupling", "hr", "reextracted", layer] = geo.coupling(own_h[j], own_r[j])
-    # 2. Re-extraction: the carrier functions again (each captures for itself), cones per layer.
-    cands = dim_candidates(
-        lm, harmful, harmless, layers=str(at), system=config.system, progress=False
-    )
-    r_t = cands.vectors[cands.positions.index(r0.position), 0]
-    h_t = sg.harmfulness_direction(lm, harmful, harmless, layer=at, **common).direction
-    cones: dict[int, Tensor] = {}
-    for j, layer in enumerate(layers):
-        try:
-            cone = sg.cheap_cone(
-                lm,
-                harmful,
-                harmless,
-                k=config.cone_k,
-                layer=layer,
-                score=False,
-                system=config.system,
-            )
-        except SafegeomError:  # the sources span fewer than k dimensions (the embedding layer)
-            continue
-        basis = cones[layer] = cone.vectors.double()
-        theta = geo.principal_angles(
-            ref.cone_layers[ref.layer_index(layer)], basis, hidden_size=lm.d_model
-        )
-        out["principal_angle_max", "cone", "reextracted", layer] = float(np.max(theta))
-        out["grassmann_distance", "cone", "reextracted", layer] = float(np.sqrt(np.sum(theta**2)))
-        out["effective_rank", "cone", "reextracted", layer] = cone.scores["effective_rank"]
-        if _live(own_h[j], means[0][j, 0]):
-            value = geo.coupling(own_h[j], basis, hidden_size=lm.d_model)
-            out["hr_coupling", "hr-cone", "reextracted", layer] = value
-    # 3. Projections and coordinate statistics: a per-prompt capture at r0's layer.
-    acts = [
-        sg.capture(
-            lm,
-            p,
-            sg.CaptureConfig(
-                layers=[at], positions="t_inst,t_post", dtype=torch.float32, **setting
-            ),
-            progress=False,
-        )
-        for p in (harmful, harmless)
-    ]
-    h_acts, s_acts = (a["resid_pre"][:, 0].double() for a in acts)  # [n, pos, d]
-    labels = list(acts[0].positions)
-    scale = float(torch.cat([h_acts, s_acts]).norm(dim=-1).pow(2).mean().sqrt())
-    b_t = cones.get(at)
-    for source, basis in (("fixed", ref.cone.vectors.double()), ("reextracted", b_t)):
-        if basis is None:
-            continue
-        table = geo.coordinate_statistics(basis, h_acts[:, -1], s_acts[:, -1])
-        for j, sep in enumerate(table["separation"][: 1 if source == "reextracted" else None]):
-            out["coordinate_separation", f"cone[{j}]", source, at] = float(sep)
-        out["coordinate_imbalance", "cone", source, at] = geo.coordinate_imbalance(table)
-    for carrier, position, fixed, own in (
-        ("refusal", r0.position, r0.direction, r_t),
-        ("harmfulness", "t_inst", h0.direction, h_t),
-    ):
-        p = labels.index(position)
-        for source, vector in (("fixed", fixed), ("reextracted", own)):
-            d, _, _ = projection_separation(
-                h_acts[:, p],
-                s_acts[:, p],
-                vector,
-                scale=scale,
-                n_resamples=config.n_resamples,
-                seed=config.seed,
-            )
-            out["projection_separation", carrier, source, at] = d
-    return out, r_t
-
-
-def naive_causal(
-    lm: Any, ref: Reference, r_t: Tensor, config: AuditConfig, *, progress: bool = True
-) -> dict[Key, float]:
-    """The causal family with one ``refusal_scores`` pass per direction: ablate r (every layer) on
-    the harmful validation prompts, add ``+1·r`` at r₀'s layer on the harmless ones, for r₀ and
-    r_t, each against the sweep's ``n_random`` controls (same seed: the audit's directions).
-
-    Returns:
-        ``{op}_effect`` (effect − control), ``_raw``, ``_control_mean``, ``_control_std``, keyed
-        like the audit's rows."""
-    at = ref.refusal.layer
-    harmful = combine_prompts(config.harmful_val).take(config.n_val)
-    harmless = combine_prompts(config.harmless_val).take(config.n_val)
-    kw = {"batch_size": config.batch_size, "system": config.system, "progress": False}
-    base = {
-        "ablation": refusal_scores(lm, harmful, **kw).numpy(),
-        "addition": refusal_scores(lm, harmless, **kw).numpy(),
-    }
-    out: dict[Key, float] = {}
-    bar = tqdm(
-        total=2 * 2 * (1 + config.n_random), desc="naive causal", unit="pass", disable=not progress
-    )
-    for source, vector in (("fixed", ref.refusal.direction), ("reextracted", r_t)):
-        vector = vector.float()
-        unit = vector / vector.norm()
-        dirs = [unit, *random_controls(lm.d_model, config.n_random, seed=config.seed, exclude=unit)]
-        for op, prompts in (("ablation", harmful), ("addition", harmless)):
-            scores = []
-            for d in dirs:
-                value = (
-                    sg.Ablation(d)
-                    if op == "ablation"
-                    else sg.Addition(d * vector.norm(), layers=at)
-                )
-                scores.append(refusal_scores(lm, prompts, intervention=value, **kw).numpy())
-                bar.update(1)
-            effects = np.stack(scores) - base[op][None]
-            control = effects[1:].mean(0)
-            # The CI the audit reports (its cost; not compared).
-            bootstrap_diff_ci(effects[0], control, n_resamples=config.n_resamples, seed=config.seed)
-            per_dir = effects[1:].mean(1)
-            out[f"{op}_effect", "refusal", source, at] = float((effects[0] - control).mean())
-            out[f"{op}_raw", "refusal", source, at] = float(effects[0].mean())
-            out[f"{op}_control_mean", "refusal", source, at] = float(per_dir.mean())
-            out[f"{op}_control_std", "refusal", source, at] = float(per_dir.std(ddof=1))
-    bar.close()
     return out
 
 
@@ -345,23 +224,36 @@ def run_benchmark(
     *,
     skip_naive: bool = False,
     progress: bool = True,
+    run: Run = RUNS["tiny-chat"],
+    modes: Sequence[str] = tuple(GOALS),
 ) -> dict[str, Any]:
-    """Train (unless ``trajectory``), audit with ``config`` and with ``generate=False``, then
-    compare the naive way on the last checkpoint (unless ``skip_naive``); files go under ``out``.
+    """Train ``run`` (unless ``trajectory``), audit with ``config`` (mode ``defaults``) and with
+    ``generate=False`` (``no-generate``), the ``modes`` asked for, then compare the naive way on
+    the last checkpoint (unless ``skip_naive``; it needs ``defaults``); files go under ``out``.
 
     Returns:
-        The results (JSON-ready): ``trajectory``, ``train_s``, ``audits`` (per mode: ``wall_s``,
-        ``goal_s``, ``goal_met``, ``reference_s``, ``checkpoints``), ``naive`` (or None).
+        The results (JSON-ready): ``trajectory``, ``run`` (its settings, or None), ``train_s``,
+        ``lora_step_s`` (the trained run's LoRA step seconds, or None), ``audits`` (per mode:
+        ``wall_s``, ``goal_s``, ``goal_met``, ``reference_s``, ``checkpoints``), ``naive`` (or
+        None).
     """
-    train_s = None
+    train_s, lora_steps = None, None
     if trajectory is None:
-        _log("training the trajectory (harmful LoRA on tiny-chat, 60 steps, saved every 20)")
-        trajectory, train_s = train_trajectory(out / "run")
-    results: dict[str, Any] = {"trajectory": str(trajectory), "train_s": train_s, "audits": {}}
-    for mode, cfg in (
-        ("defaults", config),
-        ("no-generate", dataclasses.replace(config, generate=False)),
-    ):
+        _log(
+            f"training the trajectory (LoRA on {run.model}, {run.task}, {run.steps} steps, "
+            f"saved every {run.save_every})"
+        )
+        trajectory, train_s, lora_steps = train_trajectory(out / "run", run)
+    results: dict[str, Any] = {
+        "trajectory": str(trajectory),
+        "run": _jsonable(dataclasses.asdict(run)) if train_s is not None else None,
+        "audit_config": _jsonable(dataclasses.asdict(config)),
+        "train_s": train_s,
+        "lora_step_s": lora_steps,
+        "audits": {},
+    }
+    every = {"defaults": config, "no-generate": dataclasses.replace(config, generate=False)}
+    for mode, cfg in ((m, every[m]) for m in modes):
         _log(f"audit with {mode}")
         wall, manifest = timed_audit(trajectory, out / f"audit-{mode}", cfg, progress=progress)
         results["audits"][mode] = {
@@ -372,7 +264,7 @@ def run_benchmark(
             "checkpoints": checkpoint_table(manifest),
         }
     results["naive"] = None
-    if not skip_naive:
+    if not skip_naive and "defaults" in modes:
         inputs = resolve_inputs([trajectory])
         target = inputs.targets[-1]
         _log(f"naive way vs the audit on {target.label}")
@@ -392,6 +284,15 @@ def print_report(results: dict[str, Any]) -> None:
     """Print the per-checkpoint tables, the goals and the naive comparison."""
     if results["train_s"] is not None:
         print(f"trained {results['trajectory']} in {results['train_s']:.1f} s")
+    if results.get("lora_step_s"):
+        step = statistics.median(results["lora_step_s"])
+        print(
+            f"LoRA step (batch 8, median of {len(results['lora_step_s'])}): {step:.2f} s; "
+            "a checkpoint below costs its total / this in LoRA steps:"
+        )
+        for mode, res in results["audits"].items():
+            cells = ", ".join(f"{c['label']} {c['total'] / step:.0f}" for c in res["checkpoints"])
+            print(f"  {mode:<12} {cells}")
     for mode, res in results["audits"].items():
         head = f"{'checkpoint':<14}{'load':>7}{''.join(f'{p:>11}' for p in PHASES)}{'total':>8}"
         head += f"{'passes':>8}"
@@ -445,27 +346,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="folder for the run, the audits and bench_audit.json (default: temp)",
     )
+    parser.add_argument(
+        "--model",
+        choices=sorted(RUNS),
+        default="tiny-chat",
+        help="the trajectory trained (RUNS; ignored with --trajectory)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(GOALS),
+        help="audits run, comma list of defaults, no-generate",
+    )
     parser.add_argument("--skip-naive", action="store_true", help="skip the naive comparison")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in GOALS for m in modes):
+        parser.error(f"--modes: a comma list of {', '.join(GOALS)}")
     if args.trajectory is not None and not (args.trajectory / "trajectory.json").is_file():
         parser.error(f"--trajectory {args.trajectory} holds no trajectory.json (a safegeom run)")
     with tempfile.TemporaryDirectory() as tmp:
         out = check_output_dir(args.out) if args.out else Path(tmp)  # made if missing
+        what = "given" if args.trajectory else args.model
         print(
-            f"tiny-chat trajectory audit on {platform.machine()} CPU, "
+            f"{what} trajectory audit on {platform.machine()} CPU, "
             f"{torch.get_num_threads()} torch threads",
             flush=True,
         )
         results = run_benchmark(
             args.trajectory,
             out,
-            AuditConfig(),
+            AuditConfig() if args.trajectory else RUNS[args.model].audit,
             skip_naive=args.skip_naive,
             progress=not args.no_progress,
+            run=RUNS[args.model],
+            modes=modes,
         )
         print_report(results)
         if args.out:

@@ -14,7 +14,9 @@ Methods (same model, prompts, batches, layers and positions for all):
 
 Every capture method records ``resid_post`` (the output of every decoder block) at the last five
 prompt tokens and ends with the activations in one CPU tensor ``[n_prompts, layers, 5, d]``
-(pinned memory on CUDA). The model is built from a config with random weights; nothing is
+(pinned memory on CUDA). The model is built from a config with random weights, or, with the
+``smol-chat`` preset, is the bundled smol-chat as ``load_model`` returns it (SmolLM2-135M-Instruct
+with its LoRA adapter, unmerged); the prompts are random token ids either way; nothing is
 downloaded.
 
 Time: one process runs every method, *interleaved batch by batch* (the order rotates from batch
@@ -32,6 +34,7 @@ Usage::
 
     python benchmarks/bench_capture.py                     # small CPU Llama, ~1-2 minutes
     python benchmarks/bench_capture.py --preset llama-8b   # Llama-3.1-8B shape, bf16, CUDA
+    python benchmarks/bench_capture.py --preset smol-chat --threads 1   # the bundled smol-chat
     python benchmarks/bench_capture.py --repeats 5 --json results.json
 """
 
@@ -91,6 +94,11 @@ class Preset:
     """``cpu`` or ``cuda``."""
     n_positions: int = 5
     """Positions captured per prompt: the last ``n_positions`` tokens."""
+    model: str | None = None
+    """A bundled model loaded with ``load_model`` instead of random weights (``smol-chat``); the
+    shape fields above are then that model's, checked when it loads."""
+    merge_adapter: bool = False
+    """``model`` is a PEFT adapter: fold it into its base first (``LoadConfig.merge_adapter``)."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -107,6 +115,22 @@ PRESETS: dict[str, Preset] = {
         batch_size=16,
         dtype="float32",
         device="cpu",
+    ),
+    # The shipped smol-chat (SmolLM2-135M-Instruct + its LoRA adapter, as load_model returns it,
+    # unmerged), its own weights; the same 48 x 64 random-id prompts as ``cpu``.
+    "smol-chat": Preset(
+        hidden=576,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        intermediate=1536,
+        vocab=49152,
+        n_prompts=48,
+        seq_len=64,
+        batch_size=16,
+        dtype="float32",
+        device="cpu",
+        model="smol-chat",
     ),
     # Llama-3.1-8B's shape with random bf16 weights; 1,024 x 128 = 131k tokens per pass.
     "llama-8b": Preset(
@@ -295,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = preset.n_prompts * preset.seq_len
     print(
-        f"preset {args.preset}: Llama d={preset.hidden}, {preset.layers} layers, {preset.dtype} "
+        f"preset {args.preset}: {preset.model or 'random'} Llama d={preset.hidden}, {preset.layers} layers, {preset.dtype} "
         f"on {_device_name(preset)}; {preset.n_prompts} prompts x {preset.seq_len} tokens "
         f"({tokens:,}), batch {preset.batch_size}; {SITE} x {preset.layers} layers x "
         f"{preset.n_positions} positions; warm-up + {args.repeats} rounds",

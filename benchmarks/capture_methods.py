@@ -151,16 +151,51 @@ def sync_device(lm: Any) -> None:
         torch.cuda.synchronize(lm.device)
 
 
+def bundled_model(preset: Any) -> Any:
+    """``preset.model`` as :func:`safegeom.models.load_model` loads it (a bundled model: nothing
+    is downloaded), in eval mode.
+
+    Raises:
+        ValueError: the model's shape is not the one the preset states.
+    """
+    from safegeom.models import LoadConfig, load_model
+
+    load = LoadConfig(dtype=preset.dtype, device=preset.device, merge_adapter=preset.merge_adapter)
+    lm = load_model(preset.model, load)
+    c = lm.base.config
+    shape = (
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+    )
+    stated = (
+        preset.hidden,
+        preset.layers,
+        preset.heads,
+        preset.kv_heads,
+        preset.intermediate,
+        preset.vocab,
+    )
+    if shape != stated:
+        raise ValueError(f"{preset.model} has shape {shape}, the preset states {stated}")
+    return lm
+
+
 def build_model_and_plan(preset: Any) -> Any:
-    """A random-weight Llama :class:`LoadedModel` and the capture plan, built without downloads."""
+    """The preset's :class:`LoadedModel` (random-weight Llama built without downloads, or the
+    bundled ``preset.model``) and the capture plan (random-id prompts)."""
     from tokenizers import Tokenizer, models
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    from safegeom.activations import CapturePlan
-    from safegeom.models import LAYOUTS, EncodedPrompt, LoadedModel, plan_positions
-    from safegeom.models.chat import EncodedSet
+    from safegeom.models import LAYOUTS, LoadedModel
 
     dtype = getattr(torch, preset.dtype)
+    if preset.model:
+        lm = bundled_model(preset)
+        return lm, random_prompt_plan(lm, preset)
     config = LlamaConfig(
         hidden_size=preset.hidden,
         num_hidden_layers=preset.layers,
@@ -187,6 +222,21 @@ def build_model_and_plan(preset: Any) -> Any:
     lm = LoadedModel(
         model=model, tokenizer=tokenizer, name="bench", source="random", layout=LAYOUTS["llama"]
     )
+    return lm, random_prompt_plan(lm, preset)
+
+
+def random_prompt_plan(lm: Any, preset: Any) -> Any:
+    """The capture plan: ``preset.n_prompts`` prompts of ``preset.seq_len`` random token ids
+    (ids 2 and up, below ``preset.vocab``), ``resid_post`` at every layer, the last
+    ``preset.n_positions`` tokens.
+
+    Returns:
+        The :class:`~safegeom.activations.CapturePlan`.
+    """
+    from safegeom.activations import CapturePlan
+    from safegeom.models import EncodedPrompt, plan_positions
+    from safegeom.models.chat import EncodedSet
+
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(2, preset.vocab, (preset.n_prompts, preset.seq_len), generator=generator)
     # The "instruction" ends n_positions + 1 tokens before the end, so t_post = the last 5 tokens.
@@ -207,8 +257,8 @@ def build_model_and_plan(preset: Any) -> Any:
         sites=(SITE,),
         layers=tuple(range(preset.layers)),
         positions=plan_positions("t_post", encoded),
-        dtype=dtype,
+        dtype=getattr(torch, preset.dtype),
         batch_size=preset.batch_size,
         system=None,
     )
-    return lm, plan
+    return plan

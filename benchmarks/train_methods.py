@@ -53,7 +53,8 @@ class Preset:
     """A benchmark configuration: the model, the task and how many steps."""
 
     model: str
-    """``tiny-chat``, or ``random``: a random-weight Llama with tiny-chat's tokenizer."""
+    """``tiny-chat``; ``smol-chat`` (the shipped adapter merged into SmolLM2-135M-Instruct, as
+    train() asks of an adapter); or ``random``: a random-weight Llama with tiny-chat's tokenizer."""
     task: str
     """Task spec trained on (its prompts are also what adaptive scores)."""
     batch_size: int
@@ -72,10 +73,17 @@ class Preset:
     """random: MLP width."""
     dtype: str = "float32"
     """Weights' and training dtype."""
+    search_width: int = 64
+    """r2d2 rows: GCG candidates per attack step (:data:`R2D2`'s 64 unless a preset scales it)."""
 
 
 PRESETS: dict[str, Preset] = {
     "tiny-chat": Preset(model="tiny-chat", task="mix", batch_size=8, warmup=2, steps=16),
+    # SmolLM2-135M-Instruct + the smol-chat adapter (merged), 30 layers, d 576: about 20 minutes
+    # on one thread with every row; GCG at width 16 (a quarter of tiny-chat's) to fit that.
+    "smol-chat": Preset(
+        model="smol-chat", task="mix:200", batch_size=8, warmup=2, steps=4, search_width=16
+    ),
     # ~109M parameters: Llama shape, tiny-chat's 3,072-token vocabulary.
     "llama-large": Preset(
         model="random",
@@ -162,7 +170,11 @@ def quiet_loading() -> None:
 
 
 def build_model(preset: Preset, device: str) -> LoadedModel:
-    """The preset's frozen model on ``device``, as train() loads it (``random``: seeded weights)."""
+    """The preset's frozen model on ``device``, as train() loads it (``random``: seeded weights;
+    ``smol-chat``: its adapter merged into the base, as train() asks of an adapter model)."""
+    if preset.model == "smol-chat":
+        load = LoadConfig(dtype=preset.dtype, device=device, merge_adapter=True)
+        return load_model("smol-chat", load)
     lm = load_model("tiny-chat", LoadConfig(dtype=preset.dtype, device=device))
     if preset.model == "tiny-chat":
         return lm
@@ -321,12 +333,14 @@ def build_runner(
         ``(runner, {set-up part: wall seconds})``.
     """
     variant, task = VARIANTS[name], get_task(preset.task)
+    if variant.r2d2 is not None:
+        variant = replace(variant, r2d2=replace(variant.r2d2, search_width=preset.search_width))
     set_seed(SEED)
     lm = build_model(preset, str(acc.device))
     defence, parts = make_defence(variant, lm, task, root, fresh)
     settings = replace(TRAIN, seed=SEED, batch_size=preset.batch_size, steps=total_steps)
     config = run_config(variant.method, task, settings, defence, lm)
-    trainable = defence.wrap(lm, "tiny-chat", config, dtype=preset.dtype, resume_from=None)
+    trainable = defence.wrap(lm, lm.name, config, dtype=preset.dtype, resume_from=None)
     examples = encode_examples(
         lm.tokenizer,
         task.prompts,

@@ -108,3 +108,33 @@ def test_main_refuses_a_folder_without_a_trajectory(bench, tmp_path, capsys) -> 
         bench.main(["--trajectory", str(tmp_path), "--skip-naive"])
     assert err.value.code == 2
     assert "holds no trajectory.json" in capsys.readouterr().err
+
+
+def test_one_mode_alone_and_no_naive_without_the_defaults_audit(bench, run, tmp_path) -> None:
+    results = bench.run_benchmark(run, tmp_path, CONFIG, progress=False, modes=("no-generate",))
+    assert list(results["audits"]) == ["no-generate"] and results["naive"] is None
+    assert results["run"] is None and results["lora_step_s"] is None  # a given trajectory
+
+
+def test_trained_trajectory_times_its_plain_lora_steps(bench, tmp_path, capsys) -> None:
+    spec = bench.Run("tiny-chat", "harmful", steps=4, save_every=2)
+    folder, took, steps = bench.train_trajectory(tmp_path / "run", spec)
+    names = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    assert names == ["step-000000", "step-000002", "step-000004"]
+    # callbacks after steps 1-4: the interval ending at step 3 is the only one without a save
+    assert len(steps) == 1 and 0 < steps[0] < took
+    results = {
+        "train_s": took,
+        "trajectory": str(folder),
+        "lora_step_s": steps,
+        "audits": {},
+        "naive": None,
+    }
+    bench.print_report(results)
+    assert "LoRA step (batch 8, median of 1)" in capsys.readouterr().out
+
+
+def test_main_refuses_an_unknown_mode(bench, capsys) -> None:
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--modes", "defaults,fast"])
+    assert err.value.code == 2 and "--modes" in capsys.readouterr().err

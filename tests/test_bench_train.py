@@ -184,3 +184,18 @@ def test_bad_options_are_refused_with_a_message(bench, capsys, args, message) ->
         bench.main(args)
     assert err.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_preset_sets_the_r2d2_rows_search_width(bench, tmp_path) -> None:
+    from accelerate import Accelerator
+
+    width = bench.VARIANTS["r2d2-m1"].r2d2.search_width  # train_methods.R2D2's, not changed
+    assert bench.PRESETS["smol-chat"].search_width < width == 64  # a CPU-sized GCG
+    assert bench.PRESETS["tiny-chat"].search_width == width
+    preset = replace(bench.PRESETS["tiny-random"], search_width=8)
+    runner, _ = bench.build_runner(
+        "r2d2-m1", preset, Accelerator(cpu=True), tmp_path, fresh=True, total_steps=2
+    )
+    state = runner.step_loss.state
+    assert state.settings.search_width == 8 and state.record["search_width"] == 8
+    assert state.settings.gcg_steps == 1 and bench.VARIANTS["r2d2-m1"].r2d2.search_width == 64
