@@ -37,6 +37,16 @@ Protocol (fixed here, :class:`Settings`):
 - Claims: :func:`analyses.adversarial_claims.judge_claims` per seed, at the first checkpoint after
   the base (``E``) and the last (``L``).
 
+Measured (``analyses/results/adversarial.md``; one thread on a shared 2-core machine: 21.6 min
+wall, 17.6 min CPU; a second run from scratch gave the same 972 table rows bit for bit). Attack
+success on the base: GCG 0.750, AutoDAN-style 1.000, prefilling 1.000. At step 80, over the three
+seeds, R2D2: GCG ASR 0.000, AutoDAN 0.000–0.125, prefilling 0.750–0.875; SFT: 0.438–0.750,
+0.625–1.000, 0.875–1.000. R2D2's H/R coupling peaks at 0.379, 0.251, 0.250 (steps 30, 10, 20;
+the base 0.118), SFT ends at 0.060–0.156. Claims at E = step 10: (a) does not appear on any seed
+(XSTest-safe over-refusal falls, 0.083–0.333 at step 80, instead of saturating); (b) does not
+appear on seeds 0 and 2, cannot tell on seed 1; (c) cannot tell on every seed (prefilling
+overlaps). R2D2's own pool ASR is 0 at every checkpoint.
+
 Everything is cached under ``--work`` (attack sets, runs, audits), read back through the library,
 so a rerun resumes. One process, one torch thread.
 
@@ -53,6 +63,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +172,49 @@ QUICK = Settings(
 """The smoke test's sizes (seconds; the test uses them)."""
 
 
+TIMINGS = "timings.json"
+"""The file under ``--work`` recording each computed item's wall and CPU seconds (kept across
+reruns, so the report's times are those of the run that computed each item)."""
+PHASES: dict[str, str] = {
+    "attack": "attack sets and data",
+    "train": "training",
+    "audit": "audits",
+}
+"""Item key prefix → the phase it is summed into."""
+
+
+@contextmanager
+def timed(work: Path, key: str) -> Iterator[None]:
+    """Record the body's wall and CPU seconds under ``key`` in ``work/timings.json``, and print
+    the wall time."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    path = work / TIMINGS
+    spent = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    spent[key] = {"wall": round(wall, 2), "cpu": round(cpu, 2)}
+    path.write_text(json.dumps(spent, indent=1), encoding="utf-8")
+    print(f"{key}: {wall:.0f} s", flush=True)
+
+
+def phase_timings(work: Path) -> dict[str, float]:
+    """Wall and CPU seconds per phase, and in all, summed over the recorded items.
+
+    Returns:
+        ``{"PHASE (wall)": s, "PHASE (CPU)": s, ..., "total (wall)": s, "total (CPU)": s}``.
+    """
+    path = work / TIMINGS
+    spent = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    out: dict[str, float] = {}
+    for prefix, phase in PHASES.items():
+        items = [v for k, v in spent.items() if k.split(":")[0] == prefix]
+        for kind in ("wall", "cpu"):
+            out[f"{phase} ({kind})"] = sum(v[kind] for v in items)
+    for kind in ("wall", "cpu"):
+        out[f"total ({kind})"] = sum(v[kind] for v in spent.values())
+    return out
+
+
 def _behaviours(n: int) -> list[str]:
     """The first ``n`` ``harmbench-train`` behaviours (R2D2's pool, SFT's refused prompts)."""
     from safegeom.prompts import load_prompts
@@ -237,10 +292,9 @@ def attack_sets(settings: Settings, work: Path, lm: Any) -> dict[str, Path]:
     for name, (module, config) in configs.items():
         folder = work / "attacks" / name
         if not (folder / "attack_set.json").is_file():
-            start = time.perf_counter()
-            made = module.attack(lm, behaviours.prompts, targets, config, options=options)
-            made.save(folder)
-            print(f"attack {name}: {time.perf_counter() - start:.0f} s", flush=True)
+            with timed(work, f"attack:{name}"):
+                made = module.attack(lm, behaviours.prompts, targets, config, options=options)
+                made.save(folder)
         print(f"attack {name}: ASR on the base {load_attack_set(folder).success_rate:.3f}")
         folders[name] = folder
     return folders
@@ -253,8 +307,7 @@ def train_run(recipe: str, seed: int, settings: Settings, work: Path) -> Path:
         The run folder.
     """
     from safegeom.errors import SafegeomError
-    from safegeom.training import TrainConfig, load_trajectory, train
-    from safegeom.training.methods.r2d2 import R2D2Config
+    from safegeom.training import TrainConfig, load_trajectory
 
     folder = work / "runs" / f"{recipe}-s{seed}"
     try:
@@ -272,7 +325,18 @@ def train_run(recipe: str, seed: int, settings: Settings, work: Path) -> Path:
         progress=False,
     )
     resume = folder.exists()  # an interrupted run continues
-    start = time.perf_counter()
+    with timed(work, f"train:{folder.name}"):
+        _train(recipe, folder, config, settings, work, resume)
+    return folder
+
+
+def _train(
+    recipe: str, folder: Path, config: Any, settings: Settings, work: Path, resume: bool
+) -> None:
+    """One recipe's training call (:func:`train_run`'s body)."""
+    from safegeom.training import train
+    from safegeom.training.methods.r2d2 import R2D2Config
+
     if recipe == "r2d2":
         r2d2 = R2D2Config(
             n_behaviours=settings.n_behaviours,
@@ -296,8 +360,6 @@ def train_run(recipe: str, seed: int, settings: Settings, work: Path) -> Path:
         )
     else:
         train(MODEL, str(work / "sft.jsonl"), config, method="lora", out=folder, resume=resume)
-    print(f"train {folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
-    return folder
 
 
 def final_checkpoint(folder: Path) -> Path:
@@ -355,9 +417,8 @@ def audit_run(folder: Path, config: Any) -> Any:
     try:
         return load_audit(folder / "audit")
     except SafegeomError:
-        start = time.perf_counter()
-        result = audit(folder, folder / "audit", config, progress=False)
-        print(f"audit {folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
+        with timed(folder.parent.parent, f"audit:{folder.name}"):
+            result = audit(folder, folder / "audit", config, progress=False)
         return result
 
 
@@ -368,7 +429,7 @@ def run_study(settings: Settings, seeds: list[int], work: Path) -> dict[str, Any
         ``{"settings", "seeds", "attacks" (name → success on the base), "rows" (the
         :func:`~analyses.adversarial_claims.study_rows` of every run, concatenated),
         "tables" ((recipe, seed) → its audit table), "pool" (seed → R2D2's manifest terms
-        every ``save_every`` steps, :func:`training_log`), "timings" (seconds per phase), "steps"}``.
+        every ``save_every`` steps, :func:`training_log`), "timings" (:func:`phase_timings`), "steps"}``.
     """
     import pandas as pd
     import torch
@@ -378,16 +439,14 @@ def run_study(settings: Settings, seeds: list[int], work: Path) -> dict[str, Any
     from safegeom.models import load_model
 
     torch.set_num_threads(1)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
     lm = load_model(MODEL)
     attacks = attack_sets(settings, work, lm)
-    data_files(settings, work, lm)
-    timings["attack sets and data"] = time.perf_counter() - start
-    start = time.perf_counter()
+    if (work / "sft.jsonl").is_file():
+        data_files(settings, work, lm)
+    else:
+        with timed(work, "attack:data"):
+            data_files(settings, work, lm)
     folders = {(r, s): train_run(r, s, settings, work) for s in seeds for r in RECIPES}
-    timings["training"] = time.perf_counter() - start
-    start = time.perf_counter()
     tables, audits = [], {}
     for (recipe, seed), folder in folders.items():
         anchors = {
@@ -398,7 +457,6 @@ def run_study(settings: Settings, seeds: list[int], work: Path) -> dict[str, Any
         result = audit_run(folder, audit_config(settings, attacks, anchors))
         audits[recipe, seed] = result.table
         tables.append(study_rows(result.table, recipe, seed))
-    timings["audits"] = time.perf_counter() - start
     rows = pd.concat(tables, ignore_index=True)
     pool = {seed: training_log(folders["r2d2", seed], settings.save_every) for seed in seeds}
     steps = sorted(int(s) for s in rows["step"].unique())
@@ -409,7 +467,7 @@ def run_study(settings: Settings, seeds: list[int], work: Path) -> dict[str, Any
         "rows": rows,
         "tables": audits,
         "pool": pool,
-        "timings": timings,
+        "timings": phase_timings(work),
         "steps": steps,
     }
 
@@ -435,10 +493,7 @@ def main() -> None:
     args = _parse()
     settings = QUICK if args.quick else Settings()
     seeds = [int(s) for s in args.seeds.split(",")]
-    start = time.perf_counter()
     study = run_study(settings, seeds, args.work)
-    study["timings"]["total (wall)"] = time.perf_counter() - start
-    study["timings"]["total (CPU of this process)"] = time.process_time()
     study["quick"] = args.quick
     write_outputs(study, early=args.early, json_path=args.json, md_path=args.md, figure=args.figure)
     print(f"wrote {args.json}, {args.md} and {args.figure}", flush=True)

@@ -156,6 +156,8 @@ def _pool_lines(pool: Mapping[int, Sequence[Mapping[str, float]]]) -> list[str]:
 
 
 def _claim_lines(claims: Mapping[int, list[Claim]], seeds: Sequence[int]) -> list[str]:
+    """Each claim: its verdict per seed, and a table of its parts with the first seed's numbers
+    and every seed's verdict."""
     first = seeds[0]
     lines: list[str] = []
     for index, claim in enumerate(claims[first]):
@@ -165,12 +167,14 @@ def _claim_lines(claims: Mapping[int, list[Claim]], seeds: Sequence[int]) -> lis
             "",
             f"Seed {first}: **{claim.verdict}**" + (f" ({others})" if others else "") + ".",
             "",
-            f"| part (seed {first}) | left | right | verdict |",
-            "|---|---|---|---|",
+            f"| part | left (seed {first}) | right (seed {first}) | "
+            + " | ".join(f"seed {s}" for s in seeds)
+            + " |",
+            "|---|---|---|" + "---|" * len(seeds),
         ]
-        lines += [
-            f"| {p['what']} | {p['left']} | {p['right']} | {p['verdict']} |" for p in claim.parts
-        ]
+        for k, part in enumerate(claim.parts):
+            verdicts = " | ".join(claims[s][index].parts[k]["verdict"] for s in seeds)
+            lines.append(f"| {part['what']} | {part['left']} | {part['right']} | {verdicts} |")
         lines.append("")
     return lines
 
@@ -202,7 +206,8 @@ def render_markdown(
             if study.get("quick")
             else ""
         )
-        + f"; seeds {', '.join(map(str, seeds))}; one thread; {timings}.",
+        + f"; seeds {', '.join(map(str, seeds))}; one thread; time spent computing (summed over the "
+        f"items, as each was computed): {timings}.",
         "",
         "## Protocol",
         "",
@@ -229,7 +234,7 @@ def render_markdown(
         "seeds. Coupling is `hr_coupling` of the checkpoint's own h and r at the base's carrier "
         "layer; utility is the cross-entropy of GSM8K test answers (lower is better).",
         f"- Claims: E = step {e} (the first checkpoint after the base, declared before the run; a "
-        "second reading takes E at R2D2's coupling peak), L = step {last} (the last). A part "
+        f"second reading takes E at R2D2's coupling peak), L = step {last} (the last). A part "
         "*appears* when the two CIs are disjoint in the finding's direction, *does not appear* "
         "when disjoint the other way, else *cannot tell (CI overlaps)*; a claim appears when "
         f"every part does. Saturated over-refusal: CI at or above {SATURATED:g}.",
