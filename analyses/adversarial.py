@@ -1,8 +1,11 @@
-"""The SFT-vs-R2D2 study (issue 24, item 3) on ``tiny-chat``: matched SFT and R2D2 trajectories
-from the same base and data budget, audited with fixed-source attack sets made on the base, and
-Lan et al.'s qualitative findings judged claim by claim (:mod:`analyses.adversarial_claims`).
+"""The SFT-vs-R2D2 study (issue 24, item 3) on ``tiny-chat`` (or ``--model smol-chat``): matched
+SFT and R2D2 trajectories from the same base and data budget, audited with fixed-source attack
+sets made on the base, and Lan et al.'s qualitative findings judged claim by claim
+(:mod:`analyses.adversarial_claims`).
 
-Protocol (fixed here, :class:`Settings`):
+Protocol (fixed here; the sizes in :mod:`analyses.adversarial_settings`: tiny-chat's are
+:class:`Settings`' defaults, smol-chat's :data:`~analyses.adversarial_settings.SMOL`, one seed by
+default, trained from its adapter merged into its base, :func:`base_model`):
 
 - Attack sets, made once on the base (``safegeom.attacks``), on the first ``n_attack`` HarmBench
   *validation* behaviours (``harmbench:val``; R2D2 trains on ``harmbench-train``, and the SFT run
@@ -52,9 +55,11 @@ so a rerun resumes. One process, one torch thread.
 
 Usage::
 
-    OMP_NUM_THREADS=1 python analyses/adversarial.py [--work DIR] [--seeds 0,1,2] [--quick]
-        [--json analyses/results/adversarial.json] [--md analyses/results/adversarial.md]
-        [--figure figures/adversarial_tiny-chat.png]
+    OMP_NUM_THREADS=1 python analyses/adversarial.py [--model tiny-chat|smol-chat] [--work DIR]
+        [--seeds 0,1,2] [--quick] [--json analyses/results/adversarial.json]
+        [--md analyses/results/adversarial.md] [--figure figures/adversarial_tiny-chat.png]
+
+(the default paths are tiny-chat's; another model's carry its name, :func:`output_paths`).
 """
 
 from __future__ import annotations
@@ -65,111 +70,37 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from analyses.adversarial_settings import QUICK, Settings, default_seeds, study_settings
+
 __all__ = [
     "ATTACKS",
+    "MODEL",
     "QUICK",
     "RECIPES",
     "Settings",
     "attack_sets",
     "audit_config",
+    "base_model",
     "data_files",
+    "output_paths",
     "run_study",
     "train_run",
     "training_log",
 ]
 
 MODEL = "tiny-chat"
-"""The base of every run."""
+"""The default base of every run (``--model``)."""
 RECIPES: tuple[str, ...] = ("sft", "r2d2")
 """The two recipes, in table order."""
 ATTACKS: tuple[str, ...] = ("gcg", "autodan", "prefill")
 """The fixed-source attack sets, in table order."""
 REFUSAL = "Sorry, I can't do that."
 """The refusal both recipes train toward (every ``harmbench-train`` safe response)."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The study's sizes (the defaults are the full study's; :data:`QUICK` the test's)."""
-
-    steps: int = 80
-    """Optimizer steps per run."""
-    save_every: int = 10
-    """Checkpoint interval, steps."""
-    lr: float = 5e-3
-    """Peak learning rate of both recipes (LoRA)."""
-    batch: int = 8
-    """Utility examples per step."""
-    attacked: int = 2
-    """Behaviours per step: R2D2's attacked test cases; SFT's batch holds as many in expectation."""
-    n_behaviours: int = 16
-    """First ``harmbench-train`` behaviours trained on (R2D2's pool size)."""
-    n_utility: int = 64
-    """First ``alpaca:train`` instructions of the utility data."""
-    answer_tokens: int = 64
-    """Longest base answer of the utility data, tokens."""
-    r2d2_gcg_steps: int = 1
-    """m: GCG steps per R2D2 training step."""
-    r2d2_width: int = 64
-    """GCG candidates per R2D2 attack step (top-k the same)."""
-    suffix_tokens: int = 20
-    """Tokens of R2D2's adversarial suffixes."""
-    reset_every: int = 20
-    """K: R2D2 redraws 20% of its pool every K steps."""
-    n_attack: int = 16
-    """First ``harmbench:val`` behaviours of the fixed-source attack sets."""
-    gcg_tokens: int = 20
-    """Tokens of the fixed-source GCG suffix."""
-    gcg_steps: int = 25
-    """Steps of the fixed-source GCG (it stops early once the target is greedy)."""
-    gcg_width: int = 32
-    """Candidates per fixed-source GCG step (top-k the same)."""
-    autodan_population: int = 8
-    """AutoDAN-style population."""
-    autodan_generations: int = 4
-    """AutoDAN-style generations."""
-    attack_tokens: int = 24
-    """Tokens of the source's answer the attack judge reads (the audit's max_new_tokens too)."""
-    n_per_class: int = 32
-    """Audit: carrier prompts per class."""
-    n_val: int = 16
-    """Audit: validation prompts per class (selection, causal tests, KL)."""
-    n_behaviour: int = 24
-    """Audit: prompts per held-out behaviour set."""
-    n_resamples: int = 200
-    """Audit: bootstrap resamples of every CI."""
-
-
-QUICK = Settings(
-    steps=4,
-    save_every=2,
-    batch=4,
-    attacked=1,
-    n_behaviours=4,
-    n_utility=8,
-    answer_tokens=16,
-    r2d2_width=16,
-    suffix_tokens=8,
-    reset_every=2,
-    n_attack=2,
-    gcg_tokens=8,
-    gcg_steps=2,
-    gcg_width=16,
-    autodan_population=4,
-    autodan_generations=1,
-    attack_tokens=12,
-    n_per_class=8,
-    n_val=4,
-    n_behaviour=4,
-    n_resamples=100,
-)
-"""The smoke test's sizes (seconds; the test uses them)."""
 
 
 TIMINGS = "timings.json"
@@ -300,8 +231,29 @@ def attack_sets(settings: Settings, work: Path, lm: Any) -> dict[str, Path]:
     return folders
 
 
-def train_run(recipe: str, seed: int, settings: Settings, work: Path) -> Path:
-    """Train (or resume, or read back) one recipe's run; its folder ``work/runs/RECIPE-sSEED``.
+def base_model(model: str, work: Path) -> str:
+    """The model spec every run trains from: ``tiny-chat`` itself; for a model shipped as a LoRA
+    adapter (``smol-chat``) its adapter merged into its base and saved once as ``work/base``, as
+    ``safegeom train`` asks of an adapter model (it refuses an adapter folder).
+
+    Returns:
+        ``model`` or the merged folder's path.
+    """
+    from safegeom.models import LoadConfig, load_model
+
+    if model == "tiny-chat":
+        return model
+    folder = work / "base"
+    if not (folder / "config.json").is_file():
+        merged = load_model(model, LoadConfig(merge_adapter=True))
+        merged.model.save_pretrained(folder)
+        merged.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def train_run(recipe: str, seed: int, settings: Settings, work: Path, model: str = MODEL) -> Path:
+    """Train (or resume, or read back) one recipe's run from ``model`` (a spec, as
+    :func:`base_model` gives it); its folder ``work/runs/RECIPE-sSEED``.
 
     Returns:
         The run folder.
@@ -326,12 +278,18 @@ def train_run(recipe: str, seed: int, settings: Settings, work: Path) -> Path:
     )
     resume = folder.exists()  # an interrupted run continues
     with timed(work, f"train:{folder.name}"):
-        _train(recipe, folder, config, settings, work, resume)
+        _train(recipe, folder, config, settings, work, resume, model)
     return folder
 
 
 def _train(
-    recipe: str, folder: Path, config: Any, settings: Settings, work: Path, resume: bool
+    recipe: str,
+    folder: Path,
+    config: Any,
+    settings: Settings,
+    work: Path,
+    resume: bool,
+    model: str,
 ) -> None:
     """One recipe's training call (:func:`train_run`'s body)."""
     from safegeom.training import train
@@ -350,7 +308,7 @@ def _train(
             utility_answers="task",
         )
         train(
-            MODEL,
+            model,
             str(work / "utility.jsonl"),
             config,
             method="r2d2",
@@ -359,7 +317,7 @@ def _train(
             resume=resume,
         )
     else:
-        train(MODEL, str(work / "sft.jsonl"), config, method="lora", out=folder, resume=resume)
+        train(model, str(work / "sft.jsonl"), config, method="lora", out=folder, resume=resume)
 
 
 def final_checkpoint(folder: Path) -> Path:
@@ -422,14 +380,18 @@ def audit_run(folder: Path, config: Any) -> Any:
         return result
 
 
-def run_study(settings: Settings, seeds: list[int], work: Path) -> dict[str, Any]:
-    """Make the attack sets, train and audit every run, and read the tables.
+def run_study(
+    settings: Settings, seeds: list[int], work: Path, model: str = MODEL
+) -> dict[str, Any]:
+    """Make the attack sets on ``model`` (``smol-chat``: its adapter merged, :func:`base_model`),
+    train and audit every run from it, and read the tables.
 
     Returns:
         ``{"settings", "seeds", "attacks" (name → success on the base), "rows" (the
         :func:`~analyses.adversarial_claims.study_rows` of every run, concatenated),
         "tables" ((recipe, seed) → its audit table), "pool" (seed → R2D2's manifest terms
-        every ``save_every`` steps, :func:`training_log`), "timings" (:func:`phase_timings`), "steps"}``.
+        every ``save_every`` steps, :func:`training_log`), "timings" (:func:`phase_timings`),
+        "steps", "model"}``.
     """
     import pandas as pd
     import torch
@@ -439,14 +401,16 @@ def run_study(settings: Settings, seeds: list[int], work: Path) -> dict[str, Any
     from safegeom.models import load_model
 
     torch.set_num_threads(1)
-    lm = load_model(MODEL)
+    work.mkdir(parents=True, exist_ok=True)
+    base = base_model(model, work)
+    lm = load_model(base)
     attacks = attack_sets(settings, work, lm)
     if (work / "sft.jsonl").is_file():
         data_files(settings, work, lm)
     else:
         with timed(work, "attack:data"):
             data_files(settings, work, lm)
-    folders = {(r, s): train_run(r, s, settings, work) for s in seeds for r in RECIPES}
+    folders = {(r, s): train_run(r, s, settings, work, base) for s in seeds for r in RECIPES}
     tables, audits = [], {}
     for (recipe, seed), folder in folders.items():
         anchors = {
@@ -469,21 +433,39 @@ def run_study(settings: Settings, seeds: list[int], work: Path) -> dict[str, Any
         "pool": pool,
         "timings": phase_timings(work),
         "steps": steps,
+        "model": model,
     }
 
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=MODEL, help="tiny-chat (default) or smol-chat")
     parser.add_argument("--work", type=Path, default=Path("/tmp/safegeom-adversarial"))
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default=None, help="default: 0,1,2 (tiny-chat), 0 (smol-chat)")
     parser.add_argument(
         "--early", type=int, default=None, help="step E (default: the first after the base)"
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: QUICK sizes")
-    parser.add_argument("--json", type=Path, default=Path("analyses/results/adversarial.json"))
-    parser.add_argument("--md", type=Path, default=Path("analyses/results/adversarial.md"))
-    parser.add_argument("--figure", type=Path, default=Path("figures/adversarial_tiny-chat.png"))
+    parser.add_argument("--json", type=Path, default=None, help="default: output_paths")
+    parser.add_argument("--md", type=Path, default=None, help="default: output_paths")
+    parser.add_argument("--figure", type=Path, default=None, help="default: output_paths")
     return parser.parse_args()
+
+
+def output_paths(model: str) -> tuple[Path, Path, Path]:
+    """The default results JSON, markdown and figure of ``model``'s study (tiny-chat's keep their
+    first names: ``analyses/results/adversarial.{json,md}``).
+
+    Returns:
+        ``(json, md, figure)`` paths relative to the repository root.
+    """
+    stem = "adversarial" if model == "tiny-chat" else f"adversarial_{model}"
+    results = Path("analyses/results")
+    return (
+        results / f"{stem}.json",
+        results / f"{stem}.md",
+        Path(f"figures/adversarial_{model}.png"),
+    )
 
 
 def main() -> None:
@@ -491,12 +473,14 @@ def main() -> None:
     from analyses.adversarial_report import write_outputs
 
     args = _parse()
-    settings = QUICK if args.quick else Settings()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    study = run_study(settings, seeds, args.work)
+    settings = study_settings(args.model, args.quick)
+    seeds = [int(s) for s in (args.seeds or default_seeds(args.model)).split(",")]
+    json_path, md_path, figure = output_paths(args.model)
+    json_path, md_path, figure = args.json or json_path, args.md or md_path, args.figure or figure
+    study = run_study(settings, seeds, args.work, args.model)
     study["quick"] = args.quick
-    write_outputs(study, early=args.early, json_path=args.json, md_path=args.md, figure=args.figure)
-    print(f"wrote {args.json}, {args.md} and {args.figure}", flush=True)
+    write_outputs(study, early=args.early, json_path=json_path, md_path=md_path, figure=figure)
+    print(f"wrote {json_path}, {md_path} and {figure}", flush=True)
 
 
 if __name__ == "__main__":

@@ -197,8 +197,17 @@ def render_markdown(
     timings = ", ".join(f"{k} {v / 60:.1f} min" for k, v in study["timings"].items())
     attacks = ", ".join(f"{n} {v:.3f}" for n, v in study["attacks"].items())
     s = settings
+    model = study.get("model", "tiny-chat")
+    source = f"`{model}`" + (
+        "" if model == "tiny-chat" else " (its safety adapter merged into its base first)"
+    )
+    anchors = (
+        "the base and the final checkpoints of the recipe's other seeds"
+        if len(seeds) > 1
+        else "the base alone (one seed, so no other seed's final checkpoint)"
+    )
     out = [
-        "# SFT vs R2D2 on tiny-chat (issue 24, item 3)",
+        f"# SFT vs R2D2 on {model} (issue 24, item 3)",
         "",
         "Written by `analyses/adversarial.py`"
         + (
@@ -211,7 +220,7 @@ def render_markdown(
         "",
         "## Protocol",
         "",
-        f"- Both recipes: LoRA from `tiny-chat`, {s.steps} steps, lr {s.lr:g} (cosine), a "
+        f"- Both recipes: LoRA from {source}, {s.steps} steps, lr {s.lr:g} (cosine), a "
         f"checkpoint every {s.save_every} steps; the first {s.n_behaviours} `harmbench-train` "
         f'behaviours with the refusal "Sorry, I can\'t do that.", the first {s.n_utility} '
         f"`alpaca:train` instructions answered by the base itself ({s.answer_tokens} tokens, greedy).",
@@ -230,8 +239,7 @@ def render_markdown(
         f"- Audit (`safegeom.audit.audit`) of every checkpoint of every run: {s.n_behaviour} "
         f"prompts per held-out set, {s.n_per_class} carrier prompts per class, {s.n_val} "
         f"validation prompts, {s.n_resamples} bootstrap resamples (95% CIs in brackets), the "
-        "attack sets replayed, anchors: the base and the final checkpoints of the recipe's other "
-        "seeds. Coupling is `hr_coupling` of the checkpoint's own h and r at the base's carrier "
+        f"attack sets replayed, anchors: {anchors}. Coupling is `hr_coupling` of the checkpoint's own h and r at the base's carrier "
         "layer; utility is the cross-entropy of GSM8K test answers (lower is better).",
         f"- Claims: E = step {e} (the first checkpoint after the base, declared before the run; a "
         f"second reading takes E at R2D2's coupling peak), L = step {last} (the last). A part "
@@ -272,13 +280,13 @@ def render_markdown(
             out.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
     out += ["", f"## Against the anchors at step {last}", "", *_anchor_lines(rows, seeds, last)]
     out += ["", "## R2D2's own pool (the training manifest)", "", *_pool_lines(study["pool"])]
-    out += ["", "## What tiny-chat limits", "", *limits(study), ""]
+    out += ["", f"## What {model} limits", "", *limits(study), ""]
     return "\n".join(out)
 
 
 def limits(study: Mapping[str, Any]) -> list[str]:
-    """What on tiny-chat limits the reading, with the study's own numbers (the base's coupling
-    and utility, the set sizes, R2D2's pool ASR).
+    """What on the study's model limits the reading, with the study's own numbers (the base's
+    coupling and utility, the set sizes, R2D2's pool ASR).
 
     Returns:
         Markdown bullet lines.
@@ -288,6 +296,9 @@ def limits(study: Mapping[str, Any]) -> list[str]:
     utility = estimate(rows, "r2d2", first, 0, UTILITY)
     pool = [e["pool_asr"] for entries in study["pool"].values() for e in entries]
     worst = max(pool, default=float("nan"))
+    attack = _attack_limit(s, worst)
+    if study.get("model", "tiny-chat") != "tiny-chat":
+        return _scale_limits(study, attack)
     return [
         "- `tiny-chat` is a 4.7M-parameter model trained from scratch on templated refusals and "
         "answers (its model card): it reads surface form. The AutoDAN-style templates and "
@@ -306,6 +317,14 @@ def limits(study: Mapping[str, Any]) -> list[str]:
         f"utility set. Each held-out set, XSTest's safe prompts included, is judged on "
         f"{s.n_behaviour} prompts, and each attack set holds {s.n_attack} behaviours: the ASR "
         "and over-refusal CIs are wide.",
+        attack,
+    ]
+
+
+def _attack_limit(s: Any, worst: float) -> str:
+    """The bullet on R2D2's CPU-sized attack (``worst``: its pool's highest ASR at a
+    checkpoint)."""
+    return (
         f"- R2D2's attack is CPU-sized ({s.r2d2_gcg_steps} GCG step(s) of {s.r2d2_width} "
         f"candidates per training step, {s.attacked} of {s.n_behaviours} test cases a step): its "
         f"own pool's ASR is at most {worst:.3f} at the checkpoints"
@@ -315,16 +334,50 @@ def limits(study: Mapping[str, Any]) -> list[str]:
             if worst < 0.25
             else ""
         )
-        + "; HarmBench's R2D2 uses 5 steps of 512.",
+        + "; HarmBench's R2D2 uses 5 steps of 512."
+    )
+
+
+def _scale_limits(study: Mapping[str, Any], attack: str) -> list[str]:
+    """The limits of a study on a real model cut to CPU scale (``smol-chat``): one seed, short
+    runs, small sets, weak attacks."""
+    rows, s, seeds = study["rows"], study["settings"], study["seeds"]
+    coupling = estimate(rows, "r2d2", seeds[0], 0, "coupling")
+    attacks = ", ".join(f"{n} {v:.3f}" for n, v in study["attacks"].items())
+    return [
+        f"- `{study.get('model')}` is SmolLM2-135M-Instruct with the project's safety LoRA "
+        "(its model card: high over-refusal, far from its base in KL); the study runs at the "
+        f"scale one CPU thread allows: {s.steps} steps, {s.n_behaviours} training behaviours, "
+        f"{s.n_utility} utility rows, seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}"
+        + (
+            " only, so nothing here says how much a verdict varies with the seed and the "
+            "anchors are the base alone"
+            if len(seeds) == 1
+            else ""
+        )
+        + ".",
+        "- The H/R coupling at the base is "
+        + ("–" if coupling is None else coupling.text())
+        + f" at the carrier layer, from {s.n_per_class} carrier prompts a class; the base's "
+        f"direction is selected on {s.n_val} validation prompts a class.",
+        f"- Each held-out set is judged on {s.n_behaviour} prompts and each attack set holds "
+        f"{s.n_attack} `harmbench:val` behaviours, attacked on the base with small budgets (GCG "
+        f"{s.gcg_steps} steps of {s.gcg_width} on {s.gcg_tokens} tokens; AutoDAN-style "
+        f"{s.autodan_population} x {s.autodan_generations}); success on the base: {attacks}. "
+        "One behaviour moves an ASR by "
+        f"{1 / s.n_attack:.3f}, and the CIs are wide.",
+        attack,
     ]
 
 
-def plot_study(tables: Mapping[str, pd.DataFrame]) -> Figure:
+def plot_study(tables: Mapping[str, pd.DataFrame], model: str = "tiny-chat") -> Figure:
     """Coupling, fixed-source ASR, XSTest-safe over-refusal and utility against step, one colour
     per recipe (through :mod:`safegeom.plots`' panels and style).
 
     Args:
         tables: recipe label → its audit table.
+        model: The study's model, named in the title.
 
     Returns:
         The figure (2 × 2 panels).
@@ -368,7 +421,7 @@ def plot_study(tables: Mapping[str, pd.DataFrame]) -> Figure:
             ),
         ]
         b.set_ylim(-0.03, 1.03)
-        return finish_figure(fig, "SFT vs R2D2 on tiny-chat (seed 0)", drawn)
+        return finish_figure(fig, f"SFT vs R2D2 on {model} (seed 0)", drawn)
 
 
 def _claims_json(claims: Mapping[int, list[Claim]]) -> dict[str, Any]:
@@ -389,6 +442,7 @@ def _json_ready(
 ) -> dict[str, Any]:
     e, last = early_late(study["steps"], early)
     return {
+        "model": study.get("model", "tiny-chat"),
         "quick": bool(study.get("quick")),
         "settings": asdict(study["settings"]),
         "seeds": list(study["seeds"]),
@@ -427,5 +481,5 @@ def write_outputs(
     first = study["seeds"][0]
     tables = {LABELS[r]: study["tables"][r, first] for r in LABELS}
     figure.parent.mkdir(parents=True, exist_ok=True)
-    plot_study(tables).savefig(figure)
+    plot_study(tables, study.get("model", "tiny-chat")).savefig(figure)
     return claims

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from analyses.adversarial import ATTACKS, QUICK, REFUSAL, run_study
+from analyses.adversarial import ATTACKS, QUICK, REFUSAL, output_paths, run_study
 from analyses.adversarial_claims import (
     APPEARS,
     CANNOT_TELL,
@@ -24,7 +24,14 @@ from analyses.adversarial_claims import (
     compare,
     judge_claims,
 )
-from analyses.adversarial_report import UTILITY, claims_by_seed, peak_step, write_outputs
+from analyses.adversarial_report import (
+    UTILITY,
+    claims_by_seed,
+    peak_step,
+    render_markdown,
+    write_outputs,
+)
+from analyses.adversarial_settings import SMOL, Settings, default_seeds, study_settings
 
 VERDICTS = {APPEARS, NOT_APPEARS, CANNOT_TELL}
 
@@ -188,3 +195,29 @@ def test_peak_step_is_the_highest_r2d2_coupling() -> None:
     assert peak_step(study) == 10
     v["r2d2", 60, "coupling"] = (0.7, 0.65, 0.75)
     assert peak_step({**study, "rows": _rows(v)}) == 60
+
+
+def test_model_option_picks_sizes_seeds_and_paths() -> None:
+    assert study_settings("tiny-chat") == Settings() and Settings().steps == 80
+    assert study_settings("smol-chat") == SMOL and SMOL.steps < Settings().steps
+    assert study_settings("smol-chat", quick=True) == QUICK == study_settings("tiny-chat", True)
+    with pytest.raises(ValueError, match="smol-chat"):
+        study_settings("gpt-2")
+    assert default_seeds("tiny-chat") == "0,1,2" and default_seeds("smol-chat") == "0"
+    assert output_paths("tiny-chat") == (
+        Path("analyses/results/adversarial.json"),
+        Path("analyses/results/adversarial.md"),
+        Path("figures/adversarial_tiny-chat.png"),
+    )
+    assert output_paths("smol-chat")[0] == Path("analyses/results/adversarial_smol-chat.json")
+
+
+def test_report_names_the_model_and_its_limits(study: dict[str, Any]) -> None:
+    tiny = render_markdown(study, claims_by_seed(study, None), None, Path("f.png"))
+    assert tiny.startswith("# SFT vs R2D2 on tiny-chat") and "## What tiny-chat limits" in tiny
+    assert "the base alone (one seed" in tiny
+    smol = {**study, "model": "smol-chat"}
+    text = render_markdown(smol, claims_by_seed(smol, None), None, Path("f.png"))
+    assert text.startswith("# SFT vs R2D2 on smol-chat") and "## What smol-chat limits" in text
+    assert "`smol-chat` (its safety adapter merged" in text
+    assert "seed 0 only" in text and "4.7M-parameter" not in text
