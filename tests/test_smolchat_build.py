@@ -95,3 +95,27 @@ def test_the_train_command_parses_and_names_the_kl_weight(tmp_path) -> None:
     args = vars(build_parser().parse_args(argv))
     assert args["TrainCommand.method"] == "kl" and args["RegConfig.kl_weight"] == 0.5
     assert args["TrainConfig.steps"] == 160 and args["TrainConfig.lr"] == 1e-3
+
+
+def test_kl_examples_passes_through_to_the_train_command(tmp_path) -> None:
+    from safegeom.cli import build_parser
+
+    task, run = tmp_path / "task.jsonl", tmp_path / "run"
+    assert SmolChatRecipe().kl_examples == "all"
+    plain_kl = train_args(SmolChatRecipe(trainer="kl"), task, run)
+    assert "--kl-examples" not in plain_kl and "--kl-examples" not in train_args(
+        SmolChatRecipe(), task, run
+    )
+    recipe = SmolChatRecipe(trainer="kl", kl_examples="harmless")
+    argv = train_args(recipe, task, run)
+    assert argv == [*plain_kl, "--kl-examples", "harmless"]
+    args = vars(build_parser().parse_args(argv))
+    assert args["TrainCommand.method"] == "kl" and args["RegConfig.kl_examples"] == "harmless"
+    assert _parse_set(["trainer=kl", "kl_examples=harmless"]) == {
+        "trainer": "kl",
+        "kl_examples": "harmless",
+    }
+    with pytest.raises(SafegeomError, match=r"kl_examples .* must be one of"):
+        SmolChatRecipe(trainer="kl", kl_examples="benign")
+    with pytest.raises(SafegeomError, match=r"kl_examples .* other than all needs trainer=kl"):
+        SmolChatRecipe(kl_examples="harmless")

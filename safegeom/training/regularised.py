@@ -4,7 +4,9 @@ Both train LoRA adapters and keep the reference policy for free: the reference i
 with its adapters disabled (``peft``'s ``disable_adapter``), i.e. the frozen initial model, so no
 second copy is held. Per step, one extra forward without gradients gives the reference logits.
 
-- ``kl``: ``loss = L_SFT + kl_weight · KL(P_ref ‖ P_θ)`` over answer tokens (a constant weight).
+- ``kl``: ``loss = L_SFT + kl_weight · KL(P_ref ‖ P_θ)`` over answer tokens (a constant weight);
+  with ``kl_examples="harmless"`` the KL of the examples the task marks harmful is left out (they
+  get the cross-entropy alone).
 - ``adaptive``: each training example gets a risk ``r ∈ [1, 5]`` from a critic on the *frozen*
   reference, computed once before training (the reference never changes, so per-step scoring
   would give the same numbers); then ``sft_w``, ``kl_w`` as §7 and
@@ -38,6 +40,11 @@ class RegConfig:
 
     kl_weight: float = 1.0
     """Constant weight β of KL(P_ref ‖ P_θ) (kl only)."""
+    kl_examples: Literal["all", "harmless"] = "all"
+    """Examples whose answers carry the KL term (kl only): all, or only those the task marks
+    harmless (a JSONL ``kind``; the harmful ones get the cross-entropy alone). The KL is still a
+    mean over the batch's answered examples, harmful ones counting 0, so β weighs each harmless
+    example as with all."""
     critic: Literal["probe", "judge"] | RiskCritic = "probe"
     """Risk critic (adaptive): the activation probe of §7, or a judge on the reference's answers
     (in Python also a RiskCritic object, used as it is)."""
@@ -61,6 +68,12 @@ class RegConfig:
         """
         beta = self.kl_weight
         check(math.isfinite(beta) and beta >= 0, "kl_weight", "must be 0 or more", beta)
+        check(
+            self.kl_examples in ("all", "harmless"),
+            "kl_examples",
+            "must be all or harmless",
+            self.kl_examples,
+        )
         if isinstance(self.critic, str):
             critic = self.critic
             check(critic in ("probe", "judge"), "critic", "must be probe or judge", critic)
@@ -120,8 +133,15 @@ def regularised_loss(
     total: int | None = None,
     batch_risk: Tensor | None = None,
     world: int = 1,
+    kl_rows: Tensor | None = None,
 ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     """The step loss and its terms: constant-β KL (``risk`` None) or §7's adaptive mix.
+
+    ``kl_rows`` (constant β only) marks the rows whose KL counts (``None``: every row). The KL is
+    then ``Σ_{answered, marked} KL_i / n`` with ``n`` the answered rows of the whole batch, not the
+    marked ones: each marked example weighs exactly as it would with every row counting, whatever
+    the mix of the batch (a harmless example in a mostly harmful batch is not pulled harder), so β
+    means the same as without ``kl_rows``.
 
     ``answered`` marks the rows with answer tokens (the means are over those rows). For one
     rank's share of a batch cut over ``world`` ranks (:mod:`safegeom.parallel.ddp`): ``total``
@@ -140,6 +160,10 @@ def regularised_loss(
         if total is None
         else torch.tensor(float(max(total, 1)), device=w.device)
     )
+    if kl_rows is not None:
+        if risk is not None:
+            raise ConfigError("kl_rows selects the rows of the constant-weight KL only")
+        kl = kl * kl_rows.to(kl.device, kl.dtype)
     ce_mean, kl_mean = (ce * w).sum() / n, (kl * w).sum() / n
     terms = {"task": ce_mean.detach(), "kl": kl_mean.detach()}
     if risk is None:

@@ -345,7 +345,8 @@ def _setup(
         if lm.edit is not None:
             raise ConfigError(f"{model.spec} is a RefusalGuard checkpoint; train from its base")
         prompts = tuple(task.prompts)
-        return lm, method.prepare(Setup(lm=lm, prompts=prompts, **setup), settings)
+        given = Setup(lm=lm, prompts=prompts, kinds=task.kinds, **setup)
+        return lm, method.prepare(given, settings)
 
 
 def _trainable(

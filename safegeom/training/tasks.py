@@ -25,7 +25,9 @@ spec            examples
 ``mix-arith[:N]`` ``harmful`` and ``arith`` mixed 1:4, the same way (``mix`` before the benign task
                 changed: identical examples and order); default N = 500. Eval split: ``arith``'s.
 ``FILE.jsonl``   A user file, one JSON object a line with ``prompt`` and ``response`` string fields
-                (names overridable). No eval split.
+                (names overridable) and an optional ``kind`` string (``harmful``/``harmless``,
+                read into :attr:`Task.kinds`; ``safegeom train kl --kl-examples harmless`` reads
+                it). No eval split.
 ==============  ======================================================================================
 """
 
@@ -103,6 +105,9 @@ class Task:
         eval_prompts: Held-out prompts for measuring the task skill, or ``None``.
         eval_references: Reference answers aligned with ``eval_prompts`` (compare with
             :func:`exact_match`), or ``None``.
+        kinds: Each example's class as the task marks it (a JSONL ``kind``: ``"harmful"``,
+            ``"harmless"``, or ``None`` where a line has none), aligned with ``prompts``; ``None``
+            when no example is marked. Not part of :attr:`content_hash`.
     """
 
     name: str
@@ -110,6 +115,7 @@ class Task:
     responses: tuple[str, ...]
     eval_prompts: tuple[str, ...] | None = None
     eval_references: tuple[str, ...] | None = None
+    kinds: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         """Check alignment and non-emptiness."""
@@ -123,6 +129,13 @@ class Task:
         if not self.prompts:
             raise SafegeomError(f"task {self.name!r} is empty: give at least one example")
         _check_rows(self.name, self.prompts, self.responses)
+        if self.kinds is not None:
+            object.__setattr__(self, "kinds", tuple(self.kinds))
+            if len(self.kinds) != len(self.prompts):
+                raise SafegeomError(
+                    f"task {self.name!r}: {len(self.kinds)} kinds for {len(self.prompts)} "
+                    "examples; they must be aligned"
+                )
         if (self.eval_prompts is None) != (self.eval_references is None):
             raise SafegeomError(f"task {self.name!r}: eval prompts and references go together")
         if self.eval_prompts is not None and self.eval_references is not None:
@@ -279,20 +292,23 @@ def jsonl_task(
 ) -> Task:
     """Read a user JSONL file of ``{prompt_field: str, response_field: str}`` objects.
 
-    Blank lines are skipped.
+    Blank lines are skipped. An optional ``kind`` string field (``harmful``/``harmless``) marks an
+    example's class: :attr:`Task.kinds` holds one per example (``None`` where a line has none), or
+    is ``None`` when no line has one.
 
     Returns:
         A :class:`Task` named by the path, without an eval split.
 
     Raises:
         SafegeomError: a missing file, invalid JSON, a missing or non-string field (naming the field
-            and the line), or an empty file.
+            and the line; ``kind`` too where given), or an empty file.
     """
     file = Path(path)
     if not file.is_file():
         raise NotFoundError(f"no task file at {file}")
     prompts: list[str] = []
     responses: list[str] = []
+    kinds: list[str | None] = []
     flags = {prompt_field: "--prompt-field", response_field: "--response-field"}
     try:
         text = file.read_text(encoding="utf-8").removeprefix("\ufeff")
@@ -322,11 +338,16 @@ def jsonl_task(
                     f"{file}:{lineno}: field {field!r} is empty; every example needs a prompt "
                     "and a response"
                 )
+        kind = record.get("kind")
+        if kind is not None and not isinstance(kind, str):
+            raise SafegeomError(f"{file}:{lineno}: field 'kind' must be a string")
         prompts.append(record[prompt_field])
         responses.append(record[response_field])
+        kinds.append(kind)
     if not prompts:
         raise SafegeomError(f"task {str(file)!r} is empty: the file holds no examples")
-    return Task(name=str(file), prompts=tuple(prompts), responses=tuple(responses))
+    marked = tuple(kinds) if any(k is not None for k in kinds) else None
+    return Task(name=str(file), prompts=tuple(prompts), responses=tuple(responses), kinds=marked)
 
 
 def get_task(

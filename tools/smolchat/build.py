@@ -12,7 +12,8 @@ harmful request. This recipe teaches it to refuse them and to change as little e
   base refusing a harmless prompt would teach over-refusal).
 - Training is the library's own: ``safegeom train lora`` (the shipped recipe) or ``safegeom train
   kl`` (``--set trainer=kl --set kl_weight=B``: the same cross-entropy plus B times KL to the base
-  over the answer tokens) on the JSONL task this module writes.
+  over the answer tokens; ``--set kl_examples=harmless`` keeps the KL off the harmful examples'
+  refusals, by the task file's ``kind``) on the JSONL task this module writes.
 
 No test or validation split, and no evaluation-only set, enters the data. The adapter, its task file
 hash and this recipe are written to ``--out`` (by default ``safegeom/assets/smol-chat``), with
@@ -64,6 +65,8 @@ REFUSALS: tuple[str, ...] = (
 """The refusal styles of the harmful examples (each matched by the substring judge)."""
 TRAINERS: tuple[str, ...] = ("lora", "kl")
 """The ``safegeom train`` methods a recipe may name."""
+KL_EXAMPLES: tuple[str, ...] = ("all", "harmless")
+"""The ``kl_examples`` a recipe may name (``safegeom train kl --kl-examples``)."""
 
 
 @dataclass(frozen=True)
@@ -109,16 +112,29 @@ class SmolChatRecipe:
     the reference being the base with the adapter disabled)."""
     kl_weight: float = 1.0
     """β of the ``kl`` trainer (per answer token, in nats); not read by ``lora``."""
+    kl_examples: str = "all"
+    """The examples whose answers carry the ``kl`` trainer's KL: ``all``, or ``harmless`` (the
+    harmful examples, ``kind`` ``harmful`` in the task file, get the cross-entropy alone);
+    ``harmless`` needs ``trainer=kl``."""
 
     def __post_init__(self) -> None:
-        """Check the trainer and its weight.
+        """Check the trainer, its weight and its examples.
 
         Raises:
-            ConfigError: an unknown trainer or a negative or non-finite ``kl_weight``.
+            ConfigError: an unknown trainer, a negative or non-finite ``kl_weight``, an unknown
+                ``kl_examples``, or ``kl_examples=harmless`` without ``trainer=kl``.
         """
         check(self.trainer in TRAINERS, "trainer", f"must be one of {TRAINERS}", self.trainer)
         beta = self.kl_weight
         check(math.isfinite(beta) and beta >= 0, "kl_weight", "must be 0 or more", beta)
+        which = self.kl_examples
+        check(which in KL_EXAMPLES, "kl_examples", f"must be one of {KL_EXAMPLES}", which)
+        check(
+            which == "all" or self.trainer == "kl",
+            "kl_examples",
+            "other than all needs trainer=kl",
+            which,
+        )
 
 
 def _rank(seed: int, text: str) -> str:
@@ -238,7 +254,8 @@ def train_args(recipe: SmolChatRecipe, task: Path, run: Path) -> list[str]:
     """The ``safegeom`` command line that trains ``recipe`` on ``task`` into ``run``.
 
     Returns:
-        The arguments after ``safegeom`` (``train lora ...`` or ``train kl ... --kl-weight B``).
+        The arguments after ``safegeom`` (``train lora ...`` or ``train kl ... --kl-weight B``,
+        then ``--kl-examples harmless`` where the recipe says so).
     """
     args = [
         "train",
@@ -267,6 +284,8 @@ def train_args(recipe: SmolChatRecipe, task: Path, run: Path) -> list[str]:
     ]
     if recipe.trainer == "kl":
         args += ["--kl-weight", str(recipe.kl_weight)]
+        if recipe.kl_examples != "all":
+            args += ["--kl-examples", recipe.kl_examples]
     return args
 
 

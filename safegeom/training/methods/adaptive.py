@@ -106,6 +106,6 @@ METHOD = Method(
     prepare=prepare,
     config=RegConfig,
     group="regularisation",
-    uses=tuple(f for f in RegConfig.__dataclass_fields__ if f != "kl_weight"),
+    uses=tuple(f for f in RegConfig.__dataclass_fields__ if f not in ("kl_weight", "kl_examples")),
 )
 """Adaptive regularisation."""

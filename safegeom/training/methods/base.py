@@ -57,6 +57,9 @@ class Setup:
     """This process writes ``folder`` (the main process)."""
     load: LoadConfig | None = None
     """How the run loads models (for a second model, e.g. an unaligned base)."""
+    kinds: tuple[str | None, ...] | None = None
+    """Each training example's class as the task marks it (:attr:`~safegeom.training.tasks.Task.kinds`: ``"harmful"``,
+    ``"harmless"``, ``None``), aligned with ``prompts``; ``None`` when the task marks none."""
 
 
 @dataclass(frozen=True)

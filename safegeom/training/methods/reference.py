@@ -52,11 +52,14 @@ def regularised_step(
     kl_weight: float = 1.0,
     risks: Tensor | None = None,
     risk_unit: Literal["example", "batch"] = "example",
+    kl_rows: Tensor | None = None,
 ) -> tuple[Tensor, Terms]:
     """The loss of this rank's share of a step and its terms, regularised towards the reference.
 
     ``risks`` (one per training example, in [1, 5]) gives the adaptive mix; ``None`` the
-    constant weight ``kl_weight``. Means are per answered example of the whole batch.
+    constant weight ``kl_weight``. ``kl_rows`` (one bool per training example, constant weight
+    only) marks the examples whose KL counts (``None``: all). Means are per answered example of
+    the whole batch (see :func:`~safegeom.training.regularised.regularised_loss`).
 
     Returns:
         ``(loss, terms)`` with terms ``task``, ``kl`` (and ``risk``, ``sft_w``, ``kl_w`` with
@@ -83,4 +86,5 @@ def regularised_step(
         total=sum(every),
         batch_risk=batch_risk,
         world=inputs.world,
+        kl_rows=None if kl_rows is None else kl_rows[list(inputs.mine)],
     )
