@@ -69,7 +69,8 @@ def test_every_geometry_row_has_an_anchor_and_the_base_rows_stay(setup) -> None:
     assert table[table.metric.isin(ANCHORED)].anchor.notna().all()
     base = _geometry(table, "base", "base")
     cosine = base[(base.metric == "cosine_to_base") & (base.source == "reextracted")]
-    assert len(cosine) > 3 and cosine.value.eq(1.0).all()  # the base against itself
+    assert len(cosine) > 3  # the base against itself: 1 up to float rounding (thread count)
+    assert cosine.value.between(1 - 1e-6, 1 + 1e-6).all(), cosine.value.tolist()
     assert (setup["out"] / "anchors" / "seed2" / "reference.json").is_file()
     manifest = json.loads((setup["out"] / "manifest.json").read_text())
     assert manifest["identity"]["config"]["anchors"] == [f"seed2={setup['anchor']}"]
