@@ -66,6 +66,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -76,6 +78,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analyses.adversarial_settings import QUICK, Settings, default_seeds, study_settings
+from safegeom.artifacts import write_text
 
 __all__ = [
     "ATTACKS",
@@ -124,7 +127,7 @@ def timed(work: Path, key: str) -> Iterator[None]:
     path = work / TIMINGS
     spent = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     spent[key] = {"wall": round(wall, 2), "cpu": round(cpu, 2)}
-    path.write_text(json.dumps(spent, indent=1), encoding="utf-8")
+    write_text(path, json.dumps(spent, indent=1))
     print(f"{key}: {wall:.0f} s", flush=True)
 
 
@@ -154,12 +157,11 @@ def _behaviours(n: int) -> list[str]:
 
 
 def _write_jsonl(path: Path, prompts: list[str], responses: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the task file atomically (a rerun trusts any file that exists)."""
     lines = [
         json.dumps({"prompt": p, "response": r}) for p, r in zip(prompts, responses, strict=True)
     ]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_text(path, "\n".join(lines) + "\n")
 
 
 def data_files(settings: Settings, work: Path, lm: Any) -> tuple[Path, Path]:
@@ -244,10 +246,13 @@ def base_model(model: str, work: Path) -> str:
     if model == "tiny-chat":
         return model
     folder = work / "base"
-    if not (folder / "config.json").is_file():
+    if not folder.is_dir():  # written beside, then renamed: a folder here is complete
         merged = load_model(model, LoadConfig(merge_adapter=True))
-        merged.model.save_pretrained(folder)
-        merged.tokenizer.save_pretrained(folder)
+        tmp = work / "base.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.model.save_pretrained(tmp)
+        merged.tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
     return str(folder)
 
 

@@ -26,6 +26,7 @@ from analyses.adversarial_claims import (
     estimate,
     judge_claims,
 )
+from safegeom.artifacts import write_text
 
 __all__ = [
     "LABELS",
@@ -472,12 +473,8 @@ def write_outputs(
     at_peak = None
     if peak != early_late(study["steps"], early)[0]:
         at_peak = (peak, claims_by_seed(study, peak))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(
-        json.dumps(_json_ready(study, claims, early, at_peak), indent=1) + "\n", encoding="utf-8"
-    )
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(render_markdown(study, claims, early, figure, at_peak), encoding="utf-8")
+    write_text(json_path, json.dumps(_json_ready(study, claims, early, at_peak), indent=1) + "\n")
+    write_text(md_path, render_markdown(study, claims, early, figure, at_peak))
     first = study["seeds"][0]
     tables = {LABELS[r]: study["tables"][r, first] for r in LABELS}
     figure.parent.mkdir(parents=True, exist_ok=True)
