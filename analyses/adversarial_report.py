@@ -27,6 +27,7 @@ from analyses.adversarial_claims import (
     judge_claims,
 )
 from safegeom.artifacts import write_text
+from safegeom.figure_files import save_figure
 
 __all__ = [
     "LABELS",
@@ -477,6 +478,5 @@ def write_outputs(
     write_text(md_path, render_markdown(study, claims, early, figure, at_peak))
     first = study["seeds"][0]
     tables = {LABELS[r]: study["tables"][r, first] for r in LABELS}
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    plot_study(tables, study.get("model", "tiny-chat")).savefig(figure)
+    save_figure(plot_study(tables, study.get("model", "tiny-chat")), figure)
     return claims
