@@ -66,8 +66,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -78,6 +76,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analyses.adversarial_settings import QUICK, Settings, default_seeds, study_settings
+from analyses.study_base import base_model
 from safegeom.artifacts import write_text
 
 __all__ = [
@@ -88,7 +87,6 @@ __all__ = [
     "Settings",
     "attack_sets",
     "audit_config",
-    "base_model",
     "data_files",
     "output_paths",
     "run_study",
@@ -231,29 +229,6 @@ def attack_sets(settings: Settings, work: Path, lm: Any) -> dict[str, Path]:
         print(f"attack {name}: ASR on the base {load_attack_set(folder).success_rate:.3f}")
         folders[name] = folder
     return folders
-
-
-def base_model(model: str, work: Path) -> str:
-    """The model spec every run trains from: ``tiny-chat`` itself; for a model shipped as a LoRA
-    adapter (``smol-chat``) its adapter merged into its base and saved once as ``work/base``, as
-    ``safegeom train`` asks of an adapter model (it refuses an adapter folder).
-
-    Returns:
-        ``model`` or the merged folder's path.
-    """
-    from safegeom.models import LoadConfig, load_model
-
-    if model == "tiny-chat":
-        return model
-    folder = work / "base"
-    if not folder.is_dir():  # written beside, then renamed: a folder here is complete
-        merged = load_model(model, LoadConfig(merge_adapter=True))
-        tmp = work / "base.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.model.save_pretrained(tmp)
-        merged.tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
-    return str(folder)
 
 
 def train_run(recipe: str, seed: int, settings: Settings, work: Path, model: str = MODEL) -> Path:

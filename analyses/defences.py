@@ -54,7 +54,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,92 +63,19 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analyses.defences_report import build_results, write_outputs
+from analyses.defences_settings import (
+    DEFAULT_LAMBDA,
+    PRESETS,
+    RunSpec,
+    Settings,
+    spec,
+    train_kwargs,
+)
+from analyses.study_base import base_model
 
-__all__ = ["GRIDS", "LAMBDAS", "METHODS", "TASKS", "RunSpec", "Settings", "run_job"]
+__all__ = ["PRESETS", "audit_job", "base_job", "run_job"]
 
-METHODS: tuple[str, ...] = ("lora", "sft", "rg-lora", "rg-lora-both", "rg-reft", "adaptive", "kl")
-"""The study's methods, in table order."""
-TASKS: tuple[str, ...] = ("harmful", "mix", "sentiment", "arith")
-"""The study's tasks, in table order."""
-GRIDS: dict[str, tuple[float, ...]] = {
-    "lora": (1e-3, 2e-3, 5e-3),
-    "rg-lora": (1e-3, 2e-3, 5e-3),
-    "rg-lora-both": (1e-3, 2e-3, 5e-3),
-    "adaptive": (1e-3, 2e-3, 5e-3),
-    "kl": (1e-3, 2e-3, 5e-3),
-    "rg-reft": (5e-3, 1e-2, 2e-2),
-    "sft": (1e-5, 3e-5, 1e-4),
-}
-"""Each method's learning-rate grid of the search rule."""
-LAMBDAS: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
-"""λ_geom values of the ablation (0.3 is the default, the main grid's rg-lora)."""
-DEFAULT_LAMBDA = 0.3
-"""GuardConfig's default λ_geom."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Training settings shared by every run."""
-
-    steps: int = 200
-    """Optimizer steps per run."""
-    save_every: int = 50
-    """Checkpoint interval, steps."""
-    batch_size: int = 8
-    """Examples per step."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run of the study."""
-
-    method: str
-    """A :data:`METHODS` entry."""
-    task: str
-    """A :data:`TASKS` entry."""
-    seed: int
-    """Training seed."""
-    lr: float
-    """Learning rate."""
-    lam: float | None = None
-    """λ_geom (rg-lora only; None elsewhere)."""
-
-    @property
-    def name(self) -> str:
-        """The run's folder name, e.g. ``rg-lora-mix-lr0.005-lam0.3-s0``."""
-        lam = "" if self.lam is None else f"-lam{self.lam:g}"
-        return f"{self.method}-{self.task}-lr{self.lr:g}{lam}-s{self.seed}"
-
-
-def spec(method: str, task: str, seed: int, lr: float, lam: float | None = None) -> RunSpec:
-    """A :class:`RunSpec`, giving rg-lora the default λ_geom when none is given."""
-    if method == "rg-lora" and lam is None:
-        lam = DEFAULT_LAMBDA
-    return RunSpec(method, task, seed, lr, lam)
-
-
-def train_kwargs(run: RunSpec) -> dict[str, Any]:
-    """The :func:`safegeom.training.train` keywords of a run's method (``method`` and its
-    ``settings``)."""
-    from safegeom.training.methods.refusalguard import GuardConfig
-    from safegeom.training.regularised import RegConfig
-
-    if run.method == "rg-lora":
-        settings = GuardConfig(variant="lora", lambda_geom=run.lam)
-        return {"method": "refusalguard", "settings": settings}
-    if run.method == "rg-lora-both":  # the penalty holds the harmless calibration prompts too
-        return {
-            "method": "refusalguard",
-            "settings": GuardConfig(variant="lora", penalise_harmless=True),
-        }
-    if run.method == "rg-reft":
-        return {"method": "refusalguard", "settings": GuardConfig(variant="reft")}
-    if run.method == "kl":
-        return {"method": "kl", "settings": RegConfig(kl_weight=1.0)}
-    return {"method": run.method}
-
-
-_BASE: list[Any] = []
+_BASE: dict[str, Any] = {}
 
 
 def _init_worker() -> None:
@@ -158,13 +85,14 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _base() -> Any:
-    """The base model, loaded once per process."""
-    if not _BASE:
+def _base(spec_: str) -> Any:
+    """The base model (a spec :func:`analyses.study_base.base_model` gave), loaded once per
+    process."""
+    if spec_ not in _BASE:
         from safegeom.models import load_model
 
-        _BASE.append(load_model("tiny-chat"))
-    return _BASE[0]
+        _BASE[spec_] = load_model(spec_)
+    return _BASE[spec_]
 
 
 def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, dict[str, Any]]]:
@@ -184,6 +112,7 @@ def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, di
     run, settings, work, which = job
     folder = work / "runs" / run.name
     task = get_task(run.task)
+    model = base_model(settings.model, work)
     try:
         traj = load_trajectory(folder)
         done = traj.steps and traj.steps[-1] >= settings.steps
@@ -191,7 +120,7 @@ def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, di
         done = False
     if not done:
         traj = train(
-            "tiny-chat",
+            model,
             task,
             TrainConfig(
                 steps=settings.steps,
@@ -203,28 +132,31 @@ def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, di
             ),
             out=folder,
             resume=True,
-            **train_kwargs(run),
+            **train_kwargs(run, settings),
         )
     pairs = list(zip(traj.steps, traj.paths, strict=True))[1:]
-    if which == "last":
+    every = settings.every_checkpoint
+    if which == "last" or (every is not None and run.method not in every):
         pairs = pairs[-1:]
     out = {}
     for step, path in pairs:
-        out[step] = evaluate_checkpoint(path, task, _base(), folder / "eval" / f"step-{step}")
+        eval_folder = folder / "eval" / f"step-{step}"
+        out[step] = evaluate_checkpoint(path, task, _base(model), eval_folder, settings.sizes)
     return run.name, out
 
 
-def audit_job(job: tuple[RunSpec, Path]) -> str:
-    """Audit a run's trajectory into its ``audit`` folder (defaults), unless done; its name."""
+def audit_job(job: tuple[RunSpec, Path, dict[str, Any]]) -> str:
+    """Audit a run's trajectory into its ``audit`` folder (``AuditConfig(**fields)``), unless
+    done; its name."""
     from safegeom.audit import AuditConfig, audit, load_audit
     from safegeom.errors import SafegeomError
 
-    run, work = job
+    run, work, fields = job
     folder = work / "runs" / run.name
     try:
         load_audit(folder / "audit")
     except SafegeomError:
-        audit(folder, folder / "audit", AuditConfig(), progress=False)
+        audit(folder, folder / "audit", AuditConfig(**fields), progress=False)
     return run.name
 
 
@@ -241,41 +173,69 @@ def _pool_map(fn: Any, jobs: list[Any], n_jobs: int, what: str) -> list[Any]:
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/safegeom-defences"))
+    parser.add_argument("--model", default="tiny-chat", choices=sorted(PRESETS))
+    parser.add_argument(
+        "--work", type=Path, default=None, help="default /tmp/safegeom-defences[-MODEL]"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--seeds", default=None, help="the preset's seeds")
+    parser.add_argument("--methods", default=None, help="the preset's methods")
+    parser.add_argument("--tasks", default=None, help="the preset's tasks")
     parser.add_argument("--lambda-seeds", default=None, help="seeds of the λ ablation (--seeds)")
     parser.add_argument("--no-audit", action="store_true", help="skip the audits")
-    parser.add_argument("--audit-tasks", default="mix,sentiment", help="tasks audited (seed 0)")
+    parser.add_argument("--audit-tasks", default=None, help="tasks audited first (seed 0)")
     parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: 20 steps, save every 10, seed 0, lora and rg-lora on mix, "
-        "middle lr of the grid, λ 0 and 0.3, no audit",
+        "the first lr of the grid, λ 0 and 0.3, no audit",
     )
-    parser.add_argument("--json", type=Path, default=Path("analyses/results/defences.json"))
-    parser.add_argument("--md", type=Path, default=Path("analyses/results/defences.md"))
+    parser.add_argument("--json", type=Path, default=None, help="results JSON (per model)")
+    parser.add_argument("--md", type=Path, default=None, help="results markdown (per model)")
     return parser.parse_args()
+
+
+def output_paths(model: str) -> tuple[Path, Path, Path]:
+    """``(work folder, results JSON, results markdown)`` of a model's study by default:
+    tiny-chat's keep their issue-12 names, another model's carry its name."""
+    if model == "tiny-chat":
+        stem, work = "defences", Path("/tmp/safegeom-defences")
+    else:
+        stem, work = f"defences_{model}", Path(f"/tmp/safegeom-defences-{model}")
+    results = Path("analyses/results")
+    return work, results / f"{stem}.json", results / f"{stem}.md"
+
+
+def _csv(value: str | None, default: tuple[Any, ...], kind: type = str) -> list[Any]:
+    return list(default) if value is None else [kind(v) for v in value.split(",")]
 
 
 def main() -> None:
     """Run the phases (lr grid, main grid, λ ablation, audits) and write the results."""
     args = _parse()
-    settings, seeds = Settings(), [int(s) for s in args.seeds.split(",")]
-    methods, tasks = args.methods.split(","), args.tasks.split(",")
-    lambdas, grids = LAMBDAS, dict(GRIDS)
+    preset = PRESETS[args.model]
+    work, json_path, md_path = output_paths(args.model)
+    work, json_path, md_path = args.work or work, args.json or json_path, args.md or md_path
+    settings: Settings = preset.settings
+    seeds = _csv(args.seeds, preset.seeds, int)
+    methods, tasks = _csv(args.methods, preset.methods), _csv(args.tasks, preset.tasks)
+    lambdas, grids = preset.lambdas, dict(preset.grids)
+    audit_first = _csv(args.audit_tasks, preset.audit_tasks)
     if args.quick:
-        settings, seeds, methods, tasks = Settings(20, 10), [0], ["lora", "rg-lora"], ["mix"]
-        lambdas, args.no_audit = (0.0, DEFAULT_LAMBDA), True
-        grids = {m: (g[1],) for m, g in GRIDS.items()}
-    lam_seeds = (
-        seeds if args.lambda_seeds is None else [int(s) for s in args.lambda_seeds.split(",")]
-    )
-    work = args.work
+        settings, seeds, methods, tasks = (
+            replace(settings, steps=20, save_every=10),
+            [0],
+            [
+                "lora",
+                "rg-lora",
+            ],
+            ["mix"],
+        )
+        lambdas, args.no_audit = (0.0, DEFAULT_LAMBDA) if lambdas else (), True
+        grids = {m: g[:1] for m, g in grids.items()}
+    lam_seeds = _csv(args.lambda_seeds, tuple(seeds), int)
     evals: dict[str, dict[int, dict[str, Any]]] = {}
-    base_eval = dict(_pool_map(base_job, [(t, work) for t in tasks], args.jobs, "base"))
+    base_eval = dict(_pool_map(base_job, [(t, work, settings) for t in tasks], args.jobs, "base"))
     grid_jobs = [
         (spec(m, "mix", 0, lr), settings, work, "last") for m in methods for lr in grids[m]
     ]
@@ -288,15 +248,20 @@ def main() -> None:
             lr: evals[spec(m, "mix", 0, lr).name][settings.steps]["rates"]["task_accuracy"]
             for lr in grids[m]
         }
-        chosen[m] = pick_lr(accs)
+        chosen[m] = pick_lr(accs) if len(accs) > 1 else next(iter(accs))
     print("chosen lr:", chosen, flush=True)
-    main_runs = [spec(m, t, s, chosen[m]) for m in methods for t in tasks for s in seeds]
+    main_runs = [
+        spec(m, t, s, chosen[m])
+        for t in tasks
+        for m in methods
+        if m in preset.task_methods.get(t, methods)
+        for s in seeds
+    ]
     lam_runs = []
     if "rg-lora" in methods and "mix" in tasks:
         lam_runs = [
             spec("rg-lora", "mix", s, chosen["rg-lora"], lam) for s in lam_seeds for lam in lambdas
         ]
-    audit_first = args.audit_tasks.split(",")
     audited = [] if args.no_audit else [r for r in main_runs if r.seed == 0]
     audited.sort(key=lambda r: r.task not in audit_first)
     first = [r for r in audited if r.task in audit_first]
@@ -321,27 +286,31 @@ def main() -> None:
         for r in sorted(main_runs + lam_runs, key=lambda r: r.seed)
         if r.seed != 0 or r.lam not in (None, DEFAULT_LAMBDA)
     }
+    fields = dict(preset.audit)
     phases = (
         ("seed-0 runs", run_job, [(r, settings, work, "all") for r in main_runs if r.seed == 0]),
-        ("audits", audit_job, [(r, work) for r in first]),
+        ("audits", audit_job, [(r, work, fields) for r in first]),
         ("other runs", run_job, [(r, settings, work, "last") for r in others.values()]),
-        ("more audits", audit_job, [(r, work) for r in audited if r not in first]),
+        ("more audits", audit_job, [(r, work, fields) for r in audited if r not in first]),
     )
     for what, fn, jobs in phases:
         done = _pool_map(fn, jobs, args.jobs, what)
         if fn is run_job:
             evals.update(done)
-        write_outputs(build_results(**context), args.json, args.md)
-        print(f"{what}: wrote {args.json} and {args.md}", flush=True)
+        write_outputs(build_results(**context), json_path, md_path)
+        print(f"{what}: wrote {json_path} and {md_path}", flush=True)
 
 
-def base_job(job: tuple[str, Path]) -> tuple[str, dict[str, Any]]:
-    """The base model's numbers on a task (cached under ``work/base/TASK``): ``(task, numbers)``."""
+def base_job(job: tuple[str, Path, Settings]) -> tuple[str, dict[str, Any]]:
+    """The base model's numbers on a task (cached under ``work/base-eval/TASK``; tiny-chat's
+    under ``work/base/TASK``, as issue 12 wrote them): ``(task, numbers)``."""
     from analyses.defences_eval import evaluate_checkpoint
     from safegeom.training import get_task
 
-    task, work = job
-    return task, evaluate_checkpoint("tiny-chat", get_task(task), _base(), work / "base" / task)
+    task, work, settings = job
+    model = base_model(settings.model, work)
+    folder = work / ("base" if settings.model == "tiny-chat" else "base-eval") / task
+    return task, evaluate_checkpoint(model, get_task(task), _base(model), folder, settings.sizes)
 
 
 if __name__ == "__main__":

@@ -16,25 +16,49 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from analyses.defences_eval import harmful_sets, harmless_sets
 from analyses.defences_stats import METRICS, markdown_table, seed_prompt_ci, summarise, table_rows
-from safegeom.artifacts import read_json, write_json
+from safegeom.artifacts import read_json, write_json, write_text
 from safegeom.bootstrap import bootstrap_ci
 from safegeom.errors import SafegeomError
 
-__all__ = ["AUDIT_METRICS", "build_results", "lambda_rows", "load_results", "write_outputs"]
+__all__ = [
+    "AUDIT_METRICS",
+    "build_results",
+    "erosion_targets",
+    "lambda_rows",
+    "load_results",
+    "notes",
+    "write_outputs",
+]
 
 AUDIT_METRICS = ("cosine_to_base", "hr_coupling", "ablation_effect")
 """Audit metrics kept for the overlays (at every layer; the carrier layer is chosen when drawn)."""
-NOTES = (
+NO_UNALIGNED = (
     "Safe LoRA and LoX are not in the study: tiny-chat has no honest unaligned base (its recipe "
-    "trains the aligned behaviour from scratch).",
-    "Cells: mean over seeds [95% CI, two-level bootstrap over seeds and prompts]. ASR: substring "
-    "judge on advbench+jbb-harmful+directharm4 :test (204); over-refusal: alpaca:test sample (100, "
-    "substring) + xstest-safe:test (50, XSTest judge); task accuracy: exact match on the task's "
-    "200 held-out problems (none for harmful); KL(base ‖ model) at the first answer position of "
-    "the 100 Alpaca prompts, nats.",
+    "trains the aligned behaviour from scratch)."
 )
-"""Notes printed under the table."""
+"""The note of a study without Safe LoRA and LoX."""
+
+
+def notes(settings: Any) -> list[str]:
+    """The notes printed under the table: what is left out, and what each cell measures (with the
+    held-out sizes of ``settings.sizes``)."""
+    sizes = settings.sizes
+    harmful = sum(len(p) for p in harmful_sets(sizes))
+    (alpaca, _), (xstest, _) = harmless_sets(sizes)
+    task = "200" if sizes.n_task is None else f"first {sizes.n_task} of the 200"
+    each = "" if sizes.n_harmful is None else f", a sample of {sizes.n_harmful} per set (seed 0)"
+    out = [] if settings.unaligned_base is not None else [NO_UNALIGNED]
+    out.append(
+        "Cells: mean over seeds [95% CI, two-level bootstrap over seeds and prompts]. ASR: "
+        f"substring judge on advbench+jbb-harmful+directharm4 :test ({harmful}{each}); "
+        f"over-refusal: alpaca:test sample ({len(alpaca)}, substring) + xstest-safe:test "
+        f"({len(xstest)}, XSTest judge); task accuracy: exact match on the task's {task} "
+        "held-out problems (none for harmful); KL(base ‖ model) at the first answer position of "
+        f"the {len(alpaca)} Alpaca prompts, nats."
+    )
+    return out
 
 
 def _last(evals: Mapping[str, Mapping[int, Any]], name: str) -> Mapping[str, Any]:
@@ -97,7 +121,7 @@ def build_results(
     Returns:
         The mapping; fractions in [0, 1], KL in nats, steps in optimizer steps.
     """
-    from analyses.defences import spec
+    from analyses.defences_settings import spec
 
     grid = {
         m: [
@@ -156,6 +180,8 @@ def build_results(
             continue
     results = {
         "protocol": {
+            "model": settings.model,
+            "unaligned_base": settings.unaligned_base,
             "steps": settings.steps,
             "save_every": settings.save_every,
             "batch_size": settings.batch_size,
@@ -167,7 +193,7 @@ def build_results(
             "lambdas": list(lambdas),
             "audited": [r.name for r in audited],
         },
-        "notes": list(NOTES),
+        "notes": notes(settings),
         "lr_grid": grid,
         "chosen_lr": dict(chosen),
         "base": base,
@@ -236,6 +262,7 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     traj = results["trajectories"]
+    out += erosion_targets(traj)
     for method in ("rg-lora", "rg-reft", "lora"):
         rows = traj.get(method, {}).get("sentiment")
         if not rows:
@@ -254,30 +281,76 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def erosion_targets(trajectories: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Issue 22's erosion targets from the seed-0 LoRA trajectories (step 0 = the base):
+
+    - ``harmful``: the largest rise of held-out ASR over the checkpoints, points; met at ≥ 50
+      (the issue asks for it within 100 steps; the trajectory's last step is named);
+    - ``sentiment`` (benign): the largest rise whose checkpoint's 95% CI lies wholly above the
+      base's ASR ("measurably"), points; met when there is one.
+
+    Returns:
+        ``{target, value, met}`` rows; a trajectory not run is left out.
+    """
+    out: list[dict[str, Any]] = []
+    lora = trajectories.get("lora", {})
+    rows = lora.get("harmful")
+    if rows and len(rows) > 1:
+        base = rows[0]["asr"]
+        rise = max(r["asr"] for r in rows[1:]) - base
+        out.append(
+            {
+                "target": "harmful (seed 0): LoRA raises held-out ASR >= 50 points within 100 "
+                f"steps (largest rise by step {rows[-1]['step']}, points)",
+                "value": 100 * rise,
+                "met": rise >= 0.50,
+            }
+        )
+    rows = lora.get("sentiment")
+    if rows and len(rows) > 1:
+        base = rows[0]["asr"]
+        above = [r["asr"] - base for r in rows[1:] if r["asr_ci"][0] > base]
+        out.append(
+            {
+                "target": "sentiment (seed 0): benign LoRA raises held-out ASR measurably (largest "
+                "rise with its 95% CI above the base's ASR, points; 0 when none)",
+                "value": 100 * max(above, default=0.0),
+                "met": bool(above),
+            }
+        )
+    return out
+
+
 def _markdown(results: Mapping[str, Any]) -> str:
     """The table, the lr grid, the λ curve and the targets as markdown."""
     base = results["base"]
     accs = ", ".join(
         f"{t} {b['task_accuracy']['value']:.3f}" for t, b in base.items() if b.get("task_accuracy")
     )
+    protocol = results["protocol"]
+    model = protocol.get("model", "tiny-chat")
+    issue = "issue 12" if model == "tiny-chat" else "issue 22"
     parts = [
-        "# Defence study on tiny-chat (issue 12)\n\n## Methods × tasks\n\n",
+        f"# Defence study on {model} ({issue})\n\n## Methods × tasks\n\n",
         markdown_table(results["table"], base=base.get("mix")),
         f"\n- The base row's task accuracy is on mix; per task: {accs}.",
     ]
     parts += [f"\n- {n}" for n in results["notes"]]
     parts.append(f"\n- Chosen learning rates: {results['chosen_lr']}\n")
     parts.append(
-        "\n## Learning-rate grid (mix, seed 0, step 200)\n\n| method | lr | task acc. | ASR |\n|---|---|---|---|\n"
+        f"\n## Learning-rate grid (mix, seed 0, step {protocol['steps']})\n\n"
+        "| method | lr | task acc. | ASR |\n|---|---|---|---|\n"
     )
     for method, rows in results["lr_grid"].items():
         parts += [
             f"| {method} | {r['lr']:g} | {r['task_accuracy']:.3f} | {r['asr']:.3f} |\n"
             for r in rows
         ]
-    parts.append(
-        "\n## λ_geom ablation (rg-lora, mix)\n\n| λ_geom | seeds | ASR | task acc. |\n|---|---|---|---|\n"
-    )
+    if results["lambda"]:
+        parts.append(
+            "\n## λ_geom ablation (rg-lora, mix)\n\n"
+            "| λ_geom | seeds | ASR | task acc. |\n|---|---|---|---|\n"
+        )
     for r in results["lambda"]:
         cells = [
             f"{r[k]['value']:.3f} [{r[k]['ci'][0]:.3f}, {r[k]['ci'][1]:.3f}]"
@@ -295,8 +368,7 @@ def _markdown(results: Mapping[str, Any]) -> str:
 def write_outputs(results: Mapping[str, Any], json_path: Path, md_path: Path) -> None:
     """Write ``results`` as JSON to ``json_path`` and the markdown tables to ``md_path``."""
     write_json(json_path, dict(results))
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(_markdown(results))
+    write_text(md_path, _markdown(results))
 
 
 def load_results(path: str | Path = "analyses/results/defences.json") -> dict[str, Any]:

@@ -10,6 +10,10 @@ of RefusalGuard (LoRA variant) on ``mix`` against λ_geom, mean over seeds with 
 Reads ``analyses/results/defences.json`` (the audit rows are stored there), so it needs no run
 folders. The panels are :func:`safegeom.plots.lines.line_panel` in :mod:`safegeom.plots`' style.
 
+On smol-chat (``--results analyses/results/defences_smol-chat.json``) the files are
+``fig7_defences_smol-chat_<task>.png``, and the title and the ASR panel say the model and the
+number of held-out prompts.
+
 Usage: python figures/fig7_defences.py [--results analyses/results/defences.json]
     [--tasks mix,sentiment] [--methods lora,rg-lora,rg-reft,adaptive] [--out figures/]
 """
@@ -42,6 +46,8 @@ LABELS = {
     "adaptive": "adaptive (probe)",
     "kl": "constant KL",
     "sft": "full SFT",
+    "safe-lora": "Safe LoRA",
+    "lox": "LoX",
 }
 """Legend names of the study's methods."""
 
@@ -82,7 +88,9 @@ def run_tables(
     return tables
 
 
-def plot_defences(tables: Mapping[str, pd.DataFrame], task: str) -> Figure:
+def plot_defences(
+    tables: Mapping[str, pd.DataFrame], task: str, model: str = "tiny-chat", n_harmful: int = 204
+) -> Figure:
     """The four overlaid panels of one task (module docstring).
 
     Returns:
@@ -96,7 +104,7 @@ def plot_defences(tables: Mapping[str, pd.DataFrame], task: str) -> Figure:
             a,
             named,
             "asr",
-            title="ASR, held-out harmful (204)",
+            title=f"ASR, held-out harmful ({n_harmful})",
             ylabel="ASR (fraction)",
             ylim=(-0.03, 1.03),
         )
@@ -130,7 +138,7 @@ def plot_defences(tables: Mapping[str, pd.DataFrame], task: str) -> Figure:
             source="fixed",
             missing="no audit",
         )
-        fig.suptitle(f"Defences on tiny-chat, task {task} (seed 0)")
+        fig.suptitle(f"Defences on {model}, task {task} (seed 0)")
         figure_legend(fig)
         return fig
 
@@ -179,7 +187,9 @@ def plot_lambda(rows: Sequence[Mapping[str, float]], chosen_lr: float | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write ``fig7_defences_<task>.png`` per task and ``fig7_lambda.png`` under ``--out``."""
+    """Write ``fig7_defences_<task>.png`` per task (``fig7_defences_<model>_<task>.png`` for a
+    model other than tiny-chat) and ``fig7_lambda.png`` when there is a λ ablation, under
+    ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path("analyses/results/defences.json"))
     parser.add_argument("--tasks", default="mix,sentiment")
@@ -187,13 +197,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("figures"))
     args = parser.parse_args(argv)
     results = load_results(args.results)
+    model = results["protocol"].get("model", "tiny-chat")
+    stem = "fig7_defences" if model == "tiny-chat" else f"fig7_defences_{model}"
+    n_harmful = _n_harmful(results)
     for task in args.tasks.split(","):
-        fig = plot_defences(run_tables(results, task, args.methods.split(",")), task)
-        print(save_figure(fig, args.out / f"fig7_defences_{task}.png"))
+        tables = run_tables(results, task, args.methods.split(","))
+        fig = plot_defences(tables, task, model, n_harmful)
+        print(save_figure(fig, args.out / f"{stem}_{task}.png"))
     if results["lambda"]:
         fig = plot_lambda(lambda_rows(results), results["chosen_lr"].get("rg-lora"))
         print(save_figure(fig, args.out / "fig7_lambda.png"))
     return 0
+
+
+def _n_harmful(results: Mapping[str, Any]) -> int:
+    """Held-out harmful prompts behind the ASR (the base's per-prompt list on the first task)."""
+    for numbers in results["base"].values():
+        if numbers.get("asr"):
+            return int(numbers["asr"]["n_prompts"])
+    return 204
 
 
 if __name__ == "__main__":
