@@ -38,15 +38,30 @@ layer 1, mix: cosine of the re-extracted r to r₀ 0.610 (lora), 0.984 (rg-lora)
 0.895 (adaptive); fixed-source ablation effect of r₀ +0.86 nats (lora: r₀ no longer carries
 refusal; base −6.70), −3.50, −5.94, −4.42.
 
+``--model smol-chat`` (issue 22, item 4; :data:`analyses.defences_settings.PRESETS`) runs the
+same protocol on the real model, cut to CPU scale and fixed before the run: every run trains from
+smol-chat's adapter merged into SmolLM2-135M-Instruct (:func:`analyses.study_base.base_model`),
+seed 0, 50 steps, checkpoints at 25 and 50, one lr per method (adapters 2e-3, rg-reft 1e-2, sft
+2e-5; no grid), methods lora, sft, rg-lora, rg-reft, adaptive, kl and now ``safe-lora`` and
+``lox`` with SmolLM2-135M-Instruct as the unaligned base; task ``mix`` with every method,
+``sentiment`` with lora, rg-lora, safe-lora and lox (the CPU did not allow all eight: cut when
+three processes shared the two cores), ``harmful`` with LoRA alone (the erosion targets,
+:func:`analyses.defences_report.erosion_targets`); held-out samples of 40 prompts per harmful set
+(100), 50 Alpaca, all 50 XSTest-safe, the first 100 task problems; LoRA evaluated at every
+checkpoint, the others at the last; audits (geometry and causal families, 32 prompts per class,
+8 validation) of the ``mix`` runs. Results: ``analyses/results/defences_smol-chat.{json,md}``,
+figures ``figures/fig7_defences_smol-chat_<task>.png``.
+
 Everything is cached under ``--work`` (one folder per run: the trajectory, ``eval/step-N``,
 ``audit``), read back through the library (:func:`load_trajectory`, :func:`load_audit`), so a
 rerun resumes. Runs go to ``--jobs`` worker processes (one torch thread each).
 
 Usage::
 
-    OMP_NUM_THREADS=1 nice python analyses/defences.py [--work DIR] [--jobs 2] [--seeds 0,1,2]
+    OMP_NUM_THREADS=1 nice python analyses/defences.py [--model tiny-chat|smol-chat] [--work DIR]
+        [--jobs 2] [--seeds 0,1,2]
         [--methods lora,...] [--tasks mix,...] [--no-audit] [--quick]
-        [--json analyses/results/defences.json] [--md analyses/results/defences.md]
+        [--json analyses/results/defences[_MODEL].json] [--md analyses/results/defences[_MODEL].md]
 """
 
 from __future__ import annotations
@@ -131,7 +146,7 @@ def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, di
                 progress=False,
             ),
             out=folder,
-            resume=True,
+            resume=folder.exists(),  # --resume refuses a folder that is not there
             **train_kwargs(run, settings),
         )
     pairs = list(zip(traj.steps, traj.paths, strict=True))[1:]

@@ -5,7 +5,8 @@ sizes, one :class:`Preset` per model.
 learning-rate grid per method, the λ_geom ablation, 200 steps. ``smol-chat`` (issue 22, item 4)
 is the same protocol cut to what one CPU core does in about an hour and a half, fixed before the
 run: seed 0, 50 steps, one learning rate per method chosen a priori (no grid: a grid triples the
-cost), no λ ablation, smaller held-out samples, and Safe LoRA and LoX added, with
+cost), no λ ablation, smaller held-out samples, the benign task with four methods (LoRA,
+RefusalGuard's LoRA variant, Safe LoRA, LoX), and Safe LoRA and LoX added, with
 SmolLM2-135M-Instruct (``smollm2-135m-instruct``) as the unaligned base that smol-chat's own
 recipe aligned.
 """
@@ -138,7 +139,10 @@ PRESETS: dict[str, Preset] = {
             "sft": (2e-5,),
         },
         lambdas=(),
-        task_methods={"harmful": ("lora",)},
+        task_methods={
+            "harmful": ("lora",),
+            "sentiment": ("lora", "rg-lora", "safe-lora", "lox"),
+        },
         audit_tasks=("mix",),
         audit={
             "n_per_class": 32,
