@@ -1,19 +1,22 @@
-"""The whole story on ``tiny-chat``, in a few minutes on a CPU.
+"""The whole story of a model: ``tiny-chat`` in a few minutes on a CPU, ``smol-chat`` in about 25.
 
 1. Behaviour of the aligned model on held-out test splits (refusal, over-refusal, XSTest).
 2. Carriers: refusal direction (diff-in-means + bypass/induce/KL selection), harmfulness
    direction, cheap refusal cone; H/R coupling and cone effective rank.
 3. Ablation check: ablating / adding the refusal direction against 20 matched random directions,
    by refusal score and by generated refusals.
-4. A harmful LoRA fine-tuning trajectory (Qi et al. 2023 style attack) and behaviour along it.
+4. A harmful LoRA fine-tuning trajectory (Qi et al. 2023 style attack) and behaviour along it
+   (a model shipped as an adapter, smol-chat, is merged into its base first: ``base/``).
+5. The audit of that trajectory against its base, and the audit's figures.
 
-Everything is written into the run folder: ``report.md``, ``summary.json``, Parquet tables, the
-carriers and the trajectory.
+The sizes come from the model's preset (:data:`DEMO_PRESETS`) unless given. Everything is
+written into the run folder: ``report.md``, ``summary.json``, Parquet tables, the carriers, the
+trajectory, its audit and figures.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +25,28 @@ import pandas as pd
 from safegeom.artifacts import check_output_dir, save_parquet, write_json, write_text
 from safegeom.carriers import SelectionConfig
 from safegeom.carriers.suite import extract_carriers
-from safegeom.config import check, config_dict
-from safegeom.errors import SafegeomError
+from safegeom.config import config_dict
+from safegeom.demo_config import DEMO_PRESETS, REAL_MODEL_RUN, SIZE_FIELDS, DemoConfig
 from safegeom.evaluation import EvaluateConfig, evaluate
-from safegeom.models import load_model
+from safegeom.models import TINY_CHAT, load_model
+from safegeom.models.merged import is_adapter_spec, save_merged
 from safegeom.outputs import claims_folder
 from safegeom.prompts import load_prompts
 from safegeom.sweeps import SweepConfig, causal_sweep
 
-__all__ = ["BEHAVIOUR_SETS", "DemoConfig", "behaviour_table", "run_demo"]
+__all__ = [
+    "BEHAVIOUR_SETS",
+    "DEMO_PRESETS",
+    "MERGED_DIR",
+    "REAL_MODEL_RUN",
+    "SIZE_FIELDS",
+    "DemoConfig",
+    "behaviour_table",
+    "run_demo",
+]
+
+MERGED_DIR = "base"
+"""Sub-folder of the run holding an adapter model merged into its base (what the LoRA trains)."""
 
 BEHAVIOUR_SETS: dict[str, tuple[str, str]] = {
     "advbench:test": ("harmful", "substring"),
@@ -41,37 +57,6 @@ BEHAVIOUR_SETS: dict[str, tuple[str, str]] = {
     "xstest-unsafe:test": ("harmful", "xstest"),
 }
 """Held-out sets of the behaviour table, their role and judge."""
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Sizes of the demo; the defaults finish in a few minutes on a 2-core CPU."""
-
-    model: str = "tiny-chat"
-    """MODEL to tell the story of: tiny-chat, a checkpoint folder or a hub id."""
-    n_eval: int = 32
-    """Prompts per behaviour set."""
-    n_train: int = 64
-    """Prompts per class for the carriers' means."""
-    n_val: int = 32
-    """Prompts per class for selection and the ablation check."""
-    n_random: int = 20
-    """Matched random directions in the ablation check."""
-    lora_steps: int = 60
-    """Optimizer steps of the harmful LoRA fine-tuning."""
-    audit: bool = True
-    """Audit the LoRA trajectory against the base and draw the audit's figures into the report."""
-    save_every: int = 20
-    """Checkpoint interval of the harmful LoRA trajectory, in steps."""
-    max_new_tokens: int = 24
-    """Tokens generated per prompt when judging behaviour."""
-    seed: int = 0
-    """Seed of the random controls and the LoRA run."""
-
-    def __post_init__(self) -> None:
-        for name in ("n_eval", "n_train", "n_val", "n_random", "lora_steps", "save_every"):
-            check(getattr(self, name) >= 1, name, "must be at least 1", getattr(self, name))
-        check(self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1", self.max_new_tokens)
 
 
 def behaviour_table(lm, n: int, max_new_tokens: int, *, progress: bool = False) -> pd.DataFrame:
@@ -127,22 +112,19 @@ def run_demo(
     from safegeom.training import TrainConfig, train
 
     folder = check_output_dir(out)
+    given = tuple(name for name in SIZE_FIELDS if getattr(config, name) is not None)
+    config = config.resolved()
     steps = 5 if config.audit else 4
+    _say(echo, _sizes_line(config, given))
     lm = load_model(config.model)
     _say(echo, f"[1/{steps}] behaviour of {config.model} on held-out test splits")
     behaviour = behaviour_table(lm, config.n_eval, config.max_new_tokens, progress=True)
     save_parquet(folder / "behaviour.parquet", behaviour)
 
     _say(echo, f"[2/{steps}] carriers: refusal direction, harmfulness direction, refusal cone")
-    selection_config = SelectionConfig(n_train=config.n_train, n_val=config.n_val)
-    try:
-        suite = extract_carriers(lm, config=selection_config)
-        filters_note = None
-    except SafegeomError as err:  # no candidate passes the KL / induce filters: say so, go on
-        filters_note = str(err)
+    suite, filters_note = _carriers(lm, SelectionConfig(n_train=config.n_train, n_val=config.n_val))
+    if filters_note is not None:
         _say(echo, f"      {filters_note}\n      continuing with the KL and induce filters off")
-        relaxed = replace(selection_config, max_kl=float("inf"), min_induce=float("-inf"))
-        suite = extract_carriers(lm, config=relaxed)
     suite.save(folder / "carriers")
     carriers = {
         **suite.summary(),
@@ -166,8 +148,12 @@ def run_demo(
     save_parquet(folder / "ablation_check.parquet", sweep)
 
     _say(echo, f"[4/{steps}] harmful LoRA fine-tuning, {config.lora_steps} steps")
+    trained_from = config.model
+    if is_adapter_spec(config.model):  # train() takes a plain model: merge the adapter first
+        trained_from = str(save_merged(config.model, folder / MERGED_DIR))
+        _say(echo, f"      trains from {config.model} merged into its base: {MERGED_DIR}/")
     trajectory = train(
-        config.model,
+        trained_from,
         "harmful",
         TrainConfig(steps=config.lora_steps, save_every=config.save_every, seed=config.seed),
         method="lora",
@@ -204,6 +190,8 @@ def run_demo(
 
     summary = {
         "config": config_dict(config),
+        "sizes": {"preset": config.preset, "given": list(given)},
+        "trained_from": trained_from,
         "model": {"name": lm.name, "weight_hash": lm.weight_hash, "n_layers": lm.n_layers},
         "behaviour": behaviour.to_dict("records"),
         "carriers": carriers,
@@ -212,10 +200,41 @@ def run_demo(
         "audit": audit_summary,
     }
     write_json(folder / "summary.json", summary)
-    report = _report(summary, behaviour, sweep, along) + audit_report
+    report = _report(summary, behaviour, sweep, along, _sizes_line(config, given)) + audit_report
     write_text(folder / "report.md", report)
     _say(echo, report)
     return summary
+
+
+def _carriers(lm, config: SelectionConfig) -> tuple[Any, str | None]:
+    """The carrier suite, scoring the candidates with the KL and induce filters off first.
+
+    When a candidate passes those filters the standard selection is run (its pick and table, as
+    ``extract_carriers(lm, config=config)`` gives them; a second scoring pass); when none does
+    (smol-chat) the relaxed suite is kept, so the candidates are scored once, not twice.
+
+    Returns:
+        ``(suite, note)``: ``note`` is ``None`` when the filters passed, else why none did.
+    """
+    relaxed = replace(config, max_kl=float("inf"), min_induce=float("-inf"))
+    suite = extract_carriers(lm, config=relaxed)
+    table = suite.selection.table
+    passing = (
+        table["kept"] & (table["kl"] <= config.max_kl) & (table["induce"] >= config.min_induce)
+    )
+    if passing.any():
+        return extract_carriers(lm, config=config), None
+    kept = table[table["kept"]]
+    best = "; ".join(
+        f"layer {r.layer} {r.position}: bypass {r.bypass:.3g}, induce {r.induce:.3g}, KL {r.kl:.3g}"
+        for r in kept.sort_values("bypass").head(3).itertuples()
+    )
+    note = (
+        f"no refusal-direction candidate passes the KL (≤ {config.max_kl}) and induce "
+        f"(≥ {config.min_induce}) filters ({len(kept)} of {len(table)} candidates inside the "
+        f"layer range); best by bypass: {best}"
+    )
+    return suite, note
 
 
 def _audit_columns(layer: int) -> dict[str, dict[str, Any]]:
@@ -250,6 +269,7 @@ def _audit_section(folder: Path, config: DemoConfig) -> tuple[dict[str, Any], st
         n_per_class=config.n_train,
         n_val=config.n_val,
         n_behaviour=config.n_eval,
+        interference_n=config.n_eval,
         n_random=max(20, config.n_random),
         max_new_tokens=config.max_new_tokens,
         seed=config.seed,
@@ -282,13 +302,24 @@ def _audit_section(folder: Path, config: DemoConfig) -> tuple[dict[str, Any], st
     return {"steps": rows, "folder": str(folder / "audit")}, text
 
 
+def _sizes_line(config: DemoConfig, given: tuple[str, ...]) -> str:
+    """The report's line naming the sizes used and where each came from."""
+    sizes = ", ".join(f"{name} {getattr(config, name)}" for name in SIZE_FIELDS)
+    chosen = ", ".join(given) if given else "none"
+    return f"Sizes: {sizes} (the {config.preset} preset of DEMO_PRESETS; set explicitly: {chosen})."
+
+
 def _say(echo: bool, text: str) -> None:
     if echo:
         print(text, flush=True)
 
 
 def _report(
-    summary: dict, behaviour: pd.DataFrame, sweep: pd.DataFrame, along: pd.DataFrame
+    summary: dict,
+    behaviour: pd.DataFrame,
+    sweep: pd.DataFrame,
+    along: pd.DataFrame,
+    sizes: str,
 ) -> str:
     c = summary["carriers"]
     r = c["refusal"]
@@ -300,6 +331,7 @@ def _report(
     return "\n\n".join(
         [
             f"# safegeom demo: {summary['model']['name']}",
+            sizes + ("\n\n" + REAL_MODEL_RUN if summary["config"]["model"] == TINY_CHAT else ""),
             "## Behaviour on held-out test splits\n\n" + _markdown(behaviour),
             "## Carriers\n\n"
             f"- refusal direction: layer {r['layer']}, position {r['position']}, "

@@ -9,7 +9,7 @@ import pandas as pd
 
 from safegeom.audit import load_audit
 from safegeom.carriers import load_carrier
-from safegeom.demo import BEHAVIOUR_SETS, DemoConfig, run_demo
+from safegeom.demo import BEHAVIOUR_SETS, REAL_MODEL_RUN, DemoConfig, run_demo
 from safegeom.plots import FIGURES
 from safegeom.training import load_trajectory
 
@@ -33,6 +33,8 @@ def test_demo_writes_a_readable_report(tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     for heading in ("Behaviour", "Carriers", "Ablation check", "Harmful LoRA trajectory", "Audit"):
         assert heading in report
+    assert REAL_MODEL_RUN in report  # where the real-model run is
+    assert "(the tiny-chat preset of DEMO_PRESETS; set explicitly: n_eval, n_train," in report
     audited = load_audit(tmp_path / "audit")
     assert audited.steps == (0, 1, 2) and set(audited.table.metric) >= {"asr", "ablation_effect"}
     assert [row["step"] for row in summary["audit"]["steps"]] == [0, 1, 2]

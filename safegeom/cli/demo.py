@@ -1,4 +1,5 @@
-"""``safegeom demo``: behaviour, carriers, ablation check and a harmful LoRA trajectory on tiny-chat."""
+"""``safegeom demo``: behaviour, carriers, ablation check and a harmful LoRA trajectory of a model
+(tiny-chat by default; ``--model smol-chat`` for the real one, at its own preset sizes)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
     parser = subparsers.add_parser(
         "demo",
-        help="the whole story on tiny-chat, in a few minutes on CPU",
-        description="Behaviour of tiny-chat on held-out prompts, its refusal and harmfulness "
-        "carriers, an ablation check against matched random directions, and a harmful LoRA "
-        "fine-tuning trajectory; writes report.md, summary.json and tables into --out.",
+        help="the whole story on tiny-chat (a few minutes on CPU) or smol-chat (about 25 min)",
+        description="Behaviour of a model (tiny-chat by default) on held-out prompts, its "
+        "refusal and harmfulness carriers, an ablation check against matched random directions, "
+        "and a harmful LoRA fine-tuning trajectory with its audit; writes report.md, "
+        "summary.json and tables into --out. Sizes left unset come from the model's preset "
+        "(safegeom.demo.DEMO_PRESETS: tiny-chat's, smol-chat's; other models get tiny-chat's); "
+        "each flag given overrides its preset value.",
     )
     add_config(parser, DemoCommand, title="output")
     add_config(parser, DemoConfig, title="demo")

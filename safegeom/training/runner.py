@@ -35,6 +35,7 @@ from safegeom.config import check
 from safegeom.errors import ConfigError
 from safegeom.models import LoadConfig, LoadedModel, load_model
 from safegeom.models.checkpoint import check_device
+from safegeom.models.merged import is_adapter_spec
 from safegeom.outputs import claims_folder
 from safegeom.parallel.ddp import check_global_batch
 from safegeom.parallel.dispatch import shards
@@ -192,11 +193,12 @@ def train(
         )
     chosen, settings = method_settings(method, settings)
     update = chosen.update(settings)
-    if update != "full" and (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file():
+    is_adapter = is_adapter_spec(model_spec)  # smol-chat too: it would load unmerged
+    if update != "full" and is_adapter:
         raise ConfigError(
-            f"{model_spec} is a LoRA adapter; merge it first (load_model(..., "
-            "LoadConfig(merge_adapter=True)) "
-            "and save_pretrained) or fine-tune it with sft"
+            f"{model_spec} is a LoRA adapter; merge it first (safegeom.models.merged.save_merged, "
+            "or load_model(..., LoadConfig(merge_adapter=True)) and save_pretrained) "
+            "or fine-tune it with sft"
         )
     if load.device_map is not None:
         raise ConfigError(
@@ -225,7 +227,6 @@ def train(
     previous = _run_dir(out_dir, resume=resume, overwrite=overwrite)
     base = base_spec(model_spec)
     dtype = load.dtype or "float32"
-    is_adapter = (Path(str(model_spec)).expanduser() / "adapter_config.json").is_file()
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
