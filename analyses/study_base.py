@@ -7,8 +7,6 @@ study folder; ``tiny-chat`` is used as it is.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 __all__ = ["base_model"]
@@ -17,21 +15,17 @@ __all__ = ["base_model"]
 def base_model(model: str, work: Path) -> str:
     """The model spec every run trains from: ``tiny-chat`` itself; for any other model (one
     shipped as a LoRA adapter, like ``smol-chat``) its weights merged and saved once as
-    ``work/base`` (written beside, then renamed: a folder there is complete).
+    ``work/base`` (:func:`safegeom.models.merged.save_merged`: written beside, then renamed, so a
+    folder there is complete).
 
     Returns:
         ``model`` or the merged folder's path.
     """
-    from safegeom.models import LoadConfig, load_model
+    from safegeom.models.merged import save_merged
 
     if model == "tiny-chat":
         return model
     folder = work / "base"
     if not folder.is_dir():
-        merged = load_model(model, LoadConfig(merge_adapter=True))
-        tmp = work / "base.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.model.save_pretrained(tmp)
-        merged.tokenizer.save_pretrained(tmp)
-        os.replace(tmp, folder)
+        save_merged(model, folder)
     return str(folder)

@@ -106,3 +106,12 @@ def test_erosion_targets_missed_and_left_out() -> None:
     assert got == [(35.0, False), (0.0, False)]
     assert erosion_targets({"rg-lora": weak["lora"]}) == []
     assert erosion_targets({"lora": {"harmful": weak["lora"]["harmful"][:1]}}) == []
+
+
+def test_base_model_keeps_tiny_chat_and_reuses_a_merged_folder(tmp_path: Path) -> None:
+    from analyses.study_base import base_model
+
+    assert base_model("tiny-chat", tmp_path) == "tiny-chat"
+    assert not (tmp_path / "base").exists()  # nothing merged for a full model
+    (tmp_path / "base").mkdir()  # a folder there is complete (written beside, renamed)
+    assert base_model("smol-chat", tmp_path) == str(tmp_path / "base")
