@@ -43,14 +43,17 @@ same protocol on the real model, cut to CPU scale and fixed before the run: ever
 smol-chat's adapter merged into SmolLM2-135M-Instruct (:func:`analyses.study_base.base_model`),
 seed 0, 50 steps, checkpoints at 25 and 50, one lr per method (adapters 2e-3, rg-reft 1e-2, sft
 2e-5; no grid), methods lora, sft, rg-lora, rg-reft, adaptive, kl and now ``safe-lora`` and
-``lox`` with SmolLM2-135M-Instruct as the unaligned base; task ``mix`` with every method,
-``sentiment`` with lora, rg-lora, safe-lora and lox (the CPU did not allow all eight: cut when
-three processes shared the two cores), ``harmful`` with LoRA alone (the erosion targets,
-:func:`analyses.defences_report.erosion_targets`); held-out samples of 40 prompts per harmful set
-(100), 50 Alpaca, all 50 XSTest-safe, the first 100 task problems; LoRA evaluated at every
-checkpoint, the others at the last; audits (geometry and causal families, 32 prompts per class,
-8 validation) of the ``mix`` runs. Results: ``analyses/results/defences_smol-chat.{json,md}``,
-figures ``figures/fig7_defences_smol-chat_<task>.png``.
+``lox`` with SmolLM2-135M-Instruct as the unaligned base (LoX's step 0, the extrapolated base, is
+evaluated too); task ``mix`` with every method, ``sentiment`` with lora, rg-lora, safe-lora and
+lox (the CPU did not allow all eight: cut when three processes shared the two cores), ``harmful``
+with LoRA alone (the erosion targets, :func:`analyses.defences_report.erosion_targets`); held-out
+samples of 40 prompts per harmful set (100), 50 Alpaca, all 50 XSTest-safe, the first 100 task
+problems; LoRA evaluated at every checkpoint, the others at the last. The preset's audits
+(geometry and causal families, 32 prompts per class, 8 validation, ``mix`` runs) were not run:
+the results were written with ``--no-audit``. Results:
+``analyses/results/defences_smol-chat.{json,md}``, figures
+``figures/fig7_defences_smol-chat_<task>.png`` (``--methods lora,rg-lora,adaptive,safe-lora,lox``).
+Measured: see the README section "The defence study on smol-chat".
 
 Everything is cached under ``--work`` (one folder per run: the trajectory, ``eval/step-N``,
 ``audit``), read back through the library (:func:`load_trajectory`, :func:`load_audit`), so a
@@ -149,10 +152,12 @@ def run_job(job: tuple[RunSpec, Settings, Path, str]) -> tuple[str, dict[int, di
             resume=folder.exists(),  # --resume refuses a folder that is not there
             **train_kwargs(run, settings),
         )
-    pairs = list(zip(traj.steps, traj.paths, strict=True))[1:]
+    first, *pairs = list(zip(traj.steps, traj.paths, strict=True))
     every = settings.every_checkpoint
     if which == "last" or (every is not None and run.method not in every):
         pairs = pairs[-1:]
+    if run.method == "lox":  # step 0 is the base, measured once, except LoX's: it is extrapolated
+        pairs = [first, *pairs]
     out = {}
     for step, path in pairs:
         eval_folder = folder / "eval" / f"step-{step}"

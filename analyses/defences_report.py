@@ -332,7 +332,7 @@ def _markdown(results: Mapping[str, Any]) -> str:
     issue = "issue 12" if model == "tiny-chat" else "issue 22"
     parts = [
         f"# Defence study on {model} ({issue})\n\n## Methods × tasks\n\n",
-        markdown_table(results["table"], base=base.get("mix")),
+        markdown_table(results["table"], base=base.get("mix"), model=model),
         f"\n- The base row's task accuracy is on mix; per task: {accs}.",
     ]
     parts += [f"\n- {n}" for n in results["notes"]]

@@ -163,17 +163,21 @@ def _fmt(stat: Mapping[str, Any] | None, digits: int) -> str:
 
 
 def markdown_table(
-    rows: Sequence[Mapping[str, Any]], *, base: Mapping[str, Any] | None = None
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    base: Mapping[str, Any] | None = None,
+    model: str = "tiny-chat",
 ) -> str:
     """A markdown table of :func:`table_rows` output (fractions to 3 decimals, KL to 4), with
-    the base model as the first row when ``base`` (metric → ``{value, ci}``) is given.
+    the base model (named ``model``) as the first row when ``base`` (metric → ``{value, ci}``) is
+    given.
 
     Returns:
         The table text, one line per row, ending in a newline.
     """
     head = ["method", "task", *METRICS.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    every = ([{"method": "base (tiny-chat)", "task": "–", **base}] if base else []) + list(rows)
+    every = ([{"method": f"base ({model})", "task": "–", **base}] if base else []) + list(rows)
     for row in every:
         cells = [str(row["method"]), str(row["task"])]
         cells += [_fmt(row.get(m), 4 if m == "kl" else 3) for m in METRICS]

@@ -96,6 +96,8 @@ def test_summarise_and_table_rows_keep_order_and_missing_metrics() -> None:
     assert all(heading in lines[0] for heading in METRICS.values())
     assert "| lora | harmful | 0.850 [" in text and " – |" in text  # the missing accuracy
     assert "0.1000 [0.1000, 0.1000]" in text  # KL to 4 decimals
+    named = markdown_table(rows, base=mix, model="smol-chat").splitlines()
+    assert named[2].startswith("| base (smol-chat) | – |")
 
 
 def _stat(value: float) -> dict:
