@@ -248,15 +248,8 @@ def main() -> None:
     lambdas, grids = preset.lambdas, dict(preset.grids)
     audit_first = _csv(args.audit_tasks, preset.audit_tasks)
     if args.quick:
-        settings, seeds, methods, tasks = (
-            replace(settings, steps=20, save_every=10),
-            [0],
-            [
-                "lora",
-                "rg-lora",
-            ],
-            ["mix"],
-        )
+        settings = replace(settings, steps=20, save_every=10)
+        seeds, methods, tasks = [0], ["lora", "rg-lora"], ["mix"]
         lambdas, args.no_audit = (0.0, DEFAULT_LAMBDA) if lambdas else (), True
         grids = {m: g[:1] for m, g in grids.items()}
     lam_seeds = _csv(args.lambda_seeds, tuple(seeds), int)
