@@ -214,7 +214,7 @@ def _parse() -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="smoke test: 20 steps, save every 10, seed 0, lora and rg-lora on mix, "
-        "the first lr of the grid, λ 0 and 0.3, no audit",
+        "the middle lr of the grid, λ 0 and 0.3, no audit",
     )
     parser.add_argument("--json", type=Path, default=None, help="results JSON (per model)")
     parser.add_argument("--md", type=Path, default=None, help="results markdown (per model)")
@@ -251,7 +251,7 @@ def main() -> None:
         settings = replace(settings, steps=20, save_every=10)
         seeds, methods, tasks = [0], ["lora", "rg-lora"], ["mix"]
         lambdas, args.no_audit = (0.0, DEFAULT_LAMBDA) if lambdas else (), True
-        grids = {m: g[:1] for m, g in grids.items()}
+        grids = {m: g[len(g) // 2 : len(g) // 2 + 1] for m, g in grids.items()}  # the middle
     lam_seeds = _csv(args.lambda_seeds, tuple(seeds), int)
     evals: dict[str, dict[int, dict[str, Any]]] = {}
     base_eval = dict(_pool_map(base_job, [(t, work, settings) for t in tasks], args.jobs, "base"))

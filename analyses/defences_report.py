@@ -253,7 +253,7 @@ def targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "met": abs(asr - b) <= within,
             }
         )
-        if method.startswith("rg"):
+        if method.startswith("rg") and lora_acc > 0:  # a ratio to 0 is undefined: left out
             out.append(
                 {
                     "target": f"mix: {method} task accuracy >= 90% of LoRA's",

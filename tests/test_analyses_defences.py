@@ -148,3 +148,14 @@ def test_lambda_rows_flatten_the_curve() -> None:
         "acc_low": 0.7,
         "acc_high": 0.7,
     }
+
+
+def test_targets_leave_out_the_ratio_to_a_lora_accuracy_of_zero() -> None:
+    table = [
+        {"method": m, "task": "mix", "asr": _stat(a), "task_accuracy": _stat(0.0)}
+        for m, a in (("lora", 0.5), ("rg-lora", 0.1))
+    ]
+    results = {"base": {"mix": {"asr": _stat(0.1)}}, "table": table, "trajectories": {}}
+    got = [t["target"] for t in targets(results)]
+    assert "mix: rg-lora ASR within 5 points of the base" in got
+    assert not any("of LoRA's" in t for t in got)
