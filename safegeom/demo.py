@@ -24,6 +24,7 @@ import pandas as pd
 
 from safegeom.artifacts import check_output_dir, save_parquet, write_json, write_text
 from safegeom.carriers import SelectionConfig
+from safegeom.carriers.refusal import passes_filters
 from safegeom.carriers.suite import extract_carriers
 from safegeom.config import config_dict
 from safegeom.demo_config import DEMO_PRESETS, REAL_MODEL_RUN, SIZE_FIELDS, DemoConfig
@@ -219,10 +220,7 @@ def _carriers(lm, config: SelectionConfig) -> tuple[Any, str | None]:
     relaxed = replace(config, max_kl=float("inf"), min_induce=float("-inf"))
     suite = extract_carriers(lm, config=relaxed)
     table = suite.selection.table
-    passing = (
-        table["kept"] & (table["kl"] <= config.max_kl) & (table["induce"] >= config.min_induce)
-    )
-    if passing.any():
+    if passes_filters(table, config).any():
         return extract_carriers(lm, config=config), None
     kept = table[table["kept"]]
     best = "; ".join(

@@ -51,7 +51,12 @@ from safegeom.audit.activations import (
 )
 from safegeom.audit.config import AuditConfig
 from safegeom.carriers.carrier import Carrier, load_carrier
-from safegeom.carriers.refusal import RefusalSelection, SelectionConfig, refusal_direction
+from safegeom.carriers.refusal import (
+    RefusalSelection,
+    SelectionConfig,
+    passes_filters,
+    refusal_direction,
+)
 from safegeom.carriers.registry import CARRIER_TYPES, CarrierType
 from safegeom.config import config_dict
 from safegeom.errors import (
@@ -256,9 +261,7 @@ def _select(
         relaxed = dataclasses.replace(relaxed, filter_train=False)
         selection = refusal_direction(lm, harmful, harmless, *val, relaxed, progress=progress)
     table = selection.table
-    ok = table[
-        table["kept"] & (table["kl"] <= strict.max_kl) & (table["induce"] >= strict.min_induce)
-    ]
+    ok = table[passes_filters(table, strict)]
     carrier = selection.carrier
     if ok.empty:
         how |= {

@@ -57,6 +57,7 @@ __all__ = [
     "dim_candidates",
     "filter_by_refusal",
     "load_selection",
+    "passes_filters",
     "refusal_direction",
     "select_refusal_direction",
 ]
@@ -172,6 +173,17 @@ def _spread(values: torch.Tensor, live: list[int], n: int) -> np.ndarray:
     out = np.full(n, np.nan)
     out[live] = values.numpy()
     return out
+
+
+def passes_filters(table: pd.DataFrame, config: SelectionConfig) -> pd.Series:
+    """Which rows of a selection table scored with the KL and induce filters off would pass
+    ``config``'s (``kept``, ``kl ≤ max_kl``, ``induce ≥ min_induce``): one scoring pass serves
+    both the relaxed and the standard pick.
+
+    Returns:
+        A boolean Series over the table's rows.
+    """
+    return table["kept"] & (table["kl"] <= config.max_kl) & (table["induce"] >= config.min_induce)
 
 
 def _reasons(table: pd.DataFrame, config: SelectionConfig, n_layers: int) -> list[str]:
