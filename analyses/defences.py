@@ -48,9 +48,10 @@ evaluated too); task ``mix`` with every method, ``sentiment`` with lora, rg-lora
 lox (the CPU did not allow all eight: cut when three processes shared the two cores), ``harmful``
 with LoRA alone (the erosion targets, :func:`analyses.defences_report.erosion_targets`); held-out
 samples of 40 prompts per harmful set (100), 50 Alpaca, all 50 XSTest-safe, the first 100 task
-problems; LoRA evaluated at every checkpoint, the others at the last. Of the preset's audits
-(geometry and causal families, 32 prompts per class, 8 validation, ``mix`` runs) only LoRA's
-was run (1214 s on one thread beside other jobs; results written with ``--audit-methods lora``).
+problems; LoRA evaluated at every checkpoint, the others at the last. The preset's audits
+(geometry and causal families, 32 prompts per class, 8 validation) ran on every ``mix`` run, about
+20 min each on one thread (results written with ``--audit-methods
+lora,sft,rg-lora,rg-reft,adaptive,kl,safe-lora,lox --audit-tasks mix``).
 Results:
 ``analyses/results/defences_smol-chat.{json,md}``, figures
 ``figures/fig7_defences_smol-chat_<task>.png`` (``--methods lora,rg-lora,adaptive,safe-lora,lox``).
