@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 AUDIT_METRICS = ("cosine_to_base", "hr_coupling", "ablation_effect")
-"""Audit metrics kept for the overlays (at every layer; the carrier layer is chosen when drawn)."""
+"""Audit metrics kept for the overlays (at the base's carrier layer, see ``_audit_part``)."""
 NO_UNALIGNED = (
     "Safe LoRA and LoX are not in the study: tiny-chat has no honest unaligned base (its recipe "
     "trains the aligned behaviour from scratch)."
@@ -71,7 +71,12 @@ def _stat(values: Sequence[float] | None) -> dict[str, Any] | None:
 
 
 def _audit_part(folder: Path) -> dict[str, Any]:
-    """The overlay rows and the last checkpoint's carrier-layer numbers of one audit folder."""
+    """The overlay rows and the last checkpoint's carrier-layer numbers of one audit folder.
+
+    Only the rows the overlays draw are kept: those not per layer and those at the base's carrier
+    layer (``fig7`` finds that layer again from them). Every layer's rows stay in the audit folder
+    (``load_audit``).
+    """
     from safegeom.audit import load_audit
     from safegeom.plots.data import at_carrier_layer, carrier_layer, select
 
@@ -95,6 +100,8 @@ def _audit_part(folder: Path) -> dict[str, Any]:
                     "value": float(row["value"]),
                     "ci": [None if v != v else float(v) for v in ci],
                 }
+    if layer is not None:  # else the overlays draw the mean over layers: keep them all
+        keep = keep[keep["layer"].isna() | keep["layer"].eq(layer)]
     records = keep.astype(object).where(keep.notna(), None).to_dict(orient="records")
     return {"carrier_layer": layer, "rows": records, "last": summary}
 

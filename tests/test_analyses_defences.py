@@ -4,10 +4,13 @@ numbers. No model is loaded."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from analyses.defences_report import lambda_rows, targets
+from analyses.defences_report import _audit_part, lambda_rows, targets
 from analyses.defences_stats import (
     METRICS,
     markdown_table,
@@ -16,6 +19,10 @@ from analyses.defences_stats import (
     summarise,
     table_rows,
 )
+from safegeom.audit.schema import frame
+from safegeom.plots.data import at_carrier_layer, carrier_layer, select
+from tests.test_figures_cli import save_audit
+from tests.test_plots import CARRIER_LAYER, synthetic_audit
 
 
 def test_pick_lr_best_accuracy_wins() -> None:
@@ -159,3 +166,24 @@ def test_targets_leave_out_the_ratio_to_a_lora_accuracy_of_zero() -> None:
     got = [t["target"] for t in targets(results)]
     assert "mix: rg-lora ASR within 5 points of the base" in got
     assert not any("of LoRA's" in t for t in got)
+
+
+def test_audit_part_keeps_the_carrier_layer_rows_the_overlays_draw(tmp_path: Path) -> None:
+    table = synthetic_audit()
+    part = _audit_part(save_audit(tmp_path / "audit", table))
+    kept = frame(part["rows"])
+    assert part["carrier_layer"] == CARRIER_LAYER == carrier_layer(kept)
+    assert set(kept["layer"].dropna()) == {CARRIER_LAYER}
+    for metric, carrier, source in (
+        ("cosine_to_base", "refusal", "reextracted"),
+        ("hr_coupling", "hr", "reextracted"),
+    ):  # the overlay of the trimmed rows is that of the whole table
+        rows = select(kept, metric, carrier=carrier, source=source)
+        drawn, _ = at_carrier_layer(rows, carrier_layer(kept))
+        rows = select(table, metric, carrier=carrier, source=source)
+        whole, _ = at_carrier_layer(rows, carrier_layer(table))
+        pd.testing.assert_series_equal(
+            drawn["value"].reset_index(drop=True), whole["value"].reset_index(drop=True)
+        )
+    last = part["last"]["cosine_to_base:last"]
+    assert last["value"] < 1.0 and len(last["ci"]) == 2
