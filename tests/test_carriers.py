@@ -3,8 +3,10 @@ batched candidate scores equal one-at-a-time scores, selection filters, save/loa
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,7 +88,19 @@ def test_selection_filters_and_roundtrip(checkpoints: dict[str, Path], tmp_path:
     sel = select_refusal_direction(lm, cands, HARMFUL, HARMLESS, config, progress=False)
     table = sel.table
     assert len(table) == len(cands.positions) * lm.n_layers
-    assert set(table.loc[table.layer >= 0.5 * lm.n_layers, "reason"]) == {"layer"}
+    late = table.layer >= 0.5 * lm.n_layers
+    assert set(table.loc[late, "reason"]) == {"layer"}
+    # past the layer range nothing is scored: those candidates cannot be picked
+    assert table.loc[late, ["bypass", "induce", "kl"]].isna().all().all()
+    assert table.loc[~late & table.kept, ["bypass", "induce", "kl"]].notna().all().all()
+    every = replace(config, max_layer_fraction=1.0)
+    whole = select_refusal_direction(lm, cands, HARMFUL, HARMLESS, every, progress=False)
+    assert whole.n_rows > sel.n_rows and whole.table.loc[late, "bypass"].notna().all()
+    scored = ~late & table.kept  # the same scores for the candidates both scored
+    for column in ("bypass", "induce", "kl"):
+        np.testing.assert_allclose(
+            table.loc[scored, column], whole.table.loc[scored, column], rtol=1e-4, atol=1e-5
+        )
     kept = table[table.kept]
     assert sel.carrier.scores["bypass"] == pytest.approx(kept.bypass.min())
     assert sel.carrier.layer < 0.5 * lm.n_layers and sel.n_forward_passes > 0

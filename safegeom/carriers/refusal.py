@@ -5,9 +5,11 @@
    post-instruction position and layer, means accumulated in float64 (``capture_stats``).
 3. Selection on a validation split: bypass, induce and KL scores of every candidate, computed in
    batched forward passes (:func:`~safegeom.carriers.candidate_scores.score_candidates`); discard zero
-   candidates (unscored: a position every prompt shares at the embedding layer), layers
-   ≥ ``max_layer_fraction``·n_layers, KL > ``max_kl`` and induce < ``min_induce``; pick the
-   lowest bypass score. Non-finite scores are an error (a model with NaN weights or logits).
+   candidates (a position every prompt shares at the embedding layer) and layers
+   ≥ ``max_layer_fraction``·n_layers, both unscored (NaN scores in the table: they can never be
+   picked, so the selection costs that fraction less; ``max_layer_fraction=1`` scores every
+   layer), then KL > ``max_kl`` and induce < ``min_induce``; pick the lowest bypass score.
+   Non-finite scores are an error (a model with NaN weights or logits).
 
 Under a launcher (:mod:`safegeom.parallel.ranks`) every forward pass is shared out: the captures
 shard through :mod:`safegeom.activations`, the filter and the selection scores through
@@ -169,7 +171,8 @@ def dim_candidates(
 
 
 def _spread(values: torch.Tensor, live: list[int], n: int) -> np.ndarray:
-    """Scores of the ``live`` candidates at their rows, NaN at the zero candidates' rows."""
+    """Scores of the ``live`` candidates at their rows, NaN at the unscored ones' rows (zero
+    vectors, layers past the range)."""
     out = np.full(n, np.nan)
     out[live] = values.numpy()
     return out
@@ -226,10 +229,13 @@ def select_refusal_direction(
     counter: ForwardCounter | None = None,
     progress: bool = True,
 ) -> RefusalSelection:
-    """Score every candidate on validation prompts and pick the refusal direction.
+    """Score the candidates inside the layer range on validation prompts and pick the refusal
+    direction.
 
     Returns:
-        :class:`RefusalSelection` with the carrier, the score table and the candidates.
+        :class:`RefusalSelection` with the carrier, the score table (every candidate; NaN scores
+        for the zero ones and those at layers ≥ ``max_layer_fraction``·n_layers) and the
+        candidates.
 
     Raises:
         NonFiniteError: a candidate or base score is NaN or inf.
@@ -241,7 +247,9 @@ def select_refusal_direction(
     h_val, s_val = encode(lm, harmful_val, config.system), encode(lm, harmless_val, config.system)
     vectors, layers, positions = candidates.flat()
     norms = vectors.norm(dim=-1)
-    live = [i for i in range(len(norms)) if bool(norms[i] > 0)]  # a zero vector has no direction
+    max_layer = config.max_layer_fraction * lm.n_layers
+    # a zero vector has no direction; a candidate past the layer range can never be picked
+    live = [i for i in range(len(norms)) if bool(norms[i] > 0) and layers[i] < max_layer]
     scores = score_candidates(
         lm,
         vectors[live],
