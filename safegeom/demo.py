@@ -1,4 +1,4 @@
-"""The whole story of a model: ``tiny-chat`` in a few minutes on a CPU, ``smol-chat`` in about 25.
+"""The whole story of a model: ``tiny-chat`` in a few minutes on a CPU, ``smol-chat`` in about 22.
 
 1. Behaviour of the aligned model on held-out test splits (refusal, over-refusal, XSTest).
 2. Carriers: refusal direction (diff-in-means + bypass/induce/KL selection), harmfulness

@@ -12,7 +12,7 @@ __all__ = ["DEMO_PRESETS", "REAL_MODEL_RUN", "SIZE_FIELDS", "DemoConfig"]
 REAL_MODEL_RUN = (
     "The same story on a real model: `safegeom demo --model smol-chat` (SmolLM2-135M-Instruct "
     "with the project's safety LoRA, at the smol-chat sizes of `safegeom.demo.DEMO_PRESETS`) "
-    "took 25.7 min wall on a 2-core CPU with one torch thread beside another job; README.md, "
+    "took 22.1 min wall on a 2-core CPU with one torch thread beside another job; README.md, "
     'section "The demo on smol-chat", describes its results.'
 )
 """The line of tiny-chat's report saying where the real-model run is (its measured wall time)."""
@@ -49,16 +49,16 @@ DEMO_PRESETS: dict[str, dict[str, int]] = {
     },
 }
 """The demo's sizes per model, for the :data:`SIZE_FIELDS` left unset (``None``): tiny-chat's
-finish in a few minutes on a 2-core CPU, smol-chat's (SmolLM2-135M-Instruct, 30 layers, 180
-direction candidates each scored on ``n_val`` prompts per class) in about 25 (25.7 measured); any other
-model gets tiny-chat's."""
+finish in a few minutes on a 2-core CPU, smol-chat's (SmolLM2-135M-Instruct, 30 layers, the
+138 direction candidates inside the layer range each scored on ``n_val`` prompts per class) in about
+22 (22.1 measured); any other model gets tiny-chat's."""
 
 
 @dataclass(frozen=True)
 class DemoConfig:
     """Sizes of the demo; a size left unset (``None``) comes from the model's preset
     (:data:`DEMO_PRESETS`), so the defaults finish in a few minutes on a 2-core CPU on tiny-chat
-    and in about 25 minutes on smol-chat."""
+    and in about 22 minutes on smol-chat."""
 
     model: str = "tiny-chat"
     """MODEL to tell the story of: tiny-chat, smol-chat, a checkpoint folder or a hub id (an

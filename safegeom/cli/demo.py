@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``demo`` subcommand."""
     parser = subparsers.add_parser(
         "demo",
-        help="the whole story on tiny-chat (a few minutes on CPU) or smol-chat (about 25 min)",
+        help="the whole story on tiny-chat (a few minutes on CPU) or smol-chat (about 22 min)",
         description="Behaviour of a model (tiny-chat by default) on held-out prompts, its "
         "refusal and harmfulness carriers, an ablation check against matched random directions, "
         "and a harmful LoRA fine-tuning trajectory with its audit; writes report.md, "
