@@ -44,8 +44,8 @@ smol-chat's adapter merged into SmolLM2-135M-Instruct (:func:`analyses.study_bas
 seed 0, 50 steps, checkpoints at 25 and 50, one lr per method (adapters 2e-3, rg-reft 1e-2, sft
 2e-5; no grid), methods lora, sft, rg-lora, rg-reft, adaptive, kl and now ``safe-lora`` and
 ``lox`` with SmolLM2-135M-Instruct as the unaligned base (LoX's step 0, the extrapolated base, is
-evaluated too); task ``mix`` with every method, ``sentiment`` with lora, rg-lora, safe-lora and
-lox (the CPU did not allow all eight: cut when three processes shared the two cores), ``harmful``
+evaluated too); tasks ``mix`` and ``sentiment`` with every method (sentiment's sft, rg-reft,
+adaptive and kl runs were added after the first run, from the same cache), ``harmful``
 with LoRA alone (the erosion targets, :func:`analyses.defences_report.erosion_targets`); held-out
 samples of 40 prompts per harmful set (100), 50 Alpaca, all 50 XSTest-safe, the first 100 task
 problems; LoRA evaluated at every checkpoint, the others at the last. The preset's audits

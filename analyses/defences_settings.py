@@ -139,10 +139,7 @@ PRESETS: dict[str, Preset] = {
             "sft": (2e-5,),
         },
         lambdas=(),
-        task_methods={
-            "harmful": ("lora",),
-            "sentiment": ("lora", "rg-lora", "safe-lora", "lox"),
-        },
+        task_methods={"harmful": ("lora",)},
         audit_tasks=("mix",),
         audit={
             "n_per_class": 32,
