@@ -92,14 +92,13 @@ def test_selection_filters_and_roundtrip(checkpoints: dict[str, Path], tmp_path:
     assert set(table.loc[late, "reason"]) == {"layer"}
     # past the layer range nothing is scored: those candidates cannot be picked
     assert table.loc[late, ["bypass", "induce", "kl"]].isna().all().all()
-    assert table.loc[~late & table.kept, ["bypass", "induce", "kl"]].notna().all().all()
+    assert table.loc[table.kept, ["bypass", "induce", "kl"]].notna().all().all()
     every = replace(config, max_layer_fraction=1.0)
     whole = select_refusal_direction(lm, cands, HARMFUL, HARMLESS, every, progress=False)
     assert whole.n_rows > sel.n_rows and whole.table.loc[late, "bypass"].notna().all()
-    scored = ~late & table.kept  # the same scores for the candidates both scored
-    for column in ("bypass", "induce", "kl"):
+    for column in ("bypass", "induce", "kl"):  # the same scores where both scored
         np.testing.assert_allclose(
-            table.loc[scored, column], whole.table.loc[scored, column], rtol=1e-4, atol=1e-5
+            table.loc[table.kept, column], whole.table.loc[table.kept, column], rtol=1e-4, atol=1e-5
         )
     kept = table[table.kept]
     assert sel.carrier.scores["bypass"] == pytest.approx(kept.bypass.min())

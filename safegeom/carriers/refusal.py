@@ -189,8 +189,9 @@ def passes_filters(table: pd.DataFrame, config: SelectionConfig) -> pd.Series:
     return table["kept"] & (table["kl"] <= config.max_kl) & (table["induce"] >= config.min_induce)
 
 
-def _reasons(table: pd.DataFrame, config: SelectionConfig, n_layers: int) -> list[str]:
-    max_layer = config.max_layer_fraction * n_layers
+def _reasons(table: pd.DataFrame, config: SelectionConfig, max_layer: float) -> list[str]:
+    """Why each candidate is discarded (``""``: kept); ``max_layer`` is the bound the scoring
+    used, so every unscored candidate is ``zero`` or ``layer``."""
     reasons = []
     for row in table.itertuples():
         if not row.norm > 0:
@@ -272,7 +273,7 @@ def select_refusal_direction(
         }
     )
     _check_finite(table.iloc[live], scores.base_harmful, scores.base_harmless)
-    table["reason"] = _reasons(table, config, lm.n_layers)
+    table["reason"] = _reasons(table, config, max_layer)
     table["kept"] = table["reason"] == ""
     kept = table[table["kept"]]
     if kept.empty:
